@@ -1,0 +1,3 @@
+"""fluxserve: a self-hosted FLUX image API server."""
+
+__version__ = "0.1.0"

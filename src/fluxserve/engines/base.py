@@ -1,0 +1,66 @@
+"""The engine interface: a validated request in, an image out, with progress and cancellation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+
+class JobCanceled(Exception):
+    """Raised inside an engine when the job's cancel flag is seen between denoising steps."""
+
+
+class EngineError(Exception):
+    """A failure that is the request's or the engine's, reported to the user as the job's message."""
+
+
+@dataclass
+class EngineRequest:
+    """Everything an engine needs, already resolved: sizes are final and images are decoded."""
+
+    model: str
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    output_format: str = "png"
+    steps: int | None = None
+    guidance: float | None = None
+    interval: float | None = None
+    raw: bool = False
+    safety_tolerance: int = 2
+    prompt_upsampling: bool = False
+    images: list[Image.Image] = field(default_factory=list)
+    image_prompt: Image.Image | None = None
+    image_prompt_strength: float | None = None
+
+
+@dataclass
+class EngineResult:
+    image: Image.Image
+    prompt: str
+    seed: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineHooks:
+    """Callbacks from the engine to the worker: ``progress`` takes 0..1, ``canceled`` is polled."""
+
+    progress: Callable[[float], None] = lambda fraction: None
+    canceled: Callable[[], bool] = lambda: False
+
+    def step(self, fraction: float) -> None:
+        """Report progress and stop the engine if the job was canceled meanwhile."""
+        self.progress(fraction)
+        if self.canceled():
+            raise JobCanceled()
+
+
+class Engine(Protocol):
+    """One loaded model that turns requests into images; workers call it from one thread at a time."""
+
+    def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult: ...

@@ -1,0 +1,241 @@
+"""The job store on SQLAlchemy Core: SQLite for one machine, PostgreSQL (SKIP LOCKED) for many."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, RowMapping, func, insert, select, update
+
+from fluxserve.accounts.keys import from_hundredths, to_hundredths
+from fluxserve.core.job import ACTIVE_STATUSES, Job, JobStatus
+from fluxserve.jobs.database import as_utc, utcnow
+from fluxserve.jobs.store import QuotaExceeded, TooManyActiveJobs
+from fluxserve.jobs.tables import api_keys, jobs
+from fluxserve.webhooks.delivery import enqueue as enqueue_webhook
+
+_ACTIVE = [status.value for status in ACTIVE_STATUSES]
+
+
+def _job(row: RowMapping) -> Job:
+    return Job(
+        id=row["id"],
+        key_id=row["key_id"],
+        model=row["model"],
+        params=row["params"],
+        seed=row["seed"],
+        output_format=row["output_format"],
+        prompt=row["prompt"],
+        cost=from_hundredths(row["cost_hundredths"]),
+        status=JobStatus(row["status"]),
+        width=row["width"],
+        height=row["height"],
+        webhook_url=row["webhook_url"],
+        progress=row["progress"],
+        result_key=row["result_key"],
+        error=row["error"],
+        details=row["details"] or {},
+        attempts=row["attempts"],
+        worker_id=row["worker_id"],
+        created_at=as_utc(row["created_at"]),
+        started_at=as_utc(row["started_at"]),
+        finished_at=as_utc(row["finished_at"]),
+        heartbeat_at=as_utc(row["heartbeat_at"]),
+    )
+
+
+class SqlJobStore:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
+
+    def submit(self, job: Job, max_active: int) -> Job:
+        cost = to_hundredths(job.cost)
+        balance = api_keys.c.credits_hundredths
+        with self._engine.begin() as conn:
+            # Touching the key row first serialises submits per key (row lock on PostgreSQL, the write
+            # lock on SQLite), so the limit check below cannot race another submit of the same key.
+            held = conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == job.key_id, balance.is_(None) | (balance >= cost))
+                .values(credits_hundredths=balance - cost)
+            )
+            if held.rowcount == 0:
+                raise QuotaExceeded()
+            active = conn.execute(
+                select(func.count())
+                .select_from(jobs)
+                .where(jobs.c.key_id == job.key_id, jobs.c.status.in_(_ACTIVE))
+                .where(jobs.c.model == job.model if job.model == "flux-kontext-max" else True)
+            ).scalar_one()
+            if active >= max_active:
+                conn.rollback()
+                raise TooManyActiveJobs()
+            job.created_at = utcnow()
+            conn.execute(insert(jobs).values(self._values(job)))
+        return job
+
+    @staticmethod
+    def _values(job: Job) -> dict[str, Any]:
+        return {
+            "id": job.id,
+            "key_id": job.key_id,
+            "model": job.model,
+            "status": job.status.value,
+            "params": job.params,
+            "seed": job.seed,
+            "width": job.width,
+            "height": job.height,
+            "output_format": job.output_format,
+            "prompt": job.prompt,
+            "cost_hundredths": to_hundredths(job.cost),
+            "webhook_url": job.webhook_url,
+            "progress": job.progress,
+            "details": job.details,
+            "attempts": 0,
+            "cancel_requested": False,
+            "created_at": job.created_at,
+        }
+
+    def get(self, job_id: str, key_id: str | None = None) -> Job | None:
+        query = select(jobs).where(jobs.c.id == job_id)
+        if key_id is not None:
+            query = query.where(jobs.c.key_id == key_id)
+        with self._engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return _job(row) if row is not None else None
+
+    def claim(self, worker_id: str) -> Job | None:
+        oldest = (
+            select(jobs.c.id)
+            .where(jobs.c.status == JobStatus.QUEUED.value)
+            .order_by(jobs.c.created_at)
+            .limit(1)
+        )
+        if self._postgres:
+            oldest = oldest.with_for_update(skip_locked=True)
+        now = utcnow()
+        with self._engine.begin() as conn:
+            row = (
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == oldest.scalar_subquery(), jobs.c.status == JobStatus.QUEUED.value)
+                    .values(
+                        status=JobStatus.RUNNING.value,
+                        worker_id=worker_id,
+                        attempts=jobs.c.attempts + 1,
+                        started_at=now,
+                        heartbeat_at=now,
+                        progress=0.0,
+                    )
+                    .returning(*jobs.c)
+                )
+                .mappings()
+                .first()
+            )
+        return _job(row) if row is not None else None
+
+    def heartbeat(self, job_id: str, worker_id: str, progress: float | None = None) -> tuple[bool, bool]:
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if progress is not None:
+            values["progress"] = progress
+        with self._engine.begin() as conn:
+            row = conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.worker_id == worker_id,
+                    jobs.c.status == JobStatus.RUNNING.value,
+                )
+                .values(values)
+                .returning(jobs.c.cancel_requested)
+            ).first()
+        return (row is not None, bool(row and row.cancel_requested))
+
+    def update_running(self, job_id: str, worker_id: str, **fields: Any) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(
+                update(jobs).where(jobs.c.id == job_id, jobs.c.worker_id == worker_id).values(fields)
+            )
+
+    def finish(
+        self,
+        job_id: str,
+        worker_id: str | None,
+        status: JobStatus,
+        *,
+        error: str | None = None,
+        result_key: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> bool:
+        with self._engine.begin() as conn:
+            return self._finish(conn, job_id, worker_id, status, error, result_key, details)
+
+    def _finish(
+        self,
+        conn: Connection,
+        job_id: str,
+        worker_id: str | None,
+        status: JobStatus,
+        error: str | None,
+        result_key: str | None,
+        details: dict[str, Any] | None,
+    ) -> bool:
+        guard = [jobs.c.id == job_id, jobs.c.status.in_(_ACTIVE)]
+        if worker_id is not None:
+            guard += [jobs.c.worker_id == worker_id, jobs.c.status == JobStatus.RUNNING.value]
+        values: dict[str, Any] = {
+            "status": status.value,
+            "error": error,
+            "result_key": result_key,
+            "finished_at": utcnow(),
+        }
+        if status is JobStatus.SUCCEEDED:
+            values["progress"] = 1.0
+        if details is not None:
+            values["details"] = details
+        row = conn.execute(
+            update(jobs)
+            .where(*guard)
+            .values(values)
+            .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.webhook_url)
+        ).first()
+        if row is None:
+            return False
+        if not status.is_charged:
+            balance = api_keys.c.credits_hundredths
+            conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == row.key_id, balance.is_not(None))
+                .values(credits_hundredths=balance + row.cost_hundredths)
+            )
+        if row.webhook_url:
+            enqueue_webhook(conn, job_id, row.key_id, row.webhook_url)
+        return True
+
+    def cancel(self, job_id: str, key_id: str) -> Job | None:
+        with self._engine.begin() as conn:
+            row = conn.execute(
+                select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.key_id == key_id)
+            ).first()
+            if row is None:
+                return None
+            if row.status == JobStatus.QUEUED.value:
+                self._finish(conn, job_id, None, JobStatus.CANCELED, "Canceled by the client", None, None)
+            elif row.status == JobStatus.RUNNING.value:
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True))
+        return self.get(job_id)
+
+    def requeue_stale(self, older_than: datetime, max_attempts: int) -> int:
+        stale = [jobs.c.status == JobStatus.RUNNING.value, jobs.c.heartbeat_at < older_than]
+        with self._engine.begin() as conn:
+            crashed = conn.execute(select(jobs.c.id).where(*stale, jobs.c.attempts >= max_attempts)).all()
+            for (job_id,) in crashed:
+                message = f"Worker stopped while running this job {max_attempts} times; giving up"
+                self._finish(conn, job_id, None, JobStatus.FAILED, message, None, None)
+            requeued = conn.execute(
+                update(jobs)
+                .where(*stale, jobs.c.attempts < max_attempts)
+                .values(status=JobStatus.QUEUED.value, worker_id=None, progress=0.0)
+            )
+        return requeued.rowcount + len(crashed)

@@ -1,0 +1,84 @@
+"""Database tables, shared by the SQLite (embedded) and PostgreSQL (scale-out) deployments.
+
+Credits are stored as integer hundredths of a credit so that 2.5-credit models add up exactly.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("key_prefix", String(16), nullable=False),
+    Column("webhook_secret", String(100), nullable=False),
+    Column("credits_hundredths", BigInteger, nullable=True),  # NULL: unlimited
+    Column("active", Boolean, nullable=False, default=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("key_id", String(36), ForeignKey("api_keys.id"), nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("seed", BigInteger, nullable=False),
+    Column("width", Integer, nullable=True),
+    Column("height", Integer, nullable=True),
+    Column("output_format", String(8), nullable=False),
+    Column("prompt", Text, nullable=False),
+    Column("cost_hundredths", BigInteger, nullable=False),
+    Column("webhook_url", Text, nullable=True),
+    Column("progress", Float, nullable=False, default=0.0),
+    Column("result_key", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("details", JSON, nullable=False, default=dict),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("worker_id", String(100), nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=True),
+    Index("ix_jobs_status_created", "status", "created_at"),
+    Index("ix_jobs_key_status", "key_id", "status"),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("job_id", String(36), ForeignKey("jobs.id"), nullable=False),
+    Column("key_id", String(36), ForeignKey("api_keys.id"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # pending, delivered, failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_status_code", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),
+    Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+)

@@ -1,0 +1,63 @@
+"""Settings from ``FLUXSERVE_*`` environment variables; the CLI's flags override them."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLUXSERVE_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("./data"), description="Database, images and built models.")
+    database_url: str | None = Field(default=None, description="Default: SQLite in the data dir.")
+    storage_url: str | None = Field(default=None, description="Default: file:// in the data dir.")
+    public_url: str | None = Field(default=None, description="Base of result URLs; default http://host:port.")
+    catalog: Path | None = Field(
+        default=None, description="Operator catalog TOML overriding the shipped one."
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = Field(default=1, ge=0, description="In-process workers; 0 serves the API only.")
+    url_ttl_seconds: int = Field(default=7 * 24 * 3600, description="How long a signed result URL lasts.")
+    heartbeat_seconds: float = Field(default=5.0, description="How often a running job's worker checks in.")
+    stale_after_seconds: float = Field(
+        default=30.0, description="A running job whose worker has not checked in for this long is requeued."
+    )
+    max_attempts: int = Field(default=3, description="Claims of one job before it fails as a crash loop.")
+    poll_seconds: float = Field(default=0.2, description="Idle workers look for queued jobs this often.")
+    allowed_private_networks: str = Field(
+        default="", description="Comma-separated CIDRs that URL inputs and webhooks may reach."
+    )
+    max_input_bytes: int = Field(default=20 * 1024 * 1024)
+    webhook_backoff: str = Field(
+        default="5,30,120,300,900", description="Seconds between webhook tries; one more try than entries."
+    )
+    webhook_timeout_seconds: float = 10.0
+    max_active_jobs: int = Field(default=24, description="Queued plus running jobs per key (429 beyond).")
+    max_active_jobs_kontext_max: int = 6
+    log_json: bool = Field(default=False, description="One JSON object per log line.")
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'fluxserve.db').resolve()}"
+
+    @property
+    def storage(self) -> str:
+        return self.storage_url or (self.data_dir / "files").resolve().as_uri()
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def secret(self) -> str:
+        """The URL-signing secret: made once and kept in the data dir so that links survive restarts."""
+        path = self.data_dir / "secret.key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
