@@ -13,6 +13,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLUXSERVE_", extra="ignore")
 
     data_dir: Path = Field(default=Path("./data"), description="Database, images and built models.")
+    models_dir: Path | None = Field(
+        default=None, description="Where built-in models are made; default data_dir/models."
+    )
     database_url: str | None = Field(default=None, description="Default: SQLite in the data dir.")
     storage_url: str | None = Field(default=None, description="Default: file:// in the data dir.")
     public_url: str | None = Field(default=None, description="Base of result URLs; default http://host:port.")
@@ -40,6 +43,10 @@ class Settings(BaseSettings):
     max_active_jobs: int = Field(default=24, description="Queued plus running jobs per key (429 beyond).")
     max_active_jobs_kontext_max: int = 6
     log_json: bool = Field(default=False, description="One JSON object per log line.")
+
+    @property
+    def models(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
 
     @property
     def database(self) -> str:

@@ -1,0 +1,5 @@
+"""``python -m fluxserve``."""
+
+from fluxserve.cli import app
+
+app()

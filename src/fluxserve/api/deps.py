@@ -1,0 +1,30 @@
+"""What the routers need, handed over by ``app.py`` through ``app.state.services``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from fluxserve.accounts.keys import KeyStore
+from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.submit import Submitter
+from fluxserve.storage.base import BlobStore
+from fluxserve.storage.signing import UrlSigner
+
+
+@dataclass
+class Services:
+    keys: KeyStore
+    jobs: JobStore
+    submitter: Submitter
+    blobs: BlobStore
+    signer: UrlSigner
+    base_url: str
+
+    def result_url(self, key: str | None) -> str | None:
+        return None if key is None else self.base_url + self.signer.sign(key)
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services

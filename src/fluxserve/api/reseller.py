@@ -1,0 +1,155 @@
+"""The reseller dialect (``../shared/spec/ttapi-flux-api.txt``): six submit routes, fetch, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Query
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from fluxserve.accounts.keys import ApiKey
+from fluxserve.api.auth import reseller_key
+from fluxserve.api.deps import Services, get_services
+from fluxserve.api.errors import ApiError
+from fluxserve.api.reseller_schemas import (
+    DevRequest,
+    KontextRequest,
+    Pro11Request,
+    ProRequest,
+    UltraRequest,
+)
+from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.pricing import PRICES, format_credits
+from fluxserve.jobs.store import QuotaExceeded, TooManyActiveJobs
+from fluxserve.jobs.submit import InvalidInput
+
+router = APIRouter(tags=["reseller"])
+
+Key = Annotated[ApiKey, Depends(reseller_key)]
+Deps = Annotated[Services, Depends(get_services)]
+
+STATUS = {
+    JobStatus.QUEUED: "PENDING_QUEUE",
+    JobStatus.RUNNING: "ON_QUEUE",
+    JobStatus.SUCCEEDED: "SUCCESS",
+    JobStatus.FAILED: "FAILED",
+    JobStatus.REQUEST_MODERATED: "FAILED",
+    JobStatus.CONTENT_MODERATED: "FAILED",
+    JobStatus.CANCELED: "FAILED",
+}
+
+
+def render_job(job: Job, services: Services) -> dict[str, Any]:
+    """The fetch JSON, which is also the webhook body."""
+    if job.status is JobStatus.SUCCEEDED:
+        message = "success"
+    elif job.status.is_terminal:
+        message = job.error or "failed"
+    else:
+        message = ""
+    charged = job.cost if job.status is JobStatus.SUCCEEDED or not job.status.is_terminal else 0
+    data: dict[str, Any] = {
+        "mode": job.model,
+        "jobId": job.id,
+        "prompt": job.prompt,
+        "quota": format_credits(charged) if charged else "0",
+        "size": job.size,
+        "seed": str(job.seed),
+        "imageUrl": services.result_url(job.result_key) if job.status is JobStatus.SUCCEEDED else None,
+        "hookUrl": job.webhook_url,
+    }
+    if not job.status.is_terminal:
+        data["progress"] = job.progress
+    return {"status": STATUS[job.status], "message": message, "jobId": job.id, "data": data}
+
+
+def _accepted(job: Job) -> dict[str, Any]:
+    return {"status": "SUCCESS", "message": "", "data": {"jobId": job.id}}
+
+
+def _submit(model: str, body: Any, key: ApiKey, services: Services) -> dict[str, Any]:
+    try:
+        job = services.submitter.submit(key, body.to_params(model), body.seed, body.webhook_url)
+    except InvalidInput as error:
+        raise ApiError(400, str(error)) from error
+    except QuotaExceeded as error:
+        raise ApiError(402, f"Not enough credits: {model} costs {format_credits(PRICES[model])}") from error
+    except TooManyActiveJobs as error:
+        raise ApiError(429, "Too many active jobs for this key; wait for some to finish") from error
+    return _accepted(job)
+
+
+Envelope = dict[str, Any]
+
+
+@router.post("/bfl/v1/flux-kontext-max", summary="Edit or create an image with FLUX.1 Kontext [max]")
+def kontext_max(body: KontextRequest, key: Key, services: Deps) -> Envelope:
+    return _submit("flux-kontext-max", body, key, services)
+
+
+@router.post("/bfl/v1/flux-kontext-pro", summary="Edit or create an image with FLUX.1 Kontext [pro]")
+def kontext_pro(body: KontextRequest, key: Key, services: Deps) -> Envelope:
+    return _submit("flux-kontext-pro", body, key, services)
+
+
+@router.post("/bfl/v1/flux-pro-1.1-ultra", summary="FLUX 1.1 [pro] ultra, optional raw mode")
+def pro_ultra(body: UltraRequest, key: Key, services: Deps) -> Envelope:
+    return _submit("flux-pro-1.1-ultra", body, key, services)
+
+
+@router.post("/bfl/v1/flux-pro-1.1", summary="FLUX 1.1 [pro]")
+def pro_11(body: Pro11Request, key: Key, services: Deps) -> Envelope:
+    return _submit("flux-pro-1.1", body, key, services)
+
+
+@router.post("/bfl/v1/flux-pro", summary="FLUX.1 [pro]")
+def pro(body: ProRequest, key: Key, services: Deps) -> Envelope:
+    return _submit("flux-pro", body, key, services)
+
+
+@router.post("/bfl/v1/flux-dev", summary="FLUX.1 [dev]")
+def dev(body: DevRequest, key: Key, services: Deps) -> Envelope:
+    return _submit("flux-dev", body, key, services)
+
+
+class JobRef(BaseModel):
+    """``jobId`` per the spec; ``job_id`` as newer reseller docs write it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str = Field(validation_alias=AliasChoices("jobId", "job_id"), min_length=1, max_length=100)
+
+
+def _find(job_id: str, key: ApiKey, services: Services) -> Job:
+    job = services.jobs.get(job_id.strip(), key_id=key.id)
+    if job is None:
+        raise ApiError(404, f"jobId: no job {job_id!r} for this key")
+    return job
+
+
+def _query_job_id(
+    job_id: Annotated[str | None, Query(alias="jobId")] = None,
+    job_id_snake: Annotated[str | None, Query(alias="job_id")] = None,
+) -> str:
+    value = job_id or job_id_snake
+    if not value:
+        raise ApiError(400, "jobId: is required")
+    return value
+
+
+@router.get("/flux/fetch", summary="Fetch a job's status and result")
+def fetch_get(job_id: Annotated[str, Depends(_query_job_id)], key: Key, services: Deps) -> Envelope:
+    return render_job(_find(job_id, key, services), services)
+
+
+@router.post("/flux/fetch", summary="Fetch a job's status and result")
+def fetch_post(ref: Annotated[JobRef, Body()], key: Key, services: Deps) -> Envelope:
+    return render_job(_find(ref.job_id, key, services), services)
+
+
+@router.post("/flux/cancel", summary="Cancel a queued job, or stop a running one at its next step")
+def cancel(ref: Annotated[JobRef, Body()], key: Key, services: Deps) -> Envelope:
+    job = services.jobs.cancel(ref.job_id.strip(), key.id)
+    if job is None:
+        raise ApiError(404, f"jobId: no job {ref.job_id!r} for this key")
+    return render_job(job, services)

@@ -1,0 +1,148 @@
+"""The ``fluxserve`` command: serve, keys, credits, migrate."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+from rich.console import Console
+
+from fluxserve.accounts.keys import ApiKey, KeyStore
+from fluxserve.jobs.database import make_engine, migrate
+from fluxserve.logs import configure_logging
+from fluxserve.settings import Settings
+
+app = typer.Typer(help="fluxserve: a self-hosted FLUX image API server.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+credits_app = typer.Typer(help="Top up a key's credits.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(credits_app, name="credits")
+console = Console()
+
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (FLUXSERVE_DATA_DIR).")]
+
+
+def _settings(data_dir: Path | None, **overrides: object) -> Settings:
+    values = {name: value for name, value in overrides.items() if value is not None}
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    return Settings(**values)
+
+
+def _key_store(settings: Settings) -> KeyStore:
+    engine = make_engine(settings.database)
+    migrate(engine)
+    return KeyStore(engine)
+
+
+def _credits(value: str | None) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        credits = Decimal(value)
+    except InvalidOperation as error:
+        raise typer.BadParameter(f"{value!r} is not a number") from error
+    if credits < 0 or not credits.is_finite():
+        raise typer.BadParameter("must be zero or more")
+    return credits
+
+
+def _key_json(key: ApiKey) -> dict[str, object]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "credits": None if key.credits is None else str(key.credits),
+        "webhook_secret": key.webhook_secret,
+        "active": key.active,
+    }
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (FLUXSERVE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (FLUXSERVE_PORT).")] = None,
+    data_dir: DataDir = None,
+    workers: Annotated[int | None, typer.Option(help="In-process workers (FLUXSERVE_WORKERS).")] = None,
+    no_workers: Annotated[bool, typer.Option("--no-workers", help="Serve the API only.")] = False,
+    public_url: Annotated[
+        str | None, typer.Option(help="Base of result URLs (FLUXSERVE_PUBLIC_URL).")
+    ] = None,
+) -> None:
+    """Start the API with its workers on the embedded defaults (SQLite, local disk)."""
+    settings = _settings(
+        data_dir, host=host, port=port, workers=0 if no_workers else workers, public_url=public_url
+    )
+    configure_logging(json=settings.log_json)
+    keys = _key_store(settings)
+    if keys.count() == 0:
+        new = keys.create("default")
+        console.print(f"[bold]First start: created API key 'default'[/bold] (shown once): {new.key}")
+        console.print(
+            "Try it:\n"
+            f"  curl -s -X POST {settings.base_url}/bfl/v1/flux-dev -H 'TT-API-KEY: {new.key}' "
+            "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red circle on a blue background\"}'\n"
+            f"  curl -s '{settings.base_url}/flux/fetch?jobId=<jobId>' -H 'TT-API-KEY: {new.key}'"
+        )
+    from fluxserve.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+
+
+@app.command("migrate")
+def migrate_command(data_dir: DataDir = None) -> None:
+    """Bring the database schema up to date (serve does this on start, too)."""
+    migrate(make_engine(_settings(data_dir).database))
+    console.print("database is up to date")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A label for the key's owner.")],
+    credits: Annotated[str | None, typer.Option(help="Starting credits; unlimited when omitted.")] = None,
+    data_dir: DataDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create a key and print it once: it is stored only as a hash."""
+    new = _key_store(_settings(data_dir)).create(name, _credits(credits))
+    if as_json:
+        typer.echo(json.dumps({"key": new.key, **_key_json(new.record)}))
+    else:
+        console.print(f"key: {new.key}\nwebhook secret: {new.record.webhook_secret}")
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = None) -> None:
+    """List keys (their prefixes, never the keys)."""
+    for key in _key_store(_settings(data_dir)).list():
+        typer.echo(json.dumps(_key_json(key)))
+
+
+@keys_app.command("revoke")
+def keys_revoke(name_or_id: str, data_dir: DataDir = None) -> None:
+    """Stop a key from working; its jobs and results stay."""
+    store = _key_store(_settings(data_dir))
+    key = store.find(name_or_id)
+    if key is None:
+        raise typer.BadParameter(f"no key named {name_or_id!r}")
+    store.revoke(key.id)
+    console.print(f"revoked {key.name} ({key.prefix}...)")
+
+
+@credits_app.command("add")
+def credits_add(
+    name_or_id: str,
+    amount: Annotated[str, typer.Argument(help="Credits to add (1 credit = 0.01 USD).")],
+    data_dir: DataDir = None,
+) -> None:
+    """Add credits to a key with a finite balance."""
+    store = _key_store(_settings(data_dir))
+    key = store.find(name_or_id)
+    if key is None:
+        raise typer.BadParameter(f"no key named {name_or_id!r}")
+    updated = store.add_credits(key.id, _credits(amount) or Decimal(0))
+    typer.echo(json.dumps(_key_json(updated)))  # type: ignore[arg-type]
