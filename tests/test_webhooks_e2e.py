@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from standardwebhooks import Webhook
+from standardwebhooks import Webhook, WebhookVerificationError
 from tests.conftest import Api, ServerProcess
 
 
@@ -70,7 +70,7 @@ def test_webhook_retries_until_delivered_and_is_signed(server: ServerProcess, re
     for field in ("mode", "jobId", "prompt", "quota", "size", "seed", "hookUrl"):
         assert payload["data"][field] == fetched["data"][field]
     assert payload["data"]["hookUrl"] == receiver.url
-    with pytest.raises(Exception):
+    with pytest.raises(WebhookVerificationError):
         Webhook(key["webhook_secret"]).verify(body.replace(b"hook me", b"hack me"), lower)
     assert json.loads(body)["data"]["imageUrl"].startswith(server.base_url + "/files/")
 
