@@ -17,6 +17,19 @@ class EngineError(Exception):
     """A failure that is the request's or the engine's, reported to the user as the job's message."""
 
 
+class Moderated(EngineError):
+    """The prompt or an input (``kind="request"``) or the output (``kind="content"``) was blocked.
+
+    The job ends moderated, with the reason, and is not charged.
+    """
+
+    def __init__(self, kind: str, reason: str = "") -> None:
+        label = "Request Moderated" if kind == "request" else "Content Moderated"
+        super().__init__(f"{label}: {reason}" if reason else label)
+        self.kind = kind
+        self.reason = reason
+
+
 @dataclass
 class EngineRequest:
     """Everything an engine needs, already resolved: sizes are final and images are decoded."""

@@ -18,7 +18,7 @@ from PIL import Image
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.params import GenerationParams
 from fluxserve.core.sizes import output_size
-from fluxserve.engines.base import EngineError, EngineHooks, EngineRequest, JobCanceled
+from fluxserve.engines.base import EngineError, EngineHooks, EngineRequest, JobCanceled, Moderated
 from fluxserve.engines.registry import EngineRegistry
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.submit import image_field
@@ -158,6 +158,9 @@ class Worker:
                 )
                 details.update(result.details)
                 status = JobStatus.SUCCEEDED
+            except Moderated as exc:
+                error = str(exc)
+                status = JobStatus.REQUEST_MODERATED if exc.kind == "request" else JobStatus.CONTENT_MODERATED
             except JobCanceled:
                 status, error = JobStatus.CANCELED, "Canceled by the client"
             except (EngineError, FetchError, ImageInputError) as exc:
