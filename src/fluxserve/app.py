@@ -23,6 +23,7 @@ from fluxserve.accounts.keys import KeyStore
 from fluxserve.api import files, reseller
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
+from fluxserve.api.limits import BodySizeLimit
 from fluxserve.core.catalog import load_catalog
 from fluxserve.engines.registry import EngineRegistry
 from fluxserve.jobs.database import make_engine, migrate
@@ -155,6 +156,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = runtime.services
     app.state.runtime = runtime
     install_error_handlers(app)
+    # Four base64 images at the input limit, plus the rest of the request.
+    app.add_middleware(BodySizeLimit, max_bytes=4 * settings.max_input_bytes * 4 // 3 + 1024 * 1024)
     app.include_router(reseller.router)
     app.include_router(files.router)
 
