@@ -7,6 +7,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+
 from tests.conftest import Api, ServerProcess
 
 

@@ -6,6 +6,7 @@ import io
 
 import httpx
 from PIL import Image
+
 from tests.conftest import Api, ServerProcess
 from tests.test_lifecycle import slow_env, wait_for
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from tests.conftest import Api, png_base64
 
 from fluxserve.core.sizes import kontext_size, ultra_size
+from tests.conftest import Api, png_base64
 
 CASES = [
     ("flux-dev", {"width": 512, "height": 256, "steps": 4}, (512, 256), "PNG"),

@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from tests.conftest import Api, png_base64
 
 GOOD = {"prompt": "a red circle"}

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
+
 from tests.conftest import Api, ServerProcess
 
 
