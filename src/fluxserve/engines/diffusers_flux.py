@@ -1,0 +1,210 @@
+"""The ``diffusers`` engine: FLUX pipelines on local weights, one route's semantics at a time.
+
+Routing (recorded as ``details["pipeline"]`` on every result):
+
+- ``text2image``: FluxPipeline. flux-dev, flux-pro, flux-pro-1.1, flux-pro-1.1-ultra, and kontext routes
+  sent without an input image.
+- ``kontext``: FluxKontextPipeline, for kontext routes with ``input_image``. The reference is resized to the
+  generation's pixel budget (same aspect, multiples of 16) and the pipeline is told ``max_area`` and not to
+  auto-resize: left alone it would work at ~1 MP whatever the model, which costs minutes on a small one.
+- ``img2img``: FluxImg2ImgPipeline, for ``image_prompt`` on the other routes. ``image_prompt_strength`` s
+  (0 = prompt only, 1 = image only) becomes the diffusers denoising strength 1 - s: at s = 0 the image is
+  ignored and plain text-to-image runs (same bytes as without an image prompt); at s = 1 a single
+  denoising step at the lowest noise level runs, which keeps the image prompt. flux-pro, flux-pro-1.1 and
+  flux-dev have no strength field: they use ``DEFAULT_IMAGE_PROMPT_STRENGTH``.
+
+Sizes: when the catalog's ``max_pixels`` is below the requested area, the image is generated at the
+largest same-aspect size within it (multiples of 16) and resized to the requested size with LANCZOS.
+
+The weights are loaded once (``from_pretrained``) and the other pipelines are derived with ``from_pipe``,
+which shares every module: one copy of the weights serves all three paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline, FluxPipeline
+from PIL import Image, ImageOps
+
+from fluxserve.core.catalog import KONTEXT_MODELS, ModelEntry
+from fluxserve.engines.base import EngineError, EngineHooks, EngineRequest, EngineResult, JobCanceled
+
+log = logging.getLogger("fluxserve.engines")
+
+DEFAULT_STEPS = 28
+DEFAULT_GUIDANCE = 3.5
+# flux-pro, flux-pro-1.1 and flux-dev take an image prompt without a strength: the image keeps its layout
+# and colours and the prompt redraws the rest (diffusers strength 0.75).
+DEFAULT_IMAGE_PROMPT_STRENGTH = 0.25
+# flux-pro-1.1-ultra's own default when a request leaves the field out.
+ULTRA_IMAGE_PROMPT_STRENGTH = 0.1
+MAX_SEQUENCE_LENGTH = 512  # FLUX.1's T5 context; a checkpoint whose tokenizer is shorter uses its own
+
+
+def image_field(index: int) -> str:
+    """The API field that carried ``request.images[index]``, for error messages."""
+    return "input_image" if index == 0 else f"input_image_{index + 1}"
+
+
+def generation_size(width: int, height: int, max_pixels: int | None, multiple: int = 16) -> tuple[int, int]:
+    """The size to denoise at: the request's, or the largest same-aspect size within ``max_pixels``.
+
+    Both sides are multiples of ``multiple`` (the VAE's 8x times FLUX's 2x2 packing) and at least one
+    multiple; the result is resized to the requested size afterwards when it differs.
+    """
+    scale = 1.0
+    if max_pixels and 0 < max_pixels < width * height:
+        scale = math.sqrt(max_pixels / (width * height))
+    if scale == 1.0:
+        return (
+            max(multiple, round(width / multiple) * multiple),
+            max(multiple, round(height / multiple) * multiple),
+        )
+    return (
+        max(multiple, math.floor(width * scale / multiple) * multiple),
+        max(multiple, math.floor(height * scale / multiple) * multiple),
+    )
+
+
+def fit_area(image: Image.Image, area: int, multiple: int = 16) -> Image.Image:
+    """``image`` resized to about ``area`` pixels, same aspect ratio, sides multiples of ``multiple``."""
+    scale = math.sqrt(area / (image.width * image.height))
+    size = (
+        max(multiple, math.floor(image.width * scale / multiple) * multiple),
+        max(multiple, math.floor(image.height * scale / multiple) * multiple),
+    )
+    return image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+
+
+class FluxModel:
+    """One set of FLUX weights in memory and the three pipelines that share them.
+
+    ``lock`` serialises generation: the pipelines share modules and a scheduler, so one job at a time.
+    """
+
+    def __init__(self, weights: Path) -> None:
+        try:
+            text2image = FluxPipeline.from_pretrained(weights)
+        except Exception as exc:
+            raise EngineError(f"cannot load FLUX weights from {weights}: {_reason(exc)}") from exc
+        dtype = text2image.transformer.dtype
+        self.weights = weights
+        self.text2image = text2image
+        # from_pipe casts the shared modules to ``dtype`` (float32 when not given): pass theirs.
+        self.kontext = FluxKontextPipeline.from_pipe(text2image, dtype=dtype)
+        self.img2img = FluxImg2ImgPipeline.from_pipe(text2image, dtype=dtype)
+        for pipe in (self.text2image, self.kontext, self.img2img):
+            pipe.set_progress_bar_config(disable=True)
+        self.lock = threading.Lock()
+        tokenizer_length = getattr(text2image.tokenizer_2, "model_max_length", MAX_SEQUENCE_LENGTH)
+        self.max_sequence_length = min(MAX_SEQUENCE_LENGTH, tokenizer_length)
+        self.multiple = text2image.vae_scale_factor * 2
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the weights (parameters and buffers of every module)."""
+        total = 0
+        for component in self.text2image.components.values():
+            if isinstance(component, torch.nn.Module):
+                tensors = [*component.parameters(), *component.buffers()]
+                total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
+
+class DiffusersFluxEngine:
+    """One API model (a catalog entry) served by a :class:`FluxModel`, possibly shared with other routes."""
+
+    def __init__(self, weights: Path, entry: ModelEntry, model: FluxModel | None = None) -> None:
+        self.entry = entry
+        self.model = model or FluxModel(Path(weights))
+
+    def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult:
+        self._check_inputs(request)
+        steps = request.steps or self.entry.steps or DEFAULT_STEPS
+        guidance = request.guidance or self.entry.guidance or DEFAULT_GUIDANCE
+        width, height = generation_size(
+            request.width, request.height, self.entry.max_pixels, self.model.multiple
+        )
+        details: dict[str, Any] = {"steps": steps, "guidance": guidance}
+        if (width, height) != (request.width, request.height):
+            details["generated_size"] = f"{width}x{height}"
+        pipe, kwargs = self._route(request, width, height, steps, details)
+
+        def on_step(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            hooks.step((index + 1) / pipeline.num_timesteps)
+            return {}
+
+        with self.model.lock:
+            try:
+                output = pipe(
+                    prompt=request.prompt,
+                    width=width,
+                    height=height,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    generator=torch.Generator("cpu").manual_seed(request.seed),
+                    max_sequence_length=self.model.max_sequence_length,
+                    callback_on_step_end=on_step,
+                    **kwargs,
+                )
+            except JobCanceled:
+                raise
+            except Exception as exc:
+                log.exception("pipeline failed", extra={"model": request.model})
+                raise EngineError(f"{request.model}: generation failed: {_reason(exc)}") from exc
+        image = output.images[0].convert("RGB")
+        if image.size != (request.width, request.height):
+            image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
+        return EngineResult(image=image, prompt=request.prompt, seed=request.seed, details=details)
+
+    def _check_inputs(self, request: EngineRequest) -> None:
+        """Refuse oversized inputs, and inputs the route has no use for, before any work."""
+        limit = self.entry.max_input_pixels
+        named = [(image_field(i), image) for i, image in enumerate(request.images)]
+        if request.image_prompt is not None:
+            named.append(("image_prompt", request.image_prompt))
+        for name, image in named:
+            if image.width * image.height > limit:
+                raise EngineError(
+                    f"{name}: {image.width}x{image.height} is {image.width * image.height} pixels; "
+                    f"{request.model} accepts at most {limit} pixels"
+                )
+        if request.images and request.model not in KONTEXT_MODELS:
+            raise EngineError(f"input_image: {request.model} does not take input images")
+
+    def _route(
+        self, request: EngineRequest, width: int, height: int, steps: int, details: dict[str, Any]
+    ) -> tuple[Any, dict[str, Any]]:
+        """Pick the pipeline for the request and its path-specific arguments; note the choice in details."""
+        if request.images:
+            reference = fit_area(request.images[0], width * height, self.model.multiple)
+            details.update(pipeline="kontext", references=len(request.images))
+            return self.model.kontext, {"image": reference, "max_area": width * height, "_auto_resize": False}
+        if request.image_prompt is not None:
+            strength = request.image_prompt_strength
+            if strength is None:
+                ultra = request.model == "flux-pro-1.1-ultra"
+                strength = ULTRA_IMAGE_PROMPT_STRENGTH if ultra else DEFAULT_IMAGE_PROMPT_STRENGTH
+            details["image_prompt_strength"] = strength
+            if strength > 0:
+                # At least one denoising step: diffusers runs int(steps * denoise) of them.
+                denoise = max(1.0 - strength, 1.0 / steps)
+                image = ImageOps.fit(
+                    request.image_prompt.convert("RGB"), (width, height), Image.Resampling.LANCZOS
+                )
+                details.update(pipeline="img2img", denoise=round(denoise, 4))
+                return self.model.img2img, {"image": image, "strength": denoise}
+        details["pipeline"] = "text2image"
+        return self.model.text2image, {}
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's message, short enough for a job's error field."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
