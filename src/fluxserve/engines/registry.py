@@ -1,0 +1,70 @@
+"""Which engine serves a model name, made on first use and kept for the life of the process.
+
+Every route whose catalog entry names the same weights folder shares one :class:`FluxModel`, so a
+process loads each set of weights once however many routes point at it.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from fluxserve.core.catalog import Catalog, ModelEntry
+from fluxserve.engines.base import Engine, EngineError
+from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel
+from fluxserve.engines.tiny import build_tiny_flux
+
+# Where the bundled model's weights ship inside the package (made by training/, see issue "bundled").
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "bundled"
+
+
+class EngineRegistry:
+    """Engines by model name, built lazily from the catalog; safe to call from several worker threads."""
+
+    def __init__(self, catalog: Catalog, models_dir: Path) -> None:
+        self._catalog = catalog
+        self._models_dir = Path(models_dir)
+        self._lock = threading.Lock()
+        self._engines: dict[tuple[Path, str], Engine] = {}
+        self._loaded: dict[Path, FluxModel] = {}
+
+    def get(self, model: str) -> Engine:
+        """The engine for an API model name; the first call for a weights folder loads it."""
+        try:
+            entry = self._catalog.entry(model)
+        except KeyError:
+            raise EngineError(f"model {model!r} is not in the catalog") from None
+        if entry.engine == "relay":
+            return self._relay(model, entry)
+        with self._lock:
+            weights = self.resolve_weights(model, entry)
+            key = (weights, entry.model_dump_json())
+            engine = self._engines.get(key)
+            if engine is None:
+                loaded = self._loaded.get(weights)
+                if loaded is None:
+                    loaded = self._loaded[weights] = FluxModel(weights)
+                engine = self._engines[key] = DiffusersFluxEngine(weights, entry, loaded)
+            return engine
+
+    def resolve_weights(self, model: str, entry: ModelEntry) -> Path:
+        """The folder ``entry.weights`` names; ``builtin:`` weights are made or found here."""
+        if not entry.weights:
+            raise EngineError(f"{model}: the catalog names no weights for it")
+        if entry.weights == "builtin:tiny":
+            return build_tiny_flux(self._models_dir / "tiny")
+        if entry.weights == "builtin:bundled":
+            if not (BUNDLED_WEIGHTS / "model_index.json").is_file():
+                raise EngineError(f"{model}: bundled weights not installed (no {BUNDLED_WEIGHTS})")
+            return BUNDLED_WEIGHTS
+        if entry.weights.startswith("builtin:"):
+            known = "builtin:tiny, builtin:bundled"
+            raise EngineError(f"{model}: unknown built-in weights {entry.weights!r} (known: {known})")
+        folder = Path(entry.weights)
+        if not (folder / "model_index.json").is_file():
+            raise EngineError(f"{model}: {folder} is not a diffusers pipeline folder (no model_index.json)")
+        return folder
+
+    def _relay(self, model: str, entry: ModelEntry) -> Engine:
+        """The relay engine (issue 4) plugs in here."""
+        raise EngineError("relay engine not available")
