@@ -55,21 +55,24 @@ def image_field(index: int) -> str:
 def generation_size(width: int, height: int, max_pixels: int | None, multiple: int = 16) -> tuple[int, int]:
     """The size to denoise at: the request's, or the largest same-aspect size within ``max_pixels``.
 
-    Both sides are multiples of ``multiple`` (the VAE's 8x times FLUX's 2x2 packing) and at least one
-    multiple; the result is resized to the requested size afterwards when it differs.
+    Both sides are multiples of ``multiple`` (the VAE's 8x times FLUX's 2x2 packing). Under a budget, the
+    short side steps through the multiples and the long side takes the multiple nearest the requested
+    aspect (off by at most half a multiple); the largest pair that fits wins. The image is resized to the
+    request afterwards.
     """
-    scale = 1.0
-    if max_pixels and 0 < max_pixels < width * height:
-        scale = math.sqrt(max_pixels / (width * height))
-    if scale == 1.0:
-        return (
-            max(multiple, round(width / multiple) * multiple),
-            max(multiple, round(height / multiple) * multiple),
-        )
-    return (
-        max(multiple, math.floor(width * scale / multiple) * multiple),
-        max(multiple, math.floor(height * scale / multiple) * multiple),
-    )
+
+    def snap(value: float) -> int:
+        return max(multiple, round(value / multiple) * multiple)
+
+    if not max_pixels or max_pixels <= 0 or width * height <= max_pixels:
+        return snap(width), snap(height)
+    ratio = max(width, height) / min(width, height)
+    best = (multiple, multiple)
+    for short in range(multiple, math.isqrt(max_pixels) + 1, multiple):
+        long = snap(short * ratio)
+        if short * long <= max_pixels and short * long > best[0] * best[1]:
+            best = (short, long)
+    return best[::-1] if width >= height else best
 
 
 def fit_area(image: Image.Image, area: int, multiple: int = 16) -> Image.Image:

@@ -14,6 +14,7 @@ import os
 import shutil
 import string
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -34,6 +35,9 @@ SEED = 0
 TEXT_DIM = 32
 CLIP_LENGTH = 77  # CLIP's context, as in real FLUX
 T5_LENGTH = 128  # also the engine's max_sequence_length for this model: short keeps it fast
+# Module initialisers draw from torch's global generator: one build at a time per process keeps the
+# weights deterministic when threads build at once.
+_BUILD_LOCK = threading.Lock()
 
 
 def _clip_tokenizer() -> CLIPTokenizer:
@@ -54,7 +58,10 @@ def _t5_tokenizer() -> T5TokenizerFast:
 
 
 def _pipeline() -> FluxPipeline:
-    """All components, each initialised right after reseeding so the weights never depend on build order."""
+    """All components, each initialised right after reseeding so the weights never depend on build order.
+
+    Call under ``_BUILD_LOCK`` and ``torch.random.fork_rng`` (the caller's random state is left alone).
+    """
     clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
     torch.manual_seed(SEED)
     transformer = FluxTransformer2DModel(
@@ -158,7 +165,9 @@ def build_tiny_flux(folder: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
     try:
-        _pipeline().save_pretrained(staging, safe_serialization=True)
+        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+            pipeline = _pipeline()
+        pipeline.save_pretrained(staging, safe_serialization=True)
         (staging / MARKER).write_text(json.dumps({"recipe": RECIPE, "seed": SEED}))
         staging.chmod(0o755)  # mkdtemp makes it private; the built model is not
         if folder.exists() and not is_built(folder):
