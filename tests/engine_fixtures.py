@@ -1,0 +1,73 @@
+"""Helpers shared by the engine tests: a tiny FLUX pipeline, requests, and image comparisons."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from fluxserve.core.catalog import ModelEntry
+from fluxserve.engines.base import EngineHooks, EngineRequest
+from fluxserve.engines.tiny import build_tiny_flux
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread: on a shared 2-core machine two OpenMP threads spin against the other
+    processes' work and run the tiny pipeline some 30x slower than one thread does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def tiny_weights(root: Path) -> Path:
+    return build_tiny_flux(root / "tiny")
+
+
+def entry(**fields: Any) -> ModelEntry:
+    """A catalog entry for the tiny model: 2 steps, no max_pixels unless given."""
+    return ModelEntry.model_validate({"weights": "builtin:tiny", "steps": 2, **fields})
+
+
+def request(model: str = "flux-dev", **fields: Any) -> EngineRequest:
+    base: dict[str, Any] = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "seed": 7}
+    return EngineRequest(model=model, **{**base, **fields})
+
+
+class Recorder:
+    """EngineHooks whose progress is recorded and whose cancel flag turns on after ``cancel_after`` steps."""
+
+    def __init__(self, cancel_after: int | None = None) -> None:
+        self.fractions: list[float] = []
+        self.cancel_after = cancel_after
+
+    @property
+    def hooks(self) -> EngineHooks:
+        return EngineHooks(progress=self.fractions.append, canceled=self._canceled)
+
+    def _canceled(self) -> bool:
+        return self.cancel_after is not None and len(self.fractions) >= self.cancel_after
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def solid(color: str, size: tuple[int, int] = (96, 64)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def gradient(size: tuple[int, int] = (96, 64)) -> Image.Image:
+    """A non-uniform picture, so that what the VAE sees of it is not just one colour."""
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    return Image.merge("RGB", (image.getchannel(0), image.getchannel(0).rotate(90), Image.new("L", size, 40)))
