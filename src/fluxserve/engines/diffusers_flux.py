@@ -11,7 +11,16 @@ Routing (recorded as ``details["pipeline"]`` on every result):
   (0 = prompt only, 1 = image only) becomes the diffusers denoising strength 1 - s: at s = 0 the image is
   ignored and plain text-to-image runs (same bytes as without an image prompt); at s = 1 a single
   denoising step at the lowest noise level runs, which keeps the image prompt. flux-pro, flux-pro-1.1 and
-  flux-dev have no strength field: they use ``DEFAULT_IMAGE_PROMPT_STRENGTH``.
+  flux-dev have no strength field: they use the catalog option ``image_prompt_strength`` (default 0.25).
+
+Guidance: flux-pro's ``interval`` i (1..4) is a guidance schedule over noise levels: the requested
+guidance applies while the noise level (sigma, 1 at the start, 0 at the end) is at least 1 - i/4, and the
+remaining, low-noise steps run at guidance 1.0. So i = 4 is constant guidance, i = 2 (the default) guides
+the noisier half of the trajectory where the composition forms and leaves the fine detail free, i = 1
+only the first quarter. The values used per step are recorded as ``details["guidance_per_step"]``. On a
+model without a guidance input (FLUX.1-schnell-like), ``details["interval"]`` says it was unused.
+flux-pro-1.1-ultra's ``raw`` caps guidance at the catalog option ``raw_guidance`` (default 2.0): lower
+distilled guidance gives the less saturated, more natural look that raw mode stands for.
 
 Sizes: when the catalog's ``max_pixels`` is below the requested area, the image is generated at the
 largest same-aspect size within it (multiples of 16) and resized to the requested size with LANCZOS.
@@ -25,12 +34,15 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline, FluxPipeline
 from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fluxserve.core.catalog import KONTEXT_MODELS, ModelEntry
 from fluxserve.engines.base import EngineError, EngineHooks, EngineRequest, EngineResult, JobCanceled
@@ -39,12 +51,46 @@ log = logging.getLogger("fluxserve.engines")
 
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 3.5
-# flux-pro, flux-pro-1.1 and flux-dev take an image prompt without a strength: the image keeps its layout
-# and colours and the prompt redraws the rest (diffusers strength 0.75).
-DEFAULT_IMAGE_PROMPT_STRENGTH = 0.25
 # flux-pro-1.1-ultra's own default when a request leaves the field out.
 ULTRA_IMAGE_PROMPT_STRENGTH = 0.1
 MAX_SEQUENCE_LENGTH = 512  # FLUX.1's T5 context; a checkpoint whose tokenizer is shorter uses its own
+UNGUIDED = 1.0  # the distilled guidance value that adds no guidance
+
+
+class FluxOptions(BaseModel):
+    """The diffusers engine's knobs, from the catalog entry's ``options`` table. Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_prompt_strength: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="Strength for image_prompt on routes without the field (flux-pro, -1.1, -dev): the image "
+        "keeps its layout and colours and the prompt redraws the rest.",
+    )
+    raw_guidance: float = Field(default=2.0, gt=0, description="Highest guidance in ultra's raw mode.")
+    max_sequence_length: int | None = Field(
+        default=None, gt=0, description="T5 tokens; default the tokenizer's length, at most 512."
+    )
+
+    @classmethod
+    def of(cls, entry: ModelEntry) -> FluxOptions:
+        try:
+            return cls.model_validate(entry.options)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise EngineError(f"catalog options: {problems}") from None
+
+
+def interval_schedule(guidance: float, interval: float) -> Callable[[float], float]:
+    """flux-pro's ``interval``: full guidance while sigma >= 1 - interval/4, no extra guidance after."""
+    threshold = 1.0 - interval / 4.0
+
+    def at(sigma: float) -> float:
+        return guidance if sigma >= threshold - 1e-6 else UNGUIDED
+
+    return at
 
 
 def image_field(index: int) -> str:
@@ -108,6 +154,34 @@ class FluxModel:
         tokenizer_length = getattr(text2image.tokenizer_2, "model_max_length", MAX_SEQUENCE_LENGTH)
         self.max_sequence_length = min(MAX_SEQUENCE_LENGTH, tokenizer_length)
         self.multiple = text2image.vae_scale_factor * 2
+        self.takes_guidance = bool(text2image.transformer.config.get("guidance_embeds", False))
+        self._guidance_at: Callable[[float], float] | None = None
+        self._guidance_used: list[float] = []
+        if self.takes_guidance:
+            text2image.transformer.register_forward_pre_hook(self._scheduled_guidance, with_kwargs=True)
+
+    @contextmanager
+    def guidance_schedule(self, at: Callable[[float], float] | None) -> Iterator[list[float]]:
+        """While inside, each denoising step's guidance is ``at(sigma)``; yields the values used.
+
+        Call with ``lock`` held: the schedule is the model's state for the one generation running.
+        """
+        self._guidance_at, self._guidance_used = at, []
+        try:
+            yield self._guidance_used
+        finally:
+            self._guidance_at = None
+
+    def _scheduled_guidance(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """A forward pre-hook on the transformer: the pipelines take one guidance value for all steps."""
+        guidance = kwargs.get("guidance")
+        if self._guidance_at is None or guidance is None:
+            return None
+        value = self._guidance_at(float(kwargs["timestep"].flatten()[0]))
+        self._guidance_used.append(value)
+        return args, {**kwargs, "guidance": torch.full_like(guidance, value)}
 
     @property
     def nbytes(self) -> int:
@@ -125,6 +199,7 @@ class DiffusersFluxEngine:
 
     def __init__(self, weights: Path, entry: ModelEntry, model: FluxModel | None = None) -> None:
         self.entry = entry
+        self.options = FluxOptions.of(entry)
         self.model = model or FluxModel(Path(weights))
 
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult:
@@ -134,7 +209,18 @@ class DiffusersFluxEngine:
         width, height = generation_size(
             request.width, request.height, self.entry.max_pixels, self.model.multiple
         )
-        details: dict[str, Any] = {"steps": steps, "guidance": guidance}
+        details: dict[str, Any] = {"steps": steps}
+        if request.raw:
+            guidance = min(guidance, self.options.raw_guidance)
+            details["raw"] = True
+        details["guidance"] = guidance
+        schedule = None
+        if request.interval is not None:
+            if self.model.takes_guidance:
+                schedule = interval_schedule(guidance, request.interval)
+                details["interval"] = request.interval
+            else:
+                details["interval"] = "unused: this model takes no guidance input"
         if (width, height) != (request.width, request.height):
             details["generated_size"] = f"{width}x{height}"
         pipe, kwargs = self._route(request, width, height, steps, details)
@@ -143,7 +229,7 @@ class DiffusersFluxEngine:
             hooks.step((index + 1) / pipeline.num_timesteps)
             return {}
 
-        with self.model.lock:
+        with self.model.lock, self.model.guidance_schedule(schedule) as used:
             try:
                 output = pipe(
                     prompt=request.prompt,
@@ -152,7 +238,7 @@ class DiffusersFluxEngine:
                     num_inference_steps=steps,
                     guidance_scale=guidance,
                     generator=torch.Generator("cpu").manual_seed(request.seed),
-                    max_sequence_length=self.model.max_sequence_length,
+                    max_sequence_length=self.options.max_sequence_length or self.model.max_sequence_length,
                     callback_on_step_end=on_step,
                     **kwargs,
                 )
@@ -161,6 +247,8 @@ class DiffusersFluxEngine:
             except Exception as exc:
                 log.exception("pipeline failed", extra={"model": request.model})
                 raise EngineError(f"{request.model}: generation failed: {_reason(exc)}") from exc
+        if schedule is not None:
+            details["guidance_per_step"] = list(used)
         image = output.images[0].convert("RGB")
         if image.size != (request.width, request.height):
             image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
@@ -193,7 +281,7 @@ class DiffusersFluxEngine:
             strength = request.image_prompt_strength
             if strength is None:
                 ultra = request.model == "flux-pro-1.1-ultra"
-                strength = ULTRA_IMAGE_PROMPT_STRENGTH if ultra else DEFAULT_IMAGE_PROMPT_STRENGTH
+                strength = ULTRA_IMAGE_PROMPT_STRENGTH if ultra else self.options.image_prompt_strength
             details["image_prompt_strength"] = strength
             if strength > 0:
                 # At least one denoising step: diffusers runs int(steps * denoise) of them.

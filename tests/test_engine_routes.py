@@ -1,0 +1,70 @@
+"""Route semantics that live in the engine: pro's interval, ultra's raw, kontext references and steps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine_fixtures import Recorder, entry, one_torch_thread, png, request, tiny_weights
+from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads() -> Iterator[None]:
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def flux(models_dir: Path) -> FluxModel:
+    return FluxModel(tiny_weights(models_dir))
+
+
+def run(flux: FluxModel, options: dict[str, Any] | None = None, **fields: Any) -> Any:
+    engine = DiffusersFluxEngine(flux.weights, entry(steps=4, guidance=3.0, options=options or {}), flux)
+    return engine.generate(request(**fields), Recorder().hooks)
+
+
+def test_interval_is_a_guidance_schedule_over_noise_levels(flux: FluxModel) -> None:
+    plain = run(flux, model="flux-pro")
+    schedules = {}
+    for interval in (1, 2, 4):
+        result = run(flux, model="flux-pro", interval=interval)
+        assert result.details["interval"] == interval
+        schedules[interval] = result.details["guidance_per_step"]
+        if interval == 4:
+            assert png(result.image) == png(plain.image)  # constant guidance: plain FLUX
+        else:
+            assert png(result.image) != png(plain.image)
+    assert schedules[4] == [3.0, 3.0, 3.0, 3.0]
+    for values in schedules.values():
+        assert values[0] == 3.0 and values == sorted(values, reverse=True)  # guided first, then 1.0
+        assert set(values) <= {3.0, 1.0}
+    assert schedules[1].count(3.0) < schedules[2].count(3.0) < schedules[4].count(3.0)
+
+
+def test_interval_on_a_model_without_guidance_input_is_reported_unused(flux: FluxModel) -> None:
+    flux.takes_guidance = False
+    try:
+        result = run(flux, model="flux-pro", interval=2)
+    finally:
+        flux.takes_guidance = True
+    assert result.details["interval"].startswith("unused")
+    assert "guidance_per_step" not in result.details
+
+
+def test_raw_caps_guidance(flux: FluxModel) -> None:
+    polished = run(flux, model="flux-pro-1.1-ultra")
+    raw = run(flux, model="flux-pro-1.1-ultra", raw=True)
+    assert (polished.details["guidance"], raw.details["guidance"], raw.details["raw"]) == (3.0, 2.0, True)
+    assert png(raw.image) != png(polished.image)
+    configured = run(flux, {"raw_guidance": 1.5}, model="flux-pro-1.1-ultra", raw=True)
+    assert configured.details["guidance"] == 1.5
