@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from engine_fixtures import Recorder, entry, one_torch_thread, png, request, tiny_weights
-from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel
+from engine_fixtures import Recorder, entry, gradient, one_torch_thread, png, request, solid, tiny_weights
+from fluxserve.core.catalog import load_catalog
+from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel, reference_canvas
+from fluxserve.engines.registry import EngineRegistry
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,3 +70,34 @@ def test_raw_caps_guidance(flux: FluxModel) -> None:
     assert png(raw.image) != png(polished.image)
     configured = run(flux, {"raw_guidance": 1.5}, model="flux-pro-1.1-ultra", raw=True)
     assert configured.details["guidance"] == 1.5
+
+
+def test_references_are_stitched_side_by_side_within_the_budget() -> None:
+    canvas = reference_canvas([solid("red", (100, 100)), solid("blue", (200, 100))], 64 * 64)
+    assert canvas.width % 16 == 0 and canvas.height % 16 == 0
+    assert canvas.width * canvas.height <= 64 * 64
+    assert canvas.width / canvas.height == pytest.approx(3, rel=0.2)
+    assert canvas.getpixel((2, canvas.height // 2)) == (255, 0, 0)
+    assert canvas.getpixel((canvas.width - 2, canvas.height // 2)) == (0, 0, 255)
+    huge = reference_canvas([solid("red", (4096, 4096))] * 4, 256 * 256)
+    assert huge.width * huge.height <= 256 * 256
+
+
+def test_every_kontext_reference_changes_the_output(flux: FluxModel) -> None:
+    first, second = gradient(), solid("blue", (64, 64))
+    one = run(flux, model="flux-kontext-pro", images=[first])
+    two = run(flux, model="flux-kontext-pro", images=[first, second])
+    swapped = run(flux, model="flux-kontext-pro", images=[second, first])
+    four = run(flux, model="flux-kontext-pro", images=[first, second, first, second])
+    assert (one.details["references"], two.details["references"], four.details["references"]) == (1, 2, 4)
+    assert len({png(r.image) for r in (one, two, swapped, four)}) == 4
+    assert four.image.size == (64, 64)
+
+
+def test_kontext_max_runs_more_steps_than_kontext_pro(models_dir: Path) -> None:
+    """The shipped catalog: kontext-max 4 steps, kontext-pro 2, on the one shared tiny model."""
+    registry = EngineRegistry(load_catalog(), models_dir)
+    for model, steps in (("flux-kontext-max", 4), ("flux-kontext-pro", 2)):
+        recorder = Recorder()
+        result = registry.get(model).generate(request(model, images=[gradient()]), recorder.hooks)
+        assert (result.details["steps"], len(recorder.fractions)) == (steps, steps)

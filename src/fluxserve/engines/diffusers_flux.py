@@ -4,9 +4,10 @@ Routing (recorded as ``details["pipeline"]`` on every result):
 
 - ``text2image``: FluxPipeline. flux-dev, flux-pro, flux-pro-1.1, flux-pro-1.1-ultra, and kontext routes
   sent without an input image.
-- ``kontext``: FluxKontextPipeline, for kontext routes with ``input_image``. The reference is resized to the
-  generation's pixel budget (same aspect, multiples of 16) and the pipeline is told ``max_area`` and not to
-  auto-resize: left alone it would work at ~1 MP whatever the model, which costs minutes on a small one.
+- ``kontext``: FluxKontextPipeline, for kontext routes with ``input_image``. ``input_image_2..4`` are
+  stitched beside it into one conditioning canvas (the pipeline takes one image). The canvas is sized to
+  the generation's pixel budget (same aspects, multiples of 16) and the pipeline is told ``max_area`` and
+  not to auto-resize: left alone it would work at ~1 MP whatever the model, minutes on a small one.
 - ``img2img``: FluxImg2ImgPipeline, for ``image_prompt`` on the other routes. ``image_prompt_strength`` s
   (0 = prompt only, 1 = image only) becomes the diffusers denoising strength 1 - s: at s = 0 the image is
   ignored and plain text-to-image runs (same bytes as without an image prompt); at s = 1 a single
@@ -121,14 +122,26 @@ def generation_size(width: int, height: int, max_pixels: int | None, multiple: i
     return best[::-1] if width >= height else best
 
 
-def fit_area(image: Image.Image, area: int, multiple: int = 16) -> Image.Image:
-    """``image`` resized to about ``area`` pixels, same aspect ratio, sides multiples of ``multiple``."""
-    scale = math.sqrt(area / (image.width * image.height))
-    size = (
-        max(multiple, math.floor(image.width * scale / multiple) * multiple),
-        max(multiple, math.floor(image.height * scale / multiple) * multiple),
-    )
-    return image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+def reference_canvas(images: list[Image.Image], area: int, multiple: int = 16) -> Image.Image:
+    """The kontext conditioning image: the references side by side, in order, at one common height.
+
+    FluxKontextPipeline conditions on a single image, so ``input_image_2..4`` are stitched beside
+    ``input_image`` rather than dropped. The canvas keeps the references' aspect ratios and has about
+    ``area`` pixels (the generation's budget, shared by the references), sides multiples of ``multiple``.
+    """
+    ratios = [image.width / image.height for image in images]
+    height = max(multiple, math.floor(math.sqrt(area / sum(ratios)) / multiple) * multiple)
+    width = max(multiple, math.floor(height * sum(ratios) / multiple) * multiple)
+    canvas = Image.new("RGB", (width, height))
+    left, cumulative = 0, 0.0
+    for image, ratio in zip(images, ratios, strict=True):
+        cumulative += ratio
+        right = round(width * cumulative / sum(ratios))
+        if right > left:
+            tile = image.convert("RGB").resize((right - left, height), Image.Resampling.LANCZOS)
+            canvas.paste(tile, (left, 0))
+        left = right
+    return canvas
 
 
 class FluxModel:
@@ -274,7 +287,7 @@ class DiffusersFluxEngine:
     ) -> tuple[Any, dict[str, Any]]:
         """Pick the pipeline for the request and its path-specific arguments; note the choice in details."""
         if request.images:
-            reference = fit_area(request.images[0], width * height, self.model.multiple)
+            reference = reference_canvas(request.images, width * height, self.model.multiple)
             details.update(pipeline="kontext", references=len(request.images))
             return self.model.kontext, {"image": reference, "max_area": width * height, "_auto_resize": False}
         if request.image_prompt is not None:
