@@ -1,0 +1,176 @@
+"""Durable webhook delivery: a row per delivery, retried on a backoff schedule kept in the database.
+
+A job's end writes the delivery row in the same transaction as the job's final status, so no
+notification is lost to a crash; a dispatcher (any number, in any process) leases due rows, POSTs
+the job's fetch JSON signed with the key's secret, and records the outcome. Targets are reached
+through the SSRF guard, with a timeout, concurrently: a slow or dead target holds up nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from fluxserve.jobs.database import utcnow
+from fluxserve.jobs.tables import api_keys, webhook_deliveries
+from fluxserve.safety.fetch import FetchError, NetworkPolicy, send
+from fluxserve.webhooks.signing import signed_headers
+
+log = logging.getLogger("fluxserve.webhooks")
+
+DEFAULT_BACKOFF = (5.0, 30.0, 120.0, 300.0, 900.0)
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+
+def enqueue(conn: Connection, job_id: str, key_id: str, url: str) -> None:
+    """Record a delivery, due now; call it inside the transaction that ends the job."""
+    now = utcnow()
+    conn.execute(
+        insert(webhook_deliveries).values(
+            id=str(uuid.uuid4()),
+            job_id=job_id,
+            key_id=key_id,
+            url=url,
+            status=PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )
+
+
+class WebhookDispatcher:
+    def __init__(
+        self,
+        database: Engine,
+        payload_for: Callable[[str], dict[str, Any] | None],
+        *,
+        policy: NetworkPolicy,
+        backoff: Sequence[float] = DEFAULT_BACKOFF,
+        timeout: float = 10.0,
+        poll_seconds: float = 0.5,
+        concurrency: int = 8,
+    ) -> None:
+        self._database = database
+        self._payload_for = payload_for
+        self._policy = policy
+        self._backoff = list(backoff)
+        self._timeout = timeout
+        self._poll = poll_seconds
+        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient() as client:
+            while not stop.is_set():
+                try:
+                    free = self._concurrency - len(self._in_flight)
+                    for delivery in await asyncio.to_thread(self._lease, free) if free else []:
+                        task = asyncio.create_task(self._attempt(client, delivery))
+                        self._in_flight.add(task)
+                        task.add_done_callback(self._in_flight.discard)
+                except Exception:
+                    log.exception("webhook dispatcher poll failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._poll)
+            for task in list(self._in_flight):
+                task.cancel()
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def _lease(self, limit: int) -> list[dict[str, Any]]:
+        """Take due deliveries; the lease (moving next_attempt_at past the timeout) keeps other
+        dispatchers off them, and a crashed dispatcher's lease simply runs out."""
+        now = utcnow()
+        lease_until = now + timedelta(seconds=self._timeout + 30)
+        due = (
+            select(webhook_deliveries, api_keys.c.webhook_secret)
+            .join(api_keys, api_keys.c.id == webhook_deliveries.c.key_id)
+            .where(webhook_deliveries.c.status == PENDING, webhook_deliveries.c.next_attempt_at <= now)
+            .order_by(webhook_deliveries.c.next_attempt_at)
+            .limit(limit)
+        )
+        leased: list[dict[str, Any]] = []
+        with self._database.begin() as conn:
+            for row in conn.execute(due).mappings().all():
+                taken = conn.execute(
+                    update(webhook_deliveries)
+                    .where(
+                        webhook_deliveries.c.id == row["id"],
+                        webhook_deliveries.c.status == PENDING,
+                        webhook_deliveries.c.next_attempt_at == row["next_attempt_at"],
+                    )
+                    .values(next_attempt_at=lease_until)
+                )
+                if taken.rowcount == 1:
+                    leased.append(dict(row))
+        return leased
+
+    async def _attempt(self, client: httpx.AsyncClient, delivery: dict[str, Any]) -> None:
+        attempt = delivery["attempts"] + 1
+        status_code: int | None = None
+        error: str | None = None
+        async with self._slots:
+            try:
+                payload = await asyncio.to_thread(self._payload_for, delivery["job_id"])
+                if payload is None:
+                    raise FetchError("job no longer exists")
+                body = json.dumps(payload, separators=(",", ":"))
+                headers = {
+                    "Content-Type": "application/json",
+                    "User-Agent": "fluxserve-webhooks",
+                    **signed_headers(delivery["webhook_secret"], delivery["id"], utcnow(), body),
+                }
+                async with asyncio.timeout(self._timeout):
+                    response = await send(
+                        client, "POST", delivery["url"], self._policy,
+                        content=body.encode(), headers=headers, timeout=self._timeout,
+                    )  # fmt: skip
+                    await response.aclose()
+                status_code = response.status_code
+                if not response.is_success:
+                    error = f"HTTP {status_code}"
+            except TimeoutError:
+                error = f"timed out after {self._timeout:g} s"
+            except FetchError as exc:
+                error = str(exc)
+            except Exception as exc:
+                log.exception("webhook attempt crashed")
+                error = type(exc).__name__
+        await asyncio.to_thread(self._record, delivery, attempt, status_code, error)
+
+    def _record(
+        self, delivery: dict[str, Any], attempt: int, status_code: int | None, error: str | None
+    ) -> None:
+        now = utcnow()
+        values: dict[str, Any] = {"attempts": attempt, "last_status_code": status_code, "last_error": error}
+        if error is None:
+            values.update(status=DELIVERED, delivered_at=now)
+        elif attempt > len(self._backoff):
+            values.update(status=FAILED)
+        else:
+            values["next_attempt_at"] = now + timedelta(seconds=self._backoff[attempt - 1])
+        with self._database.begin() as conn:
+            conn.execute(
+                update(webhook_deliveries).where(webhook_deliveries.c.id == delivery["id"]).values(values)
+            )
+        log.info(
+            "webhook attempt",
+            extra={
+                "job_id": delivery["job_id"],
+                "url": delivery["url"],
+                "attempt": attempt,
+                "status_code": status_code,
+                "error": error,
+                "outcome": values.get("status", "retry"),
+            },
+        )
