@@ -38,7 +38,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline, FluxPipeline
@@ -58,10 +58,26 @@ MAX_SEQUENCE_LENGTH = 512  # FLUX.1's T5 context; a checkpoint whose tokenizer i
 UNGUIDED = 1.0  # the distilled guidance value that adds no guidance
 
 
-class FluxOptions(BaseModel):
-    """The diffusers engine's knobs, from the catalog entry's ``options`` table. Unknown keys are refused."""
+class LoadOptions(BaseModel):
+    """How the weights are loaded and run. Routes share one loaded model only when these agree."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str = Field(default="auto", description="auto: cuda when there is one, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: bfloat16 on cuda, float32 elsewhere (CPUs are slow at bf16)."
+    )
+    attention: str | None = Field(
+        default=None, description="A diffusers attention backend (native, flash, sage, ...); None: native."
+    )
+    vae_tiling: bool = Field(default=False, description="Decode in tiles: large images on small GPUs.")
+    cpu_offload: bool = Field(
+        default=False, description="Keep modules on the CPU and move each to the device while it runs."
+    )
+
+
+class FluxOptions(LoadOptions):
+    """The diffusers engine's knobs, from the catalog entry's ``options`` table. Unknown keys are refused."""
 
     image_prompt_strength: float = Field(
         default=0.25,
@@ -82,6 +98,24 @@ class FluxOptions(BaseModel):
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise EngineError(f"catalog options: {problems}") from None
+
+    def load(self) -> LoadOptions:
+        return LoadOptions.model_validate(self.model_dump(include=set(LoadOptions.model_fields)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"options.device: {name!r} is not available on this machine (no CUDA device)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def interval_schedule(guidance: float, interval: float) -> Callable[[float], float]:
@@ -150,19 +184,24 @@ class FluxModel:
     ``lock`` serialises generation: the pipelines share modules and a scheduler, so one job at a time.
     """
 
-    def __init__(self, weights: Path) -> None:
+    def __init__(self, weights: Path, options: LoadOptions | None = None) -> None:
+        self.weights = weights
+        self.options = options or LoadOptions()
+        self.device = resolve_device(self.options.device)
+        dtype = resolve_dtype(self.options.dtype, self.device)
         try:
-            text2image = FluxPipeline.from_pretrained(weights)
+            text2image = FluxPipeline.from_pretrained(weights, dtype=dtype)
         except Exception as exc:
             raise EngineError(f"cannot load FLUX weights from {weights}: {_reason(exc)}") from exc
-        dtype = text2image.transformer.dtype
-        self.weights = weights
         self.text2image = text2image
-        # from_pipe casts the shared modules to ``dtype`` (float32 when not given): pass theirs.
-        self.kontext = FluxKontextPipeline.from_pipe(text2image, dtype=dtype)
-        self.img2img = FluxImg2ImgPipeline.from_pipe(text2image, dtype=dtype)
-        for pipe in (self.text2image, self.kontext, self.img2img):
+        # from_pipe casts the shared modules to ``dtype`` (float32 when not given): pass theirs. The cast
+        # warns about float32-only modules even when there are none; that warning is muted here.
+        with _quiet("diffusers.models.modeling_utils"):
+            self.kontext = FluxKontextPipeline.from_pipe(text2image, dtype=dtype)
+            self.img2img = FluxImg2ImgPipeline.from_pipe(text2image, dtype=dtype)
+        for pipe in self.pipelines:
             pipe.set_progress_bar_config(disable=True)
+        self._apply_options()
         self.lock = threading.Lock()
         tokenizer_length = getattr(text2image.tokenizer_2, "model_max_length", MAX_SEQUENCE_LENGTH)
         self.max_sequence_length = min(MAX_SEQUENCE_LENGTH, tokenizer_length)
@@ -172,6 +211,37 @@ class FluxModel:
         self._guidance_used: list[float] = []
         if self.takes_guidance:
             text2image.transformer.register_forward_pre_hook(self._scheduled_guidance, with_kwargs=True)
+
+    @property
+    def pipelines(self) -> tuple[FluxPipeline, FluxKontextPipeline, FluxImg2ImgPipeline]:
+        return self.text2image, self.kontext, self.img2img
+
+    def _apply_options(self) -> None:
+        """Place the modules and turn on the configured speed and memory knobs."""
+        options = self.options
+        if options.cpu_offload:
+            with self._knob("cpu_offload"):
+                # The hooks sit on the shared modules and each pipeline re-arms its own after a call.
+                for pipe in self.pipelines:
+                    pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            with self._knob("device"):
+                self.text2image.to(self.device)
+        if options.attention:
+            with self._knob("attention"):
+                self.text2image.transformer.set_attention_backend(options.attention)
+        if options.vae_tiling:
+            with self._knob("vae_tiling"):
+                self.text2image.vae.enable_tiling()
+
+    @contextmanager
+    def _knob(self, name: str) -> Iterator[None]:
+        """Report a knob that fails as the catalog option it came from, with the library's reason."""
+        try:
+            yield
+        except Exception as exc:
+            value = getattr(self.options, name)
+            raise EngineError(f"options.{name}={value!r}: {_reason(exc)}") from exc
 
     @contextmanager
     def guidance_schedule(self, at: Callable[[float], float] | None) -> Iterator[list[float]]:
@@ -213,7 +283,7 @@ class DiffusersFluxEngine:
     def __init__(self, weights: Path, entry: ModelEntry, model: FluxModel | None = None) -> None:
         self.entry = entry
         self.options = FluxOptions.of(entry)
-        self.model = model or FluxModel(Path(weights))
+        self.model = model or FluxModel(Path(weights), self.options.load())
 
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult:
         self._check_inputs(request)
@@ -306,6 +376,18 @@ class DiffusersFluxEngine:
                 return self.model.img2img, {"image": image, "strength": denoise}
         details["pipeline"] = "text2image"
         return self.model.text2image, {}
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only errors from ``logger`` while inside."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
 
 
 def _reason(exc: BaseException) -> str:

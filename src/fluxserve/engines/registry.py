@@ -1,7 +1,8 @@
 """Which engine serves a model name, made on first use and kept for the life of the process.
 
-Every route whose catalog entry names the same weights folder shares one :class:`FluxModel`, so a
-process loads each set of weights once however many routes point at it.
+Every route whose catalog entry names the same weights folder (with the same loading options: dtype,
+device, quantization...) shares one :class:`FluxModel`, so a process loads each set of weights once
+however many routes point at it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from fluxserve.core.catalog import Catalog, ModelEntry
 from fluxserve.engines.base import Engine, EngineError
-from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel
+from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel, FluxOptions, LoadOptions
 from fluxserve.engines.tiny import build_tiny_flux
 
 # Where the bundled model's weights ship inside the package (made by training/, see issue "bundled").
@@ -26,7 +27,13 @@ class EngineRegistry:
         self._models_dir = Path(models_dir)
         self._lock = threading.Lock()
         self._engines: dict[tuple[Path, str], Engine] = {}
-        self._loaded: dict[Path, FluxModel] = {}
+        self._loaded: dict[tuple[Path, LoadOptions], FluxModel] = {}
+        for model, entry in catalog.models.items():  # a mistyped knob stops the start, not a job later
+            if entry.engine == "diffusers":
+                try:
+                    FluxOptions.of(entry)
+                except EngineError as exc:
+                    raise EngineError(f"{model}: {exc}") from None
 
     def get(self, model: str) -> Engine:
         """The engine for an API model name; the first call for a weights folder loads it."""
@@ -41,9 +48,10 @@ class EngineRegistry:
             key = (weights, entry.model_dump_json())
             engine = self._engines.get(key)
             if engine is None:
-                loaded = self._loaded.get(weights)
+                load = FluxOptions.of(entry).load()
+                loaded = self._loaded.get((weights, load))
                 if loaded is None:
-                    loaded = self._loaded[weights] = FluxModel(weights)
+                    loaded = self._loaded[(weights, load)] = FluxModel(weights, load)
                 engine = self._engines[key] = DiffusersFluxEngine(weights, entry, loaded)
             return engine
 
