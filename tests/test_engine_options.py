@@ -119,3 +119,19 @@ def test_routes_share_a_loaded_model_only_when_loading_options_agree(models_dir:
     dev, pro, bf16 = (registry.get(name) for name in ("flux-dev", "flux-pro", "flux-pro-1.1"))
     assert dev.model is pro.model  # type: ignore[attr-defined]
     assert bf16.model is not dev.model  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_weights_quantize_with_torchao(weights: Path, baseline: bytes, kind: str) -> None:
+    pytest.importorskip("torchao")
+    quantized = engine(weights, quantize=kind)
+    layer = quantized.model.text2image.transformer.transformer_blocks[0].attn.to_q
+    assert type(layer.weight).__module__.startswith("torchao")
+    t5_layer = quantized.model.text2image.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q
+    assert type(t5_layer.weight).__module__.startswith("torchao")
+    assert quantized.model.kontext.transformer is quantized.model.text2image.transformer
+    image = generate(quantized).image
+    assert image.size == (64, 64)
+    assert quantized.model.nbytes < engine(weights).model.nbytes
+    first = png(image)
+    assert png(generate(quantized).image) == first  # still reproducible
