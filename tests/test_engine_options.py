@@ -6,6 +6,7 @@ needs the GPU, and must fail there with an error that names the option.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,3 +136,25 @@ def test_weights_quantize_with_torchao(weights: Path, baseline: bytes, kind: str
     assert quantized.model.nbytes < engine(weights).model.nbytes
     first = png(image)
     assert png(generate(quantized).image) == first  # still reproducible
+
+
+def test_compiled_transformer_warms_up_and_gives_the_same_images(models_dir: Path, baseline: bytes) -> None:
+    """The eager backend runs the torch.compile path (Dynamo) in seconds; inductor's C++ build is minutes."""
+    tiny = {"weights": "builtin:tiny", "steps": 2}
+    options = {"compile": True, "compile_backend": "eager", "warmup": [[64, 64], [96, 64]]}
+    registry = EngineRegistry(
+        Catalog.model_validate(
+            {"models": {"flux-kontext-pro": {**tiny, "options": options}, "flux-dev": tiny}}
+        ),
+        models_dir,
+    )
+    timings = registry.warm_up()
+    assert list(timings) == ["flux-kontext-pro"]  # only models with warm-up sizes
+    compiled = registry.get("flux-kontext-pro")
+    forward = compiled.model.text2image.transformer.forward  # type: ignore[attr-defined]
+    assert hasattr(forward, "_torchdynamo_orig_callable")
+    started = time.monotonic()
+    assert png(generate(compiled, model="flux-kontext-pro").image) == baseline  # type: ignore[arg-type]
+    assert time.monotonic() - started < 1  # no compilation left for a warmed size
+    scheduled = generate(compiled, model="flux-pro", interval=1)  # type: ignore[arg-type]
+    assert scheduled.details["guidance_per_step"][-1] == 1.0  # the guidance hook still runs

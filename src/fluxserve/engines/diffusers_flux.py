@@ -35,8 +35,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +81,9 @@ class LoadOptions(BaseModel):
         description="Weight-only quantization of the transformer and T5 with torchao: int8 halves bf16 "
         "weights and runs anywhere; fp8 needs a GPU with fp8 support to be fast (runs, slowly, on CPU).",
     )
+    compile: bool = Field(default=False, description="torch.compile the transformer's forward.")
+    compile_backend: str = Field(default="inductor", description="torch.compile backend.")
+    compile_mode: str | None = Field(default=None, description="torch.compile mode, e.g. max-autotune.")
 
 
 class FluxOptions(LoadOptions):
@@ -94,6 +99,11 @@ class FluxOptions(LoadOptions):
     raw_guidance: float = Field(default=2.0, gt=0, description="Highest guidance in ultra's raw mode.")
     max_sequence_length: int | None = Field(
         default=None, gt=0, description="T5 tokens; default the tokenizer's length, at most 512."
+    )
+    warmup: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="Request sizes [width, height] run once at start, so that compilation (one graph per "
+        "size) happens before the first job rather than during it.",
     )
 
     @classmethod
@@ -252,6 +262,13 @@ class FluxModel:
         if options.vae_tiling:
             with self._knob("vae_tiling"):
                 self.text2image.vae.enable_tiling()
+        if options.compile:
+            with self._knob("compile"):
+                # The forward, not the module: the guidance-schedule pre-hook stays outside the graph.
+                transformer = self.text2image.transformer
+                transformer.forward = torch.compile(
+                    transformer.forward, backend=options.compile_backend, mode=options.compile_mode
+                )
 
     @contextmanager
     def _knob(self, name: str) -> Iterator[None]:
@@ -310,6 +327,20 @@ class DiffusersFluxEngine:
         self.entry = entry
         self.options = FluxOptions.of(entry)
         self.model = model or FluxModel(Path(weights), self.options.load())
+
+    def warm_up(self, model: str) -> float:
+        """Run each configured warm-up size once for ``model``, one step each; returns the seconds taken.
+
+        Compilation (one graph per sequence length) and first-call allocations happen here rather than in
+        a client's job. Kontext routes also warm the reference path, whose sequence is twice as long.
+        """
+        started = time.monotonic()
+        for width, height in self.options.warmup:
+            probe = EngineRequest(model=model, prompt="warm-up", width=width, height=height, seed=0, steps=1)
+            self.generate(probe, EngineHooks())
+            if model in KONTEXT_MODELS:
+                self.generate(replace(probe, images=[Image.new("RGB", (width, height))]), EngineHooks())
+        return time.monotonic() - started
 
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult:
         self._check_inputs(request)

@@ -8,6 +8,7 @@ however many routes point at it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from fluxserve.core.catalog import Catalog, ModelEntry
@@ -54,6 +55,22 @@ class EngineRegistry:
                     loaded = self._loaded[(weights, load)] = FluxModel(weights, load)
                 engine = self._engines[key] = DiffusersFluxEngine(weights, entry, loaded)
             return engine
+
+    def warm_up(self, models: Iterable[str] | None = None) -> dict[str, float]:
+        """Load the engines of ``models`` (default: every diffusers model with ``warmup`` sizes) and run
+        their warm-ups; call it when a worker starts. Returns the seconds each model took."""
+        if models is None:
+            models = [
+                name
+                for name, entry in self._catalog.models.items()
+                if entry.engine == "diffusers" and FluxOptions.of(entry).warmup
+            ]
+        timings: dict[str, float] = {}
+        for model in models:
+            engine = self.get(model)
+            if isinstance(engine, DiffusersFluxEngine):
+                timings[model] = engine.warm_up(model)
+        return timings
 
     def resolve_weights(self, model: str, entry: ModelEntry) -> Path:
         """The folder ``entry.weights`` names; ``builtin:`` weights are made or found here."""
