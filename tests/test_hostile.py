@@ -24,7 +24,7 @@ def small_limits(tmp_path_factory: pytest.TempPathFactory, models_dir) -> Server
 
 def test_body_over_the_limit_is_413(small_limits: ServerProcess) -> None:
     client = Api(small_limits.base_url, small_limits.create_key()["key"])
-    response = client.submit("flux-kontext-pro", {"prompt": "x", "input_image": "A" * 2_000_000})
+    response = client.submit("flux-kontext-pro", {"prompt": "x", "input_image": "A" * 4_000_000})
     assert response.status_code == 413
     assert response.json()["status"] == "FAILED" and "body" in response.json()["message"]
 

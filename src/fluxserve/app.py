@@ -22,8 +22,7 @@ from fluxserve import __version__
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.api import files, reseller
 from fluxserve.api.deps import Services
-from fluxserve.api.errors import install_error_handlers
-from fluxserve.api.limits import BodySizeLimit
+from fluxserve.api.errors import DeclaredBodyLimit, install_error_handlers
 from fluxserve.core.catalog import load_catalog
 from fluxserve.engines.registry import EngineRegistry
 from fluxserve.jobs.database import make_engine, migrate
@@ -121,6 +120,11 @@ class Runtime:
         )
 
 
+def max_body_size(settings: Settings) -> int:
+    """Room for four base64 images at the input limit, plus the rest of the request."""
+    return 4 * settings.max_input_bytes * 4 // 3 + 1024 * 1024
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     runtime = Runtime.build(settings)
@@ -156,9 +160,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = runtime.services
     app.state.runtime = runtime
     install_error_handlers(app)
-    # Four base64 images at the input limit, plus the rest of the request.
-    app.add_middleware(BodySizeLimit, max_bytes=4 * settings.max_input_bytes * 4 // 3 + 1024 * 1024)
-    app.include_router(reseller.router)
+    app.add_middleware(DeclaredBodyLimit, max_bytes=max_body_size(settings))
+    # Route-level, so that a too-large body is an HTTPException our handlers render (413).
+    app.include_router(reseller.router, max_body_size=max_body_size(settings))
     app.include_router(files.router)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness and readiness")

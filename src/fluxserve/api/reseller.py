@@ -69,7 +69,9 @@ def _accepted(job: Job) -> dict[str, Any]:
 
 def _submit(model: str, body: Any, key: ApiKey, services: Services) -> dict[str, Any]:
     try:
-        job = services.submitter.submit(key, body.to_params(model), body.seed, body.webhook_url)
+        job = services.submitter.submit(
+            key, body.to_params(model), body.seed, body.webhook_url, body.image_fields()
+        )
     except InvalidInput as error:
         raise ApiError(400, str(error)) from error
     except QuotaExceeded as error:

@@ -38,12 +38,13 @@ class _Common(StrictRequest):
 
     def to_params(self, model: str) -> GenerationParams:
         data = self.model_dump(exclude={"seed", "webhook_url"})
-        images = [
-            data.pop(name, None)
-            for name in ("input_image", "input_image_2", "input_image_3", "input_image_4")
-        ]
+        images = [data.pop(name, None) for name in IMAGE_FIELDS]
         data["input_images"] = [image for image in images if image]
         return GenerationParams(model=model, **data)
+
+    def image_fields(self) -> list[str]:
+        """The names of the image fields that were sent, in the order of ``input_images``."""
+        return [name for name in IMAGE_FIELDS if getattr(self, name, None)]
 
 
 class KontextRequest(_Common):

@@ -48,13 +48,25 @@ class Submitter:
         self._blobs = blobs
         self._limits = limits
 
-    def submit(self, key: ApiKey, params: GenerationParams, seed: int | None, webhook_url: str | None) -> Job:
-        """Write the job (raising QuotaExceeded / TooManyActiveJobs / InvalidInput) and return it."""
+    def submit(
+        self,
+        key: ApiKey,
+        params: GenerationParams,
+        seed: int | None,
+        webhook_url: str | None,
+        image_fields: list[str] | None = None,
+    ) -> Job:
+        """Write the job (raising QuotaExceeded / TooManyActiveJobs / InvalidInput) and return it.
+
+        ``image_fields`` names the request field of each input image, for error messages, when they
+        are not simply ``input_image``, ``input_image_2``... in order.
+        """
+        fields = image_fields or [image_field(index) for index in range(len(params.input_images))]
         job_id = str(uuid.uuid4())
         reference: tuple[int, int] | None = None
         images: list[str] = []
         for index, value in enumerate(params.input_images):
-            ref, size = self._store_image(job_id, image_field(index), value)
+            ref, size = self._store_image(job_id, fields[index], value)
             images.append(ref)
             if index == 0:
                 reference = size
