@@ -1,15 +1,21 @@
-"""Which engine serves a model name, made on first use and kept for the life of the process.
+"""Which engine serves a model name, made on first use and kept while memory allows.
 
 Every route whose catalog entry names the same weights folder (with the same loading options: dtype,
 device, quantization...) shares one :class:`FluxModel`, so a process loads each set of weights once
-however many routes point at it.
+however many routes point at it. Under a memory cap, loading a model first evicts the least recently
+used others until the new one fits (estimated by its weight files); one model is always kept.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
+
+import torch
 
 from fluxserve.core.catalog import Catalog, ModelEntry
 from fluxserve.engines.base import Engine, EngineError
@@ -18,17 +24,29 @@ from fluxserve.engines.tiny import build_tiny_flux
 
 # Where the bundled model's weights ship inside the package (made by training/, see issue "bundled").
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "bundled"
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf"}
+
+log = logging.getLogger("fluxserve.engines")
+
+
+def weights_size(folder: Path) -> int:
+    """Bytes of the weight files under ``folder``: what loading it will take, before loading it."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file())
 
 
 class EngineRegistry:
-    """Engines by model name, built lazily from the catalog; safe to call from several worker threads."""
+    """Engines by model name, built lazily from the catalog; safe to call from several worker threads.
 
-    def __init__(self, catalog: Catalog, models_dir: Path) -> None:
+    ``memory_cap_bytes`` (None: no cap) bounds the weights held at once, for workers that switch models.
+    """
+
+    def __init__(self, catalog: Catalog, models_dir: Path, memory_cap_bytes: int | None = None) -> None:
         self._catalog = catalog
         self._models_dir = Path(models_dir)
+        self._cap = memory_cap_bytes
         self._lock = threading.Lock()
-        self._engines: dict[tuple[Path, str], Engine] = {}
-        self._loaded: dict[tuple[Path, LoadOptions], FluxModel] = {}
+        self._engines: dict[tuple[Path, str], DiffusersFluxEngine] = {}
+        self._loaded: OrderedDict[tuple[Path, LoadOptions], FluxModel] = OrderedDict()  # least recent first
         for model, entry in catalog.models.items():  # a mistyped knob stops the start, not a job later
             if entry.engine == "diffusers":
                 try:
@@ -46,15 +64,50 @@ class EngineRegistry:
             return self._relay(model, entry)
         with self._lock:
             weights = self.resolve_weights(model, entry)
+            load = FluxOptions.of(entry).load()
+            loaded = self._loaded.get((weights, load))
+            if loaded is None:
+                loaded = self._load(weights, load)
+            self._loaded.move_to_end((weights, load))
             key = (weights, entry.model_dump_json())
             engine = self._engines.get(key)
             if engine is None:
-                load = FluxOptions.of(entry).load()
-                loaded = self._loaded.get((weights, load))
-                if loaded is None:
-                    loaded = self._loaded[(weights, load)] = FluxModel(weights, load)
                 engine = self._engines[key] = DiffusersFluxEngine(weights, entry, loaded)
             return engine
+
+    @property
+    def loaded(self) -> dict[tuple[Path, LoadOptions], int]:
+        """The models in memory, least recently used first, with the bytes each holds."""
+        with self._lock:
+            return {key: model.nbytes for key, model in self._loaded.items()}
+
+    def _load(self, weights: Path, load: LoadOptions) -> FluxModel:
+        if self._cap is not None:
+            self._evict(self._cap - weights_size(weights))
+        model = self._loaded[(weights, load)] = FluxModel(weights, load)
+        if self._cap is not None:
+            self._evict(self._cap - model.nbytes, keep=model)
+        return model
+
+    def _evict(self, budget: int, keep: FluxModel | None = None) -> None:
+        """Drop least recently used models until the others hold at most ``budget`` bytes.
+
+        A job still running on an evicted model finishes; its memory is freed when it lets go.
+        """
+        held = {key: model.nbytes for key, model in self._loaded.items() if model is not keep}
+        evicted = False
+        for key in list(held):
+            if sum(held.values()) <= budget:
+                break
+            gone = self._loaded.pop(key)
+            self._engines = {k: e for k, e in self._engines.items() if e.model is not gone}
+            del gone
+            log.info("evicted model", extra={"weights": str(key[0]), "bytes": held.pop(key)})
+            evicted = True
+        if evicted:
+            gc.collect()  # pipelines and their hooks hold reference cycles
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def warm_up(self, models: Iterable[str] | None = None) -> dict[str, float]:
         """Load the engines of ``models`` (default: every diffusers model with ``warmup`` sizes) and run

@@ -1,0 +1,82 @@
+"""The registry under a memory cap: least recently used models make room, one model is always kept."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine_fixtures import Recorder, one_torch_thread, request
+from fluxserve.core.catalog import Catalog
+from fluxserve.engines.diffusers_flux import FluxModel
+from fluxserve.engines.registry import EngineRegistry, weights_size
+from fluxserve.engines.tiny import build_tiny_flux
+
+ROUTES = ("flux-dev", "flux-pro", "flux-pro-1.1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads() -> Iterator[None]:
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three weights folders, one per route: a worker that switches models on every job."""
+    root = tmp_path_factory.mktemp("weights")
+    return {route: build_tiny_flux(root / route) for route in ROUTES}
+
+
+def registry(folders: dict[str, Path], cap_models: float | None, tmp_path: Path) -> EngineRegistry:
+    catalog = Catalog.model_validate(
+        {"models": {route: {"weights": str(folder), "steps": 1} for route, folder in folders.items()}}
+    )
+    one = weights_size(folders["flux-dev"])
+    return EngineRegistry(catalog, tmp_path, None if cap_models is None else int(one * cap_models))
+
+
+def held(registry: EngineRegistry) -> list[str]:
+    return [weights.name for weights, _ in registry.loaded]
+
+
+def test_without_a_cap_every_model_stays(folders: dict[str, Path], tmp_path: Path) -> None:
+    engines = registry(folders, None, tmp_path)
+    for route in ROUTES:
+        engines.get(route)
+    assert held(engines) == list(ROUTES)
+
+
+def test_the_least_recently_used_model_is_evicted(folders: dict[str, Path], tmp_path: Path) -> None:
+    engines = registry(folders, 2.5, tmp_path)  # room for two
+    dev = engines.get("flux-dev")
+    engines.get("flux-pro")
+    assert engines.get("flux-dev") is dev  # a hit touches flux-dev: flux-pro is now the oldest
+    evicted = weakref.ref(engines.get("flux-pro").model)  # type: ignore[attr-defined]
+    engines.get("flux-dev")
+    engines.get("flux-pro-1.1")
+    assert held(engines) == ["flux-dev", "flux-pro-1.1"]
+    gc.collect()
+    assert evicted() is None  # the weights were really let go
+    assert sum(engines.loaded.values()) <= weights_size(folders["flux-dev"]) * 2.5
+
+
+def test_a_cap_below_one_model_still_serves_each_in_turn(folders: dict[str, Path], tmp_path: Path) -> None:
+    engines = registry(folders, 0.5, tmp_path)
+    for route in (*ROUTES, "flux-dev"):
+        result = engines.get(route).generate(request(route), Recorder().hooks)
+        assert result.image.size == (64, 64)
+        assert held(engines) == [route]
+
+
+def test_a_job_running_on_an_evicted_model_finishes(folders: dict[str, Path], tmp_path: Path) -> None:
+    engines = registry(folders, 1.5, tmp_path)
+    dev = engines.get("flux-dev")
+    model: FluxModel = dev.model  # type: ignore[attr-defined]
+    engines.get("flux-pro")  # evicts flux-dev's model while this caller still holds its engine
+    assert held(engines) == ["flux-pro"]
+    assert dev.generate(request(), Recorder().hooks).image.size == (64, 64)
+    assert engines.get("flux-dev").model is not model  # type: ignore[attr-defined]
