@@ -26,7 +26,7 @@ def to_hundredths(credits: Decimal) -> int:
 
 
 def from_hundredths(value: int) -> Decimal:
-    return (Decimal(value) / 100).normalize()
+    return Decimal(value) / 100
 
 
 @dataclass(frozen=True)
