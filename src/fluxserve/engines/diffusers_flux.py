@@ -36,9 +36,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,6 +99,9 @@ class FluxOptions(LoadOptions):
     raw_guidance: float = Field(default=2.0, gt=0, description="Highest guidance in ultra's raw mode.")
     max_sequence_length: int | None = Field(
         default=None, gt=0, description="T5 tokens; default the tokenizer's length, at most 512."
+    )
+    max_batch: int = Field(
+        default=1, ge=1, description="Most text-to-image jobs of one size and steps run as one batch."
     )
     warmup: list[tuple[int, int]] = Field(
         default_factory=list,
@@ -204,6 +207,30 @@ def quantize_weights(pipe: FluxPipeline, kind: str) -> None:
         quantize_(module, config)
 
 
+def batch_invariant(pipe: FluxPipeline) -> None:
+    """Make a batched call give each sample the bytes it gets alone, so batching never changes an image.
+
+    Two parts of a FLUX call are not batch-invariant on their own: the linear layers that see one row per
+    sample (timestep, guidance and text embedders, AdaLN modulation) take a matrix-vector path alone and a
+    matrix-matrix path in a batch, which round differently; and the VAE decodes a batch differently from
+    one image. Those linears run row by row (tiny next to the token matmuls, which are already invariant)
+    and the VAE decodes sample by sample (``enable_slicing``). A lone request runs the stock code.
+    """
+    for module in pipe.transformer.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = _rowwise(module.forward)
+    pipe.vae.enable_slicing()
+
+
+def _rowwise(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] > 1:
+            return torch.cat([forward(row) for row in x.split(1)])
+        return forward(x)
+
+    return rows
+
+
 class FluxModel:
     """One set of FLUX weights in memory and the three pipelines that share them.
 
@@ -262,6 +289,7 @@ class FluxModel:
         if options.vae_tiling:
             with self._knob("vae_tiling"):
                 self.text2image.vae.enable_tiling()
+        batch_invariant(self.text2image)
         if options.compile:
             with self._knob("compile"):
                 # The forward, not the module: the guidance-schedule pre-hook stays outside the graph.
@@ -320,6 +348,18 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+@dataclass
+class _Plan:
+    pipe: Any
+    kwargs: dict[str, Any]
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    schedule: Callable[[float], float] | None
+    details: dict[str, Any]
+
+
 class DiffusersFluxEngine:
     """One API model (a catalog entry) served by a :class:`FluxModel`, possibly shared with other routes."""
 
@@ -342,7 +382,96 @@ class DiffusersFluxEngine:
                 self.generate(replace(probe, images=[Image.new("RGB", (width, height))]), EngineHooks())
         return time.monotonic() - started
 
+    @property
+    def max_batch(self) -> int:
+        """How many compatible requests a worker may hand to :meth:`generate_batch` at once."""
+        return self.options.max_batch
+
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult:
+        result = self.generate_batch([request], [hooks])[0]
+        if isinstance(result, JobCanceled):
+            raise result
+        return result
+
+    def batch_key(self, request: EngineRequest) -> Hashable | None:
+        """Requests with equal keys can share one pipeline call; None: this one runs alone.
+
+        Text-to-image requests batch when their generation size, steps and guidance (schedule) agree;
+        requests with images do not. Raises EngineError for a request the engine would refuse.
+        """
+        return self._key(request, self._plan(request))
+
+    def _key(self, request: EngineRequest, plan: _Plan) -> Hashable | None:
+        if plan.pipe is not self.model.text2image:
+            return None
+        return (plan.width, plan.height, plan.steps, plan.guidance, request.interval)
+
+    def generate_batch(
+        self, requests: Sequence[EngineRequest], hooks: Sequence[EngineHooks]
+    ) -> list[EngineResult | JobCanceled]:
+        """Run requests with one :meth:`batch_key` as one pipeline call; each keeps its own prompt and seed,
+        and gets the image it would get alone.
+
+        A canceled request gets JobCanceled in its place while the others go on; when every request is
+        canceled the call stops at the next step.
+        """
+        plans = [self._plan(request) for request in requests]
+        keys = {self._key(request, plan) for request, plan in zip(requests, plans, strict=True)}
+        if len(requests) > 1 and (len(keys) != 1 or None in keys):
+            raise ValueError("generate_batch: these requests cannot share a pipeline call (see batch_key)")
+        plan = plans[0]
+        canceled = [False] * len(requests)
+
+        def on_step(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            for position, hook in enumerate(hooks):
+                if not canceled[position]:
+                    try:
+                        hook.step((index + 1) / pipeline.num_timesteps)
+                    except JobCanceled:
+                        canceled[position] = True
+            if all(canceled):
+                raise JobCanceled()
+            return {}
+
+        with self.model.lock, self.model.guidance_schedule(plan.schedule) as used:
+            try:
+                output = plan.pipe(
+                    prompt=[request.prompt for request in requests],
+                    width=plan.width,
+                    height=plan.height,
+                    num_inference_steps=plan.steps,
+                    guidance_scale=plan.guidance,
+                    generator=[torch.Generator("cpu").manual_seed(request.seed) for request in requests],
+                    max_sequence_length=self.options.max_sequence_length or self.model.max_sequence_length,
+                    callback_on_step_end=on_step,
+                    **plan.kwargs,
+                )
+            except JobCanceled:
+                return [JobCanceled() for _ in requests]
+            except Exception as exc:
+                log.exception("pipeline failed", extra={"model": requests[0].model})
+                raise EngineError(f"{requests[0].model}: generation failed: {_reason(exc)}") from exc
+        results: list[EngineResult | JobCanceled] = []
+        for request, details, image, stopped in zip(
+            requests, [each.details for each in plans], output.images, canceled, strict=True
+        ):
+            if stopped:
+                results.append(JobCanceled())
+                continue
+            if plan.schedule is not None:
+                details["guidance_per_step"] = list(used)
+            if len(requests) > 1:
+                details["batch"] = len(requests)
+            image = image.convert("RGB")
+            if image.size != (request.width, request.height):
+                image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
+            results.append(
+                EngineResult(image=image, prompt=request.prompt, seed=request.seed, details=details)
+            )
+        return results
+
+    def _plan(self, request: EngineRequest) -> _Plan:
+        """Everything about a request that is decided before the pipeline runs; refuses bad inputs."""
         self._check_inputs(request)
         steps = request.steps or self.entry.steps or DEFAULT_STEPS
         guidance = request.guidance or self.entry.guidance or DEFAULT_GUIDANCE
@@ -364,35 +493,7 @@ class DiffusersFluxEngine:
         if (width, height) != (request.width, request.height):
             details["generated_size"] = f"{width}x{height}"
         pipe, kwargs = self._route(request, width, height, steps, details)
-
-        def on_step(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            hooks.step((index + 1) / pipeline.num_timesteps)
-            return {}
-
-        with self.model.lock, self.model.guidance_schedule(schedule) as used:
-            try:
-                output = pipe(
-                    prompt=request.prompt,
-                    width=width,
-                    height=height,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    generator=torch.Generator("cpu").manual_seed(request.seed),
-                    max_sequence_length=self.options.max_sequence_length or self.model.max_sequence_length,
-                    callback_on_step_end=on_step,
-                    **kwargs,
-                )
-            except JobCanceled:
-                raise
-            except Exception as exc:
-                log.exception("pipeline failed", extra={"model": request.model})
-                raise EngineError(f"{request.model}: generation failed: {_reason(exc)}") from exc
-        if schedule is not None:
-            details["guidance_per_step"] = list(used)
-        image = output.images[0].convert("RGB")
-        if image.size != (request.width, request.height):
-            image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
-        return EngineResult(image=image, prompt=request.prompt, seed=request.seed, details=details)
+        return _Plan(pipe, kwargs, width, height, steps, guidance, schedule, details)
 
     def _check_inputs(self, request: EngineRequest) -> None:
         """Refuse oversized inputs, and inputs the route has no use for, before any work."""
