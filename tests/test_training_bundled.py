@@ -1,0 +1,73 @@
+"""The shipped bundled model: loads offline with both FLUX pipelines and makes the image it is asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.model import MAX_TOKENS, build_tokenizers
+from training.scenes import SIZE, Scene, render, score, vocabulary
+
+BUNDLED = Path(__file__).resolve().parents[1] / "src" / "fluxserve" / "weights" / "bundled"
+
+
+def test_tokenizers_keep_every_word_whole_and_ignore_case() -> None:
+    clip_tok, t5_tok = build_tokenizers()
+    for word in vocabulary():
+        assert len(clip_tok(word, add_special_tokens=False).input_ids) == 1, word
+        assert len(t5_tok(word, add_special_tokens=False).input_ids) == 1, word
+    lower = "a small red star in the top left corner, on a light blue background"
+    assert clip_tok(lower.upper()).input_ids == clip_tok(lower).input_ids
+    assert "<unk>" not in t5_tok.convert_ids_to_tokens(t5_tok(lower.capitalize()).input_ids)
+    assert len(t5_tok(lower).input_ids) < MAX_TOKENS
+
+
+needs_weights = pytest.mark.skipif(
+    not (BUNDLED / "model_index.json").exists(), reason="no bundled weights yet"
+)
+
+
+@needs_weights
+def test_bundled_folder_is_small() -> None:
+    total = sum(p.stat().st_size for p in BUNDLED.rglob("*") if p.is_file())
+    assert total < 40 * 2**20
+
+
+@needs_weights
+def test_bundled_loads_offline_and_draws_the_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import FluxKontextPipeline, FluxPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    pipe = FluxPipeline.from_pretrained(str(BUNDLED), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    scene = Scene("circle", "yellow", "center", "large", "blue")
+    image = pipe(
+        prompt="A large yellow circle in the center on a blue background",
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=20,
+        max_sequence_length=MAX_TOKENS,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (SIZE, SIZE)
+    result = score(image, scene)
+    assert result["background"] and result["color"], result
+
+    kontext = FluxKontextPipeline.from_pretrained(str(BUNDLED), local_files_only=True)
+    kontext.set_progress_bar_config(disable=True)
+    edited = kontext(
+        image=render(scene),
+        prompt="make the background red",
+        height=SIZE,
+        width=SIZE,
+        max_area=SIZE * SIZE,
+        _auto_resize=False,
+        num_inference_steps=20,
+        max_sequence_length=MAX_TOKENS,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert edited.size == (SIZE, SIZE)
+    assert score(edited, Scene("circle", "yellow", "center", "large", "red"))["background"]

@@ -1,0 +1,279 @@
+"""Builders for every part of the bundled FLUX pipeline, from code alone (no hub downloads).
+
+The pipeline is the stock diffusers layout: a FluxTransformer2DModel, an AutoencoderKL, CLIP and T5 text
+encoders with their tokenizers, and a flow-matching Euler scheduler, so the server loads it exactly like
+real FLUX weights. Tokenizers are word-level over the scene vocabulary: each caption word is one token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+from training.scenes import vocabulary
+
+LATENT_CHANNELS = 16
+MAX_TOKENS = 32  # T5 max_sequence_length and CLIP context length
+SAMPLING_SHIFT = 3.0  # static flow-matching shift, shared by training's timestep sampler and the scheduler
+TEXT_DIM = 64
+
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's byte-to-unicode table: the base symbols CLIP's byte-level BPE works on."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def build_clip_tokenizer(words: list[str]) -> CLIPTokenizer:
+    """Byte-level BPE whose merges rebuild each vocabulary word left to right into a single token.
+
+    Merges past the first step of every word rank before all first-step merges, and first steps are ordered
+    so that a word's own first pair always wins over any other word's first pair found inside it; every word
+    is then checked to come out as one token.
+    """
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = {CLIP_BOS: 0, CLIP_EOS: 1}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    first: list[tuple[str, str]] = []
+    later: list[tuple[str, str]] = []
+    for word in words:
+        if len(word) == 1:
+            continue
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        prefix = symbols[0]
+        for i, sym in enumerate(symbols[1:]):
+            pair = (prefix, sym)
+            (first if i == 0 else later).append(pair)
+            prefix = prefix + sym
+            vocab.setdefault(prefix, len(vocab))
+    first = list(dict.fromkeys(first))
+    later = list(dict.fromkeys(later))
+    # Order first-step pairs: a word's own first pair must precede any other first pair occurring in it.
+    after: dict[tuple[str, str], set[tuple[str, str]]] = {p: set() for p in first}
+    for word in words:
+        if len(word) == 1:
+            continue
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        own = (symbols[0], symbols[1])
+        for j in range(1, len(symbols) - 1):
+            other = (symbols[j], symbols[j + 1])
+            if other in after and other != own:
+                after[own].add(other)
+    ordered: list[tuple[str, str]] = []
+    indeg = {p: 0 for p in first}
+    for p in first:
+        for q in after[p]:
+            indeg[q] += 1
+    ready = [p for p in first if indeg[p] == 0]
+    while ready:
+        p = ready.pop(0)
+        ordered.append(p)
+        for q in sorted(after[p]):
+            indeg[q] -= 1
+            if indeg[q] == 0:
+                ready.append(q)
+    if len(ordered) != len(first):
+        raise ValueError("vocabulary has circular first-pair conflicts; rename a word")
+    merges = later + ordered
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    for word in words:
+        ids = tok(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"CLIP tokenizer splits {word!r} into {tok.convert_ids_to_tokens(ids)}")
+    return tok
+
+
+def build_t5_tokenizer(words: list[str]) -> T5TokenizerFast:
+    """Unigram tokenizer whose pieces are whole words (high score) over a character fallback (low score)."""
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    seen = {p for p, _ in pieces}
+    for w in words:
+        variants = [f"▁{w}", w] if not w.isalpha() else [f"▁{w}", f"▁{w.capitalize()}", f"▁{w.upper()}"]
+        for piece in variants:
+            if piece not in seen:
+                pieces.append((piece, -1.0))
+                seen.add(piece)
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789-'\"()":
+        if ch not in seen:
+            pieces.append((ch, -12.0))
+            seen.add(ch)
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=MAX_TOKENS)
+
+
+def tie_case_variants(t5: T5EncoderModel, tok: T5TokenizerFast) -> None:
+    """Give "▁Red" and "▁RED" the embedding of "▁red".
+
+    A T5TokenizerFast reloaded from disk drops any custom normaliser, so case is handled by the vocabulary:
+    training only uses lower-case captions and the variants share its rows.
+    """
+    emb = t5.get_input_embeddings().weight
+    vocab = tok.get_vocab()
+    with torch.no_grad():
+        for piece, idx in vocab.items():
+            if piece.startswith("▁") and piece[1:] != piece[1:].lower() and f"▁{piece[1:].lower()}" in vocab:
+                emb[idx] = emb[vocab[f"▁{piece[1:].lower()}"]]
+
+
+def build_text_encoders(
+    clip_tok: CLIPTokenizer, t5_tok: T5TokenizerFast
+) -> tuple[CLIPTextModel, T5EncoderModel]:
+    """Two tiny encoders. Both give text tokens order information (CLIP: absolute, T5: relative)."""
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            hidden_size=TEXT_DIM,
+            intermediate_size=TEXT_DIM * 2,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=MAX_TOKENS,
+            projection_dim=TEXT_DIM,
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=TEXT_DIM,
+            d_kv=32,
+            d_ff=TEXT_DIM * 2,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=16,
+            relative_attention_max_distance=MAX_TOKENS,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=t5_tok.pad_token_id,
+            eos_token_id=t5_tok.eos_token_id,
+            decoder_start_token_id=t5_tok.pad_token_id,
+        )
+    )
+    return clip, t5
+
+
+def build_vae() -> AutoencoderKL:
+    """8x downsampling: 128x128 pixels -> 16x16 latents -> 64 packed image tokens.
+
+    16 latent channels as FLUX has: with 4 (tried first) an 8x8 cell holding an object edge cannot carry two
+    colours and the edge, and reconstructions came out blurred and miscoloured.
+    """
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 64),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=1,
+        sample_size=128,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+    )
+
+
+def build_transformer(
+    width: int = 128, heads: int = 4, double: int = 2, single: int = 4
+) -> FluxTransformer2DModel:
+    head_dim = width // heads
+    rope_xy = (head_dim * 3 // 8) // 2 * 2
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=LATENT_CHANNELS * 4,
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=TEXT_DIM,
+        guidance_embeds=False,
+        axes_dims_rope=(head_dim - 2 * rope_xy, rope_xy, rope_xy),
+    )
+
+
+def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=SAMPLING_SHIFT, use_dynamic_shifting=False
+    )
+
+
+def build_tokenizers() -> tuple[CLIPTokenizer, T5TokenizerFast]:
+    words = vocabulary()
+    return build_clip_tokenizer(words), build_t5_tokenizer(words)
+
+
+def save_pipeline(
+    out: Path,
+    transformer: FluxTransformer2DModel,
+    vae: AutoencoderKL,
+    clip: CLIPTextModel,
+    t5: T5EncoderModel,
+    clip_tok: CLIPTokenizer,
+    t5_tok: T5TokenizerFast,
+) -> None:
+    """Write the folder FluxPipeline and FluxKontextPipeline both load with `from_pretrained`."""
+    pipe = FluxPipeline(
+        scheduler=build_scheduler(),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+
+
+@torch.no_grad()
+def encode_text(
+    clip: CLIPTextModel,
+    t5: T5EncoderModel,
+    clip_tok: CLIPTokenizer,
+    t5_tok: T5TokenizerFast,
+    prompts: list[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same tokenisation as FluxPipeline.encode_prompt; training calls the encoders with grad enabled."""
+    return _encode(clip, t5, clip_tok, t5_tok, prompts)
+
+
+def tokenize(
+    clip_tok: CLIPTokenizer, t5_tok: T5TokenizerFast, prompts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    c = clip_tok(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    t = t5_tok(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    return c.input_ids, t.input_ids
+
+
+def _encode(clip, t5, clip_tok, t5_tok, prompts):  # type: ignore[no-untyped-def]
+    clip_ids, t5_ids = tokenize(clip_tok, t5_tok, prompts)
+    pooled = clip(clip_ids, output_hidden_states=False).pooler_output
+    seq = t5(t5_ids, output_hidden_states=False)[0]
+    return seq, pooled

@@ -1,0 +1,384 @@
+"""Train the bundled FLUX model: `python -m training.train --seed 0 --out training/runs/main [--resume]`.
+
+Rectified flow on VAE latents of the procedural scenes, text-to-image and Kontext-style edit batches in
+one FluxTransformer2DModel, with the tiny CLIP and T5 encoders trained jointly. Position is the hard part,
+so: 64 image tokens (128 px, 8x VAE, 2x2 packing), timesteps drawn logit-normal and shifted towards high
+noise (where layout is decided), text encoders that give tokens positions, and an EMA of the weights.
+
+Deterministic: the data and noise of step k depend only on (seed, k), so a resumed run replays the same
+stream. Every few minutes it checkpoints; every `--eval-every` minutes it samples held-out prompts with the
+real FluxPipeline/FluxKontextPipeline, scores them with the scene scorer and, when the score improves,
+saves the EMA weights as a diffusers folder in `<out>/best`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FluxKontextPipeline, FluxPipeline
+
+from training.model import (
+    MAX_TOKENS,
+    SAMPLING_SHIFT,
+    build_scheduler,
+    build_text_encoders,
+    build_tokenizers,
+    build_transformer,
+    save_pipeline,
+    tie_case_variants,
+    tokenize,
+)
+from training.scenes import (
+    SIZE,
+    Scene,
+    all_scenes,
+    caption,
+    eval_edits,
+    eval_prompts,
+    heldout_triples,
+    make_edit,
+    render,
+    score,
+)
+from training.vae import batch as pixel_batch
+from training.vae import to_tensor, weighted_loss
+
+LATENT = SIZE // 8
+EDIT_KINDS = ["recolor", "background", "move"]
+EDIT_WEIGHTS = [0.5, 0.3, 0.2]
+
+
+class LatentTable:
+    """VAE latents of every scene (all jitter variants), normalised the way the pipelines normalise them."""
+
+    def __init__(self, vae: AutoencoderKL, jitters: int, cache: Path) -> None:
+        self.scenes = list(all_scenes(jitters))
+        self.index = {s: i for i, s in enumerate(self.scenes)}
+        if cache.exists():
+            self.latents = torch.load(cache)
+        else:
+            chunks = []
+            with torch.no_grad():
+                for i in range(0, len(self.scenes), 64):
+                    x = to_tensor([render(s) for s in self.scenes[i : i + 64]])
+                    z = vae.encode(x).latent_dist.mode()
+                    chunks.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
+            self.latents = torch.cat(chunks)
+            torch.save(self.latents, cache)
+        held = heldout_triples()
+        self.train_ids = [i for i, s in enumerate(self.scenes) if s.triple not in held]
+        self.train_set = set(self.train_ids)
+
+    def get(self, scenes: list[Scene]) -> torch.Tensor:
+        return self.latents[[self.index[s] for s in scenes]]
+
+
+def pack(z: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = z.shape
+    return FluxPipeline._pack_latents(z, b, c, h, w)
+
+
+def image_ids(first: int) -> torch.Tensor:
+    ids = FluxPipeline._prepare_latent_image_ids(
+        1, LATENT // 2, LATENT // 2, torch.device("cpu"), torch.float32
+    )
+    ids[..., 0] = first
+    return ids
+
+
+def sample_t(gen: torch.Generator, n: int) -> torch.Tensor:
+    """Logit-normal timesteps pushed towards noise by the same shift the sampler uses."""
+    t = torch.sigmoid(torch.randn(n, generator=gen))
+    return SAMPLING_SHIFT * t / (1 + (SAMPLING_SHIFT - 1) * t)
+
+
+def make_batch(table: LatentTable, rng: np.random.Generator, n: int, edit: bool, dropout: float):
+    """(prompts, target latents, reference latents or None) for one step."""
+    prompts, targets, refs = [], [], []
+    while len(prompts) < n:
+        src = table.scenes[table.train_ids[rng.integers(len(table.train_ids))]]
+        if not edit:
+            prompts.append("" if rng.random() < dropout else caption(src, rng))
+            targets.append(src)
+            continue
+        e = make_edit(src, EDIT_KINDS[rng.choice(3, p=EDIT_WEIGHTS)], rng)
+        if e.target not in table.index or table.index[e.target] not in table.train_set:
+            continue
+        prompts.append(e.instruction)
+        targets.append(e.target)
+        refs.append(src)
+    return prompts, table.get(targets), (table.get(refs) if edit else None)
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        torch.manual_seed(args.seed)
+        self.clip_tok, self.t5_tok = build_tokenizers()
+        self.clip, self.t5 = build_text_encoders(self.clip_tok, self.t5_tok)
+        self.transformer = build_transformer(args.width, args.heads, args.double, args.single)
+        self.vae = AutoencoderKL.from_pretrained(str(args.vae)).eval().requires_grad_(False)
+        # The encoder (the latent space) is fixed; the decoder may keep learning alongside the transformer.
+        self.vae.decoder.requires_grad_(args.decoder_every > 0)
+        self.vae_opt = torch.optim.AdamW(self.vae.decoder.parameters(), lr=args.decoder_lr, weight_decay=0.0)
+        self.table = LatentTable(self.vae, args.jitters, args.out / "latents.pt")
+        self.modules = torch.nn.ModuleDict(
+            {"transformer": self.transformer, "clip": self.clip, "t5": self.t5}
+        )
+        self.ema = copy.deepcopy(self.modules).requires_grad_(False)
+        self.opt = torch.optim.AdamW(
+            self.modules.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99)
+        )
+        self.step = 0
+        self.train_seconds = 0.0
+        self.best = -1.0
+        self.txt_ids = torch.zeros(MAX_TOKENS, 3)
+        self.ids_t2i = image_ids(0)
+        self.ids_edit = torch.cat([image_ids(0), image_ids(1)])
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        state = {
+            "modules": self.modules.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt": self.opt.state_dict(),
+            "vae": self.vae.state_dict(),
+            "vae_opt": self.vae_opt.state_dict(),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "best": self.best,
+            "args": {k: str(v) for k, v in vars(self.args).items()},
+        }
+        tmp = self.args.out / "ckpt.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.args.out / "ckpt.pt")
+
+    def load(self) -> None:
+        state = torch.load(self.args.out / "ckpt.pt", weights_only=False)
+        self.modules.load_state_dict(state["modules"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.vae.load_state_dict(state["vae"])
+        self.vae_opt.load_state_dict(state["vae_opt"])
+        self.step, self.train_seconds, self.best = state["step"], state["train_seconds"], state["best"]
+
+    # ------------------------------------------------------------------ training
+    def lr_at(self, step: int) -> float:
+        return self.args.lr * min(1.0, (step + 1) / self.args.warmup)
+
+    def train_step(self) -> float:
+        a = self.args
+        rng = np.random.default_rng([a.seed, self.step])
+        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + self.step)
+        edit = rng.random() < a.edit_frac
+        prompts, z0, zref = make_batch(self.table, rng, a.batch, edit, a.caption_dropout)
+        clip_ids, t5_ids = tokenize(self.clip_tok, self.t5_tok, prompts)
+        pooled = self.clip(clip_ids).pooler_output
+        seq = self.t5(t5_ids)[0]
+        x0 = pack(z0)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = sample_t(gen, x0.shape[0])
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        inp = xt if zref is None else torch.cat([xt, pack(zref)], dim=1)
+        out = self.transformer(
+            hidden_states=inp,
+            timestep=t,
+            guidance=None,
+            pooled_projections=pooled,
+            encoder_hidden_states=seq,
+            txt_ids=self.txt_ids,
+            img_ids=self.ids_t2i if zref is None else self.ids_edit,
+            return_dict=False,
+        )[0][:, : x0.shape[1]]
+        loss = torch.nn.functional.mse_loss(out, noise - x0)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.modules.parameters(), 1.0)
+        self.opt.step()
+        decay = min(a.ema, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for pe, p in zip(self.ema.parameters(), self.modules.parameters(), strict=True):
+                pe.lerp_(p, 1 - decay)
+        self.step += 1
+        return loss.item()
+
+    def decoder_step(self) -> float:
+        """One VAE-decoder update on fresh full frames (the latent space itself stays fixed)."""
+        rng = np.random.default_rng([self.args.seed, self.step, 1])
+        x = pixel_batch(rng, 4, None)
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.mode()
+            z = z + 0.05 * torch.randn(z.shape, generator=torch.Generator().manual_seed(self.step))
+        rec = self.vae.decode(z).sample
+        loss = weighted_loss(rec, x)
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.vae_opt.step()
+        return loss.item()
+
+    # ------------------------------------------------------------------ evaluation
+    def pipelines(self) -> tuple[FluxPipeline, FluxKontextPipeline]:
+        tie_case_variants(self.ema["t5"], self.t5_tok)
+        parts = {
+            "scheduler": build_scheduler(),
+            "vae": self.vae,
+            "text_encoder": self.ema["clip"],
+            "tokenizer": self.clip_tok,
+            "text_encoder_2": self.ema["t5"],
+            "tokenizer_2": self.t5_tok,
+            "transformer": self.ema["transformer"],
+        }
+        return FluxPipeline(**parts), FluxKontextPipeline(**parts)
+
+    @torch.no_grad()
+    def evaluate(self, n: int, n_edits: int) -> dict[str, float]:
+        pipe, kontext = self.pipelines()
+        pipe.set_progress_bar_config(disable=True)
+        kontext.set_progress_bar_config(disable=True)
+        items = eval_prompts(200)[:n]
+        results: list[dict[str, bool]] = []
+        for i in range(0, n, 16):
+            chunk = items[i : i + 16]
+            images = pipe(
+                prompt=[p for _, p in chunk],
+                height=SIZE,
+                width=SIZE,
+                num_inference_steps=self.args.eval_steps,
+                max_sequence_length=MAX_TOKENS,
+                generator=torch.Generator().manual_seed(i),
+            ).images
+            results += [score(im, s) for im, (s, _) in zip(images, chunk, strict=True)]
+        edits = []
+        for k, e in enumerate(eval_edits(n_edits)):
+            im = kontext(
+                image=render(e.source),
+                prompt=e.instruction,
+                height=SIZE,
+                width=SIZE,
+                max_area=SIZE * SIZE,
+                _auto_resize=False,
+                num_inference_steps=self.args.eval_steps,
+                max_sequence_length=MAX_TOKENS,
+                generator=torch.Generator().manual_seed(k),
+            ).images[0]
+            r = score(im, e.target)
+            edits.append(r["color"] and r["position"])
+        out = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+        out["edit_recolor_pos"] = float(np.mean(edits)) if edits else 0.0
+        return out
+
+    def export_best(self, metrics: dict[str, float]) -> None:
+        s = float(
+            np.mean([metrics[k] for k in ("background", "color", "position", "shape", "edit_recolor_pos")])
+        )
+        if s <= self.best:
+            return
+        self.best = s
+        tie_case_variants(self.ema["t5"], self.t5_tok)
+        best = self.args.out / "best"
+        save_pipeline(
+            best,
+            self.ema["transformer"],
+            self.vae,
+            self.ema["clip"],
+            self.ema["t5"],
+            self.clip_tok,
+            self.t5_tok,
+        )
+        info = {"step": self.step, "train_minutes": self.train_seconds / 60, "score": s, **metrics}
+        (best / "training_state.json").write_text(json.dumps(info, indent=2))
+
+
+def log(out: Path, record: dict[str, Any]) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    with open(out / "log.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    ap.add_argument("--minutes", type=float, default=100.0, help="wall-clock budget of this invocation")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--vae", type=Path, default=Path("training/runs/vae"))
+    ap.add_argument("--jitters", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--double", type=int, default=2)
+    ap.add_argument("--single", type=int, default=4)
+    ap.add_argument("--edit-frac", type=float, default=0.3)
+    ap.add_argument("--caption-dropout", type=float, default=0.05)
+    ap.add_argument("--ckpt-every", type=float, default=4.0, help="minutes")
+    ap.add_argument("--eval-every", type=float, default=12.0, help="minutes")
+    ap.add_argument("--eval-n", type=int, default=64)
+    ap.add_argument("--eval-edits", type=int, default=24)
+    ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--decoder-every", type=int, default=3, help="a VAE decoder step every N steps (0: off)")
+    ap.add_argument("--decoder-lr", type=float, default=1e-3)
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(args)
+    if args.resume and (args.out / "ckpt.pt").exists():
+        trainer.load()
+        log(args.out, {"event": "resumed", "step": trainer.step})
+    start = time.time()
+    last_ckpt = last_eval = start
+    losses: list[float] = []
+    dec_losses: list[float] = []
+    while time.time() - start < args.minutes * 60 and not (args.max_steps and trainer.step >= args.max_steps):
+        t0 = time.time()
+        losses.append(trainer.train_step())
+        if args.decoder_every and trainer.step % args.decoder_every == 0:
+            dec_losses.append(trainer.decoder_step())
+        trainer.train_seconds += time.time() - t0
+        now = time.time()
+        if trainer.step % 50 == 0:
+            log(
+                args.out,
+                {
+                    "step": trainer.step,
+                    "loss": float(np.mean(losses)),
+                    "decoder_loss": float(np.mean(dec_losses)) if dec_losses else None,
+                    "train_min": trainer.train_seconds / 60,
+                },
+            )
+            losses, dec_losses = [], []
+        if now - last_eval > args.eval_every * 60:
+            t1 = time.time()
+            metrics = trainer.evaluate(args.eval_n, args.eval_edits)
+            trainer.export_best(metrics)
+            log(
+                args.out,
+                {"step": trainer.step, "eval": metrics, "eval_s": time.time() - t1, "best": trainer.best},
+            )
+            last_eval = time.time()
+        if now - last_ckpt > args.ckpt_every * 60:
+            trainer.save()
+            last_ckpt = time.time()
+    metrics = trainer.evaluate(args.eval_n, args.eval_edits)
+    trainer.export_best(metrics)
+    trainer.save()
+    log(args.out, {"step": trainer.step, "eval": metrics, "best": trainer.best, "event": "done"})
+
+
+if __name__ == "__main__":
+    main()
