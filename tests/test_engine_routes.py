@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from engine_fixtures import Recorder, entry, gradient, one_torch_thread, png, request, solid, tiny_weights
-from fluxserve.core.catalog import load_catalog
+from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel, reference_canvas
 from fluxserve.engines.registry import EngineRegistry
 
@@ -101,3 +101,29 @@ def test_kontext_max_runs_more_steps_than_kontext_pro(models_dir: Path) -> None:
         recorder = Recorder()
         result = registry.get(model).generate(request(model, images=[gradient()]), recorder.hooks)
         assert (result.details["steps"], len(recorder.fractions)) == (steps, steps)
+
+
+def test_image_prompt_runs_the_redux_prior_when_the_catalog_names_one(models_dir: Path) -> None:
+    tiny = {"weights": "builtin:tiny", "steps": 2, "options": {"redux": "builtin:tiny-redux"}}
+    registry = EngineRegistry(
+        Catalog.model_validate({"models": {"flux-dev": tiny, "flux-pro-1.1-ultra": tiny}}), models_dir
+    )
+    dev, ultra = registry.get("flux-dev"), registry.get("flux-pro-1.1-ultra")
+    assert dev.model is ultra.model and dev.model.redux is not None  # type: ignore[attr-defined]
+
+    def image(engine: Any, model: str, picture: Any, prompt: str = "a red fox", strength: Any = None) -> Any:
+        fields = {"image_prompt": picture, "image_prompt_strength": strength, "prompt": prompt}
+        return engine.generate(request(model, **fields), Recorder().hooks)
+
+    stock = image(dev, "flux-dev", gradient())
+    assert (stock.details["pipeline"], stock.details["image_prompt_strength"]) == ("redux", 0.5)
+    assert png(stock.image) != png(image(dev, "flux-dev", solid("blue")).image)  # the image is used
+    plain = dev.generate(request("flux-dev", prompt="a red fox"), Recorder().hooks)
+    assert png(stock.image) != png(plain.image)
+    # ultra's strength cross-fades: 0 = prompt only, 1 = image only.
+    assert png(image(ultra, "flux-pro-1.1-ultra", gradient(), strength=0.0).image) == png(plain.image)
+    only_image = image(ultra, "flux-pro-1.1-ultra", gradient(), strength=1.0)
+    other_prompt = image(ultra, "flux-pro-1.1-ultra", gradient(), prompt="a blue boat", strength=1.0)
+    assert png(only_image.image) == png(other_prompt.image)
+    assert png(only_image.image) != png(image(ultra, "flux-pro-1.1-ultra", solid("blue"), strength=1.0).image)
+    assert dev.batch_key(request("flux-dev", image_prompt=gradient())) is None  # type: ignore[attr-defined]

@@ -8,11 +8,19 @@ Routing (recorded as ``details["pipeline"]`` on every result):
   stitched beside it into one conditioning canvas (the pipeline takes one image). The canvas is sized to
   the generation's pixel budget (same aspects, multiples of 16) and the pipeline is told ``max_area`` and
   not to auto-resize: left alone it would work at ~1 MP whatever the model, minutes on a small one.
-- ``img2img``: FluxImg2ImgPipeline, for ``image_prompt`` on the other routes. ``image_prompt_strength`` s
-  (0 = prompt only, 1 = image only) becomes the diffusers denoising strength 1 - s: at s = 0 the image is
-  ignored and plain text-to-image runs (same bytes as without an image prompt); at s = 1 a single
-  denoising step at the lowest noise level runs, which keeps the image prompt. flux-pro, flux-pro-1.1 and
-  flux-dev have no strength field: they use the catalog option ``image_prompt_strength`` (default 0.25).
+- ``redux``: for ``image_prompt`` when the catalog names a FLUX Redux prior (``options.redux``): the
+  image's Redux tokens are appended to the prompt's T5 tokens and FluxPipeline runs on them.
+  ``image_prompt_strength`` s cross-fades the two: text tokens (and CLIP's pooled vector) are weighted
+  min(1, 2(1 - s)), image tokens min(1, 2s). s = 0.5 is stock Redux (both at full weight); s = 1 drops
+  the prompt entirely (image only).
+- ``img2img``: FluxImg2ImgPipeline, for ``image_prompt`` without a Redux prior. s becomes the diffusers
+  denoising strength 1 - s; at s = 1 a single denoising step at the lowest noise level runs, which keeps
+  the image prompt.
+
+  On both paths s = 0 means prompt only: the image is ignored and plain text-to-image runs (same bytes as
+  without an image prompt). flux-pro, flux-pro-1.1 and flux-dev have no strength field: they use the
+  catalog option ``image_prompt_strength``, by default 0.5 with Redux (stock Redux) and 0.25 with img2img
+  (the image keeps its layout and colours and the prompt redraws the rest).
 
 Guidance: flux-pro's ``interval`` i (1..4) is a guidance schedule over noise levels: the requested
 guidance applies while the noise level (sigma, 1 at the start, 0 at the end) is at least 1 - i/4, and the
@@ -43,7 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline, FluxPipeline
+from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline, FluxPipeline, FluxPriorReduxPipeline
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -81,6 +89,11 @@ class LoadOptions(BaseModel):
         description="Weight-only quantization of the transformer and T5 with torchao: int8 halves bf16 "
         "weights and runs anywhere; fp8 needs a GPU with fp8 support to be fast (runs, slowly, on CPU).",
     )
+    redux: str | None = Field(
+        default=None,
+        description="Folder of a FLUX Redux prior (FluxPriorReduxPipeline) for image_prompt; "
+        "builtin:tiny-redux for the tiny one. None: image_prompt runs img2img.",
+    )
     compile: bool = Field(default=False, description="torch.compile the transformer's forward.")
     compile_backend: str = Field(default="inductor", description="torch.compile backend.")
     compile_mode: str | None = Field(default=None, description="torch.compile mode, e.g. max-autotune.")
@@ -89,12 +102,12 @@ class LoadOptions(BaseModel):
 class FluxOptions(LoadOptions):
     """The diffusers engine's knobs, from the catalog entry's ``options`` table. Unknown keys are refused."""
 
-    image_prompt_strength: float = Field(
-        default=0.25,
+    image_prompt_strength: float | None = Field(
+        default=None,
         ge=0,
         le=1,
-        description="Strength for image_prompt on routes without the field (flux-pro, -1.1, -dev): the image "
-        "keeps its layout and colours and the prompt redraws the rest.",
+        description="Strength for image_prompt on routes without the field (flux-pro, -1.1, -dev); "
+        "default 0.5 with a Redux prior, 0.25 with img2img.",
     )
     raw_guidance: float = Field(default=2.0, gt=0, description="Highest guidance in ultra's raw mode.")
     max_sequence_length: int | None = Field(
@@ -252,6 +265,12 @@ class FluxModel:
         with _quiet("diffusers.models.modeling_utils"):
             self.kontext = FluxKontextPipeline.from_pipe(text2image, dtype=dtype)
             self.img2img = FluxImg2ImgPipeline.from_pipe(text2image, dtype=dtype)
+        self.redux: FluxPriorReduxPipeline | None = None
+        if self.options.redux:
+            try:
+                self.redux = FluxPriorReduxPipeline.from_pretrained(self.options.redux, dtype=dtype)
+            except Exception as exc:
+                raise EngineError(f"options.redux: cannot load {self.options.redux}: {_reason(exc)}") from exc
         for pipe in self.pipelines:
             pipe.set_progress_bar_config(disable=True)
         self._apply_options()
@@ -275,13 +294,15 @@ class FluxModel:
         if not options.cpu_offload:
             with self._knob("device"):
                 self.text2image.to(self.device)
+                if self.redux is not None:
+                    self.redux.to(self.device)
         if options.quantize:
             with self._knob("quantize"):
                 quantize_weights(self.text2image, options.quantize)
         if options.cpu_offload:
             with self._knob("cpu_offload"):
                 # The hooks sit on the shared modules and each pipeline re-arms its own after a call.
-                for pipe in self.pipelines:
+                for pipe in (*self.pipelines, *([self.redux] if self.redux is not None else [])):
                     pipe.enable_model_cpu_offload(device=self.device)
         if options.attention:
             with self._knob("attention"):
@@ -358,6 +379,7 @@ class _Plan:
     guidance: float
     schedule: Callable[[float], float] | None
     details: dict[str, Any]
+    prepare: Callable[[], dict[str, Any]] | None = None  # more arguments, computed under the model lock
 
 
 class DiffusersFluxEngine:
@@ -383,6 +405,10 @@ class DiffusersFluxEngine:
         return time.monotonic() - started
 
     @property
+    def max_sequence_length(self) -> int:
+        return self.options.max_sequence_length or self.model.max_sequence_length
+
+    @property
     def max_batch(self) -> int:
         """How many compatible requests a worker may hand to :meth:`generate_batch` at once."""
         return self.options.max_batch
@@ -402,7 +428,7 @@ class DiffusersFluxEngine:
         return self._key(request, self._plan(request))
 
     def _key(self, request: EngineRequest, plan: _Plan) -> Hashable | None:
-        if plan.pipe is not self.model.text2image:
+        if plan.pipe is not self.model.text2image or plan.kwargs or plan.prepare:
             return None
         return (plan.width, plan.height, plan.steps, plan.guidance, request.interval)
 
@@ -433,19 +459,22 @@ class DiffusersFluxEngine:
                 raise JobCanceled()
             return {}
 
+        arguments = {
+            "prompt": [request.prompt for request in requests],
+            "width": plan.width,
+            "height": plan.height,
+            "num_inference_steps": plan.steps,
+            "guidance_scale": plan.guidance,
+            "generator": [torch.Generator("cpu").manual_seed(request.seed) for request in requests],
+            "max_sequence_length": self.max_sequence_length,
+            "callback_on_step_end": on_step,
+            **plan.kwargs,
+        }
         with self.model.lock, self.model.guidance_schedule(plan.schedule) as used:
             try:
-                output = plan.pipe(
-                    prompt=[request.prompt for request in requests],
-                    width=plan.width,
-                    height=plan.height,
-                    num_inference_steps=plan.steps,
-                    guidance_scale=plan.guidance,
-                    generator=[torch.Generator("cpu").manual_seed(request.seed) for request in requests],
-                    max_sequence_length=self.options.max_sequence_length or self.model.max_sequence_length,
-                    callback_on_step_end=on_step,
-                    **plan.kwargs,
-                )
+                if plan.prepare is not None:
+                    arguments.update(plan.prepare())
+                output = plan.pipe(**arguments)
             except JobCanceled:
                 return [JobCanceled() for _ in requests]
             except Exception as exc:
@@ -492,8 +521,9 @@ class DiffusersFluxEngine:
                 details["interval"] = "unused: this model takes no guidance input"
         if (width, height) != (request.width, request.height):
             details["generated_size"] = f"{width}x{height}"
-        pipe, kwargs = self._route(request, width, height, steps, details)
-        return _Plan(pipe, kwargs, width, height, steps, guidance, schedule, details)
+        plan = _Plan(self.model.text2image, {}, width, height, steps, guidance, schedule, details)
+        self._route(request, plan)
+        return plan
 
     def _check_inputs(self, request: EngineRequest) -> None:
         """Refuse oversized inputs, and inputs the route has no use for, before any work."""
@@ -510,30 +540,58 @@ class DiffusersFluxEngine:
         if request.images and request.model not in KONTEXT_MODELS:
             raise EngineError(f"input_image: {request.model} does not take input images")
 
-    def _route(
-        self, request: EngineRequest, width: int, height: int, steps: int, details: dict[str, Any]
-    ) -> tuple[Any, dict[str, Any]]:
+    def _route(self, request: EngineRequest, plan: _Plan) -> None:
         """Pick the pipeline for the request and its path-specific arguments; note the choice in details."""
+        details = plan.details
         if request.images:
-            reference = reference_canvas(request.images, width * height, self.model.multiple)
+            area = plan.width * plan.height
+            reference = reference_canvas(request.images, area, self.model.multiple)
             details.update(pipeline="kontext", references=len(request.images))
-            return self.model.kontext, {"image": reference, "max_area": width * height, "_auto_resize": False}
+            plan.pipe = self.model.kontext
+            plan.kwargs = {"image": reference, "max_area": area, "_auto_resize": False}
+            return
         if request.image_prompt is not None:
+            redux = self.model.redux is not None
             strength = request.image_prompt_strength
+            if strength is None and request.model == "flux-pro-1.1-ultra":
+                strength = ULTRA_IMAGE_PROMPT_STRENGTH
             if strength is None:
-                ultra = request.model == "flux-pro-1.1-ultra"
-                strength = ULTRA_IMAGE_PROMPT_STRENGTH if ultra else self.options.image_prompt_strength
+                strength = self.options.image_prompt_strength
+            if strength is None:
+                strength = 0.5 if redux else 0.25
             details["image_prompt_strength"] = strength
+            if strength > 0 and redux:
+                details["pipeline"] = "redux"
+                image = request.image_prompt.convert("RGB")
+                plan.prepare = lambda: self._redux_embeddings(request.prompt, image, strength)
+                return
             if strength > 0:
                 # At least one denoising step: diffusers runs int(steps * denoise) of them.
-                denoise = max(1.0 - strength, 1.0 / steps)
-                image = ImageOps.fit(
-                    request.image_prompt.convert("RGB"), (width, height), Image.Resampling.LANCZOS
-                )
+                denoise = max(1.0 - strength, 1.0 / plan.steps)
+                size = (plan.width, plan.height)
+                image = ImageOps.fit(request.image_prompt.convert("RGB"), size, Image.Resampling.LANCZOS)
                 details.update(pipeline="img2img", denoise=round(denoise, 4))
-                return self.model.img2img, {"image": image, "strength": denoise}
+                plan.pipe = self.model.img2img
+                plan.kwargs = {"image": image, "strength": denoise}
+                return
         details["pipeline"] = "text2image"
-        return self.model.text2image, {}
+
+    @torch.no_grad()
+    def _redux_embeddings(self, prompt: str, image: Image.Image, strength: float) -> dict[str, Any]:
+        """The prompt's T5 tokens and the image's Redux tokens, cross-faded by ``strength``."""
+        redux, pipe = self.model.redux, self.model.text2image
+        assert redux is not None
+        device = pipe._execution_device
+        text, pooled, _ = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device, max_sequence_length=self.max_sequence_length
+        )
+        tokens = redux.image_embedder(redux.encode_image(image, device, 1)).image_embeds.to(text.dtype)
+        text_weight, image_weight = min(1.0, 2 * (1 - strength)), min(1.0, 2 * strength)
+        return {
+            "prompt": None,
+            "prompt_embeds": torch.cat([text * text_weight, tokens * image_weight], dim=1),
+            "pooled_prompt_embeds": pooled * text_weight,
+        }
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import torch
 from fluxserve.core.catalog import Catalog, ModelEntry
 from fluxserve.engines.base import Engine, EngineError
 from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel, FluxOptions, LoadOptions
-from fluxserve.engines.tiny import build_tiny_flux
+from fluxserve.engines.tiny import build_tiny_flux, build_tiny_redux
 
 # Where the bundled model's weights ship inside the package (made by training/, see issue "bundled").
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "bundled"
@@ -64,7 +64,7 @@ class EngineRegistry:
             return self._relay(model, entry)
         with self._lock:
             weights = self.resolve_weights(model, entry)
-            load = FluxOptions.of(entry).load()
+            load = self._resolve_load(model, FluxOptions.of(entry).load())
             loaded = self._loaded.get((weights, load))
             if loaded is None:
                 loaded = self._load(weights, load)
@@ -142,6 +142,16 @@ class EngineRegistry:
         if not (folder / "model_index.json").is_file():
             raise EngineError(f"{model}: {folder} is not a diffusers pipeline folder (no model_index.json)")
         return folder
+
+    def _resolve_load(self, model: str, load: LoadOptions) -> LoadOptions:
+        """Loading options with built-in names made into folders (``redux = "builtin:tiny-redux"``)."""
+        if load.redux == "builtin:tiny-redux":
+            return load.model_copy(update={"redux": str(build_tiny_redux(self._models_dir / "tiny-redux"))})
+        if load.redux and load.redux.startswith("builtin:"):
+            raise EngineError(
+                f"{model}: options.redux: unknown built-in {load.redux!r} (known: builtin:tiny-redux)"
+            )
+        return load
 
     def _relay(self, model: str, entry: ModelEntry) -> Engine:
         """The relay engine (issue 4) plugs in here."""

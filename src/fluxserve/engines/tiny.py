@@ -1,5 +1,5 @@
-"""A tiny, untrained FLUX pipeline built offline, so the real diffusers loading and sampling code can run
-anywhere: on a fresh install with no weights, and in tests.
+"""A tiny, untrained FLUX pipeline (and a FLUX Redux prior for it) built offline, so the real diffusers
+loading and sampling code can run anywhere: on a fresh install with no weights, and in tests.
 
 Every part is the stock FLUX layout (FluxTransformer2DModel, an 8x AutoencoderKL, CLIP and T5 encoders with
 their tokenizers, a flow-matching Euler scheduler), only very small; the tokenizers are made in code
@@ -15,14 +15,26 @@ import shutil
 import string
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxPriorReduxPipeline,
+    FluxTransformer2DModel,
+)
+from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -30,6 +42,7 @@ from transformers import (
 
 # Bump when the recipe changes: a folder built by another recipe is rebuilt rather than reused.
 RECIPE = "tiny-flux-1"
+REDUX_RECIPE = "tiny-flux-redux-1"
 MARKER = "fluxserve-tiny.json"
 SEED = 0
 TEXT_DIM = 32
@@ -144,33 +157,65 @@ def _pipeline() -> FluxPipeline:
     )
 
 
-def is_built(folder: Path) -> bool:
-    """True when ``folder`` holds a complete build of the current recipe (the marker is written last)."""
+def _redux() -> FluxPriorReduxPipeline:
+    """A tiny FLUX Redux prior: a SigLIP image encoder and the projection into the T5 embedding space."""
+    torch.manual_seed(SEED + 4)
+    encoder = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,  # 16 image tokens appended to the prompt's
+        )
+    )
+    torch.manual_seed(SEED + 5)
+    embedder = ReduxImageEncoder(redux_dim=32, txt_in_features=TEXT_DIM)
+    return FluxPriorReduxPipeline(
+        image_encoder=encoder,
+        feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}),
+        image_embedder=embedder,
+    )
+
+
+RECIPES: dict[str, Callable[[], DiffusionPipeline]] = {RECIPE: _pipeline, REDUX_RECIPE: _redux}
+
+
+def is_built(folder: Path, recipe: str = RECIPE) -> bool:
+    """True when ``folder`` holds a complete build of ``recipe`` (the marker is written last)."""
     try:
-        return json.loads((folder / MARKER).read_text()).get("recipe") == RECIPE
+        return json.loads((folder / MARKER).read_text()).get("recipe") == recipe
     except (OSError, ValueError):
         return False
 
 
 def build_tiny_flux(folder: Path) -> Path:
-    """Make the tiny pipeline at ``folder`` unless a complete one is already there; return ``folder``.
+    """Make the tiny FLUX pipeline at ``folder`` unless a complete one is already there; return ``folder``."""
+    return _build(Path(folder), RECIPE)
 
-    Safe when several processes start at once: each builds in its own temporary folder beside the target
-    and renames it into place; the first rename wins and the others discard their copy. A folder left by
-    an older recipe or an interrupted foreign copy is moved aside first, never written into.
+
+def build_tiny_redux(folder: Path) -> Path:
+    """Make the tiny FLUX Redux prior (for ``options.redux``) at ``folder``, like :func:`build_tiny_flux`."""
+    return _build(Path(folder), REDUX_RECIPE)
+
+
+def _build(folder: Path, recipe: str) -> Path:
+    """Safe when several processes start at once: each builds in its own temporary folder beside the
+    target and renames it into place; the first rename wins and the others discard their copy. A folder
+    left by another recipe or an interrupted foreign copy is moved aside first, never written into.
     """
-    folder = Path(folder)
-    if is_built(folder):
+    if is_built(folder, recipe):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
     try:
         with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-            pipeline = _pipeline()
+            pipeline = RECIPES[recipe]()
         pipeline.save_pretrained(staging, safe_serialization=True)
-        (staging / MARKER).write_text(json.dumps({"recipe": RECIPE, "seed": SEED}))
+        (staging / MARKER).write_text(json.dumps({"recipe": recipe, "seed": SEED}))
         staging.chmod(0o755)  # mkdtemp makes it private; the built model is not
-        if folder.exists() and not is_built(folder):
+        if folder.exists() and not is_built(folder, recipe):
             stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}.stale-", dir=folder.parent))
             with contextlib.suppress(FileNotFoundError):  # another process moved it first
                 os.replace(folder, stale / folder.name)
@@ -178,7 +223,7 @@ def build_tiny_flux(folder: Path) -> Path:
         try:
             os.rename(staging, folder)
         except OSError:
-            if not is_built(folder):  # lost the race to something that is not a complete build
+            if not is_built(folder, recipe):  # lost the race to something that is not a complete build
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
