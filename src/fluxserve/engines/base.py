@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -77,3 +77,21 @@ class Engine(Protocol):
     """One loaded model that turns requests into images; workers call it from one thread at a time."""
 
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult: ...
+
+
+@runtime_checkable
+class BatchingEngine(Protocol):
+    """An engine that can run compatible requests as one call (same model, size, steps...)."""
+
+    def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult: ...
+
+    @property
+    def max_batch(self) -> int: ...
+
+    def batch_key(self, request: EngineRequest) -> Hashable | None:
+        """Requests with equal keys may share a call; None: this one runs alone."""
+        ...
+
+    def generate_batch(
+        self, requests: Sequence[EngineRequest], hooks: Sequence[EngineHooks]
+    ) -> list[EngineResult | JobCanceled]: ...

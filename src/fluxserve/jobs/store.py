@@ -28,6 +28,10 @@ class JobStore(Protocol):
         """Take the oldest queued job for this worker, or None."""
         ...
 
+    def claim_similar(self, worker_id: str, model: str, width: int, height: int, limit: int) -> list[Job]:
+        """Take up to ``limit`` more queued jobs of this model and size, to run as one batch."""
+        ...
+
     def heartbeat(self, job_id: str, worker_id: str, progress: float | None = None) -> tuple[bool, bool]:
         """Record that the worker is alive; returns (still ours, cancel requested)."""
         ...

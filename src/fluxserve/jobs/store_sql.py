@@ -106,20 +106,26 @@ class SqlJobStore:
         return _job(row) if row is not None else None
 
     def claim(self, worker_id: str) -> Job | None:
-        oldest = (
-            select(jobs.c.id)
-            .where(jobs.c.status == JobStatus.QUEUED.value)
-            .order_by(jobs.c.created_at)
-            .limit(1)
+        claimed = self._claim(worker_id, 1)
+        return claimed[0] if claimed else None
+
+    def claim_similar(self, worker_id: str, model: str, width: int, height: int, limit: int) -> list[Job]:
+        return self._claim(
+            worker_id, limit, jobs.c.model == model, jobs.c.width == width, jobs.c.height == height
         )
+
+    def _claim(self, worker_id: str, limit: int, *conditions: Any) -> list[Job]:
+        """Oldest queued jobs first; SKIP LOCKED on PostgreSQL, the write lock on SQLite."""
+        queued = jobs.c.status == JobStatus.QUEUED.value
+        oldest = select(jobs.c.id).where(queued, *conditions).order_by(jobs.c.created_at).limit(limit)
         if self._postgres:
             oldest = oldest.with_for_update(skip_locked=True)
         now = utcnow()
         with self._engine.begin() as conn:
-            row = (
+            rows = (
                 conn.execute(
                     update(jobs)
-                    .where(jobs.c.id == oldest.scalar_subquery(), jobs.c.status == JobStatus.QUEUED.value)
+                    .where(jobs.c.id.in_(oldest), queued)
                     .values(
                         status=JobStatus.RUNNING.value,
                         worker_id=worker_id,
@@ -131,9 +137,9 @@ class SqlJobStore:
                     .returning(*jobs.c)
                 )
                 .mappings()
-                .first()
+                .all()
             )
-        return _job(row) if row is not None else None
+        return sorted((_job(row) for row in rows), key=lambda job: job.created_at or now)
 
     def heartbeat(self, job_id: str, worker_id: str, progress: float | None = None) -> tuple[bool, bool]:
         values: dict[str, Any] = {"heartbeat_at": utcnow()}

@@ -11,14 +11,25 @@ import io
 import logging
 import threading
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from PIL import Image
 
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.params import GenerationParams
 from fluxserve.core.sizes import output_size
-from fluxserve.engines.base import EngineError, EngineHooks, EngineRequest, JobCanceled, Moderated
+from fluxserve.engines.base import (
+    BatchingEngine,
+    Engine,
+    EngineError,
+    EngineHooks,
+    EngineRequest,
+    EngineResult,
+    JobCanceled,
+    Moderated,
+)
 from fluxserve.engines.registry import EngineRegistry
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.submit import image_field
@@ -128,7 +139,10 @@ class Worker:
             if job is None:
                 stop.wait(self._poll)
                 continue
-            self.process(job)
+            try:
+                self.process(job)
+            except Exception:  # the job is requeued by its missing heartbeat; the worker lives on
+                log.exception("worker failed while processing", extra={"job_id": job.id})
         log.info("worker stopped", extra={"worker_id": self.worker_id})
 
     def _reap(self) -> None:
@@ -141,35 +155,82 @@ class Worker:
         if count:
             log.warning("requeued stale jobs", extra={"count": count})
 
-    def process(self, job: Job) -> None:
+    def process(self, first: Job) -> None:
+        """Run a claimed job, together with compatible queued jobs when the engine batches."""
+        try:
+            engine = self._engines.get(first.model)
+        except EngineError as exc:
+            self._finish(first, time.monotonic(), JobStatus.FAILED, str(exc))
+            return
+        jobs = [first]
+        if isinstance(engine, BatchingEngine) and engine.max_batch > 1 and first.width and first.height:
+            jobs += self._store.claim_similar(
+                self.worker_id, first.model, first.width, first.height, engine.max_batch - 1
+            )
         started = time.monotonic()
-        log.info("job started", extra={"job_id": job.id, "model": job.model, "attempt": job.attempts})
-        status, error, result_key, details = JobStatus.FAILED, None, None, dict(job.details)
-        with _Heartbeat(self._store, job, self.worker_id, self._heartbeat_seconds) as beat:
-            try:
-                request = self._request(job)
-                hooks = EngineHooks(progress=beat.progress, canceled=beat.canceled)
-                result = self._engines.get(job.model).generate(request, hooks)
-                result_key = f"results/{job.created_at:%Y-%m-%d}/{job.id}.{job.output_format}"
-                self._blobs.put(
-                    result_key,
-                    encode_image(result.image, job.output_format),
-                    CONTENT_TYPES[job.output_format],
+        with ExitStack() as stack:
+            beats = {
+                job.id: stack.enter_context(
+                    _Heartbeat(self._store, job, self.worker_id, self._heartbeat_seconds)
                 )
-                details.update(result.details)
-                status = JobStatus.SUCCEEDED
-            except Moderated as exc:
-                error = str(exc)
-                status = JobStatus.REQUEST_MODERATED if exc.kind == "request" else JobStatus.CONTENT_MODERATED
-            except JobCanceled:
-                status, error = JobStatus.CANCELED, "Canceled by the client"
-            except (EngineError, FetchError, ImageInputError) as exc:
-                error = str(exc)
+                for job in jobs
+            }
+            prepared: list[tuple[Job, EngineRequest]] = []
+            for job in jobs:
+                log.info("job started", extra={"job_id": job.id, "model": job.model, "attempt": job.attempts})
+                try:
+                    prepared.append((job, self._request(job)))
+                except Exception as exc:
+                    self._finish(job, started, *_failure(job, exc))
+            for group in _groups(engine, prepared):
+                self._generate(engine, group, beats, started)
+
+    def _generate(
+        self,
+        engine: Engine,
+        group: list[tuple[Job, EngineRequest]],
+        beats: dict[str, _Heartbeat],
+        started: float,
+    ) -> None:
+        """One engine call for the group; each job then ends with its own outcome."""
+        hooks = [
+            EngineHooks(progress=beats[job.id].progress, canceled=beats[job.id].canceled) for job, _ in group
+        ]
+        requests = [request for _, request in group]
+        outcomes: list[EngineResult | BaseException]
+        try:
+            if len(group) == 1:
+                outcomes = [engine.generate(requests[0], hooks[0])]
+            else:
+                assert isinstance(engine, BatchingEngine)
+                outcomes = list(engine.generate_batch(requests, hooks))
+        except Exception as exc:
+            outcomes = [exc] * len(group)
+        for (job, _), outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                self._finish(job, started, *_failure(job, outcome))
+                continue
+            try:
+                result_key = f"results/{job.created_at:%Y-%m-%d}/{job.id}.{job.output_format}"
+                data = encode_image(outcome.image, job.output_format)
+                self._blobs.put(result_key, data, CONTENT_TYPES[job.output_format])
             except Exception as exc:
-                log.exception("engine crashed", extra={"job_id": job.id})
-                error = f"Internal error while generating: {type(exc).__name__}"
+                self._finish(job, started, *_failure(job, exc))
+                continue
+            details = {**job.details, **outcome.details, "batch_size": len(group)}
+            self._finish(job, started, JobStatus.SUCCEEDED, None, result_key, details)
+
+    def _finish(
+        self,
+        job: Job,
+        started: float,
+        status: JobStatus,
+        error: str | None,
+        result_key: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         # The store refuses the write when the job was meanwhile requeued to another worker.
-        finished = self._store.finish(
+        recorded = self._store.finish(
             job.id, self.worker_id, status, error=error, result_key=result_key, details=details
         )
         log.info(
@@ -178,7 +239,7 @@ class Worker:
                 "job_id": job.id,
                 "status": status.value,
                 "seconds": round(time.monotonic() - started, 3),
-                "recorded": finished,
+                "recorded": recorded,
                 "error": error,
             },
         )
@@ -223,3 +284,36 @@ class Worker:
             return self._inputs.load(ref, field)
         except FetchError as error:
             raise FetchError(f"{field}: {error}") from error
+
+
+def _failure(job: Job, exc: BaseException) -> tuple[JobStatus, str]:
+    """The status and message a job ends with when ``exc`` stopped it."""
+    if isinstance(exc, Moderated):
+        status = JobStatus.REQUEST_MODERATED if exc.kind == "request" else JobStatus.CONTENT_MODERATED
+        return status, str(exc)
+    if isinstance(exc, JobCanceled):
+        return JobStatus.CANCELED, "Canceled by the client"
+    if isinstance(exc, EngineError | FetchError | ImageInputError):
+        return JobStatus.FAILED, str(exc)
+    log.error("job crashed", exc_info=exc, extra={"job_id": job.id})
+    return JobStatus.FAILED, f"Internal error while generating: {type(exc).__name__}"
+
+
+def _groups(
+    engine: Engine, prepared: list[tuple[Job, EngineRequest]]
+) -> list[list[tuple[Job, EngineRequest]]]:
+    """Jobs whose requests share a batch key run together; the rest run alone, in claim order."""
+    if not isinstance(engine, BatchingEngine) or len(prepared) < 2:
+        return [[item] for item in prepared]
+    groups: dict[Any, list[tuple[Job, EngineRequest]]] = {}
+    alone: list[list[tuple[Job, EngineRequest]]] = []
+    for job, request in prepared:
+        try:
+            key = engine.batch_key(request)
+        except EngineError:
+            key = None  # generate() will raise it again, for this job only
+        if key is None:
+            alone.append([(job, request)])
+        else:
+            groups.setdefault(key, []).append((job, request))
+    return [*groups.values(), *alone]
