@@ -1,0 +1,290 @@
+"""A fake of the vendor's API on loopback, following its published contract, for the relay engine's tests.
+
+- ``POST /v1/<model>`` with ``x-key`` -> ``{"id", "polling_url", "cost"}``; 403 for a wrong key, 402 when
+  the account's credits do not cover the price, 429 while ``rate_limited`` submits remain, 422 for a
+  kontext task without a prompt.
+- ``GET <polling_url>`` -> ``{"id", "status", "result", "progress", "details"}``. The polling URL is a
+  "regional" one (``/regional/v1/get_result``), as the vendor's global endpoint hands out, so a test can
+  tell that a client polled the URL it was given. A task is ``Pending`` (with ``progress``) for
+  ``pending_polls`` polls, then ends by what its prompt asks for: ``[request-moderated]``,
+  ``[content-moderated]``, ``[error]``, ``[lost]`` (``Task not found``), else ``Ready``.
+- ``result.sample`` is a download URL that expires ``result_ttl`` seconds after the task became Ready
+  (the vendor's expire after 10 minutes), answering 403 afterwards.
+
+Everything the fake saw (submits with their headers, poll paths, downloads) is recorded for assertions.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from PIL import Image
+
+from fluxserve.core.pricing import PRICES
+from fluxserve.core.sizes import kontext_size, parse_aspect_ratio, ultra_size
+
+FAKE_KEY = "fake-upstream-key-0123456789"
+
+
+@dataclass
+class FakeTask:
+    id: str
+    model: str
+    payload: dict[str, Any]
+    outcome: str
+    seed: int
+    prompt: str
+    polls: int = 0
+    ready_at: float | None = None
+    image: bytes = b""
+    image_size: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class Seen:
+    """What the fake received, in order."""
+
+    submits: list[tuple[str, dict[str, Any], dict[str, str]]] = field(default_factory=list)
+    polls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    downloads: list[tuple[str, dict[str, str], int]] = field(default_factory=list)
+
+
+def _color(seed: int) -> tuple[int, int, int]:
+    rng = random.Random(seed)
+    return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+
+
+def _size(model: str, payload: dict[str, Any]) -> tuple[int, int]:
+    """The size the vendor would make: exact for width/height routes, by aspect ratio otherwise."""
+    if model == "flux-pro-1.1-ultra":
+        return ultra_size(parse_aspect_ratio(payload.get("aspect_ratio") or "16:9"))
+    if model.startswith("flux-kontext"):
+        if payload.get("aspect_ratio"):
+            return kontext_size(parse_aspect_ratio(payload["aspect_ratio"]))
+        if payload.get("input_image"):
+            with Image.open(io.BytesIO(base64.b64decode(payload["input_image"]))) as image:
+                return kontext_size(image.width / image.height)
+        return (1024, 1024)
+    return (int(payload.get("width", 1024)), int(payload.get("height", 768)))
+
+
+def render(seed: int, size: tuple[int, int], output_format: str) -> bytes:
+    """A solid image whose colour is a function of the seed: what the fake vendor "generates"."""
+    buffer = io.BytesIO()
+    image = Image.new("RGB", size, _color(seed))
+    image.save(buffer, format="JPEG" if output_format == "jpeg" else "PNG")
+    return buffer.getvalue()
+
+
+class FakeVendor:
+    """Start with ``with FakeVendor() as vendor:``; ``vendor.base_url`` is its API root.
+
+    Knobs (change them at any time): ``pending_polls``, ``result_ttl``, ``credits``, ``rate_limited``
+    (that many submits answer 429 with ``Retry-After: retry_after``), ``poll_failures`` (that many polls
+    answer 503).
+    """
+
+    def __init__(
+        self,
+        key: str = FAKE_KEY,
+        *,
+        pending_polls: int = 2,
+        result_ttl: float = 600.0,
+        credits: float = 1000.0,
+        rate_limited: int = 0,
+        retry_after: float = 0.05,
+        poll_failures: int = 0,
+    ) -> None:
+        self.key = key
+        self.pending_polls = pending_polls
+        self.result_ttl = result_ttl
+        self.credits = Decimal(str(credits))
+        self.rate_limited = rate_limited
+        self.retry_after = retry_after
+        self.poll_failures = poll_failures
+        self.tasks: dict[str, FakeTask] = {}
+        self.seen = Seen()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.02,), name="fake-vendor", daemon=True
+        )
+
+    def __enter__(self) -> FakeVendor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def sample_url(self, task_id: str) -> str:
+        task = self.tasks[task_id]
+        extension = task.payload.get("output_format", "jpeg")
+        return f"{self.base_url}/delivery/{task_id}.{extension}?se={task.ready_at}"
+
+    # -- request handling -------------------------------------------------------------------------
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        vendor = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_: Any) -> None:  # quiet
+                pass
+
+            def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                content_type = (
+                    "application/json" if not isinstance(body, bytes) else "application/octet-stream"
+                )
+                for name, value in {"Content-Type": content_type, **(headers or {})}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _authorized(self) -> bool:
+                if self.headers.get("x-key") != vendor.key:
+                    self._send(403, {"detail": "Not authenticated - Invalid Authentication"})
+                    return False
+                return True
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                path = urlsplit(self.path).path
+                model = path.removeprefix("/v1/")
+                try:
+                    payload = json.loads(raw or b"{}")
+                except ValueError:
+                    payload = None
+                with vendor._lock:
+                    vendor.seen.submits.append((model, payload, dict(self.headers)))
+                    if not self._authorized():
+                        return
+                    if not path.startswith("/v1/") or model not in PRICES:
+                        self._send(404, {"detail": "Not Found"})
+                        return
+                    if not isinstance(payload, dict):
+                        self._send(422, {"detail": [{"loc": ["body"], "msg": "bad json", "type": "json"}]})
+                        return
+                    if model.startswith("flux-kontext") and not payload.get("prompt"):
+                        detail = [{"loc": ["body", "prompt"], "msg": "Field required", "type": "missing"}]
+                        self._send(422, {"detail": detail})
+                        return
+                    if vendor.rate_limited > 0:
+                        vendor.rate_limited -= 1
+                        self._send(
+                            429,
+                            {"detail": "You have exceeded the number of active tasks"},
+                            {"Retry-After": str(vendor.retry_after)},
+                        )
+                        return
+                    price = PRICES[model]
+                    if vendor.credits < price:
+                        self._send(402, {"detail": "Insufficient credits"})
+                        return
+                    vendor.credits -= price
+                    prompt = str(payload.get("prompt", ""))
+                    outcome = next(
+                        (
+                            name
+                            for name in ("request-moderated", "content-moderated", "error", "lost")
+                            if f"[{name}]" in prompt
+                        ),
+                        "ready",
+                    )
+                    seed = payload.get("seed")
+                    task = FakeTask(
+                        id=str(uuid.uuid4()),
+                        model=model,
+                        payload=payload,
+                        outcome=outcome,
+                        seed=seed if isinstance(seed, int) else random.randrange(2**32),
+                        prompt=f"upsampled: {prompt}" if payload.get("prompt_upsampling") else prompt,
+                    )
+                    vendor.tasks[task.id] = task
+                polling_url = f"{vendor.base_url}/regional/v1/get_result?id={task.id}"
+                self._send(200, {"id": task.id, "polling_url": polling_url, "cost": float(price)})
+
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                if parts.path.startswith("/delivery/"):
+                    self._download(parts.path)
+                    return
+                if parts.path not in ("/regional/v1/get_result", "/v1/get_result"):
+                    self._send(404, {"detail": "Not Found"})
+                    return
+                with vendor._lock:
+                    vendor.seen.polls.append((self.path, dict(self.headers)))
+                    if not self._authorized():
+                        return
+                    if vendor.poll_failures > 0:
+                        vendor.poll_failures -= 1
+                        self._send(503, {"detail": "Service Unavailable"})
+                        return
+                    task_id = parse_qs(parts.query).get("id", [""])[0]
+                    self._send(200, vendor._result(task_id))
+
+            def _download(self, path: str) -> None:
+                task_id = path.removeprefix("/delivery/").rsplit(".", 1)[0]
+                task = vendor.tasks.get(task_id)
+                expired = (
+                    task is None or task.ready_at is None or time.time() > task.ready_at + vendor.result_ttl
+                )
+                status = 403 if expired else 200
+                vendor.seen.downloads.append((path, dict(self.headers), status))
+                if expired:
+                    self._send(403, b"AuthenticationFailed: Signature not valid in the specified time frame")
+                    return
+                assert task is not None
+                self._send(200, task.image)
+
+        return Handler
+
+    def _result(self, task_id: str) -> dict[str, Any]:
+        task = self.tasks.get(task_id)
+        if task is None or task.outcome == "lost":
+            return {
+                "id": task_id,
+                "status": "Task not found",
+                "result": None,
+                "progress": None,
+                "details": None,
+            }
+        task.polls += 1
+        base = {"id": task.id, "result": None, "progress": None, "details": None}
+        if task.polls <= self.pending_polls:
+            return {**base, "status": "Pending", "progress": round(task.polls / (self.pending_polls + 1), 3)}
+        if task.outcome == "request-moderated":
+            return {
+                **base,
+                "status": "Request Moderated",
+                "details": {"Moderation Reasons": ["Derivative Works"]},
+            }
+        if task.outcome == "content-moderated":
+            return {**base, "status": "Content Moderated", "details": {"Moderation Reasons": ["NSFW"]}}
+        if task.outcome == "error":
+            return {**base, "status": "Error", "details": {"error": "GPU fell over"}}
+        if task.ready_at is None:
+            task.ready_at = time.time()
+            task.image_size = _size(task.model, task.payload)
+            task.image = render(task.seed, task.image_size, task.payload.get("output_format", "jpeg"))
+        result = {"sample": self.sample_url(task.id), "prompt": task.prompt, "seed": task.seed}
+        return {**base, "status": "Ready", "result": result}

@@ -1,0 +1,289 @@
+"""The relay engine against a fake vendor on loopback: every upstream outcome, and what is forwarded."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from fluxserve.core.catalog import ModelEntry
+from fluxserve.engines.base import EngineError, EngineHooks, EngineRequest, JobCanceled, Moderated
+from fluxserve.engines.relay import RelayEngine, aspect_ratio_of, key_allowed, upstream_payload
+from tests.conftest import free_port
+from tests.fake_vendor import FAKE_KEY, FakeVendor, _color
+
+KEY_ENV = "FLUXSERVE_TEST_UPSTREAM_KEY"
+FAST = {"poll_interval": 0.01, "poll_max_interval": 0.05, "retry_wait": 0.01, "rate_limit_wait": 0.05}
+
+
+@pytest.fixture
+def vendor() -> Iterator[FakeVendor]:
+    with FakeVendor() as fake:
+        yield fake
+
+
+def engine_for(
+    vendor: FakeVendor | str, model: str = "flux-dev", key: str = FAKE_KEY, **options: Any
+) -> RelayEngine:
+    base_url = vendor if isinstance(vendor, str) else vendor.base_url
+    entry = ModelEntry(
+        engine="relay", options={"base_url": base_url, "api_key_env": KEY_ENV, **FAST, **options}
+    )
+    return RelayEngine(entry, model, environ={KEY_ENV: key})
+
+
+def dev_request(prompt: str = "a red fox", **fields: Any) -> EngineRequest:
+    values: dict[str, Any] = {
+        "model": "flux-dev",
+        "prompt": prompt,
+        "width": 320,
+        "height": 256,
+        "seed": 7,
+        "steps": 12,
+        "guidance": 3.5,
+        "safety_tolerance": 4,
+        "prompt_upsampling": True,
+        "output_format": "png",
+    }
+    return EngineRequest(**{**values, **fields})
+
+
+class Recorder:
+    """EngineHooks that remember progress and can cancel after a number of progress reports."""
+
+    def __init__(self, cancel_after: int | None = None) -> None:
+        self.progress: list[float] = []
+        self.cancel_after = cancel_after
+
+    def hooks(self) -> EngineHooks:
+        return EngineHooks(progress=self.progress.append, canceled=self.canceled)
+
+    def canceled(self) -> bool:
+        return self.cancel_after is not None and len(self.progress) >= self.cancel_after
+
+
+def decode(value: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(value)))
+
+
+def test_forwards_every_parameter_polls_the_returned_url_and_reports_progress(vendor: FakeVendor) -> None:
+    vendor.pending_polls = 4
+    recorder = Recorder()
+    result = engine_for(vendor).generate(dev_request(), recorder.hooks())
+
+    (model, payload, headers), *_ = vendor.seen.submits
+    assert model == "flux-dev"
+    assert payload == {
+        "prompt": "a red fox",
+        "seed": 7,
+        "safety_tolerance": 4,
+        "output_format": "png",
+        "prompt_upsampling": True,
+        "width": 320,
+        "height": 256,
+        "steps": 12,
+        "guidance": 3.5,
+    }
+    assert headers["x-key"] == FAKE_KEY
+    # Polled at the regional URL the vendor returned, never a rewritten one, with the key (same host).
+    assert len(vendor.seen.polls) == 5
+    assert all(path.startswith("/regional/v1/get_result?id=") for path, _ in vendor.seen.polls)
+    assert all(poll_headers["x-key"] == FAKE_KEY for _, poll_headers in vendor.seen.polls)
+    # Slow Pending: progress rises with the vendor's, then the download.
+    assert recorder.progress == sorted(recorder.progress)
+    assert 0 < recorder.progress[0] < recorder.progress[3] < 0.95 <= recorder.progress[-1] < 1
+    # The image is the vendor's, downloaded without our key (the CDN is not the API).
+    assert result.image.size == (320, 256)
+    assert result.image.getpixel((0, 0)) == _color(7)
+    (_, cdn_headers, status), *_ = vendor.seen.downloads
+    assert status == 200 and "x-key" not in {name.lower() for name in cdn_headers}
+    # Upstream seed, final (upsampled) prompt, cost and id are recorded.
+    task_id = next(iter(vendor.tasks))
+    assert result.prompt == "upsampled: a red fox"
+    assert result.seed == 7
+    assert result.details["upstream_id"] == task_id
+    assert result.details["upstream_cost"] == 2.5
+    assert result.details["upstream_seed"] == 7
+    assert result.details["upstream_prompt"] == "upsampled: a red fox"
+
+
+def test_kontext_sends_input_images_as_base64_and_lets_the_image_set_the_aspect(vendor: FakeVendor) -> None:
+    first = Image.new("RGB", (300, 200), (10, 200, 30))
+    second = Image.new("RGB", (64, 64), (1, 2, 3))
+    request = EngineRequest(
+        model="flux-kontext-max",
+        prompt="make it night",
+        width=1248,
+        height=832,
+        seed=3,
+        safety_tolerance=2,
+        images=[first, second],
+    )
+    result = engine_for(vendor, "flux-kontext-max").generate(request, EngineHooks())
+    _, payload, _ = vendor.seen.submits[0]
+    assert set(payload) == {
+        "prompt",
+        "seed",
+        "safety_tolerance",
+        "output_format",
+        "prompt_upsampling",
+        "input_image",
+        "input_image_2",
+    }
+    assert decode(payload["input_image"]).convert("RGB").tobytes() == first.tobytes()
+    assert decode(payload["input_image_2"]).size == (64, 64)
+    assert result.image.size == (1248, 832)  # the vendor followed the 3:2 input image
+
+
+def test_payload_per_model_follows_the_vendor_schemas() -> None:
+    ultra = EngineRequest(
+        model="flux-pro-1.1-ultra",
+        prompt="p",
+        width=2736,
+        height=1536,
+        seed=1,
+        raw=True,
+        steps=50,
+        image_prompt=Image.new("RGB", (8, 8)),
+        image_prompt_strength=0.3,
+    )
+    payload = upstream_payload("flux-pro-1.1-ultra", ultra)
+    assert payload["aspect_ratio"] == "16:9" and payload["raw"] is True
+    assert payload["image_prompt_strength"] == 0.3 and decode(payload["image_prompt"]).size == (8, 8)
+    assert not {"width", "height", "steps"} & set(payload)
+    pro = upstream_payload("flux-pro", dev_request(interval=3.0, model="flux-pro"))
+    assert pro["interval"] == 3.0 and pro["steps"] == 12
+    pro11 = upstream_payload("flux-pro-1.1", dev_request(model="flux-pro-1.1"))
+    assert not {"steps", "guidance", "interval"} & set(pro11)
+    kontext = EngineRequest(model="flux-kontext-pro", prompt="p", width=832, height=1248, seed=1)
+    assert upstream_payload("flux-kontext-pro", kontext)["aspect_ratio"] == "2:3"
+
+
+def test_aspect_ratio_and_key_scope_helpers() -> None:
+    assert aspect_ratio_of(1024, 1024) == "1:1"
+    assert aspect_ratio_of(2096, 896) == "21:9"
+    assert aspect_ratio_of(1000, 700) == "10:7"
+    assert key_allowed("https://api.eu2.bfl.ai/v1/get_result?id=1", "https://api.bfl.ai")
+    assert key_allowed("https://api.bfl.ai/v1/get_result", "https://api.bfl.ai")
+    assert not key_allowed("https://evil.example/v1/get_result", "https://api.bfl.ai")
+    assert not key_allowed("https://bfl.ai.evil.example/x", "https://api.bfl.ai")
+    assert not key_allowed("http://api.eu2.bfl.ai/v1/get_result", "https://api.bfl.ai")
+    assert key_allowed("http://127.0.0.1:9/regional", "http://127.0.0.1:9")
+    assert not key_allowed("http://10.0.0.1/x", "http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize(
+    ("marker", "kind", "reason"), [("request", "request", "Derivative"), ("content", "content", "NSFW")]
+)
+def test_moderation_upstream_is_moderation_here(
+    vendor: FakeVendor, marker: str, kind: str, reason: str
+) -> None:
+    with pytest.raises(Moderated) as caught:
+        engine_for(vendor).generate(dev_request(f"[{marker}-moderated] x"), EngineHooks())
+    assert caught.value.kind == kind
+    assert reason in str(caught.value)
+    assert str(caught.value).startswith(f"{kind.capitalize()} Moderated")
+
+
+def test_rate_limited_submit_waits_and_retries(vendor: FakeVendor) -> None:
+    vendor.rate_limited = 2
+    result = engine_for(vendor).generate(dev_request(), EngineHooks())
+    assert len(vendor.seen.submits) == 3
+    assert result.image.size == (320, 256)
+
+
+def test_rate_limit_that_never_ends_fails_at_the_timeout(vendor: FakeVendor) -> None:
+    vendor.rate_limited = 1000
+    with pytest.raises(EngineError, match="429"):
+        engine_for(vendor, timeout=0.3).generate(dev_request(), EngineHooks())
+
+
+def test_upstream_error_fails_with_the_vendors_detail(vendor: FakeVendor) -> None:
+    with pytest.raises(EngineError, match="GPU fell over"):
+        engine_for(vendor).generate(dev_request("[error] x"), EngineHooks())
+
+
+def test_upstream_402_fails_with_a_message_for_the_operator_and_never_shows_the_key(
+    vendor: FakeVendor, caplog: pytest.LogCaptureFixture
+) -> None:
+    vendor.credits = vendor.credits * 0
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(EngineError) as caught:
+        engine_for(vendor).generate(dev_request(), EngineHooks())
+    message = str(caught.value)
+    assert "402" in message and "operator" in message and "credits" in message
+    assert FAKE_KEY not in message
+    assert all(
+        FAKE_KEY not in record.getMessage() and FAKE_KEY not in str(record.__dict__)
+        for record in caplog.records
+    )
+
+
+def test_wrong_upstream_key_names_the_variable_not_the_key(vendor: FakeVendor) -> None:
+    with pytest.raises(EngineError) as caught:
+        engine_for(vendor, key="wrong-key-456").generate(dev_request(), EngineHooks())
+    assert KEY_ENV in str(caught.value) and "wrong-key-456" not in str(caught.value)
+
+
+def test_missing_key_and_bad_options_fail_clearly(vendor: FakeVendor) -> None:
+    entry = ModelEntry(engine="relay", options={"base_url": vendor.base_url, "api_key_env": KEY_ENV})
+    with pytest.raises(EngineError, match=KEY_ENV):
+        RelayEngine(entry, "flux-dev", environ={}).generate(dev_request(), EngineHooks())
+    with pytest.raises(EngineError, match="base_url"):
+        RelayEngine(ModelEntry(engine="relay", options={}), "flux-dev")
+    with pytest.raises(EngineError, match="poll_intervall"):
+        RelayEngine(
+            ModelEntry(engine="relay", options={"base_url": "http://x", "poll_intervall": 1}), "flux-dev"
+        )
+
+
+def test_task_not_found_after_submit_fails_clearly(vendor: FakeVendor) -> None:
+    with pytest.raises(EngineError, match="Task not found"):
+        engine_for(vendor, not_found_grace=0.1).generate(dev_request("[lost] x"), EngineHooks())
+    assert len(vendor.seen.polls) >= 2  # tolerated for the grace period first
+
+
+def test_result_is_downloaded_at_once_so_the_expiring_url_does_not_matter(vendor: FakeVendor) -> None:
+    vendor.result_ttl = 0.2
+    result = engine_for(vendor).generate(dev_request(), EngineHooks())
+    time.sleep(0.3)
+    task_id = next(iter(vendor.tasks))
+    assert httpx.get(vendor.sample_url(task_id)).status_code == 403  # the vendor's URL has expired
+    assert result.image.getpixel((5, 5)) == _color(7)  # but we hold the image
+
+
+def test_cancel_stops_polling(vendor: FakeVendor) -> None:
+    vendor.pending_polls = 10_000
+    recorder = Recorder(cancel_after=3)
+    with pytest.raises(JobCanceled):
+        engine_for(vendor).generate(dev_request(), recorder.hooks())
+    polls = len(vendor.seen.polls)
+    assert polls == 3
+    time.sleep(0.2)
+    assert len(vendor.seen.polls) == polls
+
+
+def test_cancel_is_noticed_while_waiting_out_a_rate_limit(vendor: FakeVendor) -> None:
+    vendor.rate_limited, vendor.retry_after = 1000, 30
+    canceled = threading.Event()
+    threading.Timer(0.2, canceled.set).start()
+    started = time.monotonic()
+    with pytest.raises(JobCanceled):
+        engine_for(vendor).generate(dev_request(), EngineHooks(canceled=canceled.is_set))
+    assert time.monotonic() - started < 2
+
+
+def test_network_errors_are_retried_then_fail(vendor: FakeVendor) -> None:
+    vendor.poll_failures = 2
+    assert engine_for(vendor).generate(dev_request(), EngineHooks()).image.size == (320, 256)
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(EngineError, match=r"cannot reach the upstream API.*gave up after 3 tries"):
+        engine_for(dead, retries=2).generate(dev_request(), EngineHooks())
