@@ -109,6 +109,29 @@ class Runtime:
         job = self.services.jobs.get(job_id)
         return None if job is None else reseller.render_job(job, self.services)
 
+    @asynccontextmanager
+    async def background(self) -> AsyncIterator[None]:
+        """Workers (threads) and webhook delivery (a task) for as long as the context is open."""
+        stop = threading.Event()
+        threads = [
+            threading.Thread(target=worker.run, args=(stop,), name=worker.worker_id, daemon=True)
+            for worker in self.workers
+        ]
+        for thread in threads:
+            thread.start()
+        webhook_stop = asyncio.Event()
+        webhooks = asyncio.create_task(self.dispatcher().run(webhook_stop))
+        log.info("fluxserve ready", extra={"workers": len(threads), "base_url": self.settings.base_url})
+        try:
+            yield
+        finally:
+            stop.set()
+            webhook_stop.set()
+            await webhooks
+            # A job still running is not waited for: its heartbeat stops and it is requeued.
+            for thread in threads:
+                await asyncio.to_thread(thread.join, SHUTDOWN_GRACE_SECONDS)
+
     def dispatcher(self) -> WebhookDispatcher:
         backoff = [float(value) for value in self.settings.webhook_backoff.split(",") if value.strip()]
         return WebhookDispatcher(
@@ -131,25 +154,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        stop = threading.Event()
-        threads = [
-            threading.Thread(target=worker.run, args=(stop,), name=worker.worker_id, daemon=True)
-            for worker in runtime.workers
-        ]
-        for thread in threads:
-            thread.start()
-        webhook_stop = asyncio.Event()
-        webhooks = asyncio.create_task(runtime.dispatcher().run(webhook_stop))
-        log.info("fluxserve ready", extra={"workers": len(threads), "base_url": settings.base_url})
-        try:
+        async with runtime.background():
             yield
-        finally:
-            stop.set()
-            webhook_stop.set()
-            await webhooks
-            # A job still running is not waited for: its heartbeat stops and it is requeued.
-            for thread in threads:
-                await asyncio.to_thread(thread.join, SHUTDOWN_GRACE_SECONDS)
 
     app = FastAPI(
         title="fluxserve",

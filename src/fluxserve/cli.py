@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated
@@ -91,6 +93,31 @@ def serve(
     from fluxserve.app import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+
+
+@app.command()
+def worker(
+    data_dir: DataDir = None,
+    workers: Annotated[int | None, typer.Option(help="Worker threads (FLUXSERVE_WORKERS).")] = None,
+) -> None:
+    """Run workers and webhook delivery without the HTTP API (e.g. one process per GPU)."""
+    from fluxserve.app import Runtime
+
+    settings = _settings(data_dir, workers=workers)
+    configure_logging(json=settings.log_json)
+    if settings.workers < 1:
+        raise typer.BadParameter("--workers must be at least 1 for a worker process")
+    runtime = Runtime.build(settings)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        async with runtime.background():
+            await stop.wait()
+
+    asyncio.run(run())
 
 
 @app.command("migrate")
