@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 
 from fluxserve import __version__
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.api import files, reseller
+from fluxserve.api import files, reseller, vendor
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import DeclaredBodyLimit, install_error_handlers
 from fluxserve.core.catalog import load_catalog
@@ -169,6 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(DeclaredBodyLimit, max_bytes=max_body_size(settings))
     # Route-level, so that a too-large body is an HTTPException our handlers render (413).
     app.include_router(reseller.router, max_body_size=max_body_size(settings))
+    app.include_router(vendor.router, max_body_size=max_body_size(settings))
     app.include_router(files.router)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness and readiness")

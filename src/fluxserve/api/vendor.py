@@ -1,0 +1,248 @@
+"""The vendor's own dialect on the same jobs: ``POST /v1/<model>``, ``GET /v1/get_result``, ``/v1/credits``.
+
+Clients written for the vendor's API (its official Python client among them) work unchanged when
+pointed at this server with one of our keys in ``x-key``. Jobs are the ones the reseller dialect
+sees: a job submitted here can be fetched at ``/flux/fetch`` and the other way round.
+
+Errors keep the vendor's (FastAPI's) shapes: ``{"detail": "..."}`` for auth (403), credits (402) and
+limits (429), and 422 ``{"detail": [{"loc", "msg", "type"}]}`` for invalid fields, with the same rules
+and wording as the reseller dialect (``api/fields.RULES``).
+
+Two deliberate differences from the vendor's published contract, both for safety:
+``get_result`` needs the submitting key in ``x-key`` (the vendor's OpenAPI marks it open), so that a
+key sees only its own jobs, as in the reseller dialect; and ``webhook_secret`` is refused, because our
+webhooks are signed with each key's own secret (Standard Webhooks), not a per-request one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from decimal import Decimal
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+
+from fluxserve.accounts.keys import ApiKey
+from fluxserve.api.deps import Services, get_services
+from fluxserve.api.vendor_schemas import (
+    VENDOR_RULES,
+    CreditsResponse,
+    DevInputs,
+    KontextInputs,
+    Pro11Inputs,
+    ProInputs,
+    ResultResponse,
+    SubmitResponse,
+    UltraInputs,
+    VendorRequest,
+)
+from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.pricing import PRICES, format_credits
+from fluxserve.jobs.store import QuotaExceeded, TooManyActiveJobs
+from fluxserve.jobs.submit import InvalidInput
+
+# /v1/credits for a key without a limit: the vendor's schema requires a number, and JSON has no
+# infinity; a balance no job can exhaust keeps clients' "enough credits?" checks passing.
+UNLIMITED_CREDITS = 1_000_000_000
+MAX_INPUT_ECHO = 200  # longer inputs (base64 images) are not echoed back in validation errors
+
+
+def vendor_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pydantic's errors as the vendor's ``ValidationError`` items, with our rule as the message.
+
+    Only JSON-safe keys are kept (pydantic's ``ctx`` may hold exception objects), and long inputs
+    such as base64 images are not echoed back.
+    """
+    items: list[dict[str, Any]] = []
+    for err in errors:
+        loc = [part for part in err.get("loc", ()) if isinstance(part, str | int)]
+        kind = str(err.get("type", "value_error"))
+        if kind == "prompt_required":
+            loc, kind = ["body", "prompt"], "missing"
+        field = str(loc[1]) if len(loc) > 1 and loc[0] == "body" else (str(loc[-1]) if loc else "body")
+        if kind == "missing":
+            msg = f"{field}: is required"
+        elif kind.startswith("json") or (loc == ["body"] and kind in ("model_attributes_type", "dict_type")):
+            loc, msg = ["body"], "body: must be a JSON object"
+        elif field in VENDOR_RULES:
+            msg = f"{field}: {VENDOR_RULES[field]}"
+        else:
+            msg = f"{field}: {err.get('msg', 'is invalid')}"
+        item: dict[str, Any] = {"loc": loc, "msg": msg, "type": kind}
+        value = err.get("input")
+        if isinstance(value, int | float | bool) or (isinstance(value, str) and len(value) <= MAX_INPUT_ECHO):
+            item["input"] = value
+        items.append(item)
+    return items
+
+
+class VendorValidationError(RequestValidationError):
+    """Errors already in the vendor's shape (raised by our own checks after the schema's)."""
+
+
+class VendorRoute(APIRoute):
+    """Rewrites request validation errors into :func:`vendor_errors` before the app's handler renders
+    them as ``{"detail": [...]}`` (``api/errors.py`` does that for every path under ``/v1/``)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except VendorValidationError:
+                raise
+            except RequestValidationError as exc:
+                raise RequestValidationError(vendor_errors(list(exc.errors())), body=exc.body) from None
+
+        return route
+
+
+router = APIRouter(prefix="/v1", tags=["vendor"], route_class=VendorRoute)
+
+
+def vendor_key(
+    services: Annotated[Services, Depends(get_services)],
+    x_key: Annotated[str | None, Header(alias="x-key", description="Your API key.")] = None,
+) -> ApiKey:
+    """The vendor answers 403 ``Not authenticated`` for a missing or wrong key; so do we."""
+    if not x_key:
+        raise HTTPException(403, "Not authenticated - x-key header is missing; send your API key in it")
+    key = services.keys.authenticate(x_key)
+    if key is None:
+        raise HTTPException(403, "Not authenticated - Invalid Authentication: x-key is not a valid API key")
+    return key
+
+
+Key = Annotated[ApiKey, Depends(vendor_key)]
+Deps = Annotated[Services, Depends(get_services)]
+
+
+def _number(value: Decimal) -> float | int:
+    """Credits as a JSON number: 4 rather than 4.0, 2.5 as is."""
+    return int(value) if value == value.to_integral_value() else float(value)
+
+
+def polling_url(job: Job, services: Services) -> str:
+    return f"{services.base_url}/v1/get_result?id={job.id}"
+
+
+def _submit(model: str, body: VendorRequest, key: ApiKey, services: Services) -> SubmitResponse:
+    try:
+        job = services.submitter.submit(
+            key, body.to_params(model), body.seed, body.webhook_url, body.image_fields()
+        )
+    except InvalidInput as error:
+        item = {"loc": ["body", error.field], "msg": str(error), "type": "value_error"}
+        raise VendorValidationError([item]) from error
+    except QuotaExceeded as error:
+        price = format_credits(PRICES[model])
+        balance = "unknown" if key.credits is None else format_credits(key.credits)
+        raise HTTPException(
+            402, f"Insufficient credits: {model} costs {price} credits and this key has {balance}"
+        ) from error
+    except TooManyActiveJobs as error:
+        raise HTTPException(
+            429, "Too many active tasks for this key; wait for some to finish, then retry"
+        ) from error
+    return SubmitResponse(id=job.id, polling_url=polling_url(job, services), cost=_number(job.cost))
+
+
+_SUBMIT: dict[str, Any] = {
+    "response_model": SubmitResponse,
+    "responses": {
+        402: {"description": "Not enough credits for this model"},
+        403: {"description": "Missing or invalid x-key"},
+        429: {"description": "Too many active tasks for this key"},
+    },
+}
+
+
+@router.post("/flux-kontext-max", summary="Edit or create an image with FLUX.1 Kontext [max]", **_SUBMIT)
+def kontext_max(body: KontextInputs, key: Key, services: Deps) -> SubmitResponse:
+    return _submit("flux-kontext-max", body, key, services)
+
+
+@router.post("/flux-kontext-pro", summary="Edit or create an image with FLUX.1 Kontext [pro]", **_SUBMIT)
+def kontext_pro(body: KontextInputs, key: Key, services: Deps) -> SubmitResponse:
+    return _submit("flux-kontext-pro", body, key, services)
+
+
+@router.post("/flux-pro-1.1-ultra", summary="FLUX1.1 [pro] ultra, optional raw mode", **_SUBMIT)
+def pro_ultra(body: UltraInputs, key: Key, services: Deps) -> SubmitResponse:
+    return _submit("flux-pro-1.1-ultra", body, key, services)
+
+
+@router.post("/flux-pro-1.1", summary="FLUX1.1 [pro]", **_SUBMIT)
+def pro_11(body: Pro11Inputs, key: Key, services: Deps) -> SubmitResponse:
+    return _submit("flux-pro-1.1", body, key, services)
+
+
+@router.post("/flux-pro", summary="FLUX.1 [pro]", **_SUBMIT)
+def pro(body: ProInputs, key: Key, services: Deps) -> SubmitResponse:
+    return _submit("flux-pro", body, key, services)
+
+
+@router.post("/flux-dev", summary="FLUX.1 [dev]", **_SUBMIT)
+def dev(body: DevInputs, key: Key, services: Deps) -> SubmitResponse:
+    return _submit("flux-dev", body, key, services)
+
+
+def _reason(job: Job) -> str:
+    """``"Request Moderated: nudity"`` -> ``"nudity"``: the vendor lists reasons without the label."""
+    text = job.error or ""
+    label, _, reason = text.partition(": ")
+    return reason if label in ("Request Moderated", "Content Moderated") and reason else text
+
+
+def _timestamp(job: Job, name: str) -> float | None:
+    value = getattr(job, name)
+    return None if value is None else value.timestamp()
+
+
+def render_result(job: Job | None, job_id: str, services: Services) -> ResultResponse:
+    """A job in the vendor's result shape. Canceled jobs (the vendor has no cancel) read as Error."""
+    if job is None:
+        return ResultResponse(id=job_id, status="Task not found")
+    status = job.status
+    if not status.is_terminal:
+        return ResultResponse(id=job.id, status="Pending", progress=job.progress)
+    if status is JobStatus.SUCCEEDED:
+        start, end = _timestamp(job, "started_at"), _timestamp(job, "finished_at")
+        result = {
+            "sample": services.result_url(job.result_key),
+            "prompt": job.prompt,
+            "seed": job.seed,
+            "start_time": start,
+            "end_time": end,
+            "duration": None if start is None or end is None else round(end - start, 3),
+        }
+        return ResultResponse(id=job.id, status="Ready", result=result)
+    if status is JobStatus.REQUEST_MODERATED:
+        return ResultResponse(
+            id=job.id, status="Request Moderated", details={"Moderation Reasons": [_reason(job)]}
+        )
+    if status is JobStatus.CONTENT_MODERATED:
+        return ResultResponse(
+            id=job.id, status="Content Moderated", details={"Moderation Reasons": [_reason(job)]}
+        )
+    return ResultResponse(id=job.id, status="Error", details={"error": job.error or "failed"})
+
+
+@router.get("/get_result", summary="Get a task's status and result", response_model=ResultResponse)
+def get_result(
+    key: Key,
+    services: Deps,
+    task_id: Annotated[str, Query(alias="id", min_length=1, max_length=100, description="The task's id.")],
+) -> ResultResponse:
+    job_id = task_id.strip()
+    return render_result(services.jobs.get(job_id, key_id=key.id), job_id, services)
+
+
+@router.get("/credits", summary="The key's credit balance", response_model=CreditsResponse)
+def credits(key: Key) -> CreditsResponse:
+    if key.credits is None:
+        return CreditsResponse(credits=UNLIMITED_CREDITS, unlimited=True)
+    return CreditsResponse(credits=_number(key.credits))
