@@ -155,4 +155,6 @@ class EngineRegistry:
 
     def _relay(self, model: str, entry: ModelEntry) -> Engine:
         """The relay engine (issue 4) plugs in here."""
-        raise EngineError("relay engine not available")
+        from fluxserve.engines.relay import RelayEngine
+
+        return RelayEngine(entry, model)
