@@ -207,7 +207,7 @@ def test_rate_limit_that_never_ends_fails_at_the_timeout(vendor: FakeVendor) -> 
 
 
 def test_upstream_error_fails_with_the_vendors_detail(vendor: FakeVendor) -> None:
-    with pytest.raises(EngineError, match="GPU fell over"):
+    with pytest.raises(EngineError, match=r"failed: GPU fell over$"):
         engine_for(vendor).generate(dev_request("[error] x"), EngineHooks())
 
 

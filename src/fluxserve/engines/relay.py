@@ -216,6 +216,17 @@ def _detail(response: httpx.Response) -> str:
     return str(detail)[:300]
 
 
+def _text(detail: Any) -> str:
+    """A vendor ``details`` value as one line: ``{"error": "x"}`` -> ``"x"``, other dicts as ``k: v``."""
+    if isinstance(detail, dict):
+        if len(detail) == 1 and next(iter(detail)) in ("error", "message", "detail"):
+            return _text(next(iter(detail.values())))
+        return "; ".join(f"{name}: {_text(value)}" for name, value in detail.items())
+    if isinstance(detail, list):
+        return ", ".join(_text(item) for item in detail)
+    return "" if detail is None else str(detail)
+
+
 def _retry_after(response: httpx.Response, default: float) -> float:
     value = response.headers.get("retry-after", "")
     try:
@@ -406,8 +417,8 @@ class RelayEngine:
             if status in ("Request Moderated", "Content Moderated"):
                 raise Moderated("request" if status.startswith("Request") else "content", self._reasons(body))
             if status in FAILED:
-                detail = body.get("details") or body.get("error") or "no detail given"
-                raise EngineError(f"relay: upstream task {upstream_id} failed: {str(detail)[:300]}")
+                detail = _text(body.get("details") or body.get("error")) or "no detail given"
+                raise EngineError(f"relay: upstream task {upstream_id} failed: {detail[:300]}")
             if status == "Task not found" and time.monotonic() - submitted > self.options.not_found_grace:
                 raise EngineError(
                     f"relay: the upstream API no longer knows task {upstream_id} (Task not found) "
@@ -504,14 +515,13 @@ class RelayEngine:
 
     @staticmethod
     def _reasons(body: dict[str, Any]) -> str:
+        """The vendor's moderation reasons (``details["Moderation Reasons"]``) as one line."""
         details = body.get("details")
         if isinstance(details, dict):
             reasons = details.get("Moderation Reasons") or details.get("moderation_reasons")
-            if isinstance(reasons, list):
-                return ", ".join(str(reason) for reason in reasons)
-            if details:
-                return ", ".join(f"{name}: {value}" for name, value in details.items())
-        return str(details) if details else ""
+            if reasons:
+                return _text(reasons)
+        return _text(details)
 
     @staticmethod
     def _check(hooks: EngineHooks) -> None:
