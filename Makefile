@@ -12,7 +12,7 @@ serve: install
 	fluxserve serve --data-dir ./data
 
 test: install
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+	$(PYTHON) -m pytest -q
 
 lint:
 	ruff check . && ruff format --check .
