@@ -1,8 +1,8 @@
 """The vendor's official Python client (``blackforest``), unmodified, against a real fluxserve.
 
 ``blackforest`` pins ``pillow==10.4.0``, which clashes with ours, so it lives in its own virtualenv
-(``--system-site-packages`` for the rest). The venv is kept in pytest's cache directory and made once;
-``FLUXSERVE_BLACKFOREST_PYTHON`` may name a ready interpreter instead.
+(``--system-site-packages`` for the rest), made once in pytest's cache directory (a temporary one when
+the cache is off). ``FLUXSERVE_BLACKFOREST_PYTHON`` may name a ready interpreter instead.
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ print("RESULT " + json.dumps({"dev": dev.result, "kontext": kontext.result}))
 
 
 @pytest.fixture(scope="session")
-def blackforest_python(request: pytest.FixtureRequest) -> Path:
+def blackforest_python(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     override = os.environ.get("FLUXSERVE_BLACKFOREST_PYTHON")
     if override:
         return Path(override)
-    venv = Path(request.config.cache.mkdir("blackforest-venv"))
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    venv = Path(cache.mkdir("blackforest-venv")) if cache else tmp_path_factory.mktemp("blackforest-venv")
     python = venv / "bin" / "python"
     marker = venv / "installed.txt"
     if not (marker.is_file() and marker.read_text() == BLACKFOREST and python.exists()):
