@@ -253,7 +253,7 @@ def test_registry_names_what_it_cannot_serve(models_dir: Path, tmp_path: Path) -
         models_dir,
     )
     expected = {
-        "flux-pro": "relay engine not available",
+        "flux-pro": "relay options: base_url: Field required",
         "flux-pro-1.1": "not a diffusers pipeline folder",
         "flux-kontext-pro": "unknown built-in weights 'builtin:huge'",
         "flux-kontext-max": "the catalog names no weights",

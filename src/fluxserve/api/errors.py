@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
@@ -44,7 +45,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         if request.url.path.startswith(VENDOR_PREFIX):
-            return JSONResponse({"detail": exc.errors()}, status_code=422)
+            return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
         return failed(400, "; ".join(error_messages(list(exc.errors()), _model_of(request))))
 
     @app.exception_handler(StarletteHTTPException)
@@ -58,7 +59,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"path": request.url.path})
-        return failed(500, "Internal server error; the request was not processed")
+        message = "Internal server error; the request was not processed"
+        if request.url.path.startswith(VENDOR_PREFIX):
+            return JSONResponse({"detail": message}, status_code=500)
+        return failed(500, message)
 
 
 class DeclaredBodyLimit:
@@ -77,7 +81,11 @@ class DeclaredBodyLimit:
             declared = Headers(scope=scope).get("content-length", "")
             if declared.isdigit() and int(declared) > self.max_bytes:
                 limit = self.max_bytes / (1024 * 1024)
-                response = failed(413, f"body: {int(declared)} bytes is over the {limit:.0f} MB limit")
+                message = f"body: {int(declared)} bytes is over the {limit:.0f} MB limit"
+                if scope["path"].startswith(VENDOR_PREFIX):
+                    response = JSONResponse({"detail": message}, status_code=413)
+                else:
+                    response = failed(413, message)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

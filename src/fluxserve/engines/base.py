@@ -49,6 +49,7 @@ class EngineRequest:
     images: list[Image.Image] = field(default_factory=list)
     image_prompt: Image.Image | None = None
     image_prompt_strength: float | None = None
+    aspect_ratio: str | None = None  # as asked, for engines (the relay) that forward it rather than a size
 
 
 @dataclass

@@ -176,10 +176,12 @@ class Worker:
                 for job in jobs
             }
             prepared: list[tuple[Job, EngineRequest]] = []
+            # An engine that upsamples itself (the relay: the vendor does it) gets the prompt as sent.
+            upsample = not getattr(engine, "handles_prompt_upsampling", False)
             for job in jobs:
                 log.info("job started", extra={"job_id": job.id, "model": job.model, "attempt": job.attempts})
                 try:
-                    prepared.append((job, self._request(job)))
+                    prepared.append((job, self._request(job, upsample)))
                 except Exception as exc:
                     self._finish(job, started, *_failure(job, exc))
             for group in _groups(engine, prepared):
@@ -218,6 +220,15 @@ class Worker:
                 self._finish(job, started, *_failure(job, exc))
                 continue
             details = {**job.details, **outcome.details, "batch_size": len(group)}
+            # What the engine reports wins: a relayed job's final prompt and seed are the vendor's.
+            self._store.update_running(
+                job.id,
+                self.worker_id,
+                prompt=outcome.prompt,
+                seed=outcome.seed,
+                width=outcome.image.width,
+                height=outcome.image.height,
+            )
             self._finish(job, started, JobStatus.SUCCEEDED, None, result_key, details)
 
     def _finish(
@@ -244,7 +255,7 @@ class Worker:
             },
         )
 
-    def _request(self, job: Job) -> EngineRequest:
+    def _request(self, job: Job, upsample: bool) -> EngineRequest:
         """Decode inputs, settle the final size and prompt, and record them on the job."""
         params = GenerationParams.model_validate(job.params)
         images = []
@@ -258,7 +269,7 @@ class Worker:
             params.model, params.width, params.height, params.aspect_ratio, reference
         ) or (1024, 1024)
         prompt = params.prompt
-        if params.prompt_upsampling:
+        if params.prompt_upsampling and upsample:
             prompt = self._enhancer.enhance(prompt, job.seed)
         self._store.update_running(job.id, self.worker_id, width=width, height=height, prompt=prompt)
         return EngineRequest(
@@ -277,6 +288,7 @@ class Worker:
             images=images,
             image_prompt=image_prompt,
             image_prompt_strength=params.image_prompt_strength,
+            aspect_ratio=params.aspect_ratio,
         )
 
     def _load(self, ref: str, field: str) -> Image.Image:
