@@ -143,6 +143,18 @@ def test_relayed_and_local_models_in_one_catalog(
         fetched["status"] == "SUCCESS" and fetched["data"]["quota"] == "8" and fetched["data"]["seed"] == "21"
     )
 
+    # The vendor's upsampled prompt and the seed it drew are what both dialects report.
+    polling_url = client.submit(
+        "flux-kontext-max", {"prompt": "a quiet harbour", "prompt_upsampling": True, "aspect_ratio": "1:1"}
+    )
+    body = client.wait(polling_url)
+    assert body["result"]["prompt"] == "upsampled: a quiet harbour"
+    upstream_seed = vendor.tasks[next(reversed(vendor.tasks))].seed
+    assert body["result"]["seed"] == upstream_seed
+    fetched = Api(relay_server.base_url, key).fetch(polling_url.rsplit("=", 1)[1])
+    assert fetched["data"]["prompt"] == "upsampled: a quiet harbour"
+    assert fetched["data"]["seed"] == str(upstream_seed)
+
     # flux-dev stays local: the vendor never hears of it.
     submits = len(vendor.seen.submits)
     local = client.wait(
