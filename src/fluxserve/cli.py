@@ -83,8 +83,9 @@ def serve(
     keys = _key_store(settings)
     if keys.count() == 0:
         new = keys.create("default")
-        console.print(f"[bold]First start: created API key 'default'[/bold] (shown once): {new.key}")
-        console.print(
+        # Plain echo, not rich: a wrapped key or curl line could not be pasted back.
+        typer.echo(f"First start: created API key 'default' (shown once): {new.key}")
+        typer.echo(
             "Try it:\n"
             f"  curl -s -X POST {settings.base_url}/bfl/v1/flux-dev -H 'TT-API-KEY: {new.key}' "
             "-H 'Content-Type: application/json' -d '{\"prompt\": \"a red circle on a blue background\"}'\n"
@@ -139,7 +140,7 @@ def keys_create(
     if as_json:
         typer.echo(json.dumps({"key": new.key, **_key_json(new.record)}))
     else:
-        console.print(f"key: {new.key}\nwebhook secret: {new.record.webhook_secret}")
+        typer.echo(f"key: {new.key}\nwebhook secret: {new.record.webhook_secret}")
 
 
 @keys_app.command("list")
