@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 import uuid
 from pathlib import Path
 
@@ -113,10 +112,10 @@ def test_a_slow_target_does_not_hold_up_a_fast_one(database: Engine) -> None:
     try:
         slow_job = add_delivery(database, f"http://127.0.0.1:{slow.getsockname()[1]}/slow")
         fast_job = add_delivery(database, fast.url)
-        started = time.monotonic()
+        # the slow attempt runs into its 3 s timeout; the fast one must be done within this 1 s run
         asyncio.run(run_for(dispatcher(database, timeout=3), 1.0))
         assert states(database)[fast_job] == ("delivered", 1)
-        assert fast.requests and time.monotonic() - started < 3
+        assert fast.requests
         assert states(database)[slow_job][0] == "pending"
     finally:
         slow.close()
