@@ -1,12 +1,16 @@
-"""Copy a run's best pipeline into the package: `python -m training.export --run training/runs/main`.
+"""Put a run's pipeline into the package: `python -m training.export --run training/runs/main`.
 
-The run's `best/` folder is already a complete diffusers folder (EMA weights, tokenizers, scheduler); this
-replaces the shipped one with it and checks that it loads and stays under the package size budget.
+By default the run's `best/` folder (a complete diffusers folder written at the best held-out evaluation)
+is copied. `--from-ckpt DIR` first writes the EMA weights and current VAE of `<run>/ckpt.pt` as a diffusers
+folder into DIR and exports that (for a run stopped between evaluations). `--vae DIR` swaps in another VAE
+(e.g. one whose decoder was fine-tuned afterwards with `training.vae --decoder-only`). The result must load
+with both FLUX pipelines and stay under the package size budget.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -18,12 +22,48 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def pipeline_from_ckpt(run: Path, out: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    from training.model import (
+        build_text_encoders,
+        build_tokenizers,
+        build_transformer,
+        save_pipeline,
+        tie_case_variants,
+    )
+
+    state = torch.load(run / "ckpt.pt", weights_only=False)
+    a = state["args"]
+    clip_tok, t5_tok = build_tokenizers()
+    clip, t5 = build_text_encoders(clip_tok, t5_tok)
+    transformer = build_transformer(int(a["width"]), int(a["heads"]), int(a["double"]), int(a["single"]))
+    modules = torch.nn.ModuleDict({"transformer": transformer, "clip": clip, "t5": t5})
+    modules.load_state_dict(state["ema"])
+    vae = AutoencoderKL.from_pretrained(a["vae"])
+    vae.load_state_dict(state["vae"])
+    tie_case_variants(t5, t5_tok)
+    save_pipeline(out, transformer, vae, clip, t5, clip_tok, t5_tok)
+    (out / "training_state.json").write_text(
+        json.dumps({"step": state["step"], "train_minutes": state["train_seconds"] / 60, "source": "ckpt"})
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a training output folder with best/")
     ap.add_argument("--to", type=Path, default=BUNDLED)
+    ap.add_argument("--from-ckpt", type=Path, help="write the checkpoint's EMA pipeline here and export it")
+    ap.add_argument("--vae", type=Path, help="replace the pipeline's vae/ with this folder")
     args = ap.parse_args()
     src = args.run / "best"
+    if args.from_ckpt:
+        pipeline_from_ckpt(args.run, args.from_ckpt)
+        src = args.from_ckpt
+    if args.vae:
+        shutil.rmtree(src / "vae")
+        shutil.copytree(args.vae, src / "vae", ignore=shutil.ignore_patterns("stats.json"))
     size = folder_bytes(src)
     if size > LIMIT_BYTES:
         raise SystemExit(f"{src} is {size / 2**20:.1f} MiB, over the {LIMIT_BYTES / 2**20:.0f} MiB budget")
