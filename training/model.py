@@ -12,14 +12,13 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import (
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
-    T5Config,
     T5EncoderModel,
     T5TokenizerFast,
 )
 
+from fluxserve.engines.tiny import clip_text_encoder, t5_text_encoder
 from training.scenes import vocabulary
 
 LATENT_CHANNELS = 16
@@ -143,37 +142,8 @@ def build_text_encoders(
     clip_tok: CLIPTokenizer, t5_tok: T5TokenizerFast
 ) -> tuple[CLIPTextModel, T5EncoderModel]:
     """Two tiny encoders. Both give text tokens order information (CLIP: absolute, T5: relative)."""
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=TEXT_DIM,
-            intermediate_size=TEXT_DIM * 2,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=MAX_TOKENS,
-            projection_dim=TEXT_DIM,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-        )
-    )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=TEXT_DIM,
-            d_kv=32,
-            d_ff=TEXT_DIM * 2,
-            num_layers=2,
-            num_heads=2,
-            relative_attention_num_buckets=16,
-            relative_attention_max_distance=MAX_TOKENS,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=t5_tok.pad_token_id,
-            eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=t5_tok.pad_token_id,
-        )
-    )
+    clip = clip_text_encoder(clip_tok, TEXT_DIM, layers=2, positions=MAX_TOKENS)
+    t5 = t5_text_encoder(t5_tok, TEXT_DIM, layers=2, head_dim=32, buckets=16, max_distance=MAX_TOKENS)
     return clip, t5
 
 

@@ -70,6 +70,47 @@ def _t5_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_LENGTH)
 
 
+def clip_text_encoder(tok: CLIPTokenizer, dim: int, layers: int, positions: int) -> CLIPTextModel:
+    """A small CLIP text encoder sized to ``tok`` (also used by training/ for the bundled model)."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=dim,
+            intermediate_size=dim * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            max_position_embeddings=positions,
+            projection_dim=dim,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+
+
+def t5_text_encoder(
+    tok: T5TokenizerFast, dim: int, layers: int, head_dim: int, buckets: int, max_distance: int = 128
+) -> T5EncoderModel:
+    """A small T5 encoder sized to ``tok`` (also used by training/ for the bundled model)."""
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok),
+            d_model=dim,
+            d_kv=head_dim,
+            d_ff=dim * 2,
+            num_layers=layers,
+            num_heads=2,
+            relative_attention_num_buckets=buckets,
+            relative_attention_max_distance=max_distance,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            decoder_start_token_id=tok.pad_token_id,
+        )
+    )
+
+
 def _pipeline() -> FluxPipeline:
     """All components, each initialised right after reseeding so the weights never depend on build order.
 
@@ -106,37 +147,9 @@ def _pipeline() -> FluxPipeline:
         shift_factor=0.1159,
     )
     torch.manual_seed(SEED + 2)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=TEXT_DIM,
-            intermediate_size=TEXT_DIM * 2,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=CLIP_LENGTH,
-            projection_dim=TEXT_DIM,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-        )
-    )
+    clip = clip_text_encoder(clip_tok, TEXT_DIM, layers=1, positions=CLIP_LENGTH)
     torch.manual_seed(SEED + 3)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=TEXT_DIM,
-            d_kv=16,
-            d_ff=TEXT_DIM * 2,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=t5_tok.pad_token_id,
-            eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=t5_tok.pad_token_id,
-        )
-    )
+    t5 = t5_text_encoder(t5_tok, TEXT_DIM, layers=1, head_dim=16, buckets=8)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
