@@ -19,7 +19,9 @@ import httpx
 import pytest
 from PIL import Image
 
+TINY_CATALOG = Path(__file__).with_name("tiny_catalog.toml")
 FAST_ENV = {
+    "FLUXSERVE_CATALOG": str(TINY_CATALOG),
     "FLUXSERVE_ALLOWED_PRIVATE_NETWORKS": "127.0.0.0/8",
     "FLUXSERVE_HEARTBEAT_SECONDS": "0.3",
     "FLUXSERVE_STALE_AFTER_SECONDS": "2",
@@ -27,6 +29,11 @@ FAST_ENV = {
     "FLUXSERVE_WEBHOOK_BACKOFF": "0.2,0.4,0.8,1.2,1.6",
     "FLUXSERVE_WEBHOOK_TIMEOUT_SECONDS": "2",
 }
+
+
+def catalog_env(catalog: Path) -> dict[str, str]:
+    """Server environment with a test's catalog file layered over the tiny one."""
+    return {"FLUXSERVE_CATALOG": os.pathsep.join((str(TINY_CATALOG), str(catalog)))}
 
 
 def free_port() -> int:
@@ -140,6 +147,15 @@ def png_base64(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """Torch in the test process on one thread: on a shared 2-core machine two OpenMP threads spin against
+    the servers' and run the tiny pipeline some 30x slower than one thread does."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

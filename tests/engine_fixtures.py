@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.engines.base import EngineHooks, EngineRequest
 from fluxserve.engines.tiny import build_tiny_flux
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch on one thread: on a shared 2-core machine two OpenMP threads spin against the other
-    processes' work and run the tiny pipeline some 30x slower than one thread does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def tiny_weights(root: Path) -> Path:

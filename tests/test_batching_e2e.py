@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import Api, ServerProcess
+from tests.conftest import Api, ServerProcess, catalog_env
 from tests.test_lifecycle import wait_for
 
 CATALOG = """
@@ -26,7 +26,7 @@ def batch_sizes(server: ServerProcess, job_ids: list[str]) -> list[int]:
 def test_queued_jobs_batch_and_match_solo_runs(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     catalog = tmp_path / "batch.toml"
     catalog.write_text(CATALOG)
-    server: ServerProcess = make_server({"FLUXSERVE_CATALOG": str(catalog)})
+    server: ServerProcess = make_server(catalog_env(catalog))
     server.start()
     client = Api(server.base_url, server.create_key()["key"])
     blocker = client.job("flux-pro", {"prompt": "busy", "width": 1024, "height": 1024, "steps": 50})

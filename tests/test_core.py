@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fluxserve.core.pricing import PRICES, format_credits
 from fluxserve.core.sizes import kontext_size, output_size, parse_aspect_ratio, ultra_size
 from fluxserve.jobs.database import make_engine, migrate
 from fluxserve.jobs.tables import metadata
+from fluxserve.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -63,18 +65,40 @@ def test_prices_and_their_format() -> None:
 def test_catalog_override_merges_per_key(tmp_path: Path) -> None:
     override = tmp_path / "catalog.toml"
     override.write_text('[models."flux-dev"]\nweights = "weights/dev"\nsteps = 28\n')
-    catalog = load_catalog(override)
+    catalog = load_catalog([override])
     assert catalog.entry("flux-dev").weights == str(tmp_path / "weights" / "dev")
     assert catalog.entry("flux-dev").steps == 28
-    assert catalog.entry("flux-dev").max_pixels == 65536  # kept from the shipped file
-    assert catalog.entry("flux-pro").weights == "builtin:tiny"
+    shipped = load_catalog()
+    assert catalog.entry("flux-dev").max_pixels == shipped.entry("flux-dev").max_pixels
+    assert catalog.entry("flux-pro") == shipped.entry("flux-pro")
+
+
+def test_catalog_files_layer_in_order_with_paths_relative_to_each(tmp_path: Path) -> None:
+    (tmp_path / "site").mkdir()
+    site, machine = tmp_path / "site" / "catalog.toml", tmp_path / "machine.toml"
+    site.write_text('[models."flux-dev"]\nweights = "dev"\nsteps = 10\n')
+    machine.write_text('[models."flux-dev"]\nsteps = 30\n[models."flux-pro"]\nweights = "pro"\n')
+    catalog = load_catalog([site, machine])
+    assert catalog.entry("flux-dev").weights == str(tmp_path / "site" / "dev")
+    assert catalog.entry("flux-dev").steps == 30
+    assert catalog.entry("flux-pro").weights == str(tmp_path / "pro")  # relative to machine.toml
+    settings = Settings(catalog=f"{site}{os.pathsep}{machine}")
+    assert settings.catalog_files == [site, machine]
+    assert load_catalog(settings.catalog_files) == catalog
+
+
+def test_shipped_catalog_serves_every_route_from_the_bundled_model_at_its_native_size() -> None:
+    shipped = load_catalog()
+    assert {shipped.entry(m).weights for m in MODELS} == {"builtin:bundled"}
+    assert {shipped.entry(m).max_pixels for m in MODELS} == {128 * 128}
+    assert shipped.entry("flux-kontext-max").steps > shipped.entry("flux-kontext-pro").steps
 
 
 def test_catalog_refuses_unknown_keys(tmp_path: Path) -> None:
     override = tmp_path / "catalog.toml"
     override.write_text('[models."flux-dev"]\nwieghts = "typo"\n')
     with pytest.raises(ValueError, match="wieghts"):
-        load_catalog(override)
+        load_catalog([override])
 
 
 def test_migrations_build_exactly_the_declared_schema(tmp_path: Path) -> None:

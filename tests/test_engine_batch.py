@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from engine_fixtures import Recorder, entry, gradient, one_torch_thread, png, request, tiny_weights
+from engine_fixtures import Recorder, entry, gradient, png, request, tiny_weights
 from fluxserve.engines.base import EngineError, JobCanceled
 from fluxserve.engines.diffusers_flux import DiffusersFluxEngine
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads() -> Iterator[None]:
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

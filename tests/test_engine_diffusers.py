@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,23 +10,12 @@ import pytest
 from diffusers import FluxPipeline
 from PIL import Image
 
-from engine_fixtures import Recorder, entry, gradient, one_torch_thread, png, request, solid, tiny_weights
+from engine_fixtures import Recorder, entry, gradient, png, request, solid, tiny_weights
 from fluxserve.core.catalog import Catalog, ModelEntry
 from fluxserve.engines import registry as registry_module
 from fluxserve.engines.base import EngineError, JobCanceled
 from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel, generation_size
 from fluxserve.engines.registry import EngineRegistry
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads() -> Iterator[None]:
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
 
 
 @pytest.fixture(scope="module")

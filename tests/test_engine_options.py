@@ -7,29 +7,17 @@ needs the GPU, and must fail there with an error that names the option.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from engine_fixtures import Recorder, entry, one_torch_thread, png, request, tiny_weights
+from engine_fixtures import Recorder, entry, png, request, tiny_weights
 from fluxserve.core.catalog import Catalog
 from fluxserve.engines.base import EngineError
 from fluxserve.engines.diffusers_flux import DiffusersFluxEngine
 from fluxserve.engines.registry import EngineRegistry
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads() -> Iterator[None]:
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
 
 
 @pytest.fixture(scope="module")

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from engine_fixtures import Recorder, one_torch_thread, request
+from engine_fixtures import Recorder, request
 from fluxserve.core.catalog import Catalog
 from fluxserve.engines.diffusers_flux import FluxModel
 from fluxserve.engines.registry import EngineRegistry, weights_size
 from fluxserve.engines.tiny import build_tiny_flux
 
 ROUTES = ("flux-dev", "flux-pro", "flux-pro-1.1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads() -> Iterator[None]:
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

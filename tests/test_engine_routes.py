@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engine_fixtures import Recorder, entry, gradient, one_torch_thread, png, request, solid, tiny_weights
+from engine_fixtures import Recorder, entry, gradient, png, request, solid, tiny_weights
 from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel, reference_canvas
 from fluxserve.engines.registry import EngineRegistry
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads() -> Iterator[None]:
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
+from tests.conftest import TINY_CATALOG
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +84,8 @@ def test_every_kontext_reference_changes_the_output(flux: FluxModel) -> None:
 
 
 def test_kontext_max_runs_more_steps_than_kontext_pro(models_dir: Path) -> None:
-    """The shipped catalog: kontext-max 4 steps, kontext-pro 2, on the one shared tiny model."""
-    registry = EngineRegistry(load_catalog(), models_dir)
+    """The tests' catalog: kontext-max 4 steps, kontext-pro 2, on the one shared tiny model."""
+    registry = EngineRegistry(load_catalog([TINY_CATALOG]), models_dir)
     for model, steps in (("flux-kontext-max", 4), ("flux-kontext-pro", 2)):
         recorder = Recorder()
         result = registry.get(model).generate(request(model, images=[gradient()]), recorder.hooks)

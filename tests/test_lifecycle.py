@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from tests.conftest import Api, ServerProcess
+from tests.conftest import Api, ServerProcess, catalog_env
 
 SLOW_CATALOG = """
 [models."flux-dev"]
@@ -18,7 +18,7 @@ def slow_env(tmp_path: Path) -> dict[str, str]:
     """flux-dev at full size and 50 steps: slow enough on the tiny model to be seen running."""
     catalog = tmp_path / "slow.toml"
     catalog.write_text(SLOW_CATALOG)
-    return {"FLUXSERVE_CATALOG": str(catalog)}
+    return catalog_env(catalog)
 
 
 SLOW_JOB = {"prompt": "slow", "width": 1440, "height": 1440, "steps": 50}
@@ -129,7 +129,7 @@ def test_private_url_input_is_refused_without_the_operator_switch(make_server) -
 def test_engine_failure_fails_the_job_with_a_message(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     catalog = tmp_path / "broken.toml"
     catalog.write_text(f'[models."flux-pro"]\nweights = "{tmp_path / "no-such-model"}"\n')
-    server: ServerProcess = make_server({"FLUXSERVE_CATALOG": str(catalog)})
+    server: ServerProcess = make_server(catalog_env(catalog))
     server.start()
     client = Api(server.base_url, server.create_key("k", credits="5")["key"])
     body = client.wait(client.job("flux-pro", {"prompt": "x", "steps": 1}))

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from fluxserve.core.sizes import kontext_size
-from tests.conftest import Api, ServerProcess, png_base64
+from tests.conftest import Api, ServerProcess, catalog_env, png_base64
 from tests.fake_vendor import FAKE_KEY, FakeVendor, _color
 
 KEY_ENV = "FLUXSERVE_TEST_UPSTREAM_KEY"
@@ -49,7 +49,7 @@ def relay_server(
     data_dir = tmp_path_factory.mktemp("relay")
     catalog_file = data_dir.parent / f"{data_dir.name}-catalog.toml"
     catalog_file.write_text(catalog(vendor.base_url))
-    env = {"FLUXSERVE_CATALOG": str(catalog_file), KEY_ENV: FAKE_KEY}
+    env = {**catalog_env(catalog_file), KEY_ENV: FAKE_KEY}
     server = ServerProcess(data_dir, models_dir, env)
     server.start()
     yield server

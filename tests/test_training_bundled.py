@@ -40,7 +40,6 @@ def test_bundled_loads_offline_with_both_pipelines(monkeypatch: pytest.MonkeyPat
     from diffusers import FluxKontextPipeline, FluxPipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
     pipe = FluxPipeline.from_pretrained(str(BUNDLED), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     scene = Scene("circle", "yellow", "center", "large", "blue")

@@ -66,7 +66,7 @@ class Runtime:
         migrate(database)
         blobs = make_blob_store(settings.storage)
         store = SqlJobStore(database)
-        catalog = load_catalog(settings.catalog)
+        catalog = load_catalog(settings.catalog_files)
         max_input_pixels = max(entry.max_input_pixels for entry in catalog.models.values())
         limits = Limits(
             max_active=settings.max_active_jobs,

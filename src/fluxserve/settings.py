@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 
@@ -19,8 +20,10 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="Default: SQLite in the data dir.")
     storage_url: str | None = Field(default=None, description="Default: file:// in the data dir.")
     public_url: str | None = Field(default=None, description="Base of result URLs; default http://host:port.")
-    catalog: Path | None = Field(
-        default=None, description="Operator catalog TOML overriding the shipped one."
+    catalog: str | None = Field(
+        default=None,
+        description="Operator catalog TOML file(s) overriding the shipped one; several joined with "
+        "os.pathsep (':'), later ones winning.",
     )
     host: str = "127.0.0.1"
     port: int = 8000
@@ -43,6 +46,10 @@ class Settings(BaseSettings):
     max_active_jobs: int = Field(default=24, description="Queued plus running jobs per key (429 beyond).")
     max_active_jobs_kontext_max: int = 6
     log_json: bool = Field(default=False, description="One JSON object per log line.")
+
+    @property
+    def catalog_files(self) -> list[Path]:
+        return [Path(part) for part in (self.catalog or "").split(os.pathsep) if part]
 
     @property
     def models(self) -> Path:

@@ -1,12 +1,14 @@
 """The model catalog: which engine and weights serve each API model name.
 
-Shipped defaults live in ``catalog.toml`` beside this module; an operator file named by
-``FLUXSERVE_CATALOG`` overrides them key by key, model by model.
+Shipped defaults live in ``catalog.toml`` beside this module; operator files named by ``FLUXSERVE_CATALOG``
+(several joined with ``os.pathsep``, later ones winning) override them key by key, model by model, so a
+site-wide file and a per-machine file can be layered.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,19 +66,24 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_catalog(override: Path | None = None) -> Catalog:
-    """Read the shipped catalog, apply the operator's file, and resolve relative weight paths."""
-    data = tomllib.loads(DEFAULT_CATALOG.read_text())
-    base_dir = DEFAULT_CATALOG.parent
-    if override is not None:
-        data = _merge(data, tomllib.loads(override.read_text()))
-        base_dir = override.parent
+def _read(path: Path) -> dict[str, Any]:
+    """One catalog file, its relative weight paths made absolute against the file's own folder."""
+    data = tomllib.loads(path.read_text())
+    for entry in data.get("models", {}).values():
+        weights = entry.get("weights") if isinstance(entry, dict) else None
+        if isinstance(weights, str) and weights and not weights.startswith("builtin:"):
+            local = Path(weights).expanduser()
+            entry["weights"] = str(local if local.is_absolute() else (path.parent / local).resolve())
+    return data
+
+
+def load_catalog(overrides: Sequence[Path] = ()) -> Catalog:
+    """Read the shipped catalog and apply the operator's files in order."""
+    data = _read(DEFAULT_CATALOG)
+    for path in overrides:
+        data = _merge(data, _read(path))
     catalog = Catalog.model_validate(data)
     missing = [name for name in MODELS if name not in catalog.models]
     if missing:
         raise ValueError(f"catalog: no entry for {', '.join(missing)}")
-    for entry in catalog.models.values():
-        if entry.weights and not entry.weights.startswith("builtin:"):
-            path = Path(entry.weights).expanduser()
-            entry.weights = str(path if path.is_absolute() else (base_dir / path).resolve())
     return catalog
