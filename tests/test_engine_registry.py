@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from engine_fixtures import Recorder, request
+from fluxserve.app import Runtime
 from fluxserve.core.catalog import Catalog
 from fluxserve.engines.diffusers_flux import FluxModel
 from fluxserve.engines.registry import EngineRegistry, weights_size
 from fluxserve.engines.tiny import build_tiny_flux
+from fluxserve.settings import Settings
 
 ROUTES = ("flux-dev", "flux-pro", "flux-pro-1.1")
 
@@ -73,3 +75,11 @@ def test_a_job_running_on_an_evicted_model_finishes(folders: dict[str, Path], tm
     assert held(engines) == ["flux-pro"]
     assert dev.generate(request(), Recorder().hooks).image.size == (64, 64)
     assert engines.get("flux-dev").model is not model  # type: ignore[attr-defined]
+
+
+def test_the_operator_sets_the_cap_in_mib(tmp_path: Path) -> None:
+    capped = Runtime.build(Settings(data_dir=tmp_path / "a", model_memory_mb=512))
+    assert capped.engines is not None and capped.engines.memory_cap_bytes == 512 * 2**20
+    unbounded = Runtime.build(Settings(data_dir=tmp_path / "b"))
+    assert unbounded.engines is not None and unbounded.engines.memory_cap_bytes is None
+    assert Runtime.build(Settings(data_dir=tmp_path / "c", workers=0)).engines is None

@@ -58,6 +58,7 @@ class Runtime:
     database: Engine
     services: Services
     policy: NetworkPolicy
+    engines: EngineRegistry | None = None  # None in an API-only process
     workers: list[Worker] = field(default_factory=list)
 
     @classmethod
@@ -85,7 +86,8 @@ class Runtime:
         policy = NetworkPolicy(parse_networks(settings.allowed_private_networks))
         runtime = cls(settings, database, services, policy)
         if settings.workers:
-            registry = EngineRegistry(catalog, settings.models)
+            cap = settings.model_memory_mb * 2**20 if settings.model_memory_mb else None
+            registry = runtime.engines = EngineRegistry(catalog, settings.models, memory_cap_bytes=cap)
             inputs = InputLoader(blobs, policy, settings.max_input_bytes, max_input_pixels)
             prefix = f"{socket.gethostname()}-{os.getpid()}"
             runtime.workers = [

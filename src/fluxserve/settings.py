@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     stale_after_seconds: float = Field(
         default=30.0, description="A running job whose worker has not checked in for this long is requeued."
     )
+    model_memory_mb: int | None = Field(
+        default=None,
+        gt=0,
+        description="Most model weights (MiB) a worker process keeps loaded; beyond it the least recently "
+        "used model is evicted before another loads. None: no cap.",
+    )
     max_attempts: int = Field(default=3, description="Claims of one job before it fails as a crash loop.")
     poll_seconds: float = Field(default=0.2, description="Idle workers look for queued jobs this often.")
     allowed_private_networks: str = Field(

@@ -76,6 +76,10 @@ class EngineRegistry:
             return engine
 
     @property
+    def memory_cap_bytes(self) -> int | None:
+        return self._cap
+
+    @property
     def loaded(self) -> dict[tuple[Path, LoadOptions], int]:
         """The models in memory, least recently used first, with the bytes each holds."""
         with self._lock:
