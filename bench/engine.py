@@ -1,6 +1,6 @@
 """fluxserve overhead against diffusers called directly, on the same local FLUX pipeline folder.
 
-    python bench/engine.py [--weights FOLDER] [--size 512] [--steps 8] [--rounds 3]
+    python bench/engine.py [--weights FOLDER] [--size 512] [--steps 8] [--rounds 3] [--poll 0.05]
 
 Without --weights it builds the tiny pipeline that `fluxserve serve` uses by default. For 1 and for 8
 concurrent requests it times (a) the pipeline called directly, the requests one after another in this
@@ -43,7 +43,7 @@ def direct(pipe: FluxPipeline, count: int, size: int, steps: int) -> float:
     return time.perf_counter() - started
 
 
-def through_api(base: str, key: str, count: int, size: int, steps: int) -> float:
+def through_api(base: str, key: str, count: int, size: int, steps: int, poll: float) -> float:
     headers = {"TT-API-KEY": key}
     body = {"width": size, "height": size, "steps": steps, "guidance": 3.5}
 
@@ -59,7 +59,7 @@ def through_api(base: str, key: str, count: int, size: int, steps: int) -> float
                     return
                 if result["status"] == "FAILED":
                     raise RuntimeError(result["message"])
-                time.sleep(0.02)
+                time.sleep(poll)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(count) as pool:
@@ -101,6 +101,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--poll", type=float, default=0.05, help="seconds between a client's fetches (each of 8 polls)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch)
@@ -110,14 +113,14 @@ def main() -> None:
         server, base, key = start_server(weights.resolve(), data / "server")
         try:
             direct(pipe, 1, args.size, args.steps)  # warm-up both sides
-            through_api(base, key, 1, args.size, args.steps)
+            through_api(base, key, 1, args.size, args.steps, args.poll)
             threads = torch.get_num_threads()
-            print(f"weights={weights.name} size={args.size} steps={args.steps} torch_threads={threads}")
+            print(f"weights={weights.name} size={args.size} steps={args.steps} torch_threads={threads} poll={args.poll}")
             for count in (1, 8):
                 ratios = []
                 for round_ in range(args.rounds):
                     d = direct(pipe, count, args.size, args.steps)
-                    f = through_api(base, key, count, args.size, args.steps)
+                    f = through_api(base, key, count, args.size, args.steps, args.poll)
                     ratios.append(f / d)
                     timing = f"direct {d:.3f} s, fluxserve {f:.3f} s, ratio {f / d:.3f}"
                     print(f"  {count} request(s) round {round_ + 1}: {timing}")
