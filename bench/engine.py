@@ -1,8 +1,9 @@
 """fluxserve overhead against diffusers called directly, on the same local FLUX pipeline folder.
 
-    python bench/engine.py [--weights FOLDER] [--size 512] [--steps 8] [--rounds 3] [--poll 0.05]
+    python bench/engine.py [--weights FOLDER] [--size 512] [--steps 8] [--rounds 3]
+                           [--poll 0.05] [--max-batch 1]
 
-Without --weights it builds the tiny pipeline that `fluxserve serve` uses by default. For 1 and for 8
+Without --weights it builds the tiny pipeline the test suite runs on. For 1 and for 8
 concurrent requests it times (a) the pipeline called directly, the requests one after another in this
 process, and (b) the same requests submitted at once to a `fluxserve serve` subprocess over HTTP and
 polled until every image is stored; it prints the ratio (fluxserve / direct) per round and the median.
@@ -38,6 +39,7 @@ def direct(pipe: FluxPipeline, count: int, size: int, steps: int) -> float:
             height=size,
             num_inference_steps=steps,
             guidance_scale=3.5,
+            max_sequence_length=min(512, pipe.tokenizer_2.model_max_length),  # as the engine does
             generator=torch.Generator("cpu").manual_seed(seed),
         ).images[0].save(os.devnull, format="PNG")
     return time.perf_counter() - started
@@ -67,10 +69,13 @@ def through_api(base: str, key: str, count: int, size: int, steps: int, poll: fl
     return time.perf_counter() - started
 
 
-def start_server(weights: Path, data: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_server(weights: Path, data: Path, max_batch: int = 1) -> tuple[subprocess.Popen[bytes], str, str]:
     data.mkdir(parents=True, exist_ok=True)
     catalog = data / "catalog.toml"
-    catalog.write_text(f'[models."flux-dev"]\nweights = "{weights}"\nmax_pixels = 0\n')
+    catalog.write_text(
+        f'[models."flux-dev"]\nweights = "{weights}"\nmax_pixels = 0\n'
+        f"options = {{ max_batch = {max_batch} }}\n"
+    )
     env = {**os.environ, "FLUXSERVE_CATALOG": str(catalog), "FLUXSERVE_POLL_SECONDS": "0.02"}
     create = ["keys", "create", "--name", "bench", "--data-dir", str(data), "--json"]
     key = subprocess.run(
@@ -101,6 +106,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-batch", type=int, default=1, help="the catalog's options.max_batch")
     parser.add_argument(
         "--poll", type=float, default=0.05, help="seconds between a client's fetches (each of 8 polls)"
     )
@@ -110,12 +116,13 @@ def main() -> None:
         weights = args.weights or build_tiny_flux(data / "tiny")
         pipe = FluxPipeline.from_pretrained(weights)
         pipe.set_progress_bar_config(disable=True)
-        server, base, key = start_server(weights.resolve(), data / "server")
+        server, base, key = start_server(weights.resolve(), data / "server", args.max_batch)
         try:
             direct(pipe, 1, args.size, args.steps)  # warm-up both sides
             through_api(base, key, 1, args.size, args.steps, args.poll)
             threads = torch.get_num_threads()
-            print(f"weights={weights.name} size={args.size} steps={args.steps} torch_threads={threads} poll={args.poll}")
+            setup = f"size={args.size} steps={args.steps} torch_threads={threads} poll={args.poll}"
+            print(f"weights={weights.name} {setup} max_batch={args.max_batch}")
             for count in (1, 8):
                 ratios = []
                 for round_ in range(args.rounds):
