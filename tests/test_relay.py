@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -258,6 +259,29 @@ def test_result_is_downloaded_at_once_so_the_expiring_url_does_not_matter(vendor
     task_id = next(iter(vendor.tasks))
     assert httpx.get(vendor.sample_url(task_id)).status_code == 403  # the vendor's URL has expired
     assert result.image.getpixel((5, 5)) == _color(7)  # but we hold the image
+
+
+def test_the_upstream_task_is_checkpointed_and_a_retry_resumes_it(vendor: FakeVendor) -> None:
+    """A worker that dies mid-poll is followed by one that polls the same task: the vendor is paid once."""
+    vendor.pending_polls = 10_000
+    saved: list[dict[str, Any]] = []
+    dying = EngineHooks(checkpoint=saved.append, canceled=lambda: bool(vendor.seen.polls))
+    with pytest.raises(JobCanceled):  # stands in for the crash: the first attempt stops after one poll
+        engine_for(vendor).generate(dev_request(), dying)
+    task_id = next(iter(vendor.tasks))
+    assert saved == [{"id": task_id, "polling_url": ANY, "cost": 2.5}]
+    assert saved[0]["polling_url"].startswith(f"{vendor.base_url}/regional/")
+
+    vendor.pending_polls = 0
+    result = engine_for(vendor).generate(dev_request(resume=saved[0]), EngineHooks())
+    assert len(vendor.seen.submits) == 1
+    assert result.details["upstream_id"] == task_id
+    assert result.image.getpixel((5, 5)) == _color(7)
+
+
+def test_a_checkpoint_without_a_task_submits_afresh(vendor: FakeVendor) -> None:
+    result = engine_for(vendor).generate(dev_request(resume={"id": 3}), EngineHooks())
+    assert len(vendor.seen.submits) == 1 and result.details["upstream_id"] in vendor.tasks
 
 
 def test_cancel_stops_polling(vendor: FakeVendor) -> None:

@@ -50,6 +50,7 @@ class EngineRequest:
     image_prompt: Image.Image | None = None
     image_prompt_strength: float | None = None
     aspect_ratio: str | None = None  # as asked, for engines (the relay) that forward it rather than a size
+    resume: dict[str, Any] | None = None  # what an earlier attempt saved with ``hooks.checkpoint``
 
 
 @dataclass
@@ -62,10 +63,15 @@ class EngineResult:
 
 @dataclass
 class EngineHooks:
-    """Callbacks from the engine to the worker: ``progress`` takes 0..1, ``canceled`` is polled."""
+    """Callbacks from the engine to the worker: ``progress`` takes 0..1, ``canceled`` is polled.
+
+    ``checkpoint`` saves engine state on the job (the relay's upstream task), so that an attempt after a
+    crash gets it back as ``EngineRequest.resume`` and carries on instead of starting over.
+    """
 
     progress: Callable[[float], None] = lambda fraction: None
     canceled: Callable[[], bool] = lambda: False
+    checkpoint: Callable[[dict[str, Any]], None] = lambda state: None
 
     def step(self, fraction: float) -> None:
         """Report progress and stop the engine if the job was canceled meanwhile."""

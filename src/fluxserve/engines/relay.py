@@ -174,6 +174,13 @@ def upstream_payload(model: str, request: EngineRequest) -> dict[str, Any]:
     return {name: values[name] for name in fields if values.get(name) is not None}
 
 
+def resumable_task(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The upstream task an earlier attempt submitted and checkpointed, if it left a usable one."""
+    if state and isinstance(state.get("id"), str) and isinstance(state.get("polling_url"), str):
+        return state
+    return None
+
+
 def key_allowed(url: str, base_url: str) -> bool:
     """Whether the upstream key may go to ``url``: the base host, or (for a DNS name) its siblings.
 
@@ -266,12 +273,20 @@ class RelayEngine:
         started = time.monotonic()
         deadline = started + self.options.timeout
         with httpx.Client(timeout=self.options.request_timeout) as client:
-            task = self._submit(client, key, payload, hooks, deadline)
+            task = resumable_task(request.resume)
+            if task is None:
+                task = self._submit(client, key, payload, hooks, deadline)
+                # Saved on the job before polling: a worker that dies now is followed by one that polls
+                # this task rather than paying the vendor for a second one.
+                hooks.checkpoint(
+                    {"id": task["id"], "polling_url": task["polling_url"], "cost": task.get("cost")}
+                )
+                event = "relay task submitted"
+            else:
+                event = "relay task resumed after a restart"
             upstream_id = task["id"]
-            log.info(
-                "relay task submitted",
-                extra={"model": self.model, "upstream_id": upstream_id, "upstream_cost": task.get("cost")},
-            )
+            extra = {"model": self.model, "upstream_id": upstream_id, "upstream_cost": task.get("cost")}
+            log.info(event, extra=extra)
             body = self._poll(client, key, task, hooks, deadline)
         result = body.get("result") if isinstance(body.get("result"), dict) else {}
         sample = result.get("sample")

@@ -13,6 +13,7 @@ import threading
 import time
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from PIL import Image
@@ -42,6 +43,7 @@ from fluxserve.worker.upsample import PromptEnhancer
 log = logging.getLogger("fluxserve.worker")
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+ENGINE_STATE = "engine_state"  # the job's details key for what an engine checkpointed
 
 
 def encode_image(image: Image.Image, output_format: str) -> bytes:
@@ -196,7 +198,12 @@ class Worker:
     ) -> None:
         """One engine call for the group; each job then ends with its own outcome."""
         hooks = [
-            EngineHooks(progress=beats[job.id].progress, canceled=beats[job.id].canceled) for job, _ in group
+            EngineHooks(
+                progress=beats[job.id].progress,
+                canceled=beats[job.id].canceled,
+                checkpoint=partial(self._checkpoint, job),
+            )
+            for job, _ in group
         ]
         requests = [request for _, request in group]
         outcomes: list[EngineResult | BaseException]
@@ -230,6 +237,10 @@ class Worker:
                 height=outcome.image.height,
             )
             self._finish(job, started, JobStatus.SUCCEEDED, None, result_key, details)
+
+    def _checkpoint(self, job: Job, state: dict[str, Any]) -> None:
+        job.details[ENGINE_STATE] = state
+        self._store.update_running(job.id, self.worker_id, details=job.details)
 
     def _finish(
         self,
@@ -289,6 +300,7 @@ class Worker:
             image_prompt=image_prompt,
             image_prompt_strength=params.image_prompt_strength,
             aspect_ratio=params.aspect_ratio,
+            resume=job.details.get(ENGINE_STATE),
         )
 
     def _load(self, ref: str, field: str) -> Image.Image:
