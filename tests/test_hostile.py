@@ -57,7 +57,13 @@ def test_decompression_bomb_is_refused(api: Api) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    [b"\x00\xff" * 100, b'{"prompt": "x", "steps": ' + b"9" * 5000 + b"}", b'{"prompt": ' * 3000],
+    [
+        b"\x00\xff" * 100,
+        b'{"prompt": "x", "steps": ' + b"9" * 5000 + b"}",
+        b'{"prompt": ' * 3000,
+        b'{"prompt": "x", "width": NaN}',
+        b'{"prompt": "x", "guidance": Infinity}',
+    ],
 )
 def test_junk_bodies_get_a_400_not_a_500(api: Api, content: bytes) -> None:
     response = api.http.post(

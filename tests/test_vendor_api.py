@@ -194,6 +194,15 @@ def test_body_that_is_not_a_json_object_is_422(vendor: Vendor) -> None:
         assert response.json()["detail"][0]["msg"] == "body: must be a JSON object"
 
 
+def test_non_finite_numbers_are_422_not_500(vendor: Vendor) -> None:
+    headers = {**vendor.headers, "content-type": "application/json"}
+    for literal in (b"NaN", b"Infinity", b"-Infinity"):
+        content = b'{"prompt": "x", "width": ' + literal + b"}"
+        response = vendor.client.post("/v1/flux-dev", content=content, headers=headers)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["body", "width"]
+
+
 def test_long_inputs_are_not_echoed_back(vendor: Vendor) -> None:
     response = vendor.submit("flux-dev", {"prompt": "x" * 20_001})
     assert response.status_code == 422

@@ -16,6 +16,7 @@ webhooks are signed with each key's own secret (Standard Webhooks), not a per-re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Coroutine
 from decimal import Decimal
 from typing import Annotated, Any
@@ -72,7 +73,10 @@ def vendor_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
             msg = f"{field}: {err.get('msg', 'is invalid')}"
         item: dict[str, Any] = {"loc": loc, "msg": msg, "type": kind}
         value = err.get("input")
-        if isinstance(value, int | float | bool) or (isinstance(value, str) and len(value) <= MAX_INPUT_ECHO):
+        finite = not isinstance(value, float) or math.isfinite(value)  # NaN and Infinity are not JSON
+        if (isinstance(value, int | float | bool) and finite) or (
+            isinstance(value, str) and len(value) <= MAX_INPUT_ECHO
+        ):
             item["input"] = value
         items.append(item)
     return items
