@@ -1,0 +1,58 @@
+"""`fluxserve serve` on its shipped catalog: every route is served by the bundled model, offline."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Api, ServerProcess
+from training.scenes import Scene, analyse, render
+
+BUNDLED = Path(__file__).resolve().parents[1] / "src" / "fluxserve" / "weights" / "bundled"
+pytestmark = pytest.mark.skipif(not (BUNDLED / "model_index.json").exists(), reason="no bundled weights")
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Api]:
+    data_dir = tmp_path_factory.mktemp("shipped")
+    server = ServerProcess(data_dir, models_dir, {"FLUXSERVE_CATALOG": ""})  # the shipped catalog only
+    server.start()
+    yield Api(server.base_url, server.create_key()["key"])
+    server.stop()
+
+
+def test_text_to_image_paints_the_asked_background(shipped: Api) -> None:
+    """What the shipped weights do reliably (training/RESULTS.md): the background colour of the prompt."""
+    wanted = [("yellow", "blue"), ("red", "white"), ("green", "pink"), ("black", "orange")]
+    for index, (color, background) in enumerate(wanted):
+        prompt = f"a large {color} circle in the center on a {background} background"
+        body = shipped.wait(
+            shipped.job("flux-dev", {"prompt": prompt, "width": 256, "height": 256, "seed": index})
+        )
+        assert body["status"] == "SUCCESS", body
+        image = shipped.image(body)
+        assert (image.format, image.size) == ("PNG", (256, 256))
+        found = analyse(image)
+        assert found.background == background, prompt
+
+
+def test_kontext_edits_the_reference(shipped: Api) -> None:
+    source = render(Scene("square", "red", "center", "large", "white"))
+    buffer = io.BytesIO()
+    source.save(buffer, format="PNG")
+    body = {
+        "prompt": "make the background green",
+        "input_image": base64.b64encode(buffer.getvalue()).decode(),
+        "aspect_ratio": "1:1",
+        "seed": 3,
+        "output_format": "jpeg",
+    }
+    result = shipped.wait(shipped.job("flux-kontext-pro", body))
+    assert result["status"] == "SUCCESS", result
+    image = shipped.image(result)
+    assert (image.format, image.size) == ("JPEG", (1024, 1024))
+    assert analyse(image).background == "green"
