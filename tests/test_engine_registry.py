@@ -7,6 +7,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine_fixtures import Recorder, request
 from fluxserve.app import Runtime
@@ -83,3 +84,12 @@ def test_the_operator_sets_the_cap_in_mib(tmp_path: Path) -> None:
     unbounded = Runtime.build(Settings(data_dir=tmp_path / "b"))
     assert unbounded.engines is not None and unbounded.engines.memory_cap_bytes is None
     assert Runtime.build(Settings(data_dir=tmp_path / "c", workers=0)).engines is None
+
+
+def test_the_operator_sets_torch_threads_for_workers(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        Runtime.build(Settings(data_dir=tmp_path, torch_threads=before + 1))
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+import torch
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
@@ -86,6 +87,8 @@ class Runtime:
         policy = NetworkPolicy(parse_networks(settings.allowed_private_networks))
         runtime = cls(settings, database, services, policy)
         if settings.workers:
+            if settings.torch_threads:
+                torch.set_num_threads(settings.torch_threads)
             cap = settings.model_memory_mb * 2**20 if settings.model_memory_mb else None
             registry = runtime.engines = EngineRegistry(catalog, settings.models, memory_cap_bytes=cap)
             inputs = InputLoader(blobs, policy, settings.max_input_bytes, max_input_pixels)

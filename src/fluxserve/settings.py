@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     stale_after_seconds: float = Field(
         default=30.0, description="A running job whose worker has not checked in for this long is requeued."
     )
+    torch_threads: int | None = Field(
+        default=None,
+        gt=0,
+        description="CPU threads for torch in worker processes; None: torch's default (one per core). "
+        "Set 1 on a CPU shared with other busy processes: OpenMP threads that spin against them can run "
+        "a model 100x slower.",
+    )
     model_memory_mb: int | None = Field(
         default=None,
         gt=0,
