@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from fluxserve.engines.registry import BUNDLED_WEIGHTS
 from tests.conftest import Api, ServerProcess
 from training.scenes import Scene, analyse, render
 
-BUNDLED = Path(__file__).resolve().parents[1] / "src" / "fluxserve" / "weights" / "bundled"
-pytestmark = pytest.mark.skipif(not (BUNDLED / "model_index.json").exists(), reason="no bundled weights")
+pytestmark = pytest.mark.skipif(
+    not (BUNDLED_WEIGHTS / "model_index.json").exists(), reason="no bundled weights"
+)
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from fluxserve.engines.registry import BUNDLED_WEIGHTS
 from training.model import MAX_TOKENS, build_tokenizers
 from training.scenes import SIZE, Scene, render, vocabulary
-
-BUNDLED = Path(__file__).resolve().parents[1] / "src" / "fluxserve" / "weights" / "bundled"
 
 
 def test_tokenizers_keep_every_word_whole_and_ignore_case() -> None:
@@ -25,13 +22,13 @@ def test_tokenizers_keep_every_word_whole_and_ignore_case() -> None:
 
 
 needs_weights = pytest.mark.skipif(
-    not (BUNDLED / "model_index.json").exists(), reason="no bundled weights yet"
+    not (BUNDLED_WEIGHTS / "model_index.json").exists(), reason="no bundled weights yet"
 )
 
 
 @needs_weights
 def test_bundled_folder_is_small() -> None:
-    total = sum(p.stat().st_size for p in BUNDLED.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in BUNDLED_WEIGHTS.rglob("*") if p.is_file())
     assert total < 40 * 2**20
 
 
@@ -40,7 +37,7 @@ def test_bundled_loads_offline_with_both_pipelines(monkeypatch: pytest.MonkeyPat
     from diffusers import FluxKontextPipeline, FluxPipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    pipe = FluxPipeline.from_pretrained(str(BUNDLED), local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(str(BUNDLED_WEIGHTS), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     scene = Scene("circle", "yellow", "center", "large", "blue")
     image = pipe(
@@ -53,7 +50,7 @@ def test_bundled_loads_offline_with_both_pipelines(monkeypatch: pytest.MonkeyPat
     ).images[0]
     assert image.size == (SIZE, SIZE)
 
-    kontext = FluxKontextPipeline.from_pretrained(str(BUNDLED), local_files_only=True)
+    kontext = FluxKontextPipeline.from_pretrained(str(BUNDLED_WEIGHTS), local_files_only=True)
     kontext.set_progress_bar_config(disable=True)
     edited = kontext(
         image=render(scene),

@@ -14,7 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
-BUNDLED = Path(__file__).resolve().parents[1] / "src" / "fluxserve" / "weights" / "bundled"
+from fluxserve.engines.registry import BUNDLED_WEIGHTS
+
 LIMIT_BYTES = 40 * 2**20
 
 
@@ -53,7 +54,7 @@ def pipeline_from_ckpt(run: Path, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a training output folder with best/")
-    ap.add_argument("--to", type=Path, default=BUNDLED)
+    ap.add_argument("--to", type=Path, default=BUNDLED_WEIGHTS)
     ap.add_argument("--from-ckpt", type=Path, help="write the checkpoint's EMA pipeline here and export it")
     ap.add_argument("--vae", type=Path, help="replace the pipeline's vae/ with this folder")
     args = ap.parse_args()
