@@ -27,25 +27,16 @@ def pipeline_from_ckpt(run: Path, out: Path) -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    from training.model import (
-        build_text_encoders,
-        build_tokenizers,
-        build_transformer,
-        save_pipeline,
-        tie_case_variants,
-    )
+    from training.model import build_modules, build_tokenizers, save_pipeline
 
     state = torch.load(run / "ckpt.pt", weights_only=False)
     a = state["args"]
     clip_tok, t5_tok = build_tokenizers()
-    clip, t5 = build_text_encoders(clip_tok, t5_tok)
-    transformer = build_transformer(int(a["width"]), int(a["heads"]), int(a["double"]), int(a["single"]))
-    modules = torch.nn.ModuleDict({"transformer": transformer, "clip": clip, "t5": t5})
+    modules = build_modules(clip_tok, t5_tok, *(int(a[k]) for k in ("width", "heads", "double", "single")))
     modules.load_state_dict(state["ema"])
     vae = AutoencoderKL.from_pretrained(a["vae"])
     vae.load_state_dict(state["vae"])
-    tie_case_variants(t5, t5_tok)
-    save_pipeline(out, transformer, vae, clip, t5, clip_tok, t5_tok)
+    save_pipeline(out, modules, vae, clip_tok, t5_tok)
     (out / "training_state.json").write_text(
         json.dumps({"step": state["step"], "train_minutes": state["train_seconds"] / 60, "source": "ckpt"})
     )

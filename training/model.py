@@ -200,24 +200,41 @@ def build_tokenizers() -> tuple[CLIPTokenizer, T5TokenizerFast]:
     return build_clip_tokenizer(words), build_t5_tokenizer(words)
 
 
+def build_modules(
+    clip_tok: CLIPTokenizer,
+    t5_tok: T5TokenizerFast,
+    width: int = 128,
+    heads: int = 4,
+    double: int = 2,
+    single: int = 4,
+) -> torch.nn.ModuleDict:
+    """What training learns, keyed as in its checkpoints. The encoders are made before the transformer:
+    a seeded run's initial weights depend on that order."""
+    clip, t5 = build_text_encoders(clip_tok, t5_tok)
+    transformer = build_transformer(width, heads, double, single)
+    return torch.nn.ModuleDict({"transformer": transformer, "clip": clip, "t5": t5})
+
+
 def save_pipeline(
     out: Path,
-    transformer: FluxTransformer2DModel,
+    modules: torch.nn.ModuleDict,
     vae: AutoencoderKL,
-    clip: CLIPTextModel,
-    t5: T5EncoderModel,
     clip_tok: CLIPTokenizer,
     t5_tok: T5TokenizerFast,
 ) -> None:
-    """Write the folder FluxPipeline and FluxKontextPipeline both load with `from_pretrained`."""
+    """Write the folder FluxPipeline and FluxKontextPipeline both load with `from_pretrained`.
+
+    T5's case variants are tied first, so the saved encoder reads "Red" and "RED" as "red".
+    """
+    tie_case_variants(modules["t5"], t5_tok)
     pipe = FluxPipeline(
         scheduler=build_scheduler(),
         vae=vae,
-        text_encoder=clip,
+        text_encoder=modules["clip"],
         tokenizer=clip_tok,
-        text_encoder_2=t5,
+        text_encoder_2=modules["t5"],
         tokenizer_2=t5_tok,
-        transformer=transformer,
+        transformer=modules["transformer"],
     )
     pipe.save_pretrained(str(out), safe_serialization=True)
 

@@ -28,10 +28,9 @@ from diffusers import AutoencoderKL, FluxKontextPipeline, FluxPipeline
 from training.model import (
     MAX_TOKENS,
     SAMPLING_SHIFT,
+    build_modules,
     build_scheduler,
-    build_text_encoders,
     build_tokenizers,
-    build_transformer,
     save_pipeline,
     tie_case_variants,
     tokenize,
@@ -123,16 +122,15 @@ class Trainer:
         self.args = args
         torch.manual_seed(args.seed)
         self.clip_tok, self.t5_tok = build_tokenizers()
-        self.clip, self.t5 = build_text_encoders(self.clip_tok, self.t5_tok)
-        self.transformer = build_transformer(args.width, args.heads, args.double, args.single)
+        self.modules = build_modules(
+            self.clip_tok, self.t5_tok, args.width, args.heads, args.double, args.single
+        )
+        self.transformer, self.clip, self.t5 = (self.modules[k] for k in ("transformer", "clip", "t5"))
         self.vae = AutoencoderKL.from_pretrained(str(args.vae)).eval().requires_grad_(False)
         # The encoder (the latent space) is fixed; the decoder may keep learning alongside the transformer.
         self.vae.decoder.requires_grad_(args.decoder_every > 0)
         self.vae_opt = torch.optim.AdamW(self.vae.decoder.parameters(), lr=args.decoder_lr, weight_decay=0.0)
         self.table = LatentTable(self.vae, args.jitters, args.out / "latents.pt")
-        self.modules = torch.nn.ModuleDict(
-            {"transformer": self.transformer, "clip": self.clip, "t5": self.t5}
-        )
         self.ema = copy.deepcopy(self.modules).requires_grad_(False)
         self.opt = torch.optim.AdamW(
             self.modules.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99)
@@ -284,17 +282,8 @@ class Trainer:
         if s <= self.best:
             return
         self.best = s
-        tie_case_variants(self.ema["t5"], self.t5_tok)
         best = self.args.out / "best"
-        save_pipeline(
-            best,
-            self.ema["transformer"],
-            self.vae,
-            self.ema["clip"],
-            self.ema["t5"],
-            self.clip_tok,
-            self.t5_tok,
-        )
+        save_pipeline(best, self.ema, self.vae, self.clip_tok, self.t5_tok)
         info = {"step": self.step, "train_minutes": self.train_seconds / 60, "score": s, **metrics}
         (best / "training_state.json").write_text(json.dumps(info, indent=2))
 
