@@ -215,6 +215,17 @@ def build_modules(
     return torch.nn.ModuleDict({"transformer": transformer, "clip": clip, "t5": t5})
 
 
+def load_pipeline_weights(modules: torch.nn.ModuleDict, folder: Path) -> None:
+    """Load an exported pipeline's transformer and text encoders into modules built by `build_modules`."""
+    parts = {
+        "transformer": FluxTransformer2DModel.from_pretrained(str(folder / "transformer")),
+        "clip": CLIPTextModel.from_pretrained(str(folder / "text_encoder")),
+        "t5": T5EncoderModel.from_pretrained(str(folder / "text_encoder_2")),
+    }
+    for key, model in parts.items():
+        modules[key].load_state_dict(model.state_dict())
+
+
 def save_pipeline(
     out: Path,
     modules: torch.nn.ModuleDict,

@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from training.model import (
     build_modules,
     build_scheduler,
     build_tokenizers,
+    load_pipeline_weights,
     save_pipeline,
     tie_case_variants,
     tokenize,
@@ -55,29 +57,48 @@ EDIT_KINDS = ["recolor", "background", "move"]
 EDIT_WEIGHTS = [0.5, 0.3, 0.2]
 
 
+def object_coverage(x: torch.Tensor) -> torch.Tensor:
+    """Per image token (16x16 pixels, in packing order), the fraction of its pixels that show the object."""
+    bg = x[:, :, :2, :2].flatten(2).median(dim=2).values  # the corners are always background
+    obj = ((x - bg[:, :, None, None]).abs().sum(1, keepdim=True) > 0.05).float()
+    return torch.nn.functional.avg_pool2d(obj, SIZE // (LATENT // 2)).flatten(1)
+
+
 class LatentTable:
-    """VAE latents of every scene (all jitter variants), normalised the way the pipelines normalise them."""
+    """VAE latents of every scene (all jitter variants), normalised the way the pipelines normalise them,
+    and how much of each image token the object covers; both cached in the run's folder."""
 
     def __init__(self, vae: AutoencoderKL, jitters: int, cache: Path) -> None:
         self.scenes = list(all_scenes(jitters))
         self.index = {s: i for i, s in enumerate(self.scenes)}
-        if cache.exists():
-            self.latents = torch.load(cache)
-        else:
-            chunks = []
-            with torch.no_grad():
-                for i in range(0, len(self.scenes), 64):
-                    x = to_tensor([render(s) for s in self.scenes[i : i + 64]])
-                    z = vae.encode(x).latent_dist.mode()
-                    chunks.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
-            self.latents = torch.cat(chunks)
-            torch.save(self.latents, cache)
+        self.latents = self._cached(cache / "latents.pt", lambda x: self._encode(vae, x))
+        self.coverage = self._cached(cache / "coverage.pt", object_coverage)
         held = heldout_triples()
         self.train_ids = [i for i, s in enumerate(self.scenes) if s.triple not in held]
         self.train_set = set(self.train_ids)
 
+    @staticmethod
+    def _encode(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+        z = vae.encode(x).latent_dist.mode()
+        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def _cached(self, path: Path, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if path.exists():
+            return torch.load(path)
+        with torch.no_grad():
+            chunks = [
+                fn(to_tensor([render(s) for s in self.scenes[i : i + 64]]))
+                for i in range(0, len(self.scenes), 64)
+            ]
+        out = torch.cat(chunks)
+        torch.save(out, path)
+        return out
+
     def get(self, scenes: list[Scene]) -> torch.Tensor:
         return self.latents[[self.index[s] for s in scenes]]
+
+    def cover(self, scenes: list[Scene]) -> torch.Tensor:
+        return self.coverage[[self.index[s] for s in scenes]]
 
 
 def pack(z: torch.Tensor) -> torch.Tensor:
@@ -100,7 +121,7 @@ def sample_t(gen: torch.Generator, n: int) -> torch.Tensor:
 
 
 def make_batch(table: LatentTable, rng: np.random.Generator, n: int, edit: bool, dropout: float):
-    """(prompts, target latents, reference latents or None) for one step."""
+    """(prompts, target latents, reference latents or None, object coverage per token) for one step."""
     prompts, targets, refs = [], [], []
     while len(prompts) < n:
         src = table.scenes[table.train_ids[rng.integers(len(table.train_ids))]]
@@ -114,7 +135,8 @@ def make_batch(table: LatentTable, rng: np.random.Generator, n: int, edit: bool,
         prompts.append(e.instruction)
         targets.append(e.target)
         refs.append(src)
-    return prompts, table.get(targets), (table.get(refs) if edit else None)
+    cover = table.cover(targets) if not edit else torch.maximum(table.cover(targets), table.cover(refs))
+    return prompts, table.get(targets), (table.get(refs) if edit else None), cover
 
 
 class Trainer:
@@ -126,11 +148,16 @@ class Trainer:
             self.clip_tok, self.t5_tok, args.width, args.heads, args.double, args.single
         )
         self.transformer, self.clip, self.t5 = (self.modules[k] for k in ("transformer", "clip", "t5"))
-        self.vae = AutoencoderKL.from_pretrained(str(args.vae)).eval().requires_grad_(False)
+        vae_dir = args.vae
+        if args.init:
+            # Continue from an exported pipeline (e.g. the shipped weights): its VAE defines the latent space.
+            load_pipeline_weights(self.modules, args.init)
+            vae_dir = args.init / "vae"
+        self.vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
         # The encoder (the latent space) is fixed; the decoder may keep learning alongside the transformer.
         self.vae.decoder.requires_grad_(args.decoder_every > 0)
         self.vae_opt = torch.optim.AdamW(self.vae.decoder.parameters(), lr=args.decoder_lr, weight_decay=0.0)
-        self.table = LatentTable(self.vae, args.jitters, args.out / "latents.pt")
+        self.table = LatentTable(self.vae, args.jitters, args.out)
         self.ema = copy.deepcopy(self.modules).requires_grad_(False)
         self.opt = torch.optim.AdamW(
             self.modules.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99)
@@ -177,7 +204,7 @@ class Trainer:
         rng = np.random.default_rng([a.seed, self.step])
         gen = torch.Generator().manual_seed(a.seed * 1_000_003 + self.step)
         edit = rng.random() < a.edit_frac
-        prompts, z0, zref = make_batch(self.table, rng, a.batch, edit, a.caption_dropout)
+        prompts, z0, zref, cover = make_batch(self.table, rng, a.batch, edit, a.caption_dropout)
         clip_ids, t5_ids = tokenize(self.clip_tok, self.t5_tok, prompts)
         pooled = self.clip(clip_ids).pooler_output
         seq = self.t5(t5_ids)[0]
@@ -196,7 +223,10 @@ class Trainer:
             img_ids=self.ids_t2i if zref is None else self.ids_edit,
             return_dict=False,
         )[0][:, : x0.shape[1]]
-        loss = torch.nn.functional.mse_loss(out, noise - x0)
+        # Tokens the object covers weigh more: the object is a few of 64 tokens, and its outline (the shape)
+        # is a small part of even their loss. Weight 0 is the plain mean squared error.
+        w = 1.0 + a.object_weight * cover
+        loss = (w[:, :, None] * (out - (noise - x0)) ** 2).sum() / (w.sum() * out.shape[-1])
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
@@ -244,11 +274,18 @@ class Trainer:
         pipe.set_progress_bar_config(disable=True)
         kontext.set_progress_bar_config(disable=True)
         items = eval_prompts(200)[:n]
+
+        def cfg(negative: str | list[str]) -> dict[str, Any]:
+            """True classifier-free guidance against the empty prompt, as the catalog serves the model."""
+            scale = self.args.eval_cfg
+            return {"negative_prompt": negative, "true_cfg_scale": scale} if scale > 1 else {}
+
         results: list[dict[str, bool]] = []
         for i in range(0, n, 16):
             chunk = items[i : i + 16]
             images = pipe(
                 prompt=[p for _, p in chunk],
+                **cfg([""] * len(chunk)),
                 height=SIZE,
                 width=SIZE,
                 num_inference_steps=self.args.eval_steps,
@@ -261,6 +298,7 @@ class Trainer:
             im = kontext(
                 image=render(e.source),
                 prompt=e.instruction,
+                **cfg(""),
                 height=SIZE,
                 width=SIZE,
                 max_area=SIZE * SIZE,
@@ -303,6 +341,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=100.0, help="wall-clock budget of this invocation")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vae", type=Path, default=Path("training/runs/vae"))
+    ap.add_argument("--init", type=Path, help="start from an exported pipeline folder (weights and its VAE)")
+    ap.add_argument("--object-weight", type=float, default=0.0, help="extra loss weight of object tokens")
+    ap.add_argument("--eval-cfg", type=float, default=1.0, help="true CFG scale of the held-out samples")
     ap.add_argument("--jitters", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
