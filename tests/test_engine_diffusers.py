@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
@@ -86,6 +87,32 @@ def test_steps_and_guidance_come_from_request_then_catalog_then_defaults(flux: F
     defaults = DiffusersFluxEngine(flux.weights, ModelEntry(weights="builtin:tiny"), flux)
     result = run(defaults, width=16, height=16)
     assert (result.details["steps"], result.details["guidance"]) == (28, 3.5)
+
+
+def test_true_cfg_guides_against_the_empty_prompt_on_every_path(flux: FluxModel) -> None:
+    """The catalog's true_cfg_scale gives the image the stock pipeline gives with an empty negative prompt."""
+    guided = engine_for(flux, options={"true_cfg_scale": 3.0})
+    result = run(guided, seed=5)
+    assert result.details["true_cfg_scale"] == 3.0
+    assert "true_cfg_scale" not in run(engine_for(flux), seed=5).details
+    expected = flux.text2image(
+        prompt="a red fox in the snow",
+        negative_prompt="",
+        true_cfg_scale=3.0,
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=3.5,
+        generator=torch.Generator("cpu").manual_seed(5),
+        max_sequence_length=guided.max_sequence_length,
+    ).images[0]
+    assert png(result.image) == png(expected.convert("RGB"))
+    assert png(result.image) != png(run(engine_for(flux), seed=5).image)
+    edit = run(guided, model="flux-kontext-pro", images=[gradient()])
+    assert edit.details["pipeline"] == "kontext" and edit.details["true_cfg_scale"] == 3.0
+    assert png(edit.image) != png(run(engine_for(flux), model="flux-kontext-pro", images=[gradient()]).image)
+    with pytest.raises(EngineError, match="true_cfg_scale"):
+        engine_for(flux, options={"true_cfg_scale": 0.5})
 
 
 def test_kontext_uses_the_input_image(flux: FluxModel) -> None:

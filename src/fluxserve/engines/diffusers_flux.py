@@ -29,7 +29,9 @@ the noisier half of the trajectory where the composition forms and leaves the fi
 only the first quarter. The values used per step are recorded as ``details["guidance_per_step"]``. On a
 model without a guidance input (FLUX.1-schnell-like), ``details["interval"]`` says it was unused.
 flux-pro-1.1-ultra's ``raw`` caps guidance at the catalog option ``raw_guidance`` (default 2.0): lower
-distilled guidance gives the less saturated, more natural look that raw mode stands for.
+distilled guidance gives the less saturated, more natural look that raw mode stands for. The catalog option
+``true_cfg_scale`` (above 1) adds true classifier-free guidance against the empty prompt on every path but
+Redux, for models trained with caption dropout, such as the bundled one (recorded in ``details``).
 
 Sizes: when the catalog's ``max_pixels`` is below the requested area, the image is generated at the
 largest same-aspect size within it (multiples of 16) and resized to the requested size with LANCZOS.
@@ -110,6 +112,13 @@ class FluxOptions(LoadOptions):
         "default 0.5 with a Redux prior, 0.25 with img2img.",
     )
     raw_guidance: float = Field(default=2.0, gt=0, description="Highest guidance in ultra's raw mode.")
+    true_cfg_scale: float = Field(
+        default=1.0,
+        ge=1,
+        description="True classifier-free guidance against the empty prompt, for models trained with "
+        "caption dropout (the bundled one, de-distilled FLUX); 1: off. Each step runs the transformer twice. "
+        "Not applied to Redux image prompts.",
+    )
     max_sequence_length: int | None = Field(
         default=None, gt=0, description="T5 tokens; default the tokenizer's length, at most 512."
     )
@@ -470,6 +479,11 @@ class DiffusersFluxEngine:
             "callback_on_step_end": on_step,
             **plan.kwargs,
         }
+        if "true_cfg_scale" in plan.details:
+            arguments |= {
+                "true_cfg_scale": plan.details["true_cfg_scale"],
+                "negative_prompt": [""] * len(requests),
+            }
         with self.model.lock, self.model.guidance_schedule(plan.schedule) as used:
             try:
                 if plan.prepare is not None:
@@ -523,6 +537,8 @@ class DiffusersFluxEngine:
             details["generated_size"] = f"{width}x{height}"
         plan = _Plan(self.model.text2image, {}, width, height, steps, guidance, schedule, details)
         self._route(request, plan)
+        if self.options.true_cfg_scale > 1 and plan.prepare is None:
+            details["true_cfg_scale"] = self.options.true_cfg_scale
         return plan
 
     def _check_inputs(self, request: EngineRequest) -> None:
