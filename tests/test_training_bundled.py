@@ -64,3 +64,28 @@ def test_bundled_loads_offline_with_both_pipelines(monkeypatch: pytest.MonkeyPat
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert edited.size == (SIZE, SIZE)
+
+
+def test_object_coverage_marks_the_tokens_the_object_covers() -> None:
+    from training.train import object_coverage
+    from training.vae import to_tensor
+
+    cover = object_coverage(to_tensor([render(Scene("square", "red", "top left", "large", "white"))]))[0]
+    assert cover.shape == (64,)  # 8x8 tokens of 16x16 pixels, row-major as FLUX packs them
+    grid = cover.reshape(8, 8)
+    assert grid[:3, :3].sum() > 0 and grid[3:].sum() == 0 and grid[:, 3:].sum() == 0
+    # A large square's bounding box is 2 * 19 pixels wide (plus its antialiased edge): its area, in tokens.
+    assert abs(cover.sum().item() - (2 * 19) ** 2 / 256) < 0.5
+
+
+@needs_weights
+def test_training_can_start_from_the_exported_weights() -> None:
+    from diffusers import FluxTransformer2DModel
+
+    from training.model import build_modules, load_pipeline_weights
+
+    modules = build_modules(*build_tokenizers())
+    load_pipeline_weights(modules, BUNDLED_WEIGHTS)
+    shipped = FluxTransformer2DModel.from_pretrained(str(BUNDLED_WEIGHTS / "transformer")).state_dict()
+    for name, tensor in modules["transformer"].state_dict().items():
+        assert torch.equal(tensor, shipped[name]), name
