@@ -77,7 +77,7 @@ def http_generators(base: str, key: str, width: int, timeout: float) -> tuple[Ca
     return t2i, edit
 
 
-def direct_generators(folder: Path, width: int, steps: int) -> tuple[Callable, Callable]:
+def direct_generators(folder: Path, width: int, steps: int, cfg: float) -> tuple[Callable, Callable]:
     """The same calls the server's diffusers engine makes, in-process: native size, then LANCZOS resize."""
     import torch
     from diffusers import FluxKontextPipeline, FluxPipeline
@@ -86,10 +86,12 @@ def direct_generators(folder: Path, width: int, steps: int) -> tuple[Callable, C
     kontext = FluxKontextPipeline.from_pipe(pipe)
     pipe.set_progress_bar_config(disable=True)
     kontext.set_progress_bar_config(disable=True)
+    guided = {"negative_prompt": "", "true_cfg_scale": cfg} if cfg > 1 else {}
 
     def t2i(prompt: str, seed: int) -> Image.Image:
         im = pipe(
             prompt=prompt,
+            **guided,
             height=SIZE,
             width=SIZE,
             num_inference_steps=steps,
@@ -102,6 +104,7 @@ def direct_generators(folder: Path, width: int, steps: int) -> tuple[Callable, C
         im = kontext(
             image=image.convert("RGB").resize((SIZE, SIZE), Image.Resampling.LANCZOS),
             prompt=prompt,
+            **guided,
             height=SIZE,
             width=SIZE,
             max_area=SIZE * SIZE,
@@ -132,6 +135,7 @@ def main() -> None:
     ap.add_argument("--edits", type=int, default=100)
     ap.add_argument("--width", type=int, default=256, help="requested output size (square)")
     ap.add_argument("--steps", type=int, default=STEPS, help="--direct only; a server uses its catalog")
+    ap.add_argument("--cfg", type=float, default=1.0, help="--direct only: the catalog's true_cfg_scale")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one job")
     ap.add_argument("--samples", type=Path, help="write sample grids (PNG) into this folder")
@@ -142,8 +146,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if args.direct:
-        t2i, edit = direct_generators(args.direct, args.width, args.steps)
-        via = f"direct:{args.direct}"
+        t2i, edit = direct_generators(args.direct, args.width, args.steps, args.cfg)
+        via = f"direct:{args.direct} steps={args.steps} cfg={args.cfg}"
     elif args.base_url and args.key:
         t2i, edit = http_generators(args.base_url.rstrip("/"), args.key, args.width, args.timeout)
         via = args.base_url
