@@ -10,7 +10,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from fluxserve.core.catalog import MODELS, load_catalog
+from fluxserve.core.catalog import MODELS, ModelEntry, load_catalog
 from fluxserve.core.pricing import PRICES, format_credits
 from fluxserve.core.sizes import kontext_size, output_size, parse_aspect_ratio, ultra_size
 from fluxserve.jobs.database import make_engine, migrate
@@ -62,15 +62,25 @@ def test_prices_and_their_format() -> None:
     assert format_credits(Decimal("40.00")) == "40"
 
 
-def test_catalog_override_merges_per_key(tmp_path: Path) -> None:
+def test_catalog_override_merges_per_key_and_other_weights_start_afresh(tmp_path: Path) -> None:
     override = tmp_path / "catalog.toml"
-    override.write_text('[models."flux-dev"]\nweights = "weights/dev"\nsteps = 28\n')
+    override.write_text(
+        '[models."flux-dev"]\nweights = "weights/dev"\nsteps = 28\n'
+        '[models."flux-pro"]\nsteps = 12\n'
+        '[models."flux-pro-1.1"]\nengine = "relay"\n'
+    )
     catalog = load_catalog([override])
-    assert catalog.entry("flux-dev").weights == str(tmp_path / "weights" / "dev")
-    assert catalog.entry("flux-dev").steps == 28
     shipped = load_catalog()
-    assert catalog.entry("flux-dev").max_pixels == shipped.entry("flux-dev").max_pixels
-    assert catalog.entry("flux-pro") == shipped.entry("flux-pro")
+    dev = catalog.entry("flux-dev")
+    assert (dev.weights, dev.steps) == (str(tmp_path / "weights" / "dev"), 28)
+    # Other weights: nothing tuned for the bundled model (its pixel budget, its true CFG) carries over.
+    assert shipped.entry("flux-dev").options and shipped.entry("flux-dev").max_pixels
+    assert (dev.max_pixels, dev.options) == (ModelEntry.model_fields["max_pixels"].default, {})
+    # Same weights: key by key.
+    pro = catalog.entry("flux-pro")
+    assert pro == shipped.entry("flux-pro").model_copy(update={"steps": 12})
+    assert catalog.entry("flux-pro-1.1").engine == "relay" and catalog.entry("flux-pro-1.1").options == {}
+    assert catalog.entry("flux-pro-1.1-ultra") == shipped.entry("flux-pro-1.1-ultra")
 
 
 def test_catalog_files_layer_in_order_with_paths_relative_to_each(tmp_path: Path) -> None:

@@ -77,11 +77,27 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
+def _override_entry(base: Any, entry: Any) -> Any:
+    """A model entry that names other weights or another engine replaces the one below it whole: steps,
+    max_pixels and options tuned for those weights (the bundled model's true CFG, its 128x128 budget) must
+    not leak onto real FLUX weights or a relay. Otherwise it overrides key by key."""
+    if not (isinstance(base, dict) and isinstance(entry, dict)):
+        return entry
+    for key, default in (("engine", "diffusers"), ("weights", None)):
+        if key in entry and entry[key] != base.get(key, default):
+            return entry
+    return _merge(base, entry)
+
+
 def load_catalog(overrides: Sequence[Path] = ()) -> Catalog:
     """Read the shipped catalog and apply the operator's files in order."""
     data = _read(DEFAULT_CATALOG)
     for path in overrides:
-        data = _merge(data, _read(path))
+        layer = _read(path)
+        models = dict(data.get("models", {}))
+        for name, entry in layer.pop("models", {}).items():
+            models[name] = _override_entry(models.get(name), entry)
+        data = {**_merge(data, layer), "models": models}
     catalog = Catalog.model_validate(data)
     missing = [name for name in MODELS if name not in catalog.models]
     if missing:
