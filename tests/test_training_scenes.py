@@ -104,3 +104,7 @@ def test_heldout_split_is_fixed_and_evaluation_uses_only_heldout_triples() -> No
     assert len(prompts) == 200 and all(s.triple in held for s, _ in prompts)
     assert prompts == eval_prompts(200)
     assert all(e.target.triple in held and e.kind == "recolor" for e in eval_edits(50))
+    moves = eval_edits(50, kind="move")
+    assert all(e.target.triple in held and e.kind == "move" for e in moves)
+    assert all(e.source.position != e.target.position for e in moves)
+    assert all((e.source.shape, e.source.color) == (e.target.shape, e.target.color) for e in moves)

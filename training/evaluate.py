@@ -5,7 +5,8 @@
 
 Prompts come from `training.scenes.eval_prompts`: every (shape, colour, position) triple in them was held
 out of training. Each image is read back by the pixel scorer (`training.scenes.analyse`). Edits are recolour
-instructions through the Kontext route, scored on the new colour and the kept position.
+instructions through the Kontext route, scored on the new colour and the kept position; moves (a stretch
+goal), on the new place and the kept colour.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.scenes import SIZE, eval_edits, eval_prompts, render, score
+from training.scenes import SIZE, Edit, eval_edits, eval_prompts, render, score
 
 TARGETS = {"background": 0.95, "color": 0.90, "position": 0.70, "shape": 0.60, "edit_recolor_pos": 0.80}
 
@@ -118,6 +119,18 @@ def direct_generators(folder: Path, width: int, steps: int, cfg: float) -> tuple
     return t2i, edit
 
 
+def run_edits(edit: Callable, edits: list[Edit]) -> tuple[list[dict[str, bool]], list[Image.Image]]:
+    """Scores of each edit's result against its target scene, and the first six (source, result) pairs."""
+    scores, shown = [], []
+    for k, e in enumerate(edits):
+        src = render(e.source)
+        im = edit(src, e.instruction, k)
+        scores.append(score(im, e.target))
+        if len(shown) < 12:
+            shown += [src, im]
+    return scores, shown
+
+
 def grid(images: list[Image.Image], cols: int, cell: int = 128) -> Image.Image:
     rows = (len(images) + cols - 1) // cols
     out = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
@@ -133,6 +146,7 @@ def main() -> None:
     ap.add_argument("--direct", type=Path, help="a diffusers folder to run in-process instead of a server")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--edits", type=int, default=100)
+    ap.add_argument("--moves", type=int, default=50, help="held-out move edits (a stretch goal)")
     ap.add_argument("--width", type=int, default=256, help="requested output size (square)")
     ap.add_argument("--steps", type=int, default=STEPS, help="--direct only; a server uses its catalog")
     ap.add_argument("--cfg", type=float, default=1.0, help="--direct only: the catalog's true_cfg_scale")
@@ -162,27 +176,24 @@ def main() -> None:
         results.append(score(im, scene))
         if len(shown) < 24:
             shown.append(im)
-    edit_ok, edit_color, edit_pos, edit_shown = [], [], [], []
-    for k, e in enumerate(eval_edits(args.edits)):
-        src = render(e.source)
-        im = edit(src, e.instruction, k)
-        r = score(im, e.target)
-        edit_ok.append(r["color"] and r["position"])
-        edit_color.append(r["color"])
-        edit_pos.append(r["position"])
-        if len(edit_shown) < 12:
-            edit_shown += [src, im]
+    edit_scores, edit_shown = run_edits(edit, eval_edits(args.edits))
+    move_scores, move_shown = run_edits(edit, eval_edits(args.moves, kind="move"))
 
     figures = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
     figures["all_four"] = float(np.mean([all(r[k] for k in TARGETS if k in r) for r in results]))
-    if edit_ok:
-        figures["edit_recolor_pos"] = float(np.mean(edit_ok))
-        figures["edit_color"] = float(np.mean(edit_color))
-        figures["edit_position_kept"] = float(np.mean(edit_pos))
+    if edit_scores:
+        figures["edit_recolor_pos"] = float(np.mean([r["color"] and r["position"] for r in edit_scores]))
+        figures["edit_color"] = float(np.mean([r["color"] for r in edit_scores]))
+        figures["edit_position_kept"] = float(np.mean([r["position"] for r in edit_scores]))
+    if move_scores:
+        # A move is right when the object lands on the named place and keeps its colour (stretch goal).
+        figures["move_pos_color"] = float(np.mean([r["color"] and r["position"] for r in move_scores]))
+        figures["move_position"] = float(np.mean([r["position"] for r in move_scores]))
     report = {
         "via": via,
         "n": len(results),
-        "edits": len(edit_ok),
+        "edits": len(edit_scores),
+        "moves": len(move_scores),
         "width": args.width,
         "median_seconds_per_image": statistics.median(seconds),
         "figures": figures,
@@ -200,10 +211,14 @@ def main() -> None:
         grid(shown, 6).save(args.samples / "text_to_image.png")
         if edit_shown:
             grid(edit_shown, 6).save(args.samples / "edits.png")
+        if move_shown:
+            grid(move_shown, 6).save(args.samples / "moves.png")
         (args.samples / "prompts.txt").write_text(
             "\n".join(p for _, p in eval_prompts(200)[: len(shown)])
             + "\n\n"
             + "\n".join(e.instruction for e in eval_edits(args.edits)[: len(edit_shown) // 2])
+            + "\n\n"
+            + "\n".join(e.instruction for e in eval_edits(args.moves, kind="move")[: len(move_shown) // 2])
             + "\n"
         )
 

@@ -300,18 +300,22 @@ def eval_prompts(n: int = 200, seed: int = 7) -> list[tuple[Scene, str]]:
     return out
 
 
-def eval_edits(n: int = 100, seed: int = 11) -> list[Edit]:
-    """Held-out recolour edits: the result's (shape, colour, position) triple was never trained on."""
+def eval_edits(n: int = 100, seed: int = 11, kind: str = "recolor") -> list[Edit]:
+    """Held-out recolour or move edits: the result's (shape, colour, position) triple was never trained on."""
     rng = np.random.default_rng(seed)
     held = sorted(heldout_triples())
     out: list[Edit] = []
     while len(out) < n:
-        shape, new, position = held[rng.integers(len(held))]
-        colors = [c for c in COLOR_NAMES if c != new]
-        color = colors[rng.integers(len(colors))]
-        bgs = [c for c in COLOR_NAMES if c not in (color, new)]
+        shape, new_color, new_position = held[rng.integers(len(held))]
+        if kind == "recolor":
+            colors = [c for c in COLOR_NAMES if c != new_color]
+            color, position, new = colors[rng.integers(len(colors))], new_position, new_color
+        else:
+            places = [p for p in POSITIONS if p != new_position]
+            color, position, new = new_color, places[rng.integers(len(places))], new_position
+        bgs = [c for c in COLOR_NAMES if c not in (color, new_color)]
         src = Scene(shape, color, position, SIZES[rng.integers(2)], bgs[rng.integers(len(bgs))])
-        out.append(make_edit(src, "recolor", rng, new=new))
+        out.append(make_edit(src, kind, rng, new=new))
     return out
 
 
