@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--init", type=Path, help="continue from a saved VAE folder")
     ap.add_argument("--decoder-only", action="store_true", help="train the decoder only (latent space fixed)")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -77,7 +78,7 @@ def main() -> None:
     opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     start = time.time()
     step = 0
-    while time.time() - start < args.minutes * 60:
+    while time.time() - start < args.minutes * 60 and not (args.max_steps and step >= args.max_steps):
         x = batch(rng, args.batch, None)
         post = vae.encode(x).latent_dist
         # Mean plus a little noise: the decoder must tolerate the diffusion model's imperfect latents.
