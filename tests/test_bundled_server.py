@@ -11,7 +11,7 @@ import pytest
 
 from fluxserve.engines.registry import BUNDLED_WEIGHTS
 from tests.conftest import Api, ServerProcess
-from training.scenes import Scene, analyse, render
+from training.scenes import POSITION_PHRASES, Scene, analyse, render
 
 pytestmark = pytest.mark.skipif(
     not (BUNDLED_WEIGHTS / "model_index.json").exists(), reason="no bundled weights"
@@ -27,11 +27,16 @@ def shipped(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Itera
     server.stop()
 
 
-def test_text_to_image_paints_the_asked_background(shipped: Api) -> None:
-    """What the shipped weights do reliably (training/RESULTS.md): the background colour of the prompt."""
-    wanted = [("yellow", "blue"), ("red", "white"), ("green", "pink"), ("black", "orange")]
-    for index, (color, background) in enumerate(wanted):
-        prompt = f"a large {color} circle in the center on a {background} background"
+def test_text_to_image_draws_the_asked_colours_and_place(shipped: Api) -> None:
+    """What the shipped weights do reliably (training/RESULTS.md): background, object colour and place."""
+    wanted = [
+        ("yellow", "blue", "center"),
+        ("red", "white", "top left"),
+        ("green", "pink", "bottom right"),
+        ("black", "orange", "left"),
+    ]
+    for index, (color, background, place) in enumerate(wanted):
+        prompt = f"a large {color} circle {POSITION_PHRASES[place][0]} on a {background} background"
         body = shipped.wait(
             shipped.job("flux-dev", {"prompt": prompt, "width": 256, "height": 256, "seed": index})
         )
@@ -39,7 +44,7 @@ def test_text_to_image_paints_the_asked_background(shipped: Api) -> None:
         image = shipped.image(body)
         assert (image.format, image.size) == ("PNG", (256, 256))
         found = analyse(image)
-        assert found.background == background, prompt
+        assert (found.background, found.color, found.position) == (background, color, place), prompt
 
 
 def test_kontext_edits_the_reference(shipped: Api) -> None:
@@ -57,4 +62,5 @@ def test_kontext_edits_the_reference(shipped: Api) -> None:
     assert result["status"] == "SUCCESS", result
     image = shipped.image(result)
     assert (image.format, image.size) == ("JPEG", (1024, 1024))
-    assert analyse(image).background == "green"
+    found = analyse(image)
+    assert (found.background, found.color, found.position) == ("green", "red", "center")
