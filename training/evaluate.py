@@ -146,6 +146,9 @@ def main() -> None:
     ap.add_argument("--direct", type=Path, help="a diffusers folder to run in-process instead of a server")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--edits", type=int, default=100)
+    ap.add_argument(
+        "--prompt-seed", type=int, default=7, help="another seed draws other held-out prompts (a fresh check)"
+    )
     ap.add_argument("--moves", type=int, default=50, help="held-out move edits (a stretch goal)")
     ap.add_argument("--width", type=int, default=256, help="requested output size (square)")
     ap.add_argument("--steps", type=int, default=STEPS, help="--direct only; a server uses its catalog")
@@ -169,7 +172,7 @@ def main() -> None:
         ap.error("give --base-url and --key, or --direct FOLDER")
 
     results, seconds, shown = [], [], []
-    for i, (scene, prompt) in enumerate(eval_prompts(200)[: args.n]):
+    for i, (scene, prompt) in enumerate(eval_prompts(max(args.n, 200), args.prompt_seed)[: args.n]):
         t0 = time.time()
         im = t2i(prompt, i)
         seconds.append(time.time() - t0)
@@ -192,6 +195,7 @@ def main() -> None:
     report = {
         "via": via,
         "n": len(results),
+        "prompt_seed": args.prompt_seed,
         "edits": len(edit_scores),
         "moves": len(move_scores),
         "width": args.width,
@@ -214,7 +218,7 @@ def main() -> None:
         if move_shown:
             grid(move_shown, 6).save(args.samples / "moves.png")
         (args.samples / "prompts.txt").write_text(
-            "\n".join(p for _, p in eval_prompts(200)[: len(shown)])
+            "\n".join(p for _, p in eval_prompts(max(args.n, 200), args.prompt_seed)[: len(shown)])
             + "\n\n"
             + "\n".join(e.instruction for e in eval_edits(args.edits)[: len(edit_shown) // 2])
             + "\n\n"
