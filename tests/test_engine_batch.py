@@ -9,10 +9,11 @@ from fluxserve.engines.base import EngineError, JobCanceled
 from fluxserve.engines.diffusers_flux import DiffusersFluxEngine
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> DiffusersFluxEngine:
+@pytest.fixture(scope="module", params=[1.0, 3.0], ids=["plain", "true-cfg"])
+def engine(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> DiffusersFluxEngine:
     weights = tiny_weights(tmp_path_factory.mktemp("models"))
-    return DiffusersFluxEngine(weights, entry(steps=3, max_pixels=4096, options={"max_batch": 4}))
+    options = {"max_batch": 4, "true_cfg_scale": request.param}
+    return DiffusersFluxEngine(weights, entry(steps=3, max_pixels=4096, options=options))
 
 
 PROMPTS = ("a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "a red fox in the snow")
