@@ -108,3 +108,5 @@ def test_heldout_split_is_fixed_and_evaluation_uses_only_heldout_triples() -> No
     assert all(e.target.triple in held and e.kind == "move" for e in moves)
     assert all(e.source.position != e.target.position for e in moves)
     assert all((e.source.shape, e.source.color) == (e.target.shape, e.target.color) for e in moves)
+    with pytest.raises(ValueError, match="kind"):
+        eval_edits(5, kind="background")

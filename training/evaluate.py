@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from training.model import true_cfg
 from training.scenes import SIZE, Edit, eval_edits, eval_prompts, render, score
 
 TARGETS = {"background": 0.95, "color": 0.90, "position": 0.70, "shape": 0.60, "edit_recolor_pos": 0.80}
@@ -87,7 +88,7 @@ def direct_generators(folder: Path, width: int, steps: int, cfg: float) -> tuple
     kontext = FluxKontextPipeline.from_pipe(pipe)
     pipe.set_progress_bar_config(disable=True)
     kontext.set_progress_bar_config(disable=True)
-    guided = {"negative_prompt": "", "true_cfg_scale": cfg} if cfg > 1 else {}
+    guided = true_cfg(cfg, "")
 
     def t2i(prompt: str, seed: int) -> Image.Image:
         im = pipe(
@@ -171,16 +172,18 @@ def main() -> None:
     else:
         ap.error("give --base-url and --key, or --direct FOLDER")
 
+    prompts = eval_prompts(max(args.n, 200), args.prompt_seed)[: args.n]
+    edits, moves = eval_edits(args.edits), eval_edits(args.moves, kind="move")
     results, seconds, shown = [], [], []
-    for i, (scene, prompt) in enumerate(eval_prompts(max(args.n, 200), args.prompt_seed)[: args.n]):
+    for i, (scene, prompt) in enumerate(prompts):
         t0 = time.time()
         im = t2i(prompt, i)
         seconds.append(time.time() - t0)
         results.append(score(im, scene))
         if len(shown) < 24:
             shown.append(im)
-    edit_scores, edit_shown = run_edits(edit, eval_edits(args.edits))
-    move_scores, move_shown = run_edits(edit, eval_edits(args.moves, kind="move"))
+    edit_scores, edit_shown = run_edits(edit, edits)
+    move_scores, move_shown = run_edits(edit, moves)
 
     figures = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
     figures["all_four"] = float(np.mean([all(r[k] for k in TARGETS if k in r) for r in results]))
@@ -218,11 +221,11 @@ def main() -> None:
         if move_shown:
             grid(move_shown, 6).save(args.samples / "moves.png")
         (args.samples / "prompts.txt").write_text(
-            "\n".join(p for _, p in eval_prompts(max(args.n, 200), args.prompt_seed)[: len(shown)])
+            "\n".join(p for _, p in prompts[: len(shown)])
             + "\n\n"
-            + "\n".join(e.instruction for e in eval_edits(args.edits)[: len(edit_shown) // 2])
+            + "\n".join(e.instruction for e in edits[: len(edit_shown) // 2])
             + "\n\n"
-            + "\n".join(e.instruction for e in eval_edits(args.moves, kind="move")[: len(move_shown) // 2])
+            + "\n".join(e.instruction for e in moves[: len(move_shown) // 2])
             + "\n"
         )
 

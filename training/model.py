@@ -8,6 +8,7 @@ real FLUX weights. Tokenizers are word-level over the scene vocabulary: each cap
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -213,6 +214,12 @@ def build_modules(
     clip, t5 = build_text_encoders(clip_tok, t5_tok)
     transformer = build_transformer(width, heads, double, single)
     return torch.nn.ModuleDict({"transformer": transformer, "clip": clip, "t5": t5})
+
+
+def true_cfg(scale: float, negative: str | list[str]) -> dict[str, Any]:
+    """Pipeline arguments for true classifier-free guidance against the empty prompt, as the catalog's
+    `true_cfg_scale` samples the model; none at scale 1 or below."""
+    return {"negative_prompt": negative, "true_cfg_scale": scale} if scale > 1 else {}
 
 
 def load_pipeline_weights(modules: torch.nn.ModuleDict, folder: Path) -> None:

@@ -310,9 +310,11 @@ def eval_edits(n: int = 100, seed: int = 11, kind: str = "recolor") -> list[Edit
         if kind == "recolor":
             colors = [c for c in COLOR_NAMES if c != new_color]
             color, position, new = colors[rng.integers(len(colors))], new_position, new_color
-        else:
+        elif kind == "move":
             places = [p for p in POSITIONS if p != new_position]
             color, position, new = new_color, places[rng.integers(len(places))], new_position
+        else:
+            raise ValueError(f"eval_edits: kind must be 'recolor' or 'move', not {kind!r}")
         bgs = [c for c in COLOR_NAMES if c not in (color, new_color)]
         src = Scene(shape, color, position, SIZES[rng.integers(2)], bgs[rng.integers(len(bgs))])
         out.append(make_edit(src, kind, rng, new=new))

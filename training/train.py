@@ -36,6 +36,7 @@ from training.model import (
     save_pipeline,
     tie_case_variants,
     tokenize,
+    true_cfg,
 )
 from training.scenes import (
     SIZE,
@@ -275,17 +276,12 @@ class Trainer:
         kontext.set_progress_bar_config(disable=True)
         items = eval_prompts(200)[:n]
 
-        def cfg(negative: str | list[str]) -> dict[str, Any]:
-            """True classifier-free guidance against the empty prompt, as the catalog serves the model."""
-            scale = self.args.eval_cfg
-            return {"negative_prompt": negative, "true_cfg_scale": scale} if scale > 1 else {}
-
         results: list[dict[str, bool]] = []
         for i in range(0, n, 16):
             chunk = items[i : i + 16]
             images = pipe(
                 prompt=[p for _, p in chunk],
-                **cfg([""] * len(chunk)),
+                **true_cfg(self.args.eval_cfg, [""] * len(chunk)),
                 height=SIZE,
                 width=SIZE,
                 num_inference_steps=self.args.eval_steps,
@@ -298,7 +294,7 @@ class Trainer:
             im = kontext(
                 image=render(e.source),
                 prompt=e.instruction,
-                **cfg(""),
+                **true_cfg(self.args.eval_cfg, ""),
                 height=SIZE,
                 width=SIZE,
                 max_area=SIZE * SIZE,
