@@ -89,3 +89,13 @@ def test_training_can_start_from_the_exported_weights() -> None:
     shipped = FluxTransformer2DModel.from_pretrained(str(BUNDLED_WEIGHTS / "transformer")).state_dict()
     for name, tensor in modules["transformer"].state_dict().items():
         assert torch.equal(tensor, shipped[name]), name
+
+
+def test_a_wider_vae_keeps_the_latent_grid_the_transformer_expects() -> None:
+    from training.model import LATENT_CHANNELS, build_vae
+
+    vae = build_vae((16, 32, 64, 64))
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, SIZE, SIZE)).latent_dist.mode()
+    assert z.shape == (1, LATENT_CHANNELS, SIZE // 8, SIZE // 8)
+    assert tuple(vae.config.block_out_channels) == (16, 32, 64, 64)

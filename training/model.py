@@ -148,7 +148,7 @@ def build_text_encoders(
     return clip, t5
 
 
-def build_vae() -> AutoencoderKL:
+def build_vae(channels: tuple[int, ...] = (8, 16, 32, 64)) -> AutoencoderKL:
     """8x downsampling: 128x128 pixels -> 16x16 latents -> 64 packed image tokens.
 
     16 latent channels as FLUX has: with 4 (tried first) an 8x8 cell holding an object edge cannot carry two
@@ -159,7 +159,7 @@ def build_vae() -> AutoencoderKL:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 64),
+        block_out_channels=channels,
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=1,

@@ -67,11 +67,15 @@ def main() -> None:
     ap.add_argument("--init", type=Path, help="continue from a saved VAE folder")
     ap.add_argument("--decoder-only", action="store_true", help="train the decoder only (latent space fixed)")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    ap.add_argument(
+        "--channels", default="8,16,32,64", help="channels per level, full resolution first (a new VAE only)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    vae = AutoencoderKL.from_pretrained(str(args.init)) if args.init else build_vae()
+    channels = tuple(int(c) for c in args.channels.split(","))
+    vae = AutoencoderKL.from_pretrained(str(args.init)) if args.init else build_vae(channels)
     if args.decoder_only:
         # The encoder defines the latent space a transformer may already be training on: keep it fixed.
         vae.encoder.requires_grad_(False)
