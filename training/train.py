@@ -115,10 +115,10 @@ def image_ids(first: int) -> torch.Tensor:
     return ids
 
 
-def sample_t(gen: torch.Generator, n: int) -> torch.Tensor:
-    """Logit-normal timesteps pushed towards noise by the same shift the sampler uses."""
+def sample_t(gen: torch.Generator, n: int, shift: float = SAMPLING_SHIFT) -> torch.Tensor:
+    """Logit-normal timesteps pushed towards noise by a shift (by default the one the sampler uses)."""
     t = torch.sigmoid(torch.randn(n, generator=gen))
-    return SAMPLING_SHIFT * t / (1 + (SAMPLING_SHIFT - 1) * t)
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def make_batch(table: LatentTable, rng: np.random.Generator, n: int, edit: bool, dropout: float):
@@ -211,7 +211,7 @@ class Trainer:
         seq = self.t5(t5_ids)[0]
         x0 = pack(z0)
         noise = torch.randn(x0.shape, generator=gen)
-        t = sample_t(gen, x0.shape[0])
+        t = sample_t(gen, x0.shape[0], a.t_shift)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         inp = xt if zref is None else torch.cat([xt, pack(zref)], dim=1)
         out = self.transformer(
@@ -339,6 +339,9 @@ def main() -> None:
     ap.add_argument("--vae", type=Path, default=Path("training/runs/vae"))
     ap.add_argument("--init", type=Path, help="start from an exported pipeline folder (weights and its VAE)")
     ap.add_argument("--object-weight", type=float, default=0.0, help="extra loss weight of object tokens")
+    ap.add_argument(
+        "--t-shift", type=float, default=SAMPLING_SHIFT, help="shift of the training timesteps (1: unshifted)"
+    )
     ap.add_argument("--eval-cfg", type=float, default=1.0, help="true CFG scale of the held-out samples")
     ap.add_argument("--jitters", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
