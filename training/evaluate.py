@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from training.model import true_cfg
-from training.scenes import SIZE, Edit, eval_edits, eval_prompts, render, score
+from training.scenes import SHAPES, SIZE, Edit, eval_edits, eval_prompts, render, score
 
 TARGETS = {"background": 0.95, "color": 0.90, "position": 0.70, "shape": 0.60, "edit_recolor_pos": 0.80}
 
@@ -187,6 +187,10 @@ def main() -> None:
 
     figures = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
     figures["all_four"] = float(np.mean([all(r[k] for k in TARGETS if k in r) for r in results]))
+    for kind in SHAPES:  # shape by kind: which shapes the model draws, and which it does not
+        hits = [r["shape"] for r, (scene, _) in zip(results, prompts, strict=True) if scene.shape == kind]
+        if hits:
+            figures[f"shape_{kind}"] = float(np.mean(hits))
     if edit_scores:
         figures["edit_recolor_pos"] = float(np.mean([r["color"] and r["position"] for r in edit_scores]))
         figures["edit_color"] = float(np.mean([r["color"] for r in edit_scores]))
