@@ -110,7 +110,7 @@ class Api:
     """A reseller-dialect client bound to one key."""
 
     def __init__(self, base_url: str, key: str) -> None:
-        self.base_url = base_url
+        self.base_url, self.key = base_url, key
         self.http = httpx.Client(base_url=base_url, headers={"TT-API-KEY": key}, timeout=30)
 
     def submit(self, model: str, body: dict[str, Any]) -> httpx.Response:

@@ -108,5 +108,8 @@ def test_heldout_split_is_fixed_and_evaluation_uses_only_heldout_triples() -> No
     assert all(e.target.triple in held and e.kind == "move" for e in moves)
     assert all(e.source.position != e.target.position for e in moves)
     assert all((e.source.shape, e.source.color) == (e.target.shape, e.target.color) for e in moves)
+    backgrounds = eval_edits(50, kind="background")
+    assert all(e.source.triple in held and e.target.triple == e.source.triple for e in backgrounds)
+    assert all(e.source.background != e.target.background != e.target.color for e in backgrounds)
     with pytest.raises(ValueError, match="kind"):
-        eval_edits(5, kind="background")
+        eval_edits(5, kind="add")

@@ -5,8 +5,9 @@
 
 Prompts come from `training.scenes.eval_prompts`: every (shape, colour, position) triple in them was held
 out of training. Each image is read back by the pixel scorer (`training.scenes.analyse`). Edits are recolour
-instructions through the Kontext route, scored on the new colour and the kept position; moves (a stretch
-goal), on the new place and the kept colour.
+instructions through the Kontext route, scored on the new colour and the kept position; background edits,
+on the new background and the kept colour and place; moves (a stretch goal), on the new place and the kept
+colour.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def main() -> None:
     ap.add_argument(
         "--prompt-seed", type=int, default=7, help="another seed draws other held-out prompts (a fresh check)"
     )
+    ap.add_argument("--backgrounds", type=int, default=50, help="held-out background edits")
     ap.add_argument("--moves", type=int, default=50, help="held-out move edits (a stretch goal)")
     ap.add_argument("--width", type=int, default=256, help="requested output size (square)")
     ap.add_argument("--steps", type=int, default=STEPS, help="--direct only; a server uses its catalog")
@@ -174,6 +176,7 @@ def main() -> None:
 
     prompts = eval_prompts(max(args.n, 200), args.prompt_seed)[: args.n]
     edits, moves = eval_edits(args.edits), eval_edits(args.moves, kind="move")
+    backgrounds = eval_edits(args.backgrounds, kind="background")
     results, seconds, shown = [], [], []
     for i, (scene, prompt) in enumerate(prompts):
         t0 = time.time()
@@ -184,6 +187,7 @@ def main() -> None:
             shown.append(im)
     edit_scores, edit_shown = run_edits(edit, edits)
     move_scores, move_shown = run_edits(edit, moves)
+    bg_scores, bg_shown = run_edits(edit, backgrounds)
 
     figures = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
     figures["all_four"] = float(np.mean([all(r[k] for k in TARGETS if k in r) for r in results]))
@@ -195,6 +199,12 @@ def main() -> None:
         figures["edit_recolor_pos"] = float(np.mean([r["color"] and r["position"] for r in edit_scores]))
         figures["edit_color"] = float(np.mean([r["color"] for r in edit_scores]))
         figures["edit_position_kept"] = float(np.mean([r["position"] for r in edit_scores]))
+    if bg_scores:
+        # A background edit is right when the background changes and the object keeps its colour and place.
+        figures["edit_background"] = float(
+            np.mean([r["background"] and r["color"] and r["position"] for r in bg_scores])
+        )
+        figures["edit_background_new"] = float(np.mean([r["background"] for r in bg_scores]))
     if move_scores:
         # A move is right when the object lands on the named place and keeps its colour (stretch goal).
         figures["move_pos_color"] = float(np.mean([r["color"] and r["position"] for r in move_scores]))
@@ -205,6 +215,7 @@ def main() -> None:
         "prompt_seed": args.prompt_seed,
         "edits": len(edit_scores),
         "moves": len(move_scores),
+        "backgrounds": len(bg_scores),
         "width": args.width,
         "median_seconds_per_image": statistics.median(seconds),
         "figures": figures,
@@ -224,14 +235,13 @@ def main() -> None:
             grid(edit_shown, 6).save(args.samples / "edits.png")
         if move_shown:
             grid(move_shown, 6).save(args.samples / "moves.png")
-        (args.samples / "prompts.txt").write_text(
-            "\n".join(p for _, p in prompts[: len(shown)])
-            + "\n\n"
-            + "\n".join(e.instruction for e in edits[: len(edit_shown) // 2])
-            + "\n\n"
-            + "\n".join(e.instruction for e in moves[: len(move_shown) // 2])
-            + "\n"
-        )
+        if bg_shown:
+            grid(bg_shown, 6).save(args.samples / "backgrounds.png")
+        sections = [[p for _, p in prompts[: len(shown)]]] + [
+            [e.instruction for e in items[: len(pairs) // 2]]
+            for items, pairs in ((edits, edit_shown), (moves, move_shown), (backgrounds, bg_shown))
+        ]
+        (args.samples / "prompts.txt").write_text("\n\n".join("\n".join(lines) for lines in sections) + "\n")
 
 
 if __name__ == "__main__":

@@ -301,7 +301,8 @@ def eval_prompts(n: int = 200, seed: int = 7) -> list[tuple[Scene, str]]:
 
 
 def eval_edits(n: int = 100, seed: int = 11, kind: str = "recolor") -> list[Edit]:
-    """Held-out recolour or move edits: the result's (shape, colour, position) triple was never trained on."""
+    """Held-out recolour, background or move edits: the result's (shape, colour, position) triple was never
+    trained on (a background edit keeps the triple, so its source is a held-out scene too)."""
     rng = np.random.default_rng(seed)
     held = sorted(heldout_triples())
     out: list[Edit] = []
@@ -313,9 +314,12 @@ def eval_edits(n: int = 100, seed: int = 11, kind: str = "recolor") -> list[Edit
         elif kind == "move":
             places = [p for p in POSITIONS if p != new_position]
             color, position, new = new_color, places[rng.integers(len(places))], new_position
+        elif kind == "background":
+            colors = [c for c in COLOR_NAMES if c != new_color]
+            color, position, new = new_color, new_position, colors[rng.integers(len(colors))]
         else:
-            raise ValueError(f"eval_edits: kind must be 'recolor' or 'move', not {kind!r}")
-        bgs = [c for c in COLOR_NAMES if c not in (color, new_color)]
+            raise ValueError(f"eval_edits: kind must be 'recolor', 'background' or 'move', not {kind!r}")
+        bgs = [c for c in COLOR_NAMES if c not in (color, new_color, new)]
         src = Scene(shape, color, position, SIZES[rng.integers(2)], bgs[rng.integers(len(bgs))])
         out.append(make_edit(src, kind, rng, new=new))
     return out
