@@ -89,7 +89,7 @@ def serve(
             "Try it:\n"
             f"  curl -s -X POST {settings.base_url}/bfl/v1/flux-dev -H 'TT-API-KEY: {new.key}' "
             "-H 'Content-Type: application/json' "
-            '-d \'{"prompt": "a large red star in the top left corner on a light blue background"}\'\n'
+            '-d \'{"prompt": "a large red heart in the top left corner on a light blue background"}\'\n'
             f"  curl -s '{settings.base_url}/flux/fetch?jobId=<jobId>' -H 'TT-API-KEY: {new.key}'"
         )
     from fluxserve.app import create_app
