@@ -133,6 +133,11 @@ def run_edits(edit: Callable, edits: list[Edit]) -> tuple[list[dict[str, bool]],
     return scores, shown
 
 
+def share(scores: list[dict[str, bool]], *keys: str) -> float:
+    """The fraction of scored images that got every one of `keys` right."""
+    return float(np.mean([all(r[k] for k in keys) for r in scores]))
+
+
 def grid(images: list[Image.Image], cols: int, cell: int = 128) -> Image.Image:
     rows = (len(images) + cols - 1) // cols
     out = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
@@ -189,26 +194,24 @@ def main() -> None:
     move_scores, move_shown = run_edits(edit, moves)
     bg_scores, bg_shown = run_edits(edit, backgrounds)
 
-    figures = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
-    figures["all_four"] = float(np.mean([all(r[k] for k in TARGETS if k in r) for r in results]))
+    figures = {k: share(results, k) for k in results[0]}
+    figures["all_four"] = share(results, *(k for k in TARGETS if k in results[0]))
     for kind in SHAPES:  # shape by kind: which shapes the model draws, and which it does not
-        hits = [r["shape"] for r, (scene, _) in zip(results, prompts, strict=True) if scene.shape == kind]
+        hits = [r for r, (scene, _) in zip(results, prompts, strict=True) if scene.shape == kind]
         if hits:
-            figures[f"shape_{kind}"] = float(np.mean(hits))
+            figures[f"shape_{kind}"] = share(hits, "shape")
     if edit_scores:
-        figures["edit_recolor_pos"] = float(np.mean([r["color"] and r["position"] for r in edit_scores]))
-        figures["edit_color"] = float(np.mean([r["color"] for r in edit_scores]))
-        figures["edit_position_kept"] = float(np.mean([r["position"] for r in edit_scores]))
+        figures["edit_recolor_pos"] = share(edit_scores, "color", "position")
+        figures["edit_color"] = share(edit_scores, "color")
+        figures["edit_position_kept"] = share(edit_scores, "position")
     if bg_scores:
         # A background edit is right when the background changes and the object keeps its colour and place.
-        figures["edit_background"] = float(
-            np.mean([r["background"] and r["color"] and r["position"] for r in bg_scores])
-        )
-        figures["edit_background_new"] = float(np.mean([r["background"] for r in bg_scores]))
+        figures["edit_background"] = share(bg_scores, "background", "color", "position")
+        figures["edit_background_new"] = share(bg_scores, "background")
     if move_scores:
         # A move is right when the object lands on the named place and keeps its colour (stretch goal).
-        figures["move_pos_color"] = float(np.mean([r["color"] and r["position"] for r in move_scores]))
-        figures["move_position"] = float(np.mean([r["position"] for r in move_scores]))
+        figures["move_pos_color"] = share(move_scores, "color", "position")
+        figures["move_position"] = share(move_scores, "position")
     report = {
         "via": via,
         "n": len(results),
