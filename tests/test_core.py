@@ -50,7 +50,7 @@ def test_ultra_sizes_are_about_four_megapixels() -> None:
 def test_output_size_per_route() -> None:
     assert output_size("flux-dev", 512, 256, None, None) == (512, 256)
     assert output_size("flux-kontext-pro", None, None, None, None) is None
-    assert output_size("flux-kontext-pro", None, None, None, (640, 480)) == kontext_size(4 / 3)
+    assert output_size("flux-kontext-pro", None, None, None, (640, 480)) == (1184, 880)
     assert output_size("flux-kontext-max", None, None, "1:1", (640, 480)) == (1024, 1024)
     assert output_size("flux-pro-1.1-ultra", None, None, None, None) == (2048, 2048)
 
