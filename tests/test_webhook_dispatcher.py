@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from sqlalchemy import Engine, insert, select
@@ -16,6 +20,8 @@ from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.webhooks.delivery import WebhookDispatcher, enqueue
 from fluxserve.webhooks.signing import new_secret
 from tests.test_webhooks_e2e import Receiver
+
+T = TypeVar("T")
 
 LOOPBACK = NetworkPolicy(parse_networks("127.0.0.0/8"))
 
@@ -55,12 +61,50 @@ def states(database: Engine) -> dict[str, tuple[str, int]]:
     return {row["job_id"]: (row["status"], row["attempts"]) for row in rows}
 
 
-async def run_for(dispatcher: WebhookDispatcher, seconds: float) -> None:
+DEADLINE = 20.0  # generous: every wait below ends as soon as its condition holds
+
+
+@contextlib.asynccontextmanager
+async def running(dispatcher: WebhookDispatcher) -> AsyncIterator[asyncio.Task[None]]:
+    """Run the dispatcher for the body of the block; stop it (and wait for it) on the way out."""
     stop = asyncio.Event()
     task = asyncio.create_task(dispatcher.run(stop))
-    await asyncio.sleep(seconds)
-    stop.set()
-    await task
+    try:
+        yield task
+    finally:
+        stop.set()
+        await task
+
+
+async def until(task: asyncio.Task[None], condition: Callable[[], T | None], what: str) -> T:
+    """Poll ``condition`` (off the event loop) until it returns something truthy; fail after DEADLINE."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        value = await asyncio.to_thread(condition)
+        if value:
+            return value
+        if task.done():
+            task.result()  # raises what stopped the dispatcher
+            raise AssertionError(f"the dispatcher stopped before {what}")
+        assert time.monotonic() < deadline, f"no {what} within {DEADLINE:g} s"
+        await asyncio.sleep(0.02)
+
+
+def ended(state: tuple[str, int]) -> bool:
+    return state[0] != "pending"
+
+
+def states_once(
+    database: Engine, job_id: str, ready: Callable[[tuple[str, int]], bool] = ended
+) -> Callable[[], dict[str, tuple[str, int]] | None]:
+    """A condition for ``until``: the states of all deliveries, once ``job_id``'s satisfies ``ready``
+    (by default: it has ended, delivered or failed)."""
+
+    def check() -> dict[str, tuple[str, int]] | None:
+        current = states(database)
+        return current if job_id in current and ready(current[job_id]) else None
+
+    return check
 
 
 def dispatcher(
@@ -74,18 +118,34 @@ def dispatcher(
 
 def test_dead_target_fails_after_the_schedule(database: Engine) -> None:
     job_id = add_delivery(database, "http://127.0.0.1:9/dead")
-    asyncio.run(run_for(dispatcher(database, backoff=(0.05, 0.05, 0.05)), 2))
-    assert states(database)[job_id] == ("failed", 4)
+
+    async def scenario() -> dict[str, tuple[str, int]]:
+        async with running(dispatcher(database, backoff=(0.05, 0.05, 0.05))) as task:
+            return await until(task, states_once(database, job_id), "final state")
+
+    assert asyncio.run(scenario())[job_id] == ("failed", 4)
 
 
 def test_a_pending_delivery_survives_a_stopped_dispatcher(database: Engine) -> None:
     receiver = Receiver(fail_first=1)
     try:
         job_id = add_delivery(database, receiver.url)
-        asyncio.run(run_for(dispatcher(database, backoff=(0.5,)), 0.3))
+
+        async def first_attempt() -> None:
+            # stopped as soon as the first (failed) attempt is recorded, well inside the 1 s backoff
+            async with running(dispatcher(database, backoff=(1.0,))) as task:
+                await until(task, states_once(database, job_id, lambda s: s[1] >= 1), "first attempt")
+
+        asyncio.run(first_attempt())
         assert states(database)[job_id] == ("pending", 1)
-        asyncio.run(run_for(dispatcher(database, backoff=(0.5,)), 1.5))  # a new process, say
-        assert states(database)[job_id] == ("delivered", 2)
+        assert [code for _, _, code in receiver.requests] == [500]
+
+        async def resumed() -> dict[str, tuple[str, int]]:  # a new process, say
+            async with running(dispatcher(database, backoff=(1.0,))) as task:
+                return await until(task, states_once(database, job_id), "delivery")
+
+        assert asyncio.run(resumed())[job_id] == ("delivered", 2)
+        assert [code for _, _, code in receiver.requests] == [500, 200]
     finally:
         receiver.close()
 
@@ -97,8 +157,13 @@ def test_private_target_is_refused_without_the_switch(database: Engine) -> None:
         closed = WebhookDispatcher(
             database, lambda job_id: {"jobId": job_id}, policy=NetworkPolicy(), backoff=(), poll_seconds=0.05
         )
-        asyncio.run(run_for(closed, 0.5))
-        assert states(database)[job_id] == ("failed", 1)
+
+        async def scenario() -> dict[str, tuple[str, int]]:
+            async with running(closed) as task:
+                return await until(task, states_once(database, job_id), "outcome")
+
+        # the outcome is recorded only after the attempt ends, so a request sent would already be here
+        assert asyncio.run(scenario())[job_id] == ("failed", 1)
         assert receiver.requests == []
     finally:
         receiver.close()
@@ -108,15 +173,26 @@ def test_a_slow_target_does_not_hold_up_a_fast_one(database: Engine) -> None:
     slow = socket.socket()  # accepts connections, never answers
     slow.bind(("127.0.0.1", 0))
     slow.listen()
+    slow.settimeout(DEADLINE)
     fast = Receiver()
+    held: list[socket.socket] = []
     try:
         slow_job = add_delivery(database, f"http://127.0.0.1:{slow.getsockname()[1]}/slow")
-        fast_job = add_delivery(database, fast.url)
-        # the slow attempt runs into its 3 s timeout; the fast one must be done within this 1 s run
-        asyncio.run(run_for(dispatcher(database, timeout=3), 1.0))
-        assert states(database)[fast_job] == ("delivered", 1)
+
+        async def scenario() -> dict[str, tuple[str, int]]:
+            async with running(dispatcher(database, timeout=10)) as task:
+                held.append((await asyncio.to_thread(slow.accept))[0])  # the slow attempt is in flight
+                fast_job = add_delivery(database, fast.url)
+                return await until(task, states_once(database, fast_job), "fast")
+
+        # the fast delivery ends while the slow attempt (10 s timeout) is still waiting for an answer
+        final = asyncio.run(scenario())
+        slow_state = final.pop(slow_job)
+        assert list(final.values()) == [("delivered", 1)]
         assert fast.requests
-        assert states(database)[slow_job][0] == "pending"
+        assert slow_state == ("pending", 0)
     finally:
+        for connection in held:
+            connection.close()
         slow.close()
         fast.close()
