@@ -11,8 +11,15 @@ install:
 serve: install
 	fluxserve serve --data-dir ./data
 
-test: install
+test: install .venv-blackforest/bin/python
 	$(PYTHON) -m pytest -q
+
+# The vendor's official client for tests/test_vendor_blackforest.py, in its own virtualenv: it pins
+# pillow==10.4.0, which clashes with ours. Removed again if the install fails, so a rerun retries.
+.venv-blackforest/bin/python:
+	rm -rf .venv-blackforest
+	$(PYTHON) -m venv .venv-blackforest && .venv-blackforest/bin/pip install --quiet blackforest==0.1.3 \
+		|| { rm -rf .venv-blackforest; exit 1; }
 
 lint:
 	ruff check . && ruff format --check .
