@@ -9,7 +9,9 @@ from typing import Any
 from PIL import Image
 
 from fluxserve.core.catalog import ModelEntry
-from fluxserve.engines.base import EngineHooks, EngineRequest
+from fluxserve.core.fields import input_image_field
+from fluxserve.core.params import GenerationParams
+from fluxserve.engines.base import EngineHooks, EngineRequest, NamedImage
 from fluxserve.engines.tiny import build_tiny_flux
 
 
@@ -22,9 +24,26 @@ def entry(**fields: Any) -> ModelEntry:
     return ModelEntry.model_validate({"weights": "builtin:tiny", "steps": 2, **fields})
 
 
+REQUEST_FIELDS = {"width", "height", "seed", "images", "image_prompt", "resume"}
+
+
 def request(model: str = "flux-dev", **fields: Any) -> EngineRequest:
-    base: dict[str, Any] = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "seed": 7}
-    return EngineRequest(model=model, **{**base, **fields})
+    """An engine request; ``images`` may be bare images (named input_image, input_image_2... in order)."""
+    values: dict[str, Any] = {
+        "prompt": "a red fox in the snow",
+        "width": 64,
+        "height": 64,
+        "seed": 7,
+        **fields,
+    }
+    values["images"] = [
+        image if isinstance(image, NamedImage) else NamedImage(input_image_field(index), image)
+        for index, image in enumerate(values.get("images", []))
+    ]
+    params = GenerationParams(model=model, **{k: v for k, v in values.items() if k not in REQUEST_FIELDS})
+    return EngineRequest(
+        params, prompt=params.prompt, **{k: v for k, v in values.items() if k in REQUEST_FIELDS}
+    )
 
 
 class Recorder:

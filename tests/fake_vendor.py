@@ -31,10 +31,19 @@ from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image
 
-from fluxserve.core.pricing import PRICES
 from fluxserve.core.sizes import kontext_size, parse_aspect_ratio, ultra_size
 
 FAKE_KEY = "fake-upstream-key-0123456789"
+# The vendor's published prices (credits per image), written here on their own so that relay tests do not
+# just echo fluxserve's table back.
+PRICES: dict[str, Decimal] = {
+    "flux-kontext-max": Decimal("8"),
+    "flux-kontext-pro": Decimal("4"),
+    "flux-pro-1.1-ultra": Decimal("6"),
+    "flux-pro-1.1": Decimal("4"),
+    "flux-pro": Decimal("5"),
+    "flux-dev": Decimal("2.5"),
+}
 
 
 @dataclass

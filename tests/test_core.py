@@ -10,9 +10,11 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from fluxserve.core.catalog import MODELS, ModelEntry, load_catalog
-from fluxserve.core.pricing import PRICES, format_credits
-from fluxserve.core.sizes import kontext_size, output_size, parse_aspect_ratio, ultra_size
+from fluxserve.core.catalog import ModelEntry, load_catalog
+from fluxserve.core.models import MODELS
+from fluxserve.core.params import GenerationParams, ImageRef
+from fluxserve.core.pricing import format_credits
+from fluxserve.core.sizes import SizeRule, kontext_size, output_size, parse_aspect_ratio, ultra_size
 from fluxserve.jobs.database import make_engine, migrate
 from fluxserve.jobs.tables import metadata
 from fluxserve.settings import Settings
@@ -48,17 +50,31 @@ def test_ultra_sizes_are_about_four_megapixels() -> None:
 
 
 def test_output_size_per_route() -> None:
-    assert output_size("flux-dev", 512, 256, None, None) == (512, 256)
-    assert output_size("flux-kontext-pro", None, None, None, None) is None
-    assert output_size("flux-kontext-pro", None, None, None, (640, 480)) == (1184, 880)
-    assert output_size("flux-kontext-max", None, None, "1:1", (640, 480)) == (1024, 1024)
-    assert output_size("flux-pro-1.1-ultra", None, None, None, None) == (2048, 2048)
+    def params(**fields: object) -> GenerationParams:
+        return GenerationParams.model_validate({"model": "m", "prompt": "p", **fields})
+
+    url = [ImageRef(field="input_image", ref="https://example.com/a.png")]
+    assert output_size(SizeRule.WIDTH_HEIGHT, params(width=512, height=256), None) == (512, 256)
+    assert output_size(SizeRule.KONTEXT, params(), None) == (1024, 1024)
+    assert output_size(SizeRule.KONTEXT, params(input_images=url), None) is None  # waits for the image
+    assert output_size(SizeRule.KONTEXT, params(input_images=url), (640, 480)) == (1184, 880)
+    assert output_size(SizeRule.KONTEXT, params(aspect_ratio="1:1", input_images=url), (640, 480)) == (
+        1024,
+        1024,
+    )
+    assert output_size(SizeRule.ULTRA, params(), None) == (2048, 2048)
 
 
 def test_prices_and_their_format() -> None:
-    assert set(PRICES) == set(MODELS)
-    assert format_credits(PRICES["flux-dev"]) == "2.5"
-    assert format_credits(PRICES["flux-kontext-max"]) == "8"
+    # The vendor's published prices, written out: the table must not drift from them.
+    assert {name: format_credits(spec.price) for name, spec in MODELS.items()} == {
+        "flux-kontext-max": "8",
+        "flux-kontext-pro": "4",
+        "flux-pro-1.1-ultra": "6",
+        "flux-pro-1.1": "4",
+        "flux-pro": "5",
+        "flux-dev": "2.5",
+    }
     assert format_credits(Decimal("40.00")) == "40"
 
 

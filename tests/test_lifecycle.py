@@ -57,7 +57,7 @@ def test_pending_shape_without_workers(make_server) -> None:  # type: ignore[no-
             "jobId": job_id,
             "prompt": "queued",
             "quota": "4",
-            "size": None,
+            "size": "1024x1024",  # kontext without an input image: 1:1, known at submit
             "seed": body["data"]["seed"],
             "imageUrl": None,
             "hookUrl": "https://example.com/hook",

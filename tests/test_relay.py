@@ -19,6 +19,7 @@ from fluxserve.core.catalog import ModelEntry
 from fluxserve.engines.base import EngineError, EngineHooks, EngineRequest, JobCanceled, Moderated
 from fluxserve.engines.relay import RelayEngine, aspect_ratio_of, key_allowed, upstream_payload
 from tests.conftest import free_port
+from tests.engine_fixtures import request
 from tests.fake_vendor import FAKE_KEY, FakeVendor, _color
 
 KEY_ENV = "FLUXSERVE_TEST_UPSTREAM_KEY"
@@ -41,9 +42,8 @@ def engine_for(
     return RelayEngine(entry, model, environ={KEY_ENV: key})
 
 
-def dev_request(prompt: str = "a red fox", **fields: Any) -> EngineRequest:
+def dev_request(prompt: str = "a red fox", model: str = "flux-dev", **fields: Any) -> EngineRequest:
     values: dict[str, Any] = {
-        "model": "flux-dev",
         "prompt": prompt,
         "width": 320,
         "height": 256,
@@ -54,7 +54,7 @@ def dev_request(prompt: str = "a red fox", **fields: Any) -> EngineRequest:
         "prompt_upsampling": True,
         "output_format": "png",
     }
-    return EngineRequest(**{**values, **fields})
+    return request(model, **{**values, **fields})
 
 
 class Recorder:
@@ -119,8 +119,8 @@ def test_forwards_every_parameter_polls_the_returned_url_and_reports_progress(ve
 def test_kontext_sends_input_images_as_base64_and_lets_the_image_set_the_aspect(vendor: FakeVendor) -> None:
     first = Image.new("RGB", (300, 200), (10, 200, 30))
     second = Image.new("RGB", (64, 64), (1, 2, 3))
-    request = EngineRequest(
-        model="flux-kontext-max",
+    kontext = request(
+        "flux-kontext-max",
         prompt="make it night",
         width=1248,
         height=832,
@@ -128,7 +128,7 @@ def test_kontext_sends_input_images_as_base64_and_lets_the_image_set_the_aspect(
         safety_tolerance=2,
         images=[first, second],
     )
-    result = engine_for(vendor, "flux-kontext-max").generate(request, EngineHooks())
+    result = engine_for(vendor, "flux-kontext-max").generate(kontext, EngineHooks())
     _, payload, _ = vendor.seen.submits[0]
     assert set(payload) == {
         "prompt",
@@ -145,8 +145,8 @@ def test_kontext_sends_input_images_as_base64_and_lets_the_image_set_the_aspect(
 
 
 def test_payload_per_model_follows_the_vendor_schemas() -> None:
-    ultra = EngineRequest(
-        model="flux-pro-1.1-ultra",
+    ultra = request(
+        "flux-pro-1.1-ultra",
         prompt="p",
         width=2736,
         height=1536,
@@ -156,16 +156,16 @@ def test_payload_per_model_follows_the_vendor_schemas() -> None:
         image_prompt=Image.new("RGB", (8, 8)),
         image_prompt_strength=0.3,
     )
-    payload = upstream_payload("flux-pro-1.1-ultra", ultra)
+    payload = upstream_payload(ultra)
     assert payload["aspect_ratio"] == "16:9" and payload["raw"] is True
     assert payload["image_prompt_strength"] == 0.3 and decode(payload["image_prompt"]).size == (8, 8)
     assert not {"width", "height", "steps"} & set(payload)
-    pro = upstream_payload("flux-pro", dev_request(interval=3.0, model="flux-pro"))
+    pro = upstream_payload(dev_request(interval=3.0, model="flux-pro"))
     assert pro["interval"] == 3.0 and pro["steps"] == 12
-    pro11 = upstream_payload("flux-pro-1.1", dev_request(model="flux-pro-1.1"))
+    pro11 = upstream_payload(dev_request(model="flux-pro-1.1"))
     assert not {"steps", "guidance", "interval"} & set(pro11)
-    kontext = EngineRequest(model="flux-kontext-pro", prompt="p", width=832, height=1248, seed=1)
-    assert upstream_payload("flux-kontext-pro", kontext)["aspect_ratio"] == "2:3"
+    kontext = request("flux-kontext-pro", prompt="p", width=832, height=1248, seed=1)
+    assert upstream_payload(kontext)["aspect_ratio"] == "2:3"
 
 
 def test_aspect_ratio_and_key_scope_helpers() -> None:

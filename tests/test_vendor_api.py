@@ -111,7 +111,8 @@ def test_fields_are_forwarded_and_kontext_tolerance_is_capped_with_an_image(vend
     )
     assert job.params["safety_tolerance"] == 2  # capped: an input image was given
     assert job.seed == 5 and job.params["aspect_ratio"] == "4:3"
-    assert job.params["input_images"][0].startswith("blob:")
+    assert job.params["input_images"][0]["field"] == "input_image"
+    assert job.params["input_images"][0]["ref"].startswith("blob:")
     without = vendor.job("flux-kontext-max", {"prompt": "create", "safety_tolerance": 6})
     assert without.params["safety_tolerance"] == 6
     ultra = vendor.job(

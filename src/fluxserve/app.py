@@ -72,7 +72,7 @@ class Runtime:
         max_input_pixels = max(entry.max_input_pixels for entry in catalog.models.values())
         limits = Limits(
             max_active=settings.max_active_jobs,
-            max_active_kontext_max=settings.max_active_jobs_kontext_max,
+            max_active_per_model={"flux-kontext-max": settings.max_active_jobs_kontext_max},
             max_input_bytes=settings.max_input_bytes,
             max_input_pixels=max_input_pixels,
         )
@@ -103,6 +103,7 @@ class Runtime:
                     StyleCueEnhancer(),
                     heartbeat_seconds=settings.heartbeat_seconds,
                     stale_after_seconds=settings.stale_after_seconds,
+                    engine_stall_seconds=settings.engine_stall_seconds,
                     max_attempts=settings.max_attempts,
                     poll_seconds=settings.poll_seconds,
                 )

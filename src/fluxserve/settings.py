@@ -46,6 +46,13 @@ class Settings(BaseSettings):
         description="Most model weights (MiB) a worker process keeps loaded; beyond it the least recently "
         "used model is evicted before another loads. None: no cap.",
     )
+    engine_stall_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="A running engine that neither reports progress nor checks for cancellation for this "
+        "long is hung: its job goes back to the queue and a supervised worker process is restarted. "
+        "Model loading and compilation before the first step count too on a cold worker.",
+    )
     max_attempts: int = Field(default=3, description="Claims of one job before it fails as a crash loop.")
     poll_seconds: float = Field(default=0.2, description="Idle workers look for queued jobs this often.")
     allowed_private_networks: str = Field(

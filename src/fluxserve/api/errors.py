@@ -15,7 +15,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fluxserve.api.fields import error_messages
+from fluxserve.core.fields import error_messages
 
 log = logging.getLogger("fluxserve.api")
 

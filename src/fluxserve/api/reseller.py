@@ -1,7 +1,8 @@
-"""The reseller dialect (``../shared/spec/ttapi-flux-api.txt``): six submit routes, fetch, cancel."""
+"""The reseller dialect: ``POST /bfl/v1/<model>`` for each model of the table, fetch, cancel."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query
@@ -11,15 +12,10 @@ from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
-from fluxserve.api.reseller_schemas import (
-    DevRequest,
-    KontextRequest,
-    Pro11Request,
-    ProRequest,
-    UltraRequest,
-)
+from fluxserve.api.requests import SCHEMAS, SubmitRequest
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.pricing import PRICES, format_credits
+from fluxserve.core.models import MODELS, Dialect, ModelSpec
+from fluxserve.core.pricing import format_credits
 from fluxserve.jobs.store import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.submit import InvalidInput
 
@@ -67,51 +63,36 @@ def _accepted(job: Job) -> dict[str, Any]:
     return {"status": "SUCCESS", "message": "", "data": {"jobId": job.id}}
 
 
-def _submit(model: str, body: Any, key: ApiKey, services: Services) -> dict[str, Any]:
+Envelope = dict[str, Any]
+
+
+def _submit(spec: ModelSpec, body: SubmitRequest, key: ApiKey, services: Services) -> Envelope:
     try:
         job = services.submitter.submit(
-            key, body.to_params(model), body.seed, body.webhook_url, body.image_fields()
+            key, body.to_params(), body.seed_value, body.webhook, Dialect.RESELLER
         )
     except InvalidInput as error:
         raise ApiError(400, str(error)) from error
     except QuotaExceeded as error:
-        raise ApiError(402, f"Not enough credits: {model} costs {format_credits(PRICES[model])}") from error
+        raise ApiError(402, f"Not enough credits: {spec.name} costs {format_credits(spec.price)}") from error
     except TooManyActiveJobs as error:
         raise ApiError(429, "Too many active jobs for this key; wait for some to finish") from error
     return _accepted(job)
 
 
-Envelope = dict[str, Any]
+def _submit_route(spec: ModelSpec) -> Callable[..., Envelope]:
+    def submit(body: SubmitRequest, key: Key, services: Deps) -> Envelope:
+        return _submit(spec, body, key, services)
+
+    submit.__annotations__["body"] = SCHEMAS[Dialect.RESELLER][spec.name]
+    return submit
 
 
-@router.post("/bfl/v1/flux-kontext-max", summary="Edit or create an image with FLUX.1 Kontext [max]")
-def kontext_max(body: KontextRequest, key: Key, services: Deps) -> Envelope:
-    return _submit("flux-kontext-max", body, key, services)
-
-
-@router.post("/bfl/v1/flux-kontext-pro", summary="Edit or create an image with FLUX.1 Kontext [pro]")
-def kontext_pro(body: KontextRequest, key: Key, services: Deps) -> Envelope:
-    return _submit("flux-kontext-pro", body, key, services)
-
-
-@router.post("/bfl/v1/flux-pro-1.1-ultra", summary="FLUX 1.1 [pro] ultra, optional raw mode")
-def pro_ultra(body: UltraRequest, key: Key, services: Deps) -> Envelope:
-    return _submit("flux-pro-1.1-ultra", body, key, services)
-
-
-@router.post("/bfl/v1/flux-pro-1.1", summary="FLUX 1.1 [pro]")
-def pro_11(body: Pro11Request, key: Key, services: Deps) -> Envelope:
-    return _submit("flux-pro-1.1", body, key, services)
-
-
-@router.post("/bfl/v1/flux-pro", summary="FLUX.1 [pro]")
-def pro(body: ProRequest, key: Key, services: Deps) -> Envelope:
-    return _submit("flux-pro", body, key, services)
-
-
-@router.post("/bfl/v1/flux-dev", summary="FLUX.1 [dev]")
-def dev(body: DevRequest, key: Key, services: Deps) -> Envelope:
-    return _submit("flux-dev", body, key, services)
+for _spec in MODELS.values():
+    router.add_api_route(
+        f"/bfl/v1/{_spec.name}", _submit_route(_spec), methods=["POST"], summary=_spec.title,
+        name=f"reseller_{_spec.name}",
+    )  # fmt: skip
 
 
 class JobRef(BaseModel):

@@ -6,7 +6,7 @@ sees: a job submitted here can be fetched at ``/flux/fetch`` and the other way r
 
 Errors keep the vendor's (FastAPI's) shapes: ``{"detail": "..."}`` for auth (403), credits (402) and
 limits (429), and 422 ``{"detail": [{"loc", "msg", "type"}]}`` for invalid fields, with the same rules
-and wording as the reseller dialect (``api/fields.RULES``).
+and wording as the reseller dialect (``core/fields.RULES``).
 
 Two deliberate differences from the vendor's published contract, both for safety:
 ``get_result`` needs the submitting key in ``x-key`` (the vendor's OpenAPI marks it open), so that a
@@ -27,20 +27,12 @@ from fastapi.routing import APIRoute
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.vendor_schemas import (
-    VENDOR_RULES,
-    CreditsResponse,
-    DevInputs,
-    KontextInputs,
-    Pro11Inputs,
-    ProInputs,
-    ResultResponse,
-    SubmitResponse,
-    UltraInputs,
-    VendorRequest,
-)
+from fluxserve.api.requests import SCHEMAS, SubmitRequest
+from fluxserve.api.vendor_schemas import CreditsResponse, ResultResponse, SubmitResponse
+from fluxserve.core.fields import VENDOR_RULES
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.pricing import PRICES, format_credits
+from fluxserve.core.models import MODELS, Dialect, ModelSpec
+from fluxserve.core.pricing import format_credits
 from fluxserve.jobs.store import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.submit import InvalidInput
 
@@ -133,19 +125,17 @@ def polling_url(job: Job, services: Services) -> str:
     return f"{services.base_url}/v1/get_result?id={job.id}"
 
 
-def _submit(model: str, body: VendorRequest, key: ApiKey, services: Services) -> SubmitResponse:
+def _submit(spec: ModelSpec, body: SubmitRequest, key: ApiKey, services: Services) -> SubmitResponse:
     try:
-        job = services.submitter.submit(
-            key, body.to_params(model), body.seed, body.webhook_url, body.image_fields()
-        )
+        job = services.submitter.submit(key, body.to_params(), body.seed_value, body.webhook, Dialect.VENDOR)
     except InvalidInput as error:
         item = {"loc": ["body", error.field], "msg": str(error), "type": "value_error"}
         raise VendorValidationError([item]) from error
     except QuotaExceeded as error:
-        price = format_credits(PRICES[model])
+        price = format_credits(spec.price)
         balance = "unknown" if key.credits is None else format_credits(key.credits)
         raise HTTPException(
-            402, f"Insufficient credits: {model} costs {price} credits and this key has {balance}"
+            402, f"Insufficient credits: {spec.name} costs {price} credits and this key has {balance}"
         ) from error
     except TooManyActiveJobs as error:
         raise HTTPException(
@@ -154,44 +144,26 @@ def _submit(model: str, body: VendorRequest, key: ApiKey, services: Services) ->
     return SubmitResponse(id=job.id, polling_url=polling_url(job, services), cost=_number(job.cost))
 
 
-_SUBMIT: dict[str, Any] = {
-    "response_model": SubmitResponse,
-    "responses": {
-        402: {"description": "Not enough credits for this model"},
-        403: {"description": "Missing or invalid x-key"},
-        429: {"description": "Too many active tasks for this key"},
-    },
+_SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    402: {"description": "Not enough credits for this model"},
+    403: {"description": "Missing or invalid x-key"},
+    429: {"description": "Too many active tasks for this key"},
 }
 
 
-@router.post("/flux-kontext-max", summary="Edit or create an image with FLUX.1 Kontext [max]", **_SUBMIT)
-def kontext_max(body: KontextInputs, key: Key, services: Deps) -> SubmitResponse:
-    return _submit("flux-kontext-max", body, key, services)
+def _submit_route(spec: ModelSpec) -> Callable[..., SubmitResponse]:
+    def submit(body: SubmitRequest, key: Key, services: Deps) -> SubmitResponse:
+        return _submit(spec, body, key, services)
+
+    submit.__annotations__["body"] = SCHEMAS[Dialect.VENDOR][spec.name]
+    return submit
 
 
-@router.post("/flux-kontext-pro", summary="Edit or create an image with FLUX.1 Kontext [pro]", **_SUBMIT)
-def kontext_pro(body: KontextInputs, key: Key, services: Deps) -> SubmitResponse:
-    return _submit("flux-kontext-pro", body, key, services)
-
-
-@router.post("/flux-pro-1.1-ultra", summary="FLUX1.1 [pro] ultra, optional raw mode", **_SUBMIT)
-def pro_ultra(body: UltraInputs, key: Key, services: Deps) -> SubmitResponse:
-    return _submit("flux-pro-1.1-ultra", body, key, services)
-
-
-@router.post("/flux-pro-1.1", summary="FLUX1.1 [pro]", **_SUBMIT)
-def pro_11(body: Pro11Inputs, key: Key, services: Deps) -> SubmitResponse:
-    return _submit("flux-pro-1.1", body, key, services)
-
-
-@router.post("/flux-pro", summary="FLUX.1 [pro]", **_SUBMIT)
-def pro(body: ProInputs, key: Key, services: Deps) -> SubmitResponse:
-    return _submit("flux-pro", body, key, services)
-
-
-@router.post("/flux-dev", summary="FLUX.1 [dev]", **_SUBMIT)
-def dev(body: DevInputs, key: Key, services: Deps) -> SubmitResponse:
-    return _submit("flux-dev", body, key, services)
+for _spec in MODELS.values():
+    router.add_api_route(
+        f"/{_spec.name}", _submit_route(_spec), methods=["POST"], summary=_spec.title,
+        name=f"vendor_{_spec.name}", response_model=SubmitResponse, responses=_SUBMIT_RESPONSES,
+    )  # fmt: skip
 
 
 def _reason(job: Job) -> str:

@@ -14,15 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MODELS = (
-    "flux-kontext-max",
-    "flux-kontext-pro",
-    "flux-pro-1.1-ultra",
-    "flux-pro-1.1",
-    "flux-pro",
-    "flux-dev",
-)
-KONTEXT_MODELS = ("flux-kontext-max", "flux-kontext-pro")
+from fluxserve.core.models import MODELS
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
 
@@ -102,4 +94,7 @@ def load_catalog(overrides: Sequence[Path] = ()) -> Catalog:
     missing = [name for name in MODELS if name not in catalog.models]
     if missing:
         raise ValueError(f"catalog: no entry for {', '.join(missing)}")
+    unknown = [name for name in catalog.models if name not in MODELS]
+    if unknown:
+        raise ValueError(f"catalog: {', '.join(unknown)} not in the model table (known: {', '.join(MODELS)})")
     return catalog

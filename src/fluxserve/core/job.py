@@ -8,6 +8,8 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+from fluxserve.core.models import Dialect
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -41,6 +43,7 @@ class Job:
     output_format: str
     prompt: str
     cost: Decimal
+    dialect: Dialect = Dialect.RESELLER  # the dialect it came in, which renders its results and webhooks
     status: JobStatus = JobStatus.QUEUED
     width: int | None = None
     height: int | None = None

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+from fluxserve.core.fields import input_image_field
 
 OutputFormat = Literal["jpeg", "png"]
+
+
+class ImageRef(BaseModel):
+    """One input image and the request field it came in: the name goes with it to every error message
+    and to the relay, so ``input_image`` + ``input_image_3`` stay those two names."""
+
+    field: str
+    ref: str  # ``blob:<key>`` for an upload stored at submit, or an http(s) URL the worker fetches
 
 
 class GenerationParams(BaseModel):
     """What a validated submit becomes, whichever dialect it came in.
 
-    Defaults are applied by the dialect's schema, never here, so that each dialect keeps its own.
-    Image inputs are references: ``blob:<key>`` for uploads stored at submit, or an http(s) URL that the
-    worker fetches through the SSRF guard.
+    Defaults are applied by the dialect's schema (from the model table), never here, so that each
+    dialect keeps its own.
     """
 
     model: str
@@ -29,6 +38,17 @@ class GenerationParams(BaseModel):
     raw: bool = False
     prompt_upsampling: bool = False
     safety_tolerance: int = 2
-    input_images: list[str] = Field(default_factory=list)
+    input_images: list[ImageRef] = Field(default_factory=list)
     image_prompt: str | None = None
     image_prompt_strength: float | None = None
+
+    @field_validator("input_images", mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        """Jobs stored before images carried their field name listed bare references, in field order."""
+        if isinstance(value, list):
+            return [
+                {"field": input_image_field(index), "ref": item} if isinstance(item, str) else item
+                for index, item in enumerate(value)
+            ]
+        return value

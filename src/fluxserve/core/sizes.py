@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import math
 import re
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fluxserve.core.params import GenerationParams
 
 # (width, height), the resolutions FLUX.1 Kontext prefers; the nearest aspect ratio wins.
 KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
@@ -19,6 +24,14 @@ ULTRA_AREA = 2048 * 2048
 MIN_RATIO = 9 / 21
 MAX_RATIO = 21 / 9
 _RATIO = re.compile(r"^\s*(\d{1,5})\s*:\s*(\d{1,5})\s*$")
+
+
+class SizeRule(StrEnum):
+    """How a model's output size is decided; each model's rule is in the model table."""
+
+    WIDTH_HEIGHT = "width_height"  # the request's width and height
+    KONTEXT = "kontext"  # ~1 MP for the aspect ratio, else the first input image's, else 1:1
+    ULTRA = "ultra"  # ~4 MP for the aspect ratio
 
 
 def parse_aspect_ratio(value: str) -> float:
@@ -43,23 +56,21 @@ def ultra_size(ratio: float) -> tuple[int, int]:
 
 
 def output_size(
-    model: str,
-    width: int | None,
-    height: int | None,
-    aspect_ratio: str | None,
-    reference: tuple[int, int] | None,
+    rule: SizeRule, params: GenerationParams, reference: tuple[int, int] | None
 ) -> tuple[int, int] | None:
-    """The size a job will have; None while it depends on a reference image not yet fetched.
+    """The size a job will have; None while it depends on a first input image not yet fetched
+    (``reference`` is that image's size once known).
 
-    Kontext without an aspect ratio follows its first reference image, or 1:1 without one.
+    Kontext without an aspect ratio follows its first input image, or 1:1 without one.
     """
-    if model == "flux-pro-1.1-ultra":
-        return ultra_size(parse_aspect_ratio(aspect_ratio or "1:1"))
-    if model.startswith("flux-kontext"):
-        if aspect_ratio:
-            return kontext_size(parse_aspect_ratio(aspect_ratio))
-        if reference is not None:
-            return kontext_size(reference[0] / reference[1])
-        return None
-    assert width is not None and height is not None
-    return width, height
+    if rule is SizeRule.ULTRA:
+        return ultra_size(parse_aspect_ratio(params.aspect_ratio or "1:1"))
+    if rule is SizeRule.KONTEXT:
+        if params.aspect_ratio:
+            return kontext_size(parse_aspect_ratio(params.aspect_ratio))
+        if not params.input_images:
+            return kontext_size(1.0)
+        return None if reference is None else kontext_size(reference[0] / reference[1])
+    if params.width is None or params.height is None:
+        raise ValueError(f"{params.model}: width and height are required")
+    return params.width, params.height

@@ -8,6 +8,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
+from fluxserve.core.models import ModelSpec, spec_of
+from fluxserve.core.params import GenerationParams
+
 
 class JobCanceled(Exception):
     """Raised inside an engine when the job's cancel flag is seen between denoising steps."""
@@ -31,26 +34,30 @@ class Moderated(EngineError):
 
 
 @dataclass
-class EngineRequest:
-    """Everything an engine needs, already resolved: sizes are final and images are decoded."""
+class NamedImage:
+    """A decoded input image and the request field it came in (for error messages and the relay)."""
 
-    model: str
+    field: str
+    image: Image.Image
+
+
+@dataclass
+class EngineRequest:
+    """Everything an engine needs, already resolved: the validated parameters as the client sent them,
+    the final prompt (upsampled or not), the final size and seed, and the decoded images."""
+
+    params: GenerationParams
     prompt: str
     width: int
     height: int
     seed: int
-    output_format: str = "png"
-    steps: int | None = None
-    guidance: float | None = None
-    interval: float | None = None
-    raw: bool = False
-    safety_tolerance: int = 2
-    prompt_upsampling: bool = False
-    images: list[Image.Image] = field(default_factory=list)
+    images: list[NamedImage] = field(default_factory=list)
     image_prompt: Image.Image | None = None
-    image_prompt_strength: float | None = None
-    aspect_ratio: str | None = None  # as asked, for engines (the relay) that forward it rather than a size
     resume: dict[str, Any] | None = None  # what an earlier attempt saved with ``hooks.checkpoint``
+
+    @property
+    def spec(self) -> ModelSpec:
+        return spec_of(self.params.model)
 
 
 @dataclass

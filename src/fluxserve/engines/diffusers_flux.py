@@ -57,15 +57,22 @@ from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline, FluxPipeline, Fl
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fluxserve.core.catalog import KONTEXT_MODELS, ModelEntry
-from fluxserve.engines.base import EngineError, EngineHooks, EngineRequest, EngineResult, JobCanceled
+from fluxserve.core.catalog import ModelEntry
+from fluxserve.core.models import Family, spec_of
+from fluxserve.core.params import GenerationParams
+from fluxserve.engines.base import (
+    EngineError,
+    EngineHooks,
+    EngineRequest,
+    EngineResult,
+    JobCanceled,
+    NamedImage,
+)
 
 log = logging.getLogger("fluxserve.engines")
 
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 3.5
-# flux-pro-1.1-ultra's own default when a request leaves the field out.
-ULTRA_IMAGE_PROMPT_STRENGTH = 0.1
 MAX_SEQUENCE_LENGTH = 512  # FLUX.1's T5 context; a checkpoint whose tokenizer is shorter uses its own
 UNGUIDED = 1.0  # the distilled guidance value that adds no guidance
 
@@ -166,11 +173,6 @@ def interval_schedule(guidance: float, interval: float) -> Callable[[float], flo
         return guidance if sigma >= threshold - 1e-6 else UNGUIDED
 
     return at
-
-
-def image_field(index: int) -> str:
-    """The API field that carried ``request.images[index]``, for error messages."""
-    return "input_image" if index == 0 else f"input_image_{index + 1}"
 
 
 def generation_size(width: int, height: int, max_pixels: int | None, multiple: int = 16) -> tuple[int, int]:
@@ -407,10 +409,12 @@ class DiffusersFluxEngine:
         """
         started = time.monotonic()
         for width, height in self.options.warmup:
-            probe = EngineRequest(model=model, prompt="warm-up", width=width, height=height, seed=0, steps=1)
+            params = GenerationParams(model=model, prompt="warm-up", steps=1)
+            probe = EngineRequest(params, prompt="warm-up", width=width, height=height, seed=0)
             self.generate(probe, EngineHooks())
-            if model in KONTEXT_MODELS:
-                self.generate(replace(probe, images=[Image.new("RGB", (width, height))]), EngineHooks())
+            if spec_of(model).family is Family.KONTEXT:
+                blank = NamedImage("input_image", Image.new("RGB", (width, height)))
+                self.generate(replace(probe, images=[blank]), EngineHooks())
         return time.monotonic() - started
 
     @property
@@ -439,7 +443,7 @@ class DiffusersFluxEngine:
     def _key(self, request: EngineRequest, plan: _Plan) -> Hashable | None:
         if plan.pipe is not self.model.text2image or plan.kwargs or plan.prepare:
             return None
-        return (plan.width, plan.height, plan.steps, plan.guidance, request.interval)
+        return (plan.width, plan.height, plan.steps, plan.guidance, request.params.interval)
 
     def generate_batch(
         self, requests: Sequence[EngineRequest], hooks: Sequence[EngineHooks]
@@ -492,8 +496,8 @@ class DiffusersFluxEngine:
             except JobCanceled:
                 return [JobCanceled() for _ in requests]
             except Exception as exc:
-                log.exception("pipeline failed", extra={"model": requests[0].model})
-                raise EngineError(f"{requests[0].model}: generation failed: {_reason(exc)}") from exc
+                log.exception("pipeline failed", extra={"model": requests[0].params.model})
+                raise EngineError(f"{requests[0].params.model}: generation failed: {_reason(exc)}") from exc
         results: list[EngineResult | JobCanceled] = []
         for request, details, image, stopped in zip(
             requests, [each.details for each in plans], output.images, canceled, strict=True
@@ -516,21 +520,21 @@ class DiffusersFluxEngine:
     def _plan(self, request: EngineRequest) -> _Plan:
         """Everything about a request that is decided before the pipeline runs; refuses bad inputs."""
         self._check_inputs(request)
-        steps = request.steps or self.entry.steps or DEFAULT_STEPS
-        guidance = request.guidance or self.entry.guidance or DEFAULT_GUIDANCE
+        steps = request.params.steps or self.entry.steps or DEFAULT_STEPS
+        guidance = request.params.guidance or self.entry.guidance or DEFAULT_GUIDANCE
         width, height = generation_size(
             request.width, request.height, self.entry.max_pixels, self.model.multiple
         )
         details: dict[str, Any] = {"steps": steps}
-        if request.raw:
+        if request.params.raw:
             guidance = min(guidance, self.options.raw_guidance)
             details["raw"] = True
         details["guidance"] = guidance
         schedule = None
-        if request.interval is not None:
+        if request.params.interval is not None:
             if self.model.takes_guidance:
-                schedule = interval_schedule(guidance, request.interval)
-                details["interval"] = request.interval
+                schedule = interval_schedule(guidance, request.params.interval)
+                details["interval"] = request.params.interval
             else:
                 details["interval"] = "unused: this model takes no guidance input"
         if (width, height) != (request.width, request.height):
@@ -544,33 +548,31 @@ class DiffusersFluxEngine:
     def _check_inputs(self, request: EngineRequest) -> None:
         """Refuse oversized inputs, and inputs the route has no use for, before any work."""
         limit = self.entry.max_input_pixels
-        named = [(image_field(i), image) for i, image in enumerate(request.images)]
+        named = [(named.field, named.image) for named in request.images]
         if request.image_prompt is not None:
             named.append(("image_prompt", request.image_prompt))
         for name, image in named:
             if image.width * image.height > limit:
                 raise EngineError(
                     f"{name}: {image.width}x{image.height} is {image.width * image.height} pixels; "
-                    f"{request.model} accepts at most {limit} pixels"
+                    f"{request.params.model} accepts at most {limit} pixels"
                 )
-        if request.images and request.model not in KONTEXT_MODELS:
-            raise EngineError(f"input_image: {request.model} does not take input images")
+        if request.images and request.spec.family is not Family.KONTEXT:
+            raise EngineError(f"input_image: {request.params.model} does not take input images")
 
     def _route(self, request: EngineRequest, plan: _Plan) -> None:
         """Pick the pipeline for the request and its path-specific arguments; note the choice in details."""
         details = plan.details
         if request.images:
             area = plan.width * plan.height
-            reference = reference_canvas(request.images, area, self.model.multiple)
+            reference = reference_canvas([named.image for named in request.images], area, self.model.multiple)
             details.update(pipeline="kontext", references=len(request.images))
             plan.pipe = self.model.kontext
             plan.kwargs = {"image": reference, "max_area": area, "_auto_resize": False}
             return
         if request.image_prompt is not None:
             redux = self.model.redux is not None
-            strength = request.image_prompt_strength
-            if strength is None and request.model == "flux-pro-1.1-ultra":
-                strength = ULTRA_IMAGE_PROMPT_STRENGTH
+            strength = request.params.image_prompt_strength
             if strength is None:
                 strength = self.options.image_prompt_strength
             if strength is None:

@@ -46,6 +46,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fluxserve.core.catalog import ModelEntry
+from fluxserve.core.models import spec_of
+from fluxserve.core.sizes import SizeRule
 from fluxserve.engines.base import (
     EngineError,
     EngineHooks,
@@ -58,19 +60,6 @@ from fluxserve.safety.images import ImageInputError, decode_image_bytes
 
 log = logging.getLogger("fluxserve.engines.relay")
 
-_COMMON = ("prompt", "seed", "safety_tolerance", "output_format", "prompt_upsampling")
-_SIZED = (*_COMMON, "width", "height", "image_prompt")
-_KONTEXT = (*_COMMON, "aspect_ratio", "input_image", "input_image_2", "input_image_3", "input_image_4")
-
-# The request fields of each vendor endpoint (its published OpenAPI); others are not sent.
-UPSTREAM_FIELDS: dict[str, tuple[str, ...]] = {
-    "flux-dev": (*_SIZED, "steps", "guidance"),
-    "flux-pro": (*_SIZED, "steps", "guidance", "interval"),
-    "flux-pro-1.1": _SIZED,
-    "flux-pro-1.1-ultra": (*_COMMON, "aspect_ratio", "raw", "image_prompt", "image_prompt_strength"),
-    "flux-kontext-pro": _KONTEXT,
-    "flux-kontext-max": _KONTEXT,
-}
 PENDING = {"Pending", "Queued", "Processing", "Generating", "Reasoning"}
 FAILED = {"Error", "Failed"}
 RETRIED_SUBMIT_STATUSES = {502, 503, 504}  # a gateway's answer: the task was not created
@@ -138,40 +127,27 @@ def image_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def upstream_payload(model: str, request: EngineRequest) -> dict[str, Any]:
-    """The vendor's request body for ``model``: every field its endpoint has that the job set.
+def upstream_payload(request: EngineRequest) -> dict[str, Any]:
+    """The vendor's request body: every field the vendor's endpoint for the model has (the model table's
+    vendor-dialect fields) that the job set, each input image under the field it came in.
 
     The aspect ratio is the job's own when the request carries one; otherwise it is derived from the
     final size, except for kontext with an input image, where it is left out: the vendor then follows
     the image, as our size did.
     """
-    fields = UPSTREAM_FIELDS.get(model)
-    if fields is None:
-        raise EngineError(
-            f"relay: no vendor schema for model {model!r} (known: {', '.join(UPSTREAM_FIELDS)})"
-        )
-    aspect_ratio = getattr(request, "aspect_ratio", None)
-    if aspect_ratio is None and (model == "flux-pro-1.1-ultra" or not request.images):
-        aspect_ratio = aspect_ratio_of(request.width, request.height)
+    spec = request.spec
     values: dict[str, Any] = {
+        **request.params.model_dump(exclude={"model", "input_images"}),
         "prompt": request.prompt,
         "seed": request.seed,
-        "safety_tolerance": request.safety_tolerance,
-        "output_format": request.output_format,
-        "prompt_upsampling": request.prompt_upsampling,
         "width": request.width,
         "height": request.height,
-        "steps": request.steps,
-        "guidance": request.guidance,
-        "interval": request.interval,
-        "raw": request.raw,
-        "aspect_ratio": aspect_ratio,
-        "image_prompt": image_base64(request.image_prompt) if request.image_prompt is not None else None,
-        "image_prompt_strength": request.image_prompt_strength,
     }
-    for index, image in enumerate(request.images[:4]):
-        values["input_image" if index == 0 else f"input_image_{index + 1}"] = image_base64(image)
-    return {name: values[name] for name in fields if values.get(name) is not None}
+    if values["aspect_ratio"] is None and (spec.size_rule is SizeRule.ULTRA or not request.images):
+        values["aspect_ratio"] = aspect_ratio_of(request.width, request.height)
+    values["image_prompt"] = None if request.image_prompt is None else image_base64(request.image_prompt)
+    values.update({named.field: image_base64(named.image) for named in request.images})
+    return {name: values[name] for name in spec.vendor_fields() if values.get(name) is not None}
 
 
 def resumable_task(state: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -259,9 +235,11 @@ class RelayEngine:
     ) -> None:
         self.model = model
         self.options = RelayOptions.of(entry)
-        self.upstream_model = self.options.upstream_model or model
-        if model not in UPSTREAM_FIELDS:
-            raise EngineError(f"relay: no vendor schema for model {model!r}")
+        try:
+            spec = spec_of(model)
+        except KeyError as exc:
+            raise EngineError(f"relay: {exc.args[0]}") from None
+        self.upstream_model = self.options.upstream_model or spec.upstream
         self._environ = environ if environ is not None else os.environ
         self._sleep = sleep
 
@@ -269,7 +247,7 @@ class RelayEngine:
 
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult:
         key = self._api_key()
-        payload = upstream_payload(self.model, request)
+        payload = upstream_payload(request)
         started = time.monotonic()
         deadline = started + self.options.timeout
         with httpx.Client(timeout=self.options.request_timeout) as client:

@@ -17,9 +17,10 @@ class TooManyActiveJobs(Exception):
 
 
 class JobStore(Protocol):
-    def submit(self, job: Job, max_active: int) -> Job:
-        """Hold the job's price, check the key's active-job limit, and write the row, all in one
-        transaction; raises QuotaExceeded or TooManyActiveJobs and then writes nothing."""
+    def submit(self, job: Job, max_active: int, max_active_model: int | None = None) -> Job:
+        """Hold the job's price, check the key's active-job limits (all its jobs, and its jobs of this
+        model when the model has a limit of its own), and write the row, all in one transaction; raises
+        QuotaExceeded or TooManyActiveJobs and then writes nothing."""
         ...
 
     def get(self, job_id: str, key_id: str | None = None) -> Job | None: ...

@@ -9,6 +9,7 @@ from sqlalchemy import Connection, Engine, RowMapping, func, insert, select, upd
 
 from fluxserve.accounts.keys import from_hundredths, to_hundredths
 from fluxserve.core.job import ACTIVE_STATUSES, Job, JobStatus
+from fluxserve.core.models import Dialect
 from fluxserve.jobs.database import as_utc, utcnow
 from fluxserve.jobs.store import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.tables import api_keys, jobs
@@ -22,6 +23,7 @@ def _job(row: RowMapping) -> Job:
         id=row["id"],
         key_id=row["key_id"],
         model=row["model"],
+        dialect=Dialect(row["dialect"]),
         params=row["params"],
         seed=row["seed"],
         output_format=row["output_format"],
@@ -49,7 +51,7 @@ class SqlJobStore:
         self._engine = engine
         self._postgres = engine.dialect.name == "postgresql"
 
-    def submit(self, job: Job, max_active: int) -> Job:
+    def submit(self, job: Job, max_active: int, max_active_model: int | None = None) -> Job:
         cost = to_hundredths(job.cost)
         balance = api_keys.c.credits_hundredths
         with self._engine.begin() as conn:
@@ -62,13 +64,16 @@ class SqlJobStore:
             )
             if held.rowcount == 0:
                 raise QuotaExceeded()
-            active = conn.execute(
+            active = (
                 select(func.count())
                 .select_from(jobs)
                 .where(jobs.c.key_id == job.key_id, jobs.c.status.in_(_ACTIVE))
-                .where(jobs.c.model == job.model if job.model == "flux-kontext-max" else True)
-            ).scalar_one()
-            if active >= max_active:
+            )
+            over = conn.execute(active).scalar_one() >= max_active
+            if max_active_model is not None and not over:
+                same_model = active.where(jobs.c.model == job.model)
+                over = conn.execute(same_model).scalar_one() >= max_active_model
+            if over:
                 conn.rollback()
                 raise TooManyActiveJobs()
             job.created_at = utcnow()
@@ -81,6 +86,7 @@ class SqlJobStore:
             "id": job.id,
             "key_id": job.key_id,
             "model": job.model,
+            "dialect": job.dialect.value,
             "status": job.status.value,
             "params": job.params,
             "seed": job.seed,

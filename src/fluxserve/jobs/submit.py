@@ -8,10 +8,9 @@ import uuid
 from dataclasses import dataclass
 
 from fluxserve.accounts.keys import ApiKey
-from fluxserve.core.catalog import KONTEXT_MODELS
 from fluxserve.core.job import Job
-from fluxserve.core.params import GenerationParams
-from fluxserve.core.pricing import PRICES
+from fluxserve.core.models import Dialect, Family, spec_of
+from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.sizes import output_size
 from fluxserve.jobs.store import JobStore
 from fluxserve.safety.images import ImageInputError, decode_image_input, is_url
@@ -29,15 +28,10 @@ class InvalidInput(ValueError):
         self.field = field
 
 
-def image_field(index: int) -> str:
-    """The request field that carried ``input_images[index]``."""
-    return "input_image" if index == 0 else f"input_image_{index + 1}"
-
-
 @dataclass(frozen=True)
 class Limits:
-    max_active: int
-    max_active_kontext_max: int
+    max_active: int  # queued plus running jobs of one key
+    max_active_per_model: dict[str, int]  # operator overrides of the model table's own limits
     max_input_bytes: int
     max_input_pixels: int
 
@@ -54,47 +48,42 @@ class Submitter:
         params: GenerationParams,
         seed: int | None,
         webhook_url: str | None,
-        image_fields: list[str] | None = None,
+        dialect: Dialect,
     ) -> Job:
-        """Write the job (raising QuotaExceeded / TooManyActiveJobs / InvalidInput) and return it.
-
-        ``image_fields`` names the request field of each input image, for error messages, when they
-        are not simply ``input_image``, ``input_image_2``... in order.
-        """
-        fields = image_fields or [image_field(index) for index in range(len(params.input_images))]
+        """Write the job (raising QuotaExceeded / TooManyActiveJobs / InvalidInput) and return it."""
+        spec = spec_of(params.model)
         job_id = str(uuid.uuid4())
-        reference: tuple[int, int] | None = None
-        images: list[str] = []
-        for index, value in enumerate(params.input_images):
-            ref, size = self._store_image(job_id, fields[index], value)
-            images.append(ref)
-            if index == 0:
-                reference = size
+        images: list[ImageRef] = []
+        sizes: list[tuple[int, int] | None] = []
+        for image in params.input_images:
+            ref, size = self._store_image(job_id, image.field, image.ref)
+            images.append(ImageRef(field=image.field, ref=ref))
+            sizes.append(size)
         image_prompt = None
         if params.image_prompt is not None:
             image_prompt, _ = self._store_image(job_id, "image_prompt", params.image_prompt)
         updates: dict[str, object] = {"input_images": images, "image_prompt": image_prompt}
-        if params.model in KONTEXT_MODELS and images:
+        if spec.family is Family.KONTEXT and images:
             updates["safety_tolerance"] = min(params.safety_tolerance, KONTEXT_IMAGE_TOLERANCE)
         params = params.model_copy(update=updates)
-        size = output_size(params.model, params.width, params.height, params.aspect_ratio, reference)
+        # A size that waits for a URL input is resolved by the worker once it has fetched the image.
+        size = output_size(spec.size_rule, params, sizes[0] if sizes else None)
         job = Job(
             id=job_id,
             key_id=key.id,
             model=params.model,
+            dialect=dialect,
             params=params.model_dump(mode="json"),
             seed=seed if seed is not None else secrets.randbelow(2**32),
             output_format=params.output_format,
             prompt=params.prompt,
-            cost=PRICES[params.model],
+            cost=spec.price,
             width=size[0] if size else None,
             height=size[1] if size else None,
             webhook_url=webhook_url,
         )
-        limit = self._limits.max_active
-        if params.model == "flux-kontext-max":
-            limit = self._limits.max_active_kontext_max
-        return self._store.submit(job, limit)
+        model_limit = self._limits.max_active_per_model.get(spec.name, spec.max_active)
+        return self._store.submit(job, self._limits.max_active, model_limit)
 
     def _store_image(self, job_id: str, field: str, value: str) -> tuple[str, tuple[int, int] | None]:
         """Keep URLs for the worker to fetch; decode base64 now so a bad upload is a 400, not a failure."""

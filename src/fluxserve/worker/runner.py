@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.models import spec_of
 from fluxserve.core.params import GenerationParams
 from fluxserve.core.sizes import output_size
 from fluxserve.engines.base import (
@@ -30,13 +31,14 @@ from fluxserve.engines.base import (
     EngineResult,
     JobCanceled,
     Moderated,
+    NamedImage,
 )
 from fluxserve.engines.registry import EngineRegistry
 from fluxserve.jobs.store import JobStore
-from fluxserve.jobs.submit import image_field
 from fluxserve.safety.fetch import FetchError
 from fluxserve.safety.images import ImageInputError
 from fluxserve.storage.base import BlobStore
+from fluxserve.worker.beacon import Liveness
 from fluxserve.worker.inputs import InputLoader
 from fluxserve.worker.upsample import PromptEnhancer
 
@@ -56,15 +58,21 @@ def encode_image(image: Image.Image, output_format: str) -> bytes:
 
 
 class _Heartbeat:
-    """Reports progress at most every ``min_interval`` and beats every ``interval`` regardless."""
+    """Reports progress at most every ``min_interval`` and beats every ``interval`` while the engine is
+    alive: an engine that has not reported progress nor asked about cancellation for ``stall_seconds``
+    is hung, and its job stops beating so that a live worker takes it back."""
 
-    def __init__(self, store: JobStore, job: Job, worker_id: str, interval: float) -> None:
+    def __init__(
+        self, store: JobStore, job: Job, worker_id: str, interval: float, stall_seconds: float
+    ) -> None:
         self._store = store
         self._job = job
         self._worker_id = worker_id
         self._interval = interval
+        self._stall_seconds = stall_seconds
         self._progress: float | None = None
         self._last = 0.0
+        self._active = time.monotonic()
         self._canceled = False
         self._lost = False
         self._stop = threading.Event()
@@ -78,6 +86,10 @@ class _Heartbeat:
         self._stop.set()
         self._thread.join()
 
+    @property
+    def stalled(self) -> bool:
+        return time.monotonic() - self._active > self._stall_seconds
+
     def _beat(self) -> None:
         ours, cancel = self._store.heartbeat(self._job.id, self._worker_id, self._progress)
         self._last = time.monotonic()
@@ -86,18 +98,25 @@ class _Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
+            if self.stalled:
+                log.error(
+                    "engine made no progress; no longer vouching for the job", extra={"job_id": self._job.id}
+                )
+                return
             try:
                 self._beat()
             except Exception:  # a database hiccup must not kill the job; the next beat retries
                 log.exception("heartbeat failed", extra={"job_id": self._job.id})
 
     def progress(self, fraction: float) -> None:
+        self._active = time.monotonic()
         self._progress = round(min(max(fraction, 0.0), 1.0), 4)
         if time.monotonic() - self._last >= min(0.5, self._interval):
             self._beat()
 
     def canceled(self) -> bool:
         """Stop when the client canceled, or when the job was given to another worker."""
+        self._active = time.monotonic()
         return self._canceled or self._lost
 
 
@@ -113,8 +132,10 @@ class Worker:
         *,
         heartbeat_seconds: float,
         stale_after_seconds: float,
+        engine_stall_seconds: float,
         max_attempts: int,
         poll_seconds: float,
+        liveness: Liveness | None = None,
     ) -> None:
         self.worker_id = worker_id
         self._store = store
@@ -124,6 +145,8 @@ class Worker:
         self._enhancer = enhancer
         self._heartbeat_seconds = heartbeat_seconds
         self._stale_after = stale_after_seconds
+        self._stall_seconds = engine_stall_seconds
+        self.liveness = liveness or Liveness()
         self._max_attempts = max_attempts
         self._poll = poll_seconds
         self._next_reap = 0.0
@@ -173,10 +196,11 @@ class Worker:
         with ExitStack() as stack:
             beats = {
                 job.id: stack.enter_context(
-                    _Heartbeat(self._store, job, self.worker_id, self._heartbeat_seconds)
+                    _Heartbeat(self._store, job, self.worker_id, self._heartbeat_seconds, self._stall_seconds)
                 )
                 for job in jobs
             }
+            stack.enter_context(self.liveness.watch(beats.values()))
             prepared: list[tuple[Job, EngineRequest]] = []
             # An engine that upsamples itself (the relay: the vendor does it) gets the prompt as sent.
             upsample = not getattr(engine, "handles_prompt_upsampling", False)
@@ -267,39 +291,31 @@ class Worker:
         )
 
     def _request(self, job: Job, upsample: bool) -> EngineRequest:
-        """Decode inputs, settle the final size and prompt, and record them on the job."""
+        """Decode inputs, settle the size (when it waited for a fetched image) and the final prompt."""
         params = GenerationParams.model_validate(job.params)
-        images = []
-        for index, ref in enumerate(params.input_images):
-            images.append(self._load(ref, image_field(index)))
+        images = [
+            NamedImage(image.field, self._load(image.ref, image.field)) for image in params.input_images
+        ]
         image_prompt = None
         if params.image_prompt:
             image_prompt = self._load(params.image_prompt, "image_prompt")
-        reference = images[0].size if images else None
-        width, height = output_size(
-            params.model, params.width, params.height, params.aspect_ratio, reference
-        ) or (1024, 1024)
+        if job.width is None or job.height is None:
+            reference = images[0].image.size if images else None
+            size = output_size(spec_of(job.model).size_rule, params, reference)
+            assert size is not None  # every input is decoded now
+            job.width, job.height = size
         prompt = params.prompt
         if params.prompt_upsampling and upsample:
             prompt = self._enhancer.enhance(prompt, job.seed)
-        self._store.update_running(job.id, self.worker_id, width=width, height=height, prompt=prompt)
+        self._store.update_running(job.id, self.worker_id, width=job.width, height=job.height, prompt=prompt)
         return EngineRequest(
-            model=params.model,
+            params,
             prompt=prompt,
-            width=width,
-            height=height,
+            width=job.width,
+            height=job.height,
             seed=job.seed,
-            output_format=params.output_format,
-            steps=params.steps,
-            guidance=params.guidance,
-            interval=params.interval,
-            raw=params.raw,
-            safety_tolerance=params.safety_tolerance,
-            prompt_upsampling=params.prompt_upsampling,
             images=images,
             image_prompt=image_prompt,
-            image_prompt_strength=params.image_prompt_strength,
-            aspect_ratio=params.aspect_ratio,
             resume=job.details.get(ENGINE_STATE),
         )
 

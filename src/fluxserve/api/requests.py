@@ -1,0 +1,90 @@
+"""Each route's request schema, built from the model table: one pydantic model per model and dialect.
+
+The table says which fields a route has and their defaults in each dialect; ``core.fields`` says each
+field's type and range. The reseller dialect refuses fields a route does not have; the vendor dialect
+ignores them, as the vendor's own server does (clients send ``aspect_ratio`` to flux-dev). Both turn
+into the same :class:`~fluxserve.core.params.GenerationParams` with :meth:`SubmitRequest.to_params`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic_core import PydanticCustomError
+
+from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES
+from fluxserve.core.models import MODELS, REQUIRED, Dialect, ModelSpec
+from fluxserve.core.params import GenerationParams, ImageRef
+
+_NOT_PARAMS = {"seed", "webhook_url", "webhook_secret"}
+
+
+class SubmitRequest(BaseModel):
+    """Base of every submit schema."""
+
+    spec: ClassVar[ModelSpec]
+
+    def to_params(self) -> GenerationParams:
+        data = self.model_dump(exclude=_NOT_PARAMS)
+        images = [
+            ImageRef(field=name, ref=ref) for name in self.spec.image_fields if (ref := data.pop(name, None))
+        ]
+        return GenerationParams(model=self.spec.name, input_images=images, **data)
+
+    @property
+    def seed_value(self) -> int | None:
+        return getattr(self, "seed", None)
+
+    @property
+    def webhook(self) -> str | None:
+        return getattr(self, "webhook_url", None)
+
+
+class ResellerRequest(SubmitRequest):
+    """Unknown fields are refused, numbers must be finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class VendorRequest(SubmitRequest):
+    """Unknown fields are ignored, as the vendor does; a prompt is needed unless an image prompt is given."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _prompt_or_image(self) -> VendorRequest:
+        if not str(getattr(self, "prompt", "")).strip() and not getattr(self, "image_prompt", None):
+            raise PydanticCustomError("prompt_required", "prompt: is required (or give image_prompt)")
+        return self
+
+
+_BASES: dict[Dialect, type[SubmitRequest]] = {
+    Dialect.RESELLER: ResellerRequest,
+    Dialect.VENDOR: VendorRequest,
+}
+
+
+def _field(name: str, default: Any) -> tuple[Any, Any]:
+    annotation, description = FIELD_TYPES[name]
+    if default is REQUIRED:
+        return annotation, Field(description=description)
+    if not default and name in OPTIONAL_TYPES:  # no aspect ratio: follow the input image; vendor prompt
+        annotation = OPTIONAL_TYPES[name]
+    return annotation, Field(default=default, description=description)
+
+
+def _schema(spec: ModelSpec, dialect: Dialect) -> type[SubmitRequest]:
+    title = "".join(part.capitalize() for part in spec.name.replace(".", "").split("-"))
+    suffix = "Request" if dialect is Dialect.RESELLER else "Inputs"
+    fields = {name: _field(name, default) for name, default in spec.fields[dialect].items()}
+    schema: type[SubmitRequest] = create_model(  # type: ignore[call-overload]
+        f"{title}{suffix}", __base__=_BASES[dialect], __doc__=spec.title, **fields
+    )
+    schema.spec = spec
+    return schema
+
+
+SCHEMAS: dict[Dialect, dict[str, type[SubmitRequest]]] = {
+    dialect: {name: _schema(spec, dialect) for name, spec in MODELS.items()} for dialect in Dialect
+}

@@ -1,0 +1,168 @@
+"""Every request field a route can have: its type, its range, and the rule an error message states.
+
+Both dialects take their fields from here (the model table says which route has which, with what default),
+so a range is written once. Numbers and booleans sent as strings are accepted (the reseller's own examples
+send ``"steps":"40"``); a boolean where a number belongs or a number where text belongs is refused, and
+every refusal names the field and the rule from ``RULES``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic_core import PydanticUseDefault
+
+from fluxserve.core.sizes import parse_aspect_ratio
+
+MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 20_000
+IMAGE_RULE = "must be a base64-encoded image or an http(s) URL"
+
+RULES: dict[str, str] = {
+    "prompt": f"must be a non-empty string of at most {MAX_PROMPT_CHARS} characters",
+    "width": "must be a multiple of 32 between 256 and 1440",
+    "height": "must be a multiple of 32 between 256 and 1440",
+    "steps": "must be an integer between 1 and 50",
+    "guidance": "must be a number between 1.5 and 5",
+    "interval": "must be a number between 1 and 4",
+    "safety_tolerance": "must be an integer between 0 and 6",
+    "image_prompt_strength": "must be a number between 0 and 1",
+    "output_format": "must be 'jpeg' or 'png'",
+    "aspect_ratio": "must be 'W:H' (e.g. '16:9') between 21:9 and 9:21",
+    "webhook_url": "must be an http(s) URL of 1 to 2083 characters",
+    "seed": f"must be an integer between 0 and {MAX_SEED}",
+    "prompt_upsampling": "must be a boolean (true/false)",
+    "raw": "must be a boolean (true/false)",
+    "input_image": IMAGE_RULE,
+    "input_image_2": IMAGE_RULE,
+    "input_image_3": IMAGE_RULE,
+    "input_image_4": IMAGE_RULE,
+    "image_prompt": IMAGE_RULE,
+}
+
+# The vendor also offers webp; our encoder writes jpeg and png only, so say so instead of "invalid".
+VENDOR_RULES: dict[str, str] = {
+    **RULES,
+    "output_format": "must be 'jpeg' or 'png' (this server does not produce webp)",
+    "prompt": f"must be a string of at most {MAX_PROMPT_CHARS} characters, non-empty unless "
+    "image_prompt is given",
+    "webhook_secret": "is not supported: webhooks from this server are signed with your key's own "
+    "secret (Standard Webhooks headers webhook-id, webhook-timestamp, webhook-signature)",
+}
+
+
+def _null_is_default(value: Any) -> Any:
+    """Clients send ``null`` for "not given"; treat it so rather than as a type error."""
+    if value is None:
+        raise PydanticUseDefault()
+    return value
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("empty prompt")
+    return value
+
+
+def _aspect_ratio(value: str) -> str:
+    parse_aspect_ratio(value)
+    return value.replace(" ", "")
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    return value
+
+
+def _refuse(value: str | None) -> str | None:
+    if value is not None:
+        raise ValueError("webhook_secret is not supported")
+    return value
+
+
+Optional = BeforeValidator(_null_is_default)
+Number = BeforeValidator(_not_bool)
+
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_non_empty)]
+OptionalPrompt = Annotated[str, Optional, Field(max_length=MAX_PROMPT_CHARS)]
+Dimension = Annotated[int, Optional, Number, Field(ge=256, le=1440, multiple_of=32)]
+Steps = Annotated[int, Optional, Number, Field(ge=1, le=50)]
+Guidance = Annotated[float, Optional, Number, Field(ge=1.5, le=5)]
+Interval = Annotated[float, Optional, Number, Field(ge=1, le=4)]
+SafetyTolerance = Annotated[int, Optional, Number, Field(ge=0, le=6)]
+Strength = Annotated[float, Optional, Number, Field(ge=0, le=1)]
+Seed = Annotated[int, Number, Field(ge=0, le=MAX_SEED)] | None
+Flag = Annotated[bool, Optional]
+AspectRatio = Annotated[str, Optional, AfterValidator(_aspect_ratio)]
+OptionalAspectRatio = AspectRatio | None
+OutputFormat = Annotated[Literal["jpeg", "png"], Optional]
+WebhookUrl = Annotated[str, Field(min_length=1, max_length=2083), AfterValidator(_http_url)] | None
+WebhookSecret = Annotated[str | None, AfterValidator(_refuse)]
+ImageInput = Annotated[str, Field(min_length=1)] | None
+
+IMAGE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+
+
+def input_image_field(index: int) -> str:
+    """``0`` -> ``input_image``, ``2`` -> ``input_image_3``: how both dialects name reference images."""
+    return "input_image" if index == 0 else f"input_image_{index + 1}"
+
+
+# Each field's type and its description in the OpenAPI document. The aspect ratio is optional (None) on
+# kontext, which follows its input image, and has a default elsewhere: see OPTIONAL_TYPES.
+FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "prompt": (Prompt, "Text prompt for image generation."),
+    "seed": (Seed, "Optional seed for reproducibility; random when absent."),
+    "output_format": (OutputFormat, "Output format: 'jpeg' or 'png'."),
+    "prompt_upsampling": (Flag, "Rewrite the prompt for more creative output."),
+    "safety_tolerance": (SafetyTolerance, "0 (most strict) to 6 (least strict)."),
+    "webhook_url": (WebhookUrl, "Receives the job's result when it ends."),
+    "webhook_secret": (WebhookSecret, "Not supported: deliveries are signed with the key's own secret."),
+    "input_image": (ImageInput, "Base64 image or URL to edit."),
+    "input_image_2": (ImageInput, "Experimental multi-reference image."),
+    "input_image_3": (ImageInput, "Experimental multi-reference image."),
+    "input_image_4": (ImageInput, "Experimental multi-reference image."),
+    "aspect_ratio": (AspectRatio, "Between 21:9 and 9:21."),
+    "image_prompt": (ImageInput, "Optional image to remix (base64 or URL)."),
+    "image_prompt_strength": (Strength, "Blend of prompt (0) and image (1)."),
+    "raw": (Flag, "Less processed, more natural-looking images."),
+    "width": (Dimension, "Multiple of 32 in 256..1440."),
+    "height": (Dimension, "Multiple of 32 in 256..1440."),
+    "steps": (Steps, "Denoising steps, 1..50."),
+    "guidance": (Guidance, "Guidance scale, 1.5..5."),
+    "interval": (Interval, "Guidance interval, 1..4."),
+}
+# The type a field takes where the model table gives it no default (None: not given).
+OPTIONAL_TYPES: dict[str, Any] = {"aspect_ratio": OptionalAspectRatio, "prompt": OptionalPrompt}
+
+
+def error_messages(error: ValidationError | list[dict[str, Any]], model: str) -> list[str]:
+    """One ``field: rule`` line per invalid field, in the order the client sent them."""
+    errors = error.errors() if isinstance(error, ValidationError) else error
+    messages: list[str] = []
+    for err in errors:
+        loc = [str(part) for part in err.get("loc", ()) if part not in ("body",)]
+        field = loc[0] if loc else "body"
+        if err.get("type") == "extra_forbidden":
+            text = f"{field}: unknown field for {model}"
+        elif err.get("type") == "missing":
+            text = f"{field}: is required"
+        elif field in RULES:
+            text = f"{field}: {RULES[field]}"
+        elif field == "body":
+            text = "body: must be a JSON object"
+        else:
+            text = f"{field}: {err.get('msg', 'is invalid')}"
+        if text not in messages:
+            messages.append(text)
+    return messages
