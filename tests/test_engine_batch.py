@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine_fixtures import Recorder, entry, gradient, png, request, tiny_weights
-from fluxserve.engines.base import EngineError, JobCanceled
 from fluxserve.engines.diffusers_flux import DiffusersFluxEngine
+from fluxserve.errors import EngineError, JobCanceled
 
 
 @pytest.fixture(scope="module", params=[1.0, 3.0], ids=["plain", "true-cfg"])

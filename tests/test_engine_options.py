@@ -15,9 +15,9 @@ import torch
 
 from engine_fixtures import Recorder, entry, png, request, tiny_weights
 from fluxserve.core.catalog import Catalog
-from fluxserve.engines.base import EngineError
 from fluxserve.engines.diffusers_flux import DiffusersFluxEngine
 from fluxserve.engines.registry import EngineRegistry
+from fluxserve.errors import EngineError
 
 
 @pytest.fixture(scope="module")

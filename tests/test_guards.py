@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from fluxserve.safety.fetch import FetchError, NetworkPolicy, fetch_bytes, parse_networks
-from fluxserve.storage.base import BlobNotFound
+from fluxserve.errors import BlobNotFound, FetchError
+from fluxserve.safety.fetch import NetworkPolicy, fetch_bytes, parse_networks
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.storage.signing import UrlSigner
 

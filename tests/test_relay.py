@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from fluxserve.core.catalog import ModelEntry
-from fluxserve.engines.base import EngineError, EngineHooks, EngineRequest, JobCanceled, Moderated
+from fluxserve.engines.base import EngineHooks, EngineRequest
 from fluxserve.engines.relay import RelayEngine, aspect_ratio_of, key_allowed, upstream_payload
+from fluxserve.errors import EngineError, JobCanceled, Moderated
 from tests.conftest import free_port
 from tests.engine_fixtures import request
 from tests.fake_vendor import FAKE_KEY, FakeVendor, _color

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
-from fluxserve.storage.base import BlobNotFound
+from fluxserve.errors import BlobNotFound
 
 router = APIRouter(tags=["files"])
 

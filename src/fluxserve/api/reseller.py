@@ -16,8 +16,7 @@ from fluxserve.api.requests import SCHEMAS, SubmitRequest
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import MODELS, Dialect, ModelSpec
 from fluxserve.core.pricing import format_credits
-from fluxserve.jobs.store import QuotaExceeded, TooManyActiveJobs
-from fluxserve.jobs.submit import InvalidInput
+from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 
 router = APIRouter(tags=["reseller"])
 

@@ -33,8 +33,7 @@ from fluxserve.core.fields import VENDOR_RULES
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import MODELS, Dialect, ModelSpec
 from fluxserve.core.pricing import format_credits
-from fluxserve.jobs.store import QuotaExceeded, TooManyActiveJobs
-from fluxserve.jobs.submit import InvalidInput
+from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 
 # /v1/credits for a key without a limit: the vendor's schema requires a number, and JSON has no
 # infinity; a balance no job can exhaust keeps clients' "enough credits?" checks passing.

@@ -10,27 +10,7 @@ from PIL import Image
 
 from fluxserve.core.models import ModelSpec, spec_of
 from fluxserve.core.params import GenerationParams
-
-
-class JobCanceled(Exception):
-    """Raised inside an engine when the job's cancel flag is seen between denoising steps."""
-
-
-class EngineError(Exception):
-    """A failure that is the request's or the engine's, reported to the user as the job's message."""
-
-
-class Moderated(EngineError):
-    """The prompt or an input (``kind="request"``) or the output (``kind="content"``) was blocked.
-
-    The job ends moderated, with the reason, and is not charged.
-    """
-
-    def __init__(self, kind: str, reason: str = "") -> None:
-        label = "Request Moderated" if kind == "request" else "Content Moderated"
-        super().__init__(f"{label}: {reason}" if reason else label)
-        self.kind = kind
-        self.reason = reason
+from fluxserve.errors import JobCanceled
 
 
 @dataclass

@@ -60,14 +60,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.core.models import Family, spec_of
 from fluxserve.core.params import GenerationParams
-from fluxserve.engines.base import (
-    EngineError,
-    EngineHooks,
-    EngineRequest,
-    EngineResult,
-    JobCanceled,
-    NamedImage,
-)
+from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult, NamedImage
+from fluxserve.errors import EngineError, JobCanceled
 
 log = logging.getLogger("fluxserve.engines")
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from fluxserve.core.catalog import Catalog, ModelEntry
-from fluxserve.engines.base import Engine, EngineError
+from fluxserve.engines.base import Engine
 from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel, FluxOptions, LoadOptions
 from fluxserve.engines.tiny import build_tiny_flux, build_tiny_redux
+from fluxserve.errors import EngineError
 
 # Where the bundled model's weights ship inside the package (made by training/, see issue "bundled").
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "bundled"

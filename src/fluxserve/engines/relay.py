@@ -48,15 +48,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.core.models import spec_of
 from fluxserve.core.sizes import SizeRule
-from fluxserve.engines.base import (
-    EngineError,
-    EngineHooks,
-    EngineRequest,
-    EngineResult,
-    JobCanceled,
-    Moderated,
-)
-from fluxserve.safety.images import ImageInputError, decode_image_bytes
+from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult
+from fluxserve.errors import EngineError, InputError, JobCanceled, Moderated
+from fluxserve.safety.images import decode_image_bytes
 
 log = logging.getLogger("fluxserve.engines.relay")
 
@@ -466,7 +460,7 @@ class RelayEngine:
                 continue
             try:
                 return decode_image_bytes(bytes(data), "result", self.options.max_result_pixels)
-            except ImageInputError as exc:
+            except InputError as exc:
                 raise EngineError(
                     f"relay: the result of upstream task {upstream_id} is unusable: {exc}"
                 ) from None

@@ -8,14 +8,6 @@ from typing import Any, Protocol
 from fluxserve.core.job import Job, JobStatus
 
 
-class QuotaExceeded(Exception):
-    """The key's credits do not cover the job's price (HTTP 402)."""
-
-
-class TooManyActiveJobs(Exception):
-    """The key already has its limit of queued and running jobs (HTTP 429)."""
-
-
 class JobStore(Protocol):
     def submit(self, job: Job, max_active: int, max_active_model: int | None = None) -> Job:
         """Hold the job's price, check the key's active-job limits (all its jobs, and its jobs of this

@@ -10,8 +10,8 @@ from sqlalchemy import Connection, Engine, RowMapping, func, insert, select, upd
 from fluxserve.accounts.keys import from_hundredths, to_hundredths
 from fluxserve.core.job import ACTIVE_STATUSES, Job, JobStatus
 from fluxserve.core.models import Dialect
+from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.database import as_utc, utcnow
-from fluxserve.jobs.store import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.tables import api_keys, jobs
 from fluxserve.webhooks.delivery import enqueue as enqueue_webhook
 

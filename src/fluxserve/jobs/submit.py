@@ -12,20 +12,13 @@ from fluxserve.core.job import Job
 from fluxserve.core.models import Dialect, Family, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.sizes import output_size
+from fluxserve.errors import InputError, InvalidInput
 from fluxserve.jobs.store import JobStore
-from fluxserve.safety.images import ImageInputError, decode_image_input, is_url
+from fluxserve.safety.images import decode_image_input, is_url
 from fluxserve.storage.base import BlobStore
 
 KONTEXT_IMAGE_TOLERANCE = 2
 BLOB_PREFIX = "blob:"
-
-
-class InvalidInput(ValueError):
-    """A request that passed the schema but not a deeper check (an undecodable image, say)."""
-
-    def __init__(self, field: str, rule: str) -> None:
-        super().__init__(f"{field}: {rule}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -93,7 +86,7 @@ class Submitter:
             image = decode_image_input(
                 value, field, max_bytes=self._limits.max_input_bytes, max_pixels=self._limits.max_input_pixels
             )
-        except ImageInputError as error:
+        except InputError as error:
             raise InvalidInput(field, str(error).removeprefix(f"{field}: ")) from error
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")

@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from fluxserve.errors import FetchError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_REDIRECTS = 3
-
-
-class FetchError(Exception):
-    """A URL that may not or could not be fetched; the message says which rule or what failed."""
 
 
 def parse_networks(value: str) -> list[IPNetwork]:

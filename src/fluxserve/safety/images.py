@@ -15,13 +15,11 @@ from urllib.parse import urlsplit
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fluxserve.errors import InputError
+
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 FORMATS = ("PNG", "JPEG", "WEBP")
-
-
-class ImageInputError(ValueError):
-    """An input image that cannot be used; the message starts with the field's name."""
 
 
 def is_url(value: str) -> bool:
@@ -33,11 +31,11 @@ def decode_image_input(value: str, field: str, max_bytes: int, max_pixels: int) 
     """Base64 (optionally a ``data:image/...;base64,`` URI; whitespace tolerated) to an RGB image."""
     text = _WHITESPACE.sub("", _DATA_URI.sub("", value.strip(), count=1))
     if len(text) * 3 // 4 > max_bytes:
-        raise ImageInputError(f"{field}: larger than the {max_bytes // 1024} KiB limit")
+        raise InputError(f"{field}: larger than the {max_bytes // 1024} KiB limit")
     try:
         data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as error:
-        raise ImageInputError(f"{field}: not valid base64 (nor an http(s) URL)") from error
+        raise InputError(f"{field}: not valid base64 (nor an http(s) URL)") from error
     return decode_image_bytes(data, field, max_pixels)
 
 
@@ -48,16 +46,16 @@ def decode_image_bytes(data: bytes, field: str, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageInputError(
+                raise InputError(
                     f"{field}: {width}x{height} exceeds the {max_pixels / 1e6:g} megapixel limit"
                 )
             image.load()
-    except ImageInputError:
+    except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageInputError(f"{field}: image dimensions too large (decompression bomb)") from error
+        raise InputError(f"{field}: image dimensions too large (decompression bomb)") from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise ImageInputError(f"{field}: not a decodable image (PNG, JPEG or WebP)") from error
+        raise InputError(f"{field}: not a decodable image (PNG, JPEG or WebP)") from error
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGB", image.size, (255, 255, 255))

@@ -5,10 +5,6 @@ from __future__ import annotations
 from typing import Protocol
 
 
-class BlobNotFound(KeyError):
-    """No blob under that key (never stored, or removed by retention)."""
-
-
 class BlobStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
 

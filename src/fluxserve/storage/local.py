@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from fluxserve.storage.base import BlobNotFound
+from fluxserve.errors import BlobNotFound
 
 
 class LocalBlobStore:

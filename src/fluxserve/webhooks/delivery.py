@@ -20,9 +20,10 @@ from typing import Any
 import httpx
 from sqlalchemy import Connection, Engine, insert, select, update
 
+from fluxserve.errors import FetchError
 from fluxserve.jobs.database import utcnow
 from fluxserve.jobs.tables import api_keys, webhook_deliveries
-from fluxserve.safety.fetch import FetchError, NetworkPolicy, send
+from fluxserve.safety.fetch import NetworkPolicy, send
 from fluxserve.webhooks.signing import signed_headers
 
 log = logging.getLogger("fluxserve.webhooks")

@@ -23,7 +23,7 @@ class InputLoader:
         self._timeout = timeout
 
     def load(self, ref: str, field: str) -> Image.Image:
-        """Raises FetchError or ImageInputError with a message that names the field."""
+        """Raises FetchError or InputError with a message that names the field."""
         if ref.startswith(BLOB_PREFIX):
             data = self._blobs.get(ref.removeprefix(BLOB_PREFIX))
         else:

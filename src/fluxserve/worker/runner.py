@@ -25,18 +25,14 @@ from fluxserve.core.sizes import output_size
 from fluxserve.engines.base import (
     BatchingEngine,
     Engine,
-    EngineError,
     EngineHooks,
     EngineRequest,
     EngineResult,
-    JobCanceled,
-    Moderated,
     NamedImage,
 )
 from fluxserve.engines.registry import EngineRegistry
+from fluxserve.errors import EngineError, FetchError, JobCanceled, JobFailure, Moderated
 from fluxserve.jobs.store import JobStore
-from fluxserve.safety.fetch import FetchError
-from fluxserve.safety.images import ImageInputError
 from fluxserve.storage.base import BlobStore
 from fluxserve.worker.beacon import Liveness
 from fluxserve.worker.inputs import InputLoader
@@ -333,7 +329,7 @@ def _failure(job: Job, exc: BaseException) -> tuple[JobStatus, str]:
         return status, str(exc)
     if isinstance(exc, JobCanceled):
         return JobStatus.CANCELED, "Canceled by the client"
-    if isinstance(exc, EngineError | FetchError | ImageInputError):
+    if isinstance(exc, JobFailure):
         return JobStatus.FAILED, str(exc)
     log.error("job crashed", exc_info=exc, extra={"job_id": job.id})
     return JobStatus.FAILED, f"Internal error while generating: {type(exc).__name__}"
