@@ -15,8 +15,8 @@ from fluxserve.core.models import MODELS
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import format_credits
 from fluxserve.core.sizes import SizeRule, kontext_size, output_size, parse_aspect_ratio, ultra_size
-from fluxserve.jobs.database import make_engine, migrate
-from fluxserve.jobs.tables import metadata
+from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.tables import metadata
 from fluxserve.settings import Settings
 
 

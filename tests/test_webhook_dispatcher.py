@@ -14,8 +14,8 @@ from typing import TypeVar
 import pytest
 from sqlalchemy import Engine, insert, select
 
-from fluxserve.jobs.database import make_engine, migrate, utcnow
-from fluxserve.jobs.tables import api_keys, jobs, webhook_deliveries
+from fluxserve.db.connection import make_engine, migrate, utcnow
+from fluxserve.db.tables import api_keys, jobs, webhook_deliveries
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.webhooks.delivery import WebhookDispatcher, enqueue
 from fluxserve.webhooks.signing import new_secret

@@ -1,10 +1,11 @@
-"""The ``fluxserve`` command: serve, keys, credits, migrate."""
+"""The ``fluxserve`` command: serve, worker, keys, credits, migrate."""
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
 import signal
+import threading
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated
@@ -14,9 +15,11 @@ import uvicorn
 from rich.console import Console
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
-from fluxserve.jobs.database import make_engine, migrate
+from fluxserve.db.connection import make_engine, migrate
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
+from fluxserve.worker.beacon import Liveness, start_beacon
+from fluxserve.worker.supervisor import BEACON_ENV
 
 app = typer.Typer(help="fluxserve: a self-hosted FLUX image API server.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
@@ -69,7 +72,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (FLUXSERVE_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (FLUXSERVE_PORT).")] = None,
     data_dir: DataDir = None,
-    workers: Annotated[int | None, typer.Option(help="In-process workers (FLUXSERVE_WORKERS).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes to start and supervise (FLUXSERVE_WORKERS).")
+    ] = None,
     no_workers: Annotated[bool, typer.Option("--no-workers", help="Serve the API only.")] = False,
     public_url: Annotated[
         str | None, typer.Option(help="Base of result URLs (FLUXSERVE_PUBLIC_URL).")
@@ -100,26 +105,21 @@ def serve(
 @app.command()
 def worker(
     data_dir: DataDir = None,
-    workers: Annotated[int | None, typer.Option(help="Worker threads (FLUXSERVE_WORKERS).")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="Worker threads sharing this process's models.")] = 1,
 ) -> None:
-    """Run workers and webhook delivery without the HTTP API (e.g. one process per GPU)."""
-    from fluxserve.app import Runtime
-
-    settings = _settings(data_dir, workers=workers)
+    """Run a worker process without the HTTP API: it claims jobs and runs them (e.g. one per GPU)."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    settings = _settings(data_dir)
     configure_logging(json=settings.log_json)
-    if settings.workers < 1:
-        raise typer.BadParameter("--workers must be at least 1 for a worker process")
-    runtime = Runtime.build(settings)
+    liveness = Liveness()
+    beacon = os.environ.get(BEACON_ENV)
+    if beacon:  # before the model stack imports: a supervisor watches this file from the first second
+        start_beacon(Path(beacon), liveness, settings.heartbeat_seconds, stop)
+    from fluxserve.worker.process import run_worker_process
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        async with runtime.background():
-            await stop.wait()
-
-    asyncio.run(run())
+    run_worker_process(settings, threads, liveness, stop)
 
 
 @app.command("migrate")

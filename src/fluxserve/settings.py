@@ -27,7 +27,9 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8000
-    workers: int = Field(default=1, ge=0, description="In-process workers; 0 serves the API only.")
+    workers: int = Field(
+        default=1, ge=0, description="Worker processes that serve starts and supervises; 0: the API only."
+    )
     url_ttl_seconds: int = Field(default=7 * 24 * 3600, description="How long a signed result URL lasts.")
     heartbeat_seconds: float = Field(default=5.0, description="How often a running job's worker checks in.")
     stale_after_seconds: float = Field(
@@ -36,9 +38,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None,
         gt=0,
-        description="CPU threads for torch in worker processes; None: torch's default (one per core). "
-        "Set 1 on a CPU shared with other busy processes: OpenMP threads that spin against them can run "
-        "a model 100x slower.",
+        description="CPU threads for torch in each worker process; None: the cores less one for the API, "
+        "shared among the worker processes (one thread on a 2-core machine). More threads than free cores "
+        "make OpenMP threads spin against other busy processes, which ran a model 100x slower here.",
     )
     model_memory_mb: int | None = Field(
         default=None,
@@ -66,6 +68,12 @@ class Settings(BaseSettings):
     max_active_jobs: int = Field(default=24, description="Queued plus running jobs per key (429 beyond).")
     max_active_jobs_kontext_max: int = 6
     log_json: bool = Field(default=False, description="One JSON object per log line.")
+
+    @property
+    def threads_per_worker(self) -> int:
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, ((os.cpu_count() or 1) - 1) // max(1, self.workers))
 
     @property
     def catalog_files(self) -> list[Path]:

@@ -10,8 +10,9 @@ from decimal import Decimal
 
 from sqlalchemy import Engine, insert, select, update
 
-from fluxserve.jobs.database import utcnow
-from fluxserve.jobs.tables import api_keys
+from fluxserve.db import ledger
+from fluxserve.db.connection import utcnow
+from fluxserve.db.tables import api_keys
 from fluxserve.webhooks.signing import new_secret
 
 KEY_PREFIX = "fs_"
@@ -19,14 +20,6 @@ KEY_PREFIX = "fs_"
 
 def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
-
-
-def to_hundredths(credits: Decimal) -> int:
-    return int((credits * 100).to_integral_value())
-
-
-def from_hundredths(value: int) -> Decimal:
-    return Decimal(value) / 100
 
 
 @dataclass(frozen=True)
@@ -46,7 +39,7 @@ class NewKey:
 
 
 def _record(row) -> ApiKey:  # type: ignore[no-untyped-def]
-    credits = None if row.credits_hundredths is None else from_hundredths(row.credits_hundredths)
+    credits = None if row.credits_hundredths is None else ledger.from_hundredths(row.credits_hundredths)
     return ApiKey(row.id, row.name, row.key_prefix, row.webhook_secret, credits, row.active)
 
 
@@ -63,7 +56,7 @@ class KeyStore:
             "key_hash": hash_key(raw),
             "key_prefix": raw[:10],
             "webhook_secret": new_secret(),
-            "credits_hundredths": None if credits is None else to_hundredths(credits),
+            "credits_hundredths": None if credits is None else ledger.to_hundredths(credits),
             "active": True,
             "created_at": utcnow(),
         }
@@ -93,13 +86,8 @@ class KeyStore:
 
     def add_credits(self, key_id: str, credits: Decimal) -> ApiKey | None:
         """Top up a finite balance (an unlimited key stays unlimited)."""
-        column = api_keys.c.credits_hundredths
         with self._engine.begin() as conn:
-            conn.execute(
-                update(api_keys)
-                .where(api_keys.c.id == key_id, column.is_not(None))
-                .values(credits_hundredths=column + to_hundredths(credits))
-            )
+            ledger.add(conn, key_id, credits)
         return self.get(key_id)
 
     def find(self, name_or_id: str) -> ApiKey | None:

@@ -7,13 +7,12 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, RowMapping, func, insert, select, update
 
-from fluxserve.accounts.keys import from_hundredths, to_hundredths
 from fluxserve.core.job import ACTIVE_STATUSES, Job, JobStatus
 from fluxserve.core.models import Dialect
+from fluxserve.db import ledger, outbox
+from fluxserve.db.connection import as_utc, utcnow
+from fluxserve.db.tables import jobs
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
-from fluxserve.jobs.database import as_utc, utcnow
-from fluxserve.jobs.tables import api_keys, jobs
-from fluxserve.webhooks.delivery import enqueue as enqueue_webhook
 
 _ACTIVE = [status.value for status in ACTIVE_STATUSES]
 
@@ -28,7 +27,7 @@ def _job(row: RowMapping) -> Job:
         seed=row["seed"],
         output_format=row["output_format"],
         prompt=row["prompt"],
-        cost=from_hundredths(row["cost_hundredths"]),
+        cost=ledger.from_hundredths(row["cost_hundredths"]),
         status=JobStatus(row["status"]),
         width=row["width"],
         height=row["height"],
@@ -52,17 +51,9 @@ class SqlJobStore:
         self._postgres = engine.dialect.name == "postgresql"
 
     def submit(self, job: Job, max_active: int, max_active_model: int | None = None) -> Job:
-        cost = to_hundredths(job.cost)
-        balance = api_keys.c.credits_hundredths
         with self._engine.begin() as conn:
-            # Touching the key row first serialises submits per key (row lock on PostgreSQL, the write
-            # lock on SQLite), so the limit check below cannot race another submit of the same key.
-            held = conn.execute(
-                update(api_keys)
-                .where(api_keys.c.id == job.key_id, balance.is_(None) | (balance >= cost))
-                .values(credits_hundredths=balance - cost)
-            )
-            if held.rowcount == 0:
+            # The hold comes first: it serialises this key's submits, so the limits cannot race.
+            if not ledger.hold(conn, job.key_id, job.cost):
                 raise QuotaExceeded()
             active = (
                 select(func.count())
@@ -94,7 +85,7 @@ class SqlJobStore:
             "height": job.height,
             "output_format": job.output_format,
             "prompt": job.prompt,
-            "cost_hundredths": to_hundredths(job.cost),
+            "cost_hundredths": ledger.to_hundredths(job.cost),
             "webhook_url": job.webhook_url,
             "progress": job.progress,
             "details": job.details,
@@ -214,15 +205,9 @@ class SqlJobStore:
         ).first()
         if row is None:
             return False
-        if not status.is_charged:
-            balance = api_keys.c.credits_hundredths
-            conn.execute(
-                update(api_keys)
-                .where(api_keys.c.id == row.key_id, balance.is_not(None))
-                .values(credits_hundredths=balance + row.cost_hundredths)
-            )
+        ledger.settle(conn, row.key_id, ledger.from_hundredths(row.cost_hundredths), status.is_charged)
         if row.webhook_url:
-            enqueue_webhook(conn, job_id, row.key_id, row.webhook_url)
+            outbox.enqueue(conn, job_id, row.key_id, row.webhook_url)
         return True
 
     def cancel(self, job_id: str, key_id: str) -> Job | None:
@@ -243,7 +228,10 @@ class SqlJobStore:
         with self._engine.begin() as conn:
             crashed = conn.execute(select(jobs.c.id).where(*stale, jobs.c.attempts >= max_attempts)).all()
             for (job_id,) in crashed:
-                message = f"Worker stopped while running this job {max_attempts} times; giving up"
+                message = (
+                    f"The worker running this job stopped or hung {max_attempts} time(s) (it crashed, was "
+                    "killed, or its engine made no progress); giving up"
+                )
                 self._finish(conn, job_id, None, JobStatus.FAILED, message, None, None)
             requeued = conn.execute(
                 update(jobs)

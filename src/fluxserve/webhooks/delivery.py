@@ -1,8 +1,8 @@
-"""Durable webhook delivery: a row per delivery, retried on a backoff schedule kept in the database.
+"""Durable webhook delivery from the outbox (``db/outbox.py``), retried on a backoff schedule kept in the
+database.
 
-A job's end writes the delivery row in the same transaction as the job's final status, so no
-notification is lost to a crash; a dispatcher (any number, in any process) leases due rows, POSTs
-the job's fetch JSON signed with the key's secret, and records the outcome. Targets are reached
+A dispatcher (any number, in any API process) leases due rows, POSTs the job's result as its dialect
+renders it, signed with the key's secret, and records the outcome. Targets are reached
 through the SSRF guard, with a timeout, concurrently: a slow or dead target holds up nothing else.
 """
 
@@ -12,41 +12,22 @@ import asyncio
 import contextlib
 import json
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Engine
 
+from fluxserve.db import outbox
+from fluxserve.db.connection import utcnow
 from fluxserve.errors import FetchError
-from fluxserve.jobs.database import utcnow
-from fluxserve.jobs.tables import api_keys, webhook_deliveries
 from fluxserve.safety.fetch import NetworkPolicy, send
 from fluxserve.webhooks.signing import signed_headers
 
 log = logging.getLogger("fluxserve.webhooks")
 
 DEFAULT_BACKOFF = (5.0, 30.0, 120.0, 300.0, 900.0)
-PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
-
-
-def enqueue(conn: Connection, job_id: str, key_id: str, url: str) -> None:
-    """Record a delivery, due now; call it inside the transaction that ends the job."""
-    now = utcnow()
-    conn.execute(
-        insert(webhook_deliveries).values(
-            id=str(uuid.uuid4()),
-            job_id=job_id,
-            key_id=key_id,
-            url=url,
-            status=PENDING,
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-        )
-    )
 
 
 class WebhookDispatcher:
@@ -89,32 +70,9 @@ class WebhookDispatcher:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
     def _lease(self, limit: int) -> list[dict[str, Any]]:
-        """Take due deliveries; the lease (moving next_attempt_at past the timeout) keeps other
-        dispatchers off them, and a crashed dispatcher's lease simply runs out."""
-        now = utcnow()
-        lease_until = now + timedelta(seconds=self._timeout + 30)
-        due = (
-            select(webhook_deliveries, api_keys.c.webhook_secret)
-            .join(api_keys, api_keys.c.id == webhook_deliveries.c.key_id)
-            .where(webhook_deliveries.c.status == PENDING, webhook_deliveries.c.next_attempt_at <= now)
-            .order_by(webhook_deliveries.c.next_attempt_at)
-            .limit(limit)
-        )
-        leased: list[dict[str, Any]] = []
+        until = utcnow() + timedelta(seconds=self._timeout + 30)
         with self._database.begin() as conn:
-            for row in conn.execute(due).mappings().all():
-                taken = conn.execute(
-                    update(webhook_deliveries)
-                    .where(
-                        webhook_deliveries.c.id == row["id"],
-                        webhook_deliveries.c.status == PENDING,
-                        webhook_deliveries.c.next_attempt_at == row["next_attempt_at"],
-                    )
-                    .values(next_attempt_at=lease_until)
-                )
-                if taken.rowcount == 1:
-                    leased.append(dict(row))
-        return leased
+            return outbox.lease(conn, limit, until)
 
     async def _attempt(self, client: httpx.AsyncClient, delivery: dict[str, Any]) -> None:
         attempt = delivery["attempts"] + 1
@@ -152,18 +110,11 @@ class WebhookDispatcher:
     def _record(
         self, delivery: dict[str, Any], attempt: int, status_code: int | None, error: str | None
     ) -> None:
-        now = utcnow()
-        values: dict[str, Any] = {"attempts": attempt, "last_status_code": status_code, "last_error": error}
-        if error is None:
-            values.update(status=DELIVERED, delivered_at=now)
-        elif attempt > len(self._backoff):
-            values.update(status=FAILED)
-        else:
-            values["next_attempt_at"] = now + timedelta(seconds=self._backoff[attempt - 1])
+        retry_at = None
+        if error is not None and attempt <= len(self._backoff):
+            retry_at = utcnow() + timedelta(seconds=self._backoff[attempt - 1])
         with self._database.begin() as conn:
-            conn.execute(
-                update(webhook_deliveries).where(webhook_deliveries.c.id == delivery["id"]).values(values)
-            )
+            outcome = outbox.record(conn, delivery["id"], attempt, status_code, error, retry_at)
         log.info(
             "webhook attempt",
             extra={
@@ -172,6 +123,6 @@ class WebhookDispatcher:
                 "attempt": attempt,
                 "status_code": status_code,
                 "error": error,
-                "outcome": values.get("status", "retry"),
+                "outcome": outcome if outcome != outbox.PENDING else "retry",
             },
         )

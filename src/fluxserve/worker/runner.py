@@ -212,11 +212,11 @@ class Worker:
     def _generate(
         self,
         engine: Engine,
-        group: list[tuple[Job, EngineRequest]],
+        group: list[tuple[Job, object]],
         beats: dict[str, _Heartbeat],
         started: float,
     ) -> None:
-        """One engine call for the group; each job then ends with its own outcome."""
+        """One engine call for the group (see :func:`_groups`); each job then ends with its own outcome."""
         hooks = [
             EngineHooks(
                 progress=beats[job.id].progress,
@@ -225,14 +225,16 @@ class Worker:
             )
             for job, _ in group
         ]
-        requests = [request for _, request in group]
+        work = [item for _, item in group]
         outcomes: list[EngineResult | BaseException]
         try:
-            if len(group) == 1:
-                outcomes = [engine.generate(requests[0], hooks[0])]
+            if isinstance(work[0], BaseException):  # the engine refused it when planning: it fails alone
+                outcomes = [work[0]]
+            elif isinstance(engine, BatchingEngine):
+                outcomes = list(engine.generate_batch(work, hooks))
             else:
-                assert isinstance(engine, BatchingEngine)
-                outcomes = list(engine.generate_batch(requests, hooks))
+                assert len(group) == 1 and isinstance(work[0], EngineRequest)
+                outcomes = [engine.generate(work[0], hooks[0])]
         except Exception as exc:
             outcomes = [exc] * len(group)
         for (job, _), outcome in zip(group, outcomes, strict=True):
@@ -335,21 +337,27 @@ def _failure(job: Job, exc: BaseException) -> tuple[JobStatus, str]:
     return JobStatus.FAILED, f"Internal error while generating: {type(exc).__name__}"
 
 
-def _groups(
-    engine: Engine, prepared: list[tuple[Job, EngineRequest]]
-) -> list[list[tuple[Job, EngineRequest]]]:
-    """Jobs whose requests share a batch key run together; the rest run alone, in claim order."""
-    if not isinstance(engine, BatchingEngine) or len(prepared) < 2:
-        return [[item] for item in prepared]
-    groups: dict[Any, list[tuple[Job, EngineRequest]]] = {}
-    alone: list[list[tuple[Job, EngineRequest]]] = []
+def _groups(engine: Engine, prepared: list[tuple[Job, EngineRequest]]) -> list[list[tuple[Job, object]]]:
+    """Each job with what the engine runs for it, in groups: jobs whose plans share a batch key run
+    together; the rest run alone, in claim order.
+
+    A batching engine plans each request once, here, and the plan is keyed and run without planning it
+    again; a request it refuses carries the exception instead and fails alone while the others run. An
+    engine that does not batch gets each request as it is.
+    """
+    if not isinstance(engine, BatchingEngine):
+        return [[(job, request)] for job, request in prepared]
+    groups: dict[Any, list[tuple[Job, object]]] = {}
+    alone: list[list[tuple[Job, object]]] = []
     for job, request in prepared:
         try:
-            key = engine.batch_key(request)
-        except EngineError:
-            key = None  # generate() will raise it again, for this job only
+            plan = engine.plan(request)
+        except Exception as exc:  # refused (or an engine bug): _generate fails this job only
+            alone.append([(job, exc)])
+            continue
+        key = engine.batch_key(plan)
         if key is None:
-            alone.append([(job, request)])
+            alone.append([(job, plan)])
         else:
-            groups.setdefault(key, []).append((job, request))
+            groups.setdefault(key, []).append((job, plan))
     return [*groups.values(), *alone]

@@ -1,0 +1,54 @@
+"""The credit ledger: a job's price is held at submit and either kept (success) or given back.
+
+Credits are integer hundredths in the database, so 2.5-credit models add up exactly; a key whose balance
+is NULL is unlimited. Each function works inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from sqlalchemy import Connection, update
+
+from fluxserve.db.tables import api_keys
+
+_BALANCE = api_keys.c.credits_hundredths
+
+
+def to_hundredths(credits: Decimal) -> int:
+    return int((credits * 100).to_integral_value())
+
+
+def from_hundredths(value: int) -> Decimal:
+    return Decimal(value) / 100
+
+
+def hold(conn: Connection, key_id: str, amount: Decimal) -> bool:
+    """Take ``amount`` from the key's balance; False (and nothing taken) when it does not cover it.
+
+    Touching the key's row also serialises submits of one key (a row lock on PostgreSQL, the write lock
+    on SQLite), so checks made after it in the same transaction cannot race another submit of that key.
+    """
+    cost = to_hundredths(amount)
+    held = conn.execute(
+        update(api_keys)
+        .where(api_keys.c.id == key_id, _BALANCE.is_(None) | (cost <= _BALANCE))
+        .values(credits_hundredths=_BALANCE - cost)
+    )
+    return held.rowcount == 1
+
+
+def settle(conn: Connection, key_id: str, held: Decimal, charged: bool) -> None:
+    """End a hold: kept when the job is charged, given back otherwise (failure, moderation, cancel)."""
+    if not charged:
+        add(conn, key_id, held)
+
+
+def add(conn: Connection, key_id: str, amount: Decimal) -> bool:
+    """Add to a finite balance; False for an unlimited (or unknown) key, which stays as it is."""
+    changed = conn.execute(
+        update(api_keys)
+        .where(api_keys.c.id == key_id, _BALANCE.is_not(None))
+        .values(credits_hundredths=_BALANCE + to_hundredths(amount))
+    )
+    return changed.rowcount == 1

@@ -1,0 +1,38 @@
+"""The one module that chooses implementations from settings: the database, the job store, the blob store.
+
+The API process (``app.py``) and a worker process (``worker/process.py``) both build their parts here, so
+that swapping a backend touches no caller.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+from sqlalchemy import Engine
+
+from fluxserve.db.connection import make_engine, migrate
+from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.settings import Settings
+from fluxserve.storage.base import BlobStore
+from fluxserve.storage.local import LocalBlobStore
+
+
+def make_blob_store(url: str) -> BlobStore:
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return LocalBlobStore(Path(url2pathname(parts.path)))
+    raise ValueError(f"FLUXSERVE_STORAGE_URL: unsupported scheme {parts.scheme!r} (use file://)")
+
+
+def open_database(settings: Settings) -> Engine:
+    """The database engine, its schema brought up to date (safe from any number of processes)."""
+    database = make_engine(settings.database)
+    migrate(database)
+    return database
+
+
+def make_job_store(database: Engine) -> JobStore:
+    return SqlJobStore(database)

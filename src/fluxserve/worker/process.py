@@ -1,0 +1,69 @@
+"""A worker process (``fluxserve worker``): worker threads that claim jobs and run them on engines.
+
+This is the only kind of process that imports torch and loads models. ``fluxserve serve`` starts its
+worker processes with :mod:`fluxserve.worker.supervisor`; on a GPU machine an operator runs one per GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+import torch
+
+from fluxserve.core.catalog import load_catalog
+from fluxserve.engines.registry import EngineRegistry
+from fluxserve.safety.fetch import NetworkPolicy, parse_networks
+from fluxserve.settings import Settings
+from fluxserve.wiring import make_blob_store, make_job_store, open_database
+from fluxserve.worker.beacon import Liveness
+from fluxserve.worker.inputs import InputLoader
+from fluxserve.worker.runner import Worker
+from fluxserve.worker.upsample import StyleCueEnhancer
+
+log = logging.getLogger("fluxserve.worker")
+
+
+def build_workers(settings: Settings, threads: int, liveness: Liveness) -> list[Worker]:
+    """``threads`` workers sharing one engine registry (one copy of each model's weights)."""
+    store = make_job_store(open_database(settings))
+    blobs = make_blob_store(settings.storage)
+    catalog = load_catalog(settings.catalog_files)
+    max_input_pixels = max(entry.max_input_pixels for entry in catalog.models.values())
+    cap = settings.model_memory_mb * 2**20 if settings.model_memory_mb else None
+    registry = EngineRegistry(catalog, settings.models, memory_cap_bytes=cap)
+    policy = NetworkPolicy(parse_networks(settings.allowed_private_networks))
+    inputs = InputLoader(blobs, policy, settings.max_input_bytes, max_input_pixels)
+    prefix = f"{socket.gethostname()}-{os.getpid()}"
+    return [
+        Worker(
+            f"{prefix}-{index}",
+            store,
+            registry,
+            blobs,
+            inputs,
+            StyleCueEnhancer(),
+            heartbeat_seconds=settings.heartbeat_seconds,
+            stale_after_seconds=settings.stale_after_seconds,
+            engine_stall_seconds=settings.engine_stall_seconds,
+            max_attempts=settings.max_attempts,
+            poll_seconds=settings.poll_seconds,
+            liveness=liveness,
+        )
+        for index in range(threads)
+    ]
+
+
+def run_worker_process(settings: Settings, threads: int, liveness: Liveness, stop: threading.Event) -> None:
+    """Run until ``stop`` is set; a job still running then is taken back by another worker."""
+    torch.set_num_threads(settings.threads_per_worker)
+    workers = build_workers(settings, threads, liveness)
+    runners = [threading.Thread(target=w.run, args=(stop,), name=w.worker_id) for w in workers]
+    for runner in runners:
+        runner.start()
+    log.info("worker process ready", extra={"threads": threads, "torch_threads": torch.get_num_threads()})
+    while any(runner.is_alive() for runner in runners):
+        for runner in runners:
+            runner.join(timeout=0.5)
