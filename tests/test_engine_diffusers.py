@@ -14,7 +14,9 @@ from PIL import Image
 from engine_fixtures import Recorder, entry, gradient, png, request, solid, tiny_weights
 from fluxserve.core.catalog import Catalog, ModelEntry
 from fluxserve.engines import registry as registry_module
-from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel, generation_size
+from fluxserve.engines.flux.engine import DiffusersFluxEngine
+from fluxserve.engines.flux.loading import FluxModel
+from fluxserve.engines.flux.planning import generation_size
 from fluxserve.engines.registry import EngineRegistry
 from fluxserve.errors import EngineError, JobCanceled
 

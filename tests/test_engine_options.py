@@ -15,7 +15,7 @@ import torch
 
 from engine_fixtures import Recorder, entry, png, request, tiny_weights
 from fluxserve.core.catalog import Catalog
-from fluxserve.engines.diffusers_flux import DiffusersFluxEngine
+from fluxserve.engines.flux.engine import DiffusersFluxEngine
 from fluxserve.engines.registry import EngineRegistry
 from fluxserve.errors import EngineError
 

@@ -12,7 +12,7 @@ import torch
 from engine_fixtures import Recorder, request
 from fluxserve.app import Runtime
 from fluxserve.core.catalog import Catalog
-from fluxserve.engines.diffusers_flux import FluxModel
+from fluxserve.engines.flux.loading import FluxModel
 from fluxserve.engines.registry import EngineRegistry, weights_size
 from fluxserve.engines.tiny import build_tiny_flux
 from fluxserve.settings import Settings

@@ -9,7 +9,9 @@ import pytest
 
 from engine_fixtures import Recorder, entry, gradient, png, request, solid, tiny_weights
 from fluxserve.core.catalog import Catalog, load_catalog
-from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel, reference_canvas
+from fluxserve.engines.flux.engine import DiffusersFluxEngine
+from fluxserve.engines.flux.loading import FluxModel
+from fluxserve.engines.flux.planning import reference_canvas
 from fluxserve.engines.registry import EngineRegistry
 from tests.conftest import TINY_CATALOG
 
@@ -115,4 +117,5 @@ def test_image_prompt_runs_the_redux_prior_when_the_catalog_names_one(models_dir
     other_prompt = image(ultra, "flux-pro-1.1-ultra", gradient(), prompt="a blue boat", strength=1.0)
     assert png(only_image.image) == png(other_prompt.image)
     assert png(only_image.image) != png(image(ultra, "flux-pro-1.1-ultra", solid("blue"), strength=1.0).image)
-    assert dev.batch_key(request("flux-dev", image_prompt=gradient())) is None  # type: ignore[attr-defined]
+    redux_plan = dev.plan(request("flux-dev", image_prompt=gradient()))  # type: ignore[attr-defined]
+    assert dev.batch_key(redux_plan) is None  # type: ignore[attr-defined]

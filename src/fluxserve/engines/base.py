@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from PIL import Image
 
@@ -73,19 +73,30 @@ class Engine(Protocol):
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult: ...
 
 
+PlanT = TypeVar("PlanT")
+
+
 @runtime_checkable
-class BatchingEngine(Protocol):
-    """An engine that can run compatible requests as one call (same model, size, steps...)."""
+class BatchingEngine(Protocol[PlanT]):
+    """An engine that can run compatible requests as one call (same model, size, steps...).
+
+    Each request is planned once (:meth:`plan`); the plan is what is keyed and run, so nothing about a
+    request is decided twice. ``generate`` still plans and runs one request alone.
+    """
 
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult: ...
 
     @property
     def max_batch(self) -> int: ...
 
-    def batch_key(self, request: EngineRequest) -> Hashable | None:
-        """Requests with equal keys may share a call; None: this one runs alone."""
+    def plan(self, request: EngineRequest) -> PlanT:
+        """Everything decided about a request before it runs; raises EngineError to refuse it."""
+        ...
+
+    def batch_key(self, plan: PlanT) -> Hashable | None:
+        """Plans with equal keys may share a call; None: this one runs alone."""
         ...
 
     def generate_batch(
-        self, requests: Sequence[EngineRequest], hooks: Sequence[EngineHooks]
+        self, plans: Sequence[PlanT], hooks: Sequence[EngineHooks]
     ) -> list[EngineResult | JobCanceled]: ...

@@ -19,7 +19,9 @@ import torch
 
 from fluxserve.core.catalog import Catalog, ModelEntry
 from fluxserve.engines.base import Engine
-from fluxserve.engines.diffusers_flux import DiffusersFluxEngine, FluxModel, FluxOptions, LoadOptions
+from fluxserve.engines.flux.engine import DiffusersFluxEngine
+from fluxserve.engines.flux.loading import FluxModel
+from fluxserve.engines.flux.options import FluxOptions, LoadOptions
 from fluxserve.engines.tiny import build_tiny_flux, build_tiny_redux
 from fluxserve.errors import EngineError
 

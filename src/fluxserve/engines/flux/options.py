@@ -1,0 +1,88 @@
+"""The diffusers engine's knobs, read from a catalog entry's ``options`` table; unknown keys are refused.
+
+:class:`LoadOptions` are the ones that decide how weights are loaded and run (routes share one loaded model
+only when these agree); :class:`FluxOptions` adds the per-route ones (image prompts, raw mode, true CFG,
+batching, warm-up).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fluxserve.core.catalog import ModelEntry
+from fluxserve.errors import EngineError
+
+
+class LoadOptions(BaseModel):
+    """How the weights are loaded and run. Routes share one loaded model only when these agree."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str = Field(default="auto", description="auto: cuda when there is one, else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: bfloat16 on cuda, float32 elsewhere (CPUs are slow at bf16)."
+    )
+    attention: str | None = Field(
+        default=None, description="A diffusers attention backend (native, flash, sage, ...); None: native."
+    )
+    vae_tiling: bool = Field(default=False, description="Decode in tiles: large images on small GPUs.")
+    cpu_offload: bool = Field(
+        default=False, description="Keep modules on the CPU and move each to the device while it runs."
+    )
+    quantize: Literal["int8", "fp8"] | None = Field(
+        default=None,
+        description="Weight-only quantization of the transformer and T5 with torchao: int8 halves bf16 "
+        "weights and runs anywhere; fp8 needs a GPU with fp8 support to be fast (runs, slowly, on CPU).",
+    )
+    redux: str | None = Field(
+        default=None,
+        description="Folder of a FLUX Redux prior (FluxPriorReduxPipeline) for image_prompt; "
+        "builtin:tiny-redux for the tiny one. None: image_prompt runs img2img.",
+    )
+    compile: bool = Field(default=False, description="torch.compile the transformer's forward.")
+    compile_backend: str = Field(default="inductor", description="torch.compile backend.")
+    compile_mode: str | None = Field(default=None, description="torch.compile mode, e.g. max-autotune.")
+
+
+class FluxOptions(LoadOptions):
+    """The diffusers engine's knobs, from the catalog entry's ``options`` table. Unknown keys are refused."""
+
+    image_prompt_strength: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Strength for image_prompt on routes without the field (flux-pro, -1.1, -dev); "
+        "default 0.5 with a Redux prior, 0.25 with img2img.",
+    )
+    raw_guidance: float = Field(default=2.0, gt=0, description="Highest guidance in ultra's raw mode.")
+    true_cfg_scale: float = Field(
+        default=1.0,
+        ge=1,
+        description="True classifier-free guidance against the empty prompt, for models trained with "
+        "caption dropout (the bundled one, de-distilled FLUX); 1: off. Each step runs the transformer twice. "
+        "Not applied to Redux image prompts.",
+    )
+    max_sequence_length: int | None = Field(
+        default=None, gt=0, description="T5 tokens; default the tokenizer's length, at most 512."
+    )
+    max_batch: int = Field(
+        default=1, ge=1, description="Most text-to-image jobs of one size and steps run as one batch."
+    )
+    warmup: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="Request sizes [width, height] run once at start, so that compilation (one graph per "
+        "size) happens before the first job rather than during it.",
+    )
+
+    @classmethod
+    def of(cls, entry: ModelEntry) -> FluxOptions:
+        try:
+            return cls.model_validate(entry.options)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise EngineError(f"catalog options: {problems}") from None
+
+    def load(self) -> LoadOptions:
+        return LoadOptions.model_validate(self.model_dump(include=set(LoadOptions.model_fields)))
