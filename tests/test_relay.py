@@ -17,7 +17,8 @@ from PIL import Image
 
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.engines.base import EngineHooks, EngineRequest
-from fluxserve.engines.relay import RelayEngine, aspect_ratio_of, key_allowed, upstream_payload
+from fluxserve.client.vendor import key_allowed
+from fluxserve.engines.relay import RelayEngine, aspect_ratio_of, upstream_payload
 from fluxserve.errors import EngineError, JobCanceled, Moderated
 from tests.conftest import free_port
 from tests.engine_fixtures import request
