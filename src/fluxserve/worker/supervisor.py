@@ -28,7 +28,8 @@ BEACON_ENV = "FLUXSERVE_WORKER_BEACON"
 CHECK_SECONDS = 0.5
 MAX_RESTART_PAUSE = 30.0
 STABLE_AFTER_SECONDS = 60.0
-PR_SET_PDEATHSIG = 1  # a child that ran this long resets the restart pause
+PR_SET_PDEATHSIG = 1
+STARTUP_SECONDS = 120.0  # a child that ran this long resets the restart pause
 
 
 def _die_with_parent() -> None:
@@ -109,7 +110,7 @@ class Supervisor:
             child.beacon.unlink(missing_ok=True)
 
     def _spawn(self, child: _Child) -> None:
-        child.beacon.touch()
+        child.beacon.unlink(missing_ok=True)
         env = {**self._env, BEACON_ENV: str(child.beacon)}
         command = [sys.executable, "-m", "fluxserve", "worker", "--data-dir", str(self._settings.data_dir)]
         child.process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
@@ -152,8 +153,9 @@ class Supervisor:
         )
 
     def _hung(self, child: _Child) -> bool:
-        """A live worker process refreshes its beacon from its first second, imports and loading included."""
+        """A live worker process refreshes its beacon from its first second on (imports and model loading
+        included); it gets ``STARTUP_SECONDS`` to start the interpreter and write it the first time."""
         try:
             return time.time() - child.beacon.stat().st_mtime > self._stale_after
         except FileNotFoundError:
-            return False
+            return time.monotonic() - child.started > STARTUP_SECONDS
