@@ -5,9 +5,14 @@
   kontext task without a prompt.
 - ``GET <polling_url>`` -> ``{"id", "status", "result", "progress", "details"}``. The polling URL is a
   "regional" one (``/regional/v1/get_result``), as the vendor's global endpoint hands out, so a test can
-  tell that a client polled the URL it was given. A task is ``Pending`` (with ``progress``) for
-  ``pending_polls`` polls, then ends by what its prompt asks for: ``[request-moderated]``,
-  ``[content-moderated]``, ``[error]``, ``[lost]`` (``Task not found``), else ``Ready``.
+  tell that a client polled the URL it was given. A new task may be ``Task not found`` for its first
+  ``not_found_polls`` polls (the regional store lags the submit), then runs for ``pending_polls`` polls
+  through ``pending_statuses`` (``Pending``, or e.g. ``Pending``, ``Queued``, ``Processing``; with
+  ``progress``), then ends by what its prompt asks for: ``[request-moderated]``, ``[content-moderated]``,
+  ``[error]``, ``[lost]`` (``Task not found`` for good), else ``Ready``.
+- Output sizes are the vendor's own (:data:`KONTEXT_SIZES`, :data:`ULTRA_SIZES`), written here rather
+  than taken from fluxserve, so that relay tests check fluxserve against the vendor and not against
+  itself; width/height routes make exactly the size asked.
 - ``result.sample`` is a download URL that expires ``result_ttl`` seconds after the task became Ready
   (the vendor's expire after 10 minutes), answering 403 afterwards.
 
@@ -19,10 +24,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import random
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,8 +37,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image
-
-from fluxserve.core.sizes import kontext_size, parse_aspect_ratio, ultra_size
 
 FAKE_KEY = "fake-upstream-key-0123456789"
 # The vendor's published prices (credits per image), written here on their own so that relay tests do not
@@ -44,6 +49,37 @@ PRICES: dict[str, Decimal] = {
     "flux-pro": Decimal("5"),
     "flux-dev": Decimal("2.5"),
 }
+# The vendor's output sizes for the routes that take an aspect ratio, as it publishes them (README.md,
+# "Sizes for aspect-ratio routes"); the defaults are 1:1 for kontext without an image, 16:9 for ultra.
+KONTEXT_SIZES: dict[str, tuple[int, int]] = {
+    "21:9": (1568, 672),
+    "16:9": (1392, 752),
+    "3:2": (1248, 832),
+    "4:3": (1184, 880),
+    "1:1": (1024, 1024),
+    "3:4": (880, 1184),
+    "2:3": (832, 1248),
+    "9:16": (752, 1392),
+    "9:21": (672, 1568),
+}
+ULTRA_SIZES: dict[str, tuple[int, int]] = {
+    "21:9": (3136, 1344),
+    "16:9": (2736, 1536),
+    "3:2": (2512, 1680),
+    "4:3": (2368, 1776),
+    "1:1": (2048, 2048),
+    "3:4": (1776, 2368),
+    "2:3": (1680, 2512),
+    "9:16": (1536, 2736),
+    "9:21": (1344, 3136),
+}
+# Kontext with an input image snaps to the nearest of the resolutions FLUX.1 Kontext was trained on
+# (published with the model); the aspect-ratio table above is a subset of them.
+KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+    (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+    (1456, 720), (1504, 688), (1568, 672),
+)  # fmt: skip
 
 
 @dataclass
@@ -58,6 +94,7 @@ class FakeTask:
     ready_at: float | None = None
     image: bytes = b""
     image_size: tuple[int, int] = (0, 0)
+    not_found_polls: int = 0  # polls still to answer "Task not found" before the task shows up
 
 
 @dataclass
@@ -74,17 +111,29 @@ def _color(seed: int) -> tuple[int, int, int]:
     return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
 
 
+def _nearest(sizes: Iterable[tuple[int, int]], ratio: float) -> tuple[int, int]:
+    return min(sizes, key=lambda wh: abs(math.log(wh[0] / wh[1] / ratio)))
+
+
+def _ratio(aspect_ratio: str) -> float:
+    width, height = aspect_ratio.split(":")
+    return int(width) / int(height)
+
+
 def _size(model: str, payload: dict[str, Any]) -> tuple[int, int]:
-    """The size the vendor would make: exact for width/height routes, by aspect ratio otherwise."""
+    """The size the vendor would make: exact for width/height routes, by aspect ratio otherwise (a ratio
+    outside the published table takes its nearest entry's size)."""
+    aspect_ratio = payload.get("aspect_ratio")
     if model == "flux-pro-1.1-ultra":
-        return ultra_size(parse_aspect_ratio(payload.get("aspect_ratio") or "16:9"))
+        aspect_ratio = aspect_ratio or "16:9"
+        return ULTRA_SIZES.get(aspect_ratio) or _nearest(ULTRA_SIZES.values(), _ratio(aspect_ratio))
     if model.startswith("flux-kontext"):
-        if payload.get("aspect_ratio"):
-            return kontext_size(parse_aspect_ratio(payload["aspect_ratio"]))
+        if aspect_ratio:
+            return KONTEXT_SIZES.get(aspect_ratio) or _nearest(KONTEXT_RESOLUTIONS, _ratio(aspect_ratio))
         if payload.get("input_image"):
             with Image.open(io.BytesIO(base64.b64decode(payload["input_image"]))) as image:
-                return kontext_size(image.width / image.height)
-        return (1024, 1024)
+                return _nearest(KONTEXT_RESOLUTIONS, image.width / image.height)
+        return KONTEXT_SIZES["1:1"]
     return (int(payload.get("width", 1024)), int(payload.get("height", 768)))
 
 
@@ -99,9 +148,9 @@ def render(seed: int, size: tuple[int, int], output_format: str) -> bytes:
 class FakeVendor:
     """Start with ``with FakeVendor() as vendor:``; ``vendor.base_url`` is its API root.
 
-    Knobs (change them at any time): ``pending_polls``, ``result_ttl``, ``credits``, ``rate_limited``
-    (that many submits answer 429 with ``Retry-After: retry_after``), ``poll_failures`` (that many polls
-    answer 503).
+    Knobs (change them at any time): ``pending_polls``, ``pending_statuses``, ``not_found_polls``,
+    ``result_ttl``, ``credits``, ``rate_limited`` (that many submits answer 429, with
+    ``Retry-After: retry_after`` unless that is None), ``poll_failures`` (that many polls answer 503).
     """
 
     def __init__(
@@ -109,14 +158,18 @@ class FakeVendor:
         key: str = FAKE_KEY,
         *,
         pending_polls: int = 2,
+        pending_statuses: Sequence[str] = ("Pending",),
+        not_found_polls: int = 0,
         result_ttl: float = 600.0,
         credits: float = 1000.0,
         rate_limited: int = 0,
-        retry_after: float = 0.05,
+        retry_after: float | None = 0.05,
         poll_failures: int = 0,
     ) -> None:
         self.key = key
         self.pending_polls = pending_polls
+        self.pending_statuses = tuple(pending_statuses)
+        self.not_found_polls = not_found_polls
         self.result_ttl = result_ttl
         self.credits = Decimal(str(credits))
         self.rate_limited = rate_limited
@@ -199,10 +252,11 @@ class FakeVendor:
                         return
                     if vendor.rate_limited > 0:
                         vendor.rate_limited -= 1
+                        retry_after = vendor.retry_after
                         self._send(
                             429,
                             {"detail": "You have exceeded the number of active tasks"},
-                            {"Retry-After": str(vendor.retry_after)},
+                            {} if retry_after is None else {"Retry-After": str(retry_after)},
                         )
                         return
                     price = PRICES[model]
@@ -227,6 +281,7 @@ class FakeVendor:
                         outcome=outcome,
                         seed=seed if isinstance(seed, int) else random.randrange(2**32),
                         prompt=f"upsampled: {prompt}" if payload.get("prompt_upsampling") else prompt,
+                        not_found_polls=vendor.not_found_polls,
                     )
                     vendor.tasks[task.id] = task
                 polling_url = f"{vendor.base_url}/regional/v1/get_result?id={task.id}"
@@ -269,6 +324,9 @@ class FakeVendor:
 
     def _result(self, task_id: str) -> dict[str, Any]:
         task = self.tasks.get(task_id)
+        if task is not None and task.not_found_polls > 0:
+            task.not_found_polls -= 1
+            task = None
         if task is None or task.outcome == "lost":
             return {
                 "id": task_id,
@@ -280,7 +338,10 @@ class FakeVendor:
         task.polls += 1
         base = {"id": task.id, "result": None, "progress": None, "details": None}
         if task.polls <= self.pending_polls:
-            return {**base, "status": "Pending", "progress": round(task.polls / (self.pending_polls + 1), 3)}
+            # The statuses in order, spread evenly over the pending polls.
+            index = (task.polls - 1) * len(self.pending_statuses) // self.pending_polls
+            status = self.pending_statuses[index]
+            return {**base, "status": status, "progress": round(task.polls / (self.pending_polls + 1), 3)}
         if task.outcome == "request-moderated":
             return {
                 **base,

@@ -7,7 +7,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from unittest.mock import ANY
 
@@ -15,9 +15,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from fluxserve.client.vendor import RetryPolicy, VendorClient, VendorError, key_allowed
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.engines.base import EngineHooks, EngineRequest
-from fluxserve.client.vendor import key_allowed
 from fluxserve.engines.relay import RelayEngine, aspect_ratio_of, upstream_payload
 from fluxserve.errors import EngineError, JobCanceled, Moderated
 from tests.conftest import free_port
@@ -35,13 +35,17 @@ def vendor() -> Iterator[FakeVendor]:
 
 
 def engine_for(
-    vendor: FakeVendor | str, model: str = "flux-dev", key: str = FAKE_KEY, **options: Any
+    vendor: FakeVendor | str,
+    model: str = "flux-dev",
+    key: str = FAKE_KEY,
+    sleep: Callable[[float], None] | None = None,
+    **options: Any,
 ) -> RelayEngine:
     base_url = vendor if isinstance(vendor, str) else vendor.base_url
     entry = ModelEntry(
         engine="relay", options={"base_url": base_url, "api_key_env": KEY_ENV, **FAST, **options}
     )
-    return RelayEngine(entry, model, environ={KEY_ENV: key})
+    return RelayEngine(entry, model, environ={KEY_ENV: key}, sleep=sleep)
 
 
 def dev_request(prompt: str = "a red fox", model: str = "flux-dev", **fields: Any) -> EngineRequest:
@@ -203,6 +207,24 @@ def test_rate_limited_submit_waits_and_retries(vendor: FakeVendor) -> None:
     assert result.image.size == (320, 256)
 
 
+def test_rate_limit_without_retry_after_waits_the_default_doubling(vendor: FakeVendor) -> None:
+    vendor.rate_limited, vendor.retry_after = 2, None
+    waits: list[float] = []  # the engine's waits, recorded instead of slept
+    result = engine_for(vendor, sleep=waits.append, rate_limit_wait=7.0).generate(
+        dev_request(), EngineHooks()
+    )
+    assert len(vendor.seen.submits) == 3
+    assert waits[:2] == [7.0, 14.0]  # then the poll intervals
+    assert result.image.size == (320, 256)
+
+
+def test_rate_limit_waits_what_retry_after_says(vendor: FakeVendor) -> None:
+    vendor.rate_limited, vendor.retry_after = 1, 2.5
+    waits: list[float] = []
+    engine_for(vendor, sleep=waits.append, rate_limit_wait=7.0).generate(dev_request(), EngineHooks())
+    assert len(vendor.seen.submits) == 2 and waits[0] == 2.5
+
+
 def test_rate_limit_that_never_ends_fails_at_the_timeout(vendor: FakeVendor) -> None:
     vendor.rate_limited = 1000
     with pytest.raises(EngineError, match="429"):
@@ -246,6 +268,28 @@ def test_missing_key_and_bad_options_fail_clearly(vendor: FakeVendor) -> None:
         RelayEngine(
             ModelEntry(engine="relay", options={"base_url": "http://x", "poll_intervall": 1}), "flux-dev"
         )
+
+
+def test_queued_and_processing_are_waited_out_like_pending(
+    vendor: FakeVendor, caplog: pytest.LogCaptureFixture
+) -> None:
+    vendor.pending_polls, vendor.pending_statuses = 6, ("Pending", "Queued", "Processing")
+    recorder = Recorder()
+    result = engine_for(vendor).generate(dev_request(), recorder.hooks())
+    assert result.image.size == (320, 256)
+    assert len(vendor.seen.polls) == 7
+    assert len(recorder.progress) == 7 and recorder.progress == sorted(recorder.progress)
+    assert not [record for record in caplog.records if "unknown upstream status" in record.getMessage()]
+
+
+def test_a_brief_task_not_found_right_after_submit_is_polled_through(vendor: FakeVendor) -> None:
+    vendor.not_found_polls = 3
+    result = engine_for(vendor, not_found_grace=5).generate(dev_request(), EngineHooks())
+    assert result.details["upstream_id"] in vendor.tasks
+    assert len(vendor.seen.polls) == 3 + 2 + 1 and len(vendor.seen.submits) == 1
+    # Without a grace period the same answer ends the job.
+    with pytest.raises(EngineError, match="Task not found"):
+        engine_for(vendor, not_found_grace=0).generate(dev_request(), EngineHooks())
 
 
 def test_task_not_found_after_submit_fails_clearly(vendor: FakeVendor) -> None:
@@ -308,8 +352,83 @@ def test_cancel_is_noticed_while_waiting_out_a_rate_limit(vendor: FakeVendor) ->
 
 
 def test_network_errors_are_retried_then_fail(vendor: FakeVendor) -> None:
-    vendor.poll_failures = 2
-    assert engine_for(vendor).generate(dev_request(), EngineHooks()).image.size == (320, 256)
+    vendor.poll_failures = 3
+    waits: list[float] = []
+    assert engine_for(vendor, sleep=waits.append).generate(dev_request(), EngineHooks()).image.size == (
+        320,
+        256,
+    )
+    assert waits[:3] == [0.01, 0.02, 0.04]  # retry_wait, doubling
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(EngineError, match=r"cannot reach the upstream API.*gave up after 3 tries"):
         engine_for(dead, retries=2).generate(dev_request(), EngineHooks())
+
+
+def test_the_retry_wait_doubles_up_to_its_cap() -> None:
+    policy = RetryPolicy(retries=9, wait=1.0, max_wait=5.0, rate_limit_wait=20.0, max_rate_limit_wait=60.0)
+    assert [policy.failure_wait(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert [policy.rate_limit_wait_for(n, None) for n in range(1, 4)] == [20.0, 40.0, 60.0]
+    assert policy.rate_limit_wait_for(3, 90.0) == 90.0  # Retry-After is honoured as sent
+
+
+def vendor_client(handler: Callable[[httpx.Request], httpx.Response], waits: list[float]) -> VendorClient:
+    return VendorClient(
+        "https://api.vendor.example",
+        FAKE_KEY,
+        key_name=KEY_ENV,
+        policy=RetryPolicy(retries=2, wait=0.5),
+        sleep=waits.append,
+        transport=httpx.MockTransport(handler),
+    )
+
+
+def test_a_submit_that_broke_after_it_was_sent_is_not_retried() -> None:
+    """The task may exist upstream: a second submit could be paid for twice."""
+    sent: list[httpx.Request] = []
+
+    def read_timeout(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    waits: list[float] = []
+    with pytest.raises(VendorError, match="not retried"), vendor_client(read_timeout, waits) as client:
+        client.submit("flux-dev", {"prompt": "p"})
+    assert len(sent) == 1 and waits == []
+
+
+def test_a_submit_that_could_not_connect_or_met_a_gateway_error_is_retried() -> None:
+    answers = iter([httpx.ConnectError("refused"), httpx.Response(503), httpx.Response(502)])
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        answer = next(answers, None)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer or httpx.Response(200, json={"id": "t1", "polling_url": "/v1/get_result?id=t1"})
+
+    waits: list[float] = []
+    with vendor_client(flaky, waits) as client:
+        with pytest.raises(VendorError, match=r"HTTP 502\); gave up after 3 tries"):
+            client.submit("flux-dev", {"prompt": "p"})
+        assert waits == [0.5, 1.0]
+        task = client.submit("flux-dev", {"prompt": "p"})
+    assert (task.id, task.polling_url, task.cost) == ("t1", "/v1/get_result?id=t1", None)
+
+
+def test_the_key_goes_to_the_vendors_hosts_only() -> None:
+    seen: dict[str, str | None] = {}
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen[str(request.url.host)] = request.headers.get("x-key")
+        if request.url.path.startswith("/v1/flux"):
+            return httpx.Response(200, json={"id": "t", "polling_url": "https://eu.vendor.example/r?id=t"})
+        if request.url.host == "eu.vendor.example":
+            return httpx.Response(200, json={"id": "t", "status": "Ready"})
+        return httpx.Response(200, content=b"image")
+
+    with vendor_client(record, []) as client:
+        task = client.submit("flux-dev", {"prompt": "p"})
+        assert client.result(task)["status"] == "Ready"
+        assert client.download("https://cdn.example/x.jpg", task_id="t", max_bytes=5) == b"image"
+        with pytest.raises(VendorError, match="over 4 bytes"):
+            client.download("https://cdn.example/x.jpg", task_id="t", max_bytes=4)
+    assert seen == {"api.vendor.example": FAKE_KEY, "eu.vendor.example": FAKE_KEY, "cdn.example": None}

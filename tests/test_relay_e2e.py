@@ -14,7 +14,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from fluxserve.core.sizes import kontext_size
 from tests.conftest import Api, ServerProcess, catalog_env, png_base64
 from tests.fake_vendor import FAKE_KEY, FakeVendor, _color
 
@@ -130,7 +129,7 @@ def test_relayed_and_local_models_in_one_catalog(
 
     # The image is the vendor's, served from our storage: it outlives the vendor's expiring URL.
     ours = image_at(body["result"]["sample"])
-    assert (ours.format, ours.size) == ("PNG", kontext_size(320 / 240))
+    assert (ours.format, ours.size) == ("PNG", (1184, 880))  # the vendor's size for a 4:3 input
     assert ours.getpixel((0, 0)) == _color(21)
     upstream_id = next(reversed(vendor.tasks))
     eventually(lambda: httpx.get(vendor.sample_url(upstream_id)).status_code == 403)
