@@ -69,9 +69,13 @@ class RelayOptions(BaseModel):
     poll_backoff: float = Field(default=1.5, ge=1, description="Each wait is the last one times this.")
     timeout: float = Field(default=900.0, gt=0, description="Give up when not Ready this long after start.")
     request_timeout: float = Field(default=30.0, gt=0, description="One HTTP request to the vendor.")
-    retries: int = Field(default=5, ge=0, description="Network errors in a row before the job fails.")
-    retry_wait: float = Field(default=1.0, ge=0, description="First wait after a network error (doubles).")
-    rate_limit_wait: float = Field(default=5.0, ge=0, description="Wait after a 429 without Retry-After.")
+    retries: int = Field(default=5, ge=0, description="Network errors or 5xx in a row before the job fails.")
+    retry_wait: float = Field(
+        default=1.0, ge=0, description="First wait after a network error (doubles, to 4 x poll_max_interval)."
+    )
+    rate_limit_wait: float = Field(
+        default=5.0, ge=0, description="First wait after a 429 without Retry-After (doubles, to 60)."
+    )
     not_found_grace: float = Field(
         default=10.0, ge=0, description="'Task not found' this soon after the submit is taken as Pending."
     )
