@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from fastapi import Request
 
@@ -27,4 +28,4 @@ class Services:
 
 
 def get_services(request: Request) -> Services:
-    return request.app.state.services
+    return cast(Services, request.app.state.services)

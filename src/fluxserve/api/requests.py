@@ -77,10 +77,15 @@ def _field(name: str, default: Any) -> tuple[Any, Any]:
 def _schema(spec: ModelSpec, dialect: Dialect) -> type[SubmitRequest]:
     title = "".join(part.capitalize() for part in spec.name.replace(".", "").split("-"))
     suffix = "Request" if dialect is Dialect.RESELLER else "Inputs"
-    fields = {name: _field(name, default) for name, default in spec.fields[dialect].items()}
-    schema: type[SubmitRequest] = create_model(  # type: ignore[call-overload]
-        f"{title}{suffix}", __base__=_BASES[dialect], __doc__=spec.title, **fields
+    # Any, not tuple[Any, Any]: mypy matches ``**fields`` against create_model's ``__config__`` & co too.
+    fields: dict[str, Any] = {name: _field(name, default) for name, default in spec.fields[dialect].items()}
+    # Not ``schema = create_model(...)``: the pydantic mypy plugin types such a name as a new BaseModel.
+    return _with_spec(
+        create_model(f"{title}{suffix}", __base__=_BASES[dialect], __doc__=spec.title, **fields), spec
     )
+
+
+def _with_spec(schema: type[SubmitRequest], spec: ModelSpec) -> type[SubmitRequest]:
     schema.spec = spec
     return schema
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query
@@ -42,7 +43,7 @@ def render_job(job: Job, services: Services) -> dict[str, Any]:
         message = job.error or "failed"
     else:
         message = ""
-    charged = job.cost if job.status is JobStatus.SUCCEEDED or not job.status.is_terminal else 0
+    charged = job.cost if job.status is JobStatus.SUCCEEDED or not job.status.is_terminal else Decimal(0)
     data: dict[str, Any] = {
         "mode": job.model,
         "jobId": job.id,
