@@ -67,7 +67,7 @@ async def vet(host: str, port: int, policy: NetworkPolicy) -> str:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as error:
         raise FetchError(f"cannot resolve host {host!r}") from error
-    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     if not addresses:
         raise FetchError(f"cannot resolve host {host!r}")
     for address in addresses:
