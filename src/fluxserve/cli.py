@@ -8,7 +8,7 @@ import signal
 import threading
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import uvicorn
@@ -32,7 +32,7 @@ DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory
 
 
 def _settings(data_dir: Path | None, **overrides: object) -> Settings:
-    values = {name: value for name, value in overrides.items() if value is not None}
+    values: dict[str, Any] = {name: value for name, value in overrides.items() if value is not None}
     if data_dir is not None:
         values["data_dir"] = data_dir
     return Settings(**values)
