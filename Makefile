@@ -22,4 +22,4 @@ test: install .venv-blackforest/bin/python
 		|| { rm -rf .venv-blackforest; exit 1; }
 
 lint:
-	ruff check . && ruff format --check .
+	ruff check . && ruff format --check . && mypy
