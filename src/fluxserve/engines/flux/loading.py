@@ -36,10 +36,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    return DTYPES[name]
 
 
 def quantize_weights(pipe: FluxPipeline, kind: str) -> None:
@@ -64,14 +67,14 @@ def batch_invariant(pipe: FluxPipeline) -> None:
     """
     for module in pipe.transformer.modules():
         if isinstance(module, torch.nn.Linear):
-            module.forward = _rowwise(module.forward)
+            module.forward = _rowwise(module.forward)  # type: ignore[method-assign, assignment]
     pipe.vae.enable_slicing()
 
 
 def _rowwise(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     def rows(x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] > 1:
-            return torch.cat([forward(row) for row in x.split(1)])
+            return torch.cat([forward(row) for row in torch.split(x, 1)])
         return forward(x)
 
     return rows
