@@ -7,15 +7,14 @@ import weakref
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine_fixtures import Recorder, request
-from fluxserve.app import Runtime
-from fluxserve.core.catalog import Catalog
+from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.engines.flux.loading import FluxModel
 from fluxserve.engines.registry import EngineRegistry, weights_size
 from fluxserve.engines.tiny import build_tiny_flux
 from fluxserve.settings import Settings
+from fluxserve.worker.process import engine_registry
 
 ROUTES = ("flux-dev", "flux-pro", "flux-pro-1.1")
 
@@ -79,17 +78,18 @@ def test_a_job_running_on_an_evicted_model_finishes(folders: dict[str, Path], tm
 
 
 def test_the_operator_sets_the_cap_in_mib(tmp_path: Path) -> None:
-    capped = Runtime.build(Settings(data_dir=tmp_path / "a", model_memory_mb=512))
-    assert capped.engines is not None and capped.engines.memory_cap_bytes == 512 * 2**20
-    unbounded = Runtime.build(Settings(data_dir=tmp_path / "b"))
-    assert unbounded.engines is not None and unbounded.engines.memory_cap_bytes is None
-    assert Runtime.build(Settings(data_dir=tmp_path / "c", workers=0)).engines is None
+    catalog = load_catalog()
+    capped = engine_registry(Settings(data_dir=tmp_path, model_memory_mb=512), catalog)
+    assert capped.memory_cap_bytes == 512 * 2**20
+    assert engine_registry(Settings(data_dir=tmp_path), catalog).memory_cap_bytes is None
 
 
-def test_the_operator_sets_torch_threads_for_workers(tmp_path: Path) -> None:
-    before = torch.get_num_threads()
-    try:
-        Runtime.build(Settings(data_dir=tmp_path, torch_threads=before + 1))
-        assert torch.get_num_threads() == before + 1
-    finally:
-        torch.set_num_threads(before)
+def test_torch_threads_per_worker_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(torch_threads=3).threads_per_worker == 3
+    # Default: the cores less one for the API, shared by the worker processes; at least one each.
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert Settings(workers=1).threads_per_worker == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert Settings(workers=1).threads_per_worker == 15
+    assert Settings(workers=4).threads_per_worker == 3
+    assert Settings(workers=32).threads_per_worker == 1

@@ -15,9 +15,10 @@ import pytest
 from sqlalchemy import Engine, insert, select
 
 from fluxserve.db.connection import make_engine, migrate, utcnow
+from fluxserve.db.outbox import enqueue
 from fluxserve.db.tables import api_keys, jobs, webhook_deliveries
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
-from fluxserve.webhooks.delivery import WebhookDispatcher, enqueue
+from fluxserve.webhooks.delivery import WebhookDispatcher
 from fluxserve.webhooks.signing import new_secret
 from tests.test_webhooks_e2e import Receiver
 

@@ -198,8 +198,12 @@ RECIPES: dict[str, Callable[[], DiffusionPipeline]] = {RECIPE: _pipeline, REDUX_
 def is_built(folder: Path, recipe: str = RECIPE) -> bool:
     """True when ``folder`` holds a complete build of ``recipe`` (the marker is written last)."""
     try:
-        return json.loads((folder / MARKER).read_text()).get("recipe") == recipe
+        marker: dict[str, object] = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
+        return False
+    try:
+        return marker.get("recipe") == recipe
+    except AttributeError:  # a marker that is not a JSON object
         return False
 
 

@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from fluxserve.core.catalog import load_catalog
+from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.engines.registry import EngineRegistry
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.settings import Settings
@@ -26,14 +26,19 @@ from fluxserve.worker.upsample import StyleCueEnhancer
 log = logging.getLogger("fluxserve.worker")
 
 
+def engine_registry(settings: Settings, catalog: Catalog) -> EngineRegistry:
+    """The process's engines, within the operator's memory cap (``FLUXSERVE_MODEL_MEMORY_MB``)."""
+    cap = settings.model_memory_mb * 2**20 if settings.model_memory_mb else None
+    return EngineRegistry(catalog, settings.models, memory_cap_bytes=cap)
+
+
 def build_workers(settings: Settings, threads: int, liveness: Liveness) -> list[Worker]:
     """``threads`` workers sharing one engine registry (one copy of each model's weights)."""
     store = make_job_store(open_database(settings))
     blobs = make_blob_store(settings.storage)
     catalog = load_catalog(settings.catalog_files)
     max_input_pixels = max(entry.max_input_pixels for entry in catalog.models.values())
-    cap = settings.model_memory_mb * 2**20 if settings.model_memory_mb else None
-    registry = EngineRegistry(catalog, settings.models, memory_cap_bytes=cap)
+    registry = engine_registry(settings, catalog)
     policy = NetworkPolicy(parse_networks(settings.allowed_private_networks))
     inputs = InputLoader(blobs, policy, settings.max_input_bytes, max_input_pixels)
     prefix = f"{socket.gethostname()}-{os.getpid()}"
