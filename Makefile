@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install serve test lint
+.PHONY: install serve test test-fast lint
 
 install:
 	$(PIP) install torch==2.13.0
@@ -13,6 +13,10 @@ serve: install
 
 test: install .venv-blackforest/bin/python
 	$(PYTHON) -m pytest -q
+
+# In-process tests only (no server subprocess): under a minute.
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow"
 
 # The vendor's official client for tests/test_vendor_blackforest.py, in its own virtualenv: it pins
 # pillow==10.4.0, which clashes with ours. Removed again if the install fails, so a rerun retries.

@@ -191,3 +191,11 @@ def make_server(tmp_path: Path, models_dir: Path) -> Iterator[Any]:
     yield make
     for process in started:
         process.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that runs a real server (they all build the models into ``models_dir``) is end-to-end:
+    marked slow, so ``pytest -m "not slow"`` is the fast subset of in-process tests. CI runs both."""
+    for item in items:
+        if "models_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
