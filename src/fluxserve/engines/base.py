@@ -73,6 +73,14 @@ class Engine(Protocol):
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult: ...
 
 
+class Engines(Protocol):
+    """Where a worker gets the engine for an API model (the registry, built from the catalog)."""
+
+    def get(self, model: str) -> Engine:
+        """Raises EngineError when the model cannot be served here."""
+        ...
+
+
 PlanT = TypeVar("PlanT")
 
 

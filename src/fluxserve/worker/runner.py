@@ -28,9 +28,9 @@ from fluxserve.engines.base import (
     EngineHooks,
     EngineRequest,
     EngineResult,
+    Engines,
     NamedImage,
 )
-from fluxserve.engines.registry import EngineRegistry
 from fluxserve.errors import EngineError, FetchError, JobCanceled, JobFailure, Moderated
 from fluxserve.jobs.store import JobStore
 from fluxserve.storage.base import BlobStore
@@ -121,7 +121,7 @@ class Worker:
         self,
         worker_id: str,
         store: JobStore,
-        engines: EngineRegistry,
+        engines: Engines,
         blobs: BlobStore,
         inputs: InputLoader,
         enhancer: PromptEnhancer,

@@ -1,0 +1,230 @@
+"""The worker built in-process on a real SQLite store and blob store: what each engine outcome does to the
+job, the credits and the outbox, image field names on the way in, and a stalled engine giving up its job.
+
+Engines here are small implementations of our own ``Engine`` interface, scripted per test; the real
+pipelines are covered by the engine tests and the end-to-end ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+from fluxserve.accounts.keys import ApiKey, KeyStore
+from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.models import Dialect
+from fluxserve.core.params import GenerationParams, ImageRef
+from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.tables import webhook_deliveries
+from fluxserve.engines.base import Engine, EngineHooks, EngineRequest, EngineResult
+from fluxserve.errors import EngineError, JobCanceled, Moderated
+from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.submit import Limits, Submitter
+from fluxserve.safety.fetch import NetworkPolicy
+from fluxserve.storage.local import LocalBlobStore
+from fluxserve.worker.inputs import InputLoader
+from fluxserve.worker.runner import Worker
+from fluxserve.worker.upsample import StyleCueEnhancer
+
+
+@dataclass
+class Scripted:
+    """An engine whose behaviour is a function of the request; it records what it was given."""
+
+    behave: Callable[[EngineRequest, EngineHooks], EngineResult]
+    seen: list[EngineRequest] = field(default_factory=list)
+
+    def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult:
+        self.seen.append(request)
+        return self.behave(request, hooks)
+
+
+def paint(request: EngineRequest, hooks: EngineHooks) -> EngineResult:
+    for step in range(1, 5):
+        hooks.step(step / 4)
+    image = Image.new("RGB", (request.width, request.height), (10, 200, 30))
+    return EngineResult(image=image, prompt=request.prompt, seed=request.seed)
+
+
+def raising(error: BaseException) -> Callable[[EngineRequest, EngineHooks], EngineResult]:
+    def behave(request: EngineRequest, hooks: EngineHooks) -> EngineResult:
+        raise error
+
+    return behave
+
+
+@dataclass
+class OneEngine:
+    engine: Engine
+
+    def get(self, model: str) -> Engine:
+        return self.engine
+
+
+@dataclass
+class World:
+    store: SqlJobStore
+    keys: KeyStore
+    blobs: LocalBlobStore
+    submitter: Submitter
+    inputs: InputLoader
+    database_url: str
+
+    def key(self, credits: str = "10") -> ApiKey:
+        return self.keys.create("k", Decimal(credits)).record
+
+    def submit(self, key: ApiKey, webhook_url: str | None = None, **fields: object) -> Job:
+        params = GenerationParams.model_validate(
+            {"model": "flux-dev", "prompt": "p", "width": 256, "height": 256, "steps": 4, **fields}
+        )
+        return self.submitter.submit(key, params, 7, webhook_url, Dialect.RESELLER)
+
+    def worker(self, engine: Engine, **timing: float) -> Worker:
+        settings = {"heartbeat_seconds": 30.0, "stale_after_seconds": 60.0, "engine_stall_seconds": 600.0}
+        return Worker(
+            "test-worker",
+            self.store,
+            OneEngine(engine),
+            self.blobs,
+            self.inputs,
+            StyleCueEnhancer(),
+            **{**settings, **timing},
+            max_attempts=3,
+            poll_seconds=0.05,
+        )
+
+    def balance(self, key: ApiKey) -> Decimal | None:
+        found = self.keys.get(key.id)
+        assert found is not None
+        return found.credits
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    url = f"sqlite:///{tmp_path / 'fluxserve.db'}"
+    database = make_engine(url)
+    migrate(database)
+    store = SqlJobStore(database)
+    blobs = LocalBlobStore(tmp_path / "files")
+    limits = Limits(max_active=24, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
+    inputs = InputLoader(blobs, NetworkPolicy([]), 2**20, 2**22)
+    return World(store, KeyStore(database), blobs, Submitter(store, blobs, limits), inputs, url)
+
+
+def run_one(world: World, worker: Worker) -> Job:
+    claimed = world.store.claim(worker.worker_id)
+    assert claimed is not None
+    worker.process(claimed)
+    done = world.store.get(claimed.id)
+    assert done is not None
+    return done
+
+
+def test_a_job_runs_is_stored_charged_once_and_queues_its_webhook(world: World) -> None:
+    key = world.key("10")
+    job = world.submit(key, webhook_url="https://example.com/hook")
+    assert world.balance(key) == Decimal("7.5")  # held at submit
+    done = run_one(world, world.worker(Scripted(paint)))
+    assert done.status is JobStatus.SUCCEEDED and done.progress == 1.0 and done.attempts == 1
+    assert done.result_key is not None
+    image = Image.open(io.BytesIO(world.blobs.get(done.result_key)))
+    assert (image.format, image.size) == ("PNG", (256, 256))
+    assert world.balance(key) == Decimal("7.5")  # kept, not taken twice
+    with world.store._engine.connect() as conn:  # the outbox row written with the job's end
+        rows = conn.execute(select(webhook_deliveries.c.job_id, webhook_deliveries.c.url)).all()
+    assert [(row.job_id, row.url) for row in rows] == [(job.id, "https://example.com/hook")]
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "message"),
+    [
+        (EngineError("flux-dev: out of memory"), JobStatus.FAILED, "flux-dev: out of memory"),
+        (Moderated("request", "nudity"), JobStatus.REQUEST_MODERATED, "Request Moderated: nudity"),
+        (Moderated("content"), JobStatus.CONTENT_MODERATED, "Content Moderated"),
+        (JobCanceled(), JobStatus.CANCELED, "Canceled by the client"),
+        (ZeroDivisionError("a bug"), JobStatus.FAILED, "Internal error while generating: ZeroDivisionError"),
+    ],
+)  # fmt: skip
+def test_each_engine_outcome_ends_the_job_its_way_and_refunds(
+    world: World, error: BaseException, status: JobStatus, message: str
+) -> None:
+    key = world.key("10")
+    world.submit(key)
+    done = run_one(world, world.worker(Scripted(raising(error))))
+    assert (done.status, done.error) == (status, message)
+    assert world.balance(key) == Decimal("10")  # nothing charged for a job that did not deliver
+    assert done.result_key is None
+
+
+def test_input_images_reach_the_engine_under_their_own_field_names(world: World) -> None:
+    def png(color: tuple[int, int, int], size: tuple[int, int]) -> str:
+        buffer = io.BytesIO()
+        Image.new("RGB", size, color).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    images = [
+        ImageRef(field="input_image", ref=png((255, 0, 0), (64, 32))),
+        ImageRef(field="input_image_3", ref=png((0, 0, 255), (16, 16))),
+    ]
+    key = world.key()
+    job = world.submitter.submit(
+        key,
+        GenerationParams(model="flux-kontext-pro", prompt="edit", input_images=images),
+        1,
+        None,
+        Dialect.VENDOR,
+    )
+    assert (job.width, job.height) == (1456, 720)  # the Kontext resolution nearest the first image's 2:1
+    engine = Scripted(paint)
+    assert run_one(world, world.worker(engine)).status is JobStatus.SUCCEEDED
+    (request,) = engine.seen
+    assert [(named.field, named.image.size) for named in request.images] == [
+        ("input_image", (64, 32)),
+        ("input_image_3", (16, 16)),
+    ]
+
+
+def test_a_stalled_engine_stops_vouching_for_its_job_which_another_worker_takes_back(world: World) -> None:
+    release = threading.Event()
+
+    def hang(request: EngineRequest, hooks: EngineHooks) -> EngineResult:
+        hooks.step(0.1)
+        release.wait(30)  # stuck: no progress, no cancellation check
+        return paint(request, hooks)
+
+    world.submit(world.key())
+    worker = world.worker(Scripted(hang), heartbeat_seconds=0.05, engine_stall_seconds=0.3)
+    claimed = world.store.claim(worker.worker_id)
+    assert claimed is not None
+    running = threading.Thread(target=worker.process, args=(claimed,))
+    running.start()
+    try:
+        deadline = time.monotonic() + 20
+        while worker.liveness.alive():  # the process-wide beacon would stop here too
+            assert time.monotonic() < deadline, "the stall was never noticed"
+            time.sleep(0.02)
+        job = world.store.get(claimed.id)
+        assert job is not None and job.heartbeat_at is not None
+        last_beat = job.heartbeat_at
+        time.sleep(0.3)  # several heartbeat intervals: none may come now
+        job = world.store.get(claimed.id)
+        assert job is not None and job.heartbeat_at == last_beat
+        assert world.store.requeue_stale(datetime.now(UTC) - timedelta(seconds=0.2), max_attempts=3) == 1
+    finally:
+        release.set()
+        running.join(30)
+    job = world.store.get(claimed.id)
+    assert job is not None
+    # The hung worker came back too late: its result is refused, the job waits for its next attempt.
+    assert (job.status, job.worker_id, job.attempts) == (JobStatus.QUEUED, None, 1)
