@@ -8,11 +8,15 @@ into the same :class:`~fluxserve.core.params.GenerationParams` with :meth:`Submi
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar
 
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic_core import PydanticCustomError
 
+from fluxserve.accounts.keys import ApiKey
+from fluxserve.api.deps import Services, get_services
 from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES
 from fluxserve.core.models import MODELS, REQUIRED, Dialect, ModelSpec
 from fluxserve.core.params import GenerationParams, ImageRef
@@ -93,3 +97,42 @@ def _with_spec(schema: type[SubmitRequest], spec: ModelSpec) -> type[SubmitReque
 SCHEMAS: dict[Dialect, dict[str, type[SubmitRequest]]] = {
     dialect: {name: _schema(spec, dialect) for name, spec in MODELS.items()} for dialect in Dialect
 }
+
+
+def add_submit_routes(
+    router: APIRouter,
+    dialect: Dialect,
+    prefix: str,
+    key_dependency: Any,
+    submit: Callable[[ModelSpec, SubmitRequest, ApiKey, Services], object],
+    **options: Any,
+) -> None:
+    """One ``POST {prefix}{model}`` route per model of the table, taking the model's schema in ``dialect``,
+    the key from ``key_dependency`` (an ``Annotated[ApiKey, Depends(...)]``), and answered by ``submit``."""
+    for spec in MODELS.values():
+        router.add_api_route(
+            f"{prefix}{spec.name}",
+            _handler(spec, SCHEMAS[dialect][spec.name], key_dependency, submit),
+            methods=["POST"],
+            summary=spec.title,
+            name=f"{dialect}_{spec.name}",
+            **options,
+        )
+
+
+def _handler(
+    spec: ModelSpec,
+    schema: type[SubmitRequest],
+    key_dependency: Any,
+    submit: Callable[[ModelSpec, SubmitRequest, ApiKey, Services], object],
+) -> Callable[..., object]:
+    def handler(body: SubmitRequest, key: ApiKey, services: Services) -> object:
+        return submit(spec, body, key, services)
+
+    # FastAPI reads the parameters' annotations: the body's schema and the dependencies are set here.
+    handler.__annotations__ = {
+        "body": schema,
+        "key": key_dependency,
+        "services": Annotated[Services, Depends(get_services)],
+    }
+    return handler

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -13,9 +12,9 @@ from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
-from fluxserve.api.requests import SCHEMAS, SubmitRequest
+from fluxserve.api.requests import SubmitRequest, add_submit_routes
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.models import MODELS, Dialect, ModelSpec
+from fluxserve.core.models import Dialect, ModelSpec
 from fluxserve.core.pricing import format_credits
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 
@@ -80,19 +79,7 @@ def _submit(spec: ModelSpec, body: SubmitRequest, key: ApiKey, services: Service
     return _accepted(job)
 
 
-def _submit_route(spec: ModelSpec) -> Callable[..., Envelope]:
-    def submit(body: SubmitRequest, key: Key, services: Deps) -> Envelope:
-        return _submit(spec, body, key, services)
-
-    submit.__annotations__["body"] = SCHEMAS[Dialect.RESELLER][spec.name]
-    return submit
-
-
-for _spec in MODELS.values():
-    router.add_api_route(
-        f"/bfl/v1/{_spec.name}", _submit_route(_spec), methods=["POST"], summary=_spec.title,
-        name=f"reseller_{_spec.name}",
-    )  # fmt: skip
+add_submit_routes(router, Dialect.RESELLER, "/bfl/v1/", Key, _submit)
 
 
 class JobRef(BaseModel):

@@ -27,11 +27,11 @@ from fastapi.routing import APIRoute
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.requests import SCHEMAS, SubmitRequest
+from fluxserve.api.requests import SubmitRequest, add_submit_routes
 from fluxserve.api.vendor_schemas import CreditsResponse, ResultResponse, SubmitResponse
 from fluxserve.core.fields import VENDOR_RULES
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.models import MODELS, Dialect, ModelSpec
+from fluxserve.core.models import Dialect, ModelSpec
 from fluxserve.core.pricing import format_credits
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 
@@ -150,19 +150,9 @@ _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _submit_route(spec: ModelSpec) -> Callable[..., SubmitResponse]:
-    def submit(body: SubmitRequest, key: Key, services: Deps) -> SubmitResponse:
-        return _submit(spec, body, key, services)
-
-    submit.__annotations__["body"] = SCHEMAS[Dialect.VENDOR][spec.name]
-    return submit
-
-
-for _spec in MODELS.values():
-    router.add_api_route(
-        f"/{_spec.name}", _submit_route(_spec), methods=["POST"], summary=_spec.title,
-        name=f"vendor_{_spec.name}", response_model=SubmitResponse, responses=_SUBMIT_RESPONSES,
-    )  # fmt: skip
+add_submit_routes(
+    router, Dialect.VENDOR, "/", Key, _submit, response_model=SubmitResponse, responses=_SUBMIT_RESPONSES
+)
 
 
 def _reason(job: Job) -> str:
