@@ -228,3 +228,31 @@ def test_a_stalled_engine_stops_vouching_for_its_job_which_another_worker_takes_
     assert job is not None
     # The hung worker came back too late: its result is refused, the job waits for its next attempt.
     assert (job.status, job.worker_id, job.attempts) == (JobStatus.QUEUED, None, 1)
+
+
+def test_a_job_is_vouched_for_while_its_model_loads(world: World) -> None:
+    loading, loaded = threading.Event(), threading.Event()
+
+    @dataclass
+    class SlowLoad:
+        def get(self, model: str) -> Engine:
+            loading.set()
+            loaded.wait(30)  # a cold worker reading weights: no engine yet, no steps
+            return Scripted(paint)
+
+    world.submit(world.key())
+    worker = world.worker(Scripted(paint), heartbeat_seconds=0.05)
+    worker._engines = SlowLoad()
+    claimed = world.store.claim(worker.worker_id)
+    assert claimed is not None
+    running = threading.Thread(target=worker.process, args=(claimed,))
+    running.start()
+    try:
+        assert loading.wait(10)
+        time.sleep(0.5)  # ten heartbeat intervals into the load
+        assert world.store.requeue_stale(datetime.now(UTC) - timedelta(seconds=0.3), max_attempts=3) == 0
+    finally:
+        loaded.set()
+        running.join(30)
+    job = world.store.get(claimed.id)
+    assert job is not None and job.status is JobStatus.SUCCEEDED and job.attempts == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import threading
 import time
 from contextlib import ExitStack
@@ -179,7 +180,10 @@ class Worker:
     def process(self, first: Job) -> None:
         """Run a claimed job, together with compatible queued jobs when the engine batches."""
         try:
-            engine = self._engines.get(first.model)
+            # Loading a model can take minutes on a cold worker: the job is vouched for meanwhile, without
+            # the stall clock, which measures the engine's steps.
+            with _Heartbeat(self._store, first, self.worker_id, self._heartbeat_seconds, math.inf):
+                engine = self._engines.get(first.model)
         except EngineError as exc:
             self._finish(first, time.monotonic(), JobStatus.FAILED, str(exc))
             return
