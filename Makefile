@@ -11,8 +11,9 @@ install:
 serve: install
 	fluxserve serve --data-dir ./data
 
+# Two test processes (pytest-xdist), a file each at a time: most end-to-end tests wait on their servers.
 test: install .venv-blackforest/bin/python
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 # In-process tests only (no server subprocess): under a minute.
 test-fast:

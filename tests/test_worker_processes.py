@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from tests.conftest import Api, ServerProcess, catalog_env
-from tests.test_lifecycle import SLOW_JOB, slow_env, wait_for
+from tests.test_lifecycle import slow_env, wait_for
+from tests.test_recovery import MEDIUM_JOB
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +72,7 @@ def test_sigkill_of_a_worker_process_mid_job(make_server, tmp_path: Path) -> Non
     server: ServerProcess = make_server(slow_env(tmp_path))
     server.start()
     client = Api(server.base_url, server.create_key("k", credits="10")["key"])
-    job_id = client.job("flux-dev", {**SLOW_JOB, "seed": 3})
+    job_id = client.job("flux-dev", {**MEDIUM_JOB, "seed": 3})
     with HealthProbe(server.base_url) as probe:
         wait_for(client, job_id, "ON_QUEUE", timeout=120)
         (victim,) = worker_pids(server)
