@@ -4,15 +4,22 @@ Every hop's host is resolved first and refused if any address is loopback, priva
 CGNAT, multicast, reserved or unspecified (IPv4, IPv6, and IPv4 mapped into IPv6), unless it lies
 in a network the operator allowed. The connection then goes to the vetted address itself, with the
 original Host header and TLS server name, so a DNS answer that changes in between cannot redirect it.
+
+A URL is checked before anything is resolved (:func:`url_problem`): an odd form that parsers read
+differently (a numeric host other than a dotted quad such as ``0177.0.0.1`` or ``2130706433``, an IPv6
+zone, several ``@``, a backslash, whitespace or control characters, a bad port or host name) is refused
+with a message saying why, and any error httpx raises for a URL or a request is a :class:`FetchError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -21,6 +28,9 @@ from fluxserve.errors import FetchError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_REDIRECTS = 3
+MAX_URL_CHARS = 8192
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+_NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]*|[0-9]+)$")
 
 
 def parse_networks(value: str) -> list[IPNetwork]:
@@ -61,15 +71,99 @@ class NetworkPolicy:
         return None
 
 
+def url_problem(url: str) -> str | None:
+    """Why ``url`` can never be fetched, or None when it is a well-formed http(s) URL.
+
+    Only the form is judged here; where the host resolves to is :func:`vet`'s business.
+    """
+    if len(url) > MAX_URL_CHARS:
+        return f"longer than {MAX_URL_CHARS} characters"
+    if any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in url):
+        return "contains whitespace or control characters (percent-encode them)"
+    if "\\" in url:
+        return "contains a backslash"
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:
+        return f"not a valid URL ({error})"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "the scheme must be http or https"
+    if not parts.netloc:
+        return "there is no host"
+    if parts.netloc.count("@") > 1:
+        return "more than one '@' before the host (ambiguous user info)"
+    host = parts.netloc.rpartition("@")[2]
+    if host.startswith("["):
+        literal = host[1 : host.find("]")] if "]" in host else host[1:]
+        if "%" in literal:
+            return "an IPv6 zone identifier (%...) is not allowed"
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return f"the host [{literal}] is not a valid IPv6 address"
+    try:
+        port = parts.port
+    except ValueError:
+        return "the port is not a number from 1 to 65535"
+    if port == 0:
+        return "the port is not a number from 1 to 65535"
+    name = parts.hostname or ""
+    if not name:
+        return "there is no host"
+    if ":" in name:
+        return None  # an IPv6 literal, checked above
+    return host_problem(name)
+
+
+def host_problem(name: str) -> str | None:
+    """Why a (non-IPv6) host name can never be fetched, or None."""
+    if "%" in name:
+        return f"the host {name[:100]!r} is percent-encoded"
+    labels = name.rstrip(".").split(".")
+    if _NUMBER.match(labels[-1]):
+        # Read as an IPv4 address by browsers and by the C library (inet_aton): only the dotted quad
+        # of four decimal numbers means the same everywhere.
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return (
+                f"the host {name[:100]!r} is a number in a non-standard form (write an IPv4 address as four "
+                "decimal numbers, e.g. 192.0.2.1)"
+            )
+        return None
+    try:
+        ascii_name = name.encode("idna").decode("ascii") if not name.isascii() else name
+    except UnicodeError:
+        return f"the host {name[:100]!r} is not a valid international domain name"
+    ascii_name = ascii_name.lower().rstrip(".")
+    if len(ascii_name) > 253 or not all(_LABEL.match(label) for label in ascii_name.split(".")):
+        return f"the host {name[:100]!r} is not a valid host name"
+    return None
+
+
+def parse_url(url: str) -> httpx.URL:
+    """``url`` as httpx reads it, or a FetchError saying why it cannot be fetched."""
+    url = url.strip()
+    problem = url_problem(url)
+    if problem is not None:
+        raise FetchError(f"not a usable http(s) URL: {problem}")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, UnicodeError, ValueError) as error:
+        raise FetchError(f"not a usable http(s) URL: {error}") from None
+    _check_scheme(parsed)
+    return parsed
+
+
 async def vet(host: str, port: int, policy: NetworkPolicy) -> str:
     """Resolve ``host`` and return an address to connect to, or raise FetchError."""
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as error:
-        raise FetchError(f"cannot resolve host {host!r}") from error
+    except (OSError, UnicodeError, ValueError) as error:
+        raise FetchError(f"cannot resolve host {host[:100]!r}") from error
     addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     if not addresses:
-        raise FetchError(f"cannot resolve host {host!r}")
+        raise FetchError(f"cannot resolve host {host[:100]!r}")
     for address in addresses:
         reason = policy.refusal(address)
         if reason is not None:
@@ -96,41 +190,58 @@ async def send(
 
     The response is streamed: read it with ``aiter_bytes`` and close it.
     """
-    target = httpx.URL(url)
+    target = parse_url(url)
     for _ in range(MAX_REDIRECTS + 1):
-        _check_scheme(target)
+        host = target.raw_host.decode("ascii")
         port = target.port or (443 if target.scheme == "https" else 80)
-        address = await vet(target.host, port, policy)
-        request = client.build_request(
-            method,
-            target.copy_with(host=address),
-            content=content,
-            headers={**(headers or {}), "Host": target.netloc.decode("ascii")},
-            timeout=timeout,
-            extensions={"sni_hostname": target.host},
-        )
+        address = await vet(host, port, policy)
+        try:
+            request = client.build_request(
+                method,
+                target.copy_with(host=address),
+                content=content,
+                headers={**(headers or {}), "Host": target.netloc.decode("ascii")},
+                timeout=timeout,
+                extensions={"sni_hostname": host},
+            )
+        except (httpx.InvalidURL, httpx.LocalProtocolError, UnicodeError, ValueError) as error:
+            raise FetchError(f"not a usable http(s) URL: {type(error).__name__}: {error}") from None
         try:
             response = await client.send(request, stream=True, follow_redirects=False)
         except httpx.TimeoutException as error:
             raise FetchError(f"timed out after {timeout:g} s") from error
+        except httpx.UnsupportedProtocol as error:
+            raise FetchError("only http(s) URLs may be fetched") from error
+        except httpx.LocalProtocolError as error:
+            raise FetchError(f"the request to {host} could not be made: {error}") from error
+        except httpx.RemoteProtocolError as error:
+            raise FetchError(f"{host} did not answer with valid HTTP: {error}") from error
         except httpx.HTTPError as error:
-            raise FetchError(f"cannot connect to {target.host}: {type(error).__name__}") from error
+            raise FetchError(f"cannot connect to {host}: {type(error).__name__}") from error
         if not response.is_redirect or method != "GET":
             return response
         await response.aclose()
-        target = target.join(response.headers["location"])
+        try:
+            joined = str(target.join(response.headers["location"]))
+        except (httpx.InvalidURL, UnicodeError, ValueError) as error:
+            raise FetchError(f"{host} redirected to an unusable URL: {error}") from None
+        try:
+            target = parse_url(joined)
+        except FetchError as error:
+            raise FetchError(f"{host} redirected to an unusable URL: {error}") from None
     raise FetchError(f"more than {MAX_REDIRECTS} redirects")
 
 
 async def fetch_bytes(url: str, policy: NetworkPolicy, max_bytes: int, timeout: float = 20.0) -> bytes:
     """GET ``url`` through the guard; at most ``max_bytes``, within ``timeout`` seconds overall."""
+    host = parse_url(url).host
     async with httpx.AsyncClient() as client:
         try:
             async with asyncio.timeout(timeout):
                 response = await send(client, "GET", url, policy, timeout=timeout)
                 try:
                     if response.status_code != 200:
-                        raise FetchError(f"HTTP {response.status_code} from {httpx.URL(url).host}")
+                        raise FetchError(f"HTTP {response.status_code} from {host}")
                     chunks: list[bytes] = []
                     size = 0
                     async for chunk in response.aiter_bytes():
@@ -143,5 +254,5 @@ async def fetch_bytes(url: str, policy: NetworkPolicy, max_bytes: int, timeout: 
                     await response.aclose()
         except TimeoutError as error:
             raise FetchError(f"timed out after {timeout:g} s") from error
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as error:
             raise FetchError(f"download failed: {type(error).__name__}") from error

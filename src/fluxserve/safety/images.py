@@ -11,11 +11,11 @@ import binascii
 import io
 import re
 import warnings
-from urllib.parse import urlsplit
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fluxserve.errors import InputError
+from fluxserve.errors import FetchError, InputError
+from fluxserve.safety.fetch import parse_url
 
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -23,8 +23,17 @@ FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 def is_url(value: str) -> bool:
-    parts = urlsplit(value.strip())
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    """Whether ``value`` is an http(s) URL that can be fetched as written (:func:`parse_url`); an odd or
+    malformed one is not, so a submit refuses it with a 400 naming the field rather than queueing a job
+    that could never fetch it."""
+    text = value.strip()
+    if not text[:8].lower().startswith(("http://", "https://")):
+        return False
+    try:
+        parse_url(text)
+    except FetchError:
+        return False
+    return True
 
 
 def decode_image_input(value: str, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
