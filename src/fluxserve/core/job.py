@@ -58,9 +58,30 @@ class Job:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     heartbeat_at: datetime | None = None
+    result_expired_at: datetime | None = None  # when retention deleted the result file; the row stays
+
+    @property
+    def result_expired(self) -> str | None:
+        """Why a succeeded job has no image any more (its result outlived retention), or None."""
+        if self.result_expired_at is None:
+            return None
+        kept = ""
+        if self.finished_at is not None:
+            kept = f" after {_duration((self.result_expired_at - self.finished_at).total_seconds())}"
+        return f"Result expired{kept} (retention period); the job's record is kept"
 
     @property
     def size(self) -> str | None:
         if self.width is None or self.height is None:
             return None
         return f"{self.width}x{self.height}"
+
+
+def _duration(seconds: float) -> str:
+    """``7 days``, ``3 hours``, ``1 minute``: the largest whole unit, rounded down."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    count = max(0, int(seconds))
+    return f"{count} second{'s' if count != 1 else ''}"

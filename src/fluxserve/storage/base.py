@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """One stored blob: its key, its size in bytes and when it was last written (unix time)."""
+
+    key: str
+    size: int
+    modified: float
 
 
 class BlobStore(Protocol):
@@ -12,6 +22,16 @@ class BlobStore(Protocol):
         """Raises BlobNotFound."""
         ...
 
-    def delete(self, key: str) -> None: ...
+    def delete(self, key: str) -> BlobInfo | None:
+        """Remove one blob and say what was removed; None when it was not there (not an error)."""
+        ...
+
+    def delete_prefix(self, prefix: str) -> list[BlobInfo]:
+        """Remove every blob under a folder (``inputs/<job_id>/``); a missing folder removes nothing."""
+        ...
+
+    def list(self, prefix: str) -> list[BlobInfo]:
+        """Every blob under a folder (``inputs/``), in key order; a missing folder lists nothing."""
+        ...
 
     def exists(self, key: str) -> bool: ...
