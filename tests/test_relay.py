@@ -185,6 +185,14 @@ def test_aspect_ratio_and_key_scope_helpers() -> None:
     assert not key_allowed("http://api.eu2.bfl.ai/v1/get_result", "https://api.bfl.ai")
     assert key_allowed("http://127.0.0.1:9/regional", "http://127.0.0.1:9")
     assert not key_allowed("http://10.0.0.1/x", "http://127.0.0.1:9")
+    # No sibling trust: a base under a public suffix hands the key to no other host under it.
+    assert not key_allowed("https://evil.co.uk/x", "https://x.co.uk")
+    assert not key_allowed("https://eu.vendor.example/x", "https://api.vendor.example")
+    assert key_allowed("https://api.eu2.bfl.ai/x", "https://x.co.uk")  # the vendor's own domain
+    assert not key_allowed("https://evilbfl.ai/x", "https://api.bfl.ai")
+    assert key_allowed("https://eu.vendor.example/x", "https://api.vendor.example", ["*.vendor.example"])
+    assert not key_allowed("https://vendor.example/x", "https://api.vendor.example", ["*.vendor.example"])
+    assert not key_allowed("https://api.vendor.example/x", "https://api.vendor.example", ["*.bfl.ai"])
 
 
 @pytest.mark.parametrize(
@@ -371,7 +379,9 @@ def test_the_retry_wait_doubles_up_to_its_cap() -> None:
     assert policy.rate_limit_wait_for(3, 90.0) == 90.0  # Retry-After is honoured as sent
 
 
-def vendor_client(handler: Callable[[httpx.Request], httpx.Response], waits: list[float]) -> VendorClient:
+def vendor_client(
+    handler: Callable[[httpx.Request], httpx.Response], waits: list[float], key_hosts: list[str] | None = None
+) -> VendorClient:
     return VendorClient(
         "https://api.vendor.example",
         FAKE_KEY,
@@ -379,6 +389,7 @@ def vendor_client(handler: Callable[[httpx.Request], httpx.Response], waits: lis
         policy=RetryPolicy(retries=2, wait=0.5),
         sleep=waits.append,
         transport=httpx.MockTransport(handler),
+        key_hosts=key_hosts,
     )
 
 
@@ -414,7 +425,11 @@ def test_a_submit_that_could_not_connect_or_met_a_gateway_error_is_retried() -> 
     assert (task.id, task.polling_url, task.cost) == ("t1", "/v1/get_result?id=t1", None)
 
 
-def test_the_key_goes_to_the_vendors_hosts_only() -> None:
+@pytest.mark.parametrize(
+    ("key_hosts", "eu_key"), [(None, None), (["api.vendor.example", "*.vendor.example"], FAKE_KEY)]
+)
+def test_the_key_goes_to_the_vendors_hosts_only(key_hosts: list[str] | None, eu_key: str | None) -> None:
+    """By default only the base host (and bfl.ai's) get the key: a sibling host must be allowed by name."""
     seen: dict[str, str | None] = {}
 
     def record(request: httpx.Request) -> httpx.Response:
@@ -425,10 +440,10 @@ def test_the_key_goes_to_the_vendors_hosts_only() -> None:
             return httpx.Response(200, json={"id": "t", "status": "Ready"})
         return httpx.Response(200, content=b"image")
 
-    with vendor_client(record, []) as client:
+    with vendor_client(record, [], key_hosts) as client:
         task = client.submit("flux-dev", {"prompt": "p"})
         assert client.result(task)["status"] == "Ready"
         assert client.download("https://cdn.example/x.jpg", task_id="t", max_bytes=5) == b"image"
         with pytest.raises(VendorError, match="over 4 bytes"):
             client.download("https://cdn.example/x.jpg", task_id="t", max_bytes=4)
-    assert seen == {"api.vendor.example": FAKE_KEY, "eu.vendor.example": FAKE_KEY, "cdn.example": None}
+    assert seen == {"api.vendor.example": FAKE_KEY, "eu.vendor.example": eu_key, "cdn.example": None}

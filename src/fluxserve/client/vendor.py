@@ -12,8 +12,9 @@ up to ``max_wait``, until ``retries`` of them in a row. A 429 is not a failure: 
 A submit whose connection broke after the request was sent is not retried: the task may exist upstream,
 and a second one would be paid for.
 
-The key goes only to the base URL's host and its sibling subdomains (:func:`key_allowed`), never to the
-CDN that serves results, and is never logged nor put in a message. Waits notice the caller's
+The key goes only to the hosts the operator allows (:func:`key_allowed`; default: the base URL's host,
+``bfl.ai`` and ``*.bfl.ai``, see :func:`default_key_hosts`), never to the CDN that serves results, and is
+never logged nor put in a message. Waits notice the caller's
 ``should_stop`` within 0.1 s and raise :class:`Stopped`; failures are :class:`VendorError`, each message
 written for the job's owner. Imports neither torch nor PIL: usable from an API-only process.
 """
@@ -22,8 +23,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar
@@ -96,27 +98,57 @@ class Task:
         return {"id": self.id, "polling_url": self.polling_url, "cost": self.cost}
 
 
-def key_allowed(url: str, base_url: str) -> bool:
-    """Whether the key may go to ``url``: the base host, or (for a DNS name) its siblings.
+VENDOR_KEY_HOSTS = ("*.bfl.ai", "bfl.ai")  # the vendor's own domain: its regional polling hosts
 
-    ``api.bfl.ai`` trusts ``api.eu2.bfl.ai``; an IP address trusts only itself. Never over plain
-    http when the base URL is https.
-    """
+
+def default_key_hosts(base_url: str) -> tuple[str, ...]:
+    """The hosts the key goes to when the operator names none: the base URL's host and the vendor's
+    domain (``bfl.ai`` and its subdomains, where its global endpoint sends polls)."""
+    host = (urlsplit(base_url).hostname or "").rstrip(".")
+    return (host, *VENDOR_KEY_HOSTS) if host else VENDOR_KEY_HOSTS
+
+
+def key_host_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a key host pattern (an exact host name or IP address, or ``*.domain``)."""
+    wildcard = pattern.startswith("*.")
+    name = pattern[2:] if wildcard else pattern.strip("[]")
+    if not wildcard:
+        try:
+            ipaddress.ip_address(name)
+            return None
+        except ValueError:
+            pass
+    if not all(re.fullmatch(r"[A-Za-z0-9_-]+", label) for label in name.rstrip(".").split(".")):
+        return f"{pattern!r} is not a host name, an IP address or *.domain (e.g. api.bfl.ai, *.bfl.ai)"
+    return None
+
+
+def host_matches(host: str, patterns: Sequence[str]) -> bool:
+    """``host`` equals an exact pattern, or is a proper subdomain of a ``*.domain`` one (case-insensitive;
+    ``*.bfl.ai`` matches ``api.eu2.bfl.ai``, not ``bfl.ai`` nor ``evilbfl.ai``). No public-suffix
+    guessing: ``*.co.uk`` means every host under ``co.uk``."""
+    host = host.lower().rstrip(".")
+    for pattern in patterns:
+        pattern = pattern.lower().rstrip(".").strip("[]")
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
+def key_allowed(url: str, base_url: str, key_hosts: Sequence[str] | None = None) -> bool:
+    """Whether the key may go to ``url``: its host matches one of ``key_hosts`` (default
+    :func:`default_key_hosts`), and never over plain http when the base URL is https."""
     target, base = urlsplit(url), urlsplit(base_url)
     if not target.hostname or not base.hostname:
         return False
     if base.scheme == "https" and target.scheme != "https":
         return False
-    if target.hostname == base.hostname:
-        return True
-    try:
-        ipaddress.ip_address(base.hostname)
+    if target.username is not None or target.password is not None:
         return False
-    except ValueError:
-        pass
-    labels = base.hostname.split(".")
-    parent = ".".join(labels[1:]) if len(labels) > 2 else base.hostname
-    return target.hostname.endswith("." + parent)
+    return host_matches(target.hostname, default_key_hosts(base_url) if key_hosts is None else key_hosts)
 
 
 class _Retry(Exception):
@@ -229,8 +261,10 @@ class VendorClient:
         should_stop: Callable[[], bool] = lambda: False,
         sleep: Callable[[float], None] | None = None,
         transport: httpx.BaseTransport | None = None,
+        key_hosts: Sequence[str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.key_hosts = tuple(key_hosts) if key_hosts is not None else default_key_hosts(self.base_url)
         self.key_name = key_name
         self.policy = policy or RetryPolicy()
         self._key = key
@@ -347,7 +381,7 @@ class VendorClient:
         return urljoin(self.base_url + "/", url)
 
     def sends_key_to(self, url: str) -> bool:
-        return key_allowed(self.resolve(url), self.base_url)
+        return key_allowed(self.resolve(url), self.base_url, self.key_hosts)
 
     def pause(self, seconds: float) -> None:
         """Wait that long, noticing ``should_stop`` within 0.1 s (:class:`Stopped`)."""
@@ -367,7 +401,7 @@ class VendorClient:
 
     def _headers(self, url: str) -> dict[str, str]:
         headers = {"accept": "application/json"}
-        if key_allowed(url, self.base_url):
+        if key_allowed(url, self.base_url, self.key_hosts):
             headers["x-key"] = self._key
         return headers
 

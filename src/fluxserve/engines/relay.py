@@ -14,7 +14,9 @@ Configuration, in the catalog entry (``engine = "relay"``)::
     options = { base_url = "https://api.bfl.ai", api_key_env = "BFL_API_KEY" }
 
 The key is read from the environment variable *named* by ``api_key_env`` when a job runs; it is
-never logged and never put in an error message. See :class:`RelayOptions` for the polling knobs.
+never logged and never put in an error message. It is sent only to hosts matching ``key_hosts`` (exact
+names, or ``*.domain`` for proper subdomains; default: the base URL's host, ``*.bfl.ai`` and ``bfl.ai``):
+a polling URL elsewhere is polled without it. See :class:`RelayOptions` for the polling knobs.
 
 Trust: ``base_url`` is operator configuration, so the vendor is trusted; the ``polling_url`` and the
 result ``sample`` URL it returns are fetched with a plain HTTP client (no SSRF guard: the vendor's
@@ -41,7 +43,15 @@ from urllib.parse import urlsplit
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fluxserve.client.vendor import RetryPolicy, Stopped, Task, VendorClient, VendorError
+from fluxserve.client.vendor import (
+    RetryPolicy,
+    Stopped,
+    Task,
+    VendorClient,
+    VendorError,
+    default_key_hosts,
+    key_host_problem,
+)
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.core.models import spec_of
 from fluxserve.core.sizes import SizeRule
@@ -63,6 +73,11 @@ class RelayOptions(BaseModel):
 
     base_url: str = Field(description="The vendor API, e.g. https://api.bfl.ai (no /v1).")
     api_key_env: str = Field(default="BFL_API_KEY", description="Name of the env var holding the key.")
+    key_hosts: list[str] | None = Field(
+        default=None,
+        description="Hosts the key may be sent to: exact names or *.domain (proper subdomains), no other "
+        "wildcard; default: the base URL's host, *.bfl.ai and bfl.ai.",
+    )
     upstream_model: str | None = Field(default=None, description="Vendor endpoint; default: our model name.")
     poll_interval: float = Field(default=0.5, gt=0, description="First wait between polls.")
     poll_max_interval: float = Field(default=5.0, gt=0, description="Longest wait between polls.")
@@ -89,6 +104,20 @@ class RelayOptions(BaseModel):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/")
+
+    @field_validator("key_hosts")
+    @classmethod
+    def _key_hosts(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            problems = [problem for pattern in value if (problem := key_host_problem(pattern)) is not None]
+            if problems:
+                raise ValueError("; ".join(problems))
+        return value
+
+    @property
+    def allowed_key_hosts(self) -> tuple[str, ...]:
+        """``key_hosts``, or the default for ``base_url`` when it is not set."""
+        return default_key_hosts(self.base_url) if self.key_hosts is None else tuple(self.key_hosts)
 
     @classmethod
     def of(cls, entry: ModelEntry) -> RelayOptions:
@@ -203,6 +232,7 @@ class RelayEngine:
             request_timeout=self.options.request_timeout,
             should_stop=hooks.canceled,
             sleep=self._sleep,
+            key_hosts=self.options.allowed_key_hosts,
         )
         try:
             with vendor:
