@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -31,6 +32,15 @@ class Settings(BaseSettings):
         default=1, ge=0, description="Worker processes that serve starts and supervises; 0: the API only."
     )
     url_ttl_seconds: int = Field(default=7 * 24 * 3600, description="How long a signed result URL lasts.")
+    result_ttl_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long a result file is kept after its job ends; then it is deleted and the job "
+        "reads as expired (its row stays). None: url_ttl_seconds.",
+    )
+    sweep_seconds: float = Field(
+        default=300.0, gt=0, description="How often the API process deletes results past their time."
+    )
     heartbeat_seconds: float = Field(default=5.0, description="How often a running job's worker checks in.")
     stale_after_seconds: float = Field(
         default=30.0, description="A running job whose worker has not checked in for this long is requeued."
@@ -65,9 +75,58 @@ class Settings(BaseSettings):
         default="5,30,120,300,900", description="Seconds between webhook tries; one more try than entries."
     )
     webhook_timeout_seconds: float = 10.0
+    webhook_concurrency: int = Field(
+        default=32, gt=0, description="Webhook deliveries in flight at once, per API process."
+    )
+    webhook_max_per_key: int = Field(
+        default=4, gt=0, description="Webhook deliveries of one API key in flight at once, per API process."
+    )
+    webhook_max_per_host: int = Field(
+        default=2,
+        gt=0,
+        description="Webhook deliveries to one target host in flight at once, per API process.",
+    )
     max_active_jobs: int = Field(default=24, description="Queued plus running jobs per key (429 beyond).")
     max_active_jobs_kontext_max: int = 6
     log_json: bool = Field(default=False, description="One JSON object per log line.")
+    http_max_header_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        description="Largest request line plus headers (h11's max incomplete event size); a larger one is "
+        "refused and its connection closed.",
+    )
+    http_header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection whose request headers are not complete this long after it opened (or "
+        "after its previous response) is closed (slowloris).",
+    )
+    http_body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A connection whose request body stops arriving for this long is closed.",
+    )
+    http_keep_alive_seconds: int = Field(
+        default=5, ge=1, description="An idle keep-alive connection is closed after this long."
+    )
+    http_max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Most open connections (and requests in progress); beyond it requests get a 503.",
+    )
+    http_backlog: int = Field(
+        default=2048, ge=1, description="Connections the kernel queues before they are accepted."
+    )
+    http_small_body_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description="Body limit of every route but the submit routes (fetch, cancel, get_result...).",
+    )
+    http_max_json_separators: int = Field(
+        default=50_000,
+        ge=100,
+        description="Most ',' and ':' characters in a submit body, counted before it is parsed.",
+    )
 
     @property
     def threads_per_worker(self) -> int:
@@ -78,6 +137,10 @@ class Settings(BaseSettings):
     @property
     def catalog_files(self) -> list[Path]:
         return [Path(part) for part in (self.catalog or "").split(os.pathsep) if part]
+
+    @property
+    def result_ttl(self) -> float:
+        return self.result_ttl_seconds if self.result_ttl_seconds is not None else float(self.url_ttl_seconds)
 
     @property
     def models(self) -> Path:
@@ -99,7 +162,23 @@ class Settings(BaseSettings):
         """The URL-signing secret: made once and kept in the data dir so that links survive restarts."""
         path = self.data_dir / "secret.key"
         if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(32))
-            path.chmod(0o600)
+            if not self.data_dir.exists():
+                self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Written whole to a private (0600 from its creation) temporary file, then linked into place,
+            # which fails if another process got there first: no reader ever sees a partial or a readable
+            # secret, and every process ends up with the same one.
+            temporary = self.data_dir / f".secret.key.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "w") as file:
+                    file.write(secrets.token_urlsafe(32))
+                    file.flush()
+                    os.fsync(file.fileno())
+                with contextlib.suppress(FileExistsError):
+                    os.link(temporary, path)
+            finally:
+                temporary.unlink(missing_ok=True)
+        elif path.stat().st_mode & 0o077:
+            with contextlib.suppress(PermissionError):
+                path.chmod(0o600)  # one written by an older version
         return path.read_text().strip()
