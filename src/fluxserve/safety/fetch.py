@@ -215,6 +215,8 @@ async def send(
         except httpx.LocalProtocolError as error:
             raise FetchError(f"the request to {host} could not be made: {error}") from error
         except httpx.RemoteProtocolError as error:
+            if "location header" in str(error):  # httpx reads a redirect's target even when not following
+                raise FetchError(f"{host} redirected to an unusable URL: {error}") from error
             raise FetchError(f"{host} did not answer with valid HTTP: {error}") from error
         except httpx.HTTPError as error:
             raise FetchError(f"cannot connect to {host}: {type(error).__name__}") from error
