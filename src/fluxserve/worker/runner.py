@@ -33,6 +33,7 @@ from fluxserve.engines.base import (
     NamedImage,
 )
 from fluxserve.errors import EngineError, FetchError, JobCanceled, JobFailure, Moderated
+from fluxserve.jobs.retention import drop_inputs
 from fluxserve.jobs.store import JobStore
 from fluxserve.storage.base import BlobStore
 from fluxserve.worker.beacon import Liveness
@@ -173,9 +174,13 @@ class Worker:
             return
         self._next_reap = time.monotonic() + max(self._stale_after / 3, 0.2)
         cutoff = datetime.now(UTC) - timedelta(seconds=self._stale_after)
+        crash_looping = self._store.crash_looping(cutoff, self._max_attempts)
         count = self._store.requeue_stale(cutoff, self._max_attempts)
         if count:
             log.warning("requeued stale jobs", extra={"count": count})
+        if crash_looping:  # those that failed now (not beaten meanwhile) need their inputs no more
+            for job_id in set(crash_looping) - self._store.active_ids(crash_looping):
+                drop_inputs(self._blobs, job_id)
 
     def process(self, first: Job) -> None:
         """Run a claimed job, together with compatible queued jobs when the engine batches."""
@@ -281,6 +286,8 @@ class Worker:
         recorded = self._store.finish(
             job.id, self.worker_id, status, error=error, result_key=result_key, details=details
         )
+        if recorded:  # the job has ended: its inputs go (when not recorded, another worker owns it now)
+            drop_inputs(self._blobs, job.id)
         log.info(
             "job finished",
             extra={
