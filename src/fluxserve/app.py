@@ -20,7 +20,8 @@ from fluxserve import __version__
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.api import files, reseller, vendor
 from fluxserve.api.deps import Services
-from fluxserve.api.errors import DeclaredBodyLimit, install_error_handlers
+from fluxserve.api.errors import install_error_handlers
+from fluxserve.api.limits import RequestGuard
 from fluxserve.core.catalog import load_catalog
 from fluxserve.core.models import Dialect
 from fluxserve.jobs.submit import Limits, Submitter
@@ -131,7 +132,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = runtime.services
     app.state.runtime = runtime
     install_error_handlers(app)
-    app.add_middleware(DeclaredBodyLimit, max_bytes=max_body_size(settings))
+    # Before any route: per-route body caps (submit routes take images, the rest a small JSON), a submit
+    # route's key checked before its body is read, and a submit body's JSON size bounded before parsing.
+    app.add_middleware(
+        RequestGuard,
+        authenticate=runtime.services.keys.authenticate,
+        submit_max_bytes=max_body_size(settings),
+        other_max_bytes=settings.http_small_body_bytes,
+        max_separators=settings.http_max_json_separators,
+    )
     # Route-level, so that a too-large body is an HTTPException our handlers render (413).
     app.include_router(reseller.router, max_body_size=max_body_size(settings))
     app.include_router(vendor.router, max_body_size=max_body_size(settings))

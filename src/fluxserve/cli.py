@@ -97,9 +97,22 @@ def serve(
             '-d \'{"prompt": "a large red heart in the top left corner on a light blue background"}\'\n'
             f"  curl -s '{settings.base_url}/flux/fetch?jobId=<jobId>' -H 'TT-API-KEY: {new.key}'"
         )
+    from fluxserve.api.limits import http_protocol
     from fluxserve.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    # h11, not httptools: h11 bounds the request head (httptools has no limit), and our protocol adds the
+    # header and body timeouts uvicorn lacks. README, "HTTP limits".
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        http=http_protocol(settings.http_header_timeout_seconds, settings.http_body_timeout_seconds),
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
+        timeout_keep_alive=settings.http_keep_alive_seconds,
+        limit_concurrency=settings.http_max_connections,
+        backlog=settings.http_backlog,
+    )
 
 
 @app.command()

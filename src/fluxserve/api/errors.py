@@ -11,9 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fluxserve.core.fields import error_messages
 
@@ -63,29 +61,3 @@ def install_error_handlers(app: FastAPI) -> None:
         if request.url.path.startswith(VENDOR_PREFIX):
             return JSONResponse({"detail": message}, status_code=500)
         return failed(500, message)
-
-
-class DeclaredBodyLimit:
-    """Refuse a body whose Content-Length is over the limit with a 413 in the reseller's shape.
-
-    The routes' ``max_body_size`` (FastAPI) also counts streamed bodies, but answers in plain text;
-    the common case, a declared length, is answered here first, before anything is read.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            declared = Headers(scope=scope).get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                limit = self.max_bytes / (1024 * 1024)
-                message = f"body: {int(declared)} bytes is over the {limit:.0f} MB limit"
-                if scope["path"].startswith(VENDOR_PREFIX):
-                    response = JSONResponse({"detail": message}, status_code=413)
-                else:
-                    response = failed(413, message)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

@@ -29,7 +29,7 @@ from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.requests import SubmitRequest, add_submit_routes
 from fluxserve.api.vendor_schemas import CreditsResponse, ResultResponse, SubmitResponse
-from fluxserve.core.fields import VENDOR_RULES
+from fluxserve.core.fields import MAX_ERROR_MESSAGES, VENDOR_RULES
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect, ModelSpec
 from fluxserve.core.pricing import format_credits
@@ -41,12 +41,14 @@ UNLIMITED_CREDITS = 1_000_000_000
 MAX_INPUT_ECHO = 200  # longer inputs (base64 images) are not echoed back in validation errors
 
 
-def vendor_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def vendor_errors(errors: list[dict[str, Any]], limit: int = MAX_ERROR_MESSAGES) -> list[dict[str, Any]]:
     """Pydantic's errors as the vendor's ``ValidationError`` items, with our rule as the message.
 
     Only JSON-safe keys are kept (pydantic's ``ctx`` may hold exception objects), and long inputs
-    such as base64 images are not echoed back.
+    such as base64 images are not echoed back. Linear in the errors: at most ``limit`` distinct items
+    (by location and message), then one ``... and N more`` item.
     """
+    seen: set[tuple[str, str]] = set()
     items: list[dict[str, Any]] = []
     for err in errors:
         loc = [part for part in err.get("loc", ()) if isinstance(part, str | int)]
@@ -61,7 +63,13 @@ def vendor_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif field in VENDOR_RULES:
             msg = f"{field}: {VENDOR_RULES[field]}"
         else:
-            msg = f"{field}: {err.get('msg', 'is invalid')}"
+            msg = f"{field[:MAX_INPUT_ECHO]}: {err.get('msg', 'is invalid')}"
+        identity = (repr(loc)[:MAX_INPUT_ECHO], msg)
+        if identity in seen:
+            continue
+        seen.add(identity)
+        if len(items) >= limit:
+            continue
         item: dict[str, Any] = {"loc": loc, "msg": msg, "type": kind}
         value = err.get("input")
         finite = not isinstance(value, float) or math.isfinite(value)  # NaN and Infinity are not JSON
@@ -70,6 +78,9 @@ def vendor_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ):
             item["input"] = value
         items.append(item)
+    if len(seen) > len(items):
+        more = len(seen) - len(items)
+        items.append({"loc": ["body"], "msg": f"... and {more} more", "type": "too_many_errors"})
     return items
 
 

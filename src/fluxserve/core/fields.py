@@ -146,14 +146,27 @@ FIELD_TYPES: dict[str, tuple[Any, str]] = {
 OPTIONAL_TYPES: dict[str, Any] = {"aspect_ratio": OptionalAspectRatio, "prompt": OptionalPrompt}
 
 
-def error_messages(error: ValidationError | list[dict[str, Any]], model: str) -> list[str]:
-    """One ``field: rule`` line per invalid field, in the order the client sent them."""
+MAX_ERROR_MESSAGES = 20
+MAX_FIELD_ECHO = 100  # a longer field name is cut in messages (an unknown key may be megabytes long)
+
+
+def error_messages(
+    error: ValidationError | list[dict[str, Any]], model: str, limit: int = MAX_ERROR_MESSAGES
+) -> list[str]:
+    """One ``field: rule`` line per invalid field, in the order the client sent them.
+
+    Linear in the number of errors, and at most ``limit`` distinct lines followed by ``... and N more``
+    (N distinct lines left out), so a body with a million unknown fields gets a short answer.
+    """
     errors = error.errors() if isinstance(error, ValidationError) else error
+    seen: set[str] = set()
     messages: list[str] = []
     for err in errors:
         loc = [str(part) for part in err.get("loc", ()) if part not in ("body",)]
         field = loc[0] if loc else "body"
         if err.get("type") == "extra_forbidden":
+            if len(field) > MAX_FIELD_ECHO:
+                field = field[:MAX_FIELD_ECHO] + "..."
             text = f"{field}: unknown field for {model}"
         elif err.get("type") == "missing":
             text = f"{field}: is required"
@@ -163,6 +176,10 @@ def error_messages(error: ValidationError | list[dict[str, Any]], model: str) ->
             text = "body: must be a JSON object"
         else:
             text = f"{field}: {err.get('msg', 'is invalid')}"
-        if text not in messages:
-            messages.append(text)
+        if text not in seen:
+            seen.add(text)
+            if len(messages) < limit:
+                messages.append(text)
+    if len(seen) > len(messages):
+        messages.append(f"... and {len(seen) - len(messages)} more")
     return messages

@@ -1,0 +1,212 @@
+"""Limits for a server that strangers can call: what a request may cost before the app does any work.
+
+Two layers:
+
+- :class:`RequestGuard`, an ASGI middleware in front of every route. It caps each body by route (submit
+  routes take images, everything else a small JSON), checks a submit route's key from its headers before
+  reading any of the body (401 in the reseller's shape, 403 in the vendor's), and refuses a submit body
+  with more JSON separators than any real request has before it is parsed on the event loop.
+- :func:`http_protocol`, uvicorn's h11 protocol with the two timeouts uvicorn lacks: a request's headers
+  must arrive within a deadline, and a body that stops arriving is dropped (slowloris). The header size
+  limit is h11's own (``h11_max_incomplete_event_size``), set by ``fluxserve serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import anyio.to_thread
+import h11
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from fluxserve.core.models import MODELS
+
+VENDOR_PREFIX = "/v1/"
+RESELLER_SUBMIT = frozenset(f"/bfl/v1/{name}" for name in MODELS)
+VENDOR_SUBMIT = frozenset(f"/v1/{name}" for name in MODELS)
+
+
+def refusal(path: str, status: int, message: str) -> JSONResponse:
+    """An early answer in the path's dialect; the connection is closed after it (the body is unread)."""
+    if path.startswith(VENDOR_PREFIX):
+        return JSONResponse({"detail": message}, status_code=status, headers={"connection": "close"})
+    content = {"status": "FAILED", "message": message, "data": None}
+    return JSONResponse(content, status_code=status, headers={"connection": "close"})
+
+
+def _size(count: int) -> str:
+    return f"{count // (1024 * 1024)} MiB" if count >= 1024 * 1024 else f"{count // 1024} KiB"
+
+
+class RequestGuard:
+    """Per-route body caps, the key before the body, and a bound on a submit body's JSON structure.
+
+    ``authenticate`` is ``KeyStore.authenticate`` (run in a thread: it hashes and queries the database).
+    The routes still authenticate as before; this check only makes a request without a valid key cheap.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        authenticate: Callable[[str], object | None],
+        submit_max_bytes: int,
+        other_max_bytes: int,
+        max_separators: int,
+    ) -> None:
+        self.app = app
+        self.authenticate = authenticate
+        self.submit_max_bytes = submit_max_bytes
+        self.other_max_bytes = other_max_bytes
+        self.max_separators = max_separators
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        submit = scope["method"] == "POST" and (path in RESELLER_SUBMIT or path in VENDOR_SUBMIT)
+        limit = self.submit_max_bytes if submit else self.other_max_bytes
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            message = f"body: {int(declared)} bytes is over this route's {_size(limit)} limit"
+            await refusal(path, 413, message)(scope, receive, send)
+            return
+        if submit and (problem := await self._key_problem(path, headers)) is not None:
+            await problem(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            event = await receive()
+            if event["type"] != "http.request":  # the client went away
+                return
+            chunk = event.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                text = f"body: more than this route's {_size(limit)} limit"
+                await refusal(path, 413, text)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = event.get("more_body", False)
+        body = b"".join(chunks)
+        if submit:
+            # A separator count is a C loop over the bytes; parsing and validating a body with a million
+            # fields would hold the event loop (and the GIL, even in a thread) for seconds.
+            separators = body.count(b",") + body.count(b":")
+            if separators > self.max_separators:
+                status = 422 if path.startswith(VENDOR_PREFIX) else 400
+                text = (
+                    f"body: at most {self.max_separators} JSON separators (',' and ':') are accepted, "
+                    f"this body has {separators}; a request has a few dozen fields"
+                )
+                await refusal(path, status, text)(scope, receive, send)
+                return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _key_problem(self, path: str, headers: Headers) -> JSONResponse | None:
+        if path.startswith(VENDOR_PREFIX):
+            key = headers.get("x-key")
+            if not key:
+                return refusal(
+                    path, 403, "Not authenticated - x-key header is missing; send your API key in it"
+                )
+            if await anyio.to_thread.run_sync(self.authenticate, key) is None:
+                return refusal(
+                    path, 403, "Not authenticated - Invalid Authentication: x-key is not a valid API key"
+                )
+            return None
+        key = headers.get("tt-api-key")
+        if not key:
+            return refusal(path, 401, "TT-API-KEY header is missing; send your API key in it")
+        if await anyio.to_thread.run_sync(self.authenticate, key) is None:
+            return refusal(path, 401, "TT-API-KEY is not a valid API key")
+        return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body already read, as one message; then the real channel (to see a disconnect)."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def http_protocol(header_timeout: float, body_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete within
+    ``header_timeout`` seconds of its opening (or of the previous response), or whose request body stops
+    arriving for ``body_timeout`` seconds. uvicorn itself only times out idle keep-alive connections
+    between requests: a connection that never sends a whole request is otherwise kept forever."""
+
+    class GuardedH11Protocol(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+        body_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_timers()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._track_state()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._track_state()
+
+        def _track_state(self) -> None:
+            if self.transport.is_closing():
+                self._cancel_timers()
+                return
+            state = self.conn.their_state
+            if state is h11.IDLE:
+                if self.header_timer is None:
+                    self._arm_header_timer()
+                return
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+            if self.body_timer is not None:
+                self.body_timer.cancel()
+                self.body_timer = None
+            if state is h11.SEND_BODY:
+                self.body_timer = self.loop.call_later(body_timeout, self._body_stalled)
+
+        def _arm_header_timer(self) -> None:
+            self.header_timer = self.loop.call_later(header_timeout, self._close)
+
+        def _body_stalled(self) -> None:
+            self.body_timer = None
+            if self.flow.read_paused:  # the app is not reading yet: the client is not to blame
+                self.body_timer = self.loop.call_later(body_timeout, self._body_stalled)
+                return
+            self._close()
+
+        def _close(self) -> None:
+            self._cancel_timers()
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def _cancel_timers(self) -> None:
+            for timer in (self.header_timer, self.body_timer):
+                if timer is not None:
+                    timer.cancel()
+            self.header_timer = self.body_timer = None
+
+    return GuardedH11Protocol
