@@ -8,10 +8,12 @@ into the same :class:`~fluxserve.core.params.GenerationParams` with :meth:`Submi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -20,6 +22,7 @@ from fluxserve.api.deps import Services, get_services
 from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES
 from fluxserve.core.models import MODELS, REQUIRED, Dialect, ModelSpec
 from fluxserve.core.params import GenerationParams, ImageRef
+from fluxserve.jobs.store import IDEMPOTENCY_HEADER
 
 _NOT_PARAMS = {"seed", "webhook_url", "webhook_secret"}
 
@@ -99,16 +102,33 @@ SCHEMAS: dict[Dialect, dict[str, type[SubmitRequest]]] = {
 }
 
 
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+@dataclass(frozen=True)
+class SubmitExtras:
+    """What a submit takes from the request besides its body and key."""
+
+    idempotency_key: str | None  # the Idempotency-Key header, checked: 1..255 visible ASCII characters
+    # The app's NetworkPolicy (``safety.fetch``) that webhook_url must pass, as ``app.py`` built it for
+    # the webhook dispatcher (api/ does not import safety); None: the submitter's own.
+    webhook_policy: Any
+
+
+Submit = Callable[[ModelSpec, SubmitRequest, ApiKey, Services, SubmitExtras], object]
+
+
 def add_submit_routes(
     router: APIRouter,
     dialect: Dialect,
     prefix: str,
     key_dependency: Any,
-    submit: Callable[[ModelSpec, SubmitRequest, ApiKey, Services], object],
+    submit: Submit,
     **options: Any,
 ) -> None:
     """One ``POST {prefix}{model}`` route per model of the table, taking the model's schema in ``dialect``,
-    the key from ``key_dependency`` (an ``Annotated[ApiKey, Depends(...)]``), and answered by ``submit``."""
+    the key from ``key_dependency`` (an ``Annotated[ApiKey, Depends(...)]``), the optional
+    ``Idempotency-Key`` header, and answered by ``submit``."""
     for spec in MODELS.values():
         router.add_api_route(
             f"{prefix}{spec.name}",
@@ -120,19 +140,45 @@ def add_submit_routes(
         )
 
 
+def idempotency_key(value: str | None) -> str | None:
+    """The header's value, or a 400 naming it (rendered in each dialect's error shape)."""
+    if value is None or _IDEMPOTENCY_KEY.fullmatch(value):
+        return value
+    raise HTTPException(
+        400, f"{IDEMPOTENCY_HEADER}: must be 1 to 255 visible ASCII characters (no spaces), e.g. a UUID"
+    )
+
+
 def _handler(
     spec: ModelSpec,
     schema: type[SubmitRequest],
     key_dependency: Any,
-    submit: Callable[[ModelSpec, SubmitRequest, ApiKey, Services], object],
+    submit: Submit,
 ) -> Callable[..., object]:
-    def handler(body: SubmitRequest, key: ApiKey, services: Services) -> object:
-        return submit(spec, body, key, services)
+    def handler(
+        request: Request,
+        body: SubmitRequest,
+        key: ApiKey,
+        services: Services,
+        idempotency: str | None = None,
+    ) -> object:
+        runtime = getattr(request.app.state, "runtime", None)
+        extras = SubmitExtras(idempotency_key(idempotency), getattr(runtime, "policy", None))
+        return submit(spec, body, key, services, extras)
 
     # FastAPI reads the parameters' annotations: the body's schema and the dependencies are set here.
     handler.__annotations__ = {
+        "request": Request,
         "body": schema,
         "key": key_dependency,
         "services": Annotated[Services, Depends(get_services)],
+        "idempotency": Annotated[
+            str | None,
+            Header(
+                alias=IDEMPOTENCY_HEADER,
+                description="Optional: a repeat of the same request with the same key within 24 hours "
+                "returns the same job, charged once.",
+            ),
+        ],
     }
     return handler

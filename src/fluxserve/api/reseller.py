@@ -12,11 +12,13 @@ from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
-from fluxserve.api.requests import SubmitRequest, add_submit_routes
+from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect, ModelSpec
 from fluxserve.core.pricing import format_credits
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
+from fluxserve.jobs.retention import drop_inputs
+from fluxserve.jobs.store import IdempotencyConflict
 
 router = APIRouter(tags=["reseller"])
 
@@ -36,7 +38,10 @@ STATUS = {
 
 def render_job(job: Job, services: Services) -> dict[str, Any]:
     """The fetch JSON, which is also the webhook body."""
-    if job.status is JobStatus.SUCCEEDED:
+    expired = job.result_expired if job.status is JobStatus.SUCCEEDED else None
+    if expired is not None:  # still a success (it was delivered and charged); only the file is gone
+        message = expired
+    elif job.status is JobStatus.SUCCEEDED:
         message = "success"
     elif job.status.is_terminal:
         message = job.error or "failed"
@@ -50,7 +55,9 @@ def render_job(job: Job, services: Services) -> dict[str, Any]:
         "quota": format_credits(charged) if charged else "0",
         "size": job.size,
         "seed": str(job.seed),
-        "imageUrl": services.result_url(job.result_key) if job.status is JobStatus.SUCCEEDED else None,
+        "imageUrl": services.result_url(job.result_key)
+        if job.status is JobStatus.SUCCEEDED and expired is None
+        else None,
         "hookUrl": job.webhook_url,
     }
     if not job.status.is_terminal:
@@ -65,13 +72,18 @@ def _accepted(job: Job) -> dict[str, Any]:
 Envelope = dict[str, Any]
 
 
-def _submit(spec: ModelSpec, body: SubmitRequest, key: ApiKey, services: Services) -> Envelope:
+def _submit(
+    spec: ModelSpec, body: SubmitRequest, key: ApiKey, services: Services, extras: SubmitExtras
+) -> Envelope:
     try:
         job = services.submitter.submit(
-            key, body.to_params(), body.seed_value, body.webhook, Dialect.RESELLER
-        )
+            key, body.to_params(), body.seed_value, body.webhook, Dialect.RESELLER,
+            extras.idempotency_key, extras.webhook_policy,
+        )  # fmt: skip
     except InvalidInput as error:
         raise ApiError(400, str(error)) from error
+    except IdempotencyConflict as error:
+        raise ApiError(error.status_code, str(error)) from error
     except QuotaExceeded as error:
         raise ApiError(402, f"Not enough credits: {spec.name} costs {format_credits(spec.price)}") from error
     except TooManyActiveJobs as error:
@@ -122,4 +134,6 @@ def cancel(ref: Annotated[JobRef, Body()], key: Key, services: Deps) -> Envelope
     job = services.jobs.cancel(ref.job_id.strip(), key.id)
     if job is None:
         raise ApiError(404, f"jobId: no job {ref.job_id!r} for this key")
+    if job.status.is_terminal:  # canceled while queued (a running job's worker drops them when it stops)
+        drop_inputs(services.blobs, job.id)
     return render_job(job, services)

@@ -27,13 +27,14 @@ from fastapi.routing import APIRoute
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.requests import SubmitRequest, add_submit_routes
+from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
 from fluxserve.api.vendor_schemas import CreditsResponse, ResultResponse, SubmitResponse
 from fluxserve.core.fields import MAX_ERROR_MESSAGES, VENDOR_RULES
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect, ModelSpec
 from fluxserve.core.pricing import format_credits
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
+from fluxserve.jobs.store import IDEMPOTENCY_HEADER, IdempotencyConflict
 
 # /v1/credits for a key without a limit: the vendor's schema requires a number, and JSON has no
 # infinity; a balance no job can exhaust keeps clients' "enough credits?" checks passing.
@@ -135,11 +136,19 @@ def polling_url(job: Job, services: Services) -> str:
     return f"{services.base_url}/v1/get_result?id={job.id}"
 
 
-def _submit(spec: ModelSpec, body: SubmitRequest, key: ApiKey, services: Services) -> SubmitResponse:
+def _submit(
+    spec: ModelSpec, body: SubmitRequest, key: ApiKey, services: Services, extras: SubmitExtras
+) -> SubmitResponse:
     try:
-        job = services.submitter.submit(key, body.to_params(), body.seed_value, body.webhook, Dialect.VENDOR)
+        job = services.submitter.submit(
+            key, body.to_params(), body.seed_value, body.webhook, Dialect.VENDOR,
+            extras.idempotency_key, extras.webhook_policy,
+        )  # fmt: skip
     except InvalidInput as error:
         item = {"loc": ["body", error.field], "msg": str(error), "type": "value_error"}
+        raise VendorValidationError([item]) from error
+    except IdempotencyConflict as error:
+        item = {"loc": ["header", IDEMPOTENCY_HEADER], "msg": str(error), "type": "idempotency_conflict"}
         raise VendorValidationError([item]) from error
     except QuotaExceeded as error:
         price = format_credits(spec.price)
@@ -187,14 +196,17 @@ def render_result(job: Job | None, job_id: str, services: Services) -> ResultRes
         return ResultResponse(id=job.id, status="Pending", progress=job.progress)
     if status is JobStatus.SUCCEEDED:
         start, end = _timestamp(job, "started_at"), _timestamp(job, "finished_at")
+        expired = job.result_expired
         result = {
-            "sample": services.result_url(job.result_key),
+            "sample": None if expired is not None else services.result_url(job.result_key),
             "prompt": job.prompt,
             "seed": job.seed,
             "start_time": start,
             "end_time": end,
             "duration": None if start is None or end is None else round(end - start, 3),
         }
+        if expired is not None:  # Ready still: the job delivered; its file outlived retention
+            return ResultResponse(id=job.id, status="Ready", result=result, details={"result": expired})
         return ResultResponse(id=job.id, status="Ready", result=result)
     if status is JobStatus.REQUEST_MODERATED:
         return ResultResponse(

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -63,8 +64,10 @@ jobs = Table(
     Column("started_at", DateTime(timezone=True), nullable=True),
     Column("finished_at", DateTime(timezone=True), nullable=True),
     Column("heartbeat_at", DateTime(timezone=True), nullable=True),
+    Column("result_expired_at", DateTime(timezone=True), nullable=True),  # retention deleted the result
     Index("ix_jobs_status_created", "status", "created_at"),
     Index("ix_jobs_key_status", "key_id", "status"),
+    Index("ix_jobs_result_expiry", "result_expired_at", "finished_at"),
 )
 
 webhook_deliveries = Table(
@@ -82,4 +85,17 @@ webhook_deliveries = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("delivered_at", DateTime(timezone=True), nullable=True),
     Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+)
+
+# A client's Idempotency-Key: a repeat of the same request within 24 hours returns the job it made. The
+# primary key is the unique (key_id, idempotency_key) that two concurrent repeats cannot both insert.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("key_id", String(36), ForeignKey("api_keys.id"), nullable=False),
+    Column("idempotency_key", String(255), nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    Column("job_id", String(36), ForeignKey("jobs.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("key_id", "idempotency_key", name="pk_idempotency_keys"),
 )

@@ -2,17 +2,59 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from fluxserve.core.job import Job, JobStatus
+from fluxserve.errors import RequestRefused
+
+IDEMPOTENCY_TTL = timedelta(hours=24)  # a repeat after this makes a new job; the old entry is replaced
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A submit's ``Idempotency-Key`` and the hash of its canonical request (dialect, model, parameters)."""
+
+    key: str
+    request_hash: str
+
+
+class IdempotencyConflict(RequestRefused):
+    """The key's Idempotency-Key was used within 24 hours for a different request."""
+
+    status_code = 422
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"{IDEMPOTENCY_HEADER}: already used in the last 24 hours for a different request (another "
+            "body, model or dialect); send the same request to get its job again, or use a new key"
+        )
 
 
 class JobStore(Protocol):
-    def submit(self, job: Job, max_active: int, max_active_model: int | None = None) -> Job:
+    def submit(
+        self,
+        job: Job,
+        max_active: int,
+        max_active_model: int | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> Job:
         """Hold the job's price, check the key's active-job limits (all its jobs, and its jobs of this
         model when the model has a limit of its own), and write the row, all in one transaction; raises
-        QuotaExceeded or TooManyActiveJobs and then writes nothing."""
+        QuotaExceeded or TooManyActiveJobs and then writes nothing.
+
+        With ``idempotency`` the entry is written in the same transaction (unique per key), so that of
+        concurrent repeats one writes a job and the others get it back: a live entry (under 24 hours) for
+        the same request returns its job instead, without a charge; one for another request raises
+        IdempotencyConflict; an expired one is replaced."""
+        ...
+
+    def replay(self, key_id: str, idempotency: Idempotency) -> Job | None:
+        """The job a live entry with this Idempotency-Key made for the same request, None when there is
+        none (or it expired); IdempotencyConflict when it was made for another request. Reads only."""
         ...
 
     def get(self, job_id: str, key_id: str | None = None) -> Job | None: ...
@@ -53,4 +95,21 @@ class JobStore(Protocol):
 
     def requeue_stale(self, older_than: datetime, max_attempts: int) -> int:
         """Give the jobs of workers that stopped heartbeating back to the queue (or fail crash loops)."""
+        ...
+
+    def crash_looping(self, older_than: datetime, max_attempts: int) -> list[str]:
+        """The stale running jobs on their last attempt: the ones ``requeue_stale`` fails."""
+        ...
+
+    def active_ids(self, job_ids: Collection[str]) -> set[str]:
+        """Those of ``job_ids`` whose job is queued or running (an unknown id is not active)."""
+        ...
+
+    def results_to_expire(self, finished_before: datetime, limit: int) -> list[tuple[str, str]]:
+        """(job id, result key) of succeeded jobs finished before the cutoff whose result is still kept,
+        oldest first."""
+        ...
+
+    def mark_results_expired(self, job_ids: Collection[str]) -> int:
+        """Record that these jobs' results were deleted; the rows stay. Returns the rows marked."""
         ...

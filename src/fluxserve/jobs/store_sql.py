@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, RowMapping, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from fluxserve.core.job import ACTIVE_STATUSES, Job, JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.db import ledger, outbox
 from fluxserve.db.connection import as_utc, utcnow
-from fluxserve.db.tables import jobs
+from fluxserve.db.tables import idempotency_keys, jobs
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
+from fluxserve.jobs.store import IDEMPOTENCY_TTL, Idempotency, IdempotencyConflict
 
 _ACTIVE = [status.value for status in ACTIVE_STATUSES]
+_I = idempotency_keys.c
+
+
+class _Raced(Exception):
+    """Another submit with the same Idempotency-Key wrote its entry first; this transaction rolls back."""
+
+
+class _Replayed(Exception):
+    """A live entry for the same request: its job is the answer, and this transaction (the hold) rolls
+    back."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(job.id)
+        self.job = job
 
 
 def _job(row: RowMapping) -> Job:
@@ -42,7 +59,13 @@ def _job(row: RowMapping) -> Job:
         started_at=as_utc(row["started_at"]),
         finished_at=as_utc(row["finished_at"]),
         heartbeat_at=as_utc(row["heartbeat_at"]),
+        result_expired_at=as_utc(row["result_expired_at"]),
     )
+
+
+def _expired(created_at: datetime) -> bool:
+    stamp = as_utc(created_at)
+    return stamp is None or stamp < utcnow() - IDEMPOTENCY_TTL
 
 
 class SqlJobStore:
@@ -50,11 +73,39 @@ class SqlJobStore:
         self._engine = engine
         self._postgres = engine.dialect.name == "postgresql"
 
-    def submit(self, job: Job, max_active: int, max_active_model: int | None = None) -> Job:
+    def submit(
+        self,
+        job: Job,
+        max_active: int,
+        max_active_model: int | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> Job:
+        try:
+            return self._submit(job, max_active, max_active_model, idempotency)
+        except _Replayed as replayed:
+            return replayed.job
+        except (_Raced, IntegrityError, QuotaExceeded):
+            # Rolled back; a concurrent repeat (or a repeat whose price no longer fits) gets the job
+            # that the first one made.
+            if idempotency is None:
+                raise
+            existing = self.replay(job.key_id, idempotency)
+            if existing is None:
+                raise
+            return existing
+
+    def _submit(
+        self, job: Job, max_active: int, max_active_model: int | None, idempotency: Idempotency | None
+    ) -> Job:
         with self._engine.begin() as conn:
-            # The hold comes first: it serialises this key's submits, so the limits cannot race.
+            # The hold comes first: it serialises this key's submits, so the limits cannot race, and
+            # the Idempotency-Key read below sees every earlier submit of this key.
             if not ledger.hold(conn, job.key_id, job.cost):
                 raise QuotaExceeded()
+            if idempotency is not None:
+                existing = self._replay(conn, job.key_id, idempotency)
+                if existing is not None:
+                    raise _Replayed(existing)  # rolls the hold back
             active = (
                 select(func.count())
                 .select_from(jobs)
@@ -69,7 +120,47 @@ class SqlJobStore:
                 raise TooManyActiveJobs()
             job.created_at = utcnow()
             conn.execute(insert(jobs).values(self._values(job)))
+            if idempotency is not None:
+                self._remember(conn, job, idempotency)
         return job
+
+    def replay(self, key_id: str, idempotency: Idempotency) -> Job | None:
+        with self._engine.connect() as conn:
+            return self._replay(conn, key_id, idempotency)
+
+    @staticmethod
+    def _replay(conn: Connection, key_id: str, idempotency: Idempotency) -> Job | None:
+        row = (
+            conn.execute(
+                select(_I.request_hash.label("idempotency_hash"), _I.created_at.label("idempotency_at"), jobs)
+                .join(jobs, jobs.c.id == _I.job_id)
+                .where(_I.key_id == key_id, _I.idempotency_key == idempotency.key)
+            )
+            .mappings()
+            .first()
+        )
+        if row is None or _expired(row["idempotency_at"]):
+            return None
+        if row["idempotency_hash"] != idempotency.request_hash:
+            raise IdempotencyConflict()
+        return _job(row)
+
+    @staticmethod
+    def _remember(conn: Connection, job: Job, idempotency: Idempotency) -> None:
+        """Write the entry beside the job; the primary key (key, Idempotency-Key) refuses a second one
+        (IntegrityError), and an expired entry is taken over only if it is still expired."""
+        values = {"request_hash": idempotency.request_hash, "job_id": job.id, "created_at": job.created_at}
+        mine = (_I.key_id == job.key_id, _I.idempotency_key == idempotency.key)
+        if conn.execute(select(_I.created_at).where(*mine)).first() is None:
+            conn.execute(
+                insert(idempotency_keys).values(key_id=job.key_id, idempotency_key=idempotency.key, **values)
+            )
+            return
+        replaced = conn.execute(
+            update(idempotency_keys).where(*mine, _I.created_at < utcnow() - IDEMPOTENCY_TTL).values(values)
+        )
+        if replaced.rowcount != 1:
+            raise _Raced()
 
     @staticmethod
     def _values(job: Job) -> dict[str, Any]:
@@ -239,3 +330,51 @@ class SqlJobStore:
                 .values(status=JobStatus.QUEUED.value, worker_id=None, progress=0.0)
             )
         return requeued.rowcount + len(crashed)
+
+    def crash_looping(self, older_than: datetime, max_attempts: int) -> list[str]:
+        query = select(jobs.c.id).where(
+            jobs.c.status == JobStatus.RUNNING.value,
+            jobs.c.heartbeat_at < older_than,
+            jobs.c.attempts >= max_attempts,
+        )
+        with self._engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def active_ids(self, job_ids: Collection[str]) -> set[str]:
+        found: set[str] = set()
+        ids = list(job_ids)
+        with self._engine.connect() as conn:
+            for start in range(0, len(ids), 500):  # bounded IN lists
+                query = select(jobs.c.id).where(
+                    jobs.c.id.in_(ids[start : start + 500]), jobs.c.status.in_(_ACTIVE)
+                )
+                found.update(conn.execute(query).scalars())
+        return found
+
+    def results_to_expire(self, finished_before: datetime, limit: int) -> list[tuple[str, str]]:
+        query = (
+            select(jobs.c.id, jobs.c.result_key)
+            .where(
+                jobs.c.result_expired_at.is_(None),
+                jobs.c.finished_at < finished_before,
+                jobs.c.result_key.is_not(None),
+                jobs.c.status == JobStatus.SUCCEEDED.value,
+            )
+            .order_by(jobs.c.finished_at)
+            .limit(limit)
+        )
+        with self._engine.connect() as conn:
+            return [(row.id, row.result_key) for row in conn.execute(query)]
+
+    def mark_results_expired(self, job_ids: Collection[str]) -> int:
+        ids = list(job_ids)
+        marked = 0
+        now = utcnow()
+        with self._engine.begin() as conn:
+            for start in range(0, len(ids), 500):
+                marked += conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(ids[start : start + 500]), jobs.c.result_expired_at.is_(None))
+                    .values(result_expired_at=now)
+                ).rowcount
+        return marked

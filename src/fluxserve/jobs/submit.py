@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import io
+import json
 import secrets
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.core.job import Job
 from fluxserve.core.models import Dialect, Family, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.sizes import output_size
-from fluxserve.errors import InputError, InvalidInput
-from fluxserve.jobs.store import JobStore
+from fluxserve.errors import FetchError, InputError, InvalidInput
+from fluxserve.jobs.store import Idempotency, JobStore
+from fluxserve.safety.fetch import NetworkPolicy, vet
 from fluxserve.safety.images import decode_image_input, is_url
 from fluxserve.storage.base import BlobStore
 
 KONTEXT_IMAGE_TOLERANCE = 2
 BLOB_PREFIX = "blob:"
+WEBHOOK_RESOLVE_SECONDS = 2.0  # a webhook_url's name that does not resolve in time is left to delivery
 
 
 @dataclass(frozen=True)
@@ -30,10 +37,13 @@ class Limits:
 
 
 class Submitter:
-    def __init__(self, store: JobStore, blobs: BlobStore, limits: Limits) -> None:
+    def __init__(
+        self, store: JobStore, blobs: BlobStore, limits: Limits, policy: NetworkPolicy | None = None
+    ) -> None:
         self._store = store
         self._blobs = blobs
         self._limits = limits
+        self._policy = policy
 
     def submit(
         self,
@@ -42,8 +52,25 @@ class Submitter:
         seed: int | None,
         webhook_url: str | None,
         dialect: Dialect,
+        idempotency_key: str | None = None,
+        policy: NetworkPolicy | None = None,
     ) -> Job:
-        """Write the job (raising QuotaExceeded / TooManyActiveJobs / InvalidInput) and return it."""
+        """Write the job (raising QuotaExceeded / TooManyActiveJobs / InvalidInput) and return it.
+
+        With ``idempotency_key``, a repeat of the same request (same dialect, model and parameters) by the
+        same key within 24 hours returns the first one's job without another charge, and another request
+        under that key raises IdempotencyConflict. ``webhook_url`` must not reach an address ``policy``
+        refuses (by default the one this submitter was made with; without either, no private network).
+        """
+        idempotency = None
+        if idempotency_key is not None:
+            idempotency = Idempotency(idempotency_key, request_hash(params, seed, webhook_url, dialect))
+            # Before any image is stored: a repeat writes nothing.
+            replayed = self._store.replay(key.id, idempotency)
+            if replayed is not None:
+                return replayed
+        if webhook_url is not None:
+            check_webhook_url(webhook_url, policy or self._policy or NetworkPolicy())
         spec = spec_of(params.model)
         job_id = str(uuid.uuid4())
         images: list[ImageRef] = []
@@ -76,7 +103,7 @@ class Submitter:
             webhook_url=webhook_url,
         )
         model_limit = self._limits.max_active_per_model.get(spec.name, spec.max_active)
-        return self._store.submit(job, self._limits.max_active, model_limit)
+        return self._store.submit(job, self._limits.max_active, model_limit, idempotency)
 
     def _store_image(self, job_id: str, field: str, value: str) -> tuple[str, tuple[int, int] | None]:
         """Keep URLs for the worker to fetch; decode base64 now so a bad upload is a 400, not a failure."""
@@ -93,3 +120,52 @@ class Submitter:
         key = f"inputs/{job_id}/{field}.png"
         self._blobs.put(key, buffer.getvalue(), "image/png")
         return BLOB_PREFIX + key, image.size
+
+
+def request_hash(
+    params: GenerationParams, seed: int | None, webhook_url: str | None, dialect: Dialect
+) -> str:
+    """SHA-256 of the request as validated (so ``"steps": "40"`` and ``"steps": 40`` are the same request,
+    and fields the vendor dialect ignores do not count), with its dialect and model."""
+    canonical = {
+        "dialect": dialect.value,
+        "params": params.model_dump(mode="json"),
+        "seed": seed,
+        "webhook_url": webhook_url,
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def is_policy_refusal(error: FetchError) -> bool:
+    """The guard's "resolves to a private address (...); not allowed", as opposed to a failure to resolve."""
+    return str(error).endswith("; not allowed")
+
+
+def check_webhook_url(url: str, policy: NetworkPolicy, timeout: float = WEBHOOK_RESOLVE_SECONDS) -> None:
+    """Refuse (InvalidInput) a webhook_url whose host is, or resolves to, an address ``policy`` refuses.
+
+    The name is resolved through the guard's own :func:`vet`, within ``timeout`` seconds; a name that does
+    not resolve (yet) is left to delivery, which vets every attempt again. Runs in the caller's thread
+    (FastAPI runs the sync submit routes in its thread pool, off the event loop)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError as error:
+        raise InvalidInput("webhook_url", f"not a usable URL ({error})") from None
+    host = parts.hostname
+    if not host:
+        raise InvalidInput("webhook_url", "the URL has no host")
+    loop = asyncio.new_event_loop()
+    # Its own resolver thread, not waited for when the loop closes: a resolver that hangs past the
+    # timeout costs a thread until it returns, never the request.
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxserve-resolve"))
+    try:
+        loop.run_until_complete(asyncio.wait_for(vet(host, port, policy), timeout))
+    except FetchError as error:
+        if is_policy_refusal(error):
+            raise InvalidInput("webhook_url", str(error)) from None
+    except TimeoutError:
+        pass
+    finally:
+        loop.close()
