@@ -8,6 +8,8 @@ every refusal names the field and the rule from ``RULES``.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -78,9 +80,39 @@ def _aspect_ratio(value: str) -> str:
 
 
 def _http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    """An http(s) URL that can be fetched as written, else ValueError saying why.
+
+    Refused: whitespace, control characters or backslashes anywhere; several ``@``; an IPv6 zone; a port
+    outside 1..65535; a numeric host other than a dotted quad (``0177.0.0.1``, ``2130706433``,
+    ``0x7f.1``: parsers disagree on them); a percent-encoded, empty or malformed host name. The same rules
+    as ``safety.fetch.url_problem``, which checks again before each fetch.
+    """
+    value = value.strip()
+    if any(char.isspace() or ord(char) < 32 or ord(char) == 127 or char == "\\" for char in value):
+        raise ValueError("contains whitespace, control characters or a backslash")
+    parts = urlsplit(value)  # ValueError for a broken IPv6 literal such as http://[::1
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ValueError("not an http(s) URL")
+    if parts.netloc.count("@") > 1:
+        raise ValueError("more than one '@' before the host")
+    if parts.port == 0:  # .port raises ValueError for a non-number or one above 65535
+        raise ValueError("port 0")
+    host = parts.hostname
+    if ":" in host:
+        if "%" in host:
+            raise ValueError("IPv6 zone identifiers are not allowed")
+        ipaddress.IPv6Address(host)
+        return value
+    if "%" in host:
+        raise ValueError("percent-encoded host")
+    labels = host.rstrip(".").split(".")
+    if re.fullmatch(r"0[xX][0-9a-fA-F]*|[0-9]+", labels[-1]):
+        ipaddress.IPv4Address(host)  # only the dotted quad of four decimal numbers
+        return value
+    name = host if host.isascii() else host.encode("idna").decode("ascii")
+    label = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+    if len(name) > 253 or not all(label.fullmatch(part) for part in name.lower().rstrip(".").split(".")):
+        raise ValueError("not a valid host name")
     return value
 
 
