@@ -20,6 +20,7 @@ from fluxserve.db.connection import make_engine, migrate
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
+from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
 
 THREADS = 16
@@ -32,7 +33,7 @@ class Bench:
         self.store = SqlJobStore(database)
         self.keys = KeyStore(database)
         limits = Limits(max_active, {"flux-kontext-max": kontext_max}, 2**20, 2**22)
-        self.submitter = Submitter(self.store, LocalBlobStore(root / "files"), limits)
+        self.submitter = Submitter(self.store, LocalBlobStore(root / "files"), limits, NetworkPolicy([]))
 
     def submit(self, key: ApiKey, model: str = "flux-dev") -> str:
         fields: dict[str, Any] = {"width": 256, "height": 256} if model == "flux-dev" else {}

@@ -119,7 +119,9 @@ def world(tmp_path: Path) -> World:
     blobs = LocalBlobStore(tmp_path / "files")
     limits = Limits(max_active=24, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
     inputs = InputLoader(blobs, NetworkPolicy([]), 2**20, 2**22)
-    return World(store, KeyStore(database), blobs, Submitter(store, blobs, limits), inputs, url)
+    return World(
+        store, KeyStore(database), blobs, Submitter(store, blobs, limits, NetworkPolicy([])), inputs, url
+    )
 
 
 def run_one(world: World, worker: Worker) -> Job:

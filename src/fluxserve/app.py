@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.limits import RequestGuard
 from fluxserve.core.catalog import load_catalog
 from fluxserve.core.models import Dialect
+from fluxserve.jobs.retention import Retention
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.settings import Settings
@@ -56,15 +57,15 @@ class Runtime:
             max_input_bytes=settings.max_input_bytes,
             max_input_pixels=max(entry.max_input_pixels for entry in catalog.models.values()),
         )
+        policy = NetworkPolicy(parse_networks(settings.allowed_private_networks))
         services = Services(
             keys=KeyStore(database),
             jobs=store,
-            submitter=Submitter(store, blobs, limits),
+            submitter=Submitter(store, blobs, limits, policy),
             blobs=blobs,
             signer=UrlSigner(settings.secret(), settings.url_ttl_seconds),
             base_url=settings.base_url,
         )
-        policy = NetworkPolicy(parse_networks(settings.allowed_private_networks))
         return cls(settings, database, services, policy)
 
     def webhook_body(self, job_id: str) -> dict[str, Any] | None:
@@ -78,12 +79,14 @@ class Runtime:
 
     @asynccontextmanager
     async def background(self) -> AsyncIterator[None]:
-        """Worker processes (when configured) and webhook delivery, for as long as the context is open."""
+        """Worker processes (when configured), webhook delivery and retention sweeps, while the context is
+        open."""
         supervisor = Supervisor(self.settings, self.settings.workers) if self.settings.workers else None
         if supervisor is not None:
             supervisor.start()
         webhook_stop = asyncio.Event()
         webhooks = asyncio.create_task(self.dispatcher().run(webhook_stop))
+        sweeper = asyncio.create_task(self.sweep_results(webhook_stop))
         log.info(
             "fluxserve ready",
             extra={"worker_processes": self.settings.workers, "base_url": self.settings.base_url},
@@ -93,9 +96,23 @@ class Runtime:
         finally:
             webhook_stop.set()
             await webhooks
+            await sweeper
             if supervisor is not None:
                 # A job still running is not waited for long: its heartbeat stops and it is requeued.
                 await asyncio.to_thread(supervisor.stop)
+
+    async def sweep_results(self, stop: asyncio.Event) -> None:
+        """Retention: every ``sweep_seconds``, delete results past their time (off the event loop)."""
+        retention = Retention(self.services.jobs, self.services.blobs, self.settings.result_ttl)
+        while not stop.is_set():
+            try:
+                report = await asyncio.to_thread(retention.sweep)
+                if report.results or report.inputs:
+                    log.info("retention sweep: %s", report, extra={"bytes": report.bytes})
+            except Exception:  # a database or disk hiccup: the next sweep tries again
+                log.exception("retention sweep failed")
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.sweep_seconds)
 
     def dispatcher(self) -> WebhookDispatcher:
         backoff = [float(value) for value in self.settings.webhook_backoff.split(",") if value.strip()]
@@ -105,6 +122,9 @@ class Runtime:
             policy=self.policy,
             backoff=backoff,
             timeout=self.settings.webhook_timeout_seconds,
+            concurrency=self.settings.webhook_concurrency,
+            per_key=self.settings.webhook_max_per_key,
+            per_host=self.settings.webhook_max_per_host,
         )
 
 

@@ -1,4 +1,4 @@
-"""The ``fluxserve`` command: serve, worker, keys, credits, migrate."""
+"""The ``fluxserve`` command: serve, worker, keys, credits, migrate, prune."""
 
 from __future__ import annotations
 
@@ -140,6 +140,36 @@ def migrate_command(data_dir: DataDir = None) -> None:
     """Bring the database schema up to date (serve does this on start, too)."""
     migrate(make_engine(_settings(data_dir).database))
     console.print("database is up to date")
+
+
+@app.command()
+def prune(
+    data_dir: DataDir = None,
+    older_than: Annotated[
+        float | None,
+        typer.Option(
+            "--older-than",
+            min=0,
+            help="Delete results of jobs that ended more than SECONDS ago "
+            "(default FLUXSERVE_RESULT_TTL_SECONDS, itself defaulting to FLUXSERVE_URL_TTL_SECONDS).",
+        ),
+    ] = None,
+) -> None:
+    """Delete expired results and orphaned inputs now (the server does this every FLUXSERVE_SWEEP_SECONDS);
+    the jobs' records are kept."""
+    from fluxserve.jobs.retention import Retention
+    from fluxserve.wiring import make_blob_store, make_job_store, open_database
+
+    settings = _settings(data_dir)
+    retention = Retention(
+        make_job_store(open_database(settings)),
+        make_blob_store(settings.storage),
+        settings.result_ttl if older_than is None else older_than,
+    )
+    report = retention.sweep()
+    typer.echo(
+        f"removed {report.results} result(s) and {report.inputs} orphaned input file(s): {report.bytes} bytes"
+    )
 
 
 @keys_app.command("create")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, Header, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -110,9 +110,6 @@ class SubmitExtras:
     """What a submit takes from the request besides its body and key."""
 
     idempotency_key: str | None  # the Idempotency-Key header, checked: 1..255 visible ASCII characters
-    # The app's NetworkPolicy (``safety.fetch``) that webhook_url must pass, as ``app.py`` built it for
-    # the webhook dispatcher (api/ does not import safety); None: the submitter's own.
-    webhook_policy: Any
 
 
 Submit = Callable[[ModelSpec, SubmitRequest, ApiKey, Services, SubmitExtras], object]
@@ -156,19 +153,15 @@ def _handler(
     submit: Submit,
 ) -> Callable[..., object]:
     def handler(
-        request: Request,
         body: SubmitRequest,
         key: ApiKey,
         services: Services,
         idempotency: str | None = None,
     ) -> object:
-        runtime = getattr(request.app.state, "runtime", None)
-        extras = SubmitExtras(idempotency_key(idempotency), getattr(runtime, "policy", None))
-        return submit(spec, body, key, services, extras)
+        return submit(spec, body, key, services, SubmitExtras(idempotency_key(idempotency)))
 
     # FastAPI reads the parameters' annotations: the body's schema and the dependencies are set here.
     handler.__annotations__ = {
-        "request": Request,
         "body": schema,
         "key": key_dependency,
         "services": Annotated[Services, Depends(get_services)],

@@ -78,7 +78,7 @@ def _submit(
     try:
         job = services.submitter.submit(
             key, body.to_params(), body.seed_value, body.webhook, Dialect.RESELLER,
-            extras.idempotency_key, extras.webhook_policy,
+            extras.idempotency_key,
         )  # fmt: skip
     except InvalidInput as error:
         raise ApiError(400, str(error)) from error

@@ -142,7 +142,7 @@ def _submit(
     try:
         job = services.submitter.submit(
             key, body.to_params(), body.seed_value, body.webhook, Dialect.VENDOR,
-            extras.idempotency_key, extras.webhook_policy,
+            extras.idempotency_key,
         )  # fmt: skip
     except InvalidInput as error:
         item = {"loc": ["body", error.field], "msg": str(error), "type": "value_error"}

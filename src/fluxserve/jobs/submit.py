@@ -37,9 +37,7 @@ class Limits:
 
 
 class Submitter:
-    def __init__(
-        self, store: JobStore, blobs: BlobStore, limits: Limits, policy: NetworkPolicy | None = None
-    ) -> None:
+    def __init__(self, store: JobStore, blobs: BlobStore, limits: Limits, policy: NetworkPolicy) -> None:
         self._store = store
         self._blobs = blobs
         self._limits = limits
@@ -53,14 +51,13 @@ class Submitter:
         webhook_url: str | None,
         dialect: Dialect,
         idempotency_key: str | None = None,
-        policy: NetworkPolicy | None = None,
     ) -> Job:
         """Write the job (raising QuotaExceeded / TooManyActiveJobs / InvalidInput) and return it.
 
         With ``idempotency_key``, a repeat of the same request (same dialect, model and parameters) by the
         same key within 24 hours returns the first one's job without another charge, and another request
-        under that key raises IdempotencyConflict. ``webhook_url`` must not reach an address ``policy``
-        refuses (by default the one this submitter was made with; without either, no private network).
+        under that key raises IdempotencyConflict. ``webhook_url`` must not reach an address the submitter's
+        network policy refuses.
         """
         idempotency = None
         if idempotency_key is not None:
@@ -70,7 +67,7 @@ class Submitter:
             if replayed is not None:
                 return replayed
         if webhook_url is not None:
-            check_webhook_url(webhook_url, policy or self._policy or NetworkPolicy())
+            check_webhook_url(webhook_url, self._policy)
         spec = spec_of(params.model)
         job_id = str(uuid.uuid4())
         images: list[ImageRef] = []
