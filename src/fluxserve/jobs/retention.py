@@ -15,19 +15,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.submit import INPUTS, inputs_prefix
 from fluxserve.storage.base import BlobInfo, BlobStore
 
 log = logging.getLogger("fluxserve.retention")
 
-INPUTS = "inputs/"
 # A submit stores its images a moment before its job row exists: input folders younger than this are
 # never taken for orphans.
 ORPHAN_GRACE_SECONDS = 600.0
 BATCH = 500
-
-
-def inputs_prefix(job_id: str) -> str:
-    return f"{INPUTS}{job_id}/"
 
 
 def drop_inputs(blobs: BlobStore, job_id: str) -> list[BlobInfo]:

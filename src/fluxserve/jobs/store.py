@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, Protocol
 
 from fluxserve.core.job import Job, JobStatus
@@ -50,6 +51,13 @@ class JobStore(Protocol):
         concurrent repeats one writes a job and the others get it back: a live entry (under 24 hours) for
         the same request returns its job instead, without a charge; one for another request raises
         IdempotencyConflict; an expired one is replaced."""
+        ...
+
+    def admit(
+        self, key_id: str, model: str, cost: Decimal, max_active: int, max_active_model: int | None = None
+    ) -> None:
+        """Raise QuotaExceeded or TooManyActiveJobs when a submit would be refused now: checked before any
+        input is decoded or stored (``submit`` checks again, in its transaction)."""
         ...
 
     def replay(self, key_id: str, idempotency: Idempotency) -> Job | None:

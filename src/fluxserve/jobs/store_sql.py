@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, Engine, RowMapping, func, insert, select, update
@@ -68,6 +69,17 @@ def _expired(created_at: datetime) -> bool:
     return stamp is None or stamp < utcnow() - IDEMPOTENCY_TTL
 
 
+def _over_limits(
+    conn: Connection, key_id: str, model: str, max_active: int, max_active_model: int | None
+) -> bool:
+    """Whether the key already has its limit of active jobs, in all or (with its own limit) of ``model``."""
+    active = select(func.count()).select_from(jobs).where(jobs.c.key_id == key_id, jobs.c.status.in_(_ACTIVE))
+    if conn.execute(active).scalar_one() >= max_active:
+        return True
+    same_model = active.where(jobs.c.model == model)
+    return max_active_model is not None and conn.execute(same_model).scalar_one() >= max_active_model
+
+
 class SqlJobStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -94,6 +106,15 @@ class SqlJobStore:
                 raise
             return existing
 
+    def admit(
+        self, key_id: str, model: str, cost: Decimal, max_active: int, max_active_model: int | None = None
+    ) -> None:
+        with self._engine.connect() as conn:
+            if not ledger.covers(conn, key_id, cost):
+                raise QuotaExceeded()
+            if _over_limits(conn, key_id, model, max_active, max_active_model):
+                raise TooManyActiveJobs()
+
     def _submit(
         self, job: Job, max_active: int, max_active_model: int | None, idempotency: Idempotency | None
     ) -> Job:
@@ -106,16 +127,7 @@ class SqlJobStore:
                 existing = self._replay(conn, job.key_id, idempotency)
                 if existing is not None:
                     raise _Replayed(existing)  # rolls the hold back
-            active = (
-                select(func.count())
-                .select_from(jobs)
-                .where(jobs.c.key_id == job.key_id, jobs.c.status.in_(_ACTIVE))
-            )
-            over = conn.execute(active).scalar_one() >= max_active
-            if max_active_model is not None and not over:
-                same_model = active.where(jobs.c.model == job.model)
-                over = conn.execute(same_model).scalar_one() >= max_active_model
-            if over:
+            if _over_limits(conn, job.key_id, job.model, max_active, max_active_model):
                 conn.rollback()
                 raise TooManyActiveJobs()
             job.created_at = utcnow()

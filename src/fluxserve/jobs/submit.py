@@ -25,6 +25,7 @@ from fluxserve.storage.base import BlobStore
 
 KONTEXT_IMAGE_TOLERANCE = 2
 BLOB_PREFIX = "blob:"
+INPUTS = "inputs/"  # a job's uploads are stored under inputs/<job id>/
 WEBHOOK_RESOLVE_SECONDS = 2.0  # a webhook_url's name that does not resolve in time is left to delivery
 
 
@@ -34,6 +35,10 @@ class Limits:
     max_active_per_model: dict[str, int]  # operator overrides of the model table's own limits
     max_input_bytes: int
     max_input_pixels: int
+
+
+def inputs_prefix(job_id: str) -> str:
+    return f"{INPUTS}{job_id}/"
 
 
 class Submitter:
@@ -69,7 +74,31 @@ class Submitter:
         if webhook_url is not None:
             check_webhook_url(webhook_url, self._policy)
         spec = spec_of(params.model)
+        model_limit = self._limits.max_active_per_model.get(spec.name, spec.max_active)
+        # Admission before work: a key that cannot have this job costs no decoding and leaves no file.
+        self._store.admit(key.id, spec.name, spec.price, self._limits.max_active, model_limit)
         job_id = str(uuid.uuid4())
+        try:
+            job = self._submit(key, params, seed, webhook_url, dialect, idempotency, job_id, model_limit)
+        except Exception:
+            self._blobs.delete_prefix(inputs_prefix(job_id))  # refused after all (a race): no orphan
+            raise
+        if job.id != job_id:  # a concurrent repeat of this idempotent submit won: its job stands
+            self._blobs.delete_prefix(inputs_prefix(job_id))
+        return job
+
+    def _submit(
+        self,
+        key: ApiKey,
+        params: GenerationParams,
+        seed: int | None,
+        webhook_url: str | None,
+        dialect: Dialect,
+        idempotency: Idempotency | None,
+        job_id: str,
+        model_limit: int | None,
+    ) -> Job:
+        spec = spec_of(params.model)
         images: list[ImageRef] = []
         sizes: list[tuple[int, int] | None] = []
         for image in params.input_images:
@@ -99,7 +128,6 @@ class Submitter:
             height=size[1] if size else None,
             webhook_url=webhook_url,
         )
-        model_limit = self._limits.max_active_per_model.get(spec.name, spec.max_active)
         return self._store.submit(job, self._limits.max_active, model_limit, idempotency)
 
     def _store_image(self, job_id: str, field: str, value: str) -> tuple[str, tuple[int, int] | None]:
@@ -114,7 +142,7 @@ class Submitter:
             raise InvalidInput(field, str(error).removeprefix(f"{field}: ")) from error
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        key = f"inputs/{job_id}/{field}.png"
+        key = f"{inputs_prefix(job_id)}{field}.png"
         self._blobs.put(key, buffer.getvalue(), "image/png")
         return BLOB_PREFIX + key, image.size
 
