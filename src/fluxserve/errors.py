@@ -51,6 +51,10 @@ class FetchError(JobFailure):
     """A URL that may not or could not be fetched; the message says which rule or what failed."""
 
 
+class AddressRefused(FetchError):
+    """The network policy refuses the address a URL resolves to: final, a retry cannot change it."""
+
+
 class EngineError(JobFailure):
     """A failure that is the request's or the engine's (bad weights, an upstream refusal...)."""
 

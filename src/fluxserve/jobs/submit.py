@@ -17,7 +17,7 @@ from fluxserve.core.job import Job
 from fluxserve.core.models import Dialect, Family, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.sizes import output_size
-from fluxserve.errors import FetchError, InputError, InvalidInput
+from fluxserve.errors import AddressRefused, FetchError, InputError, InvalidInput
 from fluxserve.jobs.store import Idempotency, JobStore
 from fluxserve.safety.fetch import NetworkPolicy, vet
 from fluxserve.safety.images import decode_image_input, is_url
@@ -162,11 +162,6 @@ def request_hash(
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def is_policy_refusal(error: FetchError) -> bool:
-    """The guard's "resolves to a private address (...); not allowed", as opposed to a failure to resolve."""
-    return str(error).endswith("; not allowed")
-
-
 def check_webhook_url(url: str, policy: NetworkPolicy, timeout: float = WEBHOOK_RESOLVE_SECONDS) -> None:
     """Refuse (InvalidInput) a webhook_url whose host is, or resolves to, an address ``policy`` refuses.
 
@@ -187,10 +182,9 @@ def check_webhook_url(url: str, policy: NetworkPolicy, timeout: float = WEBHOOK_
     loop.set_default_executor(ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxserve-resolve"))
     try:
         loop.run_until_complete(asyncio.wait_for(vet(host, port, policy), timeout))
-    except FetchError as error:
-        if is_policy_refusal(error):
-            raise InvalidInput("webhook_url", str(error)) from None
-    except TimeoutError:
-        pass
+    except AddressRefused as error:
+        raise InvalidInput("webhook_url", str(error)) from None
+    except (FetchError, TimeoutError):
+        pass  # not resolvable now: delivery vets every attempt again
     finally:
         loop.close()

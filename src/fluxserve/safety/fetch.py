@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from fluxserve.errors import FetchError
+from fluxserve.errors import AddressRefused, FetchError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -167,7 +167,7 @@ async def vet(host: str, port: int, policy: NetworkPolicy) -> str:
     for address in addresses:
         reason = policy.refusal(address)
         if reason is not None:
-            raise FetchError(f"URL resolves to {reason} ({address}); not allowed")
+            raise AddressRefused(f"URL resolves to {reason} ({address}); not allowed")
     return str(addresses[0])
 
 

@@ -29,7 +29,7 @@ from sqlalchemy import Engine
 
 from fluxserve.db import outbox
 from fluxserve.db.connection import utcnow
-from fluxserve.errors import FetchError
+from fluxserve.errors import AddressRefused, FetchError
 from fluxserve.safety.fetch import NetworkPolicy, send
 from fluxserve.webhooks.signing import signed_headers
 
@@ -54,11 +54,8 @@ def _target(url: str) -> str:
         return ""
 
 
-def _final(error: FetchError) -> bool:
-    """Failures a retry cannot change: the guard's "...; not allowed" (the policy refuses the address), and
-    a job that no longer exists."""
-    message = str(error)
-    return message.endswith("; not allowed") or message == "job no longer exists"
+class _JobGone(FetchError):
+    """The delivery's job no longer exists: nothing to send, ever."""
 
 
 class WebhookDispatcher:
@@ -168,7 +165,7 @@ class WebhookDispatcher:
         try:
             payload = await asyncio.to_thread(self._payload_for, delivery["job_id"])
             if payload is None:
-                raise FetchError("job no longer exists")
+                raise _JobGone("job no longer exists")
             body = json.dumps(payload, separators=(",", ":"))
             headers = {
                 "Content-Type": "application/json",
@@ -189,7 +186,7 @@ class WebhookDispatcher:
             error = f"timed out after {self._timeout:g} s"
         except FetchError as exc:
             error = str(exc)
-            final = _final(exc)
+            final = isinstance(exc, AddressRefused | _JobGone)  # a retry cannot change these
         except Exception as exc:
             log.exception("webhook attempt crashed")
             error = type(exc).__name__
