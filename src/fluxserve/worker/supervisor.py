@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fluxserve.settings import Settings
@@ -60,8 +60,6 @@ class _Child:
     started: float = 0.0
     pause: float = 0.0
     restart_at: float = 0.0
-    restarts: int = 0
-    history: list[int] = field(default_factory=list)  # exit codes, newest last
 
 
 class Supervisor:
@@ -78,12 +76,6 @@ class Supervisor:
         self._stale_after = settings.stale_after_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
-
-    @property
-    def pids(self) -> list[int]:
-        return [
-            child.process.pid for child in self._children if child.process and child.process.poll() is None
-        ]
 
     def start(self) -> None:
         for child in self._children:
@@ -142,11 +134,9 @@ class Supervisor:
             code = process.wait()
         if code is None:
             return
-        child.history.append(code)
         ran = now - child.started
         child.pause = 0.0 if ran > STABLE_AFTER_SECONDS else min(MAX_RESTART_PAUSE, max(0.5, child.pause * 2))
         child.process, child.restart_at = None, now + child.pause
-        child.restarts += 1
         log.error(
             "worker process exited; starting another",
             extra={"slot": child.slot, "exit_code": code, "ran_seconds": round(ran, 1), "pause": child.pause},
