@@ -1,0 +1,1 @@
+"""Benchmarks and reliability runs, run by hand (see BENCHMARKS.md and RELIABILITY.md)."""
