@@ -76,11 +76,12 @@ def test_signed_url_refuses_tampering(api: Api) -> None:
 
 
 def test_expired_url_is_refused(make_server) -> None:  # type: ignore[no-untyped-def]
-    server = make_server({"FLUXSERVE_URL_TTL_SECONDS": "1"})
+    # Long enough for a fresh URL to be used within its life on a busy machine, short enough to wait out.
+    server = make_server({"FLUXSERVE_URL_TTL_SECONDS": "4", "FLUXSERVE_RESULT_TTL_SECONDS": "600"})
     server.start()
     client = Api(server.base_url, server.create_key()["key"])
     body = client.wait(client.job("flux-dev", {"prompt": "x", "width": 256, "height": 256, "steps": 1}))
-    time.sleep(2.1)
+    time.sleep(4.2)
     response = httpx.get(body["data"]["imageUrl"])
     assert response.status_code == 403
     fresh = client.fetch(body["jobId"])["data"]["imageUrl"]
