@@ -176,19 +176,21 @@ def test_the_sweep_removes_a_result_past_the_ttl_and_keeps_a_fresh_one(world: Wo
     worker = world.worker(Scripted(small_paint))
     world.submit(key)
     old = run_one(world, worker)
-    time.sleep(1.2)
+    with world.store._engine.begin() as conn:  # it ended two hours ago: no waiting, no race with the clock
+        finished = datetime.now(UTC) - timedelta(hours=2)
+        conn.execute(update(jobs).where(jobs.c.id == old.id).values(finished_at=finished))
     world.submit(key)
     fresh = run_one(world, worker)
     assert old.result_key and fresh.result_key
     old_size = len(world.blobs.get(old.result_key))
-    report = Retention(world.store, world.blobs, ttl_seconds=1.0).sweep()
+    report = Retention(world.store, world.blobs, ttl_seconds=3600).sweep()
     assert (report.results, report.inputs, report.bytes) == (1, 0, old_size)
     assert not world.blobs.exists(old.result_key) and world.blobs.exists(fresh.result_key)
     expired, kept = world.store.get(old.id), world.store.get(fresh.id)
     assert expired is not None and expired.result_expired_at is not None
     assert expired.status is JobStatus.SUCCEEDED  # the row stays, as it was
     assert kept is not None and kept.result_expired_at is None
-    again = Retention(world.store, world.blobs, ttl_seconds=1.0).sweep()  # nothing twice
+    again = Retention(world.store, world.blobs, ttl_seconds=3600).sweep()  # nothing twice
     assert (again.results, again.bytes) == (0, 0)
     assert world.store.get(old.id).result_expired_at == expired.result_expired_at  # type: ignore[union-attr]
 
