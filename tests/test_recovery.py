@@ -10,7 +10,7 @@ from PIL import Image
 from tests.conftest import Api, ServerProcess
 from tests.test_lifecycle import slow_env, wait_for
 
-MEDIUM_JOB = {"prompt": "durable", "width": 1024, "height": 1024, "steps": 30}
+MEDIUM_JOB = {"prompt": "durable", "width": 1024, "height": 1024, "steps": 16}
 
 
 def test_kill_9_while_running_and_queued_loses_nothing(make_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
