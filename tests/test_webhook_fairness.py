@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from fluxserve.db.tables import api_keys, jobs, webhook_deliveries
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.webhooks.delivery import WebhookDispatcher
 from fluxserve.webhooks.signing import new_secret
+from tests.test_webhook_dispatcher import running
 from tests.test_webhooks_e2e import Receiver
 
 LOOPBACK = NetworkPolicy(parse_networks("127.0.0.0/8"))
@@ -114,17 +115,6 @@ def receiver() -> Iterator[Receiver]:
     instance = Receiver()
     yield instance
     instance.close()
-
-
-@contextlib.asynccontextmanager
-async def running(dispatcher: WebhookDispatcher) -> AsyncIterator[asyncio.Task[None]]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(dispatcher.run(stop))
-    try:
-        yield task
-    finally:
-        stop.set()
-        await task
 
 
 async def until(task: asyncio.Task[None], condition: Callable[[], bool], what: str, within: float) -> float:
