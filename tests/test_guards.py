@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fluxserve.errors import BlobNotFound, FetchError
+from fluxserve.errors import AddressRefused, BlobNotFound, FetchError
 from fluxserve.safety.fetch import NetworkPolicy, fetch_bytes, parse_networks
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.storage.signing import UrlSigner
@@ -49,6 +50,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/redirect-private":
             self.send_response(302)
             self.send_header("Location", "http://10.0.0.1/secret")
+            self.end_headers()
+            return
+        if self.path.startswith("/hops/") and int(self.path.rsplit("/", 1)[1]) > 0:
+            self.send_response(302)  # /hops/N redirects N times, then answers
+            self.send_header("Location", f"/hops/{int(self.path.rsplit('/', 1)[1]) - 1}")
             self.end_headers()
             return
         body = b"x" * (5000 if self.path == "/big" else 10)
@@ -95,6 +101,44 @@ def test_fetch_limits_and_errors(origin: str) -> None:
         fetch("file:///etc/passwd", LOOPBACK)
     with pytest.raises(FetchError, match="link-local or metadata"):
         fetch("http://169.254.169.254/latest/meta-data/", LOOPBACK)
+
+
+def test_three_redirects_are_followed_and_a_fourth_is_refused(origin: str) -> None:
+    assert fetch(f"{origin}/hops/3", LOOPBACK) == b"x" * 10
+    with pytest.raises(FetchError, match="more than 3 redirects"):
+        fetch(f"{origin}/hops/4", LOOPBACK)
+
+
+def _resolver(answers: list[list[str]], calls: list[str]) -> Any:
+    """A getaddrinfo whose n-th call for a ``.example`` name answers ``answers[n]`` (others: the real one)."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if not str(host).endswith(".example"):
+            return real(host, port, *args, **kwargs)
+        calls.append(str(host))
+        addresses = answers[min(len(calls), len(answers)) - 1]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in addresses]
+
+    return getaddrinfo
+
+
+def test_the_vetted_address_is_the_one_connected_to(origin: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: a name that answers an allowed address once and a private one after is fetched from
+    the address that was vetted, resolved once; never looked up again by the HTTP client."""
+    calls: list[str] = []
+    monkeypatch.setattr(socket, "getaddrinfo", _resolver([["127.0.0.1"], ["10.0.0.1"]], calls))
+    port = origin.rsplit(":", 1)[1]
+    assert fetch(f"http://rebind.example:{port}/ok", LOOPBACK) == b"x" * 10
+    assert calls == ["rebind.example"]
+
+
+def test_a_host_with_public_and_private_addresses_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(socket, "getaddrinfo", _resolver([["93.184.216.34", "10.0.0.7"]], calls))
+    with pytest.raises(AddressRefused, match=r"private address \(10\.0\.0\.7\)"):
+        fetch("http://mixed.example/x", CLOSED)
+    assert calls == ["mixed.example"]
 
 
 def test_blob_store_round_trip_and_traversal(tmp_path: Path) -> None:
