@@ -62,6 +62,10 @@ def test_webhook_retries_until_delivered_and_is_signed(server: ServerProcess, re
     receiver.wait(3)
     time.sleep(0.5)
     assert [code for _, _, code in receiver.requests] == [500, 500, 200]
+    # One delivery, three tries: the same webhook-id each time (receivers deduplicate on it), with each
+    # try's own timestamp and signature.
+    ids = {{n.lower(): v for n, v in headers.items()}["webhook-id"] for headers, _, _ in receiver.requests}
+    assert len(ids) == 1 and ids != {""}
     headers, body, _ = receiver.requests[-1]
     lower = {name.lower(): value for name, value in headers.items()}
     payload = Webhook(key["webhook_secret"]).verify(body, lower)
