@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.core.job import Job
-from fluxserve.core.models import Dialect, Family, spec_of
+from fluxserve.core.models import Dialect, Family, ModelSpec, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.sizes import output_size
 from fluxserve.errors import AddressRefused, FetchError, InputError, InvalidInput
@@ -79,7 +79,8 @@ class Submitter:
         self._store.admit(key.id, spec.name, spec.price, self._limits.max_active, model_limit)
         job_id = str(uuid.uuid4())
         try:
-            job = self._submit(key, params, seed, webhook_url, dialect, idempotency, job_id, model_limit)
+            job = self._new_job(key, spec, params, seed, webhook_url, dialect, job_id)
+            job = self._store.submit(job, self._limits.max_active, model_limit, idempotency)
         except Exception:
             self._blobs.delete_prefix(inputs_prefix(job_id))  # refused after all (a race): no orphan
             raise
@@ -87,18 +88,17 @@ class Submitter:
             self._blobs.delete_prefix(inputs_prefix(job_id))
         return job
 
-    def _submit(
+    def _new_job(
         self,
         key: ApiKey,
+        spec: ModelSpec,
         params: GenerationParams,
         seed: int | None,
         webhook_url: str | None,
         dialect: Dialect,
-        idempotency: Idempotency | None,
         job_id: str,
-        model_limit: int | None,
     ) -> Job:
-        spec = spec_of(params.model)
+        """The job row to write: its images decoded and stored, its size resolved when it can be."""
         images: list[ImageRef] = []
         sizes: list[tuple[int, int] | None] = []
         for image in params.input_images:
@@ -128,7 +128,7 @@ class Submitter:
             height=size[1] if size else None,
             webhook_url=webhook_url,
         )
-        return self._store.submit(job, self._limits.max_active, model_limit, idempotency)
+        return job
 
     def _store_image(self, job_id: str, field: str, value: str) -> tuple[str, tuple[int, int] | None]:
         """Keep URLs for the worker to fetch; decode base64 now so a bad upload is a 400, not a failure."""
