@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from fluxserve.errors import AddressRefused, BlobNotFound, FetchError
 from fluxserve.safety.fetch import NetworkPolicy, fetch_bytes, parse_networks
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.storage.signing import UrlSigner
+from tests.conftest import http_server
 
 LOOPBACK = NetworkPolicy(parse_networks("127.0.0.0/8"))
 CLOSED = NetworkPolicy()
@@ -69,10 +69,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def origin() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with http_server(_Handler) as url:
+        yield url
 
 
 def fetch(url: str, policy: NetworkPolicy, max_bytes: int = 1000) -> bytes:

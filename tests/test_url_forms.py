@@ -4,9 +4,8 @@ naming the field, or fails the job (or the delivery) with a message naming the r
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -16,7 +15,7 @@ from fluxserve.core.fields import _http_url
 from fluxserve.errors import FetchError
 from fluxserve.safety.fetch import NetworkPolicy, fetch_bytes, parse_networks, send, url_problem
 from fluxserve.safety.images import is_url
-from tests.conftest import Api, png_base64
+from tests.conftest import Api, http_server, png_base64
 
 LOOPBACK = NetworkPolicy(parse_networks("127.0.0.0/8"))
 
@@ -133,10 +132,8 @@ class _Redirects(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def redirector() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Redirects)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with http_server(_Redirects) as url:
+        yield url
 
 
 @pytest.mark.parametrize("path", ["/octal", "/broken", "/zone", "/space", "/ftp"])
