@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,8 +79,9 @@ class ServerProcess:
         )
         return result.stdout
 
-    def create_key(self, name: str = "test", credits: str | None = None) -> dict[str, Any]:
-        args = ["keys", "create", "--name", name, "--json"]
+    def create_key(self, name: str | None = None, credits: str | None = None) -> dict[str, Any]:
+        """A new key; unnamed ones get a fresh name (a name names one live key)."""
+        args = ["keys", "create", "--name", name or f"test-{uuid.uuid4().hex[:8]}", "--json"]
         if credits is not None:
             args += ["--credits", credits]
         return json.loads(self.cli(*args))

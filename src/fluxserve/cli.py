@@ -1,4 +1,4 @@
-"""The ``fluxserve`` command: serve, worker, keys, credits, migrate, prune."""
+"""The ``fluxserve`` command: serve, worker, jobs, keys, credits, migrate, prune."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,8 +15,12 @@ from typing import Annotated, Any
 import typer
 import uvicorn
 from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 
-from fluxserve.accounts.keys import ApiKey, KeyStore
+from fluxserve import __version__
+from fluxserve.accounts.keys import ApiKey, KeyProblem, KeyStore
 from fluxserve.db.connection import make_engine, migrate
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
@@ -22,13 +28,32 @@ from fluxserve.worker.beacon import Liveness, start_beacon
 from fluxserve.worker.supervisor import BEACON_ENV
 
 app = typer.Typer(help="fluxserve: a self-hosted FLUX image API server.", no_args_is_help=True)
-keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
-credits_app = typer.Typer(help="Top up a key's credits.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys: `fluxserve keys` shows them with their balances.")
+credits_app = typer.Typer(
+    help="Credits (1 credit = 0.01 USD): `fluxserve credits` shows balances and usage per key, model and day."
+)
 app.add_typer(keys_app, name="keys")
 app.add_typer(credits_app, name="credits")
 console = Console()
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (FLUXSERVE_DATA_DIR).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+Days = Annotated[int, typer.Option(min=1, help="Usage of the last DAYS days.")]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"fluxserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """fluxserve: a self-hosted FLUX image API server."""
 
 
 def _settings(data_dir: Path | None, **overrides: object) -> Settings:
@@ -38,10 +63,36 @@ def _settings(data_dir: Path | None, **overrides: object) -> Settings:
     return Settings(**values)
 
 
-def _key_store(settings: Settings) -> KeyStore:
+def _database(settings: Settings, create: bool = False) -> Engine:
+    """The database ``serve`` would use with these settings, migrated; which one is said on stderr.
+
+    Commands that only read or change existing keys refuse a SQLite file that does not exist, rather than
+    making an empty one wherever they happen to be run.
+    """
+    url = make_url(settings.database)
+    typer.echo(f"database: {url.render_as_string(hide_password=True)}", err=True)
+    if not create and url.get_backend_name() == "sqlite" and url.database:
+        path = Path(url.database)
+        if not path.exists():
+            typer.echo(
+                f"error: no fluxserve database at {path}: run this where `fluxserve serve` runs, or pass "
+                "--data-dir (or set FLUXSERVE_DATA_DIR or FLUXSERVE_DATABASE_URL) as you do for serve",
+                err=True,
+            )
+            raise typer.Exit(1)
     engine = make_engine(settings.database)
     migrate(engine)
-    return KeyStore(engine)
+    return engine
+
+
+@contextmanager
+def _keys(data_dir: Path | None, create: bool = False) -> Iterator[KeyStore]:
+    """The key store of the data dir; a :class:`KeyProblem` ends the command with its message."""
+    try:
+        yield KeyStore(_database(_settings(data_dir), create))
+    except KeyProblem as problem:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(1) from problem
 
 
 def _credits(value: str | None) -> Decimal | None:
@@ -56,15 +107,29 @@ def _credits(value: str | None) -> Decimal | None:
     return credits
 
 
-def _key_json(key: ApiKey) -> dict[str, object]:
-    return {
+def _amount(value: str) -> Decimal:
+    credits = _credits(value)
+    if not credits:
+        raise typer.BadParameter("must be more than zero")
+    return credits
+
+
+def _key_json(key: ApiKey, secret: bool = False) -> dict[str, object]:
+    """A key as the commands print it; its webhook secret only when asked for."""
+    shown: dict[str, object] = {
         "id": key.id,
         "name": key.name,
         "prefix": key.prefix,
         "credits": None if key.credits is None else str(key.credits),
-        "webhook_secret": key.webhook_secret,
         "active": key.active,
     }
+    if secret:
+        shown["webhook_secret"] = key.webhook_secret
+    return shown
+
+
+def _balance(key: ApiKey) -> str:
+    return "unlimited" if key.credits is None else str(key.credits)
 
 
 @app.command()
@@ -85,7 +150,7 @@ def serve(
         data_dir, host=host, port=port, workers=0 if no_workers else workers, public_url=public_url
     )
     configure_logging(json=settings.log_json)
-    keys = _key_store(settings)
+    keys = KeyStore(_database(settings, create=True))
     if keys.count() == 0:
         new = keys.create("default")
         # Plain echo, not rich: a wrapped key or curl line could not be pasted back.
@@ -138,7 +203,7 @@ def worker(
 @app.command("migrate")
 def migrate_command(data_dir: DataDir = None) -> None:
     """Bring the database schema up to date (serve does this on start, too)."""
-    migrate(make_engine(_settings(data_dir).database))
+    _database(_settings(data_dir), create=True)
     console.print("database is up to date")
 
 
@@ -172,49 +237,200 @@ def prune(
     )
 
 
+@keys_app.callback(invoke_without_command=True)
+def keys_overview(
+    ctx: typer.Context, data_dir: DataDir = None, days: Days = 30, as_json: AsJson = False
+) -> None:
+    """Every key with its balance and what it spent lately."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fluxserve.jobs.activity import totals, usage
+
+    with _keys(data_dir) as store:
+        keys = store.list()
+        spent = usage(store.engine, days=days)
+    if as_json:
+        for key in keys:
+            typer.echo(json.dumps({**_key_json(key), **totals(spent, key.id)}))
+        return
+    table = Table("name", "prefix", "balance", f"jobs ({days} d)", f"spent ({days} d)", "state")
+    for key in keys:
+        summary = totals(spent, key.id)
+        table.add_row(
+            key.name,
+            key.prefix + "...",
+            _balance(key),
+            str(summary["jobs"]),
+            str(summary["spent"]),
+            "live" if key.active else "revoked",
+        )
+    console.print(table)
+
+
 @keys_app.command("create")
 def keys_create(
-    name: Annotated[str, typer.Option(help="A label for the key's owner.")],
+    name: Annotated[str, typer.Option(help="A label for the key's owner, unique among live keys.")],
     credits: Annotated[str | None, typer.Option(help="Starting credits; unlimited when omitted.")] = None,
     data_dir: DataDir = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Create a key and print it once: it is stored only as a hash."""
-    new = _key_store(_settings(data_dir)).create(name, _credits(credits))
+    with _keys(data_dir, create=True) as store:
+        new = store.create(name, _credits(credits))
     if as_json:
-        typer.echo(json.dumps({"key": new.key, **_key_json(new.record)}))
+        typer.echo(json.dumps({"key": new.key, **_key_json(new.record, secret=True)}))
     else:
         typer.echo(f"key: {new.key}\nwebhook secret: {new.record.webhook_secret}")
 
 
 @keys_app.command("list")
 def keys_list(data_dir: DataDir = None) -> None:
-    """List keys (their prefixes, never the keys)."""
-    for key in _key_store(_settings(data_dir)).list():
-        typer.echo(json.dumps(_key_json(key)))
+    """List keys as JSON lines: prefixes, never the keys; no webhook secrets (`keys show --secret`)."""
+    with _keys(data_dir) as store:
+        for key in store.list():
+            typer.echo(json.dumps(_key_json(key)))
+
+
+@keys_app.command("show")
+def keys_show(
+    name_or_id: str,
+    secret: Annotated[bool, typer.Option("--secret", help="Include the webhook signing secret.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """One key as JSON; with --secret, the secret its webhooks are signed with."""
+    with _keys(data_dir) as store:
+        typer.echo(json.dumps(_key_json(store.resolve(name_or_id), secret=secret)))
 
 
 @keys_app.command("revoke")
 def keys_revoke(name_or_id: str, data_dir: DataDir = None) -> None:
-    """Stop a key from working; its jobs and results stay."""
-    store = _key_store(_settings(data_dir))
-    key = store.find(name_or_id)
-    if key is None:
-        raise typer.BadParameter(f"no key named {name_or_id!r}")
-    store.revoke(key.id)
+    """Stop a key from working; its jobs and results stay, and its name is free again."""
+    with _keys(data_dir) as store:
+        key = store.resolve(name_or_id)
+        if not key.active:
+            raise KeyProblem(f"{key.name} is already revoked")
+        store.revoke(key.id)
     console.print(f"revoked {key.name} ({key.prefix}...)")
 
 
+@credits_app.callback(invoke_without_command=True)
+def credits_overview(
+    ctx: typer.Context, data_dir: DataDir = None, days: Days = 7, as_json: AsJson = False
+) -> None:
+    """Balances of the live keys, and jobs, images and credits charged per day, key and model."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fluxserve.jobs.activity import usage
+
+    with _keys(data_dir) as store:
+        keys = [key for key in store.list() if key.active]
+        _print_usage(keys, [line.as_json() for line in usage(store.engine, days=days)], days, as_json)
+
+
+@credits_app.command("show")
+def credits_show(name_or_id: str, data_dir: DataDir = None, days: Days = 7, as_json: AsJson = False) -> None:
+    """One key's balance and its usage per day and model."""
+    from fluxserve.jobs.activity import usage
+
+    with _keys(data_dir) as store:
+        key = store.resolve(name_or_id)
+        lines = usage(store.engine, key_id=key.id, days=days)
+        _print_usage([key], [line.as_json() for line in lines], days, as_json)
+
+
+def _print_usage(keys: list[ApiKey], lines: list[dict[str, object]], days: int, as_json: bool) -> None:
+    """Balances, then usage per day, key and model (``UsageLine.as_json`` rows)."""
+    if as_json:
+        balances = {key.name: None if key.credits is None else str(key.credits) for key in keys}
+        typer.echo(json.dumps({"balances": balances, "usage": lines}))
+        return
+    table = Table("key", "balance", title="Balances")
+    for key in keys:
+        table.add_row(key.name, _balance(key))
+    console.print(table)
+    columns = ("day", "key", "model", "jobs", "images", "credits")
+    spent = Table(*columns, title=f"Usage, last {days} days (UTC)")
+    for line in lines:
+        spent.add_row(*(str(line[column]) for column in columns))
+    console.print(spent if lines else f"no jobs in the last {days} days")
+
+
+AmountArg = Annotated[str, typer.Argument(help="Credits (1 credit = 0.01 USD).")]
+
+
 @credits_app.command("add")
-def credits_add(
+def credits_add(name_or_id: str, amount: AmountArg, data_dir: DataDir = None) -> None:
+    """Add credits to a live key with a finite balance."""
+    with _keys(data_dir) as store:
+        typer.echo(json.dumps(_key_json(store.add_credits(store.resolve(name_or_id), _amount(amount)))))
+
+
+@credits_app.command("take")
+def credits_take(name_or_id: str, amount: AmountArg, data_dir: DataDir = None) -> None:
+    """Take credits from a live key's finite balance (never below zero)."""
+    with _keys(data_dir) as store:
+        typer.echo(json.dumps(_key_json(store.take_credits(store.resolve(name_or_id), _amount(amount)))))
+
+
+@credits_app.command("set")
+def credits_set(
     name_or_id: str,
-    amount: Annotated[str, typer.Argument(help="Credits to add (1 credit = 0.01 USD).")],
+    amount: Annotated[str, typer.Argument(help="The new balance, or 'unlimited'.")],
     data_dir: DataDir = None,
 ) -> None:
-    """Add credits to a key with a finite balance."""
-    store = _key_store(_settings(data_dir))
-    key = store.find(name_or_id)
-    if key is None:
-        raise typer.BadParameter(f"no key named {name_or_id!r}")
-    updated = store.add_credits(key.id, _credits(amount) or Decimal(0))
-    typer.echo(json.dumps(_key_json(updated)))  # type: ignore[arg-type]
+    """Set a live key's balance outright, or make it unlimited."""
+    credits = None if amount.strip().lower() == "unlimited" else _credits(amount)
+    with _keys(data_dir) as store:
+        typer.echo(json.dumps(_key_json(store.set_credits(store.resolve(name_or_id), credits))))
+
+
+@app.command("jobs")
+def jobs_command(
+    key: Annotated[str | None, typer.Option("--key", help="Only this key's jobs (name or id).")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(help="Only jobs in this status: queued, running, succeeded, failed, canceled, ..."),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 20,
+    data_dir: DataDir = None,
+    as_json: AsJson = False,
+) -> None:
+    """Recent jobs, newest first."""
+    from fluxserve.core.job import JobStatus
+    from fluxserve.jobs.activity import recent_jobs
+
+    try:
+        wanted = None if status is None else JobStatus(status.lower())
+    except ValueError as error:
+        raise typer.BadParameter(
+            f"{status!r}: one of {', '.join(each.value for each in JobStatus)}", param_hint="--status"
+        ) from error
+    with _keys(data_dir) as store:
+        key_id = None if key is None else store.resolve(key).id
+        lines = recent_jobs(store.engine, key_id=key_id, status=wanted, limit=limit)
+    if as_json:
+        for line in lines:
+            typer.echo(
+                json.dumps(
+                    {
+                        "id": line.id,
+                        "key": line.key,
+                        "model": line.model,
+                        "status": line.status.value,
+                        "size": line.size,
+                        "cost": str(line.cost),
+                        "prompt": line.prompt,
+                        "created_at": line.created_at.isoformat(),
+                        "finished_at": line.finished_at and line.finished_at.isoformat(),
+                    }
+                )
+            )
+        return
+    table = Table("created (UTC)", "id", "key", "model", "status", "size", "prompt")
+    for line in lines:
+        prompt = line.prompt if len(line.prompt) <= 40 else line.prompt[:39] + "…"
+        table.add_row(
+            f"{line.created_at:%Y-%m-%d %H:%M:%S}", line.id, line.key, line.model, line.status.value,
+            line.size or "", prompt,
+        )  # fmt: skip
+    console.print(table if lines else "no jobs")

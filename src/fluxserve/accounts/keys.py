@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from fluxserve.db import ledger
 from fluxserve.db.connection import utcnow
@@ -20,6 +21,10 @@ KEY_PREFIX = "fs_"
 
 def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class KeyProblem(Exception):
+    """An operation on keys that cannot be done as asked; the message says why, for the operator."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,17 @@ class KeyStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
+    @property
+    def engine(self) -> Engine:
+        """The database the keys live in (reports on their jobs read it too)."""
+        return self._engine
+
     def create(self, name: str, credits: Decimal | None = None) -> NewKey:
-        """Make a key; the raw value is returned once and never stored."""
+        """Make a key; the raw value is returned once and never stored. A name names one live key, so that
+        commands given a name cannot reach the wrong one."""
+        name = name.strip()
+        if not name:
+            raise KeyProblem("a key needs a name")
         raw = KEY_PREFIX + secrets.token_urlsafe(32)
         values = {
             "id": str(uuid.uuid4()),
@@ -60,8 +74,13 @@ class KeyStore:
             "active": True,
             "created_at": utcnow(),
         }
-        with self._engine.begin() as conn:
-            conn.execute(insert(api_keys).values(values))
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(insert(api_keys).values(values))
+        except IntegrityError as error:  # the live-name index (the hash is random, never a clash)
+            raise KeyProblem(
+                f"a live key is already named {name!r}: choose another name, or revoke that key first"
+            ) from error
         return NewKey(raw, self.get(values["id"]))  # type: ignore[arg-type]
 
     def authenticate(self, raw: str | None) -> ApiKey | None:
@@ -84,18 +103,62 @@ class KeyStore:
     def count(self) -> int:
         return len(self.list())
 
-    def add_credits(self, key_id: str, credits: Decimal) -> ApiKey | None:
-        """Top up a finite balance (an unlimited key stays unlimited)."""
-        with self._engine.begin() as conn:
-            ledger.add(conn, key_id, credits)
-        return self.get(key_id)
-
     def find(self, name_or_id: str) -> ApiKey | None:
+        """The key with this id; else the live key of this name; else the newest revoked one of it."""
         with self._engine.connect() as conn:
             row = conn.execute(
-                select(api_keys).where((api_keys.c.id == name_or_id) | (api_keys.c.name == name_or_id))
+                select(api_keys)
+                .where((api_keys.c.id == name_or_id) | (api_keys.c.name == name_or_id))
+                .order_by(
+                    (api_keys.c.id == name_or_id).desc(),
+                    api_keys.c.active.desc(),
+                    api_keys.c.created_at.desc(),
+                )
             ).first()
         return _record(row) if row is not None else None
+
+    def resolve(self, name_or_id: str) -> ApiKey:
+        """:meth:`find`, or a :class:`KeyProblem` that says there is no such key."""
+        key = self.find(name_or_id)
+        if key is None:
+            raise KeyProblem(f"no key named {name_or_id!r} (`fluxserve keys` lists them)")
+        return key
+
+    def add_credits(self, key: ApiKey, credits: Decimal) -> ApiKey:
+        """Top up a live key's finite balance."""
+        self._finite_and_live(key, "add credits to")
+        with self._engine.begin() as conn:
+            ledger.add(conn, key.id, credits)
+        return self.get(key.id)  # type: ignore[return-value]
+
+    def take_credits(self, key: ApiKey, credits: Decimal) -> ApiKey:
+        """Take credits from a live key's finite balance; never below zero."""
+        self._finite_and_live(key, "take credits from")
+        with self._engine.begin() as conn:
+            if not ledger.hold(conn, key.id, credits):
+                balance = self.get(key.id)
+                raise KeyProblem(
+                    f"{key.name} has {balance.credits if balance else 0} credits: cannot take {credits}"
+                )
+        return self.get(key.id)  # type: ignore[return-value]
+
+    def set_credits(self, key: ApiKey, credits: Decimal | None) -> ApiKey:
+        """Set a live key's balance outright (None: unlimited)."""
+        if not key.active:
+            raise KeyProblem(f"{key.name} is revoked: its balance cannot be set")
+        with self._engine.begin() as conn:
+            ledger.set_balance(conn, key.id, credits)
+        return self.get(key.id)  # type: ignore[return-value]
+
+    @staticmethod
+    def _finite_and_live(key: ApiKey, action: str) -> None:
+        if not key.active:
+            raise KeyProblem(f"{key.name} is revoked: cannot {action} it")
+        if key.credits is None:
+            raise KeyProblem(
+                f"{key.name} has unlimited credits: cannot {action} it "
+                f"(`fluxserve credits set {key.name} AMOUNT` gives it a balance)"
+            )
 
     def revoke(self, key_id: str) -> None:
         with self._engine.begin() as conn:

@@ -58,3 +58,14 @@ def add(conn: Connection, key_id: str, amount: Decimal) -> bool:
         .values(credits_hundredths=_BALANCE + to_hundredths(amount))
     )
     return changed.rowcount == 1
+
+
+def set_balance(conn: Connection, key_id: str, credits: Decimal | None) -> bool:
+    """Set a key's balance outright (None: unlimited); False for an unknown key."""
+    value = None if credits is None else to_hundredths(credits)
+    return (
+        conn.execute(
+            update(api_keys).where(api_keys.c.id == key_id).values(credits_hundredths=value)
+        ).rowcount
+        == 1
+    )

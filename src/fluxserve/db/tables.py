@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -35,6 +36,14 @@ api_keys = Table(
     Column("credits_hundredths", BigInteger, nullable=True),  # NULL: unlimited
     Column("active", Boolean, nullable=False, default=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # a name names one live key (a revoked key keeps its name); migration 0005
+    Index(
+        "uq_api_keys_live_name",
+        "name",
+        unique=True,
+        sqlite_where=text("active"),
+        postgresql_where=text("active"),
+    ),
 )
 
 jobs = Table(

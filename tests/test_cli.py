@@ -1,0 +1,201 @@
+"""The operator's commands as a new user meets them: keys, credits, jobs, the database they use, --version.
+
+In-process (typer's runner) on real SQLite databases: the commands are thin, a subprocess proves nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import insert, select
+from typer.testing import CliRunner, Result
+
+from fluxserve import __version__
+from fluxserve.cli import app
+from fluxserve.db.connection import MIGRATIONS, make_engine, migrate, utcnow
+from fluxserve.db.tables import api_keys, jobs
+
+
+@pytest.fixture(autouse=True)
+def _no_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("FLUXSERVE_DATA_DIR", "FLUXSERVE_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+class Cli:
+    """``fluxserve ...`` on one data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, code: int = 0) -> Result:
+        result = self.runner.invoke(app, [*args, "--data-dir", str(self.data_dir)])
+        assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args).stdout)
+
+    def key(self, name: str, credits: str | None = None) -> dict[str, Any]:
+        extra = [] if credits is None else ["--credits", credits]
+        return self.json("keys", "create", "--name", name, "--json", *extra)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path / "data")
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"fluxserve {__version__}"
+
+
+def test_from_another_folder_keys_list_names_the_missing_database_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["keys", "list"])
+    expected = tmp_path / "data" / "fluxserve.db"
+    assert result.exit_code == 1
+    assert f"no fluxserve database at {expected}" in result.stderr and "--data-dir" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_every_command_says_which_database_it_used(cli: Cli) -> None:
+    created = cli("keys", "create", "--name", "a")
+    listed = cli("keys", "list")
+    url = f"database: sqlite:///{(cli.data_dir / 'fluxserve.db').resolve()}"
+    assert url in created.stderr and url in listed.stderr
+    assert "database" not in listed.stdout  # stdout stays machine-readable
+
+
+def test_a_name_names_one_live_key(cli: Cli) -> None:
+    first = cli.key("alice", "5")
+    refused = cli("keys", "create", "--name", "alice", code=1)
+    assert "a live key is already named 'alice'" in refused.stderr
+    cli("keys", "revoke", "alice")
+    again = cli("keys", "revoke", "alice", code=1)
+    assert "already revoked" in again.stderr
+    second = cli.key("alice", "1")
+    topped = cli.json("credits", "add", "alice", "1")
+    assert topped["id"] == second["id"] and topped["credits"] == "2"
+    old = cli.json("keys", "show", first["id"])
+    assert old["credits"] == "5" and old["active"] is False
+
+
+def test_credits_of_a_revoked_key_cannot_change(cli: Cli) -> None:
+    cli.key("gone", "5")
+    cli("keys", "revoke", "gone")
+    for args in (("add", "gone", "1"), ("take", "gone", "1"), ("set", "gone", "9")):
+        assert "gone is revoked" in cli("credits", *args, code=1).stderr
+    assert cli.json("keys", "show", "gone")["credits"] == "5"
+
+
+def test_credits_add_on_an_unlimited_key_fails_and_changes_nothing(cli: Cli) -> None:
+    cli.key("free")
+    result = cli("credits", "add", "free", "10", code=1)
+    assert "free has unlimited credits" in result.stderr and "credits set free" in result.stderr
+    assert cli.json("keys", "show", "free")["credits"] is None
+
+
+def test_credits_can_be_set_taken_and_shown(cli: Cli) -> None:
+    cli.key("bob", "10")
+    assert cli.json("credits", "take", "bob", "2.5")["credits"] == "7.5"
+    refused = cli("credits", "take", "bob", "8", code=1)
+    assert "bob has 7.5 credits: cannot take 8" in refused.stderr
+    assert cli.json("credits", "set", "bob", "3")["credits"] == "3"
+    assert cli.json("credits", "show", "bob", "--json")["balances"] == {"bob": "3"}
+    assert cli.json("credits", "set", "bob", "unlimited")["credits"] is None
+    for bad in (("add", "bob", "0"), ("take", "bob", "-1"), ("set", "bob", "lots")):
+        assert cli("credits", *bad, code=2).exit_code == 2
+    assert "no key named 'nobody'" in cli("credits", "show", "nobody", code=1).stderr
+
+
+def test_keys_list_hides_webhook_secrets_unless_asked(cli: Cli) -> None:
+    created = cli.key("carol")
+    listed = cli("keys", "list").stdout
+    assert created["webhook_secret"] not in listed and "webhook_secret" not in listed
+    assert cli.json("keys", "show", "carol", "--secret")["webhook_secret"] == created["webhook_secret"]
+    assert "webhook_secret" not in cli.json("keys", "show", "carol")
+
+
+def _job(database: Any, key_id: str, model: str, status: str, cost: int, days_ago: float = 0) -> str:
+    job_id = str(uuid.uuid4())
+    with database.begin() as conn:
+        conn.execute(
+            insert(jobs).values(
+                id=job_id, key_id=key_id, model=model, status=status, params={}, seed=1,
+                output_format="png", prompt=f"{status} {model}", cost_hundredths=cost,
+                width=512, height=512, created_at=utcnow() - timedelta(days=days_ago),
+            )
+        )  # fmt: skip
+    return job_id
+
+
+def test_jobs_and_usage_per_key_model_and_day(cli: Cli) -> None:
+    dave = cli.key("dave", "100")["id"]
+    erin = cli.key("erin")["id"]
+    database = make_engine(f"sqlite:///{cli.data_dir / 'fluxserve.db'}")
+    ok = _job(database, dave, "flux-dev", "succeeded", 250)
+    _job(database, dave, "flux-dev", "failed", 250)
+    _job(database, dave, "flux-kontext-pro", "succeeded", 400, days_ago=1)
+    _job(database, erin, "flux-dev", "queued", 250)
+    _job(database, dave, "flux-dev", "succeeded", 250, days_ago=30)  # outside the last 7 days
+
+    mine = [
+        json.loads(line)
+        for line in cli("jobs", "--key", "dave", "--status", "succeeded", "--json").stdout.splitlines()
+    ]
+    assert mine[0]["id"] == ok and {job["status"] for job in mine} == {"succeeded"}
+    assert len(mine) == 3 and all(job["key"] == "dave" for job in mine)
+    assert len(cli("jobs", "--limit", "2", "--json").stdout.splitlines()) == 2
+    assert "--status" in cli("jobs", "--status", "done", code=2).stderr
+
+    report = cli.json("credits", "--json")
+    assert report["balances"] == {"dave": "100", "erin": None}
+    today = {
+        (line["key"], line["model"]): line
+        for line in report["usage"]
+        if line["day"] == report["usage"][0]["day"]
+    }
+    assert today[("dave", "flux-dev")] | {"day": None} == {
+        "day": None, "key": "dave", "model": "flux-dev", "jobs": 2, "images": 1, "credits": "2.5",
+    }  # fmt: skip
+    assert today[("erin", "flux-dev")]["credits"] == "0"
+    assert len(report["usage"]) == 3  # the 30-day-old job is outside the default 7 days
+
+    keys = {line["name"]: line for line in map(json.loads, cli("keys", "--json").stdout.splitlines())}
+    assert keys["dave"]["spent"] == "6.5" and keys["dave"]["jobs"] == 3  # the 30-day-old job just outside
+    table = cli("keys").stdout
+    assert "dave" in table and "unlimited" in table and "live" in table
+    assert "flux-kontext-pro" in cli("credits", "show", "dave").stdout
+
+
+def test_migration_renames_live_keys_that_share_a_name(tmp_path: Path) -> None:
+    database = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with database.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0004")
+    with database.begin() as conn:
+        for index, (prefix, active) in enumerate((("fs_a", True), ("fs_b", True), ("fs_c", False))):
+            conn.execute(
+                insert(api_keys).values(
+                    id=prefix, name="dup", key_hash=prefix, key_prefix=prefix, webhook_secret="s",
+                    active=active, created_at=utcnow() + timedelta(seconds=index),
+                )
+            )  # fmt: skip
+    migrate(database)
+    with database.connect() as conn:
+        names = dict(conn.execute(select(api_keys.c.id, api_keys.c.name)).all())
+    assert names == {"fs_a": "dup", "fs_b": "dup-fs_b", "fs_c": "dup"}
