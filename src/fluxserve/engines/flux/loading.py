@@ -4,6 +4,10 @@ The weights are loaded once (``from_pretrained``) and the other pipelines (konte
 with ``from_pipe``, which shares every module: one copy of the weights serves every path. An optional FLUX
 Redux prior (``options.redux``) is loaded beside them for image prompts.
 
+The knobs (device, quantization, CPU offload, attention backend, VAE tiling, compilation) are applied by
+:func:`tune` and :func:`compile_transformer`, which work on any diffusers pipeline: :class:`FluxModel`
+(FLUX.1) and :class:`LoadedPipeline` (the base of the FLUX.2 and Fill models, one pipeline each) share them.
+
 The pipelines take one guidance value for all steps; a forward pre-hook on the transformer replaces it per
 step while a schedule is set (:meth:`FluxModel.guidance_schedule`), which is how flux-pro's ``interval``
 runs (see :mod:`~fluxserve.engines.flux.planning`).
@@ -13,18 +17,24 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline, FluxPipeline, FluxPriorReduxPipeline
+from diffusers import (
+    DiffusionPipeline,
+    FluxImg2ImgPipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+    FluxPriorReduxPipeline,
+)
 
 from fluxserve.engines.flux.options import LoadOptions
 from fluxserve.errors import EngineError
 
-MAX_SEQUENCE_LENGTH = 512  # FLUX.1's T5 context; a checkpoint whose tokenizer is shorter uses its own
+MAX_SEQUENCE_LENGTH = 512  # FLUX.1's T5 context (FLUX.2's too); a shorter tokenizer's own length wins
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,15 +55,96 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def quantize_weights(pipe: FluxPipeline, kind: str) -> None:
-    """Quantize the linear layers of the two big modules in place (shared by every derived pipeline)."""
+def text_length(tokenizer: Any) -> int:
+    """Prompt tokens to encode: the tokenizer's length, at most :data:`MAX_SEQUENCE_LENGTH`."""
+    return min(MAX_SEQUENCE_LENGTH, getattr(tokenizer, "model_max_length", MAX_SEQUENCE_LENGTH))
+
+
+def quantize_weights(modules: Sequence[torch.nn.Module], kind: str) -> None:
+    """Quantize the linear layers of ``modules`` (the big ones: transformer and the large text encoder) in
+    place, so every pipeline sharing them runs quantized."""
     try:
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError:
         raise EngineError("options.quantize: needs torchao (pip install torchao)") from None
     config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
-    for module in (pipe.transformer, pipe.text_encoder_2):
+    for module in modules:
         quantize_(module, config)
+
+
+@contextmanager
+def knob(options: LoadOptions, name: str) -> Iterator[None]:
+    """Report a knob that fails as the catalog option it came from, with the library's reason."""
+    try:
+        yield
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise EngineError(f"options.{name}={getattr(options, name)!r}: {short_reason(exc)}") from exc
+
+
+def tune(
+    pipelines: Sequence[DiffusionPipeline],
+    options: LoadOptions,
+    device: torch.device,
+    quantized: Sequence[torch.nn.Module],
+) -> None:
+    """Place the modules and turn on the configured memory and speed knobs (all but compilation, see
+    :func:`compile_transformer`). ``pipelines[0]`` owns the transformer and VAE; the others share its
+    modules or sit beside it (a Redux prior) and get the same placement."""
+    main = pipelines[0]
+    if not options.cpu_offload:
+        with knob(options, "device"):
+            for pipe in pipelines:
+                pipe.to(device)
+    if options.quantize:
+        with knob(options, "quantize"):
+            quantize_weights(quantized, options.quantize)
+    if options.cpu_offload:
+        with knob(options, "cpu_offload"):
+            # The hooks sit on the shared modules and each pipeline re-arms its own after a call.
+            for pipe in pipelines:
+                pipe.enable_model_cpu_offload(device=device)
+    if options.attention:
+        with knob(options, "attention"):
+            main.transformer.set_attention_backend(options.attention)
+    if options.vae_tiling:
+        with knob(options, "vae_tiling"):
+            main.vae.enable_tiling()
+
+
+def compile_transformer(transformer: torch.nn.Module, options: LoadOptions) -> None:
+    """``torch.compile`` the transformer's forward when configured: the forward, not the module, so that
+    forward hooks (FLUX.1's guidance schedule) stay outside the graph."""
+    if options.compile:
+        with knob(options, "compile"):
+            transformer.forward = torch.compile(
+                transformer.forward, backend=options.compile_backend, mode=options.compile_mode
+            )
+
+
+def pipeline_nbytes(pipe: DiffusionPipeline) -> int:
+    """Bytes held by a pipeline's weights (parameters and buffers of every module, quantized as stored)."""
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(_tensor_bytes(t) for t in [*component.parameters(), *component.buffers()])
+    return total
+
+
+def load_pipeline(classes: Mapping[str, type[DiffusionPipeline]], weights: Path, dtype: torch.dtype) -> Any:
+    """``from_pretrained`` of the folder's own pipeline class (its ``model_index.json``), when it is one of
+    ``classes``; anything else is an EngineError that names the folder and what it holds."""
+    try:
+        name = DiffusionPipeline.load_config(weights)["_class_name"]
+    except Exception as exc:
+        raise EngineError(f"cannot load weights from {weights}: {short_reason(exc)}") from exc
+    if name not in classes:
+        raise EngineError(f"{weights} holds a {name} pipeline; this route needs one of {', '.join(classes)}")
+    try:
+        return classes[name].from_pretrained(weights, dtype=dtype)
+    except Exception as exc:
+        raise EngineError(f"cannot load {name} weights from {weights}: {short_reason(exc)}") from exc
 
 
 def batch_invariant(pipe: FluxPipeline) -> None:
@@ -113,8 +204,7 @@ class FluxModel:
             pipe.set_progress_bar_config(disable=True)
         self._apply_options()
         self.lock = threading.Lock()
-        tokenizer_length = getattr(text2image.tokenizer_2, "model_max_length", MAX_SEQUENCE_LENGTH)
-        self.max_sequence_length = min(MAX_SEQUENCE_LENGTH, tokenizer_length)
+        self.max_sequence_length = text_length(text2image.tokenizer_2)
         self.multiple = text2image.vae_scale_factor * 2
         self.takes_guidance = bool(text2image.transformer.config.get("guidance_embeds", False))
         self._guidance_at: Callable[[float], float] | None = None
@@ -128,43 +218,16 @@ class FluxModel:
 
     def _apply_options(self) -> None:
         """Place the modules and turn on the configured speed and memory knobs."""
-        options = self.options
-        if not options.cpu_offload:
-            with self._knob("device"):
-                self.text2image.to(self.device)
-                if self.redux is not None:
-                    self.redux.to(self.device)
-        if options.quantize:
-            with self._knob("quantize"):
-                quantize_weights(self.text2image, options.quantize)
-        if options.cpu_offload:
-            with self._knob("cpu_offload"):
-                # The hooks sit on the shared modules and each pipeline re-arms its own after a call.
-                for pipe in (*self.pipelines, *([self.redux] if self.redux is not None else [])):
-                    pipe.enable_model_cpu_offload(device=self.device)
-        if options.attention:
-            with self._knob("attention"):
-                self.text2image.transformer.set_attention_backend(options.attention)
-        if options.vae_tiling:
-            with self._knob("vae_tiling"):
-                self.text2image.vae.enable_tiling()
-        batch_invariant(self.text2image)
-        if options.compile:
-            with self._knob("compile"):
-                # The forward, not the module: the guidance-schedule pre-hook stays outside the graph.
-                transformer = self.text2image.transformer
-                transformer.forward = torch.compile(
-                    transformer.forward, backend=options.compile_backend, mode=options.compile_mode
-                )
-
-    @contextmanager
-    def _knob(self, name: str) -> Iterator[None]:
-        """Report a knob that fails as the catalog option it came from, with the library's reason."""
-        try:
-            yield
-        except Exception as exc:
-            value = getattr(self.options, name)
-            raise EngineError(f"options.{name}={value!r}: {short_reason(exc)}") from exc
+        companions = [self.redux] if self.redux is not None else []
+        text2image = self.text2image
+        tune(
+            [*self.pipelines, *companions],
+            self.options,
+            self.device,
+            quantized=[text2image.transformer, text2image.text_encoder_2],
+        )
+        batch_invariant(text2image)
+        compile_transformer(text2image.transformer, self.options)
 
     @contextmanager
     def guidance_schedule(self, at: Callable[[float], float] | None) -> Iterator[list[float]]:
@@ -192,11 +255,40 @@ class FluxModel:
     @property
     def nbytes(self) -> int:
         """Bytes held by the weights (parameters and buffers of every module, quantized ones as stored)."""
-        total = 0
-        for component in self.text2image.components.values():
-            if isinstance(component, torch.nn.Module):
-                total += sum(_tensor_bytes(t) for t in [*component.parameters(), *component.buffers()])
-        return total
+        return pipeline_nbytes(self.text2image)
+
+
+class LoadedPipeline:
+    """One diffusers pipeline's weights in memory with the loading knobs applied: the base of the models
+    that run a single pipeline (FLUX.2, Fill). ``lock`` serialises generation on it.
+
+    A subclass names the pipeline classes its folder may hold (``PIPELINES``, by ``model_index.json``
+    class name) and the modules quantization applies to (``QUANTIZED``, attribute names). FLUX.1-only
+    options (``redux``...) are refused before loading, by :meth:`FluxOptions.single_pipeline`.
+    """
+
+    PIPELINES: ClassVar[Mapping[str, type[DiffusionPipeline]]]
+    QUANTIZED: ClassVar[tuple[str, ...]]
+
+    def __init__(self, weights: Path, options: LoadOptions | None = None) -> None:
+        self.weights = weights
+        self.options = options or LoadOptions()
+        self.device = resolve_device(self.options.device)
+        self.pipe = load_pipeline(self.PIPELINES, weights, resolve_dtype(self.options.dtype, self.device))
+        self.pipe.set_progress_bar_config(disable=True)
+        tune([self.pipe], self.options, self.device, [getattr(self.pipe, name) for name in self.QUANTIZED])
+        compile_transformer(self.pipe.transformer, self.options)
+        self.lock = threading.Lock()
+        self.multiple: int = self.pipe.vae_scale_factor * 2
+
+    @property
+    def kind(self) -> str:
+        """The loaded pipeline's class name, as results report it."""
+        return type(self.pipe).__name__
+
+    @property
+    def nbytes(self) -> int:
+        return pipeline_nbytes(self.pipe)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:

@@ -2,7 +2,8 @@
 
 :class:`LoadOptions` are the ones that decide how weights are loaded and run (routes share one loaded model
 only when these agree); :class:`FluxOptions` adds the per-route ones (image prompts, raw mode, true CFG,
-batching, warm-up).
+batching, warm-up). The FLUX.2 and Fill engines take the loading knobs and ``max_sequence_length``; the
+FLUX.1-only ones (:data:`FLUX1_ONLY`) are refused on their routes rather than ignored.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ class LoadOptions(BaseModel):
     compile_mode: str | None = Field(default=None, description="torch.compile mode, e.g. max-autotune.")
 
 
+# Knobs only the FLUX.1 engine (engines/flux/engine.py) honours.
+FLUX1_ONLY = frozenset(
+    {"redux", "image_prompt_strength", "raw_guidance", "true_cfg_scale", "max_batch", "warmup"}
+)
+
+
 class FluxOptions(LoadOptions):
     """The diffusers engine's knobs, from the catalog entry's ``options`` table. Unknown keys are refused."""
 
@@ -83,6 +90,14 @@ class FluxOptions(LoadOptions):
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise EngineError(f"catalog options: {problems}") from None
+
+    def single_pipeline(self, engine: str) -> FluxOptions:
+        """These options for an engine that runs one pipeline (``engine`` names it in the error): the
+        FLUX.1-only knobs, when set, are refused."""
+        refused = sorted(self.model_fields_set & FLUX1_ONLY)
+        if refused:
+            raise EngineError(f"catalog options: {', '.join(refused)}: FLUX.1 routes only, not {engine}")
+        return self
 
     def load(self) -> LoadOptions:
         return LoadOptions.model_validate(self.model_dump(include=set(LoadOptions.model_fields)))
