@@ -31,11 +31,10 @@ from fluxserve.db.tables import jobs
 from fluxserve.errors import EngineError, JobCanceled
 from fluxserve.jobs.retention import Retention
 from fluxserve.settings import Settings
-from fluxserve.storage.local import LocalBlobStore
 from fluxserve.storage.signing import UrlSigner
 from test_worker_inprocess import Scripted, World, paint, raising, run_one
 
-world = test_worker_inprocess.world  # the fixture: SQLite and files in tmp_path, a worker on them
+world = test_worker_inprocess.world  # the fixture: SQLite or PostgreSQL, files in tmp_path, a worker on them
 
 
 def files_under(root: Path) -> list[str]:
@@ -71,33 +70,7 @@ def small_paint(request, hooks):  # type: ignore[no-untyped-def]
     return paint(request, hooks)
 
 
-# --- the blob store ---------------------------------------------------------------------------------------
-
-
-def test_blob_store_delete_list_and_missing_files(tmp_path: Path) -> None:
-    blobs = LocalBlobStore(tmp_path)
-    blobs.put("inputs/a/x.png", b"12345", "image/png")
-    blobs.put("inputs/a/y.png", b"12", "image/png")
-    blobs.put("inputs/b/x.png", b"1", "image/png")
-    assert [(info.key, info.size) for info in blobs.list("inputs/")] == [
-        ("inputs/a/x.png", 5),
-        ("inputs/a/y.png", 2),
-        ("inputs/b/x.png", 1),
-    ]
-    assert sorted(info.key for info in blobs.delete_prefix("inputs/a/")) == [
-        "inputs/a/x.png",
-        "inputs/a/y.png",
-    ]
-    assert not (tmp_path / "inputs" / "a").exists()  # its emptied folder goes too
-    assert blobs.delete_prefix("inputs/a/") == []  # missing: not an error
-    assert blobs.delete("inputs/nothing.png") is None
-    removed = blobs.delete("inputs/b/x.png")
-    assert removed is not None and (removed.key, removed.size) == ("inputs/b/x.png", 1)
-    assert files_under(tmp_path) == [] and blobs.list("inputs/") == []
-    blobs.put("inputs/b/z.png", b"ok", "image/png")  # a folder a sweep removed is made again
-    assert blobs.get("inputs/b/z.png") == b"ok"
-    with pytest.raises(ValueError):
-        blobs.delete_prefix("../")
+# --- settings --------------------------------------------------------------------------------------------------
 
 
 def test_result_ttl_defaults_to_the_url_life(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,9 +199,10 @@ def test_an_expired_job_reads_as_such_in_both_dialects(world: World) -> None:
 # --- fluxserve prune on a real data dir --------------------------------------------------------------------
 
 
-def prune(data_dir: Path, *args: str) -> str:
+def prune(world: World, data_dir: Path, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "fluxserve", "prune", "--data-dir", str(data_dir), *args],
+        env={**os.environ, "FLUXSERVE_DATABASE_URL": world.database_url},
         capture_output=True,
         text=True,
         check=True,
@@ -258,14 +232,15 @@ def test_prune_from_the_command_line(world: World, tmp_path: Path) -> None:
     world.blobs.put(young, b"y", "image/png")
     sizes = sum(len(world.blobs.get(job.result_key)) for job in done[:2])  # type: ignore[arg-type]
 
-    out = prune(tmp_path, "--older-than", "3600")
+    out = prune(world, tmp_path, "--older-than", "3600")
     assert out == f"removed 2 result(s) and 1 orphaned input file(s): {sizes + 100} bytes"
     assert files_under(world.blobs.root) == sorted([done[2].result_key, young])  # type: ignore[type-var]
     assert [world.store.get(job.id).result_expired_at is not None for job in done] == [True, True, False]  # type: ignore[union-attr]
     assert (
-        prune(tmp_path, "--older-than", "3600") == "removed 0 result(s) and 0 orphaned input file(s): 0 bytes"
+        prune(world, tmp_path, "--older-than", "3600")
+        == "removed 0 result(s) and 0 orphaned input file(s): 0 bytes"
     )
-    assert prune(tmp_path).endswith(": 0 bytes")  # default: the TTL (a week), the last one stays
+    assert prune(world, tmp_path).endswith(": 0 bytes")  # default: the TTL (a week), the last one stays
     assert world.blobs.exists(done[2].result_key)  # type: ignore[arg-type]
 
 

@@ -18,13 +18,17 @@ from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.settings import Settings
 from fluxserve.storage.base import BlobStore
 from fluxserve.storage.local import LocalBlobStore
+from fluxserve.storage.s3 import S3BlobStore
 
 
 def make_blob_store(url: str) -> BlobStore:
+    """``file:///path`` (the default: the data dir) or ``s3://bucket/prefix?endpoint=&region=&urls=``."""
     parts = urlsplit(url)
     if parts.scheme == "file":
         return LocalBlobStore(Path(url2pathname(parts.path)))
-    raise ValueError(f"FLUXSERVE_STORAGE_URL: unsupported scheme {parts.scheme!r} (use file://)")
+    if parts.scheme == "s3":
+        return S3BlobStore.from_url(url)
+    raise ValueError(f"FLUXSERVE_STORAGE_URL: unsupported scheme {parts.scheme!r} (use file:// or s3://)")
 
 
 def open_database(settings: Settings) -> Engine:

@@ -24,7 +24,10 @@ class Services:
     base_url: str
 
     def result_url(self, key: str | None) -> str | None:
-        return None if key is None else self.base_url + self.signer.sign(key)
+        """The store's own URL when it gives one (an S3 presigned URL), else fluxserve's signed /files."""
+        if key is None:
+            return None
+        return self.blobs.direct_url(key, self.signer.ttl_seconds) or self.base_url + self.signer.sign(key)
 
 
 def get_services(request: Request) -> Services:

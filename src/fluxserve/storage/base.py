@@ -15,6 +15,15 @@ class BlobInfo:
     modified: float
 
 
+def check_key(key: str) -> str:
+    """Keys are relative POSIX paths (``results/<id>.png``) in every store: anything that could name a
+    place outside the store's root or prefix, or two keys the same object (absolute, empty, ``.`` or ``..``
+    segments, backslashes, NUL), is refused."""
+    if "\\" in key or "\x00" in key or any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"invalid blob key {key!r}")
+    return key
+
+
 class BlobStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
 
@@ -31,7 +40,13 @@ class BlobStore(Protocol):
         ...
 
     def list(self, prefix: str) -> list[BlobInfo]:
-        """Every blob under a folder (``inputs/``), in key order; a missing folder lists nothing."""
+        """Every blob under a folder (``inputs/``; ``""`` for all), in key order; a missing folder lists
+        nothing."""
         ...
 
     def exists(self, key: str) -> bool: ...
+
+    def direct_url(self, key: str, expires_in: float) -> str | None:
+        """A URL at which a client downloads the blob straight from the store for ``expires_in`` seconds
+        (an S3 presigned URL), or None: the client goes through fluxserve's signed ``/files`` route."""
+        ...

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from fluxserve.errors import BlobNotFound
-from fluxserve.storage.base import BlobInfo
+from fluxserve.storage.base import BlobInfo, check_key
 
 
 class LocalBlobStore:
@@ -16,11 +16,8 @@ class LocalBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        """Keys are relative POSIX paths; anything that could leave the root is refused."""
-        parts = PurePosixPath(key).parts
-        if not key or "\\" in key or "\x00" in key or key.startswith("/") or ".." in parts or "." in parts:
-            raise ValueError(f"invalid blob key {key!r}")
-        path = (self.root / key).resolve()
+        """Keys are relative POSIX paths (:func:`check_key`); a symlink out of the root is refused too."""
+        path = (self.root / check_key(key)).resolve()
         if not path.is_relative_to(self.root):
             raise ValueError(f"invalid blob key {key!r}")
         return path
@@ -81,8 +78,12 @@ class LocalBlobStore:
         self._prune_folders(path.parent)
         return removed
 
+    def _folder(self, prefix: str) -> Path:
+        """The folder of a prefix; ``""`` is the root."""
+        return self._path(prefix.rstrip("/")) if prefix else self.root
+
     def _files(self, prefix: str) -> list[Path]:
-        folder = self._path(prefix.rstrip("/"))
+        folder = self._folder(prefix)
         if not folder.is_dir():
             return []
         return sorted(
@@ -91,7 +92,7 @@ class LocalBlobStore:
 
     def delete_prefix(self, prefix: str) -> list[BlobInfo]:
         removed = [info for path in self._files(prefix) if (info := self._remove(path)) is not None]
-        folder = self._path(prefix.rstrip("/"))
+        folder = self._folder(prefix)
         if folder.is_dir():
             for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
                 if path.is_dir():
@@ -104,3 +105,7 @@ class LocalBlobStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def direct_url(self, key: str, expires_in: float) -> str | None:
+        """Files on disk are served by the ``/files`` route only."""
+        return None

@@ -11,13 +11,13 @@ from itsdangerous import BadSignature, Signer
 class UrlSigner:
     def __init__(self, secret: str, ttl_seconds: int) -> None:
         self._signer = Signer(secret, salt="fluxserve.files")
-        self._ttl = ttl_seconds
+        self.ttl_seconds = ttl_seconds
 
     def _signature(self, key: str, expires: str) -> str:
         return self._signer.get_signature(f"{key}\n{expires}").decode()
 
     def sign(self, key: str, now: float | None = None) -> str:
-        expires = str(int((now if now is not None else time.time()) + self._ttl))
+        expires = str(int((now if now is not None else time.time()) + self.ttl_seconds))
         return f"/files/{quote(key)}?expires={expires}&signature={self._signature(key, expires)}"
 
     def verify(self, key: str, expires: str, signature: str) -> bool:
