@@ -66,8 +66,23 @@ def test_output_size_per_route() -> None:
 
 
 def test_prices_and_their_format() -> None:
-    # The vendor's published prices, written out: the table must not drift from them.
-    assert {name: format_credits(spec.price) for name, spec in MODELS.items()} == {
+    # The vendor's published prices, written out: the table must not drift from them. FLUX.2: the first
+    # megapixel, then each further one.
+    prices = {
+        name: format_credits(spec.price)
+        + ("" if spec.further_mp_price is None else f" + {format_credits(spec.further_mp_price)}")
+        for name, spec in MODELS.items()
+    }
+    assert prices == {
+        "flux-2-pro": "3 + 1.5",
+        "flux-2-pro-preview": "3 + 1.5",
+        "flux-2-max": "7 + 3",
+        "flux-2-flex": "5 + 5",
+        "flux-2-klein-4b": "1.4 + 0.1",
+        "flux-2-klein-9b": "1.5 + 0.2",
+        "flux-2-klein-9b-preview": "1.5 + 0.2",
+        "flux-pro-1.0-fill": "5",
+        "flux-pro-1.0-expand": "5",
         "flux-kontext-max": "8",
         "flux-kontext-pro": "4",
         "flux-pro-1.1-ultra": "6",

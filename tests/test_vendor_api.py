@@ -166,9 +166,9 @@ INVALID = [
     ("flux-dev", {"prompt": "x", "webhook_url": "ftp://x"}, "webhook_url", "http(s) URL"),
     (
         "flux-dev",
-        {"prompt": "x", "webhook_secret": "s"},
+        {"prompt": "x", "webhook_secret": ""},
         "webhook_secret",
-        "signed with your key's own secret",
+        "webhook_secret: must be a string of 1 to 256 characters",
     ),
     ("flux-dev", {"prompt": "x", "steps": True}, "steps", "steps: must be an integer between 1 and 50"),
 ]

@@ -59,6 +59,8 @@ def vendor_errors(errors: list[dict[str, Any]], limit: int = MAX_ERROR_MESSAGES)
         field = str(loc[1]) if len(loc) > 1 and loc[0] == "body" else (str(loc[-1]) if loc else "body")
         if kind == "missing":
             msg = f"{field}: is required"
+        elif kind == "field_rule":  # a range particular to this route (core.fields.VARIANT_TYPES)
+            msg = f"{field}: {err.get('msg')}"
         elif kind.startswith("json") or (loc == ["body"] and kind in ("model_attributes_type", "dict_type")):
             loc, msg = ["body"], "body: must be a JSON object"
         elif field in VENDOR_RULES:

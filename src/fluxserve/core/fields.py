@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
-from pydantic_core import PydanticUseDefault
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError, PydanticUseDefault
 
 from fluxserve.core.sizes import parse_aspect_ratio
 
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 20_000
 IMAGE_RULE = "must be a base64-encoded image or an http(s) URL"
+MAX_EXPAND = 2048  # pixels an expand route may add on one side
+MAX_WEBHOOK_SECRET = 256
 
 RULES: dict[str, str] = {
     "prompt": f"must be a non-empty string of at most {MAX_PROMPT_CHARS} characters",
@@ -41,7 +51,18 @@ RULES: dict[str, str] = {
     "input_image_2": IMAGE_RULE,
     "input_image_3": IMAGE_RULE,
     "input_image_4": IMAGE_RULE,
+    "input_image_5": IMAGE_RULE,
+    "input_image_6": IMAGE_RULE,
+    "input_image_7": IMAGE_RULE,
+    "input_image_8": IMAGE_RULE,
     "image_prompt": IMAGE_RULE,
+    "image": IMAGE_RULE,
+    "mask": f"{IMAGE_RULE}, the size of image (white: repaint, black: keep)",
+    "top": f"must be an integer between 0 and {MAX_EXPAND}",
+    "bottom": f"must be an integer between 0 and {MAX_EXPAND}",
+    "left": f"must be an integer between 0 and {MAX_EXPAND}",
+    "right": f"must be an integer between 0 and {MAX_EXPAND}",
+    "webhook_secret": f"must be a string of 1 to {MAX_WEBHOOK_SECRET} characters",
 }
 
 # The vendor also offers webp; our encoder writes jpeg and png only, so say so instead of "invalid".
@@ -50,8 +71,6 @@ VENDOR_RULES: dict[str, str] = {
     "output_format": "must be 'jpeg' or 'png' (this server does not produce webp)",
     "prompt": f"must be a string of at most {MAX_PROMPT_CHARS} characters, non-empty unless "
     "image_prompt is given",
-    "webhook_secret": "is not supported: webhooks from this server are signed with your key's own "
-    "secret (Standard Webhooks headers webhook-id, webhook-timestamp, webhook-signature)",
 }
 
 
@@ -116,9 +135,22 @@ def _http_url(value: str) -> str:
     return value
 
 
-def _refuse(value: str | None) -> str | None:
-    if value is not None:
-        raise ValueError("webhook_secret is not supported")
+def _ruled(rule: str) -> WrapValidator:
+    """Any refusal of the wrapped type becomes one ``field_rule`` error stating ``rule``: for a field
+    whose range on some routes differs from :data:`RULES` (see :data:`VARIANT_TYPES`)."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("field_rule", rule) from None
+
+    return WrapValidator(check)
+
+
+def _zero_or_at_least_64(value: int) -> int:
+    if 0 < value < MIN_FLUX2_SIDE:
+        raise ValueError(f"below {MIN_FLUX2_SIDE}")
     return value
 
 
@@ -139,10 +171,16 @@ AspectRatio = Annotated[str, Optional, AfterValidator(_aspect_ratio)]
 OptionalAspectRatio = AspectRatio | None
 OutputFormat = Annotated[Literal["jpeg", "png"], Optional]
 WebhookUrl = Annotated[str, Field(min_length=1, max_length=2083), AfterValidator(_http_url)] | None
-WebhookSecret = Annotated[str | None, AfterValidator(_refuse)]
+WebhookSecret = Annotated[str, Field(min_length=1, max_length=MAX_WEBHOOK_SECRET)] | None
+Margin = Annotated[int, Field(ge=0, le=MAX_EXPAND), Optional, Number]
 ImageInput = Annotated[str, Field(min_length=1)] | None
 
-IMAGE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+MAX_REFERENCES = 8
+REFERENCE_FIELDS = tuple(
+    "input_image" if index == 0 else f"input_image_{index + 1}" for index in range(MAX_REFERENCES)
+)
+# Every image field, in the order a job keeps them: the references, then fill/expand's image and mask.
+IMAGE_FIELDS = (*REFERENCE_FIELDS, "image", "mask")
 
 
 def input_image_field(index: int) -> str:
@@ -159,11 +197,19 @@ FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "prompt_upsampling": (Flag, "Rewrite the prompt for more creative output."),
     "safety_tolerance": (SafetyTolerance, "0 (most strict) to 6 (least strict)."),
     "webhook_url": (WebhookUrl, "Receives the job's result when it ends."),
-    "webhook_secret": (WebhookSecret, "Not supported: deliveries are signed with the key's own secret."),
+    "webhook_secret": (
+        WebhookSecret,
+        "The webhook for this task carries it (X-Webhook-Secret) and an "
+        "HMAC-SHA256 of its body made with it (X-BFL-Signature: sha256=<hex>).",
+    ),
     "input_image": (ImageInput, "Base64 image or URL to edit."),
-    "input_image_2": (ImageInput, "Experimental multi-reference image."),
-    "input_image_3": (ImageInput, "Experimental multi-reference image."),
-    "input_image_4": (ImageInput, "Experimental multi-reference image."),
+    **{name: (ImageInput, "Further reference image (base64 or URL).") for name in REFERENCE_FIELDS[1:]},
+    "image": (ImageInput, "Base64 image or URL to fill or expand."),
+    "mask": (ImageInput, "Mask the size of image: white is repainted, black kept (default: image's alpha)."),
+    "top": (Margin, f"Pixels to add above the image, 0..{MAX_EXPAND}."),
+    "bottom": (Margin, f"Pixels to add below the image, 0..{MAX_EXPAND}."),
+    "left": (Margin, f"Pixels to add left of the image, 0..{MAX_EXPAND}."),
+    "right": (Margin, f"Pixels to add right of the image, 0..{MAX_EXPAND}."),
     "aspect_ratio": (AspectRatio, "Between 21:9 and 9:21."),
     "image_prompt": (ImageInput, "Optional image to remix (base64 or URL)."),
     "image_prompt_strength": (Strength, "Blend of prompt (0) and image (1)."),
@@ -173,6 +219,54 @@ FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "steps": (Steps, "Denoising steps, 1..50."),
     "guidance": (Guidance, "Guidance scale, 1.5..5."),
     "interval": (Interval, "Guidance interval, 1..4."),
+}
+MIN_FLUX2_SIDE = 64
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model-table default for a field whose type and range on that route are not the common ones
+    (:data:`FIELD_TYPES`) but ``VARIANT_TYPES[kind]``; its errors state that variant's rule."""
+
+    kind: str
+    default: Any
+
+
+def _variant(annotation: Any, rule: str, description: str) -> tuple[Any, str, str]:
+    return Annotated[annotation, _ruled(rule)], rule, description
+
+
+# kind -> (type, the rule an error states, description). FLUX.2 on the vendor's dialect: sizes in steps of
+# 16 from 64 (0 or absent: the first input image's), at most MAX_FLUX2_PIXELS (checked with both sides
+# in core.sizes), safety 0..5; flex's guidance 1.5..10; the fill and expand tools' steps and guidance.
+VARIANT_TYPES: dict[str, tuple[Any, str, str]] = {
+    "flux2_side": _variant(
+        Annotated[int, Field(ge=0, multiple_of=16), Optional, Number, AfterValidator(_zero_or_at_least_64)]
+        | None,
+        f"must be 0 (follow the first input image) or a multiple of 16 of at least {MIN_FLUX2_SIDE}, "
+        "with width x height at most 4 megapixels",
+        "Multiple of 16, at least 64; 0 or absent: the first input image's (at most 4 MP in all).",
+    ),
+    "flux2_safety": _variant(
+        Annotated[int, Field(ge=0, le=5), Optional, Number],
+        "must be an integer between 0 and 5",
+        "0 (most strict) to 5 (least strict).",
+    ),
+    "flex_guidance": _variant(
+        Annotated[float, Field(ge=1.5, le=10), Optional, Number],
+        "must be a number between 1.5 and 10",
+        "Guidance scale, 1.5..10.",
+    ),
+    "tool_steps": _variant(
+        Annotated[int, Field(ge=15, le=50), Optional, Number],
+        "must be an integer between 15 and 50",
+        "Denoising steps, 15..50.",
+    ),
+    "tool_guidance": _variant(
+        Annotated[float, Field(ge=1.5, le=100), Optional, Number],
+        "must be a number between 1.5 and 100",
+        "Guidance scale, 1.5..100.",
+    ),
 }
 # The type a field takes where the model table gives it no default (None: not given).
 OPTIONAL_TYPES: dict[str, Any] = {"aspect_ratio": OptionalAspectRatio, "prompt": OptionalPrompt}
@@ -202,6 +296,8 @@ def error_messages(
             text = f"{field}: unknown field for {model}"
         elif err.get("type") == "missing":
             text = f"{field}: is required"
+        elif err.get("type") == "field_rule":
+            text = f"{field}: {err.get('msg')}"
         elif field in RULES:
             text = f"{field}: {RULES[field]}"
         elif field == "body":

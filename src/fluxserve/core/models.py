@@ -18,7 +18,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from fluxserve.core.fields import IMAGE_FIELDS
+from fluxserve.core.fields import IMAGE_FIELDS, REFERENCE_FIELDS, Variant
 from fluxserve.core.sizes import SizeRule
 
 
@@ -30,6 +30,10 @@ class Dialect(StrEnum):
 class Family(StrEnum):
     FLUX1 = "flux1"  # text to image (FluxPipeline), image prompts through Redux or img2img
     KONTEXT = "kontext"  # FLUX.1 Kontext: edits of its input images, text to image without one
+    FLUX2 = "flux2"  # FLUX.2 [pro]/[max]/[flex] (Flux2Pipeline): text to image, up to 8 references
+    FLUX2_KLEIN = "flux2_klein"  # FLUX.2 [klein] (Flux2KleinPipeline): up to 4 references
+    FILL = "fill"  # FLUX.1 Fill: repaint the masked part of ``image``, keep the rest
+    EXPAND = "expand"  # FLUX.1 Fill outpainting: grow ``image`` by its margins and paint the new area
 
 
 class _Required:
@@ -45,9 +49,12 @@ class ModelSpec:
     name: str
     title: str
     family: Family
-    price: Decimal  # credits per image (1 credit = 0.01 USD), as the vendor prices it
+    price: Decimal  # credits per image (1 credit = 0.01 USD), or for the first megapixel; as the vendor
     size_rule: SizeRule
-    fields: Mapping[Dialect, Mapping[str, Any]]  # per dialect: field name -> default (or REQUIRED)
+    # per dialect: field name -> default (or REQUIRED, or a Variant: another range on this route); a
+    # dialect missing here has no route for the model
+    fields: Mapping[Dialect, Mapping[str, Any]]
+    further_mp_price: Decimal | None = None  # credits per further megapixel (FLUX.2); None: flat per image
     max_active: int | None = None  # its own limit of active jobs per key; None: the key's general limit
     upstream: str = ""  # the vendor endpoint (``/v1/<upstream>``) a relay sends it to; default: name
     image_fields: tuple[str, ...] = field(init=False)
@@ -83,7 +90,7 @@ _RESELLER = {
     "webhook_url": None,
 }
 # The vendor's published OpenAPI: jpeg unless kontext, an empty prompt allowed with an image prompt, and a
-# webhook_secret field (refused here: our deliveries are signed with the key's own secret).
+# webhook_secret that the job's webhook carries (webhooks/signing.py).
 _VENDOR = {
     "prompt": "",
     "seed": None,
@@ -93,8 +100,35 @@ _VENDOR = {
     "webhook_url": None,
     "webhook_secret": None,
 }
-_KONTEXT = {**dict.fromkeys(IMAGE_FIELDS), "aspect_ratio": None}
 _SIZED = {"image_prompt": None, "width": 1024, "height": 768}
+_KONTEXT = {**dict.fromkeys(REFERENCE_FIELDS[:4]), "aspect_ratio": None}
+# FLUX.2 on the vendor (its API reference): prompt, up to 8 references (klein 4), width/height in steps of
+# 16 or absent/0 to follow the first reference, safety 0..5; no prompt_upsampling but on flex.
+_FLUX2_VENDOR = {
+    **_VENDOR,
+    "prompt": REQUIRED,
+    **dict.fromkeys(REFERENCE_FIELDS),
+    "width": Variant("flux2_side", None),
+    "height": Variant("flux2_side", None),
+    "safety_tolerance": Variant("flux2_safety", 2),
+}
+del _FLUX2_VENDOR["prompt_upsampling"]
+_KLEIN_VENDOR = {name: value for name, value in _FLUX2_VENDOR.items() if name not in REFERENCE_FIELDS[4:]}
+_FLEX_VENDOR = {
+    **_FLUX2_VENDOR,
+    "steps": 50,
+    "guidance": Variant("flex_guidance", 5.0),
+    "prompt_upsampling": True,
+}
+# The reseller's FLUX.2 routes keep its FLUX.1 field set with up to four input images.
+_FLUX2_RESELLER = {**_RESELLER, **dict.fromkeys(REFERENCE_FIELDS[:4]), **_SIZED}
+# The FLUX.1 tools the vendor's official client lists: fill (image + mask) and expand (margins in pixels).
+_TOOL = {
+    **_VENDOR,
+    "image": REQUIRED,
+    "steps": Variant("tool_steps", 50),
+    "guidance": Variant("tool_guidance", 60.0),
+}
 _ULTRA = {"image_prompt": None, "image_prompt_strength": 0.1, "raw": False}
 
 
@@ -113,7 +147,90 @@ def _kontext(name: str, title: str, price: str, max_active: int | None = None) -
     )
 
 
+def _flux2(
+    name: str, title: str, price: str, further: str, vendor: Mapping[str, Any], family: Family = Family.FLUX2,
+    reseller: Mapping[str, Any] | None = None,
+) -> ModelSpec:  # fmt: skip
+    fields = (
+        {Dialect.VENDOR: vendor} if reseller is None else {Dialect.VENDOR: vendor, Dialect.RESELLER: reseller}
+    )
+    return ModelSpec(
+        name=name,
+        title=title,
+        family=family,
+        price=Decimal(price),
+        further_mp_price=Decimal(further),
+        size_rule=SizeRule.FLUX2,
+        fields=fields,
+    )
+
+
 _ENTRIES = (
+    _flux2(
+        "flux-2-pro",
+        "Generate or edit an image with FLUX.2 [pro]",
+        "3",
+        "1.5",
+        _FLUX2_VENDOR,
+        reseller=_FLUX2_RESELLER,
+    ),
+    _flux2(
+        "flux-2-max",
+        "Generate or edit an image with FLUX.2 [max]",
+        "7",
+        "3",
+        _FLUX2_VENDOR,
+        reseller=_FLUX2_RESELLER,
+    ),
+    _flux2(
+        "flux-2-flex",
+        "Generate or edit an image with FLUX.2 [flex] (steps and guidance)",
+        "5",
+        "5",
+        _FLEX_VENDOR,
+        reseller=_fields(_FLUX2_RESELLER, steps=50, guidance=Variant("flex_guidance", 5.0)),
+    ),
+    _flux2("flux-2-pro-preview", "FLUX.2 [pro] preview", "3", "1.5", _FLUX2_VENDOR),
+    _flux2(
+        "flux-2-klein-4b",
+        "Generate or edit an image with FLUX.2 [klein] 4B",
+        "1.4",
+        "0.1",
+        _KLEIN_VENDOR,
+        Family.FLUX2_KLEIN,
+    ),
+    _flux2(
+        "flux-2-klein-9b",
+        "Generate or edit an image with FLUX.2 [klein] 9B",
+        "1.5",
+        "0.2",
+        _KLEIN_VENDOR,
+        Family.FLUX2_KLEIN,
+    ),
+    _flux2(
+        "flux-2-klein-9b-preview",
+        "FLUX.2 [klein] 9B preview",
+        "1.5",
+        "0.2",
+        _KLEIN_VENDOR,
+        Family.FLUX2_KLEIN,
+    ),
+    ModelSpec(
+        name="flux-pro-1.0-fill",
+        title="Repaint the masked part of an image with FLUX.1 Fill [pro]",
+        family=Family.FILL,
+        price=Decimal("5"),
+        size_rule=SizeRule.FILL,
+        fields={Dialect.VENDOR: _fields(_TOOL, mask=None)},
+    ),
+    ModelSpec(
+        name="flux-pro-1.0-expand",
+        title="Grow an image by pixels on each side with FLUX.1 Fill [pro]",
+        family=Family.EXPAND,
+        price=Decimal("5"),
+        size_rule=SizeRule.EXPAND,
+        fields={Dialect.VENDOR: _fields(_TOOL, top=0, bottom=0, left=0, right=0)},
+    ),
     _kontext("flux-kontext-max", "Edit or create an image with FLUX.1 Kontext [max]", "8", max_active=6),
     _kontext("flux-kontext-pro", "Edit or create an image with FLUX.1 Kontext [pro]", "4"),
     ModelSpec(

@@ -41,6 +41,11 @@ class GenerationParams(BaseModel):
     input_images: list[ImageRef] = Field(default_factory=list)
     image_prompt: str | None = None
     image_prompt_strength: float | None = None
+    # expand: pixels added on each side (the image and a fill's mask travel in input_images, by field)
+    top: int = 0
+    bottom: int = 0
+    left: int = 0
+    right: int = 0
 
     @field_validator("input_images", mode="before")
     @classmethod

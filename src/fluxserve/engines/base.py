@@ -8,9 +8,10 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from PIL import Image
 
+from fluxserve.core.fields import REFERENCE_FIELDS
 from fluxserve.core.models import ModelSpec, spec_of
 from fluxserve.core.params import GenerationParams
-from fluxserve.errors import JobCanceled
+from fluxserve.errors import EngineError, JobCanceled
 
 
 @dataclass
@@ -38,6 +39,46 @@ class EngineRequest:
     @property
     def spec(self) -> ModelSpec:
         return spec_of(self.params.model)
+
+    @property
+    def references(self) -> list[NamedImage]:
+        """The reference images (``input_image`` .. ``input_image_8``), in field order."""
+        return [named for named in self.images if named.field in REFERENCE_FIELDS]
+
+    @property
+    def source(self) -> Image.Image | None:
+        """Fill's and expand's ``image``: the picture to repaint or grow."""
+        return next((named.image for named in self.images if named.field == "image"), None)
+
+    @property
+    def mask(self) -> Image.Image | None:
+        """Fill's ``mask`` as sent (white: repaint, black: keep); None: use the image's alpha."""
+        return next((named.image for named in self.images if named.field == "mask"), None)
+
+    def repaint_mask(self) -> Image.Image:
+        """Fill: where to repaint, as an ``L`` image the size of ``source`` (255 repaint, 0 keep): the mask
+        sent (any mode, thresholded at half), else where the image is transparent; EngineError when the
+        request says neither, or the mask's size differs from the image's."""
+        source = self.source
+        if source is None:
+            raise EngineError("image: is required")
+        mask = self.mask
+        if mask is not None:
+            if mask.size != source.size:
+                raise EngineError(
+                    f"mask: must be the size of image ({source.width}x{source.height}), "
+                    f"not {mask.width}x{mask.height}"
+                )
+            return mask.convert("L").point(lambda value: 255 if value >= 128 else 0)
+        if "A" in source.getbands() or "transparency" in source.info:
+            alpha = source.convert("RGBA").getchannel("A")
+            return alpha.point(lambda value: 255 if value < 128 else 0)
+        raise EngineError("mask: is required unless image has transparent areas to repaint")
+
+    @property
+    def margins(self) -> tuple[int, int, int, int]:
+        """Expand's (left, top, right, bottom) pixels added around ``source``."""
+        return (self.params.left, self.params.top, self.params.right, self.params.bottom)
 
 
 @dataclass
