@@ -19,6 +19,7 @@ import pytest
 
 from conftest import ServerProcess
 from fluxserve.api.vendor import vendor_errors
+from fluxserve.core.fields import error_messages
 
 HEADER_TIMEOUT = 2.0
 BODY_TIMEOUT = 2.0
@@ -94,11 +95,12 @@ def _healthz_ok(server: ServerProcess) -> bool:
 # --- error lists: capped, linear, and the event loop stays free --------------------------------------
 
 
-def test_twenty_thousand_unknown_fields_get_a_capped_list_while_healthz_answers(
+def test_twenty_thousand_unknown_fields_are_ignored_while_healthz_answers(
     guarded: tuple[ServerProcess, str],
 ) -> None:
     server, key = guarded
-    body = {"prompt": "a red circle", **{f"extra_{index}": index for index in range(20_000)}}
+    # Invalid (no prompt, a bad width), so that no job is made; the unknown fields are ignored.
+    body = {"width": 100, **{f"extra_{index}": index for index in range(20_000)}}
     payload = json.dumps(body).encode()
     latencies: list[float] = []
     done = threading.Event()
@@ -127,9 +129,10 @@ def test_twenty_thousand_unknown_fields_get_a_capped_list_while_healthz_answers(
         poller.join()
     envelope = response.json()
     assert envelope["status"] == "FAILED" and envelope["data"] is None
-    lines = envelope["message"].split("; ")
-    assert lines[:20] == [f"extra_{index}: unknown field for flux-dev" for index in range(20)]
-    assert lines[20:] == ["... and 19980 more"]
+    assert envelope["message"].split("; ") == [
+        "prompt: is required",
+        "width: must be a multiple of 32 between 256 and 1440",
+    ]
     assert latencies, "healthz was never answered while the big requests were in flight"
     assert max(latencies) < 1.0, f"healthz waited {max(latencies):.2f} s"
 
@@ -156,6 +159,15 @@ def test_two_hundred_thousand_fields_are_refused_before_parsing_in_both_dialects
     assert vendor.status_code == 422, vendor.text
     assert vendor.json()["detail"].startswith("body: at most 50000 JSON separators")
     assert _healthz_ok(server)
+
+
+def test_reseller_error_list_is_capped() -> None:
+    errors: list[dict[str, Any]] = [
+        {"loc": ("body", f"field_{index}"), "msg": "bad", "type": "value_error"} for index in range(5000)
+    ]
+    lines = error_messages(errors + errors)  # duplicates count once
+    assert lines[:20] == [f"field_{index}: bad" for index in range(20)]
+    assert lines[20:] == ["... and 4980 more"]
 
 
 def test_vendor_error_list_is_capped() -> None:

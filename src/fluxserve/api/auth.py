@@ -1,23 +1,57 @@
-"""Key authentication for both dialects: ``TT-API-KEY`` (reseller) and ``x-key`` (vendor)."""
+"""Key authentication for every dialect: ``TT-API-KEY`` (reseller), ``x-key`` (vendor) and
+``Authorization: Bearer`` (OpenAI images); one key works in each, with one balance.
+
+Each header is a security scheme, so ``/openapi.json`` says how every route is authenticated.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.errors import ApiError
+from fluxserve.api.errors import ApiError, OpenAIError
+
+TT_API_KEY = APIKeyHeader(
+    name="TT-API-KEY", scheme_name="TT-API-KEY", description="Your API key.", auto_error=False
+)
+X_KEY = APIKeyHeader(name="x-key", scheme_name="x-key", description="Your API key.", auto_error=False)
+BEARER = HTTPBearer(scheme_name="Bearer", description="Your API key as the bearer token.", auto_error=False)
+NO_BEARER = "You didn't provide an API key: send it as 'Authorization: Bearer <key>'"
+BAD_BEARER = "Incorrect API key provided"
 
 
 def reseller_key(
     services: Annotated[Services, Depends(get_services)],
-    tt_api_key: Annotated[str | None, Header(alias="TT-API-KEY")] = None,
+    tt_api_key: Annotated[str | None, Security(TT_API_KEY)] = None,
 ) -> ApiKey:
     if not tt_api_key:
         raise ApiError(401, "TT-API-KEY header is missing; send your API key in it")
     key = services.keys.authenticate(tt_api_key)
     if key is None:
         raise ApiError(401, "TT-API-KEY is not a valid API key")
+    return key
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, else None."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def bearer_key(
+    services: Annotated[Services, Depends(get_services)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
+) -> ApiKey:
+    """The OpenAI API answers 401 ``invalid_api_key`` for a missing or wrong key; so do we."""
+    if credentials is None or not credentials.credentials:
+        raise OpenAIError(401, NO_BEARER, code="invalid_api_key")
+    key = services.keys.authenticate(credentials.credentials)
+    if key is None:
+        raise OpenAIError(401, BAD_BEARER, code="invalid_api_key")
     return key

@@ -1,16 +1,23 @@
-"""Errors in the reseller's shape: ``{"status":"FAILED","message":"<what and why>","data":null}``.
+"""Errors in each dialect's own shape, and the models that declare those shapes in ``/openapi.json``.
 
-The vendor dialect (paths under ``/v1/``) keeps FastAPI's ``{"detail": ...}`` shape and 422s.
+- Reseller (``/bfl/v1/``, ``/flux/``): ``{"status":"FAILED","message":"<what and why>","data":null}``.
+- Vendor (``/v1/`` but not ``/v1/images/``): FastAPI's ``{"detail": ...}`` shape and 422s.
+- OpenAI images (``/v1/images/``): ``{"error": {"message", "type", "param", "code"}}``.
+
+:func:`error_response` is the one renderer, by path; the app's handlers and the request guard use it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxserve.core.fields import error_messages
@@ -18,21 +25,102 @@ from fluxserve.core.fields import error_messages
 log = logging.getLogger("fluxserve.api")
 
 VENDOR_PREFIX = "/v1/"
+OPENAI_PREFIX = "/v1/images/"
+# The openai SDKs retry 408, 409, 429 and 5xx unless told not to; a retried submit would be a second job.
+NO_RETRY = {"x-should-retry": "false"}
 
 
 class ApiError(Exception):
+    """A refusal in the reseller's envelope."""
+
     def __init__(self, status_code: int, message: str) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
 
 
-def failed(status_code: int, message: str) -> JSONResponse:
-    return JSONResponse({"status": "FAILED", "message": message, "data": None}, status_code=status_code)
+class OpenAIError(Exception):
+    """A refusal in the OpenAI images API's shape; ``param`` names the request field at fault."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
 
 
-def _model_of(request: Request) -> str:
-    return request.url.path.rstrip("/").rsplit("/", 1)[-1]
+class ResellerError(BaseModel):
+    """The reseller's error envelope."""
+
+    status: Literal["FAILED"]
+    message: str = Field(description="What was wrong and why; a field's name and its rule.")
+    data: None
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """The OpenAI API's error shape."""
+
+    error: OpenAIErrorDetail
+
+
+def responses(model: type[BaseModel], described: Mapping[int | str, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses`` for ``/openapi.json``: each status code it returns, with its body model."""
+    return {status: {"model": model, "description": text} for status, text in described.items()}
+
+
+def failed(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    content = {"status": "FAILED", "message": message, "data": None}
+    return JSONResponse(content, status_code=status_code, headers=headers)
+
+
+def openai_error(
+    status_code: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    kind = "server_error" if status_code >= 500 else "invalid_request_error"
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": error}, status_code=status_code, headers=headers)
+
+
+def error_response(
+    path: str, status_code: int, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """An error in the dialect that ``path`` belongs to."""
+    if path.startswith(OPENAI_PREFIX):
+        return openai_error(status_code, message, headers=headers)
+    if path.startswith(VENDOR_PREFIX):
+        return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
+    return failed(status_code, message, headers)
+
+
+def _allow(request: Request, exc: StarletteHTTPException) -> str:
+    """Every method of the path: Starlette's ``Allow`` names only those of the first route that matched
+    it, and fetch has a route per method. Paths with parameters are not in this lookup and keep
+    Starlette's."""
+    operations = request.app.openapi()["paths"].get(request.url.path, {})
+    methods = {method.upper() for method in operations}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods)) or (exc.headers or {}).get("Allow", "")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -40,24 +128,32 @@ def install_error_handlers(app: FastAPI) -> None:
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return failed(exc.status_code, exc.message)
 
+    @app.exception_handler(OpenAIError)
+    async def openai_api_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return openai_error(exc.status_code, exc.message, exc.param, exc.code, exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if request.url.path.startswith(VENDOR_PREFIX):
+        path = request.url.path
+        messages = "; ".join(error_messages(list(exc.errors())))
+        if path.startswith(OPENAI_PREFIX):
+            return openai_error(400, messages)
+        if path.startswith(VENDOR_PREFIX):
             return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
-        return failed(400, "; ".join(error_messages(list(exc.errors()), _model_of(request))))
+        return failed(400, messages)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if request.url.path.startswith(VENDOR_PREFIX):
-            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-        if exc.status_code == 413:
-            return failed(413, "body: larger than this server accepts; send fewer or smaller images")
-        return failed(exc.status_code, str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allow(request, exc)
+        if exc.status_code == 413 and not request.url.path.startswith(VENDOR_PREFIX):
+            message = "body: larger than this server accepts; send fewer or smaller images"
+        else:
+            message = str(exc.detail)
+        return error_response(request.url.path, exc.status_code, message, headers)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"path": request.url.path})
-        message = "Internal server error; the request was not processed"
-        if request.url.path.startswith(VENDOR_PREFIX):
-            return JSONResponse({"detail": message}, status_code=500)
-        return failed(500, message)
+        return error_response(request.url.path, 500, "Internal server error; the request was not processed")

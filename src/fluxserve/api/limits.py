@@ -24,19 +24,19 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fluxserve.api.auth import BAD_BEARER, NO_BEARER, bearer_token
+from fluxserve.api.errors import OPENAI_PREFIX, VENDOR_PREFIX, error_response
 from fluxserve.core.models import MODELS
 
-VENDOR_PREFIX = "/v1/"
-RESELLER_SUBMIT = frozenset(f"/bfl/v1/{name}" for name in MODELS)
-VENDOR_SUBMIT = frozenset(f"/v1/{name}" for name in MODELS)
+NATIVE_SUBMIT = frozenset({"/flux/generate", "/flux/edits"})  # the reseller's own format
+RESELLER_SUBMIT = frozenset(f"/bfl/v1/{name}" for name in MODELS) | NATIVE_SUBMIT
+OPENAI_SUBMIT = frozenset({"/v1/images/generations", "/v1/images/edits"})
+VENDOR_SUBMIT = frozenset(f"/v1/{name}" for name in MODELS) | OPENAI_SUBMIT
 
 
 def refusal(path: str, status: int, message: str) -> JSONResponse:
     """An early answer in the path's dialect; the connection is closed after it (the body is unread)."""
-    if path.startswith(VENDOR_PREFIX):
-        return JSONResponse({"detail": message}, status_code=status, headers={"connection": "close"})
-    content = {"status": "FAILED", "message": message, "data": None}
-    return JSONResponse(content, status_code=status, headers={"connection": "close"})
+    return error_response(path, status, message, {"connection": "close"})
 
 
 def _size(count: int) -> str:
@@ -96,12 +96,14 @@ class RequestGuard:
             chunks.append(chunk)
             more = event.get("more_body", False)
         body = b"".join(chunks)
-        if submit:
+        if submit and not headers.get("content-type", "").lower().startswith("multipart/"):
             # A separator count is a C loop over the bytes; parsing and validating a body with a million
-            # fields would hold the event loop (and the GIL, even in a thread) for seconds.
+            # fields would hold the event loop (and the GIL, even in a thread) for seconds. Multipart
+            # bodies (image uploads) are binary: their forms have a few fields.
             separators = body.count(b",") + body.count(b":")
             if separators > self.max_separators:
-                status = 422 if path.startswith(VENDOR_PREFIX) else 400
+                vendor = path.startswith(VENDOR_PREFIX) and not path.startswith(OPENAI_PREFIX)
+                status = 422 if vendor else 400
                 text = (
                     f"body: at most {self.max_separators} JSON separators (',' and ':') are accepted, "
                     f"this body has {separators}; a request has a few dozen fields"
@@ -111,6 +113,13 @@ class RequestGuard:
         await self.app(scope, _replay(body, receive), send)
 
     async def _key_problem(self, path: str, headers: Headers) -> JSONResponse | None:
+        if path.startswith(OPENAI_PREFIX):
+            token = bearer_token(headers.get("authorization"))
+            if not token:
+                return refusal(path, 401, NO_BEARER)
+            if await anyio.to_thread.run_sync(self.authenticate, token) is None:
+                return refusal(path, 401, BAD_BEARER)
+            return None
         if path.startswith(VENDOR_PREFIX):
             key = headers.get("x-key")
             if not key:

@@ -1,9 +1,10 @@
 """Each route's request schema, built from the model table: one pydantic model per model and dialect.
 
 The table says which fields a route has and their defaults in each dialect; ``core.fields`` says each
-field's type and range. The reseller dialect refuses fields a route does not have; the vendor dialect
-ignores them, as the vendor's own server does (clients send ``aspect_ratio`` to flux-dev). Both turn
-into the same :class:`~fluxserve.core.params.GenerationParams` with :meth:`SubmitRequest.to_params`.
+field's type and range, written as JSON Schema constraints so that ``/openapi.json`` states them. Both
+dialects ignore fields a route does not have, as both upstreams do (clients send supersets, such as
+``aspect_ratio`` to flux-dev), while every known field is strict. Both turn into the same
+:class:`~fluxserve.core.params.GenerationParams` with :meth:`SubmitRequest.to_params`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.deps import Services, get_services
-from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES, VARIANT_TYPES, Variant
+from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES
 from fluxserve.core.models import MODELS, REQUIRED, Dialect, ModelSpec
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER
@@ -49,9 +50,9 @@ class SubmitRequest(BaseModel):
 
 
 class ResellerRequest(SubmitRequest):
-    """Unknown fields are refused, numbers must be finite."""
+    """Unknown fields are ignored, numbers must be finite."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class VendorRequest(SubmitRequest):
@@ -61,8 +62,7 @@ class VendorRequest(SubmitRequest):
 
     @model_validator(mode="after")
     def _prompt_or_image(self) -> VendorRequest:
-        images = getattr(self, "image_prompt", None) or getattr(self, "image", None)  # fill/expand: optional
-        if not str(getattr(self, "prompt", "")).strip() and not images:
+        if not str(getattr(self, "prompt", "")).strip() and not getattr(self, "image_prompt", None):
             raise PydanticCustomError("prompt_required", "prompt: is required (or give image_prompt)")
         return self
 
@@ -75,9 +75,6 @@ _BASES: dict[Dialect, type[SubmitRequest]] = {
 
 def _field(name: str, default: Any) -> tuple[Any, Any]:
     annotation, description = FIELD_TYPES[name]
-    if isinstance(default, Variant):  # this route's own range for the field
-        annotation, _, description = VARIANT_TYPES[default.kind]
-        default = default.default
     if default is REQUIRED:
         return annotation, Field(description=description)
     if not default and name in OPTIONAL_TYPES:  # no aspect ratio: follow the input image; vendor prompt
@@ -102,8 +99,7 @@ def _with_spec(schema: type[SubmitRequest], spec: ModelSpec) -> type[SubmitReque
 
 
 SCHEMAS: dict[Dialect, dict[str, type[SubmitRequest]]] = {
-    dialect: {name: _schema(spec, dialect) for name, spec in MODELS.items() if dialect in spec.fields}
-    for dialect in Dialect
+    dialect: {name: _schema(spec, dialect) for name, spec in MODELS.items()} for dialect in Dialect
 }
 
 
@@ -132,8 +128,6 @@ def add_submit_routes(
     the key from ``key_dependency`` (an ``Annotated[ApiKey, Depends(...)]``), the optional
     ``Idempotency-Key`` header, and answered by ``submit``."""
     for spec in MODELS.values():
-        if dialect not in spec.fields:
-            continue
         router.add_api_route(
             f"{prefix}{spec.name}",
             _handler(spec, SCHEMAS[dialect][spec.name], key_dependency, submit),

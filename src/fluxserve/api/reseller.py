@@ -1,18 +1,25 @@
-"""The reseller dialect: ``POST /bfl/v1/<model>`` for each model of the table, fetch, cancel."""
+"""The reseller dialect: ``POST /bfl/v1/<model>`` for each model of the table, fetch, cancel.
+
+Fetch and cancel take the job id as ``jobId`` or ``job_id``, in the query string, a JSON body or a form
+body, on GET and POST (fetch) as the reseller's docs show all of these.
+"""
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
+from fluxserve.api.reseller_schemas import JOB_REF_BODY, JOB_RESPONSES, SUBMIT_RESPONSES
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect, ModelSpec
 from fluxserve.core.pricing import format_credits
@@ -66,15 +73,17 @@ def render_job(job: Job, services: Services) -> dict[str, Any]:
 
 
 def _accepted(job: Job) -> dict[str, Any]:
-    return {"status": "SUCCESS", "message": "", "data": {"jobId": job.id}}
+    """``jobId`` as the spec writes it, ``job_id`` as the newer docs do: a client of either works."""
+    return {"status": "SUCCESS", "message": "", "data": {"jobId": job.id, "job_id": job.id}}
 
 
 Envelope = dict[str, Any]
 
 
-def _submit(
+def submit(
     spec: ModelSpec, body: SubmitRequest, key: ApiKey, services: Services, extras: SubmitExtras
 ) -> Envelope:
+    """Submit a validated request as a reseller job; refusals in the reseller's envelope."""
     try:
         job = services.submitter.submit(
             key, body.to_params(), body.seed_value, body.webhook, Dialect.RESELLER,
@@ -91,7 +100,7 @@ def _submit(
     return _accepted(job)
 
 
-add_submit_routes(router, Dialect.RESELLER, "/bfl/v1/", Key, _submit)
+add_submit_routes(router, Dialect.RESELLER, "/bfl/v1/", Key, submit, responses=SUBMIT_RESPONSES)
 
 
 class JobRef(BaseModel):
@@ -109,28 +118,88 @@ def _find(job_id: str, key: ApiKey, services: Services) -> Job:
     return job
 
 
-def _query_job_id(
-    job_id: Annotated[str | None, Query(alias="jobId")] = None,
-    job_id_snake: Annotated[str | None, Query(alias="job_id")] = None,
-) -> str:
-    value = job_id or job_id_snake
+_FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+_BAD_BODY = "body: must be a JSON object or a form with jobId"
+
+
+async def _body_job_id(request: Request) -> object:
+    """``jobId`` (or ``job_id``) from a JSON or form body; None when the body has neither."""
+    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if content_type in _FORMS:
+        try:
+            form = await request.form()
+        except Exception as error:  # python-multipart's parse errors have no common base
+            raise ApiError(400, _BAD_BODY) from error
+        value = form.get("jobId") or form.get("job_id")
+        return None if isinstance(value, UploadFile) else value
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        payload = json.loads(raw)
+    except ValueError as error:
+        raise ApiError(400, _BAD_BODY) from error
+    if not isinstance(payload, dict):
+        raise ApiError(400, _BAD_BODY)
+    return payload.get("jobId") or payload.get("job_id")
+
+
+def _query_value(
+    job_id: Annotated[str | None, Query(alias="jobId", description="The job's id.")] = None,
+    job_id_snake: Annotated[str | None, Query(alias="job_id", description="The same, snake_case.")] = None,
+) -> str | None:
+    return job_id or job_id_snake or None
+
+
+_MISSING = "jobId: is required (in the query string, a JSON body or a form body)"
+
+
+def _query_job_id(value: Annotated[str | None, Depends(_query_value)]) -> str:
+    """The job id from the query string (GET routes), else a 400."""
     if not value:
-        raise ApiError(400, "jobId: is required")
+        raise ApiError(400, _MISSING)
     return value
 
 
-@router.get("/flux/fetch", summary="Fetch a job's status and result")
-def fetch_get(job_id: Annotated[str, Depends(_query_job_id)], key: Key, services: Deps) -> Envelope:
-    return render_job(_find(job_id, key, services), services)
+async def job_ref(request: Request, query: Annotated[str | None, Depends(_query_value)]) -> JobRef:
+    """The job id from the query string, else (POST) from a JSON or form body."""
+    value: object = query
+    if not value and request.method == "POST":
+        value = await _body_job_id(request)
+    if not value:
+        raise ApiError(400, _MISSING)
+    try:
+        return JobRef.model_validate({"jobId": value})
+    except ValidationError:
+        raise ApiError(400, "jobId: must be a string of 1 to 100 characters") from None
 
 
-@router.post("/flux/fetch", summary="Fetch a job's status and result")
-def fetch_post(ref: Annotated[JobRef, Body()], key: Key, services: Deps) -> Envelope:
+Ref = Annotated[JobRef, Depends(job_ref)]
+
+
+def fetch(ref: Ref, key: Key, services: Deps) -> Envelope:
     return render_job(_find(ref.job_id, key, services), services)
 
 
-@router.post("/flux/cancel", summary="Cancel a queued job, or stop a running one at its next step")
-def cancel(ref: Annotated[JobRef, Body()], key: Key, services: Deps) -> Envelope:
+for _method in ("GET", "POST"):
+    router.add_api_route(
+        "/flux/fetch",
+        fetch,
+        methods=[_method],
+        name=f"fetch_{_method.lower()}",
+        summary="Fetch a job's status and result",
+        responses=JOB_RESPONSES,
+        openapi_extra=JOB_REF_BODY if _method == "POST" else None,
+    )
+
+
+@router.post(
+    "/flux/cancel",
+    summary="Cancel a queued job, or stop a running one at its next step",
+    responses=JOB_RESPONSES,
+    openapi_extra=JOB_REF_BODY,
+)
+def cancel(ref: Ref, key: Key, services: Deps) -> Envelope:
     job = services.jobs.cancel(ref.job_id.strip(), key.id)
     if job is None:
         raise ApiError(404, f"jobId: no job {ref.job_id!r} for this key")

@@ -8,10 +8,10 @@ Errors keep the vendor's (FastAPI's) shapes: ``{"detail": "..."}`` for auth (403
 limits (429), and 422 ``{"detail": [{"loc", "msg", "type"}]}`` for invalid fields, with the same rules
 and wording as the reseller dialect (``core/fields.RULES``).
 
-Two deliberate differences from the vendor's published contract, both for safety:
-``get_result`` needs the submitting key in ``x-key`` (the vendor's OpenAPI marks it open), so that a
-key sees only its own jobs, as in the reseller dialect; and ``webhook_secret`` is refused, because our
-webhooks are signed with each key's own secret (Standard Webhooks), not a per-request one.
+One deliberate difference from the vendor's published contract, for safety: ``get_result`` needs the
+submitting key in ``x-key`` (the vendor's OpenAPI marks it open), so that a key sees only its own jobs, as
+in the reseller dialect. A task's ``webhook_secret`` is honoured as the vendor does (webhooks/signing.py),
+beside the Standard Webhooks signature made with the key's own secret.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from collections.abc import Callable, Coroutine
 from decimal import Decimal
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from fluxserve.accounts.keys import ApiKey
+from fluxserve.api.auth import X_KEY
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
 from fluxserve.api.vendor_schemas import CreditsResponse, ResultResponse, SubmitResponse
@@ -114,7 +115,7 @@ router = APIRouter(prefix="/v1", tags=["vendor"], route_class=VendorRoute)
 
 def vendor_key(
     services: Annotated[Services, Depends(get_services)],
-    x_key: Annotated[str | None, Header(alias="x-key", description="Your API key.")] = None,
+    x_key: Annotated[str | None, Security(X_KEY)] = None,
 ) -> ApiKey:
     """The vendor answers 403 ``Not authenticated`` for a missing or wrong key; so do we."""
     if not x_key:
@@ -144,7 +145,7 @@ def _submit(
     try:
         job = services.submitter.submit(
             key, body.to_params(), body.seed_value, body.webhook, Dialect.VENDOR,
-            extras.idempotency_key,
+            extras.idempotency_key, getattr(body, "webhook_secret", None),
         )  # fmt: skip
     except InvalidInput as error:
         item = {"loc": ["body", error.field], "msg": str(error), "type": "value_error"}
@@ -154,6 +155,8 @@ def _submit(
         raise VendorValidationError([item]) from error
     except QuotaExceeded as error:
         price = format_credits(spec.price)
+        if spec.further_mp_price is not None:
+            price += f" (first megapixel) + {format_credits(spec.further_mp_price)} per further megapixel"
         balance = "unknown" if key.credits is None else format_credits(key.credits)
         raise HTTPException(
             402, f"Insufficient credits: {spec.name} costs {price} credits and this key has {balance}"
@@ -162,7 +165,13 @@ def _submit(
         raise HTTPException(
             429, "Too many active tasks for this key; wait for some to finish, then retry"
         ) from error
-    return SubmitResponse(id=job.id, polling_url=polling_url(job, services), cost=_number(job.cost))
+    return SubmitResponse(
+        id=job.id,
+        polling_url=polling_url(job, services),
+        cost=_number(job.cost),
+        input_mp=None if job.input_mp is None else float(job.input_mp),
+        output_mp=None if job.output_mp is None else float(job.output_mp),
+    )
 
 
 _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -173,8 +182,9 @@ _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 add_submit_routes(
-    router, Dialect.VENDOR, "/", Key, _submit, response_model=SubmitResponse, responses=_SUBMIT_RESPONSES
-)
+    router, Dialect.VENDOR, "/", Key, _submit, response_model=SubmitResponse, responses=_SUBMIT_RESPONSES,
+    response_model_exclude_none=True,  # input_mp and output_mp only where the model is priced by them
+)  # fmt: skip
 
 
 def _reason(job: Job) -> str:
