@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 
 from fluxserve import __version__
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.api import files, reseller, vendor
+from fluxserve.api import events, files, reseller, vendor
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.limits import RequestGuard
@@ -165,6 +165,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(reseller.router, max_body_size=max_body_size(settings))
     app.include_router(vendor.router, max_body_size=max_body_size(settings))
     app.include_router(files.router)
+    app.include_router(events.router)
+    app.state.event_streams = events.EventStreams(
+        settings.events_max_per_key, settings.events_poll_seconds, settings.events_idle_seconds
+    )
 
     @app.get("/healthz", tags=["ops"], summary="Liveness")
     def healthz() -> dict[str, Any]:

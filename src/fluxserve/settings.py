@@ -127,6 +127,20 @@ class Settings(BaseSettings):
         ge=100,
         description="Most ',' and ':' characters in a submit body, counted before it is parsed.",
     )
+    events_poll_seconds: float = Field(
+        default=0.1,
+        gt=0,
+        description="How often an open event stream (/flux/events, /v1/events) reads its job's row.",
+    )
+    events_max_per_key: int = Field(
+        default=32, gt=0, description="Open event streams of one API key, per API process (429 beyond)."
+    )
+    events_idle_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="An event stream with nothing new for this long ends; the client reconnects with "
+        "Last-Event-ID to carry on.",
+    )
 
     @property
     def threads_per_worker(self) -> int:

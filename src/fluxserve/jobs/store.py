@@ -67,6 +67,12 @@ class JobStore(Protocol):
 
     def get(self, job_id: str, key_id: str | None = None) -> Job | None: ...
 
+    def queue_position(self, job_id: str) -> int | None:
+        """How many queued jobs were created before this one (0: it is next in line), or None when the
+        job is not queued. It counts by creation (cheap, and falls as jobs ahead leave); the claim order
+        also takes turns across keys, so another key's jobs may be claimed before or after it."""
+        ...
+
     def claim(self, worker_id: str) -> Job | None:
         """Take the oldest queued job for this worker, or None."""
         ...

@@ -205,6 +205,15 @@ class SqlJobStore:
             row = conn.execute(query).mappings().first()
         return _job(row) if row is not None else None
 
+    def queue_position(self, job_id: str) -> int | None:
+        queued = jobs.c.status == JobStatus.QUEUED.value
+        with self._engine.connect() as conn:
+            created = conn.execute(select(jobs.c.created_at).where(jobs.c.id == job_id, queued)).scalar()
+            if created is None:
+                return None
+            ahead = select(func.count()).select_from(jobs).where(queued, jobs.c.created_at < created)
+            return int(conn.execute(ahead).scalar_one())
+
     def claim(self, worker_id: str) -> Job | None:
         claimed = self._claim(worker_id, 1)
         return claimed[0] if claimed else None

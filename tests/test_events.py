@@ -1,0 +1,220 @@
+"""Event streams in process: the app without workers, its job row moved by the store as a worker moves it
+(claim, progress, finish) from another thread while the stream reads the database."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fluxserve.api.deps import Services
+from fluxserve.api.events import EventId, EventStreams
+from fluxserve.app import create_app
+from fluxserve.core.job import JobStatus
+from fluxserve.settings import Settings
+
+WORKER = "worker-1"
+
+
+@pytest.fixture(scope="module")
+def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Services]]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("events"),
+        workers=0,
+        events_poll_seconds=0.02,
+        events_max_per_key=2,
+        events_idle_seconds=10,
+    )
+    app = create_app(settings)
+    with TestClient(app) as client:
+        yield client, app.state.services
+
+
+@pytest.fixture
+def key(app_client: tuple[TestClient, Services]) -> str:
+    services = app_client[1]
+    return services.keys.create(f"k{services.keys.count()}", Decimal(100)).key
+
+
+def parse(text: str) -> list[dict[str, Any]]:
+    """The events of an SSE body, comments (pings) left out."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        if fields:
+            events.append({"id": fields["id"], "event": fields["event"], "data": json.loads(fields["data"])})
+    return events
+
+
+def submit(client: TestClient, key: str) -> str:
+    response = client.post("/bfl/v1/flux-dev", json={"prompt": "a red heart"}, headers={"TT-API-KEY": key})
+    assert response.status_code == 200, response.text
+    return str(response.json()["data"]["jobId"])
+
+
+def drain(services: Services) -> None:
+    """End every queued job (earlier tests' too), so that a test's own job is next in line and the only
+    one a requeue puts back."""
+    while (job := services.jobs.claim("drain")) is not None:
+        services.jobs.finish(job.id, "drain", JobStatus.CANCELED)
+
+
+def later(*steps: Callable[[], object], pause: float = 0.15) -> threading.Thread:
+    """Run ``steps`` one by one in a thread, ``pause`` apart, while the test's request streams."""
+
+    def run() -> None:
+        for step in steps:
+            time.sleep(pause)
+            step()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_reseller_stream_follows_the_job_from_queue_to_result(
+    app_client: tuple[TestClient, Services],
+) -> None:
+    client, services = app_client
+    key = services.keys.create("life", Decimal(100)).key
+    drain(services)
+    first, second = submit(client, key), submit(client, key)
+    assert (
+        client.get("/flux/fetch", params={"jobId": second}, headers={"TT-API-KEY": key}).json()["data"][
+            "queuePosition"
+        ]
+        == 1
+    )
+
+    def finish() -> None:
+        services.jobs.finish(second, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
+
+    mover = later(
+        lambda: client.post("/flux/cancel", json={"jobId": first}, headers={"TT-API-KEY": key}),
+        lambda: services.jobs.claim(WORKER),
+        lambda: services.jobs.heartbeat(second, WORKER, 0.5),
+        finish,
+    )
+    response = client.get("/flux/events", params={"jobId": second}, headers={"TT-API-KEY": key})
+    mover.join()
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = parse(response.text)
+    assert [(event["event"], event["data"]) for event in events[:-1]] == [
+        ("queued", {"position": 1}),
+        ("queued", {"position": 0}),
+        ("running", {"progress": 0.0}),
+        ("running", {"progress": 0.5}),
+    ]
+    result = events[-1]
+    assert result["event"] == "result"
+    assert result["data"]["status"] == "SUCCESS"
+    assert result["data"]["data"]["jobId"] == second
+    assert result["data"]["data"]["imageUrl"].startswith(services.base_url + "/files/")
+    ids = [EventId.parse(event["id"]) for event in events]
+    assert all(ids) and ids == sorted(ids) and len(set(ids)) == len(ids)
+
+    # Reconnecting after the last running event: only the result, once; after the result: 204, no body.
+    resumed = client.get(
+        "/flux/events",
+        params={"jobId": second},
+        headers={"TT-API-KEY": key, "Last-Event-ID": events[3]["id"]},
+    )
+    assert [event["event"] for event in parse(resumed.text)] == ["result"]
+    done = client.get(
+        "/flux/events", params={"jobId": second}, headers={"TT-API-KEY": key, "Last-Event-ID": result["id"]}
+    )
+    assert (done.status_code, done.content) == (204, b"")
+
+
+def test_vendor_stream_ends_with_get_result_and_a_requeued_job_keeps_ids_growing(
+    app_client: tuple[TestClient, Services], key: str
+) -> None:
+    client, services = app_client
+    drain(services)
+    response = client.post("/v1/flux-dev", json={"prompt": "a cat"}, headers={"x-key": key})
+    job_id = response.json()["id"]
+    pending = client.get("/v1/get_result", params={"id": job_id}, headers={"x-key": key}).json()
+    assert pending["details"] == {"queue_position": 0}
+
+    def crash() -> None:  # the worker stops heartbeating: its job goes back to the queue
+        services.jobs.requeue_stale(datetime.now(UTC) + timedelta(seconds=1), max_attempts=3)
+
+    mover = later(
+        lambda: services.jobs.claim(WORKER),
+        lambda: services.jobs.heartbeat(job_id, WORKER, 0.25),
+        crash,
+        lambda: services.jobs.claim("worker-2"),
+        lambda: services.jobs.finish(job_id, "worker-2", JobStatus.FAILED, error="engine broke"),
+    )
+    stream = client.get("/v1/events", params={"id": job_id}, headers={"x-key": key})
+    mover.join()
+    events = parse(stream.text)
+    assert [event["event"] for event in events] == [
+        "queued", "running", "running", "queued", "running", "result",
+    ]  # fmt: skip
+    assert events[-1]["data"] == {
+        "id": job_id, "status": "Error", "result": None, "progress": None,
+        "details": {"error": "engine broke"},
+    }  # fmt: skip
+    ids = [EventId.parse(event["id"]) for event in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_streams_refuse_unknown_jobs_other_keys_and_missing_keys(
+    app_client: tuple[TestClient, Services], key: str
+) -> None:
+    client, services = app_client
+    job_id = submit(client, key)
+    other = services.keys.create("other", Decimal(1)).key
+    missing = client.get("/flux/events", params={"jobId": job_id})
+    assert missing.status_code == 401
+    assert missing.json()["message"] == "TT-API-KEY header is missing; send your API key in it"
+    foreign = client.get("/flux/events", params={"jobId": job_id}, headers={"TT-API-KEY": other})
+    assert (foreign.status_code, foreign.json()["status"]) == (404, "FAILED")
+    no_id = client.get("/flux/events", headers={"TT-API-KEY": key})
+    assert (no_id.status_code, no_id.json()["message"]) == (400, "jobId: is required")
+    vendor = client.get("/v1/events", params={"id": job_id}, headers={"x-key": other})
+    assert (vendor.status_code, vendor.json()) == (404, {"detail": "Task not found"})
+    assert client.get("/v1/events", params={"id": job_id}).status_code == 403
+
+
+def test_open_streams_are_bounded_per_key_and_idle_streams_end(
+    app_client: tuple[TestClient, Services], key: str
+) -> None:
+    client, services = app_client
+    streams: EventStreams = client.app.state.event_streams  # type: ignore[attr-defined]
+    job_id = submit(client, key)
+    headers = {"TT-API-KEY": key}
+    idle = streams.idle_seconds
+    streams.idle_seconds = 0.3
+    try:
+        started = time.monotonic()
+        quiet = client.get("/flux/events", params={"jobId": job_id}, headers=headers)
+        assert [event["event"] for event in parse(quiet.text)] == ["queued"]  # then nothing new: it ended
+        assert 0.3 <= time.monotonic() - started < 5
+        assert not streams.open  # its slot was given back
+
+        streams.open[services.keys.authenticate(key).id] = streams.max_per_key  # type: ignore[union-attr]
+        refused = client.get("/flux/events", params={"jobId": job_id}, headers=headers)
+        assert (refused.status_code, refused.json()["message"]) == (
+            429, "Too many open event streams for this key (at most 2)",
+        )  # fmt: skip
+        vendor = client.get("/v1/events", params={"id": job_id}, headers={"x-key": key})
+        assert vendor.status_code == 429 and "at most 2" in vendor.json()["detail"]
+    finally:
+        streams.idle_seconds = idle
+        streams.open.clear()
+
+
+def test_event_ids_order_rounds_before_stages_and_ignore_foreign_last_event_ids() -> None:
+    assert EventId.parse("1.1.10000") < EventId.parse("2.0.0") < EventId.parse("2.2.0")  # type: ignore[operator]
+    for foreign in (None, "", "abc", "1.2", "1.-2.3", "1.2.3.4", "9" * 20 + ".0.0"):
+        assert EventId.parse(foreign) is None
