@@ -4,11 +4,16 @@ Every route whose catalog entry names the same weights folder (with the same loa
 device, quantization...) shares one :class:`FluxModel`, so a process loads each set of weights once
 however many routes point at it. Under a memory cap, loading a model first evicts the least recently
 used others until the new one fits (estimated by its weight files); one model is always kept.
+
+The pipeline a weights folder holds (its ``model_index.json``) picks the engine: FLUX.2 folders serve the
+FLUX.2 routes (:mod:`~fluxserve.engines.flux.flux2`), FLUX.1 Fill folders the fill and expand routes
+(:mod:`~fluxserve.engines.flux.fill`), and FLUX.1 folders the rest (:mod:`~fluxserve.engines.flux.engine`).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -18,9 +23,12 @@ from pathlib import Path
 import torch
 
 from fluxserve.core.catalog import Catalog, ModelEntry
+from fluxserve.core.models import Family, spec_of
 from fluxserve.engines.base import Engine
 from fluxserve.engines.flux.engine import DiffusersFluxEngine
-from fluxserve.engines.flux.loading import FluxModel
+from fluxserve.engines.flux.fill import FillEngine, FillModel
+from fluxserve.engines.flux.flux2 import Flux2Engine, Flux2Model
+from fluxserve.engines.flux.loading import FluxModel, LoadedPipeline
 from fluxserve.engines.flux.options import FluxOptions, LoadOptions
 from fluxserve.engines.tiny import build_tiny_flux, build_tiny_redux
 from fluxserve.errors import EngineError
@@ -30,6 +38,22 @@ BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "bundled"
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf"}
 
 log = logging.getLogger("fluxserve.engines")
+
+# Weights folders holding these pipelines load as these models (each with its engine, see _engine), for
+# the routes of these families only; any other folder is FLUX.1's.
+SINGLE_PIPELINE: dict[str, tuple[type[LoadedPipeline], frozenset[Family]]] = {
+    **dict.fromkeys(Flux2Model.PIPELINES, (Flux2Model, frozenset({Family.FLUX2, Family.FLUX2_KLEIN}))),
+    **dict.fromkeys(FillModel.PIPELINES, (FillModel, frozenset({Family.FILL, Family.EXPAND}))),
+}
+
+
+def pipeline_class(weights: Path) -> str:
+    """The diffusers pipeline class a weights folder holds, from its ``model_index.json``."""
+    try:
+        name = json.loads((weights / "model_index.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EngineError(f"{weights}/model_index.json: unreadable ({exc})") from None
+    return str(name)
 
 
 def weights_size(folder: Path) -> int:
@@ -48,12 +72,17 @@ class EngineRegistry:
         self._models_dir = Path(models_dir)
         self._cap = memory_cap_bytes
         self._lock = threading.Lock()
-        self._engines: dict[tuple[Path, str], DiffusersFluxEngine] = {}
-        self._loaded: OrderedDict[tuple[Path, LoadOptions], FluxModel] = OrderedDict()  # least recent first
+        self._engines: dict[tuple[Path, str], DiffusersFluxEngine | Flux2Engine | FillEngine] = {}
+        # least recent first
+        self._loaded: OrderedDict[tuple[Path, LoadOptions], FluxModel | LoadedPipeline] = OrderedDict()
         for model, entry in catalog.models.items():  # a mistyped knob stops the start, not a job later
             if entry.engine == "diffusers":
                 try:
-                    FluxOptions.of(entry)
+                    options = FluxOptions.of(entry)
+                    folder = Path(entry.weights or "")
+                    on_disk = (folder / "model_index.json").is_file()
+                    if on_disk and (kind := pipeline_class(folder)) in SINGLE_PIPELINE:
+                        options.single_pipeline(kind)
                 except EngineError as exc:
                     raise EngineError(f"{model}: {exc}") from None
 
@@ -68,15 +97,34 @@ class EngineRegistry:
         with self._lock:
             weights = self.resolve_weights(model, entry)
             load = self._resolve_load(model, FluxOptions.of(entry).load())
+            kind = pipeline_class(weights)
+            model_class, families = SINGLE_PIPELINE.get(kind, (FluxModel, None))
+            if families is not None and spec_of(model).family not in families:
+                served = ", ".join(sorted(families))
+                raise EngineError(
+                    f"{model}: {weights} holds {kind} weights, which serve {served} routes only"
+                )
             loaded = self._loaded.get((weights, load))
             if loaded is None:
-                loaded = self._load(weights, load)
+                loaded = self._load(weights, load, model_class)
             self._loaded.move_to_end((weights, load))
             key = (weights, entry.model_dump_json())
             engine = self._engines.get(key)
             if engine is None:
-                engine = self._engines[key] = DiffusersFluxEngine(weights, entry, loaded)
+                engine = self._engines[key] = self._engine(weights, entry, loaded)
             return engine
+
+    @staticmethod
+    def _engine(
+        weights: Path, entry: ModelEntry, loaded: FluxModel | LoadedPipeline
+    ) -> DiffusersFluxEngine | Flux2Engine | FillEngine:
+        """The engine for a route on a loaded model: the model's kind decides."""
+        if isinstance(loaded, Flux2Model):
+            return Flux2Engine(weights, entry, loaded)
+        if isinstance(loaded, FillModel):
+            return FillEngine(weights, entry, loaded)
+        assert isinstance(loaded, FluxModel)
+        return DiffusersFluxEngine(weights, entry, loaded)
 
     @property
     def memory_cap_bytes(self) -> int | None:
@@ -88,15 +136,17 @@ class EngineRegistry:
         with self._lock:
             return {key: model.nbytes for key, model in self._loaded.items()}
 
-    def _load(self, weights: Path, load: LoadOptions) -> FluxModel:
+    def _load(
+        self, weights: Path, load: LoadOptions, model_class: type[FluxModel | LoadedPipeline]
+    ) -> FluxModel | LoadedPipeline:
         if self._cap is not None:
             self._evict(self._cap - weights_size(weights))
-        model = self._loaded[(weights, load)] = FluxModel(weights, load)
+        model = self._loaded[(weights, load)] = model_class(weights, load)
         if self._cap is not None:
             self._evict(self._cap - model.nbytes, keep=model)
         return model
 
-    def _evict(self, budget: int, keep: FluxModel | None = None) -> None:
+    def _evict(self, budget: int, keep: FluxModel | LoadedPipeline | None = None) -> None:
         """Drop least recently used models until the others hold at most ``budget`` bytes.
 
         A job still running on an evicted model finishes; its memory is freed when it lets go.

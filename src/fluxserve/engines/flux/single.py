@@ -1,0 +1,66 @@
+"""What the engines that run one pipeline call per request (FLUX.2, Fill) share: refusing oversized
+inputs, the call itself with progress, cancellation and a seeded generator, and the result at the size the
+request asked for.
+
+They do not batch: each request is one call on its model, under the model's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from PIL import Image
+
+from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult
+from fluxserve.engines.flux.loading import LoadedPipeline, short_reason
+from fluxserve.errors import EngineError, JobCanceled
+
+log = logging.getLogger("fluxserve.engines")
+
+
+def refuse_oversized(request: EngineRequest, limit: int) -> None:
+    """Refuse any input image above ``limit`` pixels (the catalog's ``max_input_pixels``) before any work."""
+    named = [(each.field, each.image) for each in request.images]
+    if request.image_prompt is not None:
+        named.append(("image_prompt", request.image_prompt))
+    for name, image in named:
+        if image.width * image.height > limit:
+            raise EngineError(
+                f"{name}: {image.width}x{image.height} is {image.width * image.height} pixels; "
+                f"{request.params.model} accepts at most {limit} pixels"
+            )
+
+
+def run_call(
+    model: LoadedPipeline, request: EngineRequest, hooks: EngineHooks, arguments: dict[str, Any]
+) -> Image.Image:
+    """One pipeline call for ``request``: its prompt and seed, progress after each step, JobCanceled at the
+    next step once the job is canceled; a failing pipeline is an EngineError with the library's reason."""
+
+    def on_step(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        hooks.step((index + 1) / pipeline.num_timesteps)
+        return {}
+
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    with model.lock:
+        try:
+            output = model.pipe(
+                prompt=request.prompt, generator=generator, callback_on_step_end=on_step, **arguments
+            )
+        except (EngineError, JobCanceled):
+            raise
+        except Exception as exc:
+            log.exception("pipeline failed", extra={"model": request.params.model})
+            raise EngineError(f"{request.params.model}: generation failed: {short_reason(exc)}") from exc
+    image: Image.Image = output.images[0].convert("RGB")
+    return image
+
+
+def result(image: Image.Image, request: EngineRequest, details: dict[str, Any]) -> EngineResult:
+    """The engine's result at the requested size (LANCZOS when the pipeline ran at another size)."""
+    if image.size != (request.width, request.height):
+        details["generated_size"] = f"{image.width}x{image.height}"
+        image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
+    return EngineResult(image=image, prompt=request.prompt, seed=request.seed, details=details)
