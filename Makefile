@@ -2,14 +2,19 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install serve test test-fast lint
+.PHONY: install install-runtime serve test test-fast lint
 
-install:
+# What serving needs, and no more (no test tools, no torchao).
+install-runtime:
 	$(PIP) install torch==2.13.0
+	$(PIP) install -e .
+
+install: install-runtime
 	$(PIP) install -e '.[test]'
 
-serve: install
-	fluxserve serve --data-dir ./data
+# `make serve PORT=8001 HOST=0.0.0.0`; unset, FLUXSERVE_PORT / FLUXSERVE_HOST or the defaults apply.
+serve: install-runtime
+	fluxserve serve --data-dir ./data $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
 # Two test processes (pytest-xdist), a file each at a time: most end-to-end tests wait on their servers.
 test: install .venv-blackforest/bin/python

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -150,6 +151,7 @@ def serve(
         data_dir, host=host, port=port, workers=0 if no_workers else workers, public_url=public_url
     )
     configure_logging(json=settings.log_json)
+    listener = _listen(settings.host, settings.port, settings.http_backlog)  # before workers or "ready"
     keys = KeyStore(_database(settings, create=True))
     if keys.count() == 0:
         new = keys.create("default")
@@ -167,7 +169,7 @@ def serve(
 
     # h11, not httptools: h11 bounds the request head (httptools has no limit), and our protocol adds the
     # header and body timeouts uvicorn lacks. README, "HTTP limits".
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -178,6 +180,24 @@ def serve(
         limit_concurrency=settings.http_max_connections,
         backlog=settings.http_backlog,
     )
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """The API's listening socket, bound first: uvicorn would start the app (its workers, "fluxserve ready")
+    before binding, so a taken port would fail only after all that."""
+    try:
+        return socket.create_server(
+            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=backlog
+        )
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        typer.echo(
+            f"error: cannot listen on {host}:{port}: {reason}; is another server running there? "
+            "Choose another with --port (or FLUXSERVE_PORT)",
+            err=True,
+        )
+        raise typer.Exit(1) from error
 
 
 @app.command()
@@ -195,6 +215,9 @@ def worker(
     beacon = os.environ.get(BEACON_ENV)
     if beacon:  # before the model stack imports: a supervisor watches this file from the first second
         start_beacon(Path(beacon), liveness, settings.heartbeat_seconds, stop)
+    from fluxserve.worker.quiet import quiet_model_stack_imports
+
+    quiet_model_stack_imports()
     from fluxserve.worker.process import run_worker_process
 
     run_worker_process(settings, threads, liveness, stop)
@@ -434,3 +457,60 @@ def jobs_command(
             line.size or "", prompt,
         )  # fmt: skip
     console.print(table if lines else "no jobs")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The API model, e.g. flux-dev.")] = "flux-dev",
+    seed: Annotated[int | None, typer.Option(help="Seed; random when omitted.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to save the image; default <job id>.png.")
+    ] = None,
+    images: Annotated[
+        list[Path] | None,
+        typer.Option("--image", help="A reference image (kontext and FLUX.2 models); repeat for more."),
+    ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(help="The server's base URL; default the local one (FLUXSERVE_PUBLIC_URL or HOST:PORT)."),
+    ] = None,
+    key: Annotated[str | None, typer.Option(envvar="FLUXSERVE_KEY", help="API key (FLUXSERVE_KEY).")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Make one image through a server, with a live progress bar; prints where it was saved and its seed."""
+    import httpx
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fluxserve.client import Client, Event, FluxserveError
+
+    base_url = server or _settings(data_dir).base_url
+    errors = Console(stderr=True)
+    if not key:
+        errors.print("error: no API key: pass --key or set FLUXSERVE_KEY (`fluxserve keys create` makes one)")
+        raise typer.Exit(1)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"))
+    with Progress(*columns, TimeElapsedColumn(), console=errors, transient=True) as progress:
+        task = progress.add_task("submitting", total=1.0)
+
+        def show(event: Event) -> None:
+            if event.kind == "queued":
+                progress.update(task, description=f"queued, {event.position or 0} ahead")
+            elif event.kind == "running":
+                progress.update(task, description="running", completed=event.progress or 0.0)
+            else:
+                progress.update(task, description="done", completed=1.0)
+
+        try:
+            with Client(base_url, key) as client:
+                made = client.generate(model, prompt, images=images or (), seed=seed, on_event=show)
+        except FluxserveError as error:
+            errors.print(f"error: {error.message}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+        except httpx.TransportError as error:
+            errors.print(f"error: cannot reach {base_url} ({error}); is `fluxserve serve` running there?")
+            raise typer.Exit(1) from None
+    jpeg = made.image.startswith(b"\xff\xd8")
+    path = output or Path(f"{made.job.id}.{'jpg' if jpeg else 'png'}")
+    path.write_bytes(made.image)
+    typer.echo(f"saved {path} (seed {made.seed})")

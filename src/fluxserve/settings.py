@@ -26,8 +26,8 @@ class Settings(BaseSettings):
         description="Operator catalog TOML file(s) overriding the shipped one; several joined with "
         "os.pathsep (':'), later ones winning.",
     )
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field(default="127.0.0.1", description="Interface serve listens on; 0.0.0.0 for all.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port serve listens on.")
     workers: int = Field(
         default=1, ge=0, description="Worker processes that serve starts and supervises; 0: the API only."
     )

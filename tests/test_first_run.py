@@ -1,0 +1,57 @@
+"""A new user's first run: a taken port, start-up warnings, /docs without internet."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fluxserve.worker.quiet import HARMLESS, quiet_model_stack_imports
+
+
+def test_known_harmless_import_warnings_are_dropped_and_others_of_those_loggers_kept() -> None:
+    quiet_model_stack_imports()
+    for name, fragment in HARMLESS:
+        seen: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record, seen=seen: seen.append(record.getMessage())  # type: ignore[method-assign]
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        try:
+            logger.warning("before %s after", fragment)
+            logger.warning("something else went wrong")
+        finally:
+            logger.removeHandler(handler)
+        assert seen == ["something else went wrong"], name
+
+
+@pytest.mark.slow
+def test_serve_on_a_taken_port_says_so_in_one_line_and_starts_nothing(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fluxserve",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(tmp_path / "d"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; is another server running there? "
+        "Choose another with --port (or FLUXSERVE_PORT)"
+    ]
+    assert not (tmp_path / "d").exists()  # no database, no key, no worker: nothing ran before the bind
