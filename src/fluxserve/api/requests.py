@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.deps import Services, get_services
-from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES
+from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES, VARIANT_TYPES, Variant
 from fluxserve.core.models import MODELS, REQUIRED, Dialect, ModelSpec
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER
@@ -62,7 +62,8 @@ class VendorRequest(SubmitRequest):
 
     @model_validator(mode="after")
     def _prompt_or_image(self) -> VendorRequest:
-        if not str(getattr(self, "prompt", "")).strip() and not getattr(self, "image_prompt", None):
+        images = getattr(self, "image_prompt", None) or getattr(self, "image", None)  # fill/expand: optional
+        if not str(getattr(self, "prompt", "")).strip() and not images:
             raise PydanticCustomError("prompt_required", "prompt: is required (or give image_prompt)")
         return self
 
@@ -75,6 +76,9 @@ _BASES: dict[Dialect, type[SubmitRequest]] = {
 
 def _field(name: str, default: Any) -> tuple[Any, Any]:
     annotation, description = FIELD_TYPES[name]
+    if isinstance(default, Variant):  # this route's own range for the field
+        annotation, _, description = VARIANT_TYPES[default.kind]
+        default = default.default
     if default is REQUIRED:
         return annotation, Field(description=description)
     if not default and name in OPTIONAL_TYPES:  # no aspect ratio: follow the input image; vendor prompt
@@ -99,7 +103,8 @@ def _with_spec(schema: type[SubmitRequest], spec: ModelSpec) -> type[SubmitReque
 
 
 SCHEMAS: dict[Dialect, dict[str, type[SubmitRequest]]] = {
-    dialect: {name: _schema(spec, dialect) for name, spec in MODELS.items()} for dialect in Dialect
+    dialect: {name: _schema(spec, dialect) for name, spec in MODELS.items() if dialect in spec.fields}
+    for dialect in Dialect
 }
 
 
@@ -128,6 +133,8 @@ def add_submit_routes(
     the key from ``key_dependency`` (an ``Annotated[ApiKey, Depends(...)]``), the optional
     ``Idempotency-Key`` header, and answered by ``submit``."""
     for spec in MODELS.values():
+        if dialect not in spec.fields:
+            continue
         router.add_api_route(
             f"{prefix}{spec.name}",
             _handler(spec, SCHEMAS[dialect][spec.name], key_dependency, submit),
