@@ -18,14 +18,16 @@ from sqlalchemy import Engine
 
 from fluxserve import __version__
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.api import events, files, reseller, vendor
+from fluxserve.api import events, files, ops, reseller, vendor
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.limits import RequestGuard
 from fluxserve.core.catalog import load_catalog
 from fluxserve.core.models import Dialect
 from fluxserve.jobs.retention import Retention
+from fluxserve.jobs.stats import JobStats
 from fluxserve.jobs.submit import Limits, Submitter
+from fluxserve.jobs.workers import WorkerRegistry
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner
@@ -170,8 +172,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.events_max_per_key, settings.events_poll_seconds, settings.events_idle_seconds
     )
 
-    @app.get("/healthz", tags=["ops"], summary="Liveness")
-    def healthz() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "workers": settings.workers}
+    stats = JobStats(runtime.database, WorkerRegistry(runtime.database), settings.stale_after_seconds)
+    readiness = ops.Readiness(
+        stats, runtime.services.blobs, settings.workers_expected, settings.stale_after_seconds
+    )
+    app.include_router(ops.router(readiness, settings.workers))
 
     return app

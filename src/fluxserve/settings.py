@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         "Model loading and compilation before the first step count too on a cold worker.",
     )
     max_attempts: int = Field(default=3, description="Claims of one job before it fails as a crash loop.")
+    expect_workers: bool | None = Field(
+        default=None,
+        description="Whether /readyz needs a worker process heard from in the last stale_after_seconds "
+        "(anywhere: workers on other machines count). None: when this process starts workers.",
+    )
     poll_seconds: float = Field(default=0.2, description="Idle workers look for queued jobs this often.")
     allowed_private_networks: str = Field(
         default="", description="Comma-separated CIDRs that URL inputs and webhooks may reach."
@@ -151,6 +156,10 @@ class Settings(BaseSettings):
     @property
     def catalog_files(self) -> list[Path]:
         return [Path(part) for part in (self.catalog or "").split(os.pathsep) if part]
+
+    @property
+    def workers_expected(self) -> bool:
+        return self.expect_workers if self.expect_workers is not None else self.workers > 0
 
     @property
     def result_ttl(self) -> float:

@@ -108,3 +108,17 @@ idempotency_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     PrimaryKeyConstraint("key_id", "idempotency_key", name="pk_idempotency_keys"),
 )
+
+# One row per live worker process, wherever it runs, refreshed every few seconds (jobs/workers.py); read by
+# /readyz and /metrics. Migration 0008.
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(255), primary_key=True),  # <host>-<pid>
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("threads", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("seen_at", DateTime(timezone=True), nullable=False),
+    Index("ix_workers_seen", "seen_at"),
+)

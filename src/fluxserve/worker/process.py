@@ -7,14 +7,14 @@ worker processes with :mod:`fluxserve.worker.supervisor`; on a GPU machine an op
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 
 import torch
+from sqlalchemy import Engine
 
 from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.engines.registry import EngineRegistry
+from fluxserve.jobs.workers import WorkerRegistry, process_name
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.settings import Settings
 from fluxserve.wiring import make_blob_store, make_job_store, open_database
@@ -32,19 +32,18 @@ def engine_registry(settings: Settings, catalog: Catalog) -> EngineRegistry:
     return EngineRegistry(catalog, settings.models, memory_cap_bytes=cap)
 
 
-def build_workers(settings: Settings, threads: int, liveness: Liveness) -> list[Worker]:
+def build_workers(settings: Settings, database: Engine, threads: int, liveness: Liveness) -> list[Worker]:
     """``threads`` workers sharing one engine registry (one copy of each model's weights)."""
-    store = make_job_store(open_database(settings))
+    store = make_job_store(database)
     blobs = make_blob_store(settings.storage)
     catalog = load_catalog(settings.catalog_files)
     max_input_pixels = max(entry.max_input_pixels for entry in catalog.models.values())
     registry = engine_registry(settings, catalog)
     policy = NetworkPolicy(parse_networks(settings.allowed_private_networks))
     inputs = InputLoader(blobs, policy, settings.max_input_bytes, max_input_pixels)
-    prefix = f"{socket.gethostname()}-{os.getpid()}"
     return [
         Worker(
-            f"{prefix}-{index}",
+            f"{process_name()}-{index}",
             store,
             registry,
             blobs,
@@ -64,11 +63,19 @@ def build_workers(settings: Settings, threads: int, liveness: Liveness) -> list[
 def run_worker_process(settings: Settings, threads: int, liveness: Liveness, stop: threading.Event) -> None:
     """Run until ``stop`` is set; a job still running then is taken back by another worker."""
     torch.set_num_threads(settings.threads_per_worker)
-    workers = build_workers(settings, threads, liveness)
+    database = open_database(settings)
+    workers = build_workers(settings, database, threads, liveness)
+    # The process's row in the workers table, for /readyz and /metrics of every API replica.
+    presence = threading.Thread(
+        target=WorkerRegistry(database).announce,
+        args=(process_name(), threads, liveness.alive, settings.heartbeat_seconds, stop),
+        name="presence",
+    )
     runners = [threading.Thread(target=w.run, args=(stop,), name=w.worker_id) for w in workers]
-    for runner in runners:
+    for runner in [presence, *runners]:
         runner.start()
     log.info("worker process ready", extra={"threads": threads, "torch_threads": torch.get_num_threads()})
     while any(runner.is_alive() for runner in runners):
         for runner in runners:
             runner.join(timeout=0.5)
+    presence.join()  # it removes the row once stop is set
