@@ -155,6 +155,13 @@ def test_loading_knobs_apply_and_flux1_only_ones_are_refused(models_dir: Path, k
     processor = math.model.pipe.transformer.transformer_blocks[0].attn.processor
     assert processor._attention_backend == "_native_math"
     assert run(math, KLEIN).image.size == (64, 64)
+    pytest.importorskip("torchao")
+    small = Flux2Engine(weights, entry(options={"quantize": "int8", "vae_tiling": True}))
+    pipe = small.model.pipe
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q.weight).__module__.startswith("torchao")
+    assert type(pipe.text_encoder.model.layers[0].self_attn.q_proj.weight).__module__.startswith("torchao")
+    assert pipe.vae.use_tiling and small.model.nbytes < klein.nbytes
+    assert run(small, KLEIN).image.size == (64, 64)
     with pytest.raises(EngineError, match=r"^options.attention='flash': "):
         Flux2Model(weights, LoadOptions(attention="flash"))  # needs flash-attn and a GPU
     with pytest.raises(EngineError, match=r"^catalog options: true_cfg_scale: FLUX.1 routes only"):
