@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from fluxserve.app import create_app
+from fluxserve.settings import Settings
 from fluxserve.worker.quiet import HARMLESS, quiet_model_stack_imports
 
 
@@ -55,3 +59,18 @@ def test_serve_on_a_taken_port_says_so_in_one_line_and_starts_nothing(tmp_path: 
         "Choose another with --port (or FLUXSERVE_PORT)"
     ]
     assert not (tmp_path / "d").exists()  # no database, no key, no worker: nothing ran before the bind
+
+
+def test_docs_and_redoc_use_only_assets_served_by_the_server_itself(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path, workers=0))
+    with TestClient(app) as client:
+        for page in ("/docs", "/redoc"):
+            response = client.get(page)
+            assert response.status_code == 200
+            assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", response.text)
+            assert assets, page
+            for asset in assets:
+                assert asset.startswith("/") and not asset.startswith("//"), (page, asset)
+                served = client.get(asset)
+                assert served.status_code == 200 and len(served.content) > 1000, asset
+            assert "http://" not in response.text and "https://" not in response.text, page

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import Engine
 
 from fluxserve import __version__
@@ -144,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async with runtime.background():
             yield
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their assets served from the package: no CDN
         title="fluxserve",
         version=__version__,
         description="A self-hosted FLUX image API: the reseller dialect under /bfl/v1 and /flux/fetch, the "
