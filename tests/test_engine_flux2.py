@@ -91,6 +91,8 @@ def test_references_reach_the_pipeline_in_order(klein: Flux2Model) -> None:
         run(engine, KLEIN, images=[gradient((64, 64)), solid("red", (720, 80))])
     with pytest.raises(EngineError, match=r"^image_prompt: flux-2-klein-4b takes input_image references"):
         run(engine, KLEIN, image_prompt=gradient((64, 64)))
+    with pytest.raises(EngineError, match=r"^input_image: 64x64 is 4096 pixels; flux-2-klein-4b accepts at"):
+        run(flux2(klein, max_input_pixels=4000), KLEIN, images=[gradient((64, 64))])
 
 
 def test_klein_base_guides_with_true_cfg_and_distilled_klein_ignores_guidance(
@@ -129,6 +131,8 @@ def test_expand_grows_the_canvas_around_the_unchanged_image(fill: FillModel) -> 
     assert result.details["pipeline"] == "expand"
     assert ImageChops.difference(result.image.crop((16, 16, 64, 48)), source).getbbox() is None
     assert result.image.crop((0, 0, 64, 16)).getextrema() != ((0, 0), (0, 0), (0, 0))  # painted, not blank
+    with pytest.raises(EngineError, match=r"^image: is required"):
+        run(filler(fill), EXPAND, width=64, height=64, **margins)
 
 
 def test_cancellation_and_pipeline_failures(klein: Flux2Model, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,3 +196,17 @@ def test_registry_picks_the_engine_by_the_weights_folder(models_dir: Path) -> No
     assert type(registry.get("flux-pro")).__name__ == "DiffusersFluxEngine"
     with pytest.raises(EngineError, match=r"holds a FluxPipeline pipeline; this route needs one of Flux2"):
         Flux2Model(models_dir / "tiny")
+
+
+def test_unloadable_weights_folders_are_named(tmp_path: Path, models_dir: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    catalog = Catalog.model_validate({"models": {KLEIN: {"weights": str(broken)}}})
+    with pytest.raises(EngineError, match=r"/broken/model_index.json: unreadable"):
+        EngineRegistry(catalog, models_dir).get(KLEIN)
+    with pytest.raises(EngineError, match=r"^cannot load weights from .*/broken: "):
+        Flux2Model(broken)
+    (broken / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline"}')
+    with pytest.raises(EngineError, match=r"^cannot load Flux2KleinPipeline weights from .*/broken: "):
+        Flux2Model(broken)
