@@ -71,8 +71,9 @@ class EngineRequest:
                 )
             return mask.convert("L").point(lambda value: 255 if value >= 128 else 0)
         if "A" in source.getbands() or "transparency" in source.info:
-            alpha = source.convert("RGBA").getchannel("A")
-            return alpha.point(lambda value: 255 if value < 128 else 0)
+            alpha = source.convert("RGBA").getchannel("A").point(lambda value: 255 if value < 128 else 0)
+            if alpha.getbbox() is not None:  # some pixel is transparent
+                return alpha
         raise EngineError("mask: is required unless image has transparent areas to repaint")
 
     @property

@@ -30,6 +30,8 @@ from fluxserve.engines.flux.fill import FillEngine, FillModel
 from fluxserve.engines.flux.flux2 import Flux2Engine, Flux2Model
 from fluxserve.engines.flux.loading import FluxModel, LoadedPipeline
 from fluxserve.engines.flux.options import FluxOptions, LoadOptions
+from fluxserve.engines.standin import FAMILIES as STAND_IN_FAMILIES
+from fluxserve.engines.standin import StandInEngine
 from fluxserve.engines.tiny import build_tiny_flux, build_tiny_redux
 from fluxserve.errors import EngineError
 
@@ -112,6 +114,8 @@ class EngineRegistry:
             engine = self._engines.get(key)
             if engine is None:
                 engine = self._engines[key] = self._engine(weights, entry, loaded)
+            if isinstance(engine, DiffusersFluxEngine) and spec_of(model).family in STAND_IN_FAMILIES:
+                return StandInEngine(engine)  # FLUX.1 weights on a FLUX.2/fill/expand route
             return engine
 
     @staticmethod
