@@ -168,7 +168,7 @@ INVALID = [
         "flux-dev",
         {"prompt": "x", "webhook_secret": ""},
         "webhook_secret",
-        "webhook_secret: must be a string of 1 to 256 characters",
+        "webhook_secret: must be 1 to 256 visible ASCII characters",
     ),
     ("flux-dev", {"prompt": "x", "steps": True}, "steps", "steps: must be an integer between 1 and 50"),
 ]

@@ -8,10 +8,10 @@ Errors keep the vendor's (FastAPI's) shapes: ``{"detail": "..."}`` for auth (403
 limits (429), and 422 ``{"detail": [{"loc", "msg", "type"}]}`` for invalid fields, with the same rules
 and wording as the reseller dialect (``core/fields.RULES``).
 
-Two deliberate differences from the vendor's published contract, both for safety:
-``get_result`` needs the submitting key in ``x-key`` (the vendor's OpenAPI marks it open), so that a
-key sees only its own jobs, as in the reseller dialect; and ``webhook_secret`` is refused, because our
-webhooks are signed with each key's own secret (Standard Webhooks), not a per-request one.
+One deliberate difference from the vendor's published contract, for safety: ``get_result`` needs the
+submitting key in ``x-key`` (the vendor's OpenAPI marks it open), so that a key sees only its own jobs, as
+in the reseller dialect. A task's ``webhook_secret`` is honoured as the vendor does (webhooks/signing.py),
+beside the Standard Webhooks signature made with the key's own secret.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def _submit(
     try:
         job = services.submitter.submit(
             key, body.to_params(), body.seed_value, body.webhook, Dialect.VENDOR,
-            extras.idempotency_key,
+            extras.idempotency_key, getattr(body, "webhook_secret", None),
         )  # fmt: skip
     except InvalidInput as error:
         item = {"loc": ["body", error.field], "msg": str(error), "type": "value_error"}
@@ -154,16 +154,24 @@ def _submit(
         item = {"loc": ["header", IDEMPOTENCY_HEADER], "msg": str(error), "type": "idempotency_conflict"}
         raise VendorValidationError([item]) from error
     except QuotaExceeded as error:
-        price = format_credits(spec.price)
+        price = f"{format_credits(spec.price)} credits"
+        if spec.further_mp_price is not None:
+            price += f" (first megapixel) + {format_credits(spec.further_mp_price)} per further megapixel"
         balance = "unknown" if key.credits is None else format_credits(key.credits)
         raise HTTPException(
-            402, f"Insufficient credits: {spec.name} costs {price} credits and this key has {balance}"
+            402, f"Insufficient credits: {spec.name} costs {price} and this key has {balance}"
         ) from error
     except TooManyActiveJobs as error:
         raise HTTPException(
             429, "Too many active tasks for this key; wait for some to finish, then retry"
         ) from error
-    return SubmitResponse(id=job.id, polling_url=polling_url(job, services), cost=_number(job.cost))
+    return SubmitResponse(
+        id=job.id,
+        polling_url=polling_url(job, services),
+        cost=_number(job.cost),
+        input_mp=None if job.input_mp is None else float(job.input_mp),
+        output_mp=None if job.output_mp is None else float(job.output_mp),
+    )
 
 
 _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -174,8 +182,9 @@ _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 add_submit_routes(
-    router, Dialect.VENDOR, "/", Key, _submit, response_model=SubmitResponse, responses=_SUBMIT_RESPONSES
-)
+    router, Dialect.VENDOR, "/", Key, _submit, response_model=SubmitResponse, responses=_SUBMIT_RESPONSES,
+    response_model_exclude_none=True,  # input_mp and output_mp only where the model is priced by them
+)  # fmt: skip
 
 
 def _reason(job: Job) -> str:

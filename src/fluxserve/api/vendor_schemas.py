@@ -16,6 +16,12 @@ class SubmitResponse(BaseModel):
     cost: int | float | None = Field(
         description="Credits this task costs when it succeeds (1 credit = 0.01 USD)."
     )
+    input_mp: float | None = Field(
+        default=None, description="Megapixels of input images charged for (megapixel-priced models)."
+    )
+    output_mp: float | None = Field(
+        default=None, description="Megapixels of the output charged for (megapixel-priced models)."
+    )
 
 
 VendorStatus = Literal[

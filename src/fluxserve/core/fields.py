@@ -62,7 +62,7 @@ RULES: dict[str, str] = {
     "bottom": f"must be an integer between 0 and {MAX_EXPAND}",
     "left": f"must be an integer between 0 and {MAX_EXPAND}",
     "right": f"must be an integer between 0 and {MAX_EXPAND}",
-    "webhook_secret": f"must be a string of 1 to {MAX_WEBHOOK_SECRET} characters",
+    "webhook_secret": f"must be 1 to {MAX_WEBHOOK_SECRET} visible ASCII characters (it travels in a header)",
 }
 
 # The vendor also offers webp; our encoder writes jpeg and png only, so say so instead of "invalid".
@@ -174,7 +174,7 @@ WebhookUrl = (
     ]
     | None
 )
-WebhookSecret = Annotated[str, Field(min_length=1, max_length=MAX_WEBHOOK_SECRET)] | None
+WebhookSecret = Annotated[str, Field(min_length=1, max_length=MAX_WEBHOOK_SECRET, pattern=r"^[!-~]+$")] | None
 Margin = Annotated[int, Field(ge=0, le=MAX_EXPAND), Optional, Number]
 ImageInput = Annotated[str, Field(min_length=1)] | None
 

@@ -48,6 +48,9 @@ class Job:
     width: int | None = None
     height: int | None = None
     webhook_url: str | None = None
+    webhook_secret: str | None = None  # the vendor dialect's per-task secret its webhook carries
+    input_mp: Decimal | None = None  # the megapixels a megapixel-priced job was charged for (core.pricing)
+    output_mp: Decimal | None = None
     progress: float = 0.0
     result_key: str | None = None
     error: str | None = None

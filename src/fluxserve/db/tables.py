@@ -62,6 +62,9 @@ jobs = Table(
     Column("prompt", Text, nullable=False),
     Column("cost_hundredths", BigInteger, nullable=False),
     Column("webhook_url", Text, nullable=True),
+    Column("webhook_secret", Text, nullable=True),  # the task's own webhook secret (vendor dialect); 0009
+    Column("input_mp", Float, nullable=True),  # megapixels charged for, megapixel-priced models; 0009
+    Column("output_mp", Float, nullable=True),
     Column("progress", Float, nullable=False, default=0.0),
     Column("result_key", Text, nullable=True),
     Column("error", Text, nullable=True),

@@ -35,6 +35,10 @@ class _Replayed(Exception):
         self.job = job
 
 
+def _mp(value: float | None) -> Decimal | None:
+    return None if value is None else Decimal(str(value))
+
+
 def _job(row: RowMapping) -> Job:
     return Job(
         id=row["id"],
@@ -50,6 +54,9 @@ def _job(row: RowMapping) -> Job:
         width=row["width"],
         height=row["height"],
         webhook_url=row["webhook_url"],
+        webhook_secret=row["webhook_secret"],
+        input_mp=_mp(row["input_mp"]),
+        output_mp=_mp(row["output_mp"]),
         progress=row["progress"],
         result_key=row["result_key"],
         error=row["error"],
@@ -190,6 +197,9 @@ class SqlJobStore:
             "prompt": job.prompt,
             "cost_hundredths": ledger.to_hundredths(job.cost),
             "webhook_url": job.webhook_url,
+            "webhook_secret": job.webhook_secret,
+            "input_mp": None if job.input_mp is None else float(job.input_mp),
+            "output_mp": None if job.output_mp is None else float(job.output_mp),
             "progress": job.progress,
             "details": job.details,
             "attempts": 0,

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from fluxserve.accounts.keys import ApiKey
+from fluxserve.core.fields import REFERENCE_FIELDS
 from fluxserve.core.job import Job
 from fluxserve.core.models import Dialect, Family, ModelSpec, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
+from fluxserve.core.pricing import quote
 from fluxserve.core.sizes import output_size
 from fluxserve.errors import AddressRefused, FetchError, InputError, InvalidInput
 from fluxserve.jobs.store import Idempotency, JobStore
@@ -56,6 +58,7 @@ class Submitter:
         webhook_url: str | None,
         dialect: Dialect,
         idempotency_key: str | None = None,
+        webhook_secret: str | None = None,
     ) -> Job:
         """Write the job (raising QuotaExceeded / TooManyActiveJobs / InvalidInput) and return it.
 
@@ -66,7 +69,8 @@ class Submitter:
         """
         idempotency = None
         if idempotency_key is not None:
-            idempotency = Idempotency(idempotency_key, request_hash(params, seed, webhook_url, dialect))
+            digest = request_hash(params, seed, webhook_url, dialect, webhook_secret)
+            idempotency = Idempotency(idempotency_key, digest)
             # Before any image is stored: a repeat writes nothing.
             replayed = self._store.replay(key.id, idempotency)
             if replayed is not None:
@@ -80,6 +84,7 @@ class Submitter:
         job_id = str(uuid.uuid4())
         try:
             job = self._new_job(key, spec, params, seed, webhook_url, dialect, job_id)
+            job.webhook_secret = webhook_secret
             job = self._store.submit(job, self._limits.max_active, model_limit, idempotency)
         except Exception:
             self._blobs.delete_prefix(inputs_prefix(job_id))  # refused after all (a race): no orphan
@@ -99,6 +104,8 @@ class Submitter:
         job_id: str,
     ) -> Job:
         """The job row to write: its images decoded and stored, its size resolved when it can be."""
+        if spec.family in (Family.FLUX2, Family.FLUX2_KLEIN) and params.image_prompt is not None:
+            params = as_reference(params)
         images: list[ImageRef] = []
         sizes: list[tuple[int, int] | None] = []
         for image in params.input_images:
@@ -113,7 +120,15 @@ class Submitter:
             updates["safety_tolerance"] = min(params.safety_tolerance, KONTEXT_IMAGE_TOLERANCE)
         params = params.model_copy(update=updates)
         # A size that waits for a URL input is resolved by the worker once it has fetched the image.
-        size = output_size(spec.size_rule, params, sizes[0] if sizes else None)
+        try:
+            size = output_size(spec.size_rule, params, sizes[0] if sizes else None)
+        except ValueError as error:
+            raise InvalidInput("width", str(error)) from None
+        check_tool_inputs(spec, params, dict(zip((image.field for image in images), sizes, strict=True)))
+        references = [
+            size for image, size in zip(images, sizes, strict=True) if image.field in REFERENCE_FIELDS
+        ]
+        price = quote(spec, size, references)
         job = Job(
             id=job_id,
             key_id=key.id,
@@ -123,7 +138,9 @@ class Submitter:
             seed=seed if seed is not None else secrets.randbelow(2**32),
             output_format=params.output_format,
             prompt=params.prompt,
-            cost=spec.price,
+            cost=price.cost,
+            input_mp=price.input_mp,
+            output_mp=price.output_mp,
             width=size[0] if size else None,
             height=size[1] if size else None,
             webhook_url=webhook_url,
@@ -147,8 +164,40 @@ class Submitter:
         return BLOB_PREFIX + key, image.size
 
 
+def as_reference(params: GenerationParams) -> GenerationParams:
+    """FLUX.2 has no image prompt: the reseller's ``image_prompt`` becomes its next reference image
+    (``input_image_N`` after those sent), so every engine and the relay see one kind of input."""
+    taken = {image.field for image in params.input_images}
+    free = next(name for name in REFERENCE_FIELDS if name not in taken)
+    assert params.image_prompt is not None
+    images = [*params.input_images, ImageRef(field=free, ref=params.image_prompt)]
+    return params.model_copy(update={"input_images": images, "image_prompt": None})
+
+
+def check_tool_inputs(
+    spec: ModelSpec, params: GenerationParams, sizes: dict[str, tuple[int, int] | None]
+) -> None:
+    """Fill has a mask the size of its image (when both were uploaded); expand grows at least one side.
+
+    The vendor also reads a fill's mask from the image's alpha channel; this server flattens uploads to
+    RGB when it stores them, so it asks for the mask instead of repainting nothing."""
+    image, mask = sizes.get("image"), sizes.get("mask")
+    if spec.family is Family.FILL and "mask" not in sizes:
+        raise InvalidInput("mask", "is required (this server does not take the mask from the image's alpha)")
+    if spec.family is Family.FILL and image is not None and mask is not None and image != mask:
+        raise InvalidInput(
+            "mask", f"must be the size of image ({image[0]}x{image[1]}), not {mask[0]}x{mask[1]}"
+        )
+    if spec.family is Family.EXPAND and not (params.top or params.bottom or params.left or params.right):
+        raise InvalidInput("top", "at least one of top, bottom, left and right must be above 0")
+
+
 def request_hash(
-    params: GenerationParams, seed: int | None, webhook_url: str | None, dialect: Dialect
+    params: GenerationParams,
+    seed: int | None,
+    webhook_url: str | None,
+    dialect: Dialect,
+    webhook_secret: str | None = None,
 ) -> str:
     """SHA-256 of the request as validated (so ``"steps": "40"`` and ``"steps": 40`` are the same request,
     and fields the vendor dialect ignores do not count), with its dialect and model."""
@@ -158,6 +207,8 @@ def request_hash(
         "seed": seed,
         "webhook_url": webhook_url,
     }
+    if webhook_secret is not None:  # absent, the hash stays what it was before the field existed
+        canonical["webhook_secret"] = webhook_secret
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

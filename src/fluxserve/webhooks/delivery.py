@@ -25,13 +25,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from fluxserve.db import outbox
 from fluxserve.db.connection import utcnow
+from fluxserve.db.tables import jobs
 from fluxserve.errors import AddressRefused, FetchError
 from fluxserve.safety.fetch import NetworkPolicy, send
-from fluxserve.webhooks.signing import signed_headers
+from fluxserve.webhooks.signing import signed_headers, task_headers
 
 log = logging.getLogger("fluxserve.webhooks")
 
@@ -172,6 +173,9 @@ class WebhookDispatcher:
                 "User-Agent": "fluxserve-webhooks",
                 **signed_headers(delivery["webhook_secret"], delivery["id"], utcnow(), body),
             }
+            task_secret = await asyncio.to_thread(self._task_secret, delivery["job_id"])
+            if task_secret is not None:
+                headers.update(task_headers(task_secret, body))
             async with asyncio.timeout(self._timeout):
                 response = await send(
                     client, "POST", delivery["url"], self._policy,
@@ -193,6 +197,11 @@ class WebhookDispatcher:
         if not final:
             self._note(delivery["url"], connected)
         await asyncio.to_thread(self._record, delivery, attempt, status_code, error, final)
+
+    def _task_secret(self, job_id: str) -> str | None:
+        """The ``webhook_secret`` the job was submitted with (vendor dialect), if any."""
+        with self._database.connect() as conn:
+            return conn.execute(select(jobs.c.webhook_secret).where(jobs.c.id == job_id)).scalar()
 
     def _note(self, url: str, connected: bool) -> None:
         """Count a target's connection failures in a row; pause it from the PAUSE_AFTER-th."""
