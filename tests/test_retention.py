@@ -1,5 +1,6 @@
 """Retention: input images go when their job ends, results go after the result TTL (the job's row stays and
 reads as expired in both dialects), ``fluxserve prune`` does the sweep by hand, and disk use stays bounded.
+The in-process tests run on each blob store: a folder, and a bucket of an S3 server on loopback (moto).
 
 In-process tests run the real worker, store and blob store on SQLite and disk (``test_worker_inprocess``'s
 world); the end-to-end one runs ``fluxserve serve`` on loopback with a short TTL and a fast sweep.
@@ -31,14 +32,29 @@ from fluxserve.db.tables import jobs
 from fluxserve.errors import EngineError, JobCanceled
 from fluxserve.jobs.retention import Retention
 from fluxserve.settings import Settings
+from fluxserve.storage.base import BlobStore
 from fluxserve.storage.signing import UrlSigner
+from fluxserve.wiring import make_blob_store
+from s3_server import blob_url, s3_bucket, s3_credentials
 from test_worker_inprocess import Scripted, World, paint, raising, run_one
+
+__all__ = ["blob_url", "s3_bucket", "s3_credentials"]  # fixtures
 
 world = test_worker_inprocess.world  # the fixture: SQLite or PostgreSQL, files in tmp_path, a worker on them
 
 
-def files_under(root: Path) -> list[str]:
-    return sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
+@pytest.fixture
+def blobs(request: pytest.FixtureRequest, blob_url: str) -> BlobStore:
+    """The world's blob store, on disk and on S3 (overrides test_worker_inprocess's folder). S3 runs with
+    SQLite only: retention reads the job store and the blob store apart, so the other pairing adds nothing."""
+    params = request.node.callspec.params
+    if params.get("blob_url") == "s3" and params.get("database_url") == "postgresql":
+        pytest.skip("S3 is run with SQLite")
+    return make_blob_store(blob_url)
+
+
+def stored(blobs: BlobStore) -> list[str]:
+    return [info.key for info in blobs.list("")]
 
 
 def submit_with_image(world: World, key: ApiKey) -> Job:
@@ -70,7 +86,7 @@ def small_paint(request, hooks):  # type: ignore[no-untyped-def]
     return paint(request, hooks)
 
 
-# --- settings --------------------------------------------------------------------------------------------------
+# --- settings -----------------------------------------------------------------------------------------------
 
 
 def test_result_ttl_defaults_to_the_url_life(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,7 +114,7 @@ def test_inputs_are_deleted_when_the_worker_ends_the_job(world: World, behave, s
     done = run_one(world, world.worker(Scripted(behave)))
     assert done.status is status
     assert world.blobs.list(f"inputs/{job.id}/") == []
-    assert not any(name.startswith("inputs/") for name in files_under(world.blobs.root))
+    assert not any(name.startswith("inputs/") for name in stored(world.blobs))
 
 
 def test_a_worker_that_lost_its_job_keeps_the_inputs_for_the_next(world: World) -> None:
@@ -168,6 +184,17 @@ def test_the_sweep_removes_a_result_past_the_ttl_and_keeps_a_fresh_one(world: Wo
     assert world.store.get(old.id).result_expired_at == expired.result_expired_at  # type: ignore[union-attr]
 
 
+def test_the_sweep_removes_orphaned_inputs_once_past_the_grace(world: World) -> None:
+    active = submit_with_image(world, world.key())  # queued: its inputs are needed
+    orphan = f"inputs/{uuid.uuid4()}/input_image.png"  # a submit refused after its upload was stored
+    world.blobs.put(orphan, b"x" * 10, "image/png")
+    retention = Retention(world.store, world.blobs, ttl_seconds=3600)
+    assert retention.sweep().inputs == 0  # young: maybe a submit whose row is not written yet
+    report = retention.sweep(now=datetime.now(UTC) + timedelta(hours=1))
+    assert (report.inputs, report.bytes) == (1, 10)
+    assert not world.blobs.exists(orphan) and world.blobs.list(f"inputs/{active.id}/")
+
+
 def test_an_expired_job_reads_as_such_in_both_dialects(world: World) -> None:
     key = world.key("100")
     world.submit(key)
@@ -211,6 +238,7 @@ def prune(world: World, data_dir: Path, *args: str) -> str:
     return result.stdout.strip()
 
 
+@pytest.mark.parametrize("blob_url", ["file"], indirect=True)  # it backdates a file's mtime
 def test_prune_from_the_command_line(world: World, tmp_path: Path) -> None:
     # The world's database and files are where Settings(data_dir=tmp_path) finds them.
     key = world.key("100")
@@ -227,14 +255,14 @@ def test_prune_from_the_command_line(world: World, tmp_path: Path) -> None:
     orphan = f"inputs/{uuid.uuid4()}/input_image.png"  # a submit refused after its upload was stored
     world.blobs.put(orphan, b"x" * 100, "image/png")
     hour_ago = time.time() - 3600
-    os.utime(world.blobs.root / orphan, (hour_ago, hour_ago))
+    os.utime(tmp_path / "files" / orphan, (hour_ago, hour_ago))
     young = f"inputs/{uuid.uuid4()}/input_image.png"  # a submit in flight: its row is not written yet
     world.blobs.put(young, b"y", "image/png")
     sizes = sum(len(world.blobs.get(job.result_key)) for job in done[:2])  # type: ignore[arg-type]
 
     out = prune(world, tmp_path, "--older-than", "3600")
     assert out == f"removed 2 result(s) and 1 orphaned input file(s): {sizes + 100} bytes"
-    assert files_under(world.blobs.root) == sorted([done[2].result_key, young])  # type: ignore[type-var]
+    assert stored(world.blobs) == sorted([done[2].result_key, young])  # type: ignore[type-var]
     assert [world.store.get(job.id).result_expired_at is not None for job in done] == [True, True, False]  # type: ignore[union-attr]
     assert (
         prune(world, tmp_path, "--older-than", "3600")
@@ -260,9 +288,9 @@ def test_disk_use_stays_bounded_to_the_recent_results(world: World) -> None:
         now = datetime.now(UTC)
         # The sweep runs a TTL after this round's start: every earlier round is past its time.
         retention.sweep(now=min(job.finished_at for job in recent) + timedelta(seconds=60))  # type: ignore[type-var, operator]
-        assert sorted(files_under(world.blobs.root)) == sorted(job.result_key for job in recent), round_  # type: ignore[misc]
+        assert stored(world.blobs) == sorted(job.result_key for job in recent), round_  # type: ignore[misc]
         assert now  # (the loop's clock is the sweep's argument)
-    assert len(files_under(world.blobs.root)) == 4  # 12 jobs with inputs ran; 4 results are on disk
+    assert len(stored(world.blobs)) == 4  # 12 jobs with inputs ran; 4 results are kept
 
 
 # --- end to end --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -15,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import Api, ServerProcess, png_base64
 from fluxserve.api.deps import Services
 from fluxserve.app import create_app
 from fluxserve.errors import BlobNotFound
@@ -23,7 +25,7 @@ from fluxserve.storage.base import BlobStore
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.storage.s3 import S3BlobStore
 from fluxserve.wiring import make_blob_store
-from s3_server import blob_url, endpoint, object_keys, s3_bucket, s3_credentials, storage_url
+from s3_server import CREDENTIALS, blob_url, endpoint, object_keys, s3_bucket, s3_credentials, storage_url
 
 __all__ = ["blob_url", "s3_bucket", "s3_credentials"]  # fixtures
 
@@ -175,3 +177,40 @@ def test_result_urls_and_the_files_route(app: tuple[TestClient, Services, str]) 
     services.blobs.delete("results/job.png")
     gone = client.get(files_url)
     assert gone.status_code == 404 and "no longer stored" in gone.json()["message"]
+
+
+# --- end to end: fluxserve serve on a bucket ---------------------------------------------------------------
+
+
+def test_serve_on_s3_presigned_and_signed_urls(make_server, s3_bucket: str) -> None:  # type: ignore[no-untyped-def]
+    """A server with a worker keeps inputs and results in the bucket and hands out presigned URLs; a second
+    API process on the same database and bucket, with ``urls=signed``, serves the same result through
+    its /files route (the bucket private)."""
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}"
+    env = {**CREDENTIALS, "FLUXSERVE_STORAGE_URL": storage_url(s3_bucket, prefix)}
+    server: ServerProcess = make_server(env)
+    server.start()
+    api = Api(server.base_url, server.create_key("s3")["key"])
+    job_id = api.job(
+        "flux-kontext-pro",
+        {"prompt": "make it red", "input_image": png_base64((64, 64)), "aspect_ratio": "1:1"},
+    )
+    done = api.wait(job_id)
+    assert done["status"] == "SUCCESS", done
+    url = done["data"]["imageUrl"]
+    assert url.startswith(f"{endpoint()}/{s3_bucket}/{prefix}/results/") and "X-Amz-Signature=" in url
+    image = api.image(done)  # real PNG bytes, straight from the S3 server
+    assert image.format == "PNG" and image.size == (1024, 1024)
+    keys = object_keys(s3_bucket, f"{prefix}/")
+    assert [key for key in keys if "/results/" in key] == [urlsplit(url).path.split(f"/{s3_bucket}/")[1]]
+    assert not any("/inputs/" in key for key in keys)  # stored at submit, deleted as the job ended
+    assert not (server.data_dir / "files").exists()  # nothing on local disk
+
+    replica: ServerProcess = make_server(
+        {**env, "FLUXSERVE_STORAGE_URL": storage_url(s3_bucket, prefix, urls="signed")}, server.data_dir
+    )
+    replica.start("--no-workers")
+    signed = Api(replica.base_url, api.key).fetch(job_id)["data"]["imageUrl"]
+    assert signed.startswith(f"{replica.base_url}/files/results/") and "signature=" in signed
+    response = httpx.get(signed, timeout=10)
+    assert response.status_code == 200 and response.content == httpx.get(url, timeout=10).content

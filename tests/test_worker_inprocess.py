@@ -32,6 +32,7 @@ from fluxserve.errors import EngineError, JobCanceled, Moderated
 from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy
+from fluxserve.storage.base import BlobStore
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.worker.inputs import InputLoader
 from fluxserve.worker.runner import Worker
@@ -76,7 +77,7 @@ class OneEngine:
 class World:
     store: SqlJobStore
     keys: KeyStore
-    blobs: LocalBlobStore
+    blobs: BlobStore
     submitter: Submitter
     inputs: InputLoader
     database_url: str
@@ -111,12 +112,17 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> World:
+def blobs(tmp_path: Path) -> BlobStore:
+    """The world's files: a folder (test_retention overrides this to run on S3 as well)."""
+    return LocalBlobStore(tmp_path / "files")
+
+
+@pytest.fixture
+def world(tmp_path: Path, blobs: BlobStore) -> World:
     url = f"sqlite:///{tmp_path / 'fluxserve.db'}"
     database = make_engine(url)
     migrate(database)
     store = SqlJobStore(database)
-    blobs = LocalBlobStore(tmp_path / "files")
     limits = Limits(max_active=24, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
     inputs = InputLoader(blobs, NetworkPolicy([]), 2**20, 2**22)
     return World(
