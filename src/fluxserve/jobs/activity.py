@@ -1,7 +1,7 @@
 """What keys have been doing, for people: recent jobs and credits spent per key, model and day.
 
 Read-only queries on the job table (the store's interface is for the job's life; these are reports), used by
-``fluxserve jobs`` and ``fluxserve credits``.
+``fluxserve jobs``, ``fluxserve credits`` and the playground's gallery.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ class JobLine:
     model: str
     status: JobStatus
     size: str | None
+    seed: int
     cost: Decimal  # what the job costs when charged (only a success is)
     prompt: str
+    result_key: str | None  # its image while kept (None before success and after retention)
     created_at: datetime
     finished_at: datetime | None
 
@@ -75,8 +77,10 @@ def recent_jobs(
             model=row.model,
             status=JobStatus(row.status),
             size=f"{row.width}x{row.height}" if row.width and row.height else None,
+            seed=row.seed,
             cost=ledger.from_hundredths(row.cost_hundredths),
             prompt=row.prompt,
+            result_key=row.result_key if row.result_expired_at is None else None,
             created_at=as_utc(row.created_at),  # type: ignore[arg-type]
             finished_at=as_utc(row.finished_at),
         )
