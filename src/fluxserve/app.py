@@ -23,6 +23,7 @@ from fluxserve.api import events, files, ops, reseller, reseller_native, vendor
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.limits import RequestGuard
+from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
 from fluxserve.core.models import Dialect
 from fluxserve.jobs.retention import Retention
@@ -169,6 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(reseller_native.router, max_body_size=max_body_size(settings))
     app.include_router(vendor.router, max_body_size=max_body_size(settings))
     app.include_router(files.router)
+    app.include_router(playground_router)  # the web playground: /playground/ (and / points there)
     app.include_router(events.router)
     app.state.event_streams = events.EventStreams(
         settings.events_max_per_key, settings.events_poll_seconds, settings.events_idle_seconds
