@@ -473,7 +473,7 @@ def generate(
     ] = None,
     server: Annotated[
         str | None,
-        typer.Option(help="The server's base URL; default the local one (FLUXSERVE_PUBLIC_URL or HOST:PORT)."),
+        typer.Option(help="Server URL; default the local one (FLUXSERVE_PUBLIC_URL or HOST:PORT)."),
     ] = None,
     key: Annotated[str | None, typer.Option(envvar="FLUXSERVE_KEY", help="API key (FLUXSERVE_KEY).")] = None,
     data_dir: DataDir = None,

@@ -72,7 +72,10 @@ class FluxOptions(LoadOptions):
         "Not applied to Redux image prompts.",
     )
     max_sequence_length: int | None = Field(
-        default=None, gt=0, description="T5 tokens; default the tokenizer's length, at most 512."
+        default=None,
+        gt=0,
+        description="Prompt tokens (T5's on FLUX.1 and Fill, the Mistral or Qwen encoder's on FLUX.2); "
+        "default the tokenizer's length, at most 512.",
     )
     max_batch: int = Field(
         default=1, ge=1, description="Most text-to-image jobs of one size and steps run as one batch."
