@@ -65,6 +65,8 @@ def test_flux2_dev_and_klein_make_the_asked_size_and_seeds_are_deterministic(
     assert recorder.fractions == [0.5, 1.0]
     assert png(run(flux2(dev), PRO, width=96, height=64, seed=3).image) == png(image.image)
     assert png(run(flux2(dev), PRO, width=96, height=64, seed=4).image) != png(image.image)
+    edited = run(flux2(dev), PRO, width=96, height=64, seed=3, images=[gradient((96, 64))])
+    assert edited.details["references"] == 1 and png(edited.image) != png(image.image)
     small = run(flux2(klein, max_pixels=64 * 64), KLEIN, width=128, height=64)
     assert small.image.size == (128, 64)
     assert small.details["pipeline"] == "Flux2KleinPipeline"
