@@ -23,6 +23,9 @@ import httpx
 import pytest
 from PIL import Image
 
+# The throwaway PostgreSQL cluster and the database_url fixture (SQLite and PostgreSQL) live there.
+pytest_plugins = ["tests.pg_server"]
+
 TINY_CATALOG = Path(__file__).with_name("tiny_catalog.toml")
 FAST_ENV = {
     "FLUXSERVE_CATALOG": str(TINY_CATALOG),

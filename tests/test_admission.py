@@ -45,8 +45,10 @@ class LosesTheRace(SqlJobStore):
         raise QuotaExceeded()
 
 
-def setup(tmp_path: Path, store_class: type[SqlJobStore] = SqlJobStore) -> tuple[Submitter, KeyStore, Path]:
-    database = make_engine(f"sqlite:///{tmp_path / 'fluxserve.db'}")
+def setup(
+    url: str, tmp_path: Path, store_class: type[SqlJobStore] = SqlJobStore
+) -> tuple[Submitter, KeyStore, Path]:
+    database = make_engine(url)
     migrate(database)
     limits = Limits(2, {"flux-kontext-max": 1}, 2**20, 2**22)
     files = tmp_path / "files"
@@ -67,8 +69,8 @@ def stored(files: Path) -> list[Path]:
     return [path for path in files.rglob("*") if path.is_file()] if files.exists() else []
 
 
-def test_no_credits_is_refused_before_the_image_is_even_decoded(tmp_path: Path) -> None:
-    submitter, keys, files = setup(tmp_path)
+def test_no_credits_is_refused_before_the_image_is_even_decoded(database_url: str, tmp_path: Path) -> None:
+    submitter, keys, files = setup(database_url, tmp_path)
     broke: ApiKey = keys.create("broke", Decimal("0")).record
     # An undecodable image would be a 400 if it were looked at: the 402 proves it was not.
     with pytest.raises(QuotaExceeded):
@@ -78,8 +80,8 @@ def test_no_credits_is_refused_before_the_image_is_even_decoded(tmp_path: Path) 
     assert stored(files) == []
 
 
-def test_a_key_at_its_limit_is_refused_before_work(tmp_path: Path) -> None:
-    submitter, keys, files = setup(tmp_path)
+def test_a_key_at_its_limit_is_refused_before_work(database_url: str, tmp_path: Path) -> None:
+    submitter, keys, files = setup(database_url, tmp_path)
     key = keys.create("busy").record
     submitter.submit(key, kontext(png()), 1, None, Dialect.RESELLER)  # kontext-max's own limit: 1
     assert len(stored(files)) == 1
@@ -88,8 +90,8 @@ def test_a_key_at_its_limit_is_refused_before_work(tmp_path: Path) -> None:
     assert len(stored(files)) == 1
 
 
-def test_a_submit_refused_in_its_final_transaction_leaves_no_file(tmp_path: Path) -> None:
-    submitter, keys, files = setup(tmp_path, LosesTheRace)
+def test_a_submit_refused_in_its_final_transaction_leaves_no_file(database_url: str, tmp_path: Path) -> None:
+    submitter, keys, files = setup(database_url, tmp_path, LosesTheRace)
     key = keys.create("racer", Decimal("100")).record
     with pytest.raises(QuotaExceeded):
         submitter.submit(key, kontext(png()), 1, None, Dialect.RESELLER)

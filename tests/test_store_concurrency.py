@@ -1,5 +1,6 @@
-"""Races on the real SQLite store: concurrent submits against one key's credits and active-job limits, and
-several workers claiming at once. Each check counts outcomes exactly, so a lost race shows."""
+"""Races on the real store, on SQLite and on PostgreSQL: concurrent submits against one key's credits and
+active-job limits, and several workers claiming at once. Each check counts outcomes exactly, so a lost race
+shows."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ THREADS = 16
 
 
 class Bench:
-    def __init__(self, root: Path, max_active: int = 24, kontext_max: int = 6) -> None:
-        database = make_engine(f"sqlite:///{root / 'fluxserve.db'}")
+    def __init__(self, url: str, root: Path, max_active: int = 24, kontext_max: int = 6) -> None:
+        database = make_engine(url)
         migrate(database)
         self.store = SqlJobStore(database)
         self.keys = KeyStore(database)
@@ -65,8 +66,8 @@ def at_once(count: int, action: Callable[[], object]) -> Counter[str]:
     return outcomes
 
 
-def test_concurrent_submits_never_spend_more_than_the_balance(tmp_path: Path) -> None:
-    bench = Bench(tmp_path)
+def test_concurrent_submits_never_spend_more_than_the_balance(database_url: str, tmp_path: Path) -> None:
+    bench = Bench(database_url, tmp_path)
     key = bench.keys.create("k", Decimal("10")).record  # four flux-dev jobs at 2.5
     outcomes = at_once(THREADS, lambda: bench.submit(key))
     assert outcomes == Counter({"ok": 4, QuotaExceeded.__name__: THREADS - 4})
@@ -75,15 +76,17 @@ def test_concurrent_submits_never_spend_more_than_the_balance(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(("model", "limit"), [("flux-dev", 5), ("flux-kontext-max", 6)])
-def test_concurrent_submits_never_pass_the_active_job_limits(tmp_path: Path, model: str, limit: int) -> None:
-    bench = Bench(tmp_path, max_active=5 if model == "flux-dev" else 24, kontext_max=6)
+def test_concurrent_submits_never_pass_the_active_job_limits(
+    database_url: str, tmp_path: Path, model: str, limit: int
+) -> None:
+    bench = Bench(database_url, tmp_path, max_active=5 if model == "flux-dev" else 24, kontext_max=6)
     key = bench.keys.create("unlimited").record
     outcomes = at_once(THREADS, lambda: bench.submit(key, model))
     assert outcomes == Counter({"ok": limit, TooManyActiveJobs.__name__: THREADS - limit})
 
 
-def test_kontext_max_jobs_count_against_the_general_limit_too(tmp_path: Path) -> None:
-    bench = Bench(tmp_path, max_active=8, kontext_max=6)
+def test_kontext_max_jobs_count_against_the_general_limit_too(database_url: str, tmp_path: Path) -> None:
+    bench = Bench(database_url, tmp_path, max_active=8, kontext_max=6)
     key = bench.keys.create("unlimited").record
     for _ in range(4):
         bench.submit(key)
@@ -91,8 +94,8 @@ def test_kontext_max_jobs_count_against_the_general_limit_too(tmp_path: Path) ->
     assert outcomes == Counter({"ok": 4, TooManyActiveJobs.__name__: THREADS - 4})  # 8 active in all
 
 
-def test_workers_claiming_at_once_take_each_job_exactly_once(tmp_path: Path) -> None:
-    bench = Bench(tmp_path, max_active=100)
+def test_workers_claiming_at_once_take_each_job_exactly_once(database_url: str, tmp_path: Path) -> None:
+    bench = Bench(database_url, tmp_path, max_active=100)
     key = bench.keys.create("unlimited").record
     submitted = {bench.submit(key) for _ in range(40)}
     claimed: list[str] = []

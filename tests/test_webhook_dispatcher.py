@@ -8,7 +8,6 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -28,8 +27,8 @@ LOOPBACK = NetworkPolicy(parse_networks("127.0.0.0/8"))
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'hooks.db'}")
+def database(database_url: str) -> Engine:
+    engine = make_engine(database_url)
     migrate(engine)
     now = utcnow()
     with engine.begin() as conn:

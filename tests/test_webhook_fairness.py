@@ -11,7 +11,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,8 +30,8 @@ DEADLINE = 20.0
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'fair.db'}")
+def database(database_url: str) -> Engine:
+    engine = make_engine(database_url)
     migrate(engine)
     return engine
 

@@ -118,8 +118,8 @@ def blobs(tmp_path: Path) -> BlobStore:
 
 
 @pytest.fixture
-def world(tmp_path: Path, blobs: BlobStore) -> World:
-    url = f"sqlite:///{tmp_path / 'fluxserve.db'}"
+def world(tmp_path: Path, database_url: str, blobs: BlobStore) -> World:
+    url = database_url
     database = make_engine(url)
     migrate(database)
     store = SqlJobStore(database)

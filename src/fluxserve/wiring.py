@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from fluxserve.db.connection import make_engine, migrate
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.wakeup import Polling, PostgresNotify
 from fluxserve.settings import Settings
 from fluxserve.storage.base import BlobStore
 from fluxserve.storage.local import LocalBlobStore
@@ -39,4 +40,6 @@ def open_database(settings: Settings) -> Engine:
 
 
 def make_job_store(database: Engine) -> JobStore:
-    return SqlJobStore(database)
+    """The SQL store; on PostgreSQL idle workers are woken by LISTEN/NOTIFY, on SQLite they poll."""
+    wakeups = PostgresNotify(database) if database.dialect.name == "postgresql" else Polling()
+    return SqlJobStore(database, wakeups)

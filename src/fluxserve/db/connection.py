@@ -9,7 +9,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, func, select
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -40,8 +40,25 @@ def private_file(path: Path) -> None:
                 each.chmod(0o600)
 
 
+# Users write the URL libpq and psql take; SQLAlchemy needs the driver named. Here, and nowhere else.
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+_POSTGRES_DRIVER = "postgresql+psycopg://"
+# Any fixed 64-bit number: the transaction-scoped lock that lets one process at a time run migrations.
+_MIGRATION_LOCK = 0x466C7578_53657276  # "FluxServ"
+
+
+def database_url(url: str) -> str:
+    """The SQLAlchemy URL for what a user configured: ``postgresql://`` and ``postgres://`` mean psycopg 3."""
+    for scheme in _POSTGRES_SCHEMES:
+        if url.startswith(scheme):
+            return _POSTGRES_DRIVER + url[len(scheme) :]
+    return url
+
+
 def make_engine(url: str) -> Engine:
-    """An engine tuned for concurrent workers: SQLite in WAL mode with a generous busy timeout."""
+    """An engine tuned for concurrent workers: SQLite in WAL mode with a generous busy timeout; PostgreSQL
+    (psycopg 3) with a checked, recycled pool."""
+    url = database_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:" and not path.startswith("file:"):
@@ -58,13 +75,27 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # pre_ping: a server restart or failover leaves dead connections in the pool; recycle: so do idle
+    # timeouts of proxies (PgBouncer, cloud load balancers). Each worker thread and API request holds at
+    # most one connection at a time, so 10 + 20 overflow covers a process; the server's max_connections
+    # must cover all processes.
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        pool_recycle=1800,
+        connect_args={"application_name": "fluxserve"},
+    )
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision; safe to run on every start."""
+    """Bring the schema to the newest revision; safe to run on every start, from any number of processes
+    at once (PostgreSQL: an advisory lock held by the migrating transaction; SQLite: its write lock)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

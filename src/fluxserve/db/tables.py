@@ -77,9 +77,12 @@ jobs = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     Column("heartbeat_at", DateTime(timezone=True), nullable=True),
     Column("result_expired_at", DateTime(timezone=True), nullable=True),  # retention deleted the result
+    # The job's place in the fair order (jobs/store_sql.py, _turn): claims take the lowest turn first. 0006
+    Column("turn", BigInteger, nullable=False, server_default="0"),
     Index("ix_jobs_status_created", "status", "created_at"),
     Index("ix_jobs_key_status", "key_id", "status"),
     Index("ix_jobs_result_expiry", "result_expired_at", "finished_at"),
+    Index("ix_jobs_queue", "status", "turn", "created_at"),  # the claim's order, one index probe
 )
 
 webhook_deliveries = Table(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -74,11 +75,18 @@ class JobStore(Protocol):
         ...
 
     def claim(self, worker_id: str) -> Job | None:
-        """Take the oldest queued job for this worker, or None."""
+        """Take the next queued job for this worker, or None: keys with queued jobs take turns, and a
+        key's own jobs go oldest first. Never the same job to two workers."""
         ...
 
     def claim_similar(self, worker_id: str, model: str, width: int, height: int, limit: int) -> list[Job]:
-        """Take up to ``limit`` more queued jobs of this model and size, to run as one batch."""
+        """Take up to ``limit`` more queued jobs of this model and size, to run as one batch (in the same
+        order as ``claim``)."""
+        ...
+
+    def wait_for_work(self, stop: threading.Event, timeout: float) -> None:
+        """Block an idle worker until a job may have been queued (woken at once where the database can
+        announce it), ``stop`` is set, or ``timeout`` seconds pass."""
         ...
 
     def heartbeat(self, job_id: str, worker_id: str, progress: float | None = None) -> tuple[bool, bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection
 from datetime import datetime
 from decimal import Decimal
@@ -17,6 +18,7 @@ from fluxserve.db.connection import as_utc, utcnow
 from fluxserve.db.tables import idempotency_keys, jobs
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.store import IDEMPOTENCY_TTL, Idempotency, IdempotencyConflict
+from fluxserve.jobs.wakeup import Polling, Wakeups
 
 _ACTIVE = [status.value for status in ACTIVE_STATUSES]
 _I = idempotency_keys.c
@@ -87,10 +89,33 @@ def _over_limits(
     return max_active_model is not None and conn.execute(same_model).scalar_one() >= max_active_model
 
 
+def _turn(conn: Connection, key_id: str) -> int:
+    """A new job's place in the fair order: start-time fair queueing, one unit per job.
+
+    The queue's clock is the lowest turn waiting (with nothing waiting, the highest turn running). A key's
+    job comes one turn after the key's previous active job, and never before the clock. So the keys with
+    jobs waiting take one turn each in rotation (a key that queued 100 jobs does not hold back one that
+    queues 5 after it), a key's own jobs stay oldest first, and a key that was idle starts at the clock
+    rather than ahead of everyone. Three index probes. The caller holds the key's row (``ledger.hold``),
+    so that two submits of one key cannot take the same turn."""
+    clock = conn.execute(
+        select(func.min(jobs.c.turn)).where(jobs.c.status == JobStatus.QUEUED.value)
+    ).scalar()
+    if clock is None:
+        running = select(func.max(jobs.c.turn)).where(jobs.c.status == JobStatus.RUNNING.value)
+        clock = conn.execute(running).scalar() or 0
+    mine = select(func.max(jobs.c.turn)).where(jobs.c.key_id == key_id, jobs.c.status.in_(_ACTIVE))
+    last = conn.execute(mine).scalar()
+    return int(clock if last is None else max(last + 1, clock))
+
+
 class SqlJobStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, wakeups: Wakeups | None = None) -> None:
+        """``wakeups`` (chosen by ``wiring.make_job_store``) tells idle workers about queued jobs; without
+        it they poll."""
         self._engine = engine
         self._postgres = engine.dialect.name == "postgresql"
+        self._wakeups = wakeups or Polling()
 
     def submit(
         self,
@@ -138,7 +163,9 @@ class SqlJobStore:
                 conn.rollback()
                 raise TooManyActiveJobs()
             job.created_at = utcnow()
-            conn.execute(insert(jobs).values(self._values(job)))
+            conn.execute(insert(jobs).values({**self._values(job), "turn": _turn(conn, job.key_id)}))
+            if job.status is JobStatus.QUEUED:
+                self._wakeups.announce(conn)
             if idempotency is not None:
                 self._remember(conn, job, idempotency)
         return job
@@ -234,17 +261,24 @@ class SqlJobStore:
         )
 
     def _claim(self, worker_id: str, limit: int, *conditions: Any) -> list[Job]:
-        """Oldest queued jobs first; SKIP LOCKED on PostgreSQL, the write lock on SQLite."""
+        """The lowest turns first (see :func:`_turn`), oldest first among equal turns: one index probe on
+        (status, turn, created). SKIP LOCKED on PostgreSQL (a job another claim holds is passed over, not
+        waited for), the write lock on SQLite."""
         queued = jobs.c.status == JobStatus.QUEUED.value
-        oldest = select(jobs.c.id).where(queued, *conditions).order_by(jobs.c.created_at).limit(limit)
+        turn = (
+            select(jobs.c.id).where(queued, *conditions).order_by(jobs.c.turn, jobs.c.created_at).limit(limit)
+        )
         if self._postgres:
-            oldest = oldest.with_for_update(skip_locked=True)
+            turn = turn.with_for_update(skip_locked=True)
+        # Materialized: chosen (and locked) once. As a plain IN subquery PostgreSQL may run it again for
+        # each queued row, and each run locks and picks the next job: one claim took the whole queue.
+        chosen = select(turn.cte("turn").prefix_with("MATERIALIZED").c.id)
         now = utcnow()
         with self._engine.begin() as conn:
             rows = (
                 conn.execute(
                     update(jobs)
-                    .where(jobs.c.id.in_(oldest), queued)
+                    .where(jobs.c.id.in_(chosen), queued)
                     .values(
                         status=JobStatus.RUNNING.value,
                         worker_id=worker_id,
@@ -259,6 +293,9 @@ class SqlJobStore:
                 .all()
             )
         return sorted((_job(row) for row in rows), key=lambda job: job.created_at or now)
+
+    def wait_for_work(self, stop: threading.Event, timeout: float) -> None:
+        self._wakeups.wait(stop, timeout)
 
     def heartbeat(self, job_id: str, worker_id: str, progress: float | None = None) -> tuple[bool, bool]:
         values: dict[str, Any] = {"heartbeat_at": utcnow()}
@@ -360,6 +397,8 @@ class SqlJobStore:
                 .where(*stale, jobs.c.attempts < max_attempts)
                 .values(status=JobStatus.QUEUED.value, worker_id=None, progress=0.0)
             )
+            if requeued.rowcount:
+                self._wakeups.announce(conn)
         return requeued.rowcount + len(crashed)
 
     def crash_looping(self, older_than: datetime, max_attempts: int) -> list[str]:

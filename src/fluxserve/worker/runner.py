@@ -159,8 +159,8 @@ class Worker:
                 log.exception("claim failed; retrying")
                 stop.wait(1.0)
                 continue
-            if job is None:
-                stop.wait(self._poll)
+            if job is None:  # idle: until a submit wakes us (PostgreSQL) or the poll interval passes
+                self._store.wait_for_work(stop, self._poll)
                 continue
             try:
                 self.process(job)
