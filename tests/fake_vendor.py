@@ -2,7 +2,8 @@
 
 - ``POST /v1/<model>`` with ``x-key`` -> ``{"id", "polling_url", "cost"}``; 403 for a wrong key, 402 when
   the account's credits do not cover the price, 429 while ``rate_limited`` submits remain, 422 for a
-  kontext task without a prompt.
+  kontext or FLUX.2 task without a prompt or a fill/expand task without an image. FLUX.2 routes are
+  priced by the megapixel (:data:`MEGAPIXEL_PRICES`) and also answer ``input_mp`` and ``output_mp``.
 - ``GET <polling_url>`` -> ``{"id", "status", "result", "progress", "details"}``. The polling URL is a
   "regional" one (``/regional/v1/get_result``), as the vendor's global endpoint hands out, so a test can
   tell that a client polled the URL it was given. A new task may be ``Task not found`` for its first
@@ -48,7 +49,21 @@ PRICES: dict[str, Decimal] = {
     "flux-pro-1.1": Decimal("4"),
     "flux-pro": Decimal("5"),
     "flux-dev": Decimal("2.5"),
+    "flux-pro-1.0-fill": Decimal("5"),
+    "flux-pro-1.0-expand": Decimal("5"),
 }
+# FLUX.2: (first megapixel, each further megapixel), counting output and input images, in whole megapixels
+# (nearest, at least one), per the vendor's pricing page; submits answer cost, input_mp and output_mp.
+MEGAPIXEL_PRICES: dict[str, tuple[Decimal, Decimal]] = {
+    "flux-2-pro": (Decimal("3"), Decimal("1.5")),
+    "flux-2-pro-preview": (Decimal("3"), Decimal("1.5")),
+    "flux-2-max": (Decimal("7"), Decimal("3")),
+    "flux-2-flex": (Decimal("5"), Decimal("5")),
+    "flux-2-klein-4b": (Decimal("1.4"), Decimal("0.1")),
+    "flux-2-klein-9b": (Decimal("1.5"), Decimal("0.2")),
+    "flux-2-klein-9b-preview": (Decimal("1.5"), Decimal("0.2")),
+}
+FLUX2_MAX_PIXELS = 2048 * 2048
 # The vendor's output sizes for the routes that take an aspect ratio, as it publishes them (README.md,
 # "Sizes for aspect-ratio routes"); the defaults are 1:1 for kontext without an image, 16:9 for ultra.
 KONTEXT_SIZES: dict[str, tuple[int, int]] = {
@@ -120,9 +135,46 @@ def _ratio(aspect_ratio: str) -> float:
     return int(width) / int(height)
 
 
+def _image_size(value: str) -> tuple[int, int]:
+    with Image.open(io.BytesIO(base64.b64decode(value))) as image:
+        return image.size
+
+
+def _flux2_size(payload: dict[str, Any]) -> tuple[int, int]:
+    """Width and height when both are given (non-zero), else the first input image's within 4 MP in steps
+    of 16, else 1024x1024."""
+    if payload.get("width") and payload.get("height"):
+        return int(payload["width"]), int(payload["height"])
+    if not payload.get("input_image"):
+        return (1024, 1024)
+    width, height = _image_size(payload["input_image"])
+    scale = min(1.0, math.sqrt(FLUX2_MAX_PIXELS / (width * height)))
+    return max(64, int(width * scale) // 16 * 16), max(64, int(height * scale) // 16 * 16)
+
+
+def megapixel_cost(model: str, payload: dict[str, Any]) -> tuple[Decimal, float, float]:
+    """A FLUX.2 submit's (cost, input_mp, output_mp)."""
+    first, further = MEGAPIXEL_PRICES[model]
+    width, height = _flux2_size(payload)
+    output_mp = width * height / 1e6
+    inputs = [value for name, value in payload.items() if name.startswith("input_image") and value]
+    input_mp = sum(min(w * h, FLUX2_MAX_PIXELS) / 1e6 for w, h in map(_image_size, inputs))
+    whole = max(1, math.floor(output_mp + input_mp + 0.5))
+    return first + further * (whole - 1), round(input_mp, 2), round(output_mp, 2)
+
+
 def _size(model: str, payload: dict[str, Any]) -> tuple[int, int]:
     """The size the vendor would make: exact for width/height routes, by aspect ratio otherwise (a ratio
-    outside the published table takes its nearest entry's size)."""
+    outside the published table takes its nearest entry's size); FLUX.2 as :func:`_flux2_size`; fill
+    keeps its image's size and expand adds its margins."""
+    if model in MEGAPIXEL_PRICES:
+        return _flux2_size(payload)
+    if model == "flux-pro-1.0-fill":
+        return _image_size(payload["image"])
+    if model == "flux-pro-1.0-expand":
+        width, height = _image_size(payload["image"])
+        margins = [int(payload.get(side, 0)) for side in ("top", "bottom", "left", "right")]
+        return width + margins[2] + margins[3], height + margins[0] + margins[1]
     aspect_ratio = payload.get("aspect_ratio")
     if model == "flux-pro-1.1-ultra":
         aspect_ratio = aspect_ratio or "16:9"
@@ -240,14 +292,16 @@ class FakeVendor:
                     vendor.seen.submits.append((model, payload, dict(self.headers)))
                     if not self._authorized():
                         return
-                    if not path.startswith("/v1/") or model not in PRICES:
+                    if not path.startswith("/v1/") or (model not in PRICES and model not in MEGAPIXEL_PRICES):
                         self._send(404, {"detail": "Not Found"})
                         return
                     if not isinstance(payload, dict):
                         self._send(422, {"detail": [{"loc": ["body"], "msg": "bad json", "type": "json"}]})
                         return
-                    if model.startswith("flux-kontext") and not payload.get("prompt"):
-                        detail = [{"loc": ["body", "prompt"], "msg": "Field required", "type": "missing"}]
+                    required = "image" if model.startswith("flux-pro-1.0-") else "prompt"
+                    needs = model.startswith(("flux-kontext", "flux-2-", "flux-pro-1.0-"))
+                    if needs and not payload.get(required):
+                        detail = [{"loc": ["body", required], "msg": "Field required", "type": "missing"}]
                         self._send(422, {"detail": detail})
                         return
                     if vendor.rate_limited > 0:
@@ -259,7 +313,13 @@ class FakeVendor:
                             {} if retry_after is None else {"Retry-After": str(retry_after)},
                         )
                         return
-                    price = PRICES[model]
+                    megapixels: dict[str, float] = {}
+                    if model in MEGAPIXEL_PRICES:
+                        price, megapixels["input_mp"], megapixels["output_mp"] = megapixel_cost(
+                            model, payload
+                        )
+                    else:
+                        price = PRICES[model]
                     if vendor.credits < price:
                         self._send(402, {"detail": "Insufficient credits"})
                         return
@@ -285,7 +345,9 @@ class FakeVendor:
                     )
                     vendor.tasks[task.id] = task
                 polling_url = f"{vendor.base_url}/regional/v1/get_result?id={task.id}"
-                self._send(200, {"id": task.id, "polling_url": polling_url, "cost": float(price)})
+                self._send(
+                    200, {"id": task.id, "polling_url": polling_url, "cost": float(price), **megapixels}
+                )
 
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)

@@ -224,6 +224,7 @@ FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "interval": (Interval, "Guidance interval, 1..4."),
 }
 MIN_FLUX2_SIDE = 64
+MAX_FLUX2_SAFETY = 5
 
 
 @dataclass(frozen=True)
@@ -251,8 +252,8 @@ VARIANT_TYPES: dict[str, tuple[Any, str, str]] = {
         "Multiple of 16, at least 64; 0 or absent: the first input image's (at most 4 MP in all).",
     ),
     "flux2_safety": _variant(
-        Annotated[int, Field(ge=0, le=5), Optional, Number],
-        "must be an integer between 0 and 5",
+        Annotated[int, Field(ge=0, le=MAX_FLUX2_SAFETY), Optional, Number],
+        f"must be an integer between 0 and {MAX_FLUX2_SAFETY}",
         "0 (most strict) to 5 (least strict).",
     ),
     "flex_guidance": _variant(

@@ -53,7 +53,8 @@ from fluxserve.client.vendor import (
     key_host_problem,
 )
 from fluxserve.core.catalog import ModelEntry
-from fluxserve.core.models import spec_of
+from fluxserve.core.fields import MAX_FLUX2_SAFETY
+from fluxserve.core.models import Family, spec_of
 from fluxserve.core.sizes import SizeRule
 from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult
 from fluxserve.errors import EngineError, InputError, JobCanceled, Moderated
@@ -168,6 +169,8 @@ def upstream_payload(request: EngineRequest) -> dict[str, Any]:
     }
     if values["aspect_ratio"] is None and (spec.size_rule is SizeRule.ULTRA or not request.images):
         values["aspect_ratio"] = aspect_ratio_of(request.width, request.height)
+    if spec.family in (Family.FLUX2, Family.FLUX2_KLEIN):  # the reseller's FLUX.2 routes allow up to 6
+        values["safety_tolerance"] = min(values["safety_tolerance"], MAX_FLUX2_SAFETY)
     values["image_prompt"] = None if request.image_prompt is None else image_base64(request.image_prompt)
     values.update({named.field: image_base64(named.image) for named in request.images})
     return {name: values[name] for name in spec.vendor_fields() if values.get(name) is not None}
