@@ -36,10 +36,9 @@ from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.settings import Settings
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.wiring import make_blob_store
-from pg_server import database_url, postgres, postgres_url
 from s3_server import s3_bucket, s3_credentials, storage_url
 
-__all__ = ["database_url", "postgres", "postgres_url", "s3_bucket", "s3_credentials"]  # fixtures
+__all__ = ["s3_bucket", "s3_credentials"]  # fixtures
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
