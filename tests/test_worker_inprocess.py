@@ -11,6 +11,7 @@ import base64
 import io
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -83,7 +84,7 @@ class World:
     database_url: str
 
     def key(self, credits: str = "10") -> ApiKey:
-        return self.keys.create("k", Decimal(credits)).record
+        return self.keys.create(f"k-{uuid.uuid4().hex[:8]}", Decimal(credits)).record
 
     def submit(self, key: ApiKey, webhook_url: str | None = None, **fields: object) -> Job:
         params = GenerationParams.model_validate(
@@ -124,7 +125,7 @@ def world(tmp_path: Path, database_url: str, blobs: BlobStore) -> World:
     migrate(database)
     store = SqlJobStore(database)
     limits = Limits(max_active=24, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
-    inputs = InputLoader(blobs, NetworkPolicy([]), 2**20, 2**22)
+    inputs = InputLoader(blobs, 2**22)
     return World(
         store, KeyStore(database), blobs, Submitter(store, blobs, limits, NetworkPolicy([])), inputs, url
     )

@@ -26,6 +26,7 @@ from fluxserve.api.limits import RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
 from fluxserve.core.models import Dialect
+from fluxserve.jobs.fetching import InputFetcher
 from fluxserve.jobs.retention import Retention
 from fluxserve.jobs.stats import JobStats
 from fluxserve.jobs.submit import Limits, Submitter
@@ -48,6 +49,7 @@ class Runtime:
     database: Engine
     services: Services
     policy: NetworkPolicy
+    fetcher: InputFetcher
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -62,15 +64,25 @@ class Runtime:
             max_input_pixels=max(entry.max_input_pixels for entry in catalog.models.values()),
         )
         policy = NetworkPolicy(parse_networks(settings.allowed_private_networks))
+        fetcher = InputFetcher(
+            store,
+            blobs,
+            policy,
+            max_bytes=settings.max_input_bytes,
+            max_pixels=limits.max_input_pixels,
+            timeout=settings.input_fetch_timeout_seconds,
+            concurrency=settings.input_fetch_concurrency,
+            per_key=settings.input_fetch_max_per_key,
+        )
         services = Services(
             keys=KeyStore(database),
             jobs=store,
-            submitter=Submitter(store, blobs, limits, policy),
+            submitter=Submitter(store, blobs, limits, policy, to_fetch=fetcher.wake),
             blobs=blobs,
             signer=UrlSigner(settings.secret(), settings.url_ttl_seconds),
             base_url=settings.base_url,
         )
-        return cls(settings, database, services, policy)
+        return cls(settings, database, services, policy, fetcher)
 
     def webhook_body(self, job_id: str) -> dict[str, Any] | None:
         """A finished job as its own dialect renders it: the fetch JSON, or the vendor's result."""
@@ -83,13 +95,14 @@ class Runtime:
 
     @asynccontextmanager
     async def background(self) -> AsyncIterator[None]:
-        """Worker processes (when configured), webhook delivery and retention sweeps, while the context is
-        open."""
+        """Worker processes (when configured), the fetch stage of URL inputs, webhook delivery and
+        retention sweeps, while the context is open."""
         supervisor = Supervisor(self.settings, self.settings.workers) if self.settings.workers else None
         if supervisor is not None:
             supervisor.start()
         webhook_stop = asyncio.Event()
         webhooks = asyncio.create_task(self.dispatcher().run(webhook_stop))
+        fetches = asyncio.create_task(self.fetcher.run(webhook_stop))
         sweeper = asyncio.create_task(self.sweep_results(webhook_stop))
         log.info(
             "fluxserve ready",
@@ -100,6 +113,7 @@ class Runtime:
         finally:
             webhook_stop.set()
             await webhooks
+            await fetches
             await sweeper
             if supervisor is not None:
                 # A job still running is not waited for long: its heartbeat stops and it is requeued.

@@ -76,6 +76,18 @@ class Settings(BaseSettings):
         default="", description="Comma-separated CIDRs that URL inputs and webhooks may reach."
     )
     max_input_bytes: int = Field(default=20 * 1024 * 1024)
+    input_fetch_timeout_seconds: float = Field(
+        default=20.0, gt=0, description="Longest download of one URL input (the job fails beyond it)."
+    )
+    input_fetch_concurrency: int = Field(
+        default=32, gt=0, description="URL inputs downloaded at once, per API process."
+    )
+    input_fetch_max_per_key: int = Field(
+        default=2,
+        gt=0,
+        description="Jobs of one API key whose URL inputs are downloaded at once, across all API processes "
+        "(its other jobs wait their turn, other keys' jobs do not).",
+    )
     webhook_backoff: str = Field(
         default="5,30,120,300,900", description="Seconds between webhook tries; one more try than entries."
     )

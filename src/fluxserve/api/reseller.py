@@ -33,6 +33,7 @@ Key = Annotated[ApiKey, Depends(reseller_key)]
 Deps = Annotated[Services, Depends(get_services)]
 
 STATUS = {
+    JobStatus.FETCHING: "PENDING_QUEUE",
     JobStatus.QUEUED: "PENDING_QUEUE",
     JobStatus.RUNNING: "ON_QUEUE",
     JobStatus.SUCCEEDED: "SUCCESS",

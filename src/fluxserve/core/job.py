@@ -12,6 +12,7 @@ from fluxserve.core.models import Dialect
 
 
 class JobStatus(StrEnum):
+    FETCHING = "fetching"  # its URL inputs are being downloaded (jobs/fetching.py); then it is queued
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -22,7 +23,7 @@ class JobStatus(StrEnum):
 
     @property
     def is_terminal(self) -> bool:
-        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+        return self not in ACTIVE_STATUSES
 
     @property
     def is_charged(self) -> bool:
@@ -30,7 +31,7 @@ class JobStatus(StrEnum):
         return self is JobStatus.SUCCEEDED
 
 
-ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+ACTIVE_STATUSES = (JobStatus.FETCHING, JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 @dataclass

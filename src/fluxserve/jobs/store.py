@@ -127,6 +127,23 @@ class JobStore(Protocol):
         """Those of ``job_ids`` whose job is queued or running (an unknown id is not active)."""
         ...
 
+    def lease_fetches(self, owner: str, limit: int, per_key: int) -> list[Job]:
+        """Up to ``limit`` unleased jobs waiting for their URL inputs, oldest first, leased to ``owner``;
+        a key with ``per_key`` leased already gets no more (so one key's slow URLs hold its own slots)."""
+        ...
+
+    def touch_fetch(self, job_id: str, owner: str) -> bool:
+        """Renew ``owner``'s lease; False when the job is no longer its (canceled, or leased again)."""
+        ...
+
+    def fetched(self, job_id: str, owner: str, params: dict[str, Any], width: int, height: int) -> bool:
+        """Queue a leased job with its inputs stored; False when the job is no longer ``owner``'s."""
+        ...
+
+    def release_stale_fetches(self, older_than: datetime) -> int:
+        """Free the leases of fetches not renewed since ``older_than`` (their API process died)."""
+        ...
+
     def results_to_expire(self, finished_before: datetime, limit: int) -> list[tuple[str, str]]:
         """(job id, result key) of succeeded jobs finished before the cutoff whose result is still kept,
         oldest first."""

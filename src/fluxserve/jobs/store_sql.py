@@ -376,7 +376,7 @@ class SqlJobStore:
             ).first()
             if row is None:
                 return None
-            if row.status == JobStatus.QUEUED.value:
+            if row.status in (JobStatus.QUEUED.value, JobStatus.FETCHING.value):
                 self._finish(conn, job_id, None, JobStatus.CANCELED, "Canceled by the client", None, None)
             elif row.status == JobStatus.RUNNING.value:
                 conn.execute(update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True))
@@ -448,3 +448,86 @@ class SqlJobStore:
                     .values(result_expired_at=now)
                 ).rowcount
         return marked
+
+    def lease_fetches(self, owner: str, limit: int, per_key: int) -> list[Job]:
+        fetching = jobs.c.status == JobStatus.FETCHING.value
+        leased = (
+            select(jobs.c.key_id)
+            .where(fetching, jobs.c.worker_id.is_not(None))
+            .group_by(jobs.c.key_id)
+            .having(func.count() >= per_key)
+        )
+        waiting = (
+            select(jobs.c.id, jobs.c.key_id)
+            .where(fetching, jobs.c.worker_id.is_(None), jobs.c.key_id.not_in(leased))
+            .order_by(jobs.c.created_at)
+            .limit(limit * per_key)
+        )
+        now = utcnow()
+        with self._engine.begin() as conn:
+            in_flight: dict[str, int] = dict(
+                conn.execute(
+                    select(jobs.c.key_id, func.count())
+                    .where(fetching, jobs.c.worker_id.is_not(None))
+                    .group_by(jobs.c.key_id)
+                ).all()
+            )
+            chosen: list[str] = []
+            for job_id, key_id in conn.execute(waiting).all():
+                if len(chosen) < limit and in_flight.get(key_id, 0) < per_key:
+                    in_flight[key_id] = in_flight.get(key_id, 0) + 1
+                    chosen.append(job_id)
+            if not chosen:
+                return []
+            rows = (
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(chosen), fetching, jobs.c.worker_id.is_(None))
+                    .values(worker_id=owner, heartbeat_at=now)
+                    .returning(*jobs.c)
+                )
+                .mappings()
+                .all()
+            )
+        return sorted((_job(row) for row in rows), key=lambda job: job.created_at or now)
+
+    def touch_fetch(self, job_id: str, owner: str) -> bool:
+        with self._engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    update(jobs).where(*self._fetch_lease(job_id, owner)).values(heartbeat_at=utcnow())
+                ).rowcount
+            )
+
+    def fetched(self, job_id: str, owner: str, params: dict[str, Any], width: int, height: int) -> bool:
+        with self._engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    update(jobs)
+                    .where(*self._fetch_lease(job_id, owner))
+                    .values(
+                        status=JobStatus.QUEUED.value,
+                        params=params,
+                        width=width,
+                        height=height,
+                        worker_id=None,
+                        heartbeat_at=None,
+                    )
+                ).rowcount
+            )
+
+    @staticmethod
+    def _fetch_lease(job_id: str, owner: str) -> list[Any]:
+        return [jobs.c.id == job_id, jobs.c.status == JobStatus.FETCHING.value, jobs.c.worker_id == owner]
+
+    def release_stale_fetches(self, older_than: datetime) -> int:
+        with self._engine.begin() as conn:
+            return conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.status == JobStatus.FETCHING.value,
+                    jobs.c.worker_id.is_not(None),
+                    jobs.c.heartbeat_at < older_than,
+                )
+                .values(worker_id=None)
+            ).rowcount

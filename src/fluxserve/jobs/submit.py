@@ -8,13 +8,16 @@ import io
 import json
 import secrets
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from PIL import Image
+
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.core.fields import REFERENCE_FIELDS
-from fluxserve.core.job import Job
+from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect, Family, ModelSpec, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import quote
@@ -44,11 +47,20 @@ def inputs_prefix(job_id: str) -> str:
 
 
 class Submitter:
-    def __init__(self, store: JobStore, blobs: BlobStore, limits: Limits, policy: NetworkPolicy) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        blobs: BlobStore,
+        limits: Limits,
+        policy: NetworkPolicy,
+        to_fetch: Callable[[], None] = lambda: None,
+    ) -> None:
+        """``to_fetch`` is told (from the request's thread) when a job waits for its URL inputs."""
         self._store = store
         self._blobs = blobs
         self._limits = limits
         self._policy = policy
+        self._to_fetch = to_fetch
 
     def submit(
         self,
@@ -91,6 +103,8 @@ class Submitter:
             raise
         if job.id != job_id:  # a concurrent repeat of this idempotent submit won: its job stands
             self._blobs.delete_prefix(inputs_prefix(job_id))
+        elif job.status is JobStatus.FETCHING:
+            self._to_fetch()
         return job
 
     def _new_job(
@@ -119,7 +133,7 @@ class Submitter:
         if spec.family is Family.KONTEXT and images:
             updates["safety_tolerance"] = min(params.safety_tolerance, KONTEXT_IMAGE_TOLERANCE)
         params = params.model_copy(update=updates)
-        # A size that waits for a URL input is resolved by the worker once it has fetched the image.
+        # A size that waits for a URL input is resolved once the fetch stage has the image.
         try:
             size = output_size(spec.size_rule, params, sizes[0] if sizes else None)
         except ValueError as error:
@@ -129,8 +143,11 @@ class Submitter:
             size for image, size in zip(images, sizes, strict=True) if image.field in REFERENCE_FIELDS
         ]
         price = quote(spec, size, references)
+        refs = [image.ref for image in images] + ([image_prompt] if image_prompt else [])
+        waits = any(is_url(ref) for ref in refs)
         job = Job(
             id=job_id,
+            status=JobStatus.FETCHING if waits else JobStatus.QUEUED,
             key_id=key.id,
             model=params.model,
             dialect=dialect,
@@ -148,7 +165,7 @@ class Submitter:
         return job
 
     def _store_image(self, job_id: str, field: str, value: str) -> tuple[str, tuple[int, int] | None]:
-        """Keep URLs for the worker to fetch; decode base64 now so a bad upload is a 400, not a failure."""
+        """Keep URLs for the fetch stage; decode base64 now so a bad upload is a 400, not a failure."""
         if is_url(value):
             return value, None
         try:
@@ -157,11 +174,16 @@ class Submitter:
             )
         except InputError as error:
             raise InvalidInput(field, str(error).removeprefix(f"{field}: ")) from error
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        key = f"{inputs_prefix(job_id)}{field}.png"
-        self._blobs.put(key, buffer.getvalue(), "image/png")
-        return BLOB_PREFIX + key, image.size
+        return store_input(self._blobs, job_id, field, image), image.size
+
+
+def store_input(blobs: BlobStore, job_id: str, field: str, image: Image.Image) -> str:
+    """Keep a decoded input image (as PNG) with its job's inputs; the reference the job row holds."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    key = f"{inputs_prefix(job_id)}{field}.png"
+    blobs.put(key, buffer.getvalue(), "image/png")
+    return BLOB_PREFIX + key
 
 
 def as_reference(params: GenerationParams) -> GenerationParams:

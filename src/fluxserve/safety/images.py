@@ -37,7 +37,15 @@ def is_url(value: str) -> bool:
 
 
 def decode_image_input(value: str, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Base64 (optionally a ``data:image/...;base64,`` URI; whitespace tolerated) to an RGB image."""
+    """Base64 (optionally a ``data:image/...;base64,`` URI; whitespace tolerated) to an RGB image.
+
+    A value written as an http(s) URL that :func:`is_url` refused gets the URL's own problem, not a base64
+    error."""
+    if value.strip()[:8].lower().startswith(("http://", "https://")):
+        try:
+            parse_url(value)
+        except FetchError as error:
+            raise InputError(f"{field}: {error}") from None
     text = _WHITESPACE.sub("", _DATA_URI.sub("", value.strip(), count=1))
     if len(text) * 3 // 4 > max_bytes:
         raise InputError(f"{field}: larger than the {max_bytes // 1024} KiB limit")

@@ -15,7 +15,6 @@ from sqlalchemy import Engine
 from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.engines.registry import EngineRegistry
 from fluxserve.jobs.workers import WorkerRegistry, process_name
-from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.settings import Settings
 from fluxserve.wiring import make_blob_store, make_job_store, open_database
 from fluxserve.worker.beacon import Liveness
@@ -39,8 +38,7 @@ def build_workers(settings: Settings, database: Engine, threads: int, liveness: 
     catalog = load_catalog(settings.catalog_files)
     max_input_pixels = max(entry.max_input_pixels for entry in catalog.models.values())
     registry = engine_registry(settings, catalog)
-    policy = NetworkPolicy(parse_networks(settings.allowed_private_networks))
-    inputs = InputLoader(blobs, policy, settings.max_input_bytes, max_input_pixels)
+    inputs = InputLoader(blobs, max_input_pixels)
     return [
         Worker(
             f"{process_name()}-{index}",

@@ -20,9 +20,7 @@ from typing import Any
 from PIL import Image
 
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.models import spec_of
 from fluxserve.core.params import GenerationParams
-from fluxserve.core.sizes import output_size
 from fluxserve.engines.base import (
     BatchingEngine,
     Engine,
@@ -32,7 +30,7 @@ from fluxserve.engines.base import (
     Engines,
     NamedImage,
 )
-from fluxserve.errors import EngineError, FetchError, JobCanceled, JobFailure, Moderated
+from fluxserve.errors import EngineError, JobCanceled, JobFailure, Moderated
 from fluxserve.jobs.retention import drop_inputs
 from fluxserve.jobs.store import JobStore
 from fluxserve.storage.base import BlobStore
@@ -300,23 +298,20 @@ class Worker:
         )
 
     def _request(self, job: Job, upsample: bool) -> EngineRequest:
-        """Decode inputs, settle the size (when it waited for a fetched image) and the final prompt."""
+        """Decode the stored inputs and settle the final prompt (the size was settled before the queue)."""
         params = GenerationParams.model_validate(job.params)
         images = [
-            NamedImage(image.field, self._load(image.ref, image.field)) for image in params.input_images
+            NamedImage(image.field, self._inputs.load(image.ref, image.field))
+            for image in params.input_images
         ]
         image_prompt = None
         if params.image_prompt:
-            image_prompt = self._load(params.image_prompt, "image_prompt")
-        if job.width is None or job.height is None:
-            reference = images[0].image.size if images else None
-            size = output_size(spec_of(job.model).size_rule, params, reference)
-            assert size is not None  # every input is decoded now
-            job.width, job.height = size
+            image_prompt = self._inputs.load(params.image_prompt, "image_prompt")
+        assert job.width is not None and job.height is not None
         prompt = params.prompt
         if params.prompt_upsampling and upsample:
             prompt = self._enhancer.enhance(prompt, job.seed)
-        self._store.update_running(job.id, self.worker_id, width=job.width, height=job.height, prompt=prompt)
+        self._store.update_running(job.id, self.worker_id, prompt=prompt)
         return EngineRequest(
             params,
             prompt=prompt,
@@ -327,12 +322,6 @@ class Worker:
             image_prompt=image_prompt,
             resume=job.details.get(ENGINE_STATE),
         )
-
-    def _load(self, ref: str, field: str) -> Image.Image:
-        try:
-            return self._inputs.load(ref, field)
-        except FetchError as error:
-            raise FetchError(f"{field}: {error}") from error
 
 
 def _failure(job: Job, exc: BaseException) -> tuple[JobStatus, str]:
