@@ -178,7 +178,7 @@ def test_registry_picks_the_engine_by_the_weights_folder(models_dir: Path) -> No
     folders = {name: str(tiny_pipeline(models_dir, name)) for name in ("tiny-flux2-klein", "tiny-flux-fill")}
     fill = {"weights": folders["tiny-flux-fill"], "steps": 2}
     catalog = {
-        KLEIN: {"weights": folders["tiny-flux2-klein"], "steps": 2},
+        KLEIN: {"weights": folders["tiny-flux2-klein"], "steps": 2, "options": {"warmup": [[64, 64]]}},
         FILL: fill,
         EXPAND: fill,
         "flux-dev": fill,
@@ -189,6 +189,7 @@ def test_registry_picks_the_engine_by_the_weights_folder(models_dir: Path) -> No
         EngineRegistry(Catalog.model_validate({"models": catalog}), models_dir)
     del catalog[PRO]
     registry = EngineRegistry(Catalog.model_validate({"models": catalog}), models_dir)
+    assert list(registry.warm_up()) == [KLEIN]  # the models with warm-up sizes
     assert isinstance(registry.get(KLEIN), Flux2Engine)
     fill_engine, expand_engine = registry.get(FILL), registry.get(EXPAND)
     assert isinstance(fill_engine, FillEngine) and isinstance(expand_engine, FillEngine)
@@ -212,3 +213,18 @@ def test_unloadable_weights_folders_are_named(tmp_path: Path, models_dir: Path) 
     (broken / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline"}')
     with pytest.raises(EngineError, match=r"^cannot load Flux2KleinPipeline weights from .*/broken: "):
         Flux2Model(broken)
+
+
+def test_warm_up_runs_each_size_and_the_compile_knob_wraps_the_transformer(
+    klein: Flux2Model, fill: FillModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compiling for real is FLUX.1's test (test_engine_options): the same compile_transformer, and
+    Dynamo on this transformer costs seconds more than the whole module's budget."""
+    references: list[int] = []
+    engine = flux2(klein, options={"warmup": [[64, 64], [96, 64]]})
+    monkeypatch.setattr(engine, "generate", lambda request, hooks: references.append(len(request.images)))
+    assert engine.warm_up(KLEIN) >= 0
+    assert references == [0, 1, 0, 1]  # each size without and with a reference
+    assert filler(fill, options={"warmup": [[64, 48]]}).warm_up(FILL) > 0  # a real fill step
+    compiled = Flux2Engine(klein.weights, entry(options={"compile": True, "compile_backend": "eager"}))
+    assert hasattr(compiled.model.pipe.transformer.forward, "_torchdynamo_orig_callable")

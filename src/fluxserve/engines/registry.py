@@ -182,7 +182,7 @@ class EngineRegistry:
         timings: dict[str, float] = {}
         for model in models:
             engine = self.get(model)
-            if isinstance(engine, DiffusersFluxEngine):
+            if isinstance(engine, DiffusersFluxEngine | Flux2Engine | FillEngine):
                 timings[model] = engine.warm_up(model)
         return timings
 

@@ -23,11 +23,11 @@ from PIL import Image
 
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.core.models import Family
-from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult
+from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult, NamedImage
 from fluxserve.engines.flux.loading import LoadedPipeline, text_length
 from fluxserve.engines.flux.options import FluxOptions, LoadOptions
 from fluxserve.engines.flux.planning import generation_size
-from fluxserve.engines.flux.single import refuse_oversized, result, run_call
+from fluxserve.engines.flux.single import refuse_oversized, result, run_call, warm_up
 from fluxserve.errors import EngineError
 
 FILL_STEPS = 50
@@ -74,6 +74,15 @@ class FillEngine:
         self.entry = entry
         self.options = FluxOptions.of(entry).single_pipeline("fill and expand")
         self.model = model or FillModel(Path(weights), self.options.load())
+
+    def warm_up(self, model: str) -> float:
+        """One step at each ``options.warmup`` size (the output's); the seconds taken."""
+
+        def inputs(width: int, height: int) -> list[list[NamedImage]]:
+            image, mask = Image.new("RGB", (width, height)), Image.new("L", (width, height), 255)
+            return [[NamedImage("image", image), NamedImage("mask", mask)]]
+
+        return warm_up(self, model, self.options.warmup, inputs)
 
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult:
         refuse_oversized(request, self.entry.max_input_pixels)

@@ -33,7 +33,7 @@ from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult, Nam
 from fluxserve.engines.flux.loading import LoadedPipeline, text_length
 from fluxserve.engines.flux.options import FluxOptions, LoadOptions
 from fluxserve.engines.flux.planning import generation_size
-from fluxserve.engines.flux.single import refuse_oversized, result, run_call
+from fluxserve.engines.flux.single import refuse_oversized, result, run_call, warm_up
 from fluxserve.errors import EngineError
 
 MIN_REFERENCE_SIDE = 64  # Flux2ImageProcessor.check_image_input's minimum
@@ -87,6 +87,14 @@ class Flux2Engine:
         self.entry = entry
         self.options = FluxOptions.of(entry).single_pipeline("FLUX.2")
         self.model = model or Flux2Model(Path(weights), self.options.load())
+
+    def warm_up(self, model: str) -> float:
+        """One step at each ``options.warmup`` size, without and with a reference; the seconds taken."""
+
+        def inputs(width: int, height: int) -> list[list[NamedImage]]:
+            return [[], [NamedImage("input_image", Image.new("RGB", (width, height)))]]
+
+        return warm_up(self, model, self.options.warmup, inputs)
 
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult:
         refuse_oversized(request, self.entry.max_input_pixels)

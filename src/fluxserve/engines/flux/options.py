@@ -2,8 +2,8 @@
 
 :class:`LoadOptions` are the ones that decide how weights are loaded and run (routes share one loaded model
 only when these agree); :class:`FluxOptions` adds the per-route ones (image prompts, raw mode, true CFG,
-batching, warm-up). The FLUX.2 and Fill engines take the loading knobs and ``max_sequence_length``; the
-FLUX.1-only ones (:data:`FLUX1_ONLY`) are refused on their routes rather than ignored.
+batching, warm-up). The FLUX.2 and Fill engines take the loading knobs, ``max_sequence_length`` and
+``warmup``; the FLUX.1-only ones (:data:`FLUX1_ONLY`) are refused on their routes rather than ignored.
 """
 
 from __future__ import annotations
@@ -48,9 +48,7 @@ class LoadOptions(BaseModel):
 
 
 # Knobs only the FLUX.1 engine (engines/flux/engine.py) honours.
-FLUX1_ONLY = frozenset(
-    {"redux", "image_prompt_strength", "raw_guidance", "true_cfg_scale", "max_batch", "warmup"}
-)
+FLUX1_ONLY = frozenset({"redux", "image_prompt_strength", "raw_guidance", "true_cfg_scale", "max_batch"})
 
 
 class FluxOptions(LoadOptions):

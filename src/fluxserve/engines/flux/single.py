@@ -8,12 +8,15 @@ They do not batch: each request is one call on its model, under the model's lock
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
 
-from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult
+from fluxserve.core.params import GenerationParams
+from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult, NamedImage
 from fluxserve.engines.flux.loading import LoadedPipeline, short_reason
 from fluxserve.errors import EngineError, JobCanceled
 
@@ -64,3 +67,25 @@ def result(image: Image.Image, request: EngineRequest, details: dict[str, Any]) 
         details["generated_size"] = f"{image.width}x{image.height}"
         image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
     return EngineResult(image=image, prompt=request.prompt, seed=request.seed, details=details)
+
+
+class _Generates(Protocol):
+    def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult: ...
+
+
+def warm_up(
+    engine: _Generates,
+    model: str,
+    sizes: Sequence[tuple[int, int]],
+    inputs: Callable[[int, int], Sequence[list[NamedImage]]],
+) -> float:
+    """Run ``model`` once, one step, at each size with each set of ``inputs(width, height)`` (the paths
+    whose sequence lengths differ); returns the seconds taken. Compilation (one graph per sequence length)
+    and first-call allocations happen here rather than in a client's job."""
+    started = time.monotonic()
+    for width, height in sizes:
+        for images in inputs(width, height):
+            params = GenerationParams(model=model, prompt="warm-up", steps=1)
+            probe = EngineRequest(params, "warm-up", width=width, height=height, seed=0, images=images)
+            engine.generate(probe, EngineHooks())
+    return time.monotonic() - started
