@@ -50,6 +50,14 @@ def settle(conn: Connection, key_id: str, held: Decimal, charged: bool) -> None:
         add(conn, key_id, held)
 
 
+def reprice(conn: Connection, key_id: str, held: Decimal, cost: Decimal) -> None:
+    """Bring a hold to ``cost`` once a job's price is known exactly (a megapixel-priced job whose URL
+    inputs were held at the 4 MP bound): the difference goes back to the key, or is taken if the price
+    rose (the balance may then go below zero rather than fail a job already accepted)."""
+    if cost != held:
+        add(conn, key_id, held - cost)
+
+
 def add(conn: Connection, key_id: str, amount: Decimal) -> bool:
     """Add to a finite balance; False for an unlimited (or unknown) key, which stays as it is."""
     changed = conn.execute(
