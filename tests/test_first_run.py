@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import socket
@@ -13,6 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fluxserve.app import create_app
+from fluxserve.engines.registry import BUNDLED_WEIGHTS
+from fluxserve.engines.vocabulary import known_words, vocabulary_note
 from fluxserve.settings import Settings
 from fluxserve.worker.quiet import HARMLESS, quiet_model_stack_imports
 
@@ -74,3 +77,16 @@ def test_docs_and_redoc_use_only_assets_served_by_the_server_itself(tmp_path: Pa
                 served = client.get(asset)
                 assert served.status_code == 200 and len(served.content) > 1000, asset
             assert "http://" not in response.text and "https://" not in response.text, page
+
+
+def test_the_bundled_vocabulary_is_its_tokenizers_whole_words_and_other_words_are_noted() -> None:
+    tokenizer = json.loads((BUNDLED_WEIGHTS / "tokenizer_2" / "tokenizer.json").read_text())
+    pieces = {piece[1:].lower() for piece, _ in tokenizer["model"]["vocab"] if piece.startswith("▁")}
+    known = known_words(BUNDLED_WEIGHTS)
+    assert known == {word for word in pieces if word.isalpha()}
+    assert {"circle", "heart", "purple", "light", "blue", "top", "left", "background"} <= known
+    assert vocabulary_note(BUNDLED_WEIGHTS, "A large red HEART, top-left; on light blue background 4k") == {}
+    note = vocabulary_note(BUNDLED_WEIGHTS, "a purple giraffe and a Giraffe eating a circle")
+    assert note["unknown_words"] == ["giraffe", "and", "eating"]
+    assert "'giraffe', 'and', 'eating'" in note["note"]
+    assert vocabulary_note(BUNDLED_WEIGHTS.parent, "a giraffe") == {}  # no vocabulary.txt: never noted

@@ -1,6 +1,7 @@
 """The web playground in a real browser (Debian's chromium driven by Playwright) against a real server on
 loopback with the bundled model: fill the form, submit, watch the progress bar move, get the image, find
-it in the gallery; a bad key and a bad field read as errors. Screenshots go to tests/artifacts/.
+it in the gallery; a bad key and a bad field read as errors. Screenshots go to tests/artifacts/. The same
+server shows the note on prompt words the bundled model does not know, in both dialects.
 
 The routes themselves (redirect, files, the gallery's list) are also checked in-process, without a browser.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from fluxserve.app import create_app
 from fluxserve.settings import Settings
-from tests.conftest import ServerProcess
+from tests.conftest import Api, ServerProcess
 
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = [
@@ -148,3 +150,24 @@ def test_a_bad_field_and_a_bad_key_read_as_errors(
     assert page.inner_text("#error") == "TT-API-KEY is not a valid API key"
     page.screenshot(path=ARTIFACTS / "playground-bad-key.png", full_page=True)
     page.close()
+
+
+def test_words_the_bundled_model_does_not_know_are_noted_in_both_dialects(
+    shipped: tuple[ServerProcess, str],
+) -> None:
+    server, key = shipped
+    reseller = Api(server.base_url, key)
+    body = {"prompt": "a purple giraffe in the center", "steps": 2, "width": 256, "height": 256}
+    fetched = reseller.wait(reseller.job("flux-dev", body))
+    assert fetched["status"] == "SUCCESS" and fetched["details"]["unknown_words"] == ["giraffe"]
+    assert "'giraffe'" in fetched["details"]["note"]
+    known = reseller.wait(reseller.job("flux-dev", {**body, "prompt": "a purple star in the center"}))
+    assert "details" not in known
+
+    vendor = httpx.Client(base_url=server.base_url, headers={"x-key": key}, timeout=30)
+    task = vendor.post("/v1/flux-dev", json=body).json()["id"]
+    deadline = time.monotonic() + 60
+    while (result := vendor.get("/v1/get_result", params={"id": task}).json())["status"] == "Pending":
+        assert time.monotonic() < deadline, result
+        time.sleep(0.1)
+    assert result["status"] == "Ready" and result["details"]["unknown_words"] == ["giraffe"]

@@ -22,6 +22,7 @@ from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_route
 from fluxserve.api.reseller_schemas import JOB_REF_BODY, JOB_RESPONSES, SUBMIT_RESPONSES
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect, ModelSpec
+from fluxserve.core.notes import public_details
 from fluxserve.core.pricing import format_credits
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.retention import drop_inputs
@@ -70,7 +71,11 @@ def render_job(job: Job, services: Services) -> dict[str, Any]:
     }
     if not job.status.is_terminal:
         data["progress"] = job.progress
-    return {"status": STATUS[job.status], "message": message, "jobId": job.id, "data": data}
+    body = {"status": STATUS[job.status], "message": message, "jobId": job.id, "data": data}
+    notes = public_details(job.details)
+    if notes:  # an added field, as in the vendor's get_result: what the engine tells the user (a note)
+        body["details"] = notes
+    return body
 
 
 def _accepted(job: Job) -> dict[str, Any]:

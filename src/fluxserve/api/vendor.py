@@ -33,6 +33,7 @@ from fluxserve.api.vendor_schemas import CreditsResponse, ResultResponse, Submit
 from fluxserve.core.fields import MAX_ERROR_MESSAGES, VENDOR_RULES
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect, ModelSpec
+from fluxserve.core.notes import public_details
 from fluxserve.core.pricing import format_credits
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER, IdempotencyConflict
@@ -217,9 +218,10 @@ def render_result(job: Job | None, job_id: str, services: Services) -> ResultRes
             "end_time": end,
             "duration": None if start is None or end is None else round(end - start, 3),
         }
+        notes = public_details(job.details)  # what the engine tells the user (a note), if anything
         if expired is not None:  # Ready still: the job delivered; its file outlived retention
-            return ResultResponse(id=job.id, status="Ready", result=result, details={"result": expired})
-        return ResultResponse(id=job.id, status="Ready", result=result)
+            notes["result"] = expired
+        return ResultResponse(id=job.id, status="Ready", result=result, details=notes or None)
     if status is JobStatus.REQUEST_MODERATED:
         return ResultResponse(
             id=job.id, status="Request Moderated", details={"Moderation Reasons": [_reason(job)]}

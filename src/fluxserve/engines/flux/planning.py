@@ -55,6 +55,7 @@ from fluxserve.core.models import Family
 from fluxserve.engines.base import EngineRequest
 from fluxserve.engines.flux.loading import FluxModel
 from fluxserve.engines.flux.options import FluxOptions
+from fluxserve.engines.vocabulary import vocabulary_note
 from fluxserve.errors import EngineError
 
 DEFAULT_STEPS = 28
@@ -153,7 +154,7 @@ class Planner:
         width, height = generation_size(
             request.width, request.height, self.entry.max_pixels, self.model.multiple
         )
-        details: dict[str, Any] = {"steps": steps}
+        details: dict[str, Any] = {"steps": steps, **vocabulary_note(self.model.weights, request.prompt)}
         if request.params.raw:
             guidance = min(guidance, self.options.raw_guidance)
             details["raw"] = True

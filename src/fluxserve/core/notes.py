@@ -1,0 +1,19 @@
+"""What an engine tells the user about their job, shown in both dialects' results.
+
+A job's ``details`` are mostly for operators (pipeline, batch, engine state); these keys are for the user
+and are the only ones the fetch JSON and ``get_result`` show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+NOTE = "note"  # a sentence for the user
+UNKNOWN_WORDS = "unknown_words"  # prompt words the model does not know
+PUBLIC = (NOTE, UNKNOWN_WORDS)
+
+
+def public_details(details: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a job's details its user sees."""
+    return {name: details[name] for name in PUBLIC if name in details}
