@@ -59,7 +59,7 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Native]:
     [
         ({"prompt": "a cat", "mode": "flux1-dev"}, "flux-dev", (1024, 1024)),  # default 1:1
         ({"prompt": "a cat", "model": "flux1-dev", "size": "1024x1792"}, "flux-dev", (768, 1344)),
-        ({"prompt": "a cat", "mode": "flux1-pro", "aspect_ratio": "21:9"}, "flux-pro", (1440, 672)),
+        ({"prompt": "a cat", "mode": "flux1-pro", "aspect_ratio": "21:9"}, "flux-pro", (1440, 608)),
         (
             {"prompt": "a cat", "mode": "flux-kontext-pro", "aspect_ratio": "16:9"},
             "flux-kontext-pro",

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from fluxserve import __version__
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.api import events, files, ops, reseller, reseller_native, vendor
+from fluxserve.api import events, files, openai_images, ops, reseller, reseller_native, vendor
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.limits import RequestGuard
@@ -182,6 +182,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Route-level, so that a too-large body is an HTTPException our handlers render (413).
     app.include_router(reseller.router, max_body_size=max_body_size(settings))
     app.include_router(reseller_native.router, max_body_size=max_body_size(settings))
+    app.include_router(openai_images.router, max_body_size=max_body_size(settings))
+    app.state.openai_images = openai_images.ImagesOptions(
+        settings.openai_wait_seconds, settings.openai_model, settings.openai_edit_model
+    )
     app.include_router(vendor.router, max_body_size=max_body_size(settings))
     app.include_router(files.router)
     app.include_router(playground_router)  # the web playground: /playground/ (and / points there)

@@ -158,6 +158,18 @@ class Settings(BaseSettings):
         description="An event stream with nothing new for this long ends; the client reconnects with "
         "Last-Event-ID to carry on.",
     )
+    openai_wait_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long an OpenAI images request waits for its images; then a 504 names the jobs, "
+        "which carry on (fetch them at /flux/fetch).",
+    )
+    openai_model: str = Field(
+        default="flux-dev", description="The model of /v1/images/generations when a request names none."
+    )
+    openai_edit_model: str = Field(
+        default="flux-kontext-pro", description="The model of /v1/images/edits when a request names none."
+    )
 
     @property
     def threads_per_worker(self) -> int:

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fluxserve.api.auth import BAD_BEARER, NO_BEARER, bearer_token
-from fluxserve.api.errors import OPENAI_PREFIX, VENDOR_PREFIX, error_response
+from fluxserve.api.errors import OPENAI_PREFIX, VENDOR_PREFIX, error_response, openai_error
 from fluxserve.core.models import MODELS
 
 NATIVE_SUBMIT = frozenset({"/flux/generate", "/flux/edits"})  # the reseller's own format
@@ -34,9 +34,12 @@ OPENAI_SUBMIT = frozenset({"/v1/images/generations", "/v1/images/edits"})
 VENDOR_SUBMIT = frozenset(f"/v1/{name}" for name in MODELS) | OPENAI_SUBMIT
 
 
+CLOSE = {"connection": "close"}
+
+
 def refusal(path: str, status: int, message: str) -> JSONResponse:
     """An early answer in the path's dialect; the connection is closed after it (the body is unread)."""
-    return error_response(path, status, message, {"connection": "close"})
+    return error_response(path, status, message, CLOSE)
 
 
 def _size(count: int) -> str:
@@ -115,10 +118,9 @@ class RequestGuard:
     async def _key_problem(self, path: str, headers: Headers) -> JSONResponse | None:
         if path.startswith(OPENAI_PREFIX):
             token = bearer_token(headers.get("authorization"))
-            if not token:
-                return refusal(path, 401, NO_BEARER)
-            if await anyio.to_thread.run_sync(self.authenticate, token) is None:
-                return refusal(path, 401, BAD_BEARER)
+            if not token or await anyio.to_thread.run_sync(self.authenticate, token) is None:
+                message = BAD_BEARER if token else NO_BEARER
+                return openai_error(401, message, code="invalid_api_key", headers=CLOSE)
             return None
         if path.startswith(VENDOR_PREFIX):
             key = headers.get("x-key")

@@ -9,20 +9,24 @@ dialects ignore fields a route does not have, as both upstreams do (clients send
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
+from annotated_types import Ge, Le, MultipleOf
 from fastapi import APIRouter, Depends, Header, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.deps import Services, get_services
-from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES, VARIANT_TYPES, Variant
+from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES, VARIANT_TYPES, Variant, input_image_field
 from fluxserve.core.models import MODELS, REQUIRED, Dialect, ModelSpec
 from fluxserve.core.params import GenerationParams, ImageRef
+from fluxserve.core.sizes import parse_aspect_ratio
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER
 
 _NOT_PARAMS = {"seed", "webhook_url", "webhook_secret"}
@@ -183,3 +187,64 @@ def _handler(
         ],
     }
     return handler
+
+
+# Routes that take a model by name in the body (the reseller's /flux/generate and /flux/edits, the OpenAI
+# images API) fill that model's own schema from their fields, with these.
+
+TARGET_AREA = 1024 * 1024  # the area of a width and height made from an aspect ratio alone
+
+
+def schema_of(spec: ModelSpec) -> type[SubmitRequest] | None:
+    """The model's reseller schema, else its vendor one; None when it has neither."""
+    return SCHEMAS[Dialect.RESELLER].get(spec.name) or SCHEMAS[Dialect.VENDOR].get(spec.name)
+
+
+def needs_only_a_prompt(schema: type[SubmitRequest]) -> bool:
+    """True for generation models; False for tools that require more (fill's image, say)."""
+    return all(name == "prompt" or not info.is_required() for name, info in schema.model_fields.items())
+
+
+def _bounds(info: FieldInfo) -> tuple[int, int | None, int]:
+    """A dimension field's minimum, maximum and step, as its schema declares them."""
+    low, high, step = 1, None, 16
+    for item in info.metadata:
+        if isinstance(item, Ge):
+            low = int(item.ge)  # type: ignore[call-overload]
+        elif isinstance(item, Le):
+            high = int(item.le)  # type: ignore[call-overload]
+        elif isinstance(item, MultipleOf):
+            step = int(item.multiple_of)  # type: ignore[call-overload]
+    return max(low, step), high, step
+
+
+def size_fields(
+    schema: type[SubmitRequest], shape: tuple[int, int], area: int = TARGET_AREA
+) -> dict[str, Any]:
+    """The model's own size fields for a shape (``(16, 9)``, or ``(1792, 1024)``): its aspect ratio
+    (``"16:9"``, ``"7:4"``), or a width and height of about ``area`` pixels in that ratio, scaled down to
+    fit the range the schema declares for them and snapped to its step. ValueError for a ratio outside
+    21:9..9:21."""
+    divisor = math.gcd(*shape)
+    ratio_text = f"{shape[0] // divisor}:{shape[1] // divisor}"
+    ratio = parse_aspect_ratio(ratio_text)
+    fields = schema.model_fields
+    if "aspect_ratio" in fields:
+        return {"aspect_ratio": ratio_text}
+    if "width" not in fields or "height" not in fields:
+        return {}
+    (low_w, high_w, step_w), (low_h, high_h, step_h) = _bounds(fields["width"]), _bounds(fields["height"])
+    width, height = math.sqrt(area * ratio), math.sqrt(area / ratio)
+    scale = min(1.0, (high_w or width) / width, (high_h or height) / height)
+    return {
+        "width": max(low_w, int(width * scale / step_w) * step_w),
+        "height": max(low_h, int(height * scale / step_h) * step_h),
+    }
+
+
+def image_slots(schema: type[SubmitRequest]) -> list[str]:
+    """Where uploaded images go, in order: the model's reference images, else its image prompt."""
+    slots: list[str] = []
+    while (name := input_image_field(len(slots))) in schema.model_fields:
+        slots.append(name)
+    return slots or [name for name in ("image_prompt",) if name in schema.model_fields]

@@ -12,23 +12,28 @@ job: the same envelope, fetch and webhook.
 from __future__ import annotations
 
 import base64
-import math
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
-from annotated_types import Ge, Le, MultipleOf
 from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
-from pydantic.fields import FieldInfo
 from starlette.concurrency import run_in_threadpool
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
-from fluxserve.api.requests import SCHEMAS, SubmitExtras, SubmitRequest, idempotency_key
+from fluxserve.api.requests import (
+    SubmitExtras,
+    SubmitRequest,
+    idempotency_key,
+    image_slots,
+    needs_only_a_prompt,
+    schema_of,
+    size_fields,
+)
 from fluxserve.api.reseller import Envelope, submit
 from fluxserve.api.reseller_schemas import SUBMIT_RESPONSES
 from fluxserve.core.fields import (
@@ -36,35 +41,23 @@ from fluxserve.core.fields import (
     Prompt,
     WebhookUrl,
     error_messages,
-    input_image_field,
 )
-from fluxserve.core.models import MODELS, Dialect, Family, ModelSpec
-from fluxserve.core.sizes import parse_aspect_ratio
+from fluxserve.core.models import MODELS, Family, ModelSpec
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER
 
 FLUX1_PREFIX = "flux1-"  # the reseller's name for the table's flux-<name> FLUX.1 models
-TARGET_AREA = 1024 * 1024  # a width and height made from an aspect ratio have about one megapixel
 # The model schema's names for this request's fields (so an error states the table's rule for it), and
 # back: each error message names the field as this request does.
 TABLE_NAMES = {"hookUrl": "webhook_url", "image": "input_image"}
 NATIVE_NAMES = {"webhook_url": "hookUrl", "width": "aspect_ratio", "height": "aspect_ratio"}
 
 
-def _schema(spec: ModelSpec) -> type[SubmitRequest] | None:
-    """The model's reseller schema (its vendor one when the reseller has no route for it)."""
-    return SCHEMAS[Dialect.RESELLER].get(spec.name) or SCHEMAS[Dialect.VENDOR].get(spec.name)
-
-
-def _takes_a_prompt_alone(schema: type[SubmitRequest]) -> bool:
-    return all(name == "prompt" or not info.is_required() for name, info in schema.model_fields.items())
-
-
 def _modes() -> dict[str, ModelSpec]:
     """Every mode name and its model: the models that need nothing but a prompt (not fill or expand)."""
     modes: dict[str, ModelSpec] = {}
     for spec in MODELS.values():
-        schema = _schema(spec)
-        if schema is None or not _takes_a_prompt_alone(schema):
+        schema = schema_of(spec)
+        if schema is None or not needs_only_a_prompt(schema):
             continue
         modes[spec.name] = spec
         if spec.family is Family.FLUX1 and spec.name.count("-") == 1:  # flux-dev, not flux-pro-1.1
@@ -151,57 +144,15 @@ class GenerateRequest(BaseModel):
     hookUrl: WebhookUrl = Field(default=None, description="Receives the fetch JSON when the job ends.")
 
 
-def _bounds(info: FieldInfo) -> tuple[int, int | None, int]:
-    """A dimension field's minimum, maximum and step, as its schema declares them."""
-    low, high, step = 1, None, 16
-    for item in info.metadata:
-        if isinstance(item, Ge):
-            low = int(item.ge)  # type: ignore[call-overload]
-        elif isinstance(item, Le):
-            high = int(item.le)  # type: ignore[call-overload]
-        elif isinstance(item, MultipleOf):
-            step = int(item.multiple_of)  # type: ignore[call-overload]
-    return max(low, step), high, step
-
-
-def _side(length: float, info: FieldInfo) -> int:
-    low, high, step = _bounds(info)
-    side = max(low, round(length / step) * step)
-    return side if high is None else min(side, high // step * step)
-
-
-def _ratio_text(aspect_ratio: str | None, size: str | None) -> str:
-    """``aspect_ratio``, else the deprecated ``size`` as a ratio (``1024x1792`` -> ``4:7``), else 1:1."""
+def _shape(aspect_ratio: str | None, size: str | None) -> tuple[int, int]:
+    """``aspect_ratio`` (``16:9``), else the deprecated ``size`` (``1024x1792``), else 1:1."""
     if aspect_ratio:
-        return aspect_ratio
+        width, _, height = aspect_ratio.partition(":")
+        return int(width), int(height)
     if size:
-        width, height = (int(part) for part in size.split("x"))
-        divisor = math.gcd(width, height)
-        return f"{width // divisor}:{height // divisor}"
-    return "1:1"
-
-
-def _size_fields(schema: type[SubmitRequest], ratio_text: str | None) -> dict[str, Any]:
-    """The model's own size fields for an aspect ratio: the ratio itself, or a width and height of about
-    one megapixel within the schema's range (None: the model's default, e.g. follow the input image)."""
-    fields = schema.model_fields
-    if ratio_text is None:
-        return {}
-    if "aspect_ratio" in fields:
-        return {"aspect_ratio": ratio_text}
-    if "width" in fields and "height" in fields:
-        ratio = parse_aspect_ratio(ratio_text)
-        width = _side(math.sqrt(TARGET_AREA * ratio), fields["width"])
-        return {"width": width, "height": _side(math.sqrt(TARGET_AREA / ratio), fields["height"])}
-    return {}
-
-
-def _image_slots(schema: type[SubmitRequest]) -> list[str]:
-    """Where uploaded images go: the model's reference images, else its image prompt."""
-    slots: list[str] = []
-    while (name := input_image_field(len(slots))) in schema.model_fields:
-        slots.append(name)
-    return slots or [name for name in ("image_prompt",) if name in schema.model_fields]
+        width, _, height = size.partition("x")
+        return int(width), int(height)
+    return 1, 1
 
 
 def _request(schema: type[SubmitRequest], data: dict[str, Any]) -> SubmitRequest:
@@ -230,10 +181,10 @@ def _submit(
 )
 def generate(body: GenerateRequest, key: Key, services: Deps, idempotency: Idempotency = None) -> Envelope:
     spec = spec_of_mode(body.mode)
-    schema = _schema(spec)
+    schema = schema_of(spec)
     assert schema is not None  # MODES has only models with a schema
-    ratio = _ratio_text(body.aspect_ratio, body.size)
-    data = {"prompt": body.prompt, "webhook_url": body.hookUrl, **_size_fields(schema, ratio)}
+    shape = size_fields(schema, _shape(body.aspect_ratio, body.size))
+    data = {"prompt": body.prompt, "webhook_url": body.hookUrl, **shape}
     return _submit(spec, _request(schema, data), key, services, idempotency)
 
 
@@ -253,9 +204,9 @@ async def edits(
     idempotency: Idempotency = None,
 ) -> Envelope:
     spec = spec_of_mode(mode)
-    schema = _schema(spec)
+    schema = schema_of(spec)
     assert schema is not None
-    slots = _image_slots(schema)
+    slots = image_slots(schema)
     if not slots:
         raise ApiError(400, f"image: {mode} does not take input images; use /flux/generate")
     if len(image) > len(slots):
@@ -265,7 +216,8 @@ async def edits(
         slot: base64.b64encode(await upload.read()).decode()
         for slot, upload in zip(slots, image, strict=False)
     }
-    data = {"prompt": prompt, "webhook_url": hookUrl, **_size_fields(schema, aspect_ratio), **images}
+    shape = size_fields(schema, _shape(aspect_ratio, None)) if aspect_ratio else {}
+    data = {"prompt": prompt, "webhook_url": hookUrl, **shape, **images}
     request = _request(schema, data)
     # Decoding and storing the images is blocking work: off the event loop.
     return await run_in_threadpool(_submit, spec, request, key, services, idempotency)
