@@ -280,3 +280,28 @@ def test_cli_generate_saves_the_image_and_errors_in_one_line(
     unreachable = run_cli("x", "--server", "http://127.0.0.1:9", "--key", "k", env={})
     assert unreachable.returncode == 1
     assert unreachable.stderr.strip().startswith("error: cannot reach http://127.0.0.1:9")
+
+
+def test_a_job_submitted_to_one_api_replica_streams_from_another(
+    server: ServerProcess, key: dict[str, Any], models_dir: Path
+) -> None:
+    replica = ServerProcess(server.data_dir, models_dir)  # same database and files, API only
+    replica.start("--no-workers")
+    events: list[Event] = []
+    try:
+        with Client(server.base_url, key["key"]) as first, Client(replica.base_url, key["key"]) as second:
+            job_id = first.submit("flux-dev", "a replica", seed=5, width=256, height=256)
+            job = second.wait(job_id, on_event=events.append)
+            image = second.download(job.image_url or "")
+    finally:
+        replica.stop()
+    assert (job.id, job.state, job.seed) == (job_id, "succeeded", 5)
+    assert events[-1].kind == "result" and all(event.id for event in events)
+    assert Image.open(io.BytesIO(image)).format == "PNG"
+
+
+def test_the_client_imports_without_torch_or_the_server() -> None:
+    heavy = "{'torch', 'PIL', 'fastapi', 'sqlalchemy'}"
+    code = f"import sys, fluxserve.client; print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

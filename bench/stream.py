@@ -1,0 +1,120 @@
+"""End to end through the event stream against the bundled engine called directly, in the same run.
+
+    python bench/stream.py [--rounds 3] [--steps 20] [--size 256] [--worker-poll 0.2] [--events-poll 0.1]
+
+(a) direct: the bundled model's engine (shipped catalog entry for flux-dev), built in this process with one
+torch thread, makes the requests one after another and PNG-encodes each image, as a worker does.
+(b) fluxserve: a `fluxserve serve` subprocess (one worker process, one torch thread, the same catalog and
+model files) gets the same requests at once from `fluxserve.client.Client.generate` (one client thread
+each): submit, follow /flux/events to the result, download the PNG. Printed per round and as medians of
+the ratio fluxserve / direct, for 1 and for 8 concurrent jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+from fluxserve.client import Client
+from fluxserve.core.catalog import load_catalog
+from fluxserve.core.params import GenerationParams
+from fluxserve.engines.base import Engine, EngineHooks, EngineRequest
+from fluxserve.engines.registry import EngineRegistry
+
+PROMPT = "a large red heart in the center on a blue background"
+
+
+def direct(engine: Engine, count: int, size: int, steps: int) -> float:
+    started = time.perf_counter()
+    for seed in range(count):
+        params = GenerationParams(
+            model="flux-dev", prompt=PROMPT, width=size, height=size, steps=steps, guidance=2.5
+        )
+        result = engine.generate(EngineRequest(params, PROMPT, size, size, seed), EngineHooks())
+        result.image.save(io.BytesIO(), format="PNG")
+    return time.perf_counter() - started
+
+
+def through_stream(base: str, key: str, count: int, size: int, steps: int) -> float:
+    def one(seed: int) -> None:
+        with Client(base, key) as client:
+            client.generate("flux-dev", PROMPT, seed=seed, width=size, height=size, steps=steps, guidance=2.5)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(count) as pool:
+        list(pool.map(one, range(count)))
+    return time.perf_counter() - started
+
+
+def start_server(data: Path, models: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, str]:
+    environment = {**os.environ, "FLUXSERVE_MODELS_DIR": str(models), "FLUXSERVE_TORCH_THREADS": "1", **env}
+    create = [sys.executable, "-m", "fluxserve", "keys", "create", "--name", "bench", "--data-dir", str(data)]
+    out = subprocess.run([*create, "--json"], env=environment, capture_output=True, text=True, check=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fluxserve", "serve", "--port", str(port), "--data-dir", str(data)],
+        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(f"{base}/healthz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return server, base, json.loads(out.stdout)["key"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--worker-poll", type=float, default=0.2, help="FLUXSERVE_POLL_SECONDS (idle claims)")
+    parser.add_argument("--events-poll", type=float, default=0.1, help="FLUXSERVE_EVENTS_POLL_SECONDS")
+    parser.add_argument("--models", type=Path, default=Path("/tmp/fluxserve-bench-models"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    engine = EngineRegistry(load_catalog(), args.models).get("flux-dev")
+    env = {
+        "FLUXSERVE_POLL_SECONDS": str(args.worker_poll),
+        "FLUXSERVE_EVENTS_POLL_SECONDS": str(args.events_poll),
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        server, base, key = start_server(Path(scratch), args.models, env)
+        try:
+            direct(engine, 1, args.size, args.steps)  # warm-up both sides (the worker loads its model)
+            through_stream(base, key, 1, args.size, args.steps)
+            print(f"bundled flux-dev {args.size}x{args.size} steps={args.steps} {env}")
+            for count in (1, 8):
+                ratios = []
+                for round_ in range(args.rounds):
+                    d = direct(engine, count, args.size, args.steps)
+                    f = through_stream(base, key, count, args.size, args.steps)
+                    ratios.append(f / d)
+                    print(f"  {count} job(s) round {round_ + 1}: direct {d:.3f} s, stream {f:.3f} s")
+                print(f"{count} job(s): median ratio stream/direct = {statistics.median(ratios):.3f}")
+        finally:
+            server.terminate()
+            server.wait()
+
+
+if __name__ == "__main__":
+    main()
