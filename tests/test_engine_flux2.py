@@ -91,8 +91,11 @@ def test_references_reach_the_pipeline_in_order(klein: Flux2Model) -> None:
     assert small.image.size == (64, 64)
     with pytest.raises(EngineError, match=r"^input_image_2: 720x80 is more elongated than 8:1"):
         run(engine, KLEIN, images=[gradient((64, 64)), solid("red", (720, 80))])
-    with pytest.raises(EngineError, match=r"^image_prompt: flux-2-klein-4b takes input_image references"):
-        run(engine, KLEIN, image_prompt=gradient((64, 64)))
+    prompted = run(engine, KLEIN, images=[gradient((64, 64))], image_prompt=solid("blue", (64, 64)))
+    assert prompted.details["references"] == 2  # the reseller's image_prompt is one more reference
+    assert png(prompted.image) == png(
+        run(engine, KLEIN, images=[gradient((64, 64)), solid("blue", (64, 64))]).image
+    )
     with pytest.raises(EngineError, match=r"^input_image: 64x64 is 4096 pixels; flux-2-klein-4b accepts at"):
         run(flux2(klein, max_input_pixels=4000), KLEIN, images=[gradient((64, 64))])
 

@@ -3,8 +3,9 @@ weights folder holds, for text to image and multi-reference editing.
 
 Semantics:
 
-- References are the request's ``input_image`` .. ``input_image_8`` in field order, passed as the
-  pipeline's list of images (each gets its own position offset in the sequence). Each is scaled, aspect
+- References are the request's ``input_image`` .. ``input_image_8`` in field order, then ``image_prompt``
+  (the reseller's FLUX.2 routes keep FLUX.1's field set: an image prompt is one more reference), passed as
+  the pipeline's list of images (each gets its own position offset in the sequence). Each is scaled, aspect
   kept, to at most the generation's pixel count and at least 64 pixels a side (the pipeline's minimum);
   left alone the pipeline would encode every reference at up to 1 MP whatever the output size. A reference
   more elongated than 8:1 is refused (the pipeline's limit), naming its field.
@@ -98,15 +99,16 @@ class Flux2Engine:
 
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult:
         refuse_oversized(request, self.entry.max_input_pixels)
+        named = list(request.references)
         if request.image_prompt is not None:
-            raise EngineError(f"image_prompt: {request.params.model} takes input_image references instead")
+            named.append(NamedImage("image_prompt", request.image_prompt))
         default_steps, default_guidance = defaults(self.model)
         steps = request.params.steps or self.entry.steps or default_steps
         guidance = request.params.guidance or self.entry.guidance or default_guidance
         width, height = generation_size(
             request.width, request.height, self.entry.max_pixels, self.model.multiple
         )
-        references = [fit_reference(named, width * height) for named in request.references]
+        references = [fit_reference(each, width * height) for each in named]
         details: dict[str, Any] = {
             "pipeline": self.model.kind,
             "steps": steps,
