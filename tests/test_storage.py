@@ -190,6 +190,11 @@ def test_serve_on_s3_presigned_and_signed_urls(make_server, s3_bucket: str) -> N
     env = {**CREDENTIALS, "FLUXSERVE_STORAGE_URL": storage_url(s3_bucket, prefix)}
     server: ServerProcess = make_server(env)
     server.start()
+    # Started now, it comes up while the first server's worker process is still loading its model.
+    replica: ServerProcess = make_server(
+        {**env, "FLUXSERVE_STORAGE_URL": storage_url(s3_bucket, prefix, urls="signed")}, server.data_dir
+    )
+    replica.start("--no-workers")
     api = Api(server.base_url, server.create_key("s3")["key"])
     job_id = api.job(
         "flux-kontext-pro",
@@ -206,10 +211,6 @@ def test_serve_on_s3_presigned_and_signed_urls(make_server, s3_bucket: str) -> N
     assert not any("/inputs/" in key for key in keys)  # stored at submit, deleted as the job ended
     assert not (server.data_dir / "files").exists()  # nothing on local disk
 
-    replica: ServerProcess = make_server(
-        {**env, "FLUXSERVE_STORAGE_URL": storage_url(s3_bucket, prefix, urls="signed")}, server.data_dir
-    )
-    replica.start("--no-workers")
     signed = Api(replica.base_url, api.key).fetch(job_id)["data"]["imageUrl"]
     assert signed.startswith(f"{replica.base_url}/files/results/") and "signature=" in signed
     response = httpx.get(signed, timeout=10)
