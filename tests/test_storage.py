@@ -210,6 +210,11 @@ def test_serve_on_s3_presigned_and_signed_urls(make_server, s3_bucket: str) -> N
     assert [key for key in keys if "/results/" in key] == [urlsplit(url).path.split(f"/{s3_bucket}/")[1]]
     assert not any("/inputs/" in key for key in keys)  # stored at submit, deleted as the job ended
     assert not (server.data_dir / "files").exists()  # nothing on local disk
+    ready = httpx.get(f"{server.base_url}/readyz", timeout=10)  # its worker process wrote its row
+    assert ready.status_code == 200 and ready.json()["checks"]["workers"] == "ok (1 live)", ready.text
+    metrics = httpx.get(f"{replica.base_url}/metrics", timeout=10).text  # any replica: the same figures
+    assert 'fluxserve_jobs_total{model="flux-kontext-pro",outcome="succeeded"} 1.0' in metrics
+    assert "fluxserve_workers_live 1.0" in metrics
 
     signed = Api(replica.base_url, api.key).fetch(job_id)["data"]["imageUrl"]
     assert signed.startswith(f"{replica.base_url}/files/results/") and "signature=" in signed
