@@ -217,15 +217,69 @@ def test_a_notification_between_claims_is_not_lost(notify_store: SqlJobStore) ->
     assert busy.wait(30)
     wakeups = notify_store._wakeups
     assert isinstance(wakeups, PostgresNotify)
-    before = wakeups._generation
     with notify_store._engine.begin() as conn:
         wakeups.announce(conn)
     for _ in range(300):  # until the listener has taken the notification in
-        if wakeups._generation > before:
+        if wakeups._pending:
             break
         threading.Event().wait(0.1)
     queued.set()
     assert done.wait(30)
+
+
+def waiters(store: SqlJobStore, count: int, stop: threading.Event) -> list[threading.Event]:
+    """``count`` idle worker threads waiting (far longer than any test); each sets its event on waking."""
+    wakeups = store._wakeups
+    assert isinstance(wakeups, PostgresNotify)
+    woke = [threading.Event() for _ in range(count)]
+    for event in woke:
+        threading.Thread(
+            target=lambda e=event: (store.wait_for_work(stop, 600), e.set()), daemon=True
+        ).start()
+    for _ in range(300):
+        if wakeups._waiting == count:
+            break
+        threading.Event().wait(0.1)
+    assert wakeups._waiting == count
+    return woke
+
+
+def test_each_announced_job_wakes_one_waiting_worker(notify_store: SqlJobStore) -> None:
+    notify_store.wait_for_work(threading.Event(), 0)  # takes the listener's connect wake-up
+    stop = threading.Event()
+    woke = waiters(notify_store, 3, stop)
+    with notify_store._engine.begin() as conn:
+        notify_store._wakeups.announce(conn, 2)  # e.g. two jobs requeued at once
+    for _ in range(300):
+        if sum(event.is_set() for event in woke) == 2:
+            break
+        threading.Event().wait(0.1)
+    assert sum(event.is_set() for event in woke) == 2
+    assert notify_store._wakeups._waiting == 1  # type: ignore[attr-defined]  # the third sleeps on
+    stop.set()
+
+
+def test_the_listener_reconnects_after_losing_its_connection(notify_store: SqlJobStore) -> None:
+    wakeups = notify_store._wakeups
+    assert isinstance(wakeups, PostgresNotify)
+    notify_store.wait_for_work(threading.Event(), 0)
+    with notify_store._engine.begin() as conn:  # as a server restart or a network cut would
+        killed = conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
+        ).all()
+    assert killed == [(True,)]
+    for _ in range(300):  # the listener notices
+        if not wakeups._listening.is_set():
+            break
+        threading.Event().wait(0.1)
+    assert wakeups.listening(30)  # and connects again
+    assert wakeups._pending == 1  # with a wake-up: a job queued while it was away would be missed
+    stop = threading.Event()
+    notify_store.wait_for_work(stop, 0)
+    woke = waiters(notify_store, 1, stop)
+    with notify_store._engine.begin() as conn:
+        wakeups.announce(conn)
+    assert woke[0].wait(30), "no wake-up after the listener reconnected"
 
 
 def test_serve_on_postgres_runs_a_job_through_the_bundled_model(make_server, postgres_url: str) -> None:  # type: ignore[no-untyped-def]

@@ -398,7 +398,7 @@ class SqlJobStore:
                 .values(status=JobStatus.QUEUED.value, worker_id=None, progress=0.0)
             )
             if requeued.rowcount:
-                self._wakeups.announce(conn)
+                self._wakeups.announce(conn, requeued.rowcount)
         return requeued.rowcount + len(crashed)
 
     def crash_looping(self, older_than: datetime, max_attempts: int) -> list[str]:

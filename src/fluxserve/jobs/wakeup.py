@@ -3,10 +3,11 @@
 - :class:`Polling` (SQLite): nothing is announced and an idle worker looks again after its poll interval.
   SQLite has no cross-process signal (``serve`` submits in the API process and runs jobs in worker
   processes), and a claim on an idle queue is one indexed query, so a short poll is the honest choice.
-- :class:`PostgresNotify`: the transaction that queues a job also sends ``NOTIFY`` (PostgreSQL delivers it
-  at commit, never for a rolled-back submit); one listening connection per process wakes every idle worker
-  thread of the process at once. The poll interval stays as a fallback (a notification missed while the
-  listener reconnects), so it can be long.
+- :class:`PostgresNotify`: the transaction that queues jobs also sends ``NOTIFY`` with their number
+  (PostgreSQL delivers it at commit, never for a rolled-back submit); one listening connection per process
+  wakes that many idle worker threads of the process, not all of them (each process hears every
+  notification, so each wakes one thread per job). The poll interval stays as a fallback (a notification
+  missed while the listener reconnects), so it can be long.
 """
 
 from __future__ import annotations
@@ -26,20 +27,21 @@ _RECONNECT_SECONDS = 1.0
 
 
 class Wakeups(Protocol):
-    def announce(self, conn: Connection) -> None:
-        """Say, inside the transaction that queued work, that idle workers should look (sent at commit)."""
+    def announce(self, conn: Connection, jobs: int = 1) -> None:
+        """Say, inside the transaction that queued ``jobs`` jobs, that idle workers should look (sent at
+        commit)."""
         ...
 
     def wait(self, stop: threading.Event, timeout: float) -> None:
-        """Return when work was announced since the last claim attempt could have seen it, when ``stop``
-        is set, or after ``timeout`` seconds."""
+        """Return when work was announced (also while this worker was not yet waiting: after a claim that
+        found nothing), when ``stop`` is set, or after ``timeout`` seconds."""
         ...
 
 
 class Polling:
     """No announcements; a waiting worker sleeps its poll interval (or until it is stopped)."""
 
-    def announce(self, conn: Connection) -> None:
+    def announce(self, conn: Connection, jobs: int = 1) -> None:
         return None
 
     def wait(self, stop: threading.Event, timeout: float) -> None:
@@ -53,28 +55,30 @@ class PostgresNotify:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._changed = threading.Condition()
-        self._generation = 0  # bumped by every notification
-        self._seen = threading.local()  # per worker thread: the generation its last wait returned at
+        self._pending = 0  # wake-ups heard and not yet taken by a waiting thread
+        self._waiting = 0  # threads in wait() now
         self._listener: threading.Thread | None = None
         self._listening = threading.Event()
         self._closed = threading.Event()
 
-    def announce(self, conn: Connection) -> None:
-        conn.execute(select(func.pg_notify(CHANNEL, "")))
+    def announce(self, conn: Connection, jobs: int = 1) -> None:
+        conn.execute(select(func.pg_notify(CHANNEL, str(jobs))))
 
     def wait(self, stop: threading.Event, timeout: float) -> None:
-        # A notification that came between this thread's last wait and now (while it claimed and found
-        # nothing, or ran a job) returns at once: the claim before it may not have seen that job.
         self._ensure_listener()
         deadline = time.monotonic() + timeout
         with self._changed:
-            seen = getattr(self._seen, "generation", 0)
-            while self._generation == seen and not stop.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._changed.wait(min(remaining, _STOP_CHECK_SECONDS))
-            self._seen.generation = self._generation
+            self._waiting += 1
+            try:
+                while not self._pending and not stop.is_set():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    self._changed.wait(min(remaining, _STOP_CHECK_SECONDS))
+                if self._pending:
+                    self._pending -= 1
+            finally:
+                self._waiting -= 1
 
     def listening(self, timeout: float) -> bool:
         """Whether the listener is connected (tests and benchmarks wait for it before submitting)."""
@@ -87,14 +91,19 @@ class PostgresNotify:
                 self._listener = threading.Thread(target=self._listen, name="job-wakeups", daemon=True)
                 self._listener.start()
 
-    def _wake(self) -> None:
+    def _wake(self, jobs: int | None = None) -> None:
+        """Hand out wake-ups for ``jobs`` jobs (None: everyone). At most one more than there are waiting
+        threads is kept: the one for a thread between a claim that found nothing and its wait."""
         with self._changed:
-            self._generation += 1
-            self._changed.notify_all()
+            wanted = self._waiting + 1 if jobs is None else jobs
+            self._pending = min(self._pending + wanted, self._waiting + 1)
+            self._changed.notify(wanted)
 
     def close(self) -> None:
-        """Stop listening (the listener notices within a second); the process's end does it otherwise."""
+        """Stop listening and close the connection; the process's end does it otherwise."""
         self._closed.set()
+        if self._listener is not None:
+            self._listener.join(_RECONNECT_SECONDS * 5)
 
     def _listen(self) -> None:
         """Hold a LISTEN connection until closed, reconnecting after a failure (logged once per outage)."""
@@ -114,8 +123,8 @@ class PostgresNotify:
                 failing = False
                 self._wake()  # what was queued while nobody listened is looked for now
                 while not self._closed.is_set():
-                    for _ in connection.notifies(timeout=_STOP_CHECK_SECONDS * 4):
-                        self._wake()
+                    for notification in connection.notifies(timeout=_STOP_CHECK_SECONDS * 4):
+                        self._wake(_count(notification.payload))
             except Exception:
                 if not failing:
                     log.exception("job wake-up listener lost its connection; idle workers poll meanwhile")
@@ -125,3 +134,11 @@ class PostgresNotify:
                 if connection is not None:
                     connection.close()
             self._closed.wait(_RECONNECT_SECONDS)
+
+
+def _count(payload: str) -> int:
+    """The number of jobs a notification announces (1 for anything else: waking too many costs a claim)."""
+    try:
+        return max(1, int(payload))
+    except ValueError:
+        return 1

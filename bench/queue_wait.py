@@ -1,0 +1,146 @@
+"""Queue wait on PostgreSQL, from a job's submit to a worker's start: idle workers that poll against idle
+workers woken by LISTEN/NOTIFY.
+
+    python -m bench.queue_wait [--jobs 200] [--workers 4] [--gap-ms 100] [--run-ms 20]
+
+A throwaway cluster is started with tests/pg_server.py (Debian's binaries); each mode gets a fresh
+database. Worker threads run the real claim loop of the store (claim, else
+``wait_for_work``) on their own engine, as a worker process does; a submitter on another engine (the API
+process) sends jobs through ``Submitter`` at random (exponential) intervals; each job "runs" for
+``--run-ms``. The wait is the job's ``started_at - created_at`` as the database records them. Idle
+queries counts the claims that found nothing: the polling load on the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+
+from fluxserve.accounts.keys import KeyStore
+from fluxserve.core.job import JobStatus
+from fluxserve.core.models import Dialect
+from fluxserve.core.params import GenerationParams
+from fluxserve.db.connection import make_engine
+from fluxserve.db.tables import jobs
+from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.submit import Limits, Submitter
+from fluxserve.jobs.wakeup import Polling, PostgresNotify, Wakeups
+from fluxserve.safety.fetch import NetworkPolicy
+from fluxserve.storage.local import LocalBlobStore
+from tests.pg_server import PostgresCluster, binaries
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    poll_seconds: float
+    wakeups: Callable[[Engine], Wakeups]
+
+
+MODES = [
+    Mode("poll every 1 s", 1.0, lambda _: Polling()),
+    Mode("poll every 0.2 s (default)", 0.2, lambda _: Polling()),
+    Mode("LISTEN/NOTIFY, poll every 5 s", 5.0, PostgresNotify),
+]
+
+
+def run(url: str, mode: Mode, count: int, workers: int, gap: float, run_seconds: float) -> dict[str, float]:
+    submit_engine, worker_engine = make_engine(url), make_engine(url)
+    keys = KeyStore(submit_engine)
+    key = keys.create(f"bench-{mode.poll_seconds}").record
+    limits = Limits(count + 1, {}, 2**20, 2**22)
+    submit_store = SqlJobStore(submit_engine, PostgresNotify(submit_engine))  # announces; never waits
+    submitter = Submitter(submit_store, LocalBlobStore(Path(tempfile.mkdtemp())), limits, NetworkPolicy([]))
+    wakeups = mode.wakeups(worker_engine)
+    store = SqlJobStore(worker_engine, wakeups)
+    if isinstance(wakeups, PostgresNotify):
+        assert wakeups.listening(30)
+    stop = threading.Event()
+    idle = [0] * workers
+
+    def work(index: int) -> None:
+        while not stop.is_set():
+            job = store.claim(f"w{index}")
+            if job is None:
+                idle[index] += 1
+                store.wait_for_work(stop, mode.poll_seconds)
+                continue
+            time.sleep(run_seconds)
+            store.finish(job.id, f"w{index}", JobStatus.SUCCEEDED)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(workers)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # every worker idle and waiting
+    idle_before = sum(idle)
+    started = time.monotonic()
+    randomness = random.Random(14)
+    for _ in range(count):
+        time.sleep(randomness.expovariate(1 / gap))
+        params = GenerationParams(model="flux-dev", prompt="bench", width=256, height=256)
+        submitter.submit(key, params, 1, None, Dialect.RESELLER)
+    while True:
+        with worker_engine.connect() as conn:
+            left = conn.execute(select(jobs.c.id).where(jobs.c.status != JobStatus.SUCCEEDED.value)).first()
+        if left is None:
+            break
+        time.sleep(0.1)
+    elapsed = time.monotonic() - started
+    stop.set()
+    for thread in threads:
+        thread.join()
+    with worker_engine.connect() as conn:
+        rows = conn.execute(select(jobs.c.created_at, jobs.c.started_at)).all()
+    waits = sorted((start - created).total_seconds() * 1000 for created, start in rows)
+    if isinstance(wakeups, PostgresNotify):
+        wakeups.close()
+    submit_engine.dispose()
+    worker_engine.dispose()
+    return {
+        "median": statistics.median(waits),
+        "p95": waits[int(len(waits) * 0.95) - 1],
+        "max": waits[-1],
+        "idle_per_s": (sum(idle) - idle_before) / elapsed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--gap-ms", type=float, default=100.0, help="mean time between submits")
+    parser.add_argument("--run-ms", type=float, default=20.0, help="how long each job runs")
+    args = parser.parse_args()
+    bin_dir = binaries()
+    if bin_dir is None:
+        sys.exit("no PostgreSQL binaries under /usr/lib/postgresql: apt-get install postgresql")
+    cluster = PostgresCluster(bin_dir)
+    cluster.start()
+    try:
+        print(f"{args.jobs} jobs, {args.workers} idle worker threads, a submit every {args.gap_ms:g} ms on "
+              f"average, {args.run_ms:g} ms a job")  # fmt: skip
+        print(f"{'mode':34} {'median ms':>10} {'p95 ms':>8} {'max ms':>8} {'idle claims/s':>14}")
+        for mode in MODES:
+            figures = run(
+                cluster.database(), mode, args.jobs, args.workers, args.gap_ms / 1000, args.run_ms / 1000
+            )
+            print(
+                f"{mode.name:34} {figures['median']:10.1f} {figures['p95']:8.1f} {figures['max']:8.1f} "
+                f"{figures['idle_per_s']:14.1f}"
+            )
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
