@@ -8,6 +8,7 @@ The routes themselves (redirect, files, the gallery's list) are also checked in-
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -124,6 +125,34 @@ def test_fill_submit_watch_progress_get_the_image_and_find_it_in_the_gallery(
     job_id = page.get_attribute("#job", "data-job-id")
     item = page.wait_for_selector(f'#gallery li[data-job-id="{job_id}"] img')
     assert item is not None and item.get_attribute("src") == src
+
+    # re-run from the gallery: the same model, prompt and seed, a new job
+    page.click(f'#gallery li[data-job-id="{job_id}"] button')
+    page.wait_for_function(f"document.querySelector('#job').dataset.jobId !== '{job_id}'")
+    page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+    assert "seed\n7" in page.inner_text("#result-meta")
+    page.close()
+
+
+@needs_browser
+def test_a_reference_image_given_to_the_form_is_sent_as_base64(
+    shipped: tuple[ServerProcess, str], browser: Browser, tmp_path: Path
+) -> None:
+    server, key = shipped
+    reference = tmp_path / "reference.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(reference)
+    page = _open(browser, server.base_url)
+    page.fill("#api-key", key)
+    page.select_option("#model", "flux-kontext-pro")
+    page.fill("#field-prompt", "make the background white")
+    page.set_input_files("#field-input_image", reference)
+    assert page.is_visible("#field-input_image ~ img")  # a preview
+    with page.expect_request(lambda request: request.url.endswith("/bfl/v1/flux-kontext-pro")) as sent:
+        page.click("#generate")
+    body = sent.value.post_data_json
+    assert body["prompt"] == "make the background white"
+    assert Image.open(io.BytesIO(base64.b64decode(body["input_image"]))).size == (64, 48)
+    assert sent.value.response().status == 200  # accepted
     page.close()
 
 
