@@ -29,7 +29,9 @@ def client(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterat
         f'[models."flux-2-klein-4b"]\nweights = "{klein}"\nsteps = 2\n\n'
         f'[models."flux-pro-1.0-fill"]\nweights = "{fill}"\n'
     )
-    server = ServerProcess(root / "data", models_dir, catalog_env(catalog))
+    # Nothing here tests recovery: a worker slow to import torch on a loaded machine is not hung.
+    env = {**catalog_env(catalog), "FLUXSERVE_STALE_AFTER_SECONDS": "30"}
+    server = ServerProcess(root / "data", models_dir, env)
     server.start()
     yield VendorClient(server.base_url, server.create_key("flux2")["key"])
     server.stop()
