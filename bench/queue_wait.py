@@ -37,7 +37,7 @@ from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.jobs.wakeup import Polling, PostgresNotify, Wakeups
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
-from tests.pg_server import PostgresCluster, binaries
+from tests.pg_server import DEBIAN, PostgresCluster, binaries
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     bin_dir = binaries()
     if bin_dir is None:
-        sys.exit("no PostgreSQL binaries under /usr/lib/postgresql: apt-get install postgresql")
+        sys.exit(f"no PostgreSQL binaries under {DEBIAN}: apt-get install postgresql")
     cluster = PostgresCluster(bin_dir)
     cluster.start()
     try:

@@ -32,10 +32,24 @@ TEMPLATE = "fluxserve_template"
 _SUPERUSER = "postgres"
 
 
-def binaries() -> Path | None:
-    """The newest installed PostgreSQL's bin directory (Debian keeps each version apart)."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3]))
+DEBIAN = Path("/usr/lib/postgresql")  # Debian keeps each version apart: 15/bin, 16/bin, ...
+
+
+def binaries(root: Path = DEBIAN) -> Path | None:
+    """The newest installed PostgreSQL's bin directory."""
+    found = sorted(root.glob("*/bin/postgres"), key=lambda p: int(p.parts[-3]))
     return found[-1].parent if found else None
+
+
+def required_binaries(root: Path = DEBIAN) -> Path:
+    """The bin directory; without one the test is skipped, or fails when FLUXSERVE_REQUIRE_POSTGRES=1."""
+    bin_dir = binaries(root)
+    if bin_dir is None:
+        reason = f"PostgreSQL binaries not found under {root} (apt-get install postgresql)"
+        if os.environ.get("FLUXSERVE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"FLUXSERVE_REQUIRE_POSTGRES=1 but {reason}")
+        pytest.skip(reason)
+    return bin_dir
 
 
 class PostgresCluster:
@@ -119,13 +133,7 @@ class PostgresCluster:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
     """The session's PostgreSQL cluster (one per pytest-xdist worker)."""
-    bin_dir = binaries()
-    if bin_dir is None:
-        reason = "PostgreSQL binaries not found under /usr/lib/postgresql (apt-get install postgresql)"
-        if os.environ.get("FLUXSERVE_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"FLUXSERVE_REQUIRE_POSTGRES=1 but {reason}")
-        pytest.skip(reason)
-    cluster = PostgresCluster(bin_dir)
+    cluster = PostgresCluster(required_binaries())
     try:
         cluster.start()
         yield cluster

@@ -31,7 +31,7 @@ from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.wiring import make_job_store
 from tests.conftest import Api
-from tests.pg_server import PostgresCluster
+from tests.pg_server import PostgresCluster, required_binaries
 
 
 class Queue:
@@ -58,6 +58,21 @@ def test_users_postgres_urls_mean_psycopg_3() -> None:
     assert database_url("postgresql+psycopg://db/flux") == "postgresql+psycopg://db/flux"
     assert database_url("sqlite:///x.db") == "sqlite:///x.db"
     assert make_engine("postgres://db/flux").dialect.driver == "psycopg"
+
+
+def test_without_binaries_postgres_tests_skip_unless_ci_requires_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLUXSERVE_REQUIRE_POSTGRES", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install postgresql"):
+        required_binaries(tmp_path)
+    monkeypatch.setenv("FLUXSERVE_REQUIRE_POSTGRES", "1")
+    with pytest.raises(pytest.fail.Exception, match="FLUXSERVE_REQUIRE_POSTGRES=1 but"):
+        required_binaries(tmp_path)
+    for version in ("9", "15"):
+        (tmp_path / version / "bin").mkdir(parents=True)
+        (tmp_path / version / "bin" / "postgres").touch()
+    assert required_binaries(tmp_path) == tmp_path / "15" / "bin"  # the newest, by number
 
 
 def test_migrations_build_exactly_the_declared_schema_on_postgres(postgres_url: str) -> None:
