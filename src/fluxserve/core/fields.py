@@ -134,6 +134,9 @@ def _ruled(rule: str) -> WrapValidator:
     whose range on some routes differs from :data:`RULES` (see :data:`VARIANT_TYPES`)."""
 
     def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # null is "not given" here too: raised inside the handler, PydanticUseDefault would be a
+        # SchemaError (a 500) instead of the field's default.
+        _null_is_default(value)
         try:
             return handler(value)
         except ValidationError:
