@@ -105,7 +105,7 @@ def vendor_errors(response: Any) -> dict[str, str]:
     return {item["loc"][-1]: item["msg"] for item in response.json()["detail"]}
 
 
-@pytest.mark.parametrize("model", FLUX2_VENDOR + KLEIN)
+@pytest.mark.parametrize("model", ["flux-2-pro", "flux-2-flex", "flux-2-klein-4b"])
 @pytest.mark.parametrize(
     ("body", "field", "rule"),
     [
@@ -127,6 +127,12 @@ def test_vendor_flux2_ranges_name_the_field(
 ) -> None:
     errors = vendor_errors(api.vendor(model, {"prompt": "a fox", **body}))
     assert rule in errors[field], errors
+
+
+def test_every_flux2_vendor_route_has_the_flux2_ranges(api: Client) -> None:
+    for model in FLUX2_VENDOR + KLEIN:
+        errors = vendor_errors(api.vendor(model, {"prompt": "x", "width": 1000, "safety_tolerance": 6}))
+        assert set(errors) == {"width", "safety_tolerance"}, (model, errors)
 
 
 def test_vendor_flux2_needs_a_prompt_and_caps_4_megapixels(api: Client) -> None:
