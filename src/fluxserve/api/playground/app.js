@@ -28,7 +28,7 @@ function showError(message) {
   for (const input of document.querySelectorAll("#fields [name]")) {
     const named = message.includes(`${input.name}:`) || message.includes(`'${input.name}'`);
     input.setAttribute("aria-invalid", named ? "true" : "false");
-    if (named) input.setAttribute("aria-describedby", "error");
+    if (named) input.setAttribute("aria-describedby", `${input.id}-help error`);
   }
   const invalid = document.querySelector('#fields [aria-invalid="true"]');
   (invalid || box).focus?.();
@@ -39,7 +39,7 @@ function clearError() {
   $("#error").textContent = "";
   for (const input of document.querySelectorAll("#fields [aria-invalid]")) {
     input.removeAttribute("aria-invalid");
-    input.removeAttribute("aria-describedby");
+    input.setAttribute("aria-describedby", `${input.id}-help`);
   }
 }
 
@@ -88,8 +88,9 @@ const isImage = (name, field) => field.type === "string" && /base64/i.test(field
 /** "256..1440, multiple of 32, default 1024": the limits the schema states. */
 function limits(field) {
   const parts = [];
-  if (field.minimum !== undefined || field.maximum !== undefined) {
-    parts.push(`${field.minimum ?? ""}..${field.maximum ?? ""}`);
+  const maximum = field.maximum < 1e15 ? field.maximum : undefined; // not the 64-bit seed's bound
+  if (field.minimum !== undefined || maximum !== undefined) {
+    parts.push(`${field.minimum ?? ""}..${maximum ?? ""}`);
   }
   if (field.multipleOf) parts.push(`multiple of ${field.multipleOf}`);
   if (field.maxLength && field.maxLength < 100000 && field.type === "string") {
@@ -129,7 +130,7 @@ function fieldElement(name, field, required) {
     if (field.maximum !== undefined && field.maximum < 1e15) input.max = field.maximum;
     input.step = field.multipleOf || (field.type === "integer" ? 1 : "any");
     if (field.default !== undefined && field.default !== null) input.placeholder = String(field.default);
-  } else if (name === "prompt" || (field.maxLength || 0) > 2000) {
+  } else if (name === "prompt" || (field.maxLength || 0) >= 10000) {
     input = document.createElement("textarea");
   } else {
     input = document.createElement("input");
@@ -143,7 +144,8 @@ function fieldElement(name, field, required) {
   const help = document.createElement("p");
   help.className = "help";
   help.id = `${id}-help`;
-  help.textContent = [field.description, limits(field)].filter(Boolean).join(" ");
+  const stated = limits(field);
+  help.textContent = [field.description, stated && `(${stated})`].filter(Boolean).join(" ");
   input.setAttribute("aria-describedby", help.id);
   wrap.append(label, input, help);
   return wrap;
