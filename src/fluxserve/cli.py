@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -180,7 +181,11 @@ def serve(
         limit_concurrency=settings.http_max_connections,
         backlog=settings.http_backlog,
     )
-    uvicorn.Server(config).run(sockets=[listener])
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is a normal way to stop
+        server.run(sockets=[listener])
+    if not server.started:  # the app failed to start (its error is logged): exit as uvicorn.run does
+        raise typer.Exit(3)
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
