@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-runtime serve test test-fast lint
+.PHONY: install install-runtime serve test test-fast test-multihost lint
 
 # What serving needs, and no more (no test tools, no torchao).
 install-runtime:
@@ -17,8 +17,13 @@ serve: install-runtime
 	fluxserve serve --data-dir ./data $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
 # Two test processes (pytest-xdist), a file each at a time: most end-to-end tests wait on their servers.
+# The several-hosts test takes minutes on its own: `make test-multihost` (CI runs both).
 test: install .venv-blackforest/bin/python
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "not multihost"
+
+# Five test hosts in network namespaces (root, iproute2 and PostgreSQL needed): a few minutes.
+test-multihost: install
+	$(PYTHON) -m pytest -q -m multihost
 
 # In-process tests only (no server subprocess): under a minute.
 test-fast:

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -55,8 +55,12 @@ def required_binaries(root: Path = DEBIAN) -> Path:
 class PostgresCluster:
     """initdb + postgres on a free loopback port; ``database()`` makes a migrated database in a blink."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> None:
+        """``host``: the address it listens on; ``prefix``: a command that runs it elsewhere (e.g. in a
+        network namespace of tests/netns.py)."""
         self._bin = bin_dir
+        self.host = host
+        self._prefix = list(prefix)
         self.root = Path(tempfile.mkdtemp(prefix="fluxserve-pg-"))
         self.port = free_port()
         self._names = itertools.count()
@@ -68,7 +72,7 @@ class PostgresCluster:
             self._as_user = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{_SUPERUSER}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{_SUPERUSER}@{self.host}:{self.port}/{database}"
 
     def start(self) -> None:
         data = self.root / "data"
@@ -77,12 +81,16 @@ class PostgresCluster:
              "-E", "UTF8", "--no-sync", "--no-instructions"],
             check=True, capture_output=True,
         )  # fmt: skip
+        if self.host != "127.0.0.1":  # initdb trusts loopback only: trust the test hosts' subnet too
+            with (data / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all samenet trust\n")
         log = (self.root / "postgres.log").open("ab")
         # Durability off: a test cluster is thrown away, and fsync would cost most of the tests' time.
         self._process = subprocess.Popen(
-            [*self._as_user, str(self._bin / "postgres"), "-D", str(data), "-p", str(self.port),
-             "-h", "127.0.0.1", "-k", str(self.root), "-c", "fsync=off", "-c", "synchronous_commit=off",
-             "-c", "full_page_writes=off", "-c", "max_connections=300", "-c", "shared_buffers=32MB"],
+            [*self._prefix, *self._as_user, str(self._bin / "postgres"), "-D", str(data),
+             "-p", str(self.port), "-h", self.host, "-k", str(self.root), "-c", "fsync=off",
+             "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300",
+             "-c", "shared_buffers=32MB"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 30

@@ -46,9 +46,12 @@ def storage_url(bucket: str, prefix: str, urls: str = "presigned") -> str:
     return f"s3://{bucket}/{prefix}?endpoint={endpoint()}&region=us-east-1&urls={urls}"
 
 
-def object_keys(bucket: str, prefix: str = "") -> list[str]:
-    """The bucket's keys under ``prefix``, read with moto's own listing (not through the code under test)."""
-    response = httpx.get(f"{endpoint()}/{bucket}", params={"list-type": "2", "prefix": prefix}, timeout=10)
+def object_keys(bucket: str, prefix: str = "", server: str | None = None) -> list[str]:
+    """The bucket's keys under ``prefix``, read with moto's own listing (not through the code under test),
+    of this process's server or of the one at ``server``."""
+    response = httpx.get(
+        f"{server or endpoint()}/{bucket}", params={"list-type": "2", "prefix": prefix}, timeout=10
+    )
     assert response.status_code == 200, response.text
     return sorted(part.split("</Key>")[0] for part in response.text.split("<Key>")[1:])
 

@@ -16,9 +16,10 @@ from tests.conftest import Api, ServerProcess
 
 
 class Receiver:
-    """An HTTP endpoint on loopback that fails the first ``fail_first`` deliveries with a 500."""
+    """An HTTP endpoint (on loopback unless ``host`` says otherwise) that fails the first ``fail_first``
+    deliveries with a 500."""
 
-    def __init__(self, fail_first: int = 0) -> None:
+    def __init__(self, fail_first: int = 0, host: str = "127.0.0.1") -> None:
         self.fail_first = fail_first
         self.requests: list[tuple[dict[str, str], bytes, int]] = []
         receiver = self
@@ -34,8 +35,8 @@ class Receiver:
             def log_message(self, *_: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def wait(self, count: int, timeout: float = 30) -> None:
