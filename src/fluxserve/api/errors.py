@@ -66,6 +66,12 @@ class ResellerError(BaseModel):
     data: None
 
 
+class VendorError(BaseModel):
+    """The vendor's (FastAPI's) error shape for refusals other than invalid fields."""
+
+    detail: str
+
+
 class OpenAIErrorDetail(BaseModel):
     message: str
     type: str

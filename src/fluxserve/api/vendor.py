@@ -28,6 +28,7 @@ from fastapi.routing import APIRoute
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import X_KEY
 from fluxserve.api.deps import Services, get_services
+from fluxserve.api.errors import VendorError, responses
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
 from fluxserve.api.vendor_schemas import CreditsResponse, ResultResponse, SubmitResponse
 from fluxserve.core.fields import MAX_ERROR_MESSAGES, VENDOR_RULES
@@ -175,10 +176,18 @@ def _submit(
     )
 
 
+_AUTH_RESPONSES = responses(VendorError, {403: "Missing or invalid x-key"})
 _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    402: {"description": "Not enough credits for this model"},
-    403: {"description": "Missing or invalid x-key"},
-    429: {"description": "Too many active tasks for this key"},
+    **_AUTH_RESPONSES,
+    **responses(
+        VendorError,
+        {
+            400: "A malformed Idempotency-Key header",
+            402: "Not enough credits for this model",
+            413: "The body is larger than this server accepts",
+            429: "Too many active tasks for this key",
+        },
+    ),
 }
 
 
@@ -233,7 +242,12 @@ def render_result(job: Job | None, job_id: str, services: Services) -> ResultRes
     return ResultResponse(id=job.id, status="Error", details={"error": job.error or "failed"})
 
 
-@router.get("/get_result", summary="Get a task's status and result", response_model=ResultResponse)
+@router.get(
+    "/get_result",
+    summary="Get a task's status and result",
+    response_model=ResultResponse,
+    responses=_AUTH_RESPONSES,
+)
 def get_result(
     key: Key,
     services: Deps,
@@ -243,7 +257,9 @@ def get_result(
     return render_result(services.jobs.get(job_id, key_id=key.id), job_id, services)
 
 
-@router.get("/credits", summary="The key's credit balance", response_model=CreditsResponse)
+@router.get(
+    "/credits", summary="The key's credit balance", response_model=CreditsResponse, responses=_AUTH_RESPONSES
+)
 def credits(key: Key) -> CreditsResponse:
     if key.credits is None:
         return CreditsResponse(credits=UNLIMITED_CREDITS, unlimited=True)
