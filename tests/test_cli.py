@@ -30,14 +30,15 @@ def _no_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class Cli:
-    """``fluxserve ...`` on one data dir."""
+    """``fluxserve ...`` on one data dir (and a database elsewhere when given)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, database_url: str | None = None) -> None:
         self.data_dir = data_dir
+        self.env = {"FLUXSERVE_DATABASE_URL": database_url} if database_url else {}
         self.runner = CliRunner()
 
     def __call__(self, *args: str, code: int = 0) -> Result:
-        result = self.runner.invoke(app, [*args, "--data-dir", str(self.data_dir)])
+        result = self.runner.invoke(app, [*args, "--data-dir", str(self.data_dir)], env=self.env)
         assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
         return result
 
@@ -78,7 +79,9 @@ def test_every_command_says_which_database_it_used(cli: Cli) -> None:
     assert "database" not in listed.stdout  # stdout stays machine-readable
 
 
-def test_a_name_names_one_live_key(cli: Cli) -> None:
+def test_a_name_names_one_live_key(tmp_path: Path, database_url: str) -> None:
+    """On SQLite and PostgreSQL: the live-name index (migration 0005) is a partial index on both."""
+    cli = Cli(tmp_path / "data", database_url)
     first = cli.key("alice", "5")
     refused = cli("keys", "create", "--name", "alice", code=1)
     assert "a live key is already named 'alice'" in refused.stderr
@@ -141,10 +144,12 @@ def _job(database: Any, key_id: str, model: str, status: str, cost: int, days_ag
     return job_id
 
 
-def test_jobs_and_usage_per_key_model_and_day(cli: Cli) -> None:
+def test_jobs_and_usage_per_key_model_and_day(tmp_path: Path, database_url: str) -> None:
+    """On SQLite and PostgreSQL (the day of a timestamp, sums of CASE)."""
+    cli = Cli(tmp_path / "data", database_url)
     dave = cli.key("dave", "100")["id"]
     erin = cli.key("erin")["id"]
-    database = make_engine(f"sqlite:///{cli.data_dir / 'fluxserve.db'}")
+    database = make_engine(database_url)
     ok = _job(database, dave, "flux-dev", "succeeded", 250)
     _job(database, dave, "flux-dev", "failed", 250)
     _job(database, dave, "flux-kontext-pro", "succeeded", 400, days_ago=1)
