@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from standardwebhooks import Webhook
 
 from fluxserve.api.deps import Services
@@ -344,3 +346,38 @@ def test_webhook_secret_signs_the_tasks_delivery(api: Client) -> None:
     key = api.services.keys.get(api.key_id)
     assert key is not None
     Webhook(key.webhook_secret).verify(body, headers)  # the key's own signature is still there
+
+
+def test_a_url_input_is_held_at_the_bound_then_priced_exactly_once_fetched(api: Client) -> None:
+    picture = io.BytesIO()
+    Image.new("RGB", (1024, 1024), (5, 80, 160)).save(picture, format="PNG")
+
+    class Picture(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(picture.getvalue())))
+            self.end_headers()
+            self.wfile.write(picture.getvalue())
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    start = api.balance()
+    assert start is not None
+    with http_server(Picture) as origin:
+        answer = api.vendor("flux-2-pro", {"prompt": "x", "input_image": f"{origin}/p.png"}).json()
+        # Unknown sizes count at 4 MP each: 4.19 out + 4.19 in, eight megapixels.
+        assert (answer["cost"], answer["input_mp"], answer["output_mp"]) == (13.5, 4.19, 4.19)
+        deadline = time.monotonic() + 20
+        while (job := api.services.jobs.get(answer["id"])) is not None and job.status is JobStatus.FETCHING:
+            assert time.monotonic() < deadline, "the fetch stage did not take the job"
+            time.sleep(0.05)
+    assert job is not None and job.status is JobStatus.QUEUED, job
+    assert (job.size, job.cost, job.input_mp, job.output_mp) == (
+        "1024x1024",
+        Decimal("4.5"),
+        Decimal("1.05"),
+        Decimal("1.05"),
+    )
+    assert api.balance() == start - Decimal("4.5")

@@ -7,7 +7,8 @@ decimal (1024x1024 is 1.05 MP, as the vendor's own tables write it) and are bill
 rounded to the nearest and at least one: 1024x1024 text to image costs the first megapixel's price, the
 same size edited from a 1024x1024 input costs one further megapixel more (the vendor's "1 MP I2I" price).
 An input image larger than 4 MP counts as 4 MP (FLUX.2 works on at most that), and a size not known yet
-(a URL input not fetched) counts as 4 MP too: the hold is then an upper bound.
+(a URL input not fetched) counts as 4 MP too: the hold is then an upper bound, brought to the exact
+price (:func:`requote`, ``db.ledger.reprice``) by the fetch stage once it has the images.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from fluxserve.core.models import ModelSpec
 
 MEGAPIXEL = 1_000_000
+CENT = Decimal("0.01")  # megapixels are reported to two decimals
 Size = tuple[int, int]
 
 
@@ -45,12 +47,26 @@ def quote(spec: ModelSpec, output: Size | None, inputs: Sequence[Size | None] = 
     """The price of one job of ``spec`` making ``output`` from ``inputs`` (None: not known yet)."""
     if spec.further_mp_price is None:
         return Quote(spec.price)
-    output_mp = megapixels(output)
-    input_mp = sum((megapixels(size) for size in inputs), Decimal(0))
+    return _priced(spec, spec.further_mp_price, megapixels(output), sum(map(megapixels, inputs), Decimal(0)))
+
+
+def requote(spec: ModelSpec, quoted: Quote, output: Size, fetched: Sequence[Size]) -> Quote:
+    """``quoted`` (made by :func:`quote` before the URL inputs were fetched, each counted at the 4 MP
+    bound) made exact once the output size and those inputs' sizes (``fetched``) are known."""
+    if spec.further_mp_price is None or quoted.input_mp is None:
+        return quoted
+    bound = megapixels(None).quantize(CENT, ROUND_HALF_UP)  # as quote() recorded each of them
+    inputs = quoted.input_mp + sum((megapixels(size) - bound for size in fetched), Decimal(0))
+    return _priced(spec, spec.further_mp_price, megapixels(output), max(inputs, Decimal(0)))
+
+
+def _priced(spec: ModelSpec, further: Decimal, output_mp: Decimal, input_mp: Decimal) -> Quote:
     billed = max(1, int((output_mp + input_mp).to_integral_value(ROUND_HALF_UP)))
-    cost = spec.price + spec.further_mp_price * (billed - 1)
-    cent = Decimal("0.01")
-    return Quote(cost, input_mp.quantize(cent, ROUND_HALF_UP), output_mp.quantize(cent, ROUND_HALF_UP))
+    return Quote(
+        spec.price + further * (billed - 1),
+        input_mp.quantize(CENT, ROUND_HALF_UP),
+        output_mp.quantize(CENT, ROUND_HALF_UP),
+    )
 
 
 def format_credits(value: Decimal) -> str:

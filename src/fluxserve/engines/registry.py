@@ -7,7 +7,9 @@ used others until the new one fits (estimated by its weight files); one model is
 
 The pipeline a weights folder holds (its ``model_index.json``) picks the engine: FLUX.2 folders serve the
 FLUX.2 routes (:mod:`~fluxserve.engines.flux.flux2`), FLUX.1 Fill folders the fill and expand routes
-(:mod:`~fluxserve.engines.flux.fill`), and FLUX.1 folders the rest (:mod:`~fluxserve.engines.flux.engine`).
+(:mod:`~fluxserve.engines.flux.fill`), and FLUX.1 folders the rest (:mod:`~fluxserve.engines.flux.engine`),
+the FLUX.2, fill and expand routes included through :mod:`~fluxserve.engines.standin` (the shipped catalog
+serves every route with the bundled FLUX.1 model).
 """
 
 from __future__ import annotations

@@ -20,9 +20,11 @@ import uuid
 from contextlib import suppress
 from datetime import timedelta
 
+from fluxserve.core.fields import REFERENCE_FIELDS
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
+from fluxserve.core.pricing import Quote, requote
 from fluxserve.core.sizes import output_size
 from fluxserve.db.connection import utcnow
 from fluxserve.errors import FetchError, InputError
@@ -136,8 +138,14 @@ class InputFetcher:
             resolved = output_size(spec_of(job.model).size_rule, params, sizes[0] if sizes else None)
             assert resolved is not None
             size = resolved
+        fetched = [  # the references downloaded here, which submit priced at the 4 MP bound
+            got
+            for image, got in zip(params.input_images, sizes, strict=True)
+            if got is not None and image.field in REFERENCE_FIELDS
+        ]
+        price = requote(spec_of(job.model), Quote(job.cost, job.input_mp, job.output_mp), size, fetched)
         queued = await asyncio.to_thread(
-            self._store.fetched, job.id, self.owner, params.model_dump(mode="json"), *size
+            self._store.fetched, job.id, self.owner, params.model_dump(mode="json"), *size, price
         )
         if not queued:  # canceled meanwhile (its inputs go), or the lease lapsed and another took it
             log.info("fetch stage: job no longer ours", extra={"job_id": job.id})

@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.pricing import Quote
 from fluxserve.errors import RequestRefused
 
 IDEMPOTENCY_TTL = timedelta(hours=24)  # a repeat after this makes a new job; the old entry is replaced
@@ -136,8 +137,17 @@ class JobStore(Protocol):
         """Renew ``owner``'s lease; False when the job is no longer its (canceled, or leased again)."""
         ...
 
-    def fetched(self, job_id: str, owner: str, params: dict[str, Any], width: int, height: int) -> bool:
-        """Queue a leased job with its inputs stored; False when the job is no longer ``owner``'s."""
+    def fetched(
+        self,
+        job_id: str,
+        owner: str,
+        params: dict[str, Any],
+        width: int,
+        height: int,
+        price: Quote | None = None,
+    ) -> bool:
+        """Queue a leased job with its inputs stored; False when the job is no longer ``owner``'s. With
+        ``price``, the job's hold is brought to it (a megapixel price known now that the inputs are)."""
         ...
 
     def release_stale_fetches(self, older_than: datetime) -> int:

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from fluxserve.core.job import ACTIVE_STATUSES, Job, JobStatus
 from fluxserve.core.models import Dialect
+from fluxserve.core.pricing import Quote
 from fluxserve.db import ledger, outbox
 from fluxserve.db.connection import as_utc, utcnow
 from fluxserve.db.tables import idempotency_keys, jobs
@@ -272,13 +273,15 @@ class SqlJobStore:
             turn = turn.with_for_update(skip_locked=True)
         # Materialized: chosen (and locked) once. As a plain IN subquery PostgreSQL may run it again for
         # each queued row, and each run locks and picks the next job: one claim took the whole queue.
+        # No status test outside it: the lock (or SQLite's write lock) keeps the chosen jobs queued, and a
+        # second test made SQLite walk every queued job instead of taking the chosen ones by id.
         chosen = select(turn.cte("turn").prefix_with("MATERIALIZED").c.id)
         now = utcnow()
         with self._engine.begin() as conn:
             rows = (
                 conn.execute(
                     update(jobs)
-                    .where(jobs.c.id.in_(chosen), queued)
+                    .where(jobs.c.id.in_(chosen))
                     .values(
                         status=JobStatus.RUNNING.value,
                         worker_id=worker_id,
@@ -499,22 +502,43 @@ class SqlJobStore:
                 ).rowcount
             )
 
-    def fetched(self, job_id: str, owner: str, params: dict[str, Any], width: int, height: int) -> bool:
+    def fetched(
+        self,
+        job_id: str,
+        owner: str,
+        params: dict[str, Any],
+        width: int,
+        height: int,
+        price: Quote | None = None,
+    ) -> bool:
         with self._engine.begin() as conn:
-            return bool(
+            queued = conn.execute(
+                update(jobs)
+                .where(*self._fetch_lease(job_id, owner))
+                .values(
+                    status=JobStatus.QUEUED.value,
+                    params=params,
+                    width=width,
+                    height=height,
+                    worker_id=None,
+                    heartbeat_at=None,
+                )
+                .returning(jobs.c.key_id, jobs.c.cost_hundredths)
+            ).first()
+            if queued is not None and price is not None:  # written after the row is ours to write
                 conn.execute(
                     update(jobs)
-                    .where(*self._fetch_lease(job_id, owner))
+                    .where(jobs.c.id == job_id)
                     .values(
-                        status=JobStatus.QUEUED.value,
-                        params=params,
-                        width=width,
-                        height=height,
-                        worker_id=None,
-                        heartbeat_at=None,
+                        cost_hundredths=ledger.to_hundredths(price.cost),
+                        input_mp=None if price.input_mp is None else float(price.input_mp),
+                        output_mp=None if price.output_mp is None else float(price.output_mp),
                     )
-                ).rowcount
-            )
+                )
+                ledger.reprice(
+                    conn, queued.key_id, ledger.from_hundredths(queued.cost_hundredths), price.cost
+                )
+            return queued is not None
 
     @staticmethod
     def _fetch_lease(job_id: str, owner: str) -> list[Any]:
