@@ -60,11 +60,12 @@ def test_version() -> None:
     assert result.exit_code == 0 and result.stdout.strip() == f"fluxserve {__version__}"
 
 
-def test_from_another_folder_keys_list_names_the_missing_database_and_creates_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("command", [["keys", "list"], ["keys"], ["credits"], ["jobs"], ["prune"]])
+def test_from_another_folder_a_command_names_the_missing_database_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["keys", "list"])
+    result = CliRunner().invoke(app, command)
     expected = tmp_path / "data" / "fluxserve.db"
     assert result.exit_code == 1
     assert f"no fluxserve database at {expected}" in result.stderr and "--data-dir" in result.stderr

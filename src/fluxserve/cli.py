@@ -251,11 +251,11 @@ def prune(
     """Delete expired results and orphaned inputs now (the server does this every FLUXSERVE_SWEEP_SECONDS);
     the jobs' records are kept."""
     from fluxserve.jobs.retention import Retention
-    from fluxserve.wiring import make_blob_store, make_job_store, open_database
+    from fluxserve.wiring import make_blob_store, make_job_store
 
     settings = _settings(data_dir)
     retention = Retention(
-        make_job_store(open_database(settings)),
+        make_job_store(_database(settings)),
         make_blob_store(settings.storage),
         settings.result_ttl if older_than is None else older_than,
     )
