@@ -1,0 +1,407 @@
+"""Requests per second of one and of two API replicas on PostgreSQL, against a bare FastAPI app, in one run.
+
+    python -m bench.replicas [--connections 16] [--duration 10] [--warmup 2] [--rounds 3]
+
+Needs Debian's ``wrk`` (``apt-get install wrk``) and PostgreSQL binaries (as tests/pg_server.py). Three
+servers run on loopback at once, each a ``fluxserve serve --no-workers`` process (no worker, no torch):
+
+- bare: the same ``serve`` command, socket, uvicorn settings, h11 protocol and access log, with the app it
+  would build replaced by a FastAPI app of two trivial sync routes on the same paths (the ceiling);
+- replicas A and B: fluxserve on one throwaway PostgreSQL cluster (tests/pg_server.PostgresCluster), one
+  data directory, one key with unlimited credits, FLUXSERVE_MAX_ACTIVE_JOBS raised so no 429s.
+
+Each measurement is ``--connections`` keep-alive connections for ``--duration`` seconds from wrk (one
+thread per wrk process): "submit" is ``POST /bfl/v1/flux-dev`` with a prompt, "fetch" is
+``GET /flux/fetch?jobId=`` of one existing job; "two replicas" is two wrk processes at once, each with half
+the connections, on A and on B, their latency histograms merged. wrk, not a Python client: a C event loop
+spends a small fraction of what the servers spend per request, and on this 2-core machine every cycle the
+load generator takes is a cycle the servers lose. Submit runs start from an empty queue (the jobs of the
+previous run deleted and the tables vacuumed), since a longer queue makes the key's active-job count
+dearer. Each round measures every case; odd rounds in the reverse order, so that drift in the machine's
+load falls on both sides of a ratio. CPU use of each part is read from the processes (psutil) and the
+rest of the machine from /proc/stat: on a shared 2-core machine that is what says what limited a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+from fastapi import FastAPI
+from pydantic import BaseModel
+from sqlalchemy import delete, func, select, text
+
+from fluxserve.db.connection import make_engine
+from fluxserve.db.tables import jobs
+from tests.conftest import free_port
+from tests.pg_server import DEBIAN, PostgresCluster, binaries
+
+SCRIPT = Path(__file__).with_name("replicas.lua")
+SUBMIT_BODY = json.dumps({"prompt": "a large red heart in the center on a blue background"})
+SETUPS = ("bare FastAPI", "fluxserve, 1 replica", "fluxserve, 2 replicas")
+OPS = ("submit", "fetch")
+
+
+class Prompt(BaseModel):
+    prompt: str
+
+
+def bare_app() -> FastAPI:
+    """The ceiling: fluxserve's two paths as trivial sync routes (run in the threadpool, as fluxserve's
+    are), answering in the reseller's envelope without any work."""
+    app = FastAPI()
+
+    @app.post("/bfl/v1/flux-dev")
+    def submit(body: Prompt) -> dict[str, object]:
+        return {"status": "SUCCESS", "message": "", "data": {"jobId": "bare", "job_id": "bare"}}
+
+    @app.get("/flux/fetch")
+    def fetch(jobId: str) -> dict[str, object]:
+        return {"status": "SUCCESS", "message": "", "data": {"jobId": jobId, "status": "PENDING_QUEUE"}}
+
+    return app
+
+
+def serve_bare(argv: list[str]) -> None:
+    """``fluxserve serve`` itself with the app it would build replaced by :func:`bare_app`: the same server
+    settings, without writing them down twice."""
+    import fluxserve.app
+    from fluxserve.cli import app as cli
+
+    fluxserve.app.create_app = lambda settings=None: bare_app()
+    cli(["serve", *argv])
+
+
+@dataclass
+class Server:
+    name: str
+    process: psutil.Popen
+    base_url: str
+
+
+def start_server(name: str, command: list[str], env: dict[str, str], logs: Path) -> Server:
+    """A server process on a free loopback port, returned once it answers HTTP."""
+    port = free_port()
+    log = (logs / f"{name}.log").open("ab")
+    process = psutil.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited: {(logs / f'{name}.log').read_text()[-3000:]}")
+        try:
+            httpx.get(f"{base_url}/healthz", timeout=1)
+            return Server(name, process, base_url)
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{name} did not start: {(logs / f'{name}.log').read_text()[-3000:]}")
+
+
+@dataclass
+class Load:
+    """What wrk measured: its processes' counts summed, their latency histograms (µs -> count) merged."""
+
+    requests: int = 0
+    rate: float = 0.0  # requests a second, all statuses
+    failed: int = 0  # status above 399
+    socket_errors: int = 0
+    latency: Counter[int] = field(default_factory=Counter)
+
+    def add(self, result: Path) -> None:
+        counts: dict[str, int] = {}
+        for line in result.read_text().splitlines():
+            name, *values = line.split()
+            if name == "latency_us":
+                self.latency[int(values[0])] += int(values[1])
+            else:
+                counts[name] = int(values[0])
+        self.requests += counts["requests"]
+        self.rate += counts["requests"] / (counts["duration_us"] / 1e6)
+        self.failed += counts["status_errors"]
+        self.socket_errors += counts["socket_errors"]
+
+    @property
+    def ok_rate(self) -> float:
+        return self.rate * (self.requests - self.failed) / self.requests if self.requests else 0.0
+
+    def percentile_ms(self, percent: float) -> float:
+        wanted, seen = sum(self.latency.values()) * percent / 100, 0
+        for microseconds in sorted(self.latency):
+            seen += self.latency[microseconds]
+            if seen >= wanted:
+                return microseconds / 1000
+        return float("nan")
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """Percent of one core over a run (200 = both cores), per part of the machine."""
+
+    api: float
+    postgres: float
+    wrk: float
+    rest: float  # everything else: the idle servers, this script, and whatever else the machine runs
+
+
+def _cpu_seconds(processes: Sequence[psutil.Process]) -> dict[int, float]:
+    seconds = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        seconds[process.pid] = times.user + times.system
+    return seconds
+
+
+def _busy_seconds() -> float:
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def run_wrk(
+    servers: Sequence[Server],
+    op: str,
+    path: str,
+    key: str,
+    connections: int,
+    seconds: int,
+    postmaster: psutil.Process,
+) -> tuple[Load, Cpu]:
+    """``connections`` split evenly over ``servers``, one wrk process each, all at once."""
+    api = [server.process for server in servers]
+    postgres = [postmaster, *postmaster.children(recursive=True)]
+    before_api, before_pg = _cpu_seconds(api), _cpu_seconds(postgres)
+    before_wrk = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before_busy, started = _busy_seconds(), time.monotonic()
+    with tempfile.TemporaryDirectory() as out, ExitStack() as stack:
+        running = []
+        for index, server in enumerate(servers):
+            result = Path(out) / f"{index}.txt"
+            env = {
+                **os.environ,
+                "BENCH_METHOD": "POST" if op == "submit" else "GET",
+                "BENCH_KEY": key,
+                "BENCH_BODY": SUBMIT_BODY if op == "submit" else "",
+                "BENCH_OUT": str(result),
+            }
+            command = [
+                "wrk", "-t1", f"-c{connections // len(servers)}", f"-d{seconds}s", "--timeout", "10s",
+                "-s", str(SCRIPT), server.base_url + path,
+            ]  # fmt: skip
+            log = stack.enter_context(open(Path(out) / f"{index}.log", "wb"))
+            running.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), result))
+        load = Load()
+        for process, result in running:
+            if process.wait() != 0 or not result.exists():
+                raise RuntimeError(f"wrk failed: {result.with_suffix('.log').read_text()}")
+            load.add(result)
+        wall = time.monotonic() - started
+        busy = _busy_seconds() - before_busy
+    after_wrk = resource.getrusage(resource.RUSAGE_CHILDREN)
+    postgres = [postmaster, *postmaster.children(recursive=True)]  # backends opened during the run
+    api_s = _spent(before_api, _cpu_seconds(api))
+    pg_s = _spent(before_pg, _cpu_seconds(postgres))
+    wrk_s = (after_wrk.ru_utime + after_wrk.ru_stime) - (before_wrk.ru_utime + before_wrk.ru_stime)
+    cpu = Cpu(*(100 * part / wall for part in (api_s, pg_s, wrk_s, busy - api_s - pg_s - wrk_s)))
+    return load, cpu
+
+
+def _spent(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
+@dataclass(frozen=True)
+class Measure:
+    op: str
+    setup: str
+    round: int
+    load: Load
+    cpu: Cpu
+    queued: int | None  # jobs in the table after a submit run
+
+
+@dataclass(frozen=True)
+class Setup:
+    bare: Server
+    replicas: list[Server]
+    postmaster: psutil.Process
+    database_url: str
+    key: str  # unlimited credits
+
+
+@contextmanager
+def setup(tmp: Path) -> Iterator[Setup]:
+    """The bare server, and replicas A and B on a fresh PostgreSQL database with one key; stopped on exit."""
+    bin_dir = binaries()
+    if bin_dir is None:
+        sys.exit(f"PostgreSQL binaries not found under {DEBIAN} (apt-get install postgresql)")
+    cluster = PostgresCluster(bin_dir)
+    started: list[Server] = []
+    try:
+        cluster.start()
+        url = cluster.database()
+        # fluxserve's defaults, whatever this shell sets, but for the database and the active-job limit
+        clean = {name: value for name, value in os.environ.items() if not name.startswith("FLUXSERVE_")}
+        env = {**clean, "FLUXSERVE_DATABASE_URL": url, "FLUXSERVE_MAX_ACTIVE_JOBS": str(10**9)}
+        data = ["--data-dir", str(tmp / "replicas")]
+        created = subprocess.run(
+            [sys.executable, "-m", "fluxserve", "keys", "create", "--name", "bench", "--json", *data],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        bare = [
+            sys.executable,
+            "-m",
+            "bench.replicas",
+            "bare",
+            "--no-workers",
+            "--data-dir",
+            str(tmp / "bare"),
+        ]
+        started.append(start_server("bare", bare, clean, tmp))
+        fluxserve = [sys.executable, "-m", "fluxserve", "serve", "--no-workers", *data]
+        started.extend(start_server(name, fluxserve, env, tmp) for name in ("replica-a", "replica-b"))
+        # PostgreSQL's own record of its postmaster's pid: the first line of postmaster.pid
+        pid = int((cluster.root / "data" / "postmaster.pid").read_text().split()[0])
+        key = str(json.loads(created.stdout)["key"])
+        yield Setup(started[0], started[1:], psutil.Process(pid), url, key)
+    finally:
+        for server in started:
+            server.process.terminate()
+            try:
+                server.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+        cluster.stop()
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["bare"]:
+        serve_bare(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections in all (even).")
+    parser.add_argument("--duration", type=int, default=10, help="Seconds a measurement.")
+    parser.add_argument("--warmup", type=int, default=2, help="Seconds of unmeasured load first.")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk not found: apt-get install wrk")
+    print(machine())
+    with tempfile.TemporaryDirectory(prefix="fluxserve-replicas-") as tmp, setup(Path(tmp)) as parts:
+        measures = measure(parts, args.connections, args.duration, args.warmup, args.rounds)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    print(report(measures, args))
+
+
+def measure(parts: Setup, connections: int, seconds: int, warmup: int, rounds: int) -> list[Measure]:
+    """Every (request, server) case ``rounds`` times, after a warm-up of each."""
+    response = httpx.post(
+        f"{parts.replicas[0].base_url}/bfl/v1/flux-dev", content=SUBMIT_BODY,
+        headers={"TT-API-KEY": parts.key, "Content-Type": "application/json"},
+    )  # fmt: skip
+    response.raise_for_status()
+    job_id = response.json()["data"]["jobId"]
+    targets = {"submit": "/bfl/v1/flux-dev", "fetch": f"/flux/fetch?jobId={job_id}"}
+    groups = {SETUPS[0]: [parts.bare], SETUPS[1]: parts.replicas[:1], SETUPS[2]: parts.replicas}
+    engine = make_engine(parts.database_url)
+
+    def empty_queue() -> int:
+        """Delete every job but the fetched one; the number there was."""
+        with engine.begin() as conn:
+            queued = conn.execute(select(func.count()).select_from(jobs)).scalar_one()
+            conn.execute(delete(jobs).where(jobs.c.id != job_id))
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE jobs, api_keys"))
+        return int(queued)
+
+    def run(op: str, setup: str, duration: int) -> tuple[Load, Cpu]:
+        return run_wrk(groups[setup], op, targets[op], parts.key, connections, duration, parts.postmaster)
+
+    for op in OPS:  # warm-up: first requests compile queries, fill pools, open connections
+        for setup in SETUPS:
+            run(op, setup, warmup)
+    empty_queue()
+    measures: list[Measure] = []
+    for round_ in range(rounds):
+        for op in OPS:
+            for setup in SETUPS if round_ % 2 == 0 else SETUPS[::-1]:
+                load, cpu = run(op, setup, seconds)
+                queued = empty_queue() if op == "submit" else None
+                measures.append(Measure(op, setup, round_, load, cpu, queued))
+                print(f"round {round_ + 1} {op:6} {setup:22} {load.ok_rate:8.1f}/s", flush=True)
+    engine.dispose()
+    return measures
+
+
+def machine() -> str:
+    memory = psutil.virtual_memory().total / 2**30
+    versions = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    import fastapi
+    import uvicorn
+
+    return (
+        f"{os.cpu_count()} CPU cores, {memory:.0f} GiB; Python {platform.python_version()}, FastAPI "
+        f"{fastapi.__version__}, uvicorn {uvicorn.__version__}; {versions.split(' Copyright')[0]}\n"
+        f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+
+
+def report(measures: list[Measure], args: argparse.Namespace) -> str:
+    """A markdown table of medians over the rounds, and the ratios of each round."""
+    lines = [
+        f"{args.connections} connections, {args.duration:g} s a measurement, {args.rounds} rounds; medians. "
+        "CPU in % of one core (200 = the machine).",
+        "",
+        "| request | server | requests/s (2xx) | 4xx/5xx | p50 ms | p99 ms | CPU: API | PostgreSQL | wrk "
+        "| rest of machine | jobs queued at the end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rates: dict[tuple[str, str], list[float]] = {}
+    for op in OPS:
+        for setup in SETUPS:
+            runs = [m for m in measures if m.op == op and m.setup == setup]
+            rates[op, setup] = [m.load.ok_rate for m in runs]
+            median = statistics.median
+            queued = [m.queued for m in runs if m.queued is not None]
+            lines.append(
+                f"| {op} | {setup} | {median(rates[op, setup]):.0f} | "
+                f"{sum(m.load.failed + m.load.socket_errors for m in runs)} | "
+                f"{median([m.load.percentile_ms(50) for m in runs]):.1f} | "
+                f"{median([m.load.percentile_ms(99) for m in runs]):.1f} | "
+                f"{median([m.cpu.api for m in runs]):.0f} | {median([m.cpu.postgres for m in runs]):.0f} | "
+                f"{median([m.cpu.wrk for m in runs]):.0f} | {median([m.cpu.rest for m in runs]):.0f} | "
+                f"{statistics.median(queued) if queued else ''} |"
+            )
+    lines += ["", "| ratio | request | each round | median |", "|---|---|---|---|"]
+    for name, top, bottom in (
+        ("fluxserve 1 replica / bare", SETUPS[1], SETUPS[0]),
+        ("2 replicas / 1 replica", SETUPS[2], SETUPS[1]),
+    ):
+        for op in OPS:
+            ratios = [a / b for a, b in zip(rates[op, top], rates[op, bottom], strict=True)]
+            each = ", ".join(f"{r:.2f}" for r in ratios)
+            lines.append(f"| {name} | {op} | {each} | **{statistics.median(ratios):.2f}** |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
