@@ -9,6 +9,8 @@ database. Worker threads run the real claim loop of the store (claim, else
 process) sends jobs through ``Submitter`` at random (exponential) intervals; each job "runs" for
 ``--run-ms``. The wait is the job's ``started_at - created_at`` as the database records them. Idle
 queries counts the claims that found nothing: the polling load on the database.
+
+Then the cost of one claim with ``--backlog`` jobs queued by 50 keys, on PostgreSQL and on SQLite.
 """
 
 from __future__ import annotations
@@ -20,18 +22,20 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, insert, select
 
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import make_engine
-from fluxserve.db.tables import jobs
+from fluxserve.db.connection import make_engine, migrate, utcnow
+from fluxserve.db.tables import api_keys, jobs
 from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.jobs.wakeup import Polling, PostgresNotify, Wakeups
@@ -114,12 +118,50 @@ def run(url: str, mode: Mode, count: int, workers: int, gap: float, run_seconds:
     }
 
 
+def claim_cost(url: str, backlog: int, keys: int = 50, claims: int = 200) -> float:
+    """Milliseconds per claim (claim and finish, as a worker does) with ``backlog`` jobs queued."""
+    engine = make_engine(url)
+    migrate(engine)
+    now = utcnow()
+    key_ids = [str(uuid.uuid4()) for _ in range(keys)]
+    with engine.begin() as conn:
+        conn.execute(
+            insert(api_keys),
+            [
+                {"id": k, "name": k, "key_hash": k, "key_prefix": "p", "webhook_secret": "s", "active": True,
+                 "created_at": now}
+                for k in key_ids
+            ],
+        )  # fmt: skip
+        conn.execute(
+            insert(jobs),
+            [
+                {"id": str(uuid.uuid4()), "key_id": key_ids[i % keys], "model": "flux-dev",
+                 "status": "queued", "params": {}, "seed": 1, "width": 256, "height": 256,
+                 "output_format": "png", "prompt": "p",
+                 "cost_hundredths": 0, "progress": 0.0, "details": {}, "attempts": 0,
+                 "cancel_requested": False, "created_at": now + timedelta(microseconds=i), "turn": i // keys}
+                for i in range(backlog)
+            ],
+        )  # fmt: skip
+    store = SqlJobStore(engine)
+    started = time.perf_counter()
+    for _ in range(claims):
+        job = store.claim("w")
+        assert job is not None
+        store.finish(job.id, "w", JobStatus.SUCCEEDED)
+    cost = (time.perf_counter() - started) / claims * 1000
+    engine.dispose()
+    return cost
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--gap-ms", type=float, default=100.0, help="mean time between submits")
     parser.add_argument("--run-ms", type=float, default=20.0, help="how long each job runs")
+    parser.add_argument("--backlog", type=int, default=10_000, help="queued jobs for the claim cost")
     args = parser.parse_args()
     bin_dir = binaries()
     if bin_dir is None:
@@ -138,6 +180,12 @@ def main() -> None:
                 f"{mode.name:34} {figures['median']:10.1f} {figures['p95']:8.1f} {figures['max']:8.1f} "
                 f"{figures['idle_per_s']:14.1f}"
             )
+        print("\none claim and finish (ms), by jobs queued by 50 keys:")
+        for backlog in (200, args.backlog):
+            with tempfile.TemporaryDirectory() as folder:
+                sqlite = claim_cost(f"sqlite:///{folder}/bench.db", backlog)
+            postgres = claim_cost(cluster.database(), backlog)
+            print(f"  {backlog:>6} queued: PostgreSQL {postgres:.2f}, SQLite {sqlite:.2f}")
     finally:
         cluster.stop()
 

@@ -37,10 +37,11 @@ from tests.pg_server import PostgresCluster, required_binaries
 class Queue:
     """A store, keys and a submitter on one database, with limits high enough to queue 100 jobs a key."""
 
-    def __init__(self, url: str, root: Path) -> None:
+    def __init__(self, url: str, root: Path, announce: bool = True) -> None:
         self.database = make_engine(url)
         migrate(self.database)
-        self.store = make_job_store(self.database)  # as the server builds it: NOTIFY on PostgreSQL
+        # As the server builds it (NOTIFY on PostgreSQL), or silent.
+        self.store = make_job_store(self.database) if announce else SqlJobStore(self.database)
         self.keys = KeyStore(self.database)
         limits = Limits(1000, {}, 2**20, 2**22)
         self.submitter = Submitter(self.store, LocalBlobStore(root / "files"), limits, NetworkPolicy([]))
@@ -214,6 +215,22 @@ def test_a_waiting_worker_wakes_on_submit(
     queue.submit(queue.keys.create("k").record)
     assert woke.wait(30), "the submit's NOTIFY did not wake the waiting worker"
     assert notify_store.claim("w") is not None
+
+
+def test_a_job_leaving_the_fetch_stage_wakes_a_waiting_worker(
+    notify_store: SqlJobStore, postgres_url: str, tmp_path: Path
+) -> None:
+    queue = Queue(postgres_url, tmp_path, announce=False)
+    job_id = queue.submit(queue.keys.create("k").record)
+    with notify_store._engine.begin() as conn:  # as a submit with a URL input leaves it: not yet queued
+        conn.execute(text("UPDATE jobs SET status = 'fetching'"))
+    notify_store.wait_for_work(threading.Event(), 0)  # takes the listener's connect wake-up
+    stop = threading.Event()
+    woke = waiters(notify_store, 1, stop)
+    (leased,) = notify_store.lease_fetches("api-1", 1, 1)
+    assert notify_store.fetched(leased.id, "api-1", leased.params, 256, 256)
+    assert woke[0].wait(30), "queuing a fetched job did not wake the waiting worker"
+    assert notify_store.claim("w").id == job_id  # type: ignore[union-attr]
 
 
 def test_a_notification_between_claims_is_not_lost(notify_store: SqlJobStore) -> None:

@@ -538,6 +538,8 @@ class SqlJobStore:
                 ledger.reprice(
                     conn, queued.key_id, ledger.from_hundredths(queued.cost_hundredths), price.cost
                 )
+            if queued is not None:  # its inputs are in: a worker may take it now
+                self._wakeups.announce(conn)
             return queued is not None
 
     @staticmethod

@@ -117,11 +117,11 @@ class PostgresNotify:
                 assert connection is not None
                 connection.autocommit = True
                 connection.execute(f"LISTEN {CHANNEL}")
+                self._wake()  # what was queued while nobody listened is looked for now
                 self._listening.set()
                 if failing:
                     log.info("job wake-up listener reconnected")
                 failing = False
-                self._wake()  # what was queued while nobody listened is looked for now
                 while not self._closed.is_set():
                     for notification in connection.notifies(timeout=_STOP_CHECK_SECONDS * 4):
                         self._wake(_count(notification.payload))
