@@ -1,15 +1,36 @@
--- wrk script of bench/replicas.py: one fixed request (no request() function, so wrk formats it once per
--- thread and never calls Lua while the load runs), and at the end the run's counts and its whole latency
--- histogram written to a file, so that the histograms of two wrk processes can be merged exactly.
--- Environment: BENCH_METHOD, BENCH_KEY (sent as TT-API-KEY), BENCH_BODY (JSON; empty for none),
--- BENCH_OUT (the result file).
+-- wrk script of bench/replicas.py: one fixed request, or one per key in turn; at the end the run's counts
+-- and its whole latency histogram written to a file, so that the histograms of two wrk processes can be
+-- merged exactly. With one key there is no request() function: wrk formats the request once per thread and
+-- never calls Lua while the load runs.
+-- Environment: BENCH_METHOD, BENCH_KEYS (comma-separated, sent as TT-API-KEY), BENCH_BODY (JSON; empty for
+-- none), BENCH_OUT (the result file).
 
+local keys = {}
+for key in string.gmatch(os.getenv("BENCH_KEYS"), "[^,]+") do
+  keys[#keys + 1] = key
+end
 wrk.method = os.getenv("BENCH_METHOD")
-wrk.headers["TT-API-KEY"] = os.getenv("BENCH_KEY")
+wrk.headers["TT-API-KEY"] = keys[1]
 local body = os.getenv("BENCH_BODY")
 if body ~= nil and body ~= "" then
   wrk.body = body
   wrk.headers["Content-Type"] = "application/json"
+end
+
+if #keys > 1 then
+  local formatted, turn = {}, 0
+
+  function init(args)
+    for index, key in ipairs(keys) do
+      wrk.headers["TT-API-KEY"] = key
+      formatted[index] = wrk.format()
+    end
+  end
+
+  function request()
+    turn = turn % #formatted + 1
+    return formatted[turn]
+  end
 end
 
 function done(summary, latency, requests)

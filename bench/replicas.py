@@ -1,6 +1,6 @@
 """Requests per second of one and of two API replicas on PostgreSQL, against a bare FastAPI app, in one run.
 
-    python -m bench.replicas [--connections 16] [--duration 10] [--warmup 2] [--rounds 3]
+    python -m bench.replicas [--connections 16] [--duration 10] [--warmup 2] [--rounds 3] [--keys 16]
 
 Needs Debian's ``wrk`` (``apt-get install wrk``) and PostgreSQL binaries (as tests/pg_server.py). Three
 servers run on loopback at once, each a ``fluxserve serve --no-workers`` process (no worker, no torch):
@@ -8,18 +8,21 @@ servers run on loopback at once, each a ``fluxserve serve --no-workers`` process
 - bare: the same ``serve`` command, socket, uvicorn settings, h11 protocol and access log, with the app it
   would build replaced by a FastAPI app of two trivial sync routes on the same paths (the ceiling);
 - replicas A and B: fluxserve on one throwaway PostgreSQL cluster (tests/pg_server.PostgresCluster), one
-  data directory, one key with unlimited credits, FLUXSERVE_MAX_ACTIVE_JOBS raised so no 429s.
+  data directory, keys with unlimited credits, FLUXSERVE_MAX_ACTIVE_JOBS raised so no 429s.
 
 Each measurement is ``--connections`` keep-alive connections for ``--duration`` seconds from wrk (one
 thread per wrk process): "submit" is ``POST /bfl/v1/flux-dev`` with a prompt, "fetch" is
 ``GET /flux/fetch?jobId=`` of one existing job; "two replicas" is two wrk processes at once, each with half
-the connections, on A and on B, their latency histograms merged. wrk, not a Python client: a C event loop
-spends a small fraction of what the servers spend per request, and on this 2-core machine every cycle the
-load generator takes is a cycle the servers lose. Submit runs start from an empty queue (the jobs of the
-previous run deleted and the tables vacuumed), since a longer queue makes the key's active-job count
-dearer. Each round measures every case; odd rounds in the reverse order, so that drift in the machine's
-load falls on both sides of a ratio. CPU use of each part is read from the processes (psutil) and the
-rest of the machine from /proc/stat: on a shared 2-core machine that is what says what limited a figure.
+the connections, on A and on B, their latency histograms merged. Every request uses one key; submits are
+measured again taking turns over ``--keys`` keys, since fluxserve serialises the submits of one key.
+
+wrk, not a Python client: a C event loop spends a small fraction of what the servers spend per request,
+and on this 2-core machine every cycle the load generator takes is a cycle the servers lose. Submit runs
+start from an empty queue (the jobs of the previous run deleted and the tables vacuumed), since a longer
+queue makes a key's active-job count dearer. Each round measures every case; odd rounds in the reverse
+order, so that drift in the machine's load falls on both sides of a ratio. CPU use of each part is read
+from the processes (psutil) and the rest of the machine from /proc/stat: on a shared 2-core machine that
+is what says what limited a figure.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from sqlalchemy import delete, func, select, text
 
+from fluxserve.accounts.keys import KeyStore
 from fluxserve.db.connection import make_engine
 from fluxserve.db.tables import jobs
 from tests.conftest import free_port
@@ -54,8 +58,6 @@ from tests.pg_server import DEBIAN, PostgresCluster, binaries
 
 SCRIPT = Path(__file__).with_name("replicas.lua")
 SUBMIT_BODY = json.dumps({"prompt": "a large red heart in the center on a blue background"})
-SETUPS = ("bare FastAPI", "fluxserve, 1 replica", "fluxserve, 2 replicas")
-OPS = ("submit", "fetch")
 
 
 class Prompt(BaseModel):
@@ -181,7 +183,7 @@ def run_wrk(
     servers: Sequence[Server],
     op: str,
     path: str,
-    key: str,
+    keys: Sequence[str],
     connections: int,
     seconds: int,
     postmaster: psutil.Process,
@@ -199,7 +201,7 @@ def run_wrk(
             env = {
                 **os.environ,
                 "BENCH_METHOD": "POST" if op == "submit" else "GET",
-                "BENCH_KEY": key,
+                "BENCH_KEYS": ",".join(keys),
                 "BENCH_BODY": SUBMIT_BODY if op == "submit" else "",
                 "BENCH_OUT": str(result),
             }
@@ -230,9 +232,45 @@ def _spent(before: dict[int, float], after: dict[int, float]) -> float:
 
 
 @dataclass(frozen=True)
+class Case:
+    op: str  # "submit" or "fetch"
+    server: str  # one of SERVERS
+    keys: int = 1  # keys the requests take turns with
+
+    @property
+    def spread(self) -> bool:
+        return self.keys > 1
+
+    def __str__(self) -> str:
+        return f"{self.server}, {self.keys} keys" if self.spread else self.server
+
+
+BARE, ONE, TWO = SERVERS = ("bare FastAPI", "fluxserve, 1 replica", "fluxserve, 2 replicas")
+
+
+def cases(keys: int) -> list[Case]:
+    """Each request on each server with one key; submits also spread over ``keys`` keys, whose submits
+    fluxserve does not serialise (one key's do: its row is locked from the hold to the commit)."""
+    spread = [Case("submit", ONE, keys), Case("submit", TWO, keys)] if keys > 1 else []
+    return [
+        *(Case("submit", server) for server in SERVERS),
+        *spread,
+        *(Case("fetch", server) for server in SERVERS),
+    ]
+
+
+ONE_KEY, SPREAD = False, True
+RATIOS = (  # (name, numerator, denominator) as (server, spread): a case's rate over another's in a round
+    ("fluxserve 1 replica / bare", (ONE, ONE_KEY), (BARE, ONE_KEY)),
+    ("2 replicas / 1 replica", (TWO, ONE_KEY), (ONE, ONE_KEY)),
+    ("1 replica: many keys / one key", (ONE, SPREAD), (ONE, ONE_KEY)),
+    ("2 replicas / 1 replica, many keys", (TWO, SPREAD), (ONE, SPREAD)),
+)
+
+
+@dataclass(frozen=True)
 class Measure:
-    op: str
-    setup: str
+    case: Case
     round: int
     load: Load
     cpu: Cpu
@@ -245,12 +283,13 @@ class Setup:
     replicas: list[Server]
     postmaster: psutil.Process
     database_url: str
-    key: str  # unlimited credits
+    keys: list[str]  # unlimited credits each
 
 
 @contextmanager
-def setup(tmp: Path) -> Iterator[Setup]:
-    """The bare server, and replicas A and B on a fresh PostgreSQL database with one key; stopped on exit."""
+def setup(tmp: Path, keys: int) -> Iterator[Setup]:
+    """The bare server, and replicas A and B on a fresh PostgreSQL database with ``keys`` keys; stopped on
+    exit."""
     bin_dir = binaries()
     if bin_dir is None:
         sys.exit(f"PostgreSQL binaries not found under {DEBIAN} (apt-get install postgresql)")
@@ -259,14 +298,12 @@ def setup(tmp: Path) -> Iterator[Setup]:
     try:
         cluster.start()
         url = cluster.database()
+        engine = make_engine(url)
+        raw = [KeyStore(engine).create(f"bench-{index}").key for index in range(keys)]
+        engine.dispose()
         # fluxserve's defaults, whatever this shell sets, but for the database and the active-job limit
         clean = {name: value for name, value in os.environ.items() if not name.startswith("FLUXSERVE_")}
         env = {**clean, "FLUXSERVE_DATABASE_URL": url, "FLUXSERVE_MAX_ACTIVE_JOBS": str(10**9)}
-        data = ["--data-dir", str(tmp / "replicas")]
-        created = subprocess.run(
-            [sys.executable, "-m", "fluxserve", "keys", "create", "--name", "bench", "--json", *data],
-            env=env, capture_output=True, text=True, check=True,
-        )  # fmt: skip
         bare = [
             sys.executable,
             "-m",
@@ -277,12 +314,19 @@ def setup(tmp: Path) -> Iterator[Setup]:
             str(tmp / "bare"),
         ]
         started.append(start_server("bare", bare, clean, tmp))
-        fluxserve = [sys.executable, "-m", "fluxserve", "serve", "--no-workers", *data]
+        fluxserve = [
+            sys.executable,
+            "-m",
+            "fluxserve",
+            "serve",
+            "--no-workers",
+            "--data-dir",
+            str(tmp / "api"),
+        ]
         started.extend(start_server(name, fluxserve, env, tmp) for name in ("replica-a", "replica-b"))
         # PostgreSQL's own record of its postmaster's pid: the first line of postmaster.pid
         pid = int((cluster.root / "data" / "postmaster.pid").read_text().split()[0])
-        key = str(json.loads(created.stdout)["key"])
-        yield Setup(started[0], started[1:], psutil.Process(pid), url, key)
+        yield Setup(started[0], started[1:], psutil.Process(pid), url, raw)
     finally:
         for server in started:
             server.process.terminate()
@@ -302,26 +346,33 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="Seconds a measurement.")
     parser.add_argument("--warmup", type=int, default=2, help="Seconds of unmeasured load first.")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keys", type=int, default=16, help="Keys of the spread submit cases (1: none).")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
     print(machine())
-    with tempfile.TemporaryDirectory(prefix="fluxserve-replicas-") as tmp, setup(Path(tmp)) as parts:
-        measures = measure(parts, args.connections, args.duration, args.warmup, args.rounds)
+    with (
+        tempfile.TemporaryDirectory(prefix="fluxserve-replicas-") as tmp,
+        setup(Path(tmp), args.keys) as parts,
+    ):
+        measures = measure(parts, cases(args.keys), args.connections, args.duration, args.warmup, args.rounds)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print(report(measures, args))
 
 
-def measure(parts: Setup, connections: int, seconds: int, warmup: int, rounds: int) -> list[Measure]:
-    """Every (request, server) case ``rounds`` times, after a warm-up of each."""
+def measure(
+    parts: Setup, every: list[Case], connections: int, seconds: int, warmup: int, rounds: int
+) -> list[Measure]:
+    """Every case ``rounds`` times, after a warm-up of each; odd rounds in the reverse order."""
+    key = parts.keys[0]
     response = httpx.post(
         f"{parts.replicas[0].base_url}/bfl/v1/flux-dev", content=SUBMIT_BODY,
-        headers={"TT-API-KEY": parts.key, "Content-Type": "application/json"},
+        headers={"TT-API-KEY": key, "Content-Type": "application/json"},
     )  # fmt: skip
     response.raise_for_status()
     job_id = response.json()["data"]["jobId"]
-    targets = {"submit": "/bfl/v1/flux-dev", "fetch": f"/flux/fetch?jobId={job_id}"}
-    groups = {SETUPS[0]: [parts.bare], SETUPS[1]: parts.replicas[:1], SETUPS[2]: parts.replicas}
+    paths = {"submit": "/bfl/v1/flux-dev", "fetch": f"/flux/fetch?jobId={job_id}"}
+    servers = {BARE: [parts.bare], ONE: parts.replicas[:1], TWO: parts.replicas}
     engine = make_engine(parts.database_url)
 
     def empty_queue() -> int:
@@ -333,73 +384,73 @@ def measure(parts: Setup, connections: int, seconds: int, warmup: int, rounds: i
             conn.execute(text("VACUUM ANALYZE jobs, api_keys"))
         return int(queued)
 
-    def run(op: str, setup: str, duration: int) -> tuple[Load, Cpu]:
-        return run_wrk(groups[setup], op, targets[op], parts.key, connections, duration, parts.postmaster)
+    def run(case: Case, duration: int) -> tuple[Load, Cpu]:
+        keys = parts.keys[: case.keys]
+        return run_wrk(
+            servers[case.server], case.op, paths[case.op], keys, connections, duration, parts.postmaster
+        )
 
-    for op in OPS:  # warm-up: first requests compile queries, fill pools, open connections
-        for setup in SETUPS:
-            run(op, setup, warmup)
+    for case in every:  # warm-up: first requests compile queries, fill pools, open connections
+        run(case, warmup)
     empty_queue()
     measures: list[Measure] = []
     for round_ in range(rounds):
-        for op in OPS:
-            for setup in SETUPS if round_ % 2 == 0 else SETUPS[::-1]:
-                load, cpu = run(op, setup, seconds)
-                queued = empty_queue() if op == "submit" else None
-                measures.append(Measure(op, setup, round_, load, cpu, queued))
-                print(f"round {round_ + 1} {op:6} {setup:22} {load.ok_rate:8.1f}/s", flush=True)
+        for case in every if round_ % 2 == 0 else every[::-1]:
+            load, cpu = run(case, seconds)
+            queued = empty_queue() if case.op == "submit" else None
+            measures.append(Measure(case, round_, load, cpu, queued))
+            print(f"round {round_ + 1} {case.op:6} {case!s:32} {load.ok_rate:8.1f}/s", flush=True)
     engine.dispose()
     return measures
 
 
 def machine() -> str:
-    memory = psutil.virtual_memory().total / 2**30
-    versions = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     import fastapi
     import uvicorn
 
+    memory = psutil.virtual_memory().total / 2**30
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split(" Copyright")[0]
     return (
         f"{os.cpu_count()} CPU cores, {memory:.0f} GiB; Python {platform.python_version()}, FastAPI "
-        f"{fastapi.__version__}, uvicorn {uvicorn.__version__}; {versions.split(' Copyright')[0]}\n"
+        f"{fastapi.__version__}, uvicorn {uvicorn.__version__}; {wrk}\n"
         f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
 
 
 def report(measures: list[Measure], args: argparse.Namespace) -> str:
     """A markdown table of medians over the rounds, and the ratios of each round."""
+    median = statistics.median
     lines = [
-        f"{args.connections} connections, {args.duration:g} s a measurement, {args.rounds} rounds; medians. "
+        f"{args.connections} connections, {args.duration} s a measurement, {args.rounds} rounds; medians. "
         "CPU in % of one core (200 = the machine).",
         "",
         "| request | server | requests/s (2xx) | 4xx/5xx | p50 ms | p99 ms | CPU: API | PostgreSQL | wrk "
-        "| rest of machine | jobs queued at the end |",
+        "| rest of machine | jobs at the end |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rates: dict[tuple[str, str], list[float]] = {}
-    for op in OPS:
-        for setup in SETUPS:
-            runs = [m for m in measures if m.op == op and m.setup == setup]
-            rates[op, setup] = [m.load.ok_rate for m in runs]
-            median = statistics.median
-            queued = [m.queued for m in runs if m.queued is not None]
-            lines.append(
-                f"| {op} | {setup} | {median(rates[op, setup]):.0f} | "
-                f"{sum(m.load.failed + m.load.socket_errors for m in runs)} | "
-                f"{median([m.load.percentile_ms(50) for m in runs]):.1f} | "
-                f"{median([m.load.percentile_ms(99) for m in runs]):.1f} | "
-                f"{median([m.cpu.api for m in runs]):.0f} | {median([m.cpu.postgres for m in runs]):.0f} | "
-                f"{median([m.cpu.wrk for m in runs]):.0f} | {median([m.cpu.rest for m in runs]):.0f} | "
-                f"{statistics.median(queued) if queued else ''} |"
-            )
-    lines += ["", "| ratio | request | each round | median |", "|---|---|---|---|"]
-    for name, top, bottom in (
-        ("fluxserve 1 replica / bare", SETUPS[1], SETUPS[0]),
-        ("2 replicas / 1 replica", SETUPS[2], SETUPS[1]),
-    ):
-        for op in OPS:
-            ratios = [a / b for a, b in zip(rates[op, top], rates[op, bottom], strict=True)]
+    rates: dict[tuple[str, str, bool], list[float]] = {}
+    for case in dict.fromkeys(m.case for m in measures):
+        runs = [m for m in measures if m.case == case]
+        rates[case.op, case.server, case.spread] = [m.load.ok_rate for m in runs]
+        queued = [m.queued for m in runs if m.queued is not None]
+        lines.append(
+            f"| {case.op} | {case} | {median(m.load.ok_rate for m in runs):.0f} | "
+            f"{sum(m.load.failed + m.load.socket_errors for m in runs)} | "
+            f"{median(m.load.percentile_ms(50) for m in runs):.1f} | "
+            f"{median(m.load.percentile_ms(99) for m in runs):.1f} | "
+            f"{median(m.cpu.api for m in runs):.0f} | {median(m.cpu.postgres for m in runs):.0f} | "
+            f"{median(m.cpu.wrk for m in runs):.0f} | {median(m.cpu.rest for m in runs):.0f} | "
+            f"{median(queued) if queued else ''} |"
+        )
+    lines += ["", "| ratio (same round) | request | each round | median |", "|---|---|---|---|"]
+    for name, top, bottom in RATIOS:
+        for op in ("submit", "fetch"):
+            tops, bottoms = rates.get((op, *top)), rates.get((op, *bottom))
+            if tops is None or bottoms is None:
+                continue
+            ratios = [a / b for a, b in zip(tops, bottoms, strict=True)]
             each = ", ".join(f"{r:.2f}" for r in ratios)
-            lines.append(f"| {name} | {op} | {each} | **{statistics.median(ratios):.2f}** |")
+            lines.append(f"| {name} | {op} | {each} | **{median(ratios):.2f}** |")
     return "\n".join(lines)
 
 
