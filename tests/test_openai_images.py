@@ -145,3 +145,15 @@ def test_a_timeout_is_504_once_and_the_job_carries_on(api_only: ServerProcess, a
     assert raised.value.status_code == 504 and raised.value.code == "timeout"
     job_id = raised.value.message.rsplit("(ids: ", 1)[1].rstrip(")")
     assert Api(api_only.base_url, api_only_key).fetch(job_id)["status"] == "PENDING_QUEUE"
+
+
+def test_edit_refusals_name_the_image(api_only: ServerProcess, api_only_key: str) -> None:
+    client = _client(api_only, api_only_key, max_retries=0)
+    for images, words in (
+        ([("a.png", b"not an image", "image/png")], "image: not a decodable image"),
+        ([("a.png", _png(), "image/png")] * 5, "image: flux-kontext-pro takes at most 4 image(s)"),
+    ):
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.images.edit(model="flux-kontext-pro", image=images, prompt="make it blue")
+        assert raised.value.param == "image"
+        assert isinstance(raised.value.body, dict) and raised.value.body["message"].startswith(words)

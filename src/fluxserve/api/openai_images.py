@@ -36,6 +36,7 @@ from fluxserve.api.requests import (
     needs_only_a_prompt,
     schema_of,
     size_fields,
+    upload_name,
 )
 from fluxserve.core.fields import Prompt, error_messages
 from fluxserve.core.job import Job, JobStatus
@@ -73,11 +74,6 @@ def _options(request: Request) -> ImagesOptions:
     return cast(ImagesOptions, request.app.state.openai_images)
 
 
-def _field(name: str) -> str:
-    """The request's name for a model field: uploads fill input_image, input_image_2... or image_prompt."""
-    return "image" if name.startswith("input_image") or name == "image_prompt" else name
-
-
 def _refusal(errors: list[dict[str, Any]]) -> OpenAIError:
     """Validation errors as one 400; ``param`` is the first field at fault."""
     lines: list[str] = []
@@ -85,9 +81,9 @@ def _refusal(errors: list[dict[str, Any]]) -> OpenAIError:
     for error in errors:
         loc = [str(part) for part in error.get("loc", ()) if part != "body"]
         field = loc[0] if loc else "body"
-        params.append(_field(field))
+        params.append(upload_name(field))
         line = f"{field}: {RULES[field]}" if field in RULES else error_messages([error])[0]
-        lines.append(line.replace(f"{field}: ", f"{_field(field)}: ", 1))
+        lines.append(line.replace(f"{field}: ", f"{upload_name(field)}: ", 1))
     return OpenAIError(400, "; ".join(dict.fromkeys(lines)), param=params[0] if params else None)
 
 
@@ -212,8 +208,8 @@ def _submit(spec: ModelSpec, request: SubmitRequest, key: ApiKey, services: Serv
 
 def _refused(spec: ModelSpec, error: Exception, n: int) -> OpenAIError:
     if isinstance(error, InvalidInput):
-        message = str(error).replace(f"{error.field}: ", f"{_field(error.field)}: ", 1)
-        return OpenAIError(400, message, param=_field(error.field))
+        message = str(error).replace(f"{error.field}: ", f"{upload_name(error.field)}: ", 1)
+        return OpenAIError(400, message, param=upload_name(error.field))
     if isinstance(error, QuotaExceeded):
         price = format_credits(spec.price * n)
         return OpenAIError(

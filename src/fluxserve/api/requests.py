@@ -242,6 +242,11 @@ def size_fields(
     }
 
 
+def upload_name(field: str) -> str:
+    """What a route that takes ``image`` uploads calls a model field: its image slots are ``image``."""
+    return "image" if field.startswith("input_image") or field == "image_prompt" else field
+
+
 def image_slots(schema: type[SubmitRequest]) -> list[str]:
     """Where uploaded images go, in order: the model's reference images, else its image prompt."""
     slots: list[str] = []

@@ -33,6 +33,7 @@ from fluxserve.api.requests import (
     needs_only_a_prompt,
     schema_of,
     size_fields,
+    upload_name,
 )
 from fluxserve.api.reseller import Envelope, submit
 from fluxserve.api.reseller_schemas import SUBMIT_RESPONSES
@@ -76,9 +77,7 @@ def spec_of_mode(mode: str) -> ModelSpec:
 
 
 def _native_name(field: str) -> str:
-    if field.startswith("input_image") or field == "image_prompt":
-        return "image"
-    return NATIVE_NAMES.get(field, field)
+    return NATIVE_NAMES.get(field, upload_name(field))
 
 
 def _renamed(lines: list[str]) -> str:
