@@ -109,6 +109,7 @@ def _job(app: tuple[TestClient, Services], key: dict[str, str]) -> str:
         {"method": "POST", "json": {"job_id": "{id}"}},
         {"method": "POST", "data": {"jobId": "{id}"}},
         {"method": "POST", "files": {"job_id": (None, "{id}")}},  # a multipart form
+        {"method": "GET", "json": {"jobId": "{id}"}},  # a body on GET, as some clients send
     ],
 )
 def test_fetch_takes_the_job_id_from_query_json_or_form(

@@ -160,3 +160,13 @@ def test_native_routes_need_the_key(native: Native) -> None:
     response = native.client.post("/flux/generate", json={"prompt": "x", "mode": "flux1-dev"})
     assert response.status_code == 401
     assert response.json()["message"].startswith("TT-API-KEY")
+
+
+def test_an_idempotency_key_makes_one_job(native: Native) -> None:
+    body = {"prompt": "once", "mode": "flux1-dev"}
+    headers = {**native.headers, "Idempotency-Key": "native-once"}
+    first = native.client.post("/flux/generate", json=body, headers=headers)
+    again = native.client.post("/flux/generate", json=body, headers=headers)
+    assert native.job(first).id == native.job(again).id
+    other = native.client.post("/flux/generate", json={**body, "prompt": "twice"}, headers=headers)
+    assert other.status_code == 422 and other.json()["message"].startswith("Idempotency-Key: ")

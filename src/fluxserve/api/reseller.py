@@ -168,9 +168,10 @@ def _query_job_id(value: Annotated[str | None, Depends(_query_value)]) -> str:
 
 
 async def job_ref(request: Request, query: Annotated[str | None, Depends(_query_value)]) -> JobRef:
-    """The job id from the query string, else (POST) from a JSON or form body."""
+    """The job id from the query string, else from a JSON or form body (on GET too: some clients send
+    one)."""
     value: object = query
-    if not value and request.method == "POST":
+    if not value:
         value = await _body_job_id(request)
     if not value:
         raise ApiError(400, _MISSING)
