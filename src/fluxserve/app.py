@@ -163,8 +163,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(  # /docs and /redoc with their assets served from the package: no CDN
         title="fluxserve",
         version=__version__,
-        description="A self-hosted FLUX image API: the reseller dialect under /bfl/v1 and /flux/fetch, the "
-        "vendor's own under /v1.",
+        description="A self-hosted FLUX image API: the reseller dialect under /bfl/v1, /flux/generate, "
+        "/flux/edits and /flux/fetch; the vendor's own under /v1; the OpenAI images API under /v1/images.",
         lifespan=lifespan,
     )
     app.state.services = runtime.services
