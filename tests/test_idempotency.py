@@ -197,11 +197,11 @@ def test_a_public_or_unresolvable_webhook_url_is_accepted(server: ServerProcess)
         assert client.vendor({**BODY, "webhook_url": url}).status_code == 200
 
 
-# In process, on real SQLite: the 24-hour window.
+# In process, on real SQLite and PostgreSQL: the 24-hour window.
 
 
-def test_an_expired_entry_is_ignored_and_replaced(tmp_path: Path) -> None:
-    database = make_engine(f"sqlite:///{tmp_path / 'fluxserve.db'}")
+def test_an_expired_entry_is_ignored_and_replaced(database_url: str, tmp_path: Path) -> None:
+    database = make_engine(database_url)
     migrate(database)
     store = SqlJobStore(database)
     blobs = LocalBlobStore(tmp_path / "files")

@@ -71,7 +71,12 @@ class Settings(BaseSettings):
         description="Whether /readyz needs a worker process heard from in the last stale_after_seconds "
         "(anywhere: workers on other machines count). None: when this process starts workers.",
     )
-    poll_seconds: float = Field(default=0.2, description="Idle workers look for queued jobs this often.")
+    poll_seconds: float = Field(
+        default=0.2,
+        gt=0,
+        description="Idle workers look for queued jobs this often. On PostgreSQL a submit wakes an idle "
+        "worker at once (LISTEN/NOTIFY), so this is only the fallback and can be raised (e.g. 5).",
+    )
     allowed_private_networks: str = Field(
         default="", description="Comma-separated CIDRs that URL inputs and webhooks may reach."
     )
