@@ -425,8 +425,8 @@ def report(measures: list[Measure], args: argparse.Namespace) -> str:
         "CPU in % of one core (200 = the machine).",
         "",
         "| request | server | requests/s (2xx) | 4xx/5xx | p50 ms | p99 ms | CPU: API | PostgreSQL | wrk "
-        "| rest of machine | jobs at the end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rest of machine | API CPU ms a request | jobs at the end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rates: dict[tuple[str, str, bool], list[float]] = {}
     for case in dict.fromkeys(m.case for m in measures):
@@ -440,7 +440,7 @@ def report(measures: list[Measure], args: argparse.Namespace) -> str:
             f"{median(m.load.percentile_ms(99) for m in runs):.1f} | "
             f"{median(m.cpu.api for m in runs):.0f} | {median(m.cpu.postgres for m in runs):.0f} | "
             f"{median(m.cpu.wrk for m in runs):.0f} | {median(m.cpu.rest for m in runs):.0f} | "
-            f"{median(queued) if queued else ''} |"
+            f"{median(10 * m.cpu.api / m.load.rate for m in runs):.2f} | {median(queued) if queued else ''} |"
         )
     lines += ["", "| ratio (same round) | request | each round | median |", "|---|---|---|---|"]
     for name, top, bottom in RATIOS:
