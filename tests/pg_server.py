@@ -84,6 +84,18 @@ class PostgresCluster:
         if self.host != "127.0.0.1":  # initdb trusts loopback only: trust the test hosts' subnet too
             with (data / "pg_hba.conf").open("a") as hba:
                 hba.write("host all all samenet trust\n")
+        for _ in range(3):  # a port taken by another process between free_port() and the bind: another
+            if self._serve(data):
+                break
+            self.port = free_port()
+        else:
+            raise RuntimeError(f"postgres did not start: {self.log()}")
+        template = make_engine(self.url(TEMPLATE))
+        migrate(template)
+        template.dispose()  # a template must have no connections while it is copied
+
+    def _serve(self, data: Path) -> bool:
+        """Run postgres on ``self.port`` until it takes connections (True) or exits (False)."""
         log = (self.root / "postgres.log").open("ab")
         # Durability off: a test cluster is thrown away, and fsync would cost most of the tests' time.
         self._process = subprocess.Popen(
@@ -94,17 +106,15 @@ class PostgresCluster:
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 30
-        while True:
+        while self._process.poll() is None:
             try:
-                self._admin(f"CREATE DATABASE {TEMPLATE}")
-                break
+                self._admin(f"CREATE DATABASE {TEMPLATE}")  # ours: another cluster would have it already
+                return True
             except Exception:
-                if self._process.poll() is not None or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise RuntimeError(f"postgres did not start: {self.log()}") from None
                 time.sleep(0.1)
-        template = make_engine(self.url(TEMPLATE))
-        migrate(template)
-        template.dispose()  # a template must have no connections while it is copied
+        return False
 
     def log(self) -> str:
         return (self.root / "postgres.log").read_text()[-3000:]
