@@ -26,6 +26,7 @@ from fluxserve.api.limits import RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
 from fluxserve.core.models import Dialect
+from fluxserve.jobs.changes import DatabaseChanges
 from fluxserve.jobs.fetching import InputFetcher
 from fluxserve.jobs.retention import Retention
 from fluxserve.jobs.stats import JobStats
@@ -191,7 +192,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(playground_router)  # the web playground: /playground/ (and / points there)
     app.include_router(events.router)
     app.state.event_streams = events.EventStreams(
-        settings.events_max_per_key, settings.events_poll_seconds, settings.events_idle_seconds
+        settings.events_max_per_key,
+        settings.events_poll_seconds,
+        settings.events_idle_seconds,
+        DatabaseChanges(runtime.database),
     )
 
     stats = JobStats(runtime.database, WorkerRegistry(runtime.database), settings.stale_after_seconds)

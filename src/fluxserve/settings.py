@@ -152,7 +152,8 @@ class Settings(BaseSettings):
     events_poll_seconds: float = Field(
         default=0.1,
         gt=0,
-        description="How often an open event stream (/flux/events, /v1/events) reads its job's row.",
+        description="The longest an open event stream (/flux/events, /v1/events) waits before it reads its "
+        "job's row again; on SQLite any commit wakes it sooner.",
     )
     events_max_per_key: int = Field(
         default=32, gt=0, description="Open event streams of one API key, per API process (429 beyond)."

@@ -4,8 +4,9 @@
 - Events: ``queued`` ``{"position": n}`` (queued jobs created before it), ``running`` ``{"progress": 0..1}``,
   and ``result``, the dialect's fetch JSON (``/flux/fetch`` or ``/v1/get_result``); then the stream ends.
 
-The stream reads the job's row, not this process's memory: it polls the row every ``events_poll_seconds``
-and sends an event only when what the client would see has moved on, so any API replica serves any job.
+The stream reads the job's row, not this process's memory, so any API replica serves any job: it reads
+the row again when the database changed (a wake-up on SQLite, ``jobs/changes.py``), at least every
+``events_poll_seconds``, and sends an event only when what the client would see has moved on.
 Each event id says where in the job's life it was sent (:class:`EventId`); they only grow, so a client
 that reconnects with ``Last-Event-ID`` gets only what is newer, and one that already had the result gets
 204 (which tells an ``EventSource`` to stop reconnecting). Streams are bounded per key and process
@@ -33,6 +34,7 @@ from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
 from fluxserve.core.job import Job, JobStatus
+from fluxserve.jobs.changes import DatabaseChanges
 
 router = APIRouter(tags=["events"])
 
@@ -101,11 +103,13 @@ def snapshot(job: Job, position: int | None, render: Render, services: Services)
 
 @dataclass
 class EventStreams:
-    """This process's open streams per key, and how streams poll and time out (from settings)."""
+    """This process's open streams per key, how streams wait for changes (a wake-up where the database
+    has one, else every ``poll_seconds``) and when they time out (from settings)."""
 
     max_per_key: int
     poll_seconds: float
     idle_seconds: float
+    changes: DatabaseChanges
     open: Counter[str] = field(default_factory=Counter)
 
     def acquire(self, key_id: str) -> bool:
@@ -162,7 +166,8 @@ async def _events(
                 return
         elif time.monotonic() - quiet_since >= streams.idle_seconds:
             return
-        await anyio.sleep(streams.poll_seconds)
+        idle_left = streams.idle_seconds - (time.monotonic() - quiet_since)
+        await streams.changes.wait(max(min(streams.poll_seconds, idle_left), 0.0))
 
 
 def _stream(

@@ -71,6 +71,8 @@ def render_job(job: Job, services: Services) -> dict[str, Any]:
     }
     if not job.status.is_terminal:
         data["progress"] = job.progress
+    if job.status is JobStatus.QUEUED:  # an added field: queued jobs created before this one
+        data["queuePosition"] = services.jobs.queue_position(job.id)
     body = {"status": STATUS[job.status], "message": message, "jobId": job.id, "data": data}
     notes = public_details(job.details)
     if notes:  # an added field, as in the vendor's get_result: what the engine tells the user (a note)

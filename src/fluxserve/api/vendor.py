@@ -214,6 +214,11 @@ def render_result(job: Job | None, job_id: str, services: Services) -> ResultRes
     if job is None:
         return ResultResponse(id=job_id, status="Task not found")
     status = job.status
+    if status is JobStatus.QUEUED:  # details is free-form in the vendor's schema: an added field
+        position = services.jobs.queue_position(job.id)
+        return ResultResponse(
+            id=job.id, status="Pending", progress=job.progress, details={"queue_position": position}
+        )
     if not status.is_terminal:
         return ResultResponse(id=job.id, status="Pending", progress=job.progress)
     if status is JobStatus.SUCCEEDED:
