@@ -63,7 +63,7 @@ def api_schema(fuzzed: tuple[ServerProcess, str]) -> schemathesis.BaseSchema:
     return loaded
 
 
-MAX_EXAMPLES = 3
+MAX_EXAMPLES = 5
 schema = schemathesis.pytest.from_fixture("api_schema").include(path_regex=DIALECT_PATHS)
 
 

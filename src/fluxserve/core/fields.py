@@ -87,6 +87,12 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("blank prompt")
+    return value
+
+
 def _aspect_ratio(value: str) -> str:
     parse_aspect_ratio(value)
     return value.replace(" ", "")
@@ -156,7 +162,9 @@ Number = BeforeValidator(_not_bool)
 
 # A constraint written before the validators is part of the JSON Schema (minimum, maximum, multipleOf,
 # minLength); one written after a BeforeValidator would come out as pydantic's own ge/le/multiple_of.
-Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")]
+# Not blank: a validator, not a JSON Schema pattern (``\S`` within 20000 characters takes schema-driven
+# generators seconds per example).
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_non_blank)]
 OptionalPrompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), Optional]
 Dimension = Annotated[int, Field(ge=256, le=1440, multiple_of=32), Optional, Number]
 Steps = Annotated[int, Field(ge=1, le=50), Optional, Number]
