@@ -227,6 +227,13 @@ def test_polls_without_an_event_route_and_retries_429_and_5xx(stub: str) -> None
     assert len(image_requests) == 2 and all("TT-API-KEY" not in headers for headers in image_requests)
 
 
+def test_a_stream_refused_for_too_many_open_streams_falls_back_to_polling(stub: str) -> None:
+    Stub.script = {"/flux/events": [429]}
+    with Client(stub, "k", retries=FAST, poll_seconds=0.01) as client:
+        assert client.generate("flux-dev", "p").seed == 11
+    assert [path for _, path, _ in Stub.seen].count("/flux/events") == 1
+
+
 def test_a_job_without_an_image_is_job_failed(stub: str) -> None:
     Stub.outcome = "FAILED"
     with Client(stub, "k", retries=FAST, poll_seconds=0.01) as client, pytest.raises(JobFailed) as failed:

@@ -294,6 +294,11 @@ def _image_url(job: Job) -> str:
     return job.image_url
 
 
+# A server without an event route (404), with too many streams open (429), whose stream failed or broke:
+# the client polls fetch from then on.
+_NO_STREAM = (NotFound, RateLimited, ServerError, httpx_sse.SSEError, httpx.TransportError)
+
+
 def _event(sse: httpx_sse.ServerSentEvent, wire: _Wire) -> Event:
     data = sse.json()
     if sse.event == "result":
@@ -477,8 +482,8 @@ class Client:
                         notify(event)
                         if event.job is not None:
                             return event.job
-                except (NotFound, httpx_sse.SSEError, httpx.TransportError):
-                    streaming = False  # no event route (or a broken stream): poll from here on
+                except _NO_STREAM:
+                    streaming = False
             job = self.fetch(job_id)  # a stream that ended early, or a poll
             if job.done or not streaming:
                 notify(_polled(job))
@@ -590,7 +595,7 @@ class AsyncClient:
                         notify(event)
                         if event.job is not None:
                             return event.job
-                except (NotFound, httpx_sse.SSEError, httpx.TransportError):
+                except _NO_STREAM:
                     streaming = False
             job = await self.fetch(job_id)
             if job.done or not streaming:
