@@ -92,13 +92,13 @@ def serve_bare(argv: list[str]) -> None:
 
 @dataclass
 class Server:
-    name: str
     process: psutil.Popen
     base_url: str
 
 
 def start_server(name: str, command: list[str], env: dict[str, str], logs: Path) -> Server:
-    """A server process on a free loopback port, returned once it answers HTTP."""
+    """A server process on a free loopback port, returned once it answers HTTP (any status: the bare app has
+    no /healthz)."""
     port = free_port()
     log = (logs / f"{name}.log").open("ab")
     process = psutil.Popen(
@@ -111,7 +111,7 @@ def start_server(name: str, command: list[str], env: dict[str, str], logs: Path)
             raise RuntimeError(f"{name} exited: {(logs / f'{name}.log').read_text()[-3000:]}")
         try:
             httpx.get(f"{base_url}/healthz", timeout=1)
-            return Server(name, process, base_url)
+            return Server(process, base_url)
         except httpx.HTTPError:
             time.sleep(0.1)
     raise RuntimeError(f"{name} did not start: {(logs / f'{name}.log').read_text()[-3000:]}")
