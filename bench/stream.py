@@ -7,7 +7,8 @@ torch thread, makes the requests one after another and PNG-encodes each image, a
 (b) fluxserve: a `fluxserve serve` subprocess (one worker process, one torch thread, the same catalog and
 model files) gets the same requests at once from `fluxserve.client.Client.generate` (one client thread
 each): submit, follow /flux/events to the result, download the PNG. Printed per round and as medians of
-the ratio fluxserve / direct, for 1 and for 8 concurrent jobs.
+the ratio fluxserve / direct, for 1 and for 8 concurrent jobs. Then where a lone job's time goes (the
+vendor dialect's result carries the worker's start and end): submit to claim, the run, result to client.
 """
 
 from __future__ import annotations
@@ -59,6 +60,21 @@ def through_stream(base: str, key: str, count: int, size: int, steps: int) -> fl
     return time.perf_counter() - started
 
 
+def breakdown(base: str, key: str, size: int, steps: int) -> tuple[float, float, float]:
+    """One job through the vendor dialect, whose result carries the worker's start and end times: (submit
+    to claim, claim to stored result, stored result to the image in the client's hands), in seconds."""
+    with Client(base, key, dialect="vendor") as client:
+        submitted = time.time()
+        made = client.generate("flux-dev", PROMPT, seed=1, width=size, height=size, steps=steps, guidance=2.5)
+        done = time.time()
+    result = made.job.raw["result"]
+    return (
+        result["start_time"] - submitted,
+        result["end_time"] - result["start_time"],
+        done - result["end_time"],
+    )
+
+
 def start_server(data: Path, models: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, str]:
     environment = {**os.environ, "FLUXSERVE_MODELS_DIR": str(models), "FLUXSERVE_TORCH_THREADS": "1", **env}
     create = [sys.executable, "-m", "fluxserve", "keys", "create", "--name", "bench", "--data-dir", str(data)]
@@ -89,6 +105,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--worker-poll", type=float, default=0.2, help="FLUXSERVE_POLL_SECONDS (idle claims)")
     parser.add_argument("--events-poll", type=float, default=0.1, help="FLUXSERVE_EVENTS_POLL_SECONDS")
+    parser.add_argument("--jobs", type=int, nargs="+", default=[1, 8], help="concurrent jobs per round")
     parser.add_argument("--models", type=Path, default=Path("/tmp/fluxserve-bench-models"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -103,7 +120,7 @@ def main() -> None:
             direct(engine, 1, args.size, args.steps)  # warm-up both sides (the worker loads its model)
             through_stream(base, key, 1, args.size, args.steps)
             print(f"bundled flux-dev {args.size}x{args.size} steps={args.steps} {env}")
-            for count in (1, 8):
+            for count in args.jobs:
                 ratios = []
                 for round_ in range(args.rounds):
                     d = direct(engine, count, args.size, args.steps)
@@ -111,6 +128,11 @@ def main() -> None:
                     ratios.append(f / d)
                     print(f"  {count} job(s) round {round_ + 1}: direct {d:.3f} s, stream {f:.3f} s")
                 print(f"{count} job(s): median ratio stream/direct = {statistics.median(ratios):.3f}")
+            parts = [breakdown(base, key, args.size, args.steps) for _ in range(args.rounds)]
+            wait, run, tail = (statistics.median(part) * 1000 for part in zip(*parts, strict=True))
+            print(
+                f"one job (medians): to claim {wait:.0f} ms, run {run:.0f} ms, result to client {tail:.0f} ms"
+            )
         finally:
             server.terminate()
             server.wait()
