@@ -43,7 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterat
 
 class Client:
     def __init__(self, server: ServerProcess, credits: str = "10") -> None:
-        self.key = server.create_key("idem", credits)["key"]
+        self.key = server.create_key(credits=credits)["key"]
         self.http = httpx.Client(base_url=server.base_url, timeout=30)
 
     def reseller(

@@ -62,6 +62,7 @@ def test_pending_shape_without_workers(make_server) -> None:  # type: ignore[no-
             "imageUrl": None,
             "hookUrl": "https://example.com/hook",
             "progress": 0.0,
+            "queuePosition": 0,  # an added field: the queued jobs created before it
         },
     }
     assert body["data"]["seed"].isdigit()
