@@ -1,11 +1,16 @@
-# The two set-up commands of the README: `make serve` and `make test`.
-PYTHON ?= python3
+# The two set-up commands of the README: `make serve` and `make test`. Everything goes into a virtualenv:
+# the one that is active ($VIRTUAL_ENV), else ./.venv, made on first use (never the system Python).
+VENV ?= $(or $(VIRTUAL_ENV),.venv)
+PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 
 .PHONY: install install-runtime serve test test-fast test-multihost lint
 
+$(PYTHON):
+	python3 -m venv $(VENV)
+
 # What serving needs, and no more (no test tools, no torchao).
-install-runtime:
+install-runtime: $(PYTHON)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e .
 
@@ -14,7 +19,7 @@ install: install-runtime
 
 # `make serve PORT=8001 HOST=0.0.0.0`; unset, FLUXSERVE_PORT / FLUXSERVE_HOST or the defaults apply.
 serve: install-runtime
-	fluxserve serve --data-dir ./data $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
+	$(VENV)/bin/fluxserve serve --data-dir ./data $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
 # Two test processes (pytest-xdist), a file each at a time: most end-to-end tests wait on their servers.
 # The several-hosts test takes minutes on its own: `make test-multihost` (CI runs both).
@@ -37,4 +42,4 @@ test-fast:
 		|| { rm -rf .venv-blackforest; exit 1; }
 
 lint:
-	ruff check . && ruff format --check . && mypy
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
