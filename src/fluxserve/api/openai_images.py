@@ -16,13 +16,10 @@ import asyncio
 import base64
 import re
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -34,6 +31,7 @@ from fluxserve.api.requests import (
     SubmitRequest,
     image_slots,
     needs_only_a_prompt,
+    refusing_routes,
     schema_of,
     size_fields,
     upload_name,
@@ -87,22 +85,7 @@ def _refusal(errors: list[dict[str, Any]]) -> OpenAIError:
     return OpenAIError(400, "; ".join(dict.fromkeys(lines)), param=params[0] if params else None)
 
 
-class OpenAIRoute(APIRoute):
-    """Request validation errors in the OpenAI shape."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                raise _refusal([dict(error) for error in exc.errors()]) from None
-
-        return route
-
-
-router = APIRouter(prefix="/v1/images", tags=["openai"], route_class=OpenAIRoute)
+router = APIRouter(prefix="/v1/images", tags=["openai"], route_class=refusing_routes(_refusal))
 
 Key = Annotated[ApiKey, Depends(bearer_key)]
 Deps = Annotated[Services, Depends(get_services)]

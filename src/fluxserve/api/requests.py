@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 from annotated_types import Ge, Le, MultipleOf
-from fastapi import APIRouter, Depends, Header, HTTPException
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
@@ -253,3 +255,22 @@ def image_slots(schema: type[SubmitRequest]) -> list[str]:
     while (name := input_image_field(len(slots))) in schema.model_fields:
         slots.append(name)
     return slots or [name for name in ("image_prompt",) if name in schema.model_fields]
+
+
+def refusing_routes(refusal: Callable[[list[dict[str, Any]]], Exception]) -> type[APIRoute]:
+    """A route class for routers whose refusals have their own shape: a request that fails validation
+    raises ``refusal(errors)`` instead of FastAPI's 422."""
+
+    class RefusingRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def route(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except RequestValidationError as exc:
+                    raise refusal([dict(error) for error in exc.errors()]) from None
+
+            return route
+
+    return RefusingRoute

@@ -12,12 +12,9 @@ job: the same envelope, fetch and webhook.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Depends, File, Form, Header, UploadFile
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -31,6 +28,7 @@ from fluxserve.api.requests import (
     idempotency_key,
     image_slots,
     needs_only_a_prompt,
+    refusing_routes,
     schema_of,
     size_fields,
     upload_name,
@@ -99,22 +97,12 @@ def _native_messages(errors: list[dict[str, Any]]) -> str:
     return _renamed(error_messages(as_table))
 
 
-class NativeRoute(APIRoute):
+def _refusal(errors: list[dict[str, Any]]) -> ApiError:
     """Request validation errors become one 400 in the reseller's envelope, under the request's names."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                raise ApiError(400, _native_messages(list(exc.errors()))) from None
-
-        return route
+    return ApiError(400, _native_messages(errors))
 
 
-router = APIRouter(tags=["reseller"], route_class=NativeRoute)
+router = APIRouter(tags=["reseller"], route_class=refusing_routes(_refusal))
 
 Key = Annotated[ApiKey, Depends(reseller_key)]
 Deps = Annotated[Services, Depends(get_services)]

@@ -55,6 +55,7 @@ from fluxserve.core.models import Family
 from fluxserve.engines.base import EngineRequest
 from fluxserve.engines.flux.loading import FluxModel
 from fluxserve.engines.flux.options import FluxOptions
+from fluxserve.engines.flux.single import refuse_oversized
 from fluxserve.engines.vocabulary import vocabulary_note
 from fluxserve.errors import EngineError
 
@@ -176,16 +177,7 @@ class Planner:
 
     def _check_inputs(self, request: EngineRequest) -> None:
         """Refuse oversized inputs, and inputs the route has no use for, before any work."""
-        limit = self.entry.max_input_pixels
-        named = [(named.field, named.image) for named in request.images]
-        if request.image_prompt is not None:
-            named.append(("image_prompt", request.image_prompt))
-        for name, image in named:
-            if image.width * image.height > limit:
-                raise EngineError(
-                    f"{name}: {image.width}x{image.height} is {image.width * image.height} pixels; "
-                    f"{request.params.model} accepts at most {limit} pixels"
-                )
+        refuse_oversized(request, self.entry.max_input_pixels)
         if request.images and request.spec.family is not Family.KONTEXT:
             raise EngineError(f"input_image: {request.params.model} does not take input images")
 
