@@ -212,8 +212,10 @@ def worker(
 ) -> None:
     """Run a worker process without the HTTP API: it claims jobs and runs them (e.g. one per GPU)."""
     stop = threading.Event()
+    # Until it can take jobs there is nothing to finish: a stop while torch imports (seconds) ends it at
+    # once, rather than after the imports (a supervisor would wait, then kill it).
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, _exit_now)
     settings = _settings(data_dir)
     configure_logging(json=settings.log_json)
     liveness = Liveness()
@@ -225,7 +227,13 @@ def worker(
     quiet_model_stack_imports()
     from fluxserve.worker.process import run_worker_process
 
+    for signum in (signal.SIGINT, signal.SIGTERM):  # from now on a stop lets running jobs end cleanly
+        signal.signal(signum, lambda *_: stop.set())
     run_worker_process(settings, threads, liveness, stop)
+
+
+def _exit_now(signum: int, _: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @app.command("migrate")
