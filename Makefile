@@ -4,7 +4,7 @@ VENV ?= $(or $(VIRTUAL_ENV),.venv)
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-runtime serve test test-fast test-multihost lint
+.PHONY: install install-runtime serve test test-fast test-long lint
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -22,13 +22,14 @@ serve: install-runtime
 	$(VENV)/bin/fluxserve serve --data-dir ./data $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
 # Two test processes (pytest-xdist), a file each at a time: most end-to-end tests wait on their servers.
-# The several-hosts test takes minutes on its own: `make test-multihost` (CI runs both).
+# The long scenarios (kill -9 recoveries, five test hosts, the bundled model's evaluation) take minutes
+# more: `make test-long` (CI runs both).
 test: install .venv-blackforest/bin/python
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "not multihost"
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "not multihost and not long"
 
-# Five test hosts in network namespaces (root, iproute2 and PostgreSQL needed): a few minutes.
-test-multihost: install
-	$(PYTHON) -m pytest -q -m multihost
+# The several-hosts test needs root, iproute2 and PostgreSQL.
+test-long: install
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "multihost or long"
 
 # In-process tests only (no server subprocess): under a minute.
 test-fast:

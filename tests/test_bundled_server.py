@@ -70,6 +70,7 @@ def test_kontext_edits_the_reference(shipped: Api) -> None:
     assert (found.background, found.color, found.position) == ("green", "red", "center")
 
 
+@pytest.mark.long  # 200 prompts through the server: make test-long
 def test_the_evaluation_scores_through_the_public_api(shipped: Api, tmp_path: Path) -> None:
     """`training.evaluate` end to end, on a few held-out prompts and each kind of edit."""
     report_path = tmp_path / "eval.json"

@@ -6,8 +6,8 @@ killed with SIGKILL. Every job must end SUCCESS exactly once with one image in t
 must arrive at least once with one stable webhook-id. Clients do what a careful client does: every submit
 carries an Idempotency-Key, and a request that gets no answer is sent again to the other API host.
 
-It takes a few minutes, so ``make test`` leaves it out (marker ``multihost``) and ``.ci/run`` runs it on its
-own (``make test-multihost``).
+It takes a few minutes, so ``make test`` leaves it out (marker ``multihost``) and ``.ci/run`` runs it with
+the other long scenarios (``make test-long``).
 """
 
 from __future__ import annotations

@@ -7,12 +7,15 @@ import io
 import time
 
 import httpx
+import pytest
 from PIL import Image
 from standardwebhooks import Webhook
 
 from tests.conftest import Api, ServerProcess
 from tests.test_lifecycle import slow_env, wait_for
 from tests.test_webhooks_e2e import Receiver
+
+pytestmark = pytest.mark.long  # minutes of kill -9 scenarios: make test-long (CI runs it)
 
 MEDIUM_JOB = {"prompt": "durable", "width": 1024, "height": 1024, "steps": 16}
 

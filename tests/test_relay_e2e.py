@@ -227,6 +227,7 @@ def test_cancel_stops_polling_upstream(relay_server: ServerProcess, key: str, ve
         vendor.pending_polls = 2
 
 
+@pytest.mark.long  # a kill -9 scenario: make test-long
 def test_a_server_killed_mid_relay_resumes_the_same_upstream_task(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """kill -9 while the vendor is still working: after the restart the job finishes from the task it
     already paid for, without submitting a second one."""

@@ -19,7 +19,7 @@ from tests.conftest import Api, ServerProcess, catalog_env
 from tests.test_lifecycle import slow_env, wait_for
 from tests.test_recovery import MEDIUM_JOB
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # kill -9 and hang scenarios: make test-long
 
 
 def worker_pids(server: ServerProcess) -> list[int]:
