@@ -46,6 +46,7 @@ def train(out: Path, max_steps: int, *extra: str) -> None:
     )  # fmt: skip
 
 
+@pytest.mark.long  # two training runs, one interrupted: make test-long
 def test_a_resumed_run_ends_where_an_unbroken_one_does(tmp_path: Path) -> None:
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     seeded_table(whole, None)
