@@ -31,9 +31,9 @@ test: install .venv-blackforest/bin/python
 test-long: install
 	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "multihost or long"
 
-# In-process tests only (no server subprocess): under a minute.
+# In-process tests only (no server subprocess), each on SQLite and disk only: about a minute.
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -n 2 -m "not slow and not postgres and not s3"
 
 # The vendor's official client for tests/test_vendor_blackforest.py, in its own virtualenv: it pins
 # pillow==10.4.0, which clashes with ours. Removed again if the install fails, so a rerun retries.

@@ -217,5 +217,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that runs a real server (they all build the models into ``models_dir``) is end-to-end:
     marked slow, so ``pytest -m "not slow"`` is the fast subset of in-process tests. CI runs both."""
     for item in items:
-        if "models_dir" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "models_dir" in fixtures:
             item.add_marker(pytest.mark.slow)
+        # A test on the throwaway PostgreSQL or S3 server: make test-fast keeps to SQLite and disk.
+        if "postgres" in fixtures:
+            item.add_marker(pytest.mark.postgres)
+        if "s3_bucket" in fixtures or "s3_credentials" in fixtures:
+            item.add_marker(pytest.mark.s3)

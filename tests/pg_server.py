@@ -167,7 +167,7 @@ def postgres_url(postgres: PostgresCluster) -> Iterator[str]:
     postgres.drop(url)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The test runs twice: on a new SQLite file, and on a fresh, migrated PostgreSQL database."""
     if request.param == "sqlite":

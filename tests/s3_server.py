@@ -68,7 +68,7 @@ def s3_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, value)
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.s3)])
 def blob_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A storage URL of each kind: a folder of this test, or a prefix of this test in the module's bucket."""
     if request.param == "file":

@@ -147,7 +147,13 @@ def test_a_missing_bucket_fails_writes_and_reads_clearly(s3_credentials: None) -
 # --- result URLs and the /files route, on both stores (in process: the app without workers) ---------------
 
 
-@pytest.fixture(params=["file", "s3-presigned", "s3-signed"])
+@pytest.fixture(
+    params=[
+        "file",
+        pytest.param("s3-presigned", marks=pytest.mark.s3),
+        pytest.param("s3-signed", marks=pytest.mark.s3),
+    ]
+)
 def app(
     request: pytest.FixtureRequest, tmp_path: Path, s3_bucket: str, s3_credentials: None
 ) -> Iterator[tuple[TestClient, Services, str]]:
