@@ -77,6 +77,12 @@ def start_server(weights: Path, data: Path, max_batch: int = 1) -> tuple[subproc
         f"options = {{ max_batch = {max_batch} }}\n"
     )
     env = {**os.environ, "FLUXSERVE_CATALOG": str(catalog), "FLUXSERVE_POLL_SECONDS": "0.02"}
+    return serve(data, env)
+
+
+def serve(data: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, str]:
+    """A key made in ``data``, then ``fluxserve serve`` on a free loopback port with ``env``: the process,
+    its base URL and the key, once it answers /healthz (within two minutes)."""
     create = ["keys", "create", "--name", "bench", "--data-dir", str(data), "--json"]
     key = subprocess.run(
         [sys.executable, "-m", "fluxserve", *create], env=env, capture_output=True, text=True, check=True
@@ -89,7 +95,7 @@ def start_server(weights: Path, data: Path, max_batch: int = 1) -> tuple[subproc
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(1200):
         try:
             if httpx.get(f"{base}/healthz").status_code == 200:
                 break

@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import torch
 
+from bench.engine import serve
 from fluxserve.client import Client
 from fluxserve.core.catalog import load_catalog
 from fluxserve.core.params import GenerationParams
@@ -77,23 +74,7 @@ def breakdown(base: str, key: str, size: int, steps: int) -> tuple[float, float,
 
 def start_server(data: Path, models: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, str]:
     environment = {**os.environ, "FLUXSERVE_MODELS_DIR": str(models), "FLUXSERVE_TORCH_THREADS": "1", **env}
-    create = [sys.executable, "-m", "fluxserve", "keys", "create", "--name", "bench", "--data-dir", str(data)]
-    out = subprocess.run([*create, "--json"], env=environment, capture_output=True, text=True, check=True)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "fluxserve", "serve", "--port", str(port), "--data-dir", str(data)],
-        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(f"{base}/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    return server, base, json.loads(out.stdout)["key"]
+    return serve(data, environment)
 
 
 def main() -> None:
