@@ -17,6 +17,7 @@ from fluxserve.engines.base import EngineRequest
 from fluxserve.engines.flux.engine import DiffusersFluxEngine
 from fluxserve.engines.flux.planning import Plan, Planner
 from fluxserve.errors import EngineError, JobCanceled
+from fluxserve.jobs.store import Drawn
 from fluxserve.worker.runner import Worker
 
 
@@ -115,6 +116,7 @@ class FakeStore:
         error: str | None = None,
         result_key: str | None = None,
         details: dict[str, Any] | None = None,
+        drawn: Drawn | None = None,
     ) -> bool:
         self.finished[job_id] = (status, error, details)
         return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import threading
 import time
 import uuid
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import Connection, event, select
+from sqlalchemy import Engine as SqlEngine
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.job import Job, JobStatus
@@ -265,3 +267,77 @@ def test_a_job_is_vouched_for_while_its_model_loads(world: World) -> None:
         running.join(30)
     job = world.store.get(claimed.id)
     assert job is not None and job.status is JobStatus.SUCCEEDED and job.attempts == 1
+
+
+class Transactions:
+    """The transactions run on a database, each as the statements it ran (SQLAlchemy's events)."""
+
+    def __init__(self, database: SqlEngine) -> None:
+        self.ended: list[list[str]] = []
+        self._open: dict[int, list[str]] = {}
+        self._lock = threading.Lock()  # heartbeats run on threads of their own
+        event.listen(database, "begin", self._begin)
+        event.listen(database, "before_cursor_execute", self._statement)
+        event.listen(database, "commit", self._end)
+        event.listen(database, "rollback", self._end)
+
+    def _begin(self, conn: Connection) -> None:
+        with self._lock:
+            self._open[id(conn)] = []
+
+    def _statement(self, conn: Connection, _cursor: object, statement: str, *_: object) -> None:
+        with self._lock:
+            self._open.setdefault(id(conn), []).append(" ".join(statement.split()))
+
+    def _end(self, conn: Connection) -> None:
+        with self._lock:
+            self.ended.append(self._open.pop(id(conn), []))
+
+    def writes(self) -> list[list[str]]:
+        """The transactions that wrote, less heartbeats (an UPDATE of heartbeat_at and progress alone)."""
+        return [
+            statements
+            for statements in self.ended
+            if any(s.startswith(("INSERT", "UPDATE", "DELETE")) for s in statements)
+            and not all(
+                re.match(r"UPDATE jobs SET heartbeat_at=\S+(, progress=\S+)? WHERE", s) for s in statements
+            )
+        ]
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "failed"])
+def test_a_job_is_claimed_and_ended_in_two_writes_and_the_end_is_one_transaction(
+    world: World, outcome: str
+) -> None:
+    def relayed(request: EngineRequest, hooks: EngineHooks) -> EngineResult:
+        hooks.step(0.5)
+        if outcome == "failed":
+            raise EngineError("flux-dev: out of memory")
+        image = Image.new("RGB", (320, 192), (10, 200, 30))  # the vendor's prompt, seed and size win
+        return EngineResult(image=image, prompt="the vendor's prompt", seed=99, details={})
+
+    key = world.key("10")
+    job = world.submit(key, webhook_url="https://example.com/hook")
+    transactions = Transactions(world.store._engine)
+    done = run_one(world, world.worker(Scripted(relayed)))
+    claim, finish = transactions.writes()
+    assert [s.split()[0:2] for s in claim] == [["UPDATE", "jobs"]]
+    ended = re.search(r"^UPDATE jobs SET (.*) WHERE", finish[0])
+    assert ended is not None
+    written = {assignment.split("=")[0] for assignment in ended.group(1).split(", ")}
+    if outcome == "succeeded":
+        assert {"status", "result_key", "prompt", "seed", "width", "height"} <= written
+        assert (done.status, done.prompt, done.seed, done.size) == (
+            JobStatus.SUCCEEDED, "the vendor's prompt", 99, "320x192",
+        )  # fmt: skip
+        assert world.balance(key) == Decimal("7.5")  # the hold is kept: nothing more to write
+        assert [s.split()[0:3] for s in finish[1:]] == [["INSERT", "INTO", "webhook_deliveries"]]
+    else:
+        assert "status" in written and "prompt" not in written  # a failed job keeps what it was sent
+        assert (done.status, done.prompt, done.seed) == (JobStatus.FAILED, "p", 7)
+        assert world.balance(key) == Decimal("10")  # the refund, in the same transaction
+        assert [s.split()[0:3] for s in finish[1:]] == [
+            ["UPDATE", "api_keys", "SET"],
+            ["INSERT", "INTO", "webhook_deliveries"],
+        ]
+    assert done.id == job.id

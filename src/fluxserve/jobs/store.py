@@ -25,6 +25,17 @@ class Idempotency:
     request_hash: str
 
 
+@dataclass(frozen=True)
+class Drawn:
+    """What a succeeded job's image was drawn with, as the engine reports it (a relayed job's prompt and
+    seed are the vendor's): written by ``finish`` in the transaction that ends the job."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+
+
 class IdempotencyConflict(RequestRefused):
     """The key's Idempotency-Key was used within 24 hours for a different request."""
 
@@ -95,7 +106,7 @@ class JobStore(Protocol):
         ...
 
     def update_running(self, job_id: str, worker_id: str, **fields: Any) -> None:
-        """Record what the worker learned while running (final size, prompt, details)."""
+        """Record what the worker learned while running (an upsampled prompt, an engine's checkpoint)."""
         ...
 
     def finish(
@@ -107,9 +118,11 @@ class JobStore(Protocol):
         error: str | None = None,
         result_key: str | None = None,
         details: dict[str, Any] | None = None,
+        drawn: Drawn | None = None,
     ) -> bool:
-        """End the job, refund its hold unless it succeeded, and queue its webhook; False when the job
-        is no longer this worker's (it was requeued or canceled meanwhile)."""
+        """End the job (with what it was ``drawn`` with, when it succeeded), refund its hold unless it
+        succeeded, and queue its webhook, in one transaction; False when the job is no longer this
+        worker's (it was requeued or canceled meanwhile)."""
         ...
 
     def cancel(self, job_id: str, key_id: str) -> Job | None:

@@ -18,7 +18,7 @@ from fluxserve.db import ledger, outbox
 from fluxserve.db.connection import as_utc, utcnow
 from fluxserve.db.tables import idempotency_keys, jobs
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
-from fluxserve.jobs.store import IDEMPOTENCY_TTL, Idempotency, IdempotencyConflict
+from fluxserve.jobs.store import IDEMPOTENCY_TTL, Drawn, Idempotency, IdempotencyConflict
 from fluxserve.jobs.wakeup import Polling, Wakeups
 
 _ACTIVE = [status.value for status in ACTIVE_STATUSES]
@@ -332,9 +332,10 @@ class SqlJobStore:
         error: str | None = None,
         result_key: str | None = None,
         details: dict[str, Any] | None = None,
+        drawn: Drawn | None = None,
     ) -> bool:
         with self._engine.begin() as conn:
-            return self._finish(conn, job_id, worker_id, status, error, result_key, details)
+            return self._finish(conn, job_id, worker_id, status, error, result_key, details, drawn)
 
     def _finish(
         self,
@@ -345,6 +346,7 @@ class SqlJobStore:
         error: str | None,
         result_key: str | None,
         details: dict[str, Any] | None,
+        drawn: Drawn | None = None,
     ) -> bool:
         guard = [jobs.c.id == job_id, jobs.c.status.in_(_ACTIVE)]
         if worker_id is not None:
@@ -359,6 +361,8 @@ class SqlJobStore:
             values["progress"] = 1.0
         if details is not None:
             values["details"] = details
+        if drawn is not None:
+            values.update(prompt=drawn.prompt, seed=drawn.seed, width=drawn.width, height=drawn.height)
         row = conn.execute(
             update(jobs)
             .where(*guard)

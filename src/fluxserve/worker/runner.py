@@ -32,7 +32,7 @@ from fluxserve.engines.base import (
 )
 from fluxserve.errors import EngineError, JobCanceled, JobFailure, Moderated
 from fluxserve.jobs.retention import drop_inputs
-from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.store import Drawn, JobStore
 from fluxserve.storage.base import BlobStore
 from fluxserve.worker.beacon import Liveness
 from fluxserve.worker.inputs import InputLoader
@@ -257,15 +257,8 @@ class Worker:
                 continue
             details = {**job.details, **outcome.details, "batch_size": len(group)}
             # What the engine reports wins: a relayed job's final prompt and seed are the vendor's.
-            self._store.update_running(
-                job.id,
-                self.worker_id,
-                prompt=outcome.prompt,
-                seed=outcome.seed,
-                width=outcome.image.width,
-                height=outcome.image.height,
-            )
-            self._finish(job, started, JobStatus.SUCCEEDED, None, result_key, details)
+            drawn = Drawn(outcome.prompt, outcome.seed, outcome.image.width, outcome.image.height)
+            self._finish(job, started, JobStatus.SUCCEEDED, None, result_key, details, drawn)
 
     def _checkpoint(self, job: Job, state: dict[str, Any]) -> None:
         job.details[ENGINE_STATE] = state
@@ -279,10 +272,11 @@ class Worker:
         error: str | None,
         result_key: str | None = None,
         details: dict[str, Any] | None = None,
+        drawn: Drawn | None = None,
     ) -> None:
         # The store refuses the write when the job was meanwhile requeued to another worker.
         recorded = self._store.finish(
-            job.id, self.worker_id, status, error=error, result_key=result_key, details=details
+            job.id, self.worker_id, status, error=error, result_key=result_key, details=details, drawn=drawn
         )
         if recorded:  # the job has ended: its inputs go (when not recorded, another worker owns it now)
             drop_inputs(self._blobs, job.id)
@@ -311,7 +305,8 @@ class Worker:
         prompt = params.prompt
         if params.prompt_upsampling and upsample:
             prompt = self._enhancer.enhance(prompt, job.seed)
-        self._store.update_running(job.id, self.worker_id, prompt=prompt)
+        if prompt != job.prompt:  # an upsampled prompt shows while the job runs; finish writes the rest
+            self._store.update_running(job.id, self.worker_id, prompt=prompt)
         return EngineRequest(
             params,
             prompt=prompt,
