@@ -23,7 +23,7 @@ from sqlalchemy import update
 import test_worker_inprocess
 from conftest import Api, ServerProcess, png_base64
 from fluxserve.accounts.keys import ApiKey
-from fluxserve.api import reseller, vendor
+from fluxserve.api import reseller
 from fluxserve.api.deps import Services
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect
@@ -34,6 +34,8 @@ from fluxserve.jobs.retention import Retention
 from fluxserve.settings import Settings
 from fluxserve.storage.base import BlobStore
 from fluxserve.storage.signing import UrlSigner
+from fluxserve.surfaces.reseller import render_job
+from fluxserve.surfaces.vendor import render_result
 from fluxserve.wiring import make_blob_store
 from s3_server import blob_url, s3_bucket, s3_credentials
 from test_worker_inprocess import Scripted, World, paint, raising, run_one
@@ -200,25 +202,25 @@ def test_an_expired_job_reads_as_such_in_both_dialects(world: World) -> None:
     world.submit(key)
     done = run_one(world, world.worker(Scripted(small_paint)))
     deps = services(world)
-    assert reseller.render_job(done, deps)["data"]["imageUrl"] is not None
+    assert render_job(done, deps)["data"]["imageUrl"] is not None
     assert done.finished_at is not None
     Retention(world.store, world.blobs, ttl_seconds=7 * 86400).sweep(
         now=done.finished_at + timedelta(days=7, minutes=3)
     )
     expired = world.store.get(done.id)
     assert expired is not None
-    body = reseller.render_job(expired, deps)
+    body = render_job(expired, deps)
     assert body["status"] == "SUCCESS" and body["data"]["imageUrl"] is None
     assert body["data"]["quota"] == "2.5"  # it was delivered, and charged
     # The sweep ran at its real time here, just after the job: the age is what the row records.
     assert (
         body["message"].startswith("Result expired after ") and "the job's record is kept" in body["message"]
     )
-    result = vendor.render_result(expired, expired.id, deps)
+    result = render_result(expired, expired.id, deps)
     assert result.status == "Ready" and result.result is not None and result.result["sample"] is None
     assert result.result["seed"] == 7 and result.details == {"result": body["message"]}
     expired.result_expired_at = expired.finished_at + timedelta(days=7, minutes=3)  # type: ignore[operator]
-    assert reseller.render_job(expired, deps)["message"] == (
+    assert render_job(expired, deps)["message"] == (
         "Result expired after 7 days (retention period); the job's record is kept"
     )
 

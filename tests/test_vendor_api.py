@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -10,12 +11,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from fluxserve.api.deps import Services
-from fluxserve.api.vendor import UNLIMITED_CREDITS, render_result
+from fluxserve.api.vendor import UNLIMITED_CREDITS
 from fluxserve.app import create_app
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.settings import Settings
+from fluxserve.surfaces.vendor import render_result
 from tests.conftest import png_base64
 
 
@@ -339,3 +342,42 @@ def test_openapi_documents_the_vendor_routes(vendor: Vendor) -> None:
     for model in ("flux-kontext-max", "flux-kontext-pro", "flux-pro-1.1-ultra", "flux-pro-1.1", "flux-pro"):
         assert "post" in paths[f"/v1/{model}"]
     assert "get" in paths["/v1/get_result"] and "get" in paths["/v1/credits"]
+
+
+def test_a_webhook_is_its_jobs_dialect_rendering_from_one_read_of_the_row(
+    app_client: tuple[TestClient, Services],
+) -> None:
+    client, services = app_client
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    vendor = Vendor(client, services)
+    hook = {"prompt": "x", "webhook_url": "https://example.com/hook"}
+    task = vendor.job("flux-dev", {**hook, "webhook_secret": "task-secret"})
+    reseller_id = client.post("/bfl/v1/flux-dev", json=hook, headers={"TT-API-KEY": vendor.key}).json()
+    fetched = services.jobs.get(reseller_id["data"]["jobId"])
+    assert fetched is not None
+    for job in (task, fetched):
+        assert services.jobs.finish(job.id, None, JobStatus.SUCCEEDED, result_key=f"results/{job.id}.png")
+    mine = threading.get_ident()  # the app's background tasks query the same database meanwhile
+    statements: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if threading.get_ident() == mine:
+            statements.append(statement.split()[0])
+
+    event.listen(runtime.database, "before_cursor_execute", record)
+    try:
+        sent = runtime.webhook_payload(task.id)
+        assert statements == ["SELECT"]
+        assert sent.task_secret == "task-secret"
+        assert sent.body["status"] == "Ready" and sent.body == vendor.result(task.id)
+        assert sent.body["result"]["sample"].startswith("http")
+        statements.clear()
+        sent = runtime.webhook_payload(fetched.id)
+        assert statements == ["SELECT"]
+        assert sent.task_secret is None
+        headers = {"TT-API-KEY": vendor.key}
+        fetch = client.get("/flux/fetch", params={"jobId": fetched.id}, headers=headers).json()
+        assert sent.body["status"] == "SUCCESS" and sent.body == fetch
+        assert runtime.webhook_payload("no-such-job") is None
+    finally:
+        event.remove(runtime.database, "before_cursor_execute", record)

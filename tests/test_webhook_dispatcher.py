@@ -17,7 +17,7 @@ from fluxserve.db.connection import make_engine, migrate, utcnow
 from fluxserve.db.outbox import enqueue
 from fluxserve.db.tables import api_keys, jobs, webhook_deliveries
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
-from fluxserve.webhooks.delivery import WebhookDispatcher
+from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
 from fluxserve.webhooks.signing import new_secret
 from tests.test_webhooks_e2e import Receiver
 
@@ -111,8 +111,8 @@ def dispatcher(
     database: Engine, backoff: tuple[float, ...] = (0.1, 0.1), timeout: float = 5
 ) -> WebhookDispatcher:
     return WebhookDispatcher(
-        database, lambda job_id: {"jobId": job_id}, policy=LOOPBACK, backoff=backoff, timeout=timeout,
-        poll_seconds=0.05,
+        database, lambda job_id: Payload({"jobId": job_id}), policy=LOOPBACK, backoff=backoff,
+        timeout=timeout, poll_seconds=0.05,
     )  # fmt: skip
 
 
@@ -155,7 +155,11 @@ def test_private_target_is_refused_without_the_switch(database: Engine) -> None:
     try:
         job_id = add_delivery(database, receiver.url)
         closed = WebhookDispatcher(
-            database, lambda job_id: {"jobId": job_id}, policy=NetworkPolicy(), backoff=(), poll_seconds=0.05
+            database,
+            lambda job_id: Payload({"jobId": job_id}),
+            policy=NetworkPolicy(),
+            backoff=(),
+            poll_seconds=0.05,
         )
 
         async def scenario() -> dict[str, tuple[str, int]]:

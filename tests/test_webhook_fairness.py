@@ -20,7 +20,7 @@ from fluxserve.db.connection import as_utc, make_engine, migrate, utcnow
 from fluxserve.db.outbox import enqueue
 from fluxserve.db.tables import api_keys, jobs, webhook_deliveries
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
-from fluxserve.webhooks.delivery import WebhookDispatcher
+from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
 from fluxserve.webhooks.signing import new_secret
 from tests.test_webhook_dispatcher import running
 from tests.test_webhooks_e2e import Receiver
@@ -131,7 +131,7 @@ async def until(task: asyncio.Task[None], condition: Callable[[], bool], what: s
 
 def dispatcher(database: Engine, **options: Any) -> WebhookDispatcher:
     settings: dict[str, Any] = {"backoff": (5.0,), "timeout": 15.0, "poll_seconds": 0.05, **options}
-    return WebhookDispatcher(database, lambda job_id: {"jobId": job_id}, policy=LOOPBACK, **settings)
+    return WebhookDispatcher(database, lambda job_id: Payload({"jobId": job_id}), policy=LOOPBACK, **settings)
 
 
 def test_black_holes_of_one_key_do_not_delay_another_keys_webhook(
@@ -184,8 +184,8 @@ def test_a_delivery_refused_by_policy_is_not_retried(database: Engine, receiver:
     key = add_key(database, "k")
     job_id = add_delivery(database, key, receiver.url)
     closed = WebhookDispatcher(
-        database, lambda job_id: {"jobId": job_id}, policy=NetworkPolicy(), backoff=(0.05, 0.05, 0.05),
-        poll_seconds=0.05,
+        database, lambda job_id: Payload({"jobId": job_id}), policy=NetworkPolicy(),
+        backoff=(0.05, 0.05, 0.05), poll_seconds=0.05,
     )  # fmt: skip
 
     async def scenario() -> None:

@@ -11,7 +11,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -25,7 +24,6 @@ from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.limits import RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
-from fluxserve.core.models import Dialect
 from fluxserve.jobs.changes import DatabaseChanges
 from fluxserve.jobs.fetching import InputFetcher
 from fluxserve.jobs.retention import Retention
@@ -35,7 +33,8 @@ from fluxserve.jobs.workers import WorkerRegistry
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner
-from fluxserve.webhooks.delivery import WebhookDispatcher
+from fluxserve.surfaces import render
+from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
 from fluxserve.wiring import make_blob_store, make_job_store, open_database
 from fluxserve.worker.supervisor import Supervisor
 
@@ -85,14 +84,13 @@ class Runtime:
         )
         return cls(settings, database, services, policy, fetcher)
 
-    def webhook_body(self, job_id: str) -> dict[str, Any] | None:
-        """A finished job as its own dialect renders it: the fetch JSON, or the vendor's result."""
+    def webhook_payload(self, job_id: str) -> Payload | None:
+        """A finished job as its own dialect renders it, with the vendor task's own secret: one read of
+        the row."""
         job = self.services.jobs.get(job_id)
         if job is None:
             return None
-        if job.dialect is Dialect.VENDOR:
-            return vendor.render_result(job, job.id, self.services).model_dump(mode="json")
-        return reseller.render_job(job, self.services)
+        return Payload(render(job, self.services), job.webhook_secret)
 
     @asynccontextmanager
     async def background(self) -> AsyncIterator[None]:
@@ -137,7 +135,7 @@ class Runtime:
         backoff = [float(value) for value in self.settings.webhook_backoff.split(",") if value.strip()]
         return WebhookDispatcher(
             self.database,
-            self.webhook_body,
+            self.webhook_payload,
             policy=self.policy,
             backoff=backoff,
             timeout=self.settings.webhook_timeout_seconds,

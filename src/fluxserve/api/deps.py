@@ -29,6 +29,10 @@ class Services:
             return None
         return self.blobs.direct_url(key, self.signer.ttl_seconds) or self.base_url + self.signer.sign(key)
 
+    def queue_position(self, job_id: str) -> int | None:
+        """The jobs ahead of a queued one; with ``result_url``, what ``surfaces.Links`` asks for."""
+        return self.jobs.queue_position(job_id)
+
 
 def get_services(request: Request) -> Services:
     return cast(Services, request.app.state.services)

@@ -29,12 +29,14 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
 from fluxserve.accounts.keys import ApiKey
-from fluxserve.api import reseller, vendor
+from fluxserve.api import vendor
 from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.jobs.changes import DatabaseChanges
+from fluxserve.surfaces.reseller import render_job
+from fluxserve.surfaces.vendor import render_json
 
 router = APIRouter(tags=["events"])
 
@@ -194,10 +196,6 @@ Streams = Annotated[EventStreams, Depends(get_streams)]
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
 
 
-def _render_vendor(job: Job, services: Services) -> dict[str, Any]:
-    return vendor.render_result(job, job.id, services).model_dump(mode="json")
-
-
 @router.get("/flux/events", summary="A job's progress as Server-Sent Events, ending with its fetch JSON")
 async def reseller_events(
     key: Annotated[ApiKey, Depends(reseller_key)],
@@ -211,7 +209,7 @@ async def reseller_events(
     job = await anyio.to_thread.run_sync(lambda: services.jobs.get(job_id.strip(), key_id=key.id))
     if job is None:
         raise ApiError(404, f"jobId: no job {job_id!r} for this key")
-    return _stream(job, key, last_event_id, reseller.render_job, services, streams, ApiError)
+    return _stream(job, key, last_event_id, render_job, services, streams, ApiError)
 
 
 @router.get("/v1/events", summary="A task's progress as Server-Sent Events, ending with its get_result JSON")
@@ -225,4 +223,4 @@ async def vendor_events(
     job = await anyio.to_thread.run_sync(lambda: services.jobs.get(task_id.strip(), key_id=key.id))
     if job is None:
         raise HTTPException(404, "Task not found")
-    return _stream(job, key, last_event_id, _render_vendor, services, streams, HTTPException)
+    return _stream(job, key, last_event_id, render_json, services, streams, HTTPException)

@@ -7,7 +7,6 @@ body, on GET and POST (fetch) as the reseller's docs show all of these.
 from __future__ import annotations
 
 import json
-from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -20,64 +19,18 @@ from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
 from fluxserve.api.reseller_schemas import JOB_REF_BODY, JOB_RESPONSES, SUBMIT_RESPONSES
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import Job
 from fluxserve.core.models import Dialect, ModelSpec
-from fluxserve.core.notes import public_details
 from fluxserve.core.pricing import format_credits
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.retention import drop_inputs
 from fluxserve.jobs.store import IdempotencyConflict
+from fluxserve.surfaces.reseller import render_job
 
 router = APIRouter(tags=["reseller"])
 
 Key = Annotated[ApiKey, Depends(reseller_key)]
 Deps = Annotated[Services, Depends(get_services)]
-
-STATUS = {
-    JobStatus.FETCHING: "PENDING_QUEUE",
-    JobStatus.QUEUED: "PENDING_QUEUE",
-    JobStatus.RUNNING: "ON_QUEUE",
-    JobStatus.SUCCEEDED: "SUCCESS",
-    JobStatus.FAILED: "FAILED",
-    JobStatus.REQUEST_MODERATED: "FAILED",
-    JobStatus.CONTENT_MODERATED: "FAILED",
-    JobStatus.CANCELED: "FAILED",
-}
-
-
-def render_job(job: Job, services: Services) -> dict[str, Any]:
-    """The fetch JSON, which is also the webhook body."""
-    expired = job.result_expired if job.status is JobStatus.SUCCEEDED else None
-    if expired is not None:  # still a success (it was delivered and charged); only the file is gone
-        message = expired
-    elif job.status is JobStatus.SUCCEEDED:
-        message = "success"
-    elif job.status.is_terminal:
-        message = job.error or "failed"
-    else:
-        message = ""
-    charged = job.cost if job.status is JobStatus.SUCCEEDED or not job.status.is_terminal else Decimal(0)
-    data: dict[str, Any] = {
-        "mode": job.model,
-        "jobId": job.id,
-        "prompt": job.prompt,
-        "quota": format_credits(charged) if charged else "0",
-        "size": job.size,
-        "seed": str(job.seed),
-        "imageUrl": services.result_url(job.result_key)
-        if job.status is JobStatus.SUCCEEDED and expired is None
-        else None,
-        "hookUrl": job.webhook_url,
-    }
-    if not job.status.is_terminal:
-        data["progress"] = job.progress
-    if job.status is JobStatus.QUEUED:  # an added field: queued jobs created before this one
-        data["queuePosition"] = services.jobs.queue_position(job.id)
-    body = {"status": STATUS[job.status], "message": message, "jobId": job.id, "data": data}
-    notes = public_details(job.details)
-    if notes:  # an added field, as in the vendor's get_result: what the engine tells the user (a note)
-        body["details"] = notes
-    return body
 
 
 def _accepted(job: Job) -> dict[str, Any]:

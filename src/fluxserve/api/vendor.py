@@ -30,14 +30,14 @@ from fluxserve.api.auth import X_KEY
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import VendorError, responses
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
-from fluxserve.api.vendor_schemas import CreditsResponse, ResultResponse, SubmitResponse
+from fluxserve.api.vendor_schemas import CreditsResponse, SubmitResponse
 from fluxserve.core.fields import MAX_ERROR_MESSAGES, VENDOR_RULES
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import Job
 from fluxserve.core.models import Dialect, ModelSpec
-from fluxserve.core.notes import public_details
 from fluxserve.core.pricing import format_credits
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER, IdempotencyConflict
+from fluxserve.surfaces.vendor import ResultResponse, render_result
 
 # /v1/credits for a key without a limit: the vendor's schema requires a number, and JSON has no
 # infinity; a balance no job can exhaust keeps clients' "enough credits?" checks passing.
@@ -195,56 +195,6 @@ add_submit_routes(
     router, Dialect.VENDOR, "/", Key, _submit, response_model=SubmitResponse, responses=_SUBMIT_RESPONSES,
     response_model_exclude_none=True,  # input_mp and output_mp only where the model is priced by them
 )  # fmt: skip
-
-
-def _reason(job: Job) -> str:
-    """``"Request Moderated: nudity"`` -> ``"nudity"``: the vendor lists reasons without the label."""
-    text = job.error or ""
-    label, _, reason = text.partition(": ")
-    return reason if label in ("Request Moderated", "Content Moderated") and reason else text
-
-
-def _timestamp(job: Job, name: str) -> float | None:
-    value = getattr(job, name)
-    return None if value is None else value.timestamp()
-
-
-def render_result(job: Job | None, job_id: str, services: Services) -> ResultResponse:
-    """A job in the vendor's result shape. Canceled jobs (the vendor has no cancel) read as Error."""
-    if job is None:
-        return ResultResponse(id=job_id, status="Task not found")
-    status = job.status
-    if status is JobStatus.QUEUED:  # details is free-form in the vendor's schema: an added field
-        position = services.jobs.queue_position(job.id)
-        return ResultResponse(
-            id=job.id, status="Pending", progress=job.progress, details={"queue_position": position}
-        )
-    if not status.is_terminal:
-        return ResultResponse(id=job.id, status="Pending", progress=job.progress)
-    if status is JobStatus.SUCCEEDED:
-        start, end = _timestamp(job, "started_at"), _timestamp(job, "finished_at")
-        expired = job.result_expired
-        result = {
-            "sample": None if expired is not None else services.result_url(job.result_key),
-            "prompt": job.prompt,
-            "seed": job.seed,
-            "start_time": start,
-            "end_time": end,
-            "duration": None if start is None or end is None else round(end - start, 3),
-        }
-        notes = public_details(job.details)  # what the engine tells the user (a note), if anything
-        if expired is not None:  # Ready still: the job delivered; its file outlived retention
-            notes["result"] = expired
-        return ResultResponse(id=job.id, status="Ready", result=result, details=notes or None)
-    if status is JobStatus.REQUEST_MODERATED:
-        return ResultResponse(
-            id=job.id, status="Request Moderated", details={"Moderation Reasons": [_reason(job)]}
-        )
-    if status is JobStatus.CONTENT_MODERATED:
-        return ResultResponse(
-            id=job.id, status="Content Moderated", details={"Moderation Reasons": [_reason(job)]}
-        )
-    return ResultResponse(id=job.id, status="Error", details={"error": job.error or "failed"})
 
 
 @router.get(

@@ -1,9 +1,7 @@
 """The vendor dialect's response shapes (its published OpenAPI); request schemas come from the model
-table (``api/requests.py``)."""
+table (``api/requests.py``), the result's from its renderer (``surfaces/vendor.py``)."""
 
 from __future__ import annotations
-
-from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -22,21 +20,6 @@ class SubmitResponse(BaseModel):
     output_mp: float | None = Field(
         default=None, description="Megapixels of the output charged for (megapixel-priced models)."
     )
-
-
-VendorStatus = Literal[
-    "Task not found", "Pending", "Request Moderated", "Content Moderated", "Ready", "Error"
-]
-
-
-class ResultResponse(BaseModel):
-    """``GET /v1/get_result``: ``result`` is ``{"sample","prompt","seed",...}`` once Ready."""
-
-    id: str
-    status: VendorStatus
-    result: dict[str, Any] | None = None
-    progress: float | None = None
-    details: dict[str, Any] | None = None
 
 
 class CreditsResponse(BaseModel):

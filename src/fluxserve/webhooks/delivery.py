@@ -20,16 +20,16 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from fluxserve.db import outbox
 from fluxserve.db.connection import utcnow
-from fluxserve.db.tables import jobs
 from fluxserve.errors import AddressRefused, FetchError
 from fluxserve.safety.fetch import NetworkPolicy, send
 from fluxserve.webhooks.signing import signed_headers, task_headers
@@ -55,6 +55,15 @@ def _target(url: str) -> str:
         return ""
 
 
+@dataclass(frozen=True)
+class Payload:
+    """What one delivery sends: the job as its dialect renders it, and the ``webhook_secret`` a vendor task
+    was submitted with (it adds the vendor's own signature headers)."""
+
+    body: dict[str, Any]
+    task_secret: str | None = None
+
+
 class _JobGone(FetchError):
     """The delivery's job no longer exists: nothing to send, ever."""
 
@@ -63,7 +72,7 @@ class WebhookDispatcher:
     def __init__(
         self,
         database: Engine,
-        payload_for: Callable[[str], dict[str, Any] | None],
+        payload_for: Callable[[str], Payload | None],
         *,
         policy: NetworkPolicy,
         backoff: Sequence[float] = DEFAULT_BACKOFF,
@@ -167,15 +176,14 @@ class WebhookDispatcher:
             payload = await asyncio.to_thread(self._payload_for, delivery["job_id"])
             if payload is None:
                 raise _JobGone("job no longer exists")
-            body = json.dumps(payload, separators=(",", ":"))
+            body = json.dumps(payload.body, separators=(",", ":"))
             headers = {
                 "Content-Type": "application/json",
                 "User-Agent": "fluxserve-webhooks",
                 **signed_headers(delivery["webhook_secret"], delivery["id"], utcnow(), body),
             }
-            task_secret = await asyncio.to_thread(self._task_secret, delivery["job_id"])
-            if task_secret is not None:
-                headers.update(task_headers(task_secret, body))
+            if payload.task_secret is not None:
+                headers.update(task_headers(payload.task_secret, body))
             async with asyncio.timeout(self._timeout):
                 response = await send(
                     client, "POST", delivery["url"], self._policy,
@@ -197,11 +205,6 @@ class WebhookDispatcher:
         if not final:
             self._note(delivery["url"], connected)
         await asyncio.to_thread(self._record, delivery, attempt, status_code, error, final)
-
-    def _task_secret(self, job_id: str) -> str | None:
-        """The ``webhook_secret`` the job was submitted with (vendor dialect), if any."""
-        with self._database.connect() as conn:
-            return conn.execute(select(jobs.c.webhook_secret).where(jobs.c.id == job_id)).scalar()
 
     def _note(self, url: str, connected: bool) -> None:
         """Count a target's connection failures in a row; pause it from the PAUSE_AFTER-th."""

@@ -1,0 +1,57 @@
+"""The reseller dialect's fetch JSON, which is also its webhook body and its event streams' last event."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.notes import public_details
+from fluxserve.core.pricing import format_credits
+from fluxserve.surfaces.base import Links
+
+STATUS = {
+    JobStatus.FETCHING: "PENDING_QUEUE",
+    JobStatus.QUEUED: "PENDING_QUEUE",
+    JobStatus.RUNNING: "ON_QUEUE",
+    JobStatus.SUCCEEDED: "SUCCESS",
+    JobStatus.FAILED: "FAILED",
+    JobStatus.REQUEST_MODERATED: "FAILED",
+    JobStatus.CONTENT_MODERATED: "FAILED",
+    JobStatus.CANCELED: "FAILED",
+}
+
+
+def render_job(job: Job, links: Links) -> dict[str, Any]:
+    """The fetch JSON, which is also the webhook body."""
+    expired = job.result_expired if job.status is JobStatus.SUCCEEDED else None
+    if expired is not None:  # still a success (it was delivered and charged); only the file is gone
+        message = expired
+    elif job.status is JobStatus.SUCCEEDED:
+        message = "success"
+    elif job.status.is_terminal:
+        message = job.error or "failed"
+    else:
+        message = ""
+    charged = job.cost if job.status is JobStatus.SUCCEEDED or not job.status.is_terminal else Decimal(0)
+    data: dict[str, Any] = {
+        "mode": job.model,
+        "jobId": job.id,
+        "prompt": job.prompt,
+        "quota": format_credits(charged) if charged else "0",
+        "size": job.size,
+        "seed": str(job.seed),
+        "imageUrl": links.result_url(job.result_key)
+        if job.status is JobStatus.SUCCEEDED and expired is None
+        else None,
+        "hookUrl": job.webhook_url,
+    }
+    if not job.status.is_terminal:
+        data["progress"] = job.progress
+    if job.status is JobStatus.QUEUED:  # an added field: queued jobs created before this one
+        data["queuePosition"] = links.queue_position(job.id)
+    body = {"status": STATUS[job.status], "message": message, "jobId": job.id, "data": data}
+    notes = public_details(job.details)
+    if notes:  # an added field, as in the vendor's get_result: what the engine tells the user (a note)
+        body["details"] = notes
+    return body
