@@ -110,13 +110,13 @@ class Runtime:
         try:
             yield
         finally:
+            if supervisor is not None:
+                # First, while the webhooks still go out: the workers finish their jobs (or hand them back).
+                await asyncio.to_thread(supervisor.stop)
             webhook_stop.set()
             await webhooks
             await fetches
             await sweeper
-            if supervisor is not None:
-                # A job still running is not waited for long: its heartbeat stops and it is requeued.
-                await asyncio.to_thread(supervisor.stop)
 
     async def sweep_results(self, stop: asyncio.Event) -> None:
         """Retention: every ``sweep_seconds``, delete results past their time (off the event loop)."""

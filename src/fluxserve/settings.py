@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     stale_after_seconds: float = Field(
         default=30.0, description="A running job whose worker has not checked in for this long is requeued."
     )
+    worker_drain_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="On SIGTERM a worker process claims nothing more and gives its running jobs this long to "
+        "finish; those still running then go back to the queue at once (the attempt not counted) and the "
+        "process exits. serve's supervisor waits this long, and a little more, before killing a worker.",
+    )
     torch_threads: int | None = Field(
         default=None,
         gt=0,

@@ -125,6 +125,11 @@ class JobStore(Protocol):
         worker's (it was requeued or canceled meanwhile)."""
         ...
 
+    def hand_back(self, worker_ids: Collection[str]) -> int:
+        """Queue again, at once, the jobs these workers are running (their process is stopping): the attempt
+        is not counted, and a worker that finishes one afterwards has its result refused. Returns how many."""
+        ...
+
     def cancel(self, job_id: str, key_id: str) -> Job | None:
         """Cancel a queued job at once, or flag a running one for its worker to stop."""
         ...

@@ -376,6 +376,20 @@ class SqlJobStore:
             outbox.enqueue(conn, job_id, row.key_id, row.webhook_url)
         return True
 
+    def hand_back(self, worker_ids: Collection[str]) -> int:
+        mine = [jobs.c.status == JobStatus.RUNNING.value, jobs.c.worker_id.in_(list(worker_ids))]
+        with self._engine.begin() as conn:
+            handed = conn.execute(
+                update(jobs)
+                .where(*mine)
+                .values(
+                    status=JobStatus.QUEUED.value, worker_id=None, progress=0.0, attempts=jobs.c.attempts - 1
+                )
+            ).rowcount
+            if handed:
+                self._wakeups.announce(conn, handed)
+        return handed
+
     def cancel(self, job_id: str, key_id: str) -> Job | None:
         with self._engine.begin() as conn:
             row = conn.execute(

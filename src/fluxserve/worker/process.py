@@ -2,18 +2,20 @@
 
 This is the only kind of process that imports torch and loads models. ``fluxserve serve`` starts its
 worker processes with :mod:`fluxserve.worker.supervisor`; on a GPU machine an operator runs one per GPU.
+A stop (SIGTERM) drains the process: see :func:`run_worker_process`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import torch
-from sqlalchemy import Engine
 
 from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.engines.registry import EngineRegistry
+from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.workers import WorkerRegistry, process_name
 from fluxserve.settings import Settings
 from fluxserve.wiring import make_blob_store, make_job_store, open_database
@@ -24,6 +26,8 @@ from fluxserve.worker.upsample import StyleCueEnhancer
 
 log = logging.getLogger("fluxserve.worker")
 
+HANDED_BACK_SECONDS = 5.0  # how long workers get to notice that their jobs were handed back, at most
+
 
 def engine_registry(settings: Settings, catalog: Catalog) -> EngineRegistry:
     """The process's engines, within the operator's memory cap (``FLUXSERVE_MODEL_MEMORY_MB``)."""
@@ -31,9 +35,8 @@ def engine_registry(settings: Settings, catalog: Catalog) -> EngineRegistry:
     return EngineRegistry(catalog, settings.models, memory_cap_bytes=cap)
 
 
-def build_workers(settings: Settings, database: Engine, threads: int, liveness: Liveness) -> list[Worker]:
+def build_workers(settings: Settings, store: JobStore, threads: int, liveness: Liveness) -> list[Worker]:
     """``threads`` workers sharing one engine registry (one copy of each model's weights)."""
-    store = make_job_store(database)
     blobs = make_blob_store(settings.storage)
     catalog = load_catalog(settings.catalog_files)
     max_input_pixels = max(entry.max_input_pixels for entry in catalog.models.values())
@@ -59,21 +62,43 @@ def build_workers(settings: Settings, database: Engine, threads: int, liveness: 
 
 
 def run_worker_process(settings: Settings, threads: int, liveness: Liveness, stop: threading.Event) -> None:
-    """Run until ``stop`` is set; a job still running then is taken back by another worker."""
+    """Run until ``stop`` is set, then drain: claim nothing more, give the running jobs
+    ``worker_drain_seconds`` to finish, and hand back those still running (queued again at once, so a
+    deploy costs them neither the stale timeout nor an attempt)."""
     torch.set_num_threads(settings.threads_per_worker)
     database = open_database(settings)
-    workers = build_workers(settings, database, threads, liveness)
+    store = make_job_store(database)
+    workers = build_workers(settings, store, threads, liveness)
     # The process's row in the workers table, for /readyz and /metrics of every API replica.
     presence = threading.Thread(
         target=WorkerRegistry(database).announce,
         args=(process_name(), threads, liveness.alive, settings.heartbeat_seconds, stop),
         name="presence",
     )
-    runners = [threading.Thread(target=w.run, args=(stop,), name=w.worker_id) for w in workers]
+    # Daemons: a thread whose job was handed back and whose engine does not stop must not hold the exit.
+    runners = [threading.Thread(target=w.run, args=(stop,), name=w.worker_id, daemon=True) for w in workers]
     for runner in [presence, *runners]:
         runner.start()
     log.info("worker process ready", extra={"threads": threads, "torch_threads": torch.get_num_threads()})
-    while any(runner.is_alive() for runner in runners):
-        for runner in runners:
-            runner.join(timeout=0.5)
+    while not stop.is_set() and any(runner.is_alive() for runner in runners):
+        stop.wait(0.5)
+    drain(store, workers, runners, settings.worker_drain_seconds)
     presence.join()  # it removes the row once stop is set
+
+
+def drain(store: JobStore, workers: list[Worker], runners: list[threading.Thread], grace: float) -> None:
+    """Wait up to ``grace`` seconds for the runners (stopped: they finish their jobs and claim no more),
+    then hand back the jobs of those still running. Their engines stop at the next step, the job no
+    longer theirs; the process does not wait long for that."""
+    log.info("worker process draining", extra={"grace_seconds": grace})
+    deadline = time.monotonic() + grace
+    for runner in runners:
+        runner.join(timeout=max(0.0, deadline - time.monotonic()))
+    busy = [worker.worker_id for worker, runner in zip(workers, runners, strict=True) if runner.is_alive()]
+    if not busy:
+        return
+    handed = store.hand_back(busy)
+    log.warning("drain time over; running jobs handed back", extra={"jobs": handed, "grace_seconds": grace})
+    deadline = time.monotonic() + HANDED_BACK_SECONDS
+    for runner in runners:
+        runner.join(timeout=max(0.0, deadline - time.monotonic()))

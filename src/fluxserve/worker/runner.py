@@ -146,9 +146,11 @@ class Worker:
         self._max_attempts = max_attempts
         self._poll = poll_seconds
         self._next_reap = 0.0
+        self._stop = threading.Event()  # run's: once set, a draining worker claims nothing more
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker started", extra={"worker_id": self.worker_id})
+        self._stop = stop
         while not stop.is_set():
             try:
                 self._reap()
@@ -191,9 +193,10 @@ class Worker:
             self._finish(first, time.monotonic(), JobStatus.FAILED, str(exc))
             return
         jobs = [first]
-        if isinstance(engine, BatchingEngine) and engine.max_batch > 1 and first.width and first.height:
+        batch = engine.max_batch if isinstance(engine, BatchingEngine) else 1
+        if batch > 1 and first.width and first.height and not self._stop.is_set():  # draining: no claims
             jobs += self._store.claim_similar(
-                self.worker_id, first.model, first.width, first.height, engine.max_batch - 1
+                self.worker_id, first.model, first.width, first.height, batch - 1
             )
         started = time.monotonic()
         with ExitStack() as stack:

@@ -4,7 +4,8 @@ Each child is ``fluxserve worker``, the same command an operator runs on a GPU m
 settings in its environment. A child that exits, or whose beacon file goes stale (it hung: stopped,
 stuck in a kernel, or its engine stopped making progress), is killed and started again, with a growing
 pause when it keeps failing at once. Its job is taken back by the stale-job reaper of a live worker, so a
-crash costs the job one attempt and never the API.
+crash costs the job one attempt and never the API. A stop drains the children: each finishes its running
+jobs within ``FLUXSERVE_WORKER_DRAIN_SECONDS`` and hands back the rest before it exits.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ MAX_RESTART_PAUSE = 30.0
 STABLE_AFTER_SECONDS = 60.0
 PR_SET_PDEATHSIG = 1
 STARTUP_SECONDS = 120.0  # a child that ran this long resets the restart pause
+EXIT_SECONDS = 15.0  # after its drain time, for a child to hand its jobs back and exit before it is killed
 
 
 def _die_with_parent() -> None:
@@ -74,6 +76,7 @@ class Supervisor:
         ]
         self._env = child_environment(settings)
         self._stale_after = settings.stale_after_seconds
+        self._grace = settings.worker_drain_seconds + EXIT_SECONDS
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
 
@@ -82,8 +85,10 @@ class Supervisor:
             self._spawn(child)
         self._thread.start()
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM every child, SIGKILL the ones still running after ``grace`` seconds."""
+    def stop(self) -> None:
+        """SIGTERM every child (each drains: it ends or hands back its jobs), SIGKILL the ones still running
+        after their drain time and ``EXIT_SECONDS`` more."""
+        grace = self._grace
         self._stop.set()
         self._thread.join()
         running = [
