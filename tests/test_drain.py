@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import Api, ServerProcess
-from tests.test_lifecycle import SLOW_JOB, slow_env, wait_for
+from tests.test_lifecycle import slow_env, wait_for
+from tests.test_recovery import MEDIUM_JOB
 from tests.test_worker_process import start_worker
 
 # A stale job is requeued only after 10 minutes here: what goes back to the queue, went back by hand-back.
@@ -33,7 +34,7 @@ def test_a_stopped_worker_finishes_its_running_job_and_exits_0(make_server, tmp_
     )
     server.start("--no-workers")
     client = Api(server.base_url, server.create_key()["key"])
-    job_id = client.job("flux-dev", SLOW_JOB)
+    job_id = client.job("flux-dev", MEDIUM_JOB)
     waiting = client.job("flux-dev", {"prompt": "after", "steps": 1})  # queued behind it: must stay there
     worker = start_worker(server)
     try:
@@ -57,7 +58,7 @@ def test_a_job_outlasting_the_drain_goes_back_at_once_and_another_worker_ends_it
     )
     server.start("--no-workers")
     client = Api(server.base_url, server.create_key()["key"])
-    job_id = client.job("flux-dev", SLOW_JOB)
+    job_id = client.job("flux-dev", MEDIUM_JOB)
     first = start_worker(server)
     try:
         wait_for(client, job_id, "ON_QUEUE", timeout=120)
@@ -84,7 +85,7 @@ def test_a_stopped_server_stops_taking_requests_and_drains_its_workers(make_serv
     )
     server.start()
     client = Api(server.base_url, server.create_key()["key"])
-    job_id = client.job("flux-dev", SLOW_JOB)
+    job_id = client.job("flux-dev", MEDIUM_JOB)
     wait_for(client, job_id, "ON_QUEUE", timeout=120)
     assert server.process is not None
     server.process.send_signal(signal.SIGTERM)

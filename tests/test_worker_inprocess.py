@@ -341,3 +341,54 @@ def test_a_job_is_claimed_and_ended_in_two_writes_and_the_end_is_one_transaction
             ["INSERT", "INTO", "webhook_deliveries"],
         ]
     assert done.id == job.id
+
+
+def test_hand_back_requeues_a_workers_running_jobs_at_once_without_counting_the_attempt(world: World) -> None:
+    key = world.key()
+    mine, theirs = world.submit(key), world.submit(key)
+    assert world.store.claim("stopping") is not None and world.store.claim("staying") is not None
+    assert world.store.hand_back(["stopping", "gone"]) == 1
+    back, other = world.store.get(mine.id), world.store.get(theirs.id)
+    assert back is not None and other is not None
+    assert (back.status, back.worker_id, back.attempts, back.progress) == (JobStatus.QUEUED, None, 0, 0.0)
+    assert (other.status, other.worker_id, other.attempts) == (JobStatus.RUNNING, "staying", 1)
+    # The stopping worker's late result is refused; the job is the next claim's, and counts as its first.
+    assert not world.store.finish(mine.id, "stopping", JobStatus.SUCCEEDED, result_key="results/late.png")
+    assert world.store.hand_back([]) == 0
+    again = world.store.claim("next")
+    assert again is not None and (again.id, again.attempts) == (mine.id, 1)
+
+
+@pytest.mark.parametrize("grace", [30.0, 0.0])
+def test_a_stopped_worker_drains_then_hands_back_what_is_still_running(world: World, grace: float) -> None:
+    from fluxserve.worker.process import drain  # imports torch
+
+    release, started = threading.Event(), threading.Event()
+
+    def slow(request: EngineRequest, hooks: EngineHooks) -> EngineResult:
+        started.set()
+        while not release.wait(0.02):  # a step at a time until released, or until canceled
+            hooks.step(0.5)
+        return paint(request, hooks)
+
+    key = world.key()
+    running, waiting = world.submit(key), world.submit(key)
+    worker = world.worker(Scripted(slow), heartbeat_seconds=0.05)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    assert started.wait(20)
+    stop.set()
+    if grace:  # the job ends within the drain time
+        threading.Timer(0.3, release.set).start()
+    drain(world.store, [worker], [thread], grace)
+    release.set()
+    thread.join(20)
+    assert not thread.is_alive()
+    ran, queued = world.store.get(running.id), world.store.get(waiting.id)
+    assert ran is not None and queued is not None
+    assert (queued.status, queued.attempts) == (JobStatus.QUEUED, 0)  # nothing claimed while draining
+    if grace:
+        assert (ran.status, ran.attempts) == (JobStatus.SUCCEEDED, 1)
+    else:  # handed back: the engine stopped at its next step and its end was not recorded
+        assert (ran.status, ran.worker_id, ran.attempts) == (JobStatus.QUEUED, None, 0)
