@@ -28,21 +28,28 @@ def row(server: ServerProcess, job_id: str) -> tuple[str, int, str | None]:
     return found[0], found[1], found[2]
 
 
-def test_a_stopped_worker_finishes_its_running_job_and_exits_0(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server: ServerProcess = make_server(
-        {**slow_env(tmp_path), **DRAIN_ENV, "FLUXSERVE_WORKER_DRAIN_SECONDS": "600"}
-    )
+def stopped_mid_job(server: ServerProcess, exit_within: float) -> tuple[Api, str, str]:
+    """On a server without workers, a medium job and one queued behind it; a ``fluxserve worker`` sent
+    SIGTERM while it runs the first. Returns once the worker exited 0: the client and the two job ids."""
     server.start("--no-workers")
     client = Api(server.base_url, server.create_key()["key"])
     job_id = client.job("flux-dev", MEDIUM_JOB)
-    waiting = client.job("flux-dev", {"prompt": "after", "steps": 1})  # queued behind it: must stay there
+    waiting = client.job("flux-dev", {"prompt": "after", "steps": 1})
     worker = start_worker(server)
     try:
         wait_for(client, job_id, "ON_QUEUE", timeout=120)
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=600) == 0
+        assert worker.wait(timeout=exit_within) == 0
     finally:
         worker.kill()
+    return client, job_id, waiting
+
+
+def test_a_stopped_worker_finishes_its_running_job_and_exits_0(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server: ServerProcess = make_server(
+        {**slow_env(tmp_path), **DRAIN_ENV, "FLUXSERVE_WORKER_DRAIN_SECONDS": "600"}
+    )
+    client, job_id, waiting = stopped_mid_job(server, exit_within=600)
     assert client.fetch(job_id)["status"] == "SUCCESS"  # ended before the process did
     status, attempts, worker_id = row(server, job_id)
     assert (status, attempts) == ("succeeded", 1) and worker_id is not None
@@ -56,18 +63,10 @@ def test_a_job_outlasting_the_drain_goes_back_at_once_and_another_worker_ends_it
     server: ServerProcess = make_server(
         {**slow_env(tmp_path), **DRAIN_ENV, "FLUXSERVE_WORKER_DRAIN_SECONDS": "0.2"}
     )
-    server.start("--no-workers")
-    client = Api(server.base_url, server.create_key()["key"])
-    job_id = client.job("flux-dev", MEDIUM_JOB)
-    first = start_worker(server)
-    try:
-        wait_for(client, job_id, "ON_QUEUE", timeout=120)
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=60) == 0
-    finally:
-        first.kill()
+    client, job_id, waiting = stopped_mid_job(server, exit_within=60)
     # Back in the queue as the process exits (the stale timeout is 10 minutes), its attempt not counted.
     assert row(server, job_id) == ("queued", 0, None)
+    assert row(server, waiting) == ("queued", 0, None)
     assert client.fetch(job_id)["status"] == "PENDING_QUEUE"
     second = start_worker(server)
     try:

@@ -220,8 +220,9 @@ def worker(
     configure_logging(json=settings.log_json)
     liveness = Liveness()
     beacon = os.environ.get(BEACON_ENV)
-    if beacon:  # before the model stack imports: a supervisor watches this file from the first second
-        start_beacon(Path(beacon), liveness, settings.heartbeat_seconds, stop)
+    if beacon:  # before the model stack imports: a supervisor watches this file from the first second;
+        # until the process exits, so that it is not killed as hung while it drains
+        start_beacon(Path(beacon), liveness, settings.heartbeat_seconds, threading.Event())
     from fluxserve.worker.quiet import quiet_model_stack_imports
 
     quiet_model_stack_imports()
