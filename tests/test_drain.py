@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import Api, ServerProcess
 from tests.test_lifecycle import slow_env, wait_for
 from tests.test_recovery import MEDIUM_JOB
 from tests.test_worker_process import start_worker
+
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # a worker process runs a whole job: make test-long
 
 # A stale job is requeued only after 10 minutes here: what goes back to the queue, went back by hand-back.
 DRAIN_ENV = {"FLUXSERVE_STALE_AFTER_SECONDS": "600"}
