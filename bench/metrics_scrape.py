@@ -69,7 +69,8 @@ def percentiles(values: list[float]) -> str:
     if not values:
         return "none"
     p90, p99 = (
-        statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0] for q in (90, 99)
+        statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+        for q in (90, 99)
     )
     return (
         f"n={len(values)} p50={statistics.median(values) * 1000:.0f} ms p90={p90 * 1000:.0f} ms "

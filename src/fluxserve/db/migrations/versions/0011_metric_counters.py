@@ -13,8 +13,8 @@ delivery, whatever code path makes it, on SQLite and PostgreSQL alike:
 - ``webhook_counts``: deliveries by status (pending decremented when it leaves, delivered and failed grow).
 
 On PostgreSQL each row also has a ``shard`` (the backend's pid modulo 8), so that concurrent transactions
-rarely update the same counter row (one row per (model, status) would serialise every claim of a model, and
-two multi-job transactions could deadlock on it); readers sum the shards. SQLite has one writer: shard 0.
+rarely update the same counter row (one row per (model, status) would serialise every claim of a model);
+readers sum the shards. SQLite has one writer: shard 0.
 
 The counters are filled once from the existing rows. On PostgreSQL creating the triggers locks the tables
 against writes until the migration commits, so no change slips between the backfill and the triggers.
@@ -101,8 +101,11 @@ def _job_statements(op_name: str, shard: str, postgres: bool) -> list[str]:
         ]
     if op_name == "UPDATE":  # the status changed (the trigger's condition)
         return [
-            _count("job_counts", keys("OLD"), "jobs", "-1", shard, f"OLD.status IN {ACTIVE}"),
-            _count("job_counts", keys("NEW"), "jobs", "1", shard, "TRUE"),
+            *_moved(
+                _count("job_counts", keys("OLD"), "jobs", "-1", shard, f"OLD.status IN {ACTIVE}"),
+                _count("job_counts", keys("NEW"), "jobs", "1", shard, "TRUE"),
+                postgres,
+            ),
             _observe(
                 "NEW",
                 "queue_wait",
@@ -125,12 +128,21 @@ def _job_statements(op_name: str, shard: str, postgres: bool) -> list[str]:
     return [_count("job_counts", keys("OLD"), "jobs", "-1", shard, f"OLD.status IN {ACTIVE}")]
 
 
-def _delivery_statements(op_name: str, shard: str) -> list[str]:
+def _moved(leave: str, enter: str, postgres: bool) -> list[str]:
+    """A status change: the old status's row and the new one's. On PostgreSQL they are updated (locked) in
+    the order of their names, the same in every transaction, so that two transactions moving jobs between
+    the same two statuses in opposite directions wait for each other rather than deadlock."""
+    if not postgres:
+        return [leave, enter]
+    return [f"IF OLD.status < NEW.status THEN {leave} {enter} ELSE {enter} {leave} END IF;"]
+
+
+def _delivery_statements(op_name: str, shard: str, postgres: bool) -> list[str]:
     grow = _count("webhook_counts", {"status": "NEW.status"}, "deliveries", "1", shard, "TRUE")
     shrink = _count(
         "webhook_counts", {"status": "OLD.status"}, "deliveries", "-1", shard, f"OLD.status IN {PENDING}"
     )
-    return {"INSERT": [grow], "UPDATE": [shrink, grow], "DELETE": [shrink]}[op_name]
+    return {"INSERT": [grow], "UPDATE": _moved(shrink, grow, postgres), "DELETE": [shrink]}[op_name]
 
 
 TABLES = ("jobs", "webhook_deliveries")
@@ -139,7 +151,7 @@ TABLES = ("jobs", "webhook_deliveries")
 def _statements(table: str, op_name: str, shard: str, postgres: bool) -> list[str]:
     if table == "jobs":
         return _job_statements(op_name, shard, postgres)
-    return _delivery_statements(op_name, shard)
+    return _delivery_statements(op_name, shard, postgres)
 
 
 def _sqlite_triggers(table: str) -> None:
