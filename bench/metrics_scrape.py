@@ -116,8 +116,12 @@ def main() -> None:
         try:
             measure(base, key, args.scrapers, args.seconds)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.terminate()  # the old server waits for its abandoned scrapes: not for long
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 def measure(base: str, key: str, scrapers: int, seconds: float) -> None:
