@@ -10,15 +10,17 @@ scratch directory, filled with ``--rows`` ended jobs of two models by one SQL st
 as the store writes them). One ``fluxserve serve --no-workers`` process serves it; one job of a second key
 waits in the queue.
 
-For ``--seconds``, ``--scrapers`` threads without a key scrape ``/metrics`` back to back (each scrape
-times out after 60 s and is then abandoned), while one client fetches the queued job with its key every
-0.1 s and another asks ``/readyz`` every 0.5 s. Reported: scrape latency percentiles, fetch latency before
+For ``--seconds``, ``--scrapers`` threads without a key (in a process of their own) scrape ``/metrics``,
+each waiting one of ``--intervals`` between its scrapes (0: back to back; each scrape times out after 60 s
+and is then abandoned), while one client fetches the queued job with its key every 0.1 s and another asks
+``/readyz`` every 0.5 s. Reported: scrape latency percentiles, fetch latency before
 and during the storm (and how many took over 1 s or failed), and /readyz's statuses.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -29,8 +31,6 @@ import time
 from pathlib import Path
 
 import httpx
-
-from bench.engine import serve
 
 HERE = Path(__file__).resolve().parents[1]
 FILL = """
@@ -96,11 +96,23 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--scrapers", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--intervals",
+        default="1,0",
+        help="seconds between one scraper's scrapes, one storm each (0: back to back)",
+    )
     parser.add_argument("--fill", help=argparse.SUPPRESS)  # internal: fill this database and exit
+    parser.add_argument("--scrape", help=argparse.SUPPRESS)  # internal: be the scrapers of this server
+    parser.add_argument("--interval", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fill:
         fill(args.fill, args.rows)
         return
+    if args.scrape:
+        print(json.dumps(scrape(args.scrape, args.scrapers, args.interval, args.seconds)))
+        return
+    from bench.engine import serve  # here: it imports torch, which the scrapers' process does without
+
     env = {**os.environ, "PYTHONPATH": f"{args.tree.resolve() / 'src'}:{HERE}", "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch)
@@ -114,7 +126,8 @@ def main() -> None:
         print(f"tree {args.tree}: {args.rows} ended jobs written in {time.perf_counter() - started:.0f} s")
         server, base, key = serve(data, {**env, "FLUXSERVE_WORKERS": "0"})
         try:
-            measure(base, key, args.scrapers, args.seconds)
+            for interval in (float(value) for value in args.intervals.split(",")):
+                measure(base, key, args.scrapers, interval, args.seconds)
         finally:
             server.terminate()  # the old server waits for its abandoned scrapes: not for long
             try:
@@ -124,47 +137,71 @@ def main() -> None:
                 server.wait()
 
 
-def measure(base: str, key: str, scrapers: int, seconds: float) -> None:
+def scrape(base: str, scrapers: int, interval: float, seconds: float) -> list[tuple[float, int]]:
+    """``scrapers`` threads scraping for ``seconds`` (in their own process, so that their work does not
+    slow the measuring client's); each scrape that is still unanswered then finishes or times out."""
+    stop = threading.Event()
+    scrapes: list[tuple[float, int]] = []
+
+    def one() -> None:
+        with httpx.Client(base_url=base, timeout=60) as anonymous:
+            while not stop.is_set():
+                scrapes.append(timed(anonymous, "/metrics"))
+                stop.wait(interval)
+
+    threads = [threading.Thread(target=one) for _ in range(scrapers)]
+    for thread in threads:
+        thread.start()
+    print("started", flush=True)  # the measuring client starts its clock now
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return scrapes
+
+
+def measure(base: str, key: str, scrapers: int, interval: float, seconds: float) -> None:
     keyed = httpx.Client(base_url=base, headers={"TT-API-KEY": key}, timeout=60)
     job = keyed.post("/bfl/v1/flux-dev", json={"prompt": "p", "width": 256, "height": 256})
     job.raise_for_status()
     fetch_url = f"/flux/fetch?jobId={job.json()['data']['jobId']}"
     quiet = [timed(keyed, fetch_url) for _ in range(50)]
+    print(f"\n{scrapers} scrapers, {interval:g} s between one's scrapes, {seconds:g} s")
     print(f"fetch, quiet:      {percentiles([t for t, _ in quiet])}")
 
     stop = threading.Event()
-    scrapes: list[tuple[float, int]] = []
+    ready: list[tuple[float, int]] = []
 
-    def scrape() -> None:
-        with httpx.Client(base_url=base, timeout=60) as anonymous:
-            while not stop.is_set():
-                scrapes.append(timed(anonymous, "/metrics"))
-
-    def readiness(into: list[tuple[float, int]]) -> None:
+    def readiness() -> None:
         with httpx.Client(base_url=base, timeout=60) as anonymous:
             while not stop.wait(0.5):
-                into.append(timed(anonymous, "/readyz"))
+                ready.append(timed(anonymous, "/readyz"))
 
-    ready: list[tuple[float, int]] = []
-    threads = [threading.Thread(target=scrape) for _ in range(scrapers)]
-    threads.append(threading.Thread(target=readiness, args=(ready,)))
-    for thread in threads:
-        thread.start()
+    command = [sys.executable, "-m", "bench.metrics_scrape", "--scrape", base, "--scrapers", str(scrapers)]
+    command += ["--interval", str(interval), "--seconds", str(seconds)]
+    storm = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert storm.stdout is not None and storm.stdout.readline().strip() == "started"
+    checker = threading.Thread(target=readiness)
+    checker.start()
     fetches: list[tuple[float, int]] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         fetches.append(timed(keyed, fetch_url))
         time.sleep(0.1)
     stop.set()
-    for thread in threads:
-        thread.join()
+    checker.join()
+    output, _ = storm.communicate()
+    scrapes = [(float(t), int(status)) for t, status in json.loads(output)]
     slow = sum(1 for t, status in fetches if status != 200 or t > 1.0)
-    print(f"scrapes ({scrapers} at once): {percentiles([t for t, s in scrapes if s == 200])}")
+    print(f"scrapes:           {percentiles([t for t, s in scrapes if s == 200])}")
     print(f"  statuses: {sorted({s for _, s in scrapes})} ({sum(1 for _, s in scrapes if s != 200)} not 200)")
     print(f"fetch, storm:      {percentiles([t for t, _ in fetches])}")
     statuses = sorted({status for _, status in fetches})
     print(f"  {slow} of {len(fetches)} fetches failed or took over 1 s; statuses {statuses}")
-    print(f"/readyz, storm:    {percentiles([t for t, _ in ready])}; statuses {[s for _, s in ready]}")
+    print(
+        f"/readyz, storm:    {percentiles([t for t, _ in ready])}; statuses {sorted({s for _, s in ready})}"
+    )
+    print(f"  {sum(1 for _, s in ready if s != 200)} of {len(ready)} not 200")
 
 
 if __name__ == "__main__":
