@@ -101,6 +101,9 @@ def main() -> None:
         default="1,0",
         help="seconds between one scraper's scrapes, one storm each (0: back to back)",
     )
+    parser.add_argument(
+        "--path", default="/metrics", help="what the scrapers ask for (/healthz: the HTTP stack's own floor)"
+    )
     parser.add_argument("--fill", help=argparse.SUPPRESS)  # internal: fill this database and exit
     parser.add_argument("--scrape", help=argparse.SUPPRESS)  # internal: be the scrapers of this server
     parser.add_argument("--interval", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -109,7 +112,7 @@ def main() -> None:
         fill(args.fill, args.rows)
         return
     if args.scrape:
-        print(json.dumps(scrape(args.scrape, args.scrapers, args.interval, args.seconds)))
+        print(json.dumps(scrape(args.scrape, args.path, args.scrapers, args.interval, args.seconds)))
         return
     from bench.engine import serve  # here: it imports torch, which the scrapers' process does without
 
@@ -127,7 +130,7 @@ def main() -> None:
         server, base, key = serve(data, {**env, "FLUXSERVE_WORKERS": "0"})
         try:
             for interval in (float(value) for value in args.intervals.split(",")):
-                measure(base, key, args.scrapers, interval, args.seconds)
+                measure(base, key, args.path, args.scrapers, interval, args.seconds)
         finally:
             server.terminate()  # the old server waits for its abandoned scrapes: not for long
             try:
@@ -137,7 +140,7 @@ def main() -> None:
                 server.wait()
 
 
-def scrape(base: str, scrapers: int, interval: float, seconds: float) -> list[tuple[float, int]]:
+def scrape(base: str, path: str, scrapers: int, interval: float, seconds: float) -> list[tuple[float, int]]:
     """``scrapers`` threads scraping for ``seconds`` (in their own process, so that their work does not
     slow the measuring client's); each scrape that is still unanswered then finishes or times out."""
     stop = threading.Event()
@@ -146,7 +149,7 @@ def scrape(base: str, scrapers: int, interval: float, seconds: float) -> list[tu
     def one() -> None:
         with httpx.Client(base_url=base, timeout=60) as anonymous:
             while not stop.is_set():
-                scrapes.append(timed(anonymous, "/metrics"))
+                scrapes.append(timed(anonymous, path))
                 stop.wait(interval)
 
     threads = [threading.Thread(target=one) for _ in range(scrapers)]
@@ -160,13 +163,13 @@ def scrape(base: str, scrapers: int, interval: float, seconds: float) -> list[tu
     return scrapes
 
 
-def measure(base: str, key: str, scrapers: int, interval: float, seconds: float) -> None:
+def measure(base: str, key: str, path: str, scrapers: int, interval: float, seconds: float) -> None:
     keyed = httpx.Client(base_url=base, headers={"TT-API-KEY": key}, timeout=60)
     job = keyed.post("/bfl/v1/flux-dev", json={"prompt": "p", "width": 256, "height": 256})
     job.raise_for_status()
     fetch_url = f"/flux/fetch?jobId={job.json()['data']['jobId']}"
     quiet = [timed(keyed, fetch_url) for _ in range(50)]
-    print(f"\n{scrapers} scrapers, {interval:g} s between one's scrapes, {seconds:g} s")
+    print(f"\n{scrapers} scrapers of {path}, {interval:g} s between one's scrapes, {seconds:g} s")
     print(f"fetch, quiet:      {percentiles([t for t, _ in quiet])}")
 
     stop = threading.Event()
@@ -177,7 +180,8 @@ def measure(base: str, key: str, scrapers: int, interval: float, seconds: float)
             while not stop.wait(0.5):
                 ready.append(timed(anonymous, "/readyz"))
 
-    command = [sys.executable, "-m", "bench.metrics_scrape", "--scrape", base, "--scrapers", str(scrapers)]
+    command = [sys.executable, "-m", "bench.metrics_scrape", "--scrape", base, "--path", path]
+    command += ["--scrapers", str(scrapers)]
     command += ["--interval", str(interval), "--seconds", str(seconds)]
     storm = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert storm.stdout is not None and storm.stdout.readline().strip() == "started"
