@@ -102,8 +102,11 @@ def main() -> None:
         help="seconds between one scraper's scrapes, one storm each (0: back to back)",
     )
     parser.add_argument(
-        "--path", default="/metrics", help="what the scrapers ask for (/healthz: the HTTP stack's own floor)"
+        "--paths",
+        default="/metrics",
+        help="what the scrapers ask for, a storm each (/healthz: the HTTP floor)",
     )
+    parser.add_argument("--path", default="/metrics", help=argparse.SUPPRESS)  # internal: of one storm
     parser.add_argument("--fill", help=argparse.SUPPRESS)  # internal: fill this database and exit
     parser.add_argument("--scrape", help=argparse.SUPPRESS)  # internal: be the scrapers of this server
     parser.add_argument("--interval", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -129,8 +132,9 @@ def main() -> None:
         print(f"tree {args.tree}: {args.rows} ended jobs written in {time.perf_counter() - started:.0f} s")
         server, base, key = serve(data, {**env, "FLUXSERVE_WORKERS": "0"})
         try:
-            for interval in (float(value) for value in args.intervals.split(",")):
-                measure(base, key, args.path, args.scrapers, interval, args.seconds)
+            for path in args.paths.split(","):
+                for interval in (float(value) for value in args.intervals.split(",")):
+                    measure(base, key, path, args.scrapers, interval, args.seconds)
         finally:
             server.terminate()  # the old server waits for its abandoned scrapes: not for long
             try:
