@@ -5,6 +5,8 @@ statements over the same few rows whether the jobs table holds a hundred jobs or
 from __future__ import annotations
 
 import re
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -32,6 +34,7 @@ from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.storage.local import LocalBlobStore
 
 ACTIVE = {status.value for status in ACTIVE_STATUSES}
+MODELS = ("flux-dev", "flux-pro")
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
@@ -283,3 +286,61 @@ def test_a_read_of_the_figures_does_not_grow_with_the_jobs_table(database_url: s
     normal = [re.sub(r"\s+", " ", statement) for statement in large_sql]
     assert not [s for s in normal if re.search(r"\b(FROM|JOIN)\s+jobs\b", s, re.IGNORECASE)]
     assert small_rows == large_rows  # every (model, status) and bucket is there at either size
+
+
+def test_the_counters_stay_exact_under_concurrent_submits_claims_and_finishes(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Two submitters and three workers at once (on PostgreSQL each its own connection, so its own counter
+    shard or a shared one): no transaction fails (no deadlock on the counter rows) and the counters equal
+    the rows' GROUP BY at the end."""
+    store = SqlJobStore(engine)
+    limits = Limits(max_active=500, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
+    submitter = Submitter(store, LocalBlobStore(tmp_path / "files"), limits, NetworkPolicy())
+    keys = [KeyStore(engine).create(f"k{n}").record for n in range(2)]
+    errors: list[BaseException] = []
+    claims: list[str] = []
+    submitted = threading.Event()
+
+    def submit(key: Any, model: str) -> None:
+        try:
+            params = GenerationParams.model_validate(
+                {"model": model, "prompt": "p", "width": 256, "height": 256}
+            )
+            for _ in range(25):
+                submitter.submit(key, params, 7, None, Dialect.RESELLER)
+        except BaseException as error:  # the assertion below reports it
+            errors.append(error)
+
+    def work(name: str) -> None:
+        try:
+            while True:
+                job = store.claim(name)
+                if job is None:
+                    if submitted.is_set():
+                        return
+                    time.sleep(0.01)
+                    continue
+                claims.append(job.id)
+                outcome = JobStatus.SUCCEEDED if len(claims) % 3 else JobStatus.FAILED
+                assert store.finish(
+                    job.id, name, outcome, error=None if outcome is JobStatus.SUCCEEDED else "x"
+                )
+        except BaseException as error:
+            errors.append(error)
+
+    submitters = [
+        threading.Thread(target=submit, args=(key, model)) for key, model in zip(keys, MODELS, strict=True)
+    ]
+    workers = [threading.Thread(target=work, args=(f"w-{n}",)) for n in range(3)]
+    for thread in [*submitters, *workers]:
+        thread.start()
+    for thread in submitters:
+        thread.join()
+    submitted.set()
+    for thread in workers:
+        thread.join()
+    assert errors == []
+    assert counts(engine) == grouped(engine)
+    assert sum(grouped(engine).values()) == len(claims) == 50
+    assert sum(observations(engine, "queue_wait").values()) == sum(observations(engine, "run").values()) == 50
