@@ -2,6 +2,7 @@
 /readyz answer meanwhile.
 
     python -m bench.metrics_scrape [--tree PATH] [--rows 300000] [--scrapers 16] [--seconds 30]
+                                   [--intervals 1,0] [--paths /metrics,/healthz]
 
 ``--tree`` is the source tree whose server is measured (default: this one), e.g. the main branch checked
 out with ``git worktree add /tmp/before-metrics main``: its ``src`` goes first on the server's PYTHONPATH,
