@@ -4,9 +4,11 @@ and each readiness failure (database unreachable, storage not writable, no worke
 from __future__ import annotations
 
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
@@ -16,7 +18,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import Engine, update
+from pydantic import ValidationError
+from sqlalchemy import Engine, event, update
 
 from conftest import free_port, http_server
 from fluxserve.accounts.keys import ApiKey, KeyStore
@@ -48,16 +51,34 @@ def submit(submitter: Submitter, key: ApiKey, model: str = "flux-dev", webhook_u
     return submitter.submit(key, params, 7, webhook_url, Dialect.RESELLER)
 
 
-def run(store: SqlJobStore, engine: Engine, status: JobStatus, waited: float, ran: float) -> str:
-    """Claim the next job and end it with ``status``, its times set to ``waited`` and ``ran`` seconds."""
+def run(engine: Engine, job_id: str, status: JobStatus, waited: float, ran: float) -> None:
+    """Start and end a queued job at chosen times, as a claim and a finish would (the triggers see both)."""
+    started = T0 + timedelta(seconds=waited)
+    row = jobs.c.id == job_id
+    with engine.begin() as conn:
+        conn.execute(update(jobs).where(row).values(created_at=T0))
+        conn.execute(update(jobs).where(row).values(status=JobStatus.RUNNING.value, started_at=started))
+        ended = started + timedelta(seconds=ran)
+        conn.execute(update(jobs).where(row).values(status=status.value, finished_at=ended))
+
+
+def claim_and_finish(
+    store: SqlJobStore, engine: Engine, status: JobStatus, waited: float, ran: float
+) -> None:
+    """Claim a job that waited ``waited`` seconds, and end it (through the store: its webhook is queued)
+    ``ran`` seconds after its start, give or take the milliseconds between statements."""
+    now = datetime.now(UTC)
+    with engine.begin() as conn:  # the only queued job of the test's key goes next
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.status == JobStatus.QUEUED.value)
+            .values(created_at=now - timedelta(seconds=waited))
+        )
     job = store.claim("w-1")
     assert job is not None
-    assert store.finish(job.id, "w-1", status, error=None if status is JobStatus.SUCCEEDED else "x")
-    times = {"created_at": T0, "started_at": T0 + timedelta(seconds=waited)}
-    times["finished_at"] = times["started_at"] + timedelta(seconds=ran)
     with engine.begin() as conn:
-        conn.execute(update(jobs).where(jobs.c.id == job.id).values(**times))
-    return job.id
+        conn.execute(update(jobs).where(jobs.c.id == job.id).values(started_at=now - timedelta(seconds=ran)))
+    assert store.finish(job.id, "w-1", status, error=None if status is JobStatus.SUCCEEDED else "x")
 
 
 def buckets(histogram: Histogram) -> dict[float, int]:
@@ -74,17 +95,21 @@ def test_figures_and_live_workers_from_the_database(database_url: str, tmp_path:
     limits = Limits(max_active=24, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
     submitter = Submitter(store, LocalBlobStore(tmp_path / "files"), limits, NetworkPolicy())
     key = KeyStore(engine).create("k").record
-    for _ in range(4):
-        submit(submitter, key)
-    run(store, engine, JobStatus.SUCCEEDED, waited=0.3, ran=4.0)
-    run(store, engine, JobStatus.SUCCEEDED, waited=40.0, ran=12.5)
-    run(store, engine, JobStatus.FAILED, waited=2.0, ran=0.7)
+    first, second, third, _ = (submit(submitter, key).id for _ in range(4))
+    run(engine, first, JobStatus.SUCCEEDED, waited=0.3, ran=4.0)
+    run(engine, second, JobStatus.SUCCEEDED, waited=40.0, ran=12.5)
+    run(engine, third, JobStatus.FAILED, waited=2.0, ran=0.7)
     submit(submitter, key, model="flux-kontext-pro")
     registry = WorkerRegistry(engine)
     stats = JobStats(engine, registry, worker_seen_within=30)
 
     figures = stats.figures()
-    assert figures.active == {("flux-dev", "queued"): 1, ("flux-kontext-pro", "queued"): 1}
+    # A status a model's jobs were in stays at 0 (its series does not vanish from Prometheus).
+    assert figures.active == {
+        ("flux-dev", "queued"): 1,
+        ("flux-dev", "running"): 0,
+        ("flux-kontext-pro", "queued"): 1,
+    }
     assert figures.ended == {("flux-dev", "succeeded"): 2, ("flux-dev", "failed"): 1}
     wait, run_time = figures.queue_wait["flux-dev"], figures.run_time["flux-dev"]
     assert (wait.count, run_time.count) == (3, 3)
@@ -158,7 +183,12 @@ def make_app(tmp_path: Path) -> Iterator[object]:
     opened: list[TestClient] = []
 
     def make(**settings: object) -> App:
-        values: dict[str, object] = {"data_dir": tmp_path / f"data{len(opened)}", "workers": 0, **settings}
+        values: dict[str, object] = {
+            "data_dir": tmp_path / f"data{len(opened)}",
+            "workers": 0,
+            "metrics_refresh_seconds": 0.05,
+            **settings,
+        }
         app = create_app(Settings(**values))  # type: ignore[arg-type]
         client = TestClient(app).__enter__()
         opened.append(client)
@@ -197,38 +227,85 @@ def test_readyz_needs_a_live_worker_when_workers_are_expected(make_app) -> None:
 def test_readyz_fails_when_storage_is_not_writable(make_app, tmp_path: Path, kind: str, request) -> None:  # type: ignore[no-untyped-def]
     if kind == "file":
         root = tmp_path / "blobs"
-        app: App = make_app(storage_url=root.as_uri())
+        app: App = make_app(storage_url=root.as_uri(), metrics_token=TOKEN)
         assert app.client.get("/readyz").status_code == 200
         shutil.rmtree(root)
         root.write_text("a file where the storage folder was")  # (tests run as root: modes would not stop it)
     else:
         request.getfixturevalue("s3_credentials")
-        app = make_app(storage_url=storage_url("fluxserve-no-such-bucket", "p"))
+        app = make_app(storage_url=storage_url("fluxserve-no-such-bucket", "p"), metrics_token=TOKEN)
     response = app.client.get("/readyz")
     assert response.status_code == 503, response.text
     body = response.json()
-    assert body["failing"] == ["storage"] and body["checks"]["storage"].startswith("not writable: ")
+    assert body["failing"] == ["storage"] and body["checks"]["storage"] == "unavailable"
     assert body["checks"]["database"] == "ok"
+    detailed = app.client.get("/readyz", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert (
+        detailed["checks"]["storage"].startswith("unavailable: ") and len(detailed["checks"]["storage"]) > 13
+    )
+
+
+TOKEN = "operators-token-0123456789"
 
 
 def test_readyz_and_metrics_when_the_database_is_unreachable(tmp_path: Path) -> None:
+    """Anonymous callers learn which part is unavailable; the driver's words go only to the token's holder."""
     engine = make_engine(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none?connect_timeout=2")
     stats = JobStats(engine, WorkerRegistry(engine), worker_seen_within=30)
     blobs = make_blob_store((tmp_path / "files").as_uri())
+    threads = ThreadPoolExecutor(max_workers=3)
+    readiness = ops.Readiness(stats, blobs, True, 30, threads, timeout=10)
+    snapshot = ops.MetricsSnapshot(stats, 3600, threads)
     app = FastAPI()
-    app.include_router(ops.router(ops.Readiness(stats, blobs, workers_expected=True, seen_within=30), 1))
+    app.include_router(ops.router(readiness, snapshot, ops.Token(TOKEN), 1))
     client = TestClient(app)
     response = client.get("/readyz")
     assert response.status_code == 503
     body = response.json()
     assert body["failing"] == ["database", "workers"]
-    assert body["checks"]["database"].startswith("unreachable: OperationalError: ")
-    assert body["checks"]["workers"] == "unknown: the database is unreachable"
-    assert body["checks"]["storage"] == "ok"
+    assert body["checks"] == {
+        "database": "unavailable",
+        "storage": "ok",
+        "workers": "unknown: the database is unavailable",
+    }
+    assert "OperationalError" not in response.text and "127.0.0.1" not in response.text
+    for wrong in ("Bearer nope", f"Basic {TOKEN}", TOKEN):
+        assert (
+            client.get("/readyz", headers={"Authorization": wrong}).json()["checks"]["database"]
+            == "unavailable"
+        )
+    detailed = client.get("/readyz", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert detailed.status_code == 503
+    assert detailed.json()["checks"]["database"].startswith("unavailable: OperationalError: ")
     assert client.get("/healthz").status_code == 200  # alive all the same: nothing to restart
-    metrics = client.get("/metrics")
+    snapshot.refresh()
+    metrics = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
     assert metrics.status_code == 200
     assert "fluxserve_database_up 0.0" in metrics.text and "fluxserve_jobs_total" not in metrics.text
+    threads.shutdown()
+
+
+def test_readyz_answers_within_its_timeout_when_the_database_hangs(tmp_path: Path) -> None:
+    """A database that takes connections and never answers (a listening socket nobody reads): /readyz
+    answers 503 after its own timeout, and callers meanwhile share the one probe instead of each adding
+    a thread."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        engine = make_engine(f"postgresql+psycopg://nobody@127.0.0.1:{port}/none?connect_timeout=30")
+        stats = JobStats(engine, WorkerRegistry(engine), worker_seen_within=30)
+        threads = ThreadPoolExecutor(max_workers=3, thread_name_prefix="probe")
+        readiness = ops.Readiness(stats, make_blob_store((tmp_path / "f").as_uri()), False, 30, threads, 0.5)
+        app = FastAPI()
+        app.include_router(
+            ops.router(readiness, ops.MetricsSnapshot(stats, 3600, threads), ops.Token(None), 0)
+        )
+        with TestClient(app) as client:
+            answers = [client.get("/readyz") for _ in range(4)]
+            assert [answer.status_code for answer in answers] == [503] * 4
+            assert {answer.json()["checks"]["database"] for answer in answers} == {"unavailable"}
+            probes = [thread for thread in threading.enumerate() if thread.name.startswith("probe")]
+            assert len(probes) == 2  # the hung database probe, and the storage probe's thread
+        threads.shutdown(wait=False)
 
 
 def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -249,8 +326,8 @@ def test_metrics_in_prometheus_format(make_app) -> None:  # type: ignore[no-unty
     with http_server(Hook) as hook:
         for _ in range(3):
             submit(app.services.submitter, key, webhook_url=f"{hook}/done")
-        run(store, app.database, JobStatus.SUCCEEDED, waited=1.5, ran=3.0)
-        run(store, app.database, JobStatus.FAILED, waited=0.2, ran=0.4)
+        claim_and_finish(store, app.database, JobStatus.SUCCEEDED, waited=1.5, ran=3.0)
+        claim_and_finish(store, app.database, JobStatus.FAILED, waited=0.2, ran=0.2)
         WorkerRegistry(app.database).beat("gpu-7-1", threads=1)
         deadline = time.monotonic() + 20
         while (figures := scrape(app.client)).get(
@@ -266,9 +343,53 @@ def test_metrics_in_prometheus_format(make_app) -> None:  # type: ignore[no-unty
     assert figures[("fluxserve_queue_wait_seconds_bucket", (("le", "1"), *dev))] == 1
     assert figures[("fluxserve_queue_wait_seconds_bucket", (("le", "2.5"), *dev))] == 2
     assert figures[("fluxserve_queue_wait_seconds_count", dev)] == 2
-    assert figures[("fluxserve_queue_wait_seconds_sum", dev)] == pytest.approx(1.7)
+    assert figures[("fluxserve_queue_wait_seconds_sum", dev)] == pytest.approx(1.7, abs=0.2)
     assert figures[("fluxserve_run_seconds_bucket", (("le", "0.5"), *dev))] == 1
     assert figures[("fluxserve_run_seconds_bucket", (("le", "+Inf"), *dev))] == 2
-    assert figures[("fluxserve_run_seconds_sum", dev)] == pytest.approx(3.4)
+    assert figures[("fluxserve_run_seconds_sum", dev)] == pytest.approx(3.2, abs=0.5)
     assert figures[("fluxserve_webhooks_pending", ())] == 0
     assert figures[("fluxserve_workers_live", ())] == 1
+
+
+class Statements:
+    """The SQL statements run on an engine, and the thread of each, while listening."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.threads: list[str] = []
+        event.listen(engine, "before_cursor_execute", self._record)
+
+    def _record(self, *args: object) -> None:
+        self.threads.append(threading.current_thread().name)
+
+
+def test_a_scrape_runs_no_sql_and_the_token_guards_it(make_app) -> None:  # type: ignore[no-untyped-def]
+    """Scrapes answer the last refresh: none of them runs a statement, on any engine, however many come.
+    With a token set, a scrape without it (or with another) is refused."""
+    app: App = make_app(metrics_token=TOKEN, metrics_refresh_seconds=3600)
+    ops_database = app.client.app.state.ops_database  # type: ignore[attr-defined]
+    first = app.client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert first.status_code == 200 and "fluxserve_database_up 1.0" in first.text
+    on_requests, on_ops = Statements(app.database), Statements(ops_database)
+    for _ in range(16):
+        again = app.client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert again.status_code == 200 and again.text == first.text
+    assert on_ops.threads == []  # (the request engine serves the background sweeps, on their threads)
+    assert [name for name in on_requests.threads if not name.startswith("asyncio_")] == []
+    for refused in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": TOKEN}):
+        response = app.client.get("/metrics", headers=refused)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert "fluxserve_" not in response.text
+
+
+def test_without_a_token_metrics_are_open(make_app) -> None:  # type: ignore[no-untyped-def]
+    app: App = make_app()
+    deadline = time.monotonic() + 20
+    while "fluxserve_database_up 1.0" not in (text := app.client.get("/metrics").text):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
+    assert app.client.get("/metrics", headers={"Authorization": "Bearer anything"}).status_code == 200
+
+
+def test_a_too_short_token_is_refused_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="metrics_token"):
+        Settings(data_dir=tmp_path, metrics_token="short")

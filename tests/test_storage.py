@@ -218,8 +218,12 @@ def test_serve_on_s3_presigned_and_signed_urls(make_server, s3_bucket: str) -> N
     assert not (server.data_dir / "files").exists()  # nothing on local disk
     ready = httpx.get(f"{server.base_url}/readyz", timeout=10)  # its worker process wrote its row
     assert ready.status_code == 200 and ready.json()["checks"]["workers"] == "ok (1 live)", ready.text
-    metrics = httpx.get(f"{replica.base_url}/metrics", timeout=10).text  # any replica: the same figures
-    assert 'fluxserve_jobs_total{model="flux-kontext-pro",outcome="succeeded"} 1.0' in metrics
+    # Any replica: the same figures, once its refresh task has read them (every few seconds).
+    deadline = time.monotonic() + 30
+    succeeded = 'fluxserve_jobs_total{model="flux-kontext-pro",outcome="succeeded"} 1.0'
+    while succeeded not in (metrics := httpx.get(f"{replica.base_url}/metrics", timeout=10).text):
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.2)
     assert "fluxserve_workers_live 1.0" in metrics
 
     signed = Api(replica.base_url, api.key).fetch(job_id)["data"]["imageUrl"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner
 from fluxserve.surfaces import render
 from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
-from fluxserve.wiring import make_blob_store, make_job_store, open_database
+from fluxserve.wiring import make_blob_store, make_job_store, open_database, open_ops_database
 from fluxserve.worker.supervisor import Supervisor
 
 log = logging.getLogger("fluxserve")
@@ -156,8 +157,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async with runtime.background():
-            yield
+        stop = asyncio.Event()
+        refresher = asyncio.create_task(snapshot.run(stop))
+        try:
+            async with runtime.background():
+                yield
+        finally:
+            stop.set()
+            await refresher
+            ops_threads.shutdown(wait=False)
+            ops_database.dispose()
 
     app = FastAPIOffline(  # /docs and /redoc with their assets served from the package: no CDN
         title="fluxserve",
@@ -196,10 +205,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         DatabaseChanges(runtime.database),
     )
 
-    stats = JobStats(runtime.database, WorkerRegistry(runtime.database), settings.stale_after_seconds)
+    # /readyz and /metrics on their own engine and threads: nothing a request holds can starve them.
+    ops_database = open_ops_database(settings)
+    ops_threads = ThreadPoolExecutor(max_workers=3, thread_name_prefix="fluxserve-ops")  # one per probe
+    stats = JobStats(ops_database, WorkerRegistry(ops_database), settings.stale_after_seconds)
     readiness = ops.Readiness(
-        stats, runtime.services.blobs, settings.workers_expected, settings.stale_after_seconds
+        stats,
+        runtime.services.blobs,
+        settings.workers_expected,
+        settings.stale_after_seconds,
+        ops_threads,
+        settings.readyz_timeout_seconds,
     )
-    app.include_router(ops.router(readiness, settings.workers))
+    snapshot = ops.MetricsSnapshot(stats, settings.metrics_refresh_seconds, ops_threads)
+    app.include_router(ops.router(readiness, snapshot, ops.Token(settings.metrics_token), settings.workers))
+    app.state.ops_database = ops_database
 
     return app

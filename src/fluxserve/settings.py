@@ -171,6 +171,24 @@ class Settings(BaseSettings):
         description="An event stream with nothing new for this long ends; the client reconnects with "
         "Last-Event-ID to carry on.",
     )
+    metrics_token: str | None = Field(
+        default=None,
+        min_length=16,
+        description="When set, /metrics needs 'Authorization: Bearer <token>', and /readyz shows the "
+        "failures' own text to callers that send it (others learn only which part is unavailable).",
+    )
+    metrics_refresh_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often each API process reads the metric counters from the database; /metrics "
+        "answers the last read.",
+    )
+    readyz_timeout_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="The longest /readyz waits for the database and for the storage before it calls them "
+        "unavailable.",
+    )
     openai_wait_seconds: float = Field(
         default=300.0,
         gt=0,

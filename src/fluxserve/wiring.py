@@ -39,6 +39,12 @@ def open_database(settings: Settings) -> Engine:
     return database
 
 
+def open_ops_database(settings: Settings) -> Engine:
+    """A second engine on the same database, for /readyz and the /metrics refresh: its own pool, so that
+    they never queue behind requests for a connection (they use at most one each at a time)."""
+    return make_engine(settings.database)
+
+
 def make_job_store(database: Engine) -> JobStore:
     """The SQL store; on PostgreSQL idle workers are woken by LISTEN/NOTIFY, on SQLite they poll."""
     wakeups = PostgresNotify(database) if database.dialect.name == "postgresql" else Polling()

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     PrimaryKeyConstraint,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -127,4 +128,37 @@ workers = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("seen_at", DateTime(timezone=True), nullable=False),
     Index("ix_workers_seen", "seen_at"),
+)
+
+# Counters for /metrics, kept by triggers in the same transaction as each change of a job or a webhook
+# delivery (migration 0011, which says what each counts); readers sum the shards. jobs/stats.py reads them.
+job_counts = Table(
+    "job_counts",
+    metadata,
+    Column("model", String(64), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("shard", SmallInteger, nullable=False),
+    Column("jobs", BigInteger, nullable=False),
+    PrimaryKeyConstraint("model", "status", "shard", name="pk_job_counts"),
+)
+
+job_seconds = Table(
+    "job_seconds",
+    metadata,
+    Column("model", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # queue_wait, run
+    Column("le", String(16), nullable=False),  # the bucket's upper bound, as Prometheus writes it
+    Column("shard", SmallInteger, nullable=False),
+    Column("observations", BigInteger, nullable=False),  # in this bucket only (not cumulative)
+    Column("seconds", Float, nullable=False),
+    PrimaryKeyConstraint("model", "kind", "le", "shard", name="pk_job_seconds"),
+)
+
+webhook_counts = Table(
+    "webhook_counts",
+    metadata,
+    Column("status", String(16), nullable=False),
+    Column("shard", SmallInteger, nullable=False),
+    Column("deliveries", BigInteger, nullable=False),
+    PrimaryKeyConstraint("status", "shard", name="pk_webhook_counts"),
 )

@@ -1,54 +1,31 @@
-"""Operational figures read from the database at the moment they are asked for (``/metrics``, ``/readyz``).
+"""Operational figures for ``/metrics`` and ``/readyz``, read from the counter tables the database keeps.
 
-The database is the one place every API replica and worker process writes to, so figures computed from it
-are right however many processes there are; in-process counters would each see a part. Every query is an
-aggregate whose answer is bounded by the number of models and statuses (never a row per job): the active jobs
-and the outcomes by model, two histograms by model (bucket counts summed in SQL), the webhook deliveries by
-status, and the workers seen recently.
+The database is the one place every API replica and worker process writes to, so figures read from it are
+right however many processes there are; in-process counters would each see a part. The jobs table is never
+read here: it keeps every job for billing, so anything that read it would grow with it. Triggers (migration
+0011) keep small counter tables in the same transaction as every change of a job or a webhook delivery; a
+read is a few statements over rows bounded by models x statuses x buckets x shards, whatever the job count.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Engine, Float, case, func, literal_column, select
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy import Connection, Engine, func, select
 
 from fluxserve.core.job import ACTIVE_STATUSES
-from fluxserve.db.tables import jobs, webhook_deliveries
+from fluxserve.db.tables import job_counts, job_seconds, webhook_counts
 from fluxserve.jobs.workers import WorkerRegistry
 
-# Upper bounds (seconds). Waiting spans a free worker (sub-second) to a long queue; running spans the
-# bundled model on a CPU (seconds) to a large model on a slow GPU (minutes).
+# Upper bounds (seconds), as migration 0011's triggers bucket them (a change of them is a new migration).
+# Waiting spans a free worker (sub-second) to a long queue; running spans the bundled model on a CPU
+# (seconds) to a large model on a slow GPU (minutes).
 QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 RUN_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
-_ACTIVE = [status.value for status in ACTIVE_STATUSES]
-
-
-class _Seconds(FunctionElement[float]):
-    """``later - earlier`` in seconds, in each database's own date arithmetic."""
-
-    type = Float()
-    inherit_cache = True
-    name = "seconds_between"
-
-
-@compiles(_Seconds)
-def _seconds_postgresql(element: _Seconds, compiler: SQLCompiler, **kw: Any) -> str:
-    later, earlier = (compiler.process(clause, **kw) for clause in element.clauses)
-    return f"EXTRACT(EPOCH FROM ({later} - {earlier}))"
-
-
-@compiles(_Seconds, "sqlite")
-def _seconds_sqlite(element: _Seconds, compiler: SQLCompiler, **kw: Any) -> str:
-    later, earlier = (compiler.process(clause, **kw) for clause in element.clauses)
-    # julianday() is a float of days (~50 us apart today): rounded to the millisecond, 5.0 s stays 5.0 s
-    return f"ROUND((julianday({later}) - julianday({earlier})) * 86400.0, 3)"
+_ACTIVE = {status.value for status in ACTIVE_STATUSES}
+_INF = "+Inf"
 
 
 @dataclass(frozen=True)
@@ -63,8 +40,8 @@ class Histogram:
 @dataclass(frozen=True)
 class Figures:
     active: dict[tuple[str, str], int]  # (model, status) -> jobs not ended yet
-    ended: dict[tuple[str, str], int]  # (model, status) -> jobs that ended so
-    queue_wait: dict[str, Histogram]  # model -> seconds from submission to (the last) start
+    ended: dict[tuple[str, str], int]  # (model, status) -> jobs that ended so (only grows)
+    queue_wait: dict[str, Histogram]  # model -> seconds from submission to each start
     run_time: dict[str, Histogram]  # model -> seconds from start to end, of ended jobs that started
     webhooks: dict[str, int]  # delivery status (pending, delivered, failed) -> deliveries
     live_workers: int
@@ -76,55 +53,54 @@ class JobStats:
         self._workers = workers
         self._seen_within = worker_seen_within
 
-    def ping(self) -> None:
-        """Raises when the database does not answer."""
-        with self._engine.connect() as conn:
-            conn.execute(select(literal_column("1")))
-
     def live_workers(self) -> int:
+        """Worker processes heard from recently; raises when the database does not answer (a probe)."""
         return self._workers.live(self._seen_within)
 
     def figures(self) -> Figures:
-        by_status = select(jobs.c.model, jobs.c.status, func.count()).group_by(jobs.c.model, jobs.c.status)
+        """Four statements over the counter tables and the workers table; the jobs table is not read."""
+        counts = select(job_counts.c.model, job_counts.c.status, func.sum(job_counts.c.jobs)).group_by(
+            job_counts.c.model, job_counts.c.status
+        )
+        deliveries = select(webhook_counts.c.status, func.sum(webhook_counts.c.deliveries)).group_by(
+            webhook_counts.c.status
+        )
         with self._engine.connect() as conn:
-            counts = [(str(model), str(status), int(n)) for model, status, n in conn.execute(by_status)]
-            waited = _Seconds(jobs.c.started_at, jobs.c.created_at)
-            queue_wait = self._histograms(conn, waited, QUEUE_WAIT_BUCKETS, jobs.c.started_at.is_not(None))
-            ran = _Seconds(jobs.c.finished_at, jobs.c.started_at)
-            run_time = self._histograms(
-                conn,
-                ran,
-                RUN_BUCKETS,
-                jobs.c.finished_at.is_not(None),
-                jobs.c.started_at.is_not(None),
-                jobs.c.status.not_in(_ACTIVE),
-            )
-            deliveries = conn.execute(
-                select(webhook_deliveries.c.status, func.count()).group_by(webhook_deliveries.c.status)
-            )
-            webhooks = {str(status): int(n) for status, n in deliveries}
+            by_status = [(str(model), str(status), int(n)) for model, status, n in conn.execute(counts)]
+            queue_wait, run_time = _histograms(conn)
+            webhooks = {str(status): int(n) for status, n in conn.execute(deliveries)}
         return Figures(
-            active={(model, status): n for model, status, n in counts if status in _ACTIVE},
-            ended={(model, status): n for model, status, n in counts if status not in _ACTIVE},
+            active={(model, status): n for model, status, n in by_status if status in _ACTIVE},
+            ended={(model, status): n for model, status, n in by_status if status not in _ACTIVE},
             queue_wait=queue_wait,
             run_time=run_time,
             webhooks=webhooks,
             live_workers=self.live_workers(),
         )
 
-    @staticmethod
-    def _histograms(
-        conn: Any, seconds: ColumnElement[float], bounds: tuple[float, ...], *where: ColumnElement[bool]
-    ) -> dict[str, Histogram]:
-        """One query: per model, the count, the sum and how many are at most each bound."""
-        at_most = [func.sum(case((seconds <= bound, 1), else_=0)) for bound in bounds]
-        query = (
-            select(jobs.c.model, func.count(), func.coalesce(func.sum(seconds), 0.0), *at_most)
-            .where(*where)
-            .group_by(jobs.c.model)
-        )
-        result: dict[str, Histogram] = {}
-        for model, count, total, *cumulative in conn.execute(query):
-            buckets = tuple((bound, int(n or 0)) for bound, n in zip(bounds, cumulative, strict=True))
-            result[str(model)] = Histogram(buckets, int(count), max(0.0, float(total)))
-        return result
+
+def _histograms(conn: Connection) -> tuple[dict[str, Histogram], dict[str, Histogram]]:
+    """Both histograms by model, from one statement: per-bucket rows made cumulative over the bounds."""
+    query = select(
+        job_seconds.c.kind,
+        job_seconds.c.model,
+        job_seconds.c.le,
+        func.sum(job_seconds.c.observations),
+        func.sum(job_seconds.c.seconds),
+    ).group_by(job_seconds.c.kind, job_seconds.c.model, job_seconds.c.le)
+    found: dict[tuple[str, str], dict[str, tuple[int, float]]] = defaultdict(dict)
+    for kind, model, le, observations, seconds in conn.execute(query):
+        found[(str(kind), str(model))][str(le)] = (int(observations), float(seconds))
+    by_kind: dict[str, dict[str, Histogram]] = {"queue_wait": {}, "run": {}}
+    for (kind, model), buckets in found.items():
+        bounds = QUEUE_WAIT_BUCKETS if kind == "queue_wait" else RUN_BUCKETS
+        # A bound of older triggers than this code still counts where it belongs.
+        every = sorted(set(bounds) | {float(le) for le in buckets if le != _INF})
+        cumulative, seen = [], 0
+        for bound in every:
+            seen += buckets.get(f"{bound:g}", (0, 0.0))[0]
+            cumulative.append((bound, seen))
+        count = sum(observations for observations, _ in buckets.values())
+        total = sum(seconds for _, seconds in buckets.values())
+        by_kind.setdefault(kind, {})[model] = Histogram(tuple(cumulative), count, max(0.0, total))
+    return by_kind["queue_wait"], by_kind["run"]
