@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -92,3 +94,58 @@ def test_the_bundled_vocabulary_is_its_tokenizers_whole_words_and_other_words_ar
     assert note["unknown_words"] == ["giraffe", "and", "eating"]
     assert "'giraffe', 'and', 'eating'" in note["note"]
     assert vocabulary_note(BUNDLED_WEIGHTS.parent, "a giraffe") == {}  # no vocabulary.txt: never noted
+
+
+def readme() -> str:
+    return (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def readme_block(heading: str) -> str:
+    """The first ```bash block under ``heading`` in README.md, as a user would paste it."""
+    section = readme().split(f"\n{heading}\n", 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_first_steps_run_twice_fail_cleanly_and_rotate_gives_a_working_key(
+    make_server: Any, tmp_path: Path
+) -> None:
+    """README's first steps verbatim, on a real server: `.venv/bin/activate` here puts a `fluxserve` that
+    is this test's Python on the PATH, and the server's data dir and port come from the environment."""
+    server = make_server()
+    server.start()
+    home = tmp_path / "home"
+    (home / ".venv" / "bin").mkdir(parents=True)
+    command = home / ".venv" / "bin" / "fluxserve"
+    command.write_text(f'#!/bin/sh\nexec {sys.executable} -m fluxserve "$@"\n')
+    command.chmod(0o755)
+    (home / ".venv" / "bin" / "activate").write_text(f'PATH="{command.parent}:$PATH"\n')
+    env = {**server.env, "FLUXSERVE_DATA_DIR": str(server.data_dir), "FLUXSERVE_PORT": str(server.port)}
+    env.pop("FLUXSERVE_KEY", None)
+
+    def bash(script: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", "-c", script], cwd=home, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    steps = readme_block("## First steps")
+    first = bash(steps + 'echo "$KEY" > key.txt\n')
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "saved circle.png (seed 1)\n" and (home / "circle.png").stat().st_size > 0
+    old_key = (home / "key.txt").read_text().strip()
+
+    again = bash(steps)
+    assert again.returncode == 1 and again.stdout == "" and "Traceback" not in again.stderr
+    assert "a live key is already named 'me'" in again.stderr and "fluxserve keys rotate me" in again.stderr
+    assert "error: no API key" in again.stderr
+
+    rotate = re.search(r"`(export KEY=\$\(fluxserve keys rotate me --quiet\))`", readme())
+    assert rotate is not None
+    activate, _, generate = steps.splitlines()
+    rotated = bash(f"{activate}\n{rotate.group(1)}\n{generate}\n")
+    assert rotated.returncode == 0, rotated.stderr
+    assert rotated.stdout == "saved circle.png (seed 1)\n"
+    body = {"prompt": "a red circle"}
+    refused = httpx.post(f"{server.base_url}/bfl/v1/flux-dev", json=body, headers={"TT-API-KEY": old_key})
+    assert refused.status_code in (401, 403), refused.text
+    keys = [json.loads(line) for line in server.cli("keys", "list").splitlines()]
+    assert [key["name"] for key in keys].count("me") == 1  # the same key, with a new secret

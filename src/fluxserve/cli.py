@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from fluxserve import __version__
-from fluxserve.accounts.keys import ApiKey, KeyProblem, KeyStore
+from fluxserve.accounts.keys import ApiKey, KeyProblem, KeyStore, NewKey
 from fluxserve.db.connection import make_engine, migrate
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
@@ -40,6 +40,7 @@ console = Console()
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (FLUXSERVE_DATA_DIR).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the key.")]
 Days = Annotated[int, typer.Option(min=1, help="Usage of the last DAYS days.")]
 
 
@@ -309,11 +310,30 @@ def keys_create(
     credits: Annotated[str | None, typer.Option(help="Starting credits; unlimited when omitted.")] = None,
     data_dir: DataDir = None,
     as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Create a key and print it once: it is stored only as a hash."""
     with _keys(data_dir, create=True) as store:
         new = store.create(name, _credits(credits))
-    if as_json:
+    _print_new_key(new, as_json, quiet)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    name_or_id: str, data_dir: DataDir = None, as_json: AsJson = False, quiet: Quiet = False
+) -> None:
+    """Give a live key a new secret and print it once; the old one stops working now. The key keeps its
+    id, credits, jobs and webhook secret."""
+    with _keys(data_dir) as store:
+        new = store.rotate(store.resolve(name_or_id))
+    _print_new_key(new, as_json, quiet)
+
+
+def _print_new_key(new: NewKey, as_json: bool, quiet: bool) -> None:
+    """A key just made: only the key with --quiet (for ``KEY=$(...)``: an error leaves stdout empty)."""
+    if quiet:
+        typer.echo(new.key)
+    elif as_json:
         typer.echo(json.dumps({"key": new.key, **_key_json(new.record, secret=True)}))
     else:
         typer.echo(f"key: {new.key}\nwebhook secret: {new.record.webhook_secret}")
