@@ -252,3 +252,29 @@ def test_rotate_refuses_a_revoked_key_and_an_unknown_name(cli: Cli) -> None:
         KeyStore(make_engine(f"sqlite:///{cli.data_dir / 'fluxserve.db'}")).authenticate(gone["key"]) is None
     )
     assert "no key named 'nobody'" in cli("keys", "rotate", "nobody", code=1).stderr
+
+
+def test_jobs_status_takes_the_words_of_either_dialect(cli: Cli) -> None:
+    grace = cli.key("grace")["id"]
+    database = make_engine(f"sqlite:///{cli.data_dir / 'fluxserve.db'}")
+    made = {
+        status: _job(database, grace, "flux-dev", status, 250)
+        for status in ("queued", "running", "succeeded", "failed", "canceled", "content_moderated")
+    }
+
+    def ids(word: str) -> set[str]:
+        return {
+            json.loads(line)["id"] for line in cli("jobs", "--status", word, "--json").stdout.splitlines()
+        }
+
+    def of(*statuses: str) -> set[str]:
+        return {made[status] for status in statuses}
+
+    assert ids("SUCCESS") == ids("Ready") == ids("ready") == ids("succeeded") == of("succeeded")
+    assert ids("PENDING_QUEUE") == ids("pending_queue") == of("queued")
+    assert ids("ON_QUEUE") == of("running") and ids("Pending") == of("queued", "running")
+    assert ids("FAILED") == of("failed", "canceled", "content_moderated")  # the reseller's word: all three
+    assert ids("failed") == of("failed") and ids("Error") == of("failed", "canceled")
+    assert ids("Content Moderated") == ids("content_moderated") == of("content_moderated")
+    refused = cli("jobs", "--status", "done", code=2).stderr
+    assert "--status" in refused and "SUCCESS" in refused and "Ready" in refused

@@ -23,6 +23,8 @@ from sqlalchemy.engine import make_url
 
 from fluxserve import __version__
 from fluxserve.accounts.keys import ApiKey, KeyProblem, KeyStore, NewKey
+from fluxserve.core.job import JobStatus
+from fluxserve.core.models import MODELS, Dialect
 from fluxserve.db.connection import make_engine, migrate
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
@@ -445,25 +447,22 @@ def jobs_command(
     key: Annotated[str | None, typer.Option("--key", help="Only this key's jobs (name or id).")] = None,
     status: Annotated[
         str | None,
-        typer.Option(help="Only jobs in this status: queued, running, succeeded, failed, canceled, ..."),
+        typer.Option(
+            help="Only jobs in this status: queued, running, succeeded, failed, canceled, ..., or the API's "
+            "words for them (SUCCESS, PENDING_QUEUE, Ready, Pending...)."
+        ),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 20,
     data_dir: DataDir = None,
     as_json: AsJson = False,
 ) -> None:
     """Recent jobs, newest first."""
-    from fluxserve.core.job import JobStatus
     from fluxserve.jobs.activity import recent_jobs
 
-    try:
-        wanted = None if status is None else JobStatus(status.lower())
-    except ValueError as error:
-        raise typer.BadParameter(
-            f"{status!r}: one of {', '.join(each.value for each in JobStatus)}", param_hint="--status"
-        ) from error
+    wanted = () if status is None else _statuses(status)
     with _keys(data_dir) as store:
         key_id = None if key is None else store.resolve(key).id
-        lines = recent_jobs(store.engine, key_id=key_id, status=wanted, limit=limit)
+        lines = recent_jobs(store.engine, key_id=key_id, statuses=wanted, limit=limit)
     if as_json:
         for line in lines:
             typer.echo(
@@ -492,11 +491,71 @@ def jobs_command(
     console.print(table if lines else "no jobs")
 
 
+def _statuses(word: str) -> set[JobStatus]:
+    """The statuses a word names: one of ours (``succeeded``), or all that a dialect shows with it (the
+    reseller's ``FAILED`` is also moderated and canceled jobs; the vendor's ``Pending``, queued and running);
+    exact words first, then any case."""
+    from fluxserve.api import reseller, vendor
+
+    words: dict[str, set[JobStatus]] = {status.value: {status} for status in JobStatus}
+    for table in (reseller.STATUS, vendor.STATUS):
+        for status, name in table.items():
+            words.setdefault(name, set()).add(status)
+    found = words.get(word) or next(
+        (statuses for name, statuses in words.items() if name.casefold() == word.strip().casefold()), None
+    )
+    if found is None:
+        raise typer.BadParameter(f"{word!r}: one of {', '.join(words)}", param_hint="--status")
+    return found
+
+
+def _fields(model: str, given: dict[str, Any], extra: list[str]) -> tuple[Dialect, dict[str, Any]]:
+    """The dialect to ask for ``model`` (the reseller's where it has the model, else the vendor's) and the
+    request's fields: the options given, and each ``NAME=VALUE`` (a JSON value, else text), checked
+    against the model's fields on that route so that a typo is named here, not ignored."""
+    spec = MODELS.get(model)
+    if spec is None:
+        raise typer.BadParameter(f"unknown model {model!r}: one of {', '.join(MODELS)}", param_hint="--model")
+    dialect = Dialect.RESELLER if Dialect.RESELLER in spec.fields else Dialect.VENDOR
+    fields = {name: value for name, value in given.items() if value is not None}
+    for item in extra:
+        name, equals, text = item.partition("=")
+        if not equals or not name.strip():
+            raise typer.BadParameter(f"{item!r}: expected NAME=VALUE, e.g. steps=20", param_hint="--field")
+        try:
+            fields[name.strip()] = json.loads(text)
+        except ValueError:
+            fields[name.strip()] = text
+    known = spec.fields[dialect]
+    for name in fields:
+        if name not in known:
+            raise typer.BadParameter(
+                f"{model} takes no {name!r}; its fields: {', '.join(known)}",
+                param_hint="--" + name.replace("_", "-") if name in given else "--field",
+            )
+    return dialect, fields
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="The API model, e.g. flux-dev.")] = "flux-dev",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="The API model, e.g. flux-dev, flux-2-klein-4b.")
+    ] = "flux-dev",
     seed: Annotated[int | None, typer.Option(help="Seed; random when omitted.")] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Width in pixels; the model's default when omitted.")
+    ] = None,
+    height: Annotated[int | None, typer.Option(help="Height in pixels.")] = None,
+    aspect_ratio: Annotated[
+        str | None, typer.Option("--aspect-ratio", help="e.g. 16:9, for models sized by ratio.")
+    ] = None,
+    field: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--field", "-f", help="Any other field of the model as NAME=VALUE (steps=20, raw=true); repeat."
+        ),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Where to save the image; default <job id>.png.")
     ] = None,
@@ -511,12 +570,15 @@ def generate(
     key: Annotated[str | None, typer.Option(envvar="FLUXSERVE_KEY", help="API key (FLUXSERVE_KEY).")] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Make one image through a server, with a live progress bar; prints where it was saved and its seed."""
+    """Make one image through a server, with a live progress bar; prints where it was saved, its seed, size
+    and cost, and the model's note about words it did not know."""
     import httpx
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fluxserve.client import Client, Event, FluxserveError
 
+    given = {"seed": seed, "width": width, "height": height, "aspect_ratio": aspect_ratio}
+    dialect, fields = _fields(model, given, field or [])
     base_url = server or _settings(data_dir).base_url
     errors = Console(stderr=True)
     if not key:
@@ -535,8 +597,10 @@ def generate(
                 progress.update(task, description="done", completed=1.0)
 
         try:
-            with Client(base_url, key) as client:
-                made = client.generate(model, prompt, images=images or (), seed=seed, on_event=show)
+            with Client(base_url, key, dialect=dialect.value) as client, Client(base_url, key) as reseller:
+                made = client.generate(model, prompt, images=images or (), on_event=show, **fields)
+                # The reseller's fetch JSON says what the job cost, whichever dialect made it.
+                job = made.job if dialect is Dialect.RESELLER else reseller.fetch(made.job.id)
         except FluxserveError as error:
             errors.print(f"error: {error.message}", markup=False, highlight=False)
             raise typer.Exit(1) from None
@@ -546,4 +610,8 @@ def generate(
     jpeg = made.image.startswith(b"\xff\xd8")
     path = output or Path(f"{made.job.id}.{'jpg' if jpeg else 'png'}")
     path.write_bytes(made.image)
-    typer.echo(f"saved {path} (seed {made.seed})")
+    data = job.raw.get("data") or {}
+    typer.echo(f"saved {path} (seed {made.seed}, {data.get('size')}, {data.get('quota')} credits)")
+    note = (job.raw.get("details") or {}).get("note")
+    if note:
+        errors.print(f"note: {note}", markup=False, highlight=False)
