@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pty
 import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +64,7 @@ def test_serve_on_a_taken_port_says_so_in_one_line_and_starts_nothing(tmp_path: 
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         f"error: cannot listen on 127.0.0.1:{port}: Address already in use; is another server running there? "
-        "Choose another with --port (or FLUXSERVE_PORT)"
+        "Choose another with --port (or FLUXSERVE_PORT), or `make serve PORT=8001`"
     ]
     assert not (tmp_path / "d").exists()  # no database, no key, no worker: nothing ran before the bind
 
@@ -130,7 +133,10 @@ def test_first_steps_run_twice_fail_cleanly_and_rotate_gives_a_working_key(
     steps = readme_block("## First steps")
     first = bash(steps + 'echo "$KEY" > key.txt\n')
     assert first.returncode == 0, first.stderr
-    assert first.stdout == "saved circle.png (seed 1)\n" and (home / "circle.png").stat().st_size > 0
+    assert (
+        first.stdout == "saved circle.png (seed 1, 1024x768, 2.5 credits)\n"
+        and (home / "circle.png").stat().st_size > 0
+    )
     old_key = (home / "key.txt").read_text().strip()
 
     again = bash(steps)
@@ -143,9 +149,37 @@ def test_first_steps_run_twice_fail_cleanly_and_rotate_gives_a_working_key(
     activate, _, generate = steps.splitlines()
     rotated = bash(f"{activate}\n{rotate.group(1)}\n{generate}\n")
     assert rotated.returncode == 0, rotated.stderr
-    assert rotated.stdout == "saved circle.png (seed 1)\n"
+    assert rotated.stdout == "saved circle.png (seed 1, 1024x768, 2.5 credits)\n"
     body = {"prompt": "a red circle"}
     refused = httpx.post(f"{server.base_url}/bfl/v1/flux-dev", json=body, headers={"TT-API-KEY": old_key})
     assert refused.status_code in (401, 403), refused.text
     keys = [json.loads(line) for line in server.cli("keys", "list").splitlines()]
     assert [key["name"] for key in keys].count("me") == 1  # the same key, with a new secret
+
+
+def test_the_first_key_is_printed_after_the_start_up_logs_set_apart_without_colour_escapes(
+    make_server: Any,
+) -> None:
+    server = make_server()
+    server.start()
+    deadline = time.monotonic() + 120
+    while "First start" not in server.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = server.log_path.read_text().splitlines()
+    first = next(index for index, line in enumerate(lines) if line.startswith("First start"))
+    assert lines[first - 2 : first] == ["", "-" * 78]
+    assert lines[first + 1] == "Try it:" and lines[first + 4] == "-" * 78
+    before = "\n".join(lines[:first])
+    assert "Application startup complete" in before and "worker started" in before
+    assert "\x1b[" not in server.log_path.read_text()  # not a terminal: no colours, uvicorn's included
+
+
+def test_logs_have_colours_on_a_terminal_only() -> None:
+    code = "import logging, fluxserve.logs as logs; logs.configure_logging(); logging.warning('hi')"
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "hi" in piped.stderr and "\x1b[" not in piped.stderr
+    leader, follower = pty.openpty()
+    subprocess.run([sys.executable, "-c", code], stderr=follower, check=True, timeout=60)
+    os.close(follower)
+    assert b"\x1b[" in os.read(leader, 65536)
+    os.close(leader)

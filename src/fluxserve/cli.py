@@ -8,7 +8,8 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -157,17 +158,7 @@ def serve(
     configure_logging(json=settings.log_json)
     listener = _listen(settings.host, settings.port, settings.http_backlog)  # before workers or "ready"
     keys = KeyStore(_database(settings, create=True))
-    if keys.count() == 0:
-        new = keys.create("default")
-        # Plain echo, not rich: a wrapped key or curl line could not be pasted back.
-        typer.echo(f"First start: created API key 'default' (shown once): {new.key}")
-        typer.echo(
-            "Try it:\n"
-            f"  curl -s -X POST {settings.base_url}/bfl/v1/flux-dev -H 'TT-API-KEY: {new.key}' "
-            "-H 'Content-Type: application/json' "
-            '-d \'{"prompt": "a large red heart in the top left corner on a light blue background"}\'\n'
-            f"  curl -s '{settings.base_url}/flux/fetch?jobId=<jobId>' -H 'TT-API-KEY: {new.key}'"
-        )
+    first = keys.create("default").key if keys.count() == 0 else None
     from fluxserve.api.limits import http_protocol
     from fluxserve.app import create_app
 
@@ -185,10 +176,60 @@ def serve(
         backlog=settings.http_backlog,
     )
     server = uvicorn.Server(config)
+    # After the start-up logs, not among them; if it stops before it is ready, the key was made: shown anyway.
+    announce_now = _when_ready(server, listener, lambda: _show_first_key(first, settings)) if first else None
     with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is a normal way to stop
         server.run(sockets=[listener])
+    if announce_now:
+        announce_now()
     if not server.started:  # the app failed to start (its error is logged): exit as uvicorn.run does
         raise typer.Exit(3)
+
+
+_RULE = "-" * 78
+
+
+def _show_first_key(key: str, settings: Settings) -> None:
+    """The key ``serve`` made on its first start, set apart, with two commands to try it."""
+    # Plain echo, not rich: a wrapped key or curl line could not be pasted back.
+    typer.echo(f"\n{_RULE}\nFirst start: created API key 'default' (shown once): {key}")
+    typer.echo(
+        "Try it:\n"
+        f"  curl -s -X POST {settings.base_url}/bfl/v1/flux-dev -H 'TT-API-KEY: {key}' "
+        "-H 'Content-Type: application/json' "
+        '-d \'{"prompt": "a large red heart in the top left corner on a light blue background"}\'\n'
+        f"  curl -s '{settings.base_url}/flux/fetch?jobId=<jobId>' -H 'TT-API-KEY: {key}'\n{_RULE}\n"
+    )
+
+
+def _when_ready(
+    server: uvicorn.Server, listener: socket.socket, announce: Callable[[], None], wait: float = 120.0
+) -> Callable[[], None]:
+    """Run ``announce`` once the server answers ``/readyz`` (its workers are up), or after ``wait`` seconds.
+    Returns a function that runs it now unless it has run."""
+    done = threading.Lock()  # held once announced
+
+    def once() -> None:
+        if done.acquire(blocking=False):
+            announce()
+
+    def watch() -> None:
+        import httpx
+
+        host, port = listener.getsockname()[:2]
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}/readyz"
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if server.started:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url, timeout=5).status_code == 200:
+                        break
+            time.sleep(0.5)
+        once()
+
+    threading.Thread(target=watch, name="first-key", daemon=True).start()
+    return once
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
@@ -202,7 +243,7 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
         reason = os.strerror(error.errno) if error.errno else str(error)
         typer.echo(
             f"error: cannot listen on {host}:{port}: {reason}; is another server running there? "
-            "Choose another with --port (or FLUXSERVE_PORT)",
+            "Choose another with --port (or FLUXSERVE_PORT), or `make serve PORT=8001`",
             err=True,
         )
         raise typer.Exit(1) from error
