@@ -183,3 +183,24 @@ def test_logs_have_colours_on_a_terminal_only() -> None:
     os.close(follower)
     assert b"\x1b[" in os.read(leader, 65536)
     os.close(leader)
+
+
+def test_make_serve_installs_only_when_pyproject_or_the_checkout_changed(tmp_path: Path) -> None:
+    """`make -n` (print, run nothing) on a virtualenv in tmp_path: its stamp file decides."""
+    checkout = Path(__file__).parents[1]
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").touch()
+    stamp = tmp_path / ".fluxserve-installed-runtime"
+
+    def planned() -> str:
+        make = ["make", "-n", "-C", str(checkout), f"VENV={tmp_path}", "install-runtime"]
+        return subprocess.run(make, capture_output=True, text=True, check=True).stdout
+
+    assert "pip install --quiet --disable-pip-version-check -e ." in planned()  # never installed
+    stamp.write_text(f"{checkout}\n")
+    assert "pip" not in planned()  # nothing changed: serve starts at once
+    stamp.write_text("/another/checkout\n")
+    assert "pip install" in planned()
+    stamp.write_text(f"{checkout}\n")
+    os.utime(stamp, (0, 0))  # older than pyproject.toml
+    assert "pip install" in planned()
