@@ -103,10 +103,10 @@ def readme() -> str:
     return (Path(__file__).parents[1] / "README.md").read_text()
 
 
-def readme_block(heading: str) -> str:
-    """The first ```bash block under ``heading`` in README.md, as a user would paste it."""
+def readme_block(heading: str, index: int = 0) -> str:
+    """The ``index``-th ```bash block under ``heading`` in README.md, as a user would paste it."""
     section = readme().split(f"\n{heading}\n", 1)[1]
-    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return section.split("```bash\n")[index + 1].split("```", 1)[0]
 
 
 def test_first_steps_run_twice_fail_cleanly_and_rotate_gives_a_working_key(
@@ -153,6 +153,13 @@ def test_first_steps_run_twice_fail_cleanly_and_rotate_gives_a_working_key(
     body = {"prompt": "a red circle"}
     refused = httpx.post(f"{server.base_url}/bfl/v1/flux-dev", json=body, headers={"TT-API-KEY": old_key})
     assert refused.status_code in (401, 403), refused.text
+    tried = bash(
+        f"{activate}\n{rotate.group(1)}\n"
+        + readme_block("## First steps", 1).replace(":8000", f":{server.port}")
+    )
+    assert tried.returncode == 0, tried.stderr
+    saved = [line.split(" (")[0] for line in tried.stdout.splitlines()[:2]]
+    assert saved == ["saved star.png", "saved heart.jpg"] and '"status":"SUCCESS"' in tried.stdout
     keys = [json.loads(line) for line in server.cli("keys", "list").splitlines()]
     assert [key["name"] for key in keys].count("me") == 1  # the same key, with a new secret
 
