@@ -4,18 +4,30 @@ VENV ?= $(or $(VIRTUAL_ENV),.venv)
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-runtime serve test test-fast test-long lint
+PIP_QUIET := $(PIP) install --quiet --disable-pip-version-check
+
+.PHONY: install install-runtime serve test test-fast test-long lint FORCE
 
 $(PYTHON):
 	python3 -m venv $(VENV)
 
-# What serving needs, and no more (no test tools, no torchao).
-install-runtime: $(PYTHON)
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e .
+# Installs are remembered by stamp files in the virtualenv, each holding the checkout it installed (the
+# install is editable: it points there). They run again only when pyproject.toml is newer or the checkout
+# is another one, so `make serve` starts in seconds when nothing changed.
+STAMP := $(VENV)/.fluxserve-installed
+REINSTALL = $(if $(filter $(CURDIR),$(shell cat $(1) 2>/dev/null)),,FORCE)
 
-install: install-runtime
-	$(PIP) install -e '.[test]'
+# What serving needs, and no more (no test tools, no torchao).
+install-runtime: $(STAMP)-runtime
+$(STAMP)-runtime: pyproject.toml $(call REINSTALL,$(STAMP)-runtime) | $(PYTHON)
+	$(PIP_QUIET) torch==2.13.0
+	$(PIP_QUIET) -e .
+	@echo '$(CURDIR)' > $@
+
+install: $(STAMP)-test
+$(STAMP)-test: $(STAMP)-runtime $(call REINSTALL,$(STAMP)-test)
+	$(PIP_QUIET) -e '.[test]'
+	@echo '$(CURDIR)' > $@
 
 # `make serve PORT=8001 HOST=0.0.0.0`; unset, FLUXSERVE_PORT / FLUXSERVE_HOST or the defaults apply.
 serve: install-runtime

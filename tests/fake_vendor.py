@@ -64,7 +64,7 @@ MEGAPIXEL_PRICES: dict[str, tuple[Decimal, Decimal]] = {
     "flux-2-klein-9b-preview": (Decimal("1.5"), Decimal("0.2")),
 }
 FLUX2_MAX_PIXELS = 2048 * 2048
-# The vendor's output sizes for the routes that take an aspect ratio, as it publishes them (README.md,
+# The vendor's output sizes for the routes that take an aspect ratio, as it publishes them (docs/reseller.md,
 # "Sizes for aspect-ratio routes"); the defaults are 1:1 for kontext without an image, 16:9 for ultra.
 KONTEXT_SIZES: dict[str, tuple[int, int]] = {
     "21:9": (1568, 672),

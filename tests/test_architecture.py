@@ -47,7 +47,8 @@ ALLOWED: dict[str, set[str]] = {
         "wiring",
         "worker",
     },
-    "cli": {"accounts", "db", "logs", "settings", "worker"},
+    "cli": {"accounts", "core", "db", "logs", "settings", "worker"},
+    "settings_docs": {"settings"},
     "__main__": {"cli"},
     "__init__": set(),
 }

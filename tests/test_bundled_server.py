@@ -92,3 +92,18 @@ def test_the_evaluation_scores_through_the_public_api(shipped: Api, tmp_path: Pa
         with Image.open(tmp_path / f"{name}.png") as grid:
             assert grid.size == (6 * 128, rows * 128)
     assert len((tmp_path / "prompts.txt").read_text().split("\n\n")) == 4
+
+
+def test_the_cli_prints_the_note_about_words_the_model_does_not_know(shipped: Api, tmp_path: Path) -> None:
+    out = tmp_path / "giraffe.png"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "fluxserve", "generate", "a purple giraffe in the center",
+            "--width", "256", "--height", "256", "--seed", "3", "-o", str(out),
+            "--server", shipped.base_url, "--key", shipped.key,
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"saved {out} (seed 3, 256x256, 2.5 credits)\n"
+    assert "note: " in done.stderr and "'giraffe'" in done.stderr

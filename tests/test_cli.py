@@ -6,6 +6,7 @@ In-process (typer's runner) on real SQLite databases: the commands are thin, a s
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from sqlalchemy import insert, select
 from typer.testing import CliRunner, Result
 
 from fluxserve import __version__
+from fluxserve.accounts.keys import KeyStore
 from fluxserve.cli import app
 from fluxserve.db.connection import MIGRATIONS, make_engine, migrate, utcnow
 from fluxserve.db.tables import api_keys, jobs
@@ -205,3 +207,74 @@ def test_migration_renames_live_keys_that_share_a_name(tmp_path: Path) -> None:
     with database.connect() as conn:
         names = dict(conn.execute(select(api_keys.c.id, api_keys.c.name)).all())
     assert names == {"fs_a": "dup", "fs_b": "dup-fs_b", "fs_c": "dup"}
+
+
+def test_a_taken_name_says_how_to_get_a_new_secret_and_quiet_prints_only_the_key(cli: Cli) -> None:
+    key = cli("keys", "create", "--name", "me", "--quiet").stdout
+    assert re.fullmatch(r"fs_[\w-]{43}\n", key)
+    taken = cli("keys", "create", "--name", "me", "--quiet", code=1)
+    assert taken.stdout == ""  # KEY=$(...) gets nothing, not an error message or a half-printed key
+    assert "a live key is already named 'me'" in taken.stderr
+    assert "`fluxserve keys rotate me` gives it a new secret" in taken.stderr
+
+
+def test_rotate_gives_a_new_secret_and_keeps_the_key_its_credits_and_jobs(
+    tmp_path: Path, database_url: str
+) -> None:
+    """On SQLite and PostgreSQL."""
+    cli = Cli(tmp_path / "data", database_url)
+    old = cli.key("frank", "10")
+    job = _job(make_engine(database_url), old["id"], "flux-dev", "succeeded", 250)
+    new = cli.json("keys", "rotate", "frank", "--json")
+    assert new["key"] != old["key"] and new["prefix"] == new["key"][:10] != old["prefix"]
+    assert {name: new[name] for name in ("id", "name", "credits", "webhook_secret")} == {
+        name: old[name] for name in ("id", "name", "credits", "webhook_secret")
+    }
+    store = KeyStore(make_engine(database_url))
+    assert store.authenticate(old["key"]) is None
+    authenticated = store.authenticate(new["key"])
+    assert authenticated is not None and authenticated.id == old["id"]
+    assert [
+        line["id"] for line in map(json.loads, cli("jobs", "--key", "frank", "--json").stdout.splitlines())
+    ] == [job]
+    quiet = cli("keys", "rotate", old["id"], "-q").stdout.strip()
+    assert store.authenticate(new["key"]) is None and store.authenticate(quiet) is not None
+
+
+def test_rotate_refuses_a_revoked_key_and_an_unknown_name(cli: Cli) -> None:
+    gone = cli.key("gone")
+    cli("keys", "revoke", "gone")
+    refused = cli("keys", "rotate", "gone", code=1)
+    assert (
+        refused.stdout == "" and "gone is revoked: `fluxserve keys create` makes a new key" in refused.stderr
+    )
+    assert (
+        KeyStore(make_engine(f"sqlite:///{cli.data_dir / 'fluxserve.db'}")).authenticate(gone["key"]) is None
+    )
+    assert "no key named 'nobody'" in cli("keys", "rotate", "nobody", code=1).stderr
+
+
+def test_jobs_status_takes_the_words_of_either_dialect(cli: Cli) -> None:
+    grace = cli.key("grace")["id"]
+    database = make_engine(f"sqlite:///{cli.data_dir / 'fluxserve.db'}")
+    made = {
+        status: _job(database, grace, "flux-dev", status, 250)
+        for status in ("queued", "running", "succeeded", "failed", "canceled", "content_moderated")
+    }
+
+    def ids(word: str) -> set[str]:
+        return {
+            json.loads(line)["id"] for line in cli("jobs", "--status", word, "--json").stdout.splitlines()
+        }
+
+    def of(*statuses: str) -> set[str]:
+        return {made[status] for status in statuses}
+
+    assert ids("SUCCESS") == ids("Ready") == ids("ready") == ids("succeeded") == of("succeeded")
+    assert ids("PENDING_QUEUE") == ids("pending_queue") == of("queued")
+    assert ids("ON_QUEUE") == of("running") and ids("Pending") == of("queued", "running")
+    assert ids("FAILED") == of("failed", "canceled", "content_moderated")  # the reseller's word: all three
+    assert ids("failed") == of("failed") and ids("Error") == of("failed", "canceled")
+    assert ids("Content Moderated") == ids("content_moderated") == of("content_moderated")
+    refused = cli("jobs", "--status", "done", code=2).stderr
+    assert "--status" in refused and "SUCCESS" in refused and "Ready" in refused

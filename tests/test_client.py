@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -278,7 +279,7 @@ def test_cli_generate_saves_the_image_and_errors_in_one_line(
     args = ["--model", "flux-kontext-pro", "--seed", "7", "-o", str(out), "--image", str(reference)]
     done = run_cli("a red heart", *args, env=local)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"saved {out} (seed 7)\n"
+    assert re.fullmatch(rf"saved {re.escape(str(out))} \(seed 7, \d+x\d+, 4 credits\)\n", done.stdout)
     assert Image.open(out).format == "PNG"
 
     refused = run_cli("x", "--server", server.base_url, "--key", "fs_wrong", env={})
@@ -287,6 +288,55 @@ def test_cli_generate_saves_the_image_and_errors_in_one_line(
     unreachable = run_cli("x", "--server", "http://127.0.0.1:9", "--key", "k", env={})
     assert unreachable.returncode == 1
     assert unreachable.stderr.strip().startswith("error: cannot reach http://127.0.0.1:9")
+
+
+def test_cli_generate_reaches_a_vendor_only_model_with_its_size_and_other_fields(
+    server: ServerProcess, key: dict[str, Any], tmp_path: Path
+) -> None:
+    """FLUX.2 klein has no /bfl/v1 route: the CLI asks the vendor's; the cost still shows (FLUX.2 is priced
+    by megapixel: 1.4 credits for the first)."""
+    out = tmp_path / "klein.jpg"
+    args = [
+        "-m",
+        "flux-2-klein-4b",
+        "--width",
+        "256",
+        "--height",
+        "192",
+        "-f",
+        "output_format=png",
+        "-o",
+        str(out),
+    ]
+    done = run_cli("a red circle", *args, "--server", server.base_url, "--key", key["key"], env={})
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(rf"saved {re.escape(str(out))} \(seed \d+, 256x192, 1.4 credits\)\n", done.stdout)
+    assert Image.open(out).size == (256, 192) and Image.open(out).format == "PNG"  # the field was sent
+    newest = json.loads(server.cli("jobs", "--status", "Ready", "--json", "--limit", "1"))
+    assert newest["model"] == "flux-2-klein-4b"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-m", "flux-3"], "unknown model 'flux-3': one of flux-2-pro, flux-2-max,"),
+        (["--aspect-ratio", "16:9"], "flux-dev takes no 'aspect_ratio'; its fields: prompt, seed,"),
+        (["-f", "stpes=2"], "flux-dev takes no 'stpes'; its fields:"),
+        (["-f", "steps"], "'steps': expected NAME=VALUE"),
+    ],
+)
+def test_cli_generate_names_a_wrong_model_or_field_before_sending(args: list[str], expected: str) -> None:
+    refused = run_cli("x", *args, "--server", "http://127.0.0.1:9", "--key", "k", env={})
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert expected in " ".join(line.strip(" │") for line in refused.stderr.splitlines())
+
+
+def test_cli_generate_says_when_the_server_refuses_a_field_value(
+    server: ServerProcess, key: dict[str, Any]
+) -> None:
+    refused = run_cli("x", "-f", "steps=0", "--server", server.base_url, "--key", key["key"], env={})
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: steps:")
 
 
 def test_a_job_submitted_to_one_api_replica_streams_from_another(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import httpx
 import pytest
@@ -90,3 +91,36 @@ def test_non_json_content_type(api: Api) -> None:
         f"{api.base_url}/bfl/v1/flux-dev", data={"prompt": "x"}, headers=dict(api.http.headers)
     )
     assert response.status_code == 400
+
+
+# Each dialect's error shape (api/errors.py): where its message is, and its status code.
+_DIALECTS = [
+    ("/bfl/v1/flux-dev", "TT-API-KEY", 400, lambda body: body["message"]),
+    ("/flux/generate", "TT-API-KEY", 400, lambda body: body["message"]),
+    ("/flux/fetch", "TT-API-KEY", 400, lambda body: body["message"]),
+    ("/v1/flux-dev", "x-key", 422, lambda body: body["detail"][0]["msg"]),
+    ("/v1/images/generations", "Authorization", 400, lambda body: body["error"]["message"]),
+]
+
+
+@pytest.mark.parametrize(("path", "header", "status", "message"), _DIALECTS)
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"prompt": x}', "body is not valid JSON: Expecting value at line 1 column 12"),
+        (
+            '{\n  "prompt": "a red circle",\n}',
+            "body is not valid JSON: Expecting property name enclosed in double quotes at line 3 column 1",
+        ),
+        ('{"prompt": "a"', "body is not valid JSON: Expecting ',' delimiter at line 1 column 15"),
+    ],
+)
+def test_malformed_json_says_what_and_where_in_each_dialects_shape(
+    api: Api, path: str, header: str, status: int, message: Any, content: str, expected: str
+) -> None:
+    key = f"Bearer {api.key}" if header == "Authorization" else api.key
+    response = httpx.post(
+        f"{api.base_url}{path}", content=content, headers={header: key, "Content-Type": "application/json"}
+    )
+    assert response.status_code == status, response.text
+    assert message(response.json()) == expected

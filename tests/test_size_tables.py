@@ -1,4 +1,4 @@
-"""The README's size table for aspect-ratio routes, pinned with literal values.
+"""The size table of docs/reseller.md for aspect-ratio routes, pinned with literal values.
 
 Other tests derive expected sizes from the functions under test; these pin what those functions return.
 """
@@ -9,7 +9,7 @@ import pytest
 
 from fluxserve.core.sizes import kontext_size, ultra_size
 
-# aspect (width, height), kontext size, ultra size: README.md "Sizes for aspect-ratio routes".
+# aspect (width, height), kontext size, ultra size: docs/reseller.md "Sizes for aspect-ratio routes".
 TABLE = [
     ((21, 9), (1568, 672), (3136, 1344)),
     ((16, 9), (1392, 752), (2736, 1536)),

@@ -194,10 +194,18 @@ def test_invalid_fields_are_422_in_the_vendors_shape(
 
 def test_body_that_is_not_a_json_object_is_422(vendor: Vendor) -> None:
     headers = {**vendor.headers, "content-type": "application/json"}
-    for content in (b"{not json", b"[1, 2]", b'"text"'):
+    for content, message in (
+        (
+            b"{not json",
+            "body is not valid JSON: Expecting property name enclosed in double quotes at line 1 column 2",
+        ),
+        (b"[1, 2]", "body: must be a JSON object"),
+        (b'"text"', "body: must be a JSON object"),
+    ):
         response = vendor.client.post("/v1/flux-dev", content=content, headers=headers)
         assert response.status_code == 422, response.text
-        assert response.json()["detail"][0]["msg"] == "body: must be a JSON object"
+        detail = response.json()["detail"]
+        assert len(detail) == 1 and (detail[0]["loc"], detail[0]["msg"]) == (["body"], message)
 
 
 def test_non_finite_numbers_are_422_not_500(vendor: Vendor) -> None:

@@ -8,7 +8,8 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -22,7 +23,9 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from fluxserve import __version__
-from fluxserve.accounts.keys import ApiKey, KeyProblem, KeyStore
+from fluxserve.accounts.keys import ApiKey, KeyProblem, KeyStore, NewKey
+from fluxserve.core.job import JobStatus
+from fluxserve.core.models import MODELS, Dialect
 from fluxserve.db.connection import make_engine, migrate
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
@@ -40,6 +43,7 @@ console = Console()
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (FLUXSERVE_DATA_DIR).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the key.")]
 Days = Annotated[int, typer.Option(min=1, help="Usage of the last DAYS days.")]
 
 
@@ -154,17 +158,7 @@ def serve(
     configure_logging(json=settings.log_json)
     listener = _listen(settings.host, settings.port, settings.http_backlog)  # before workers or "ready"
     keys = KeyStore(_database(settings, create=True))
-    if keys.count() == 0:
-        new = keys.create("default")
-        # Plain echo, not rich: a wrapped key or curl line could not be pasted back.
-        typer.echo(f"First start: created API key 'default' (shown once): {new.key}")
-        typer.echo(
-            "Try it:\n"
-            f"  curl -s -X POST {settings.base_url}/bfl/v1/flux-dev -H 'TT-API-KEY: {new.key}' "
-            "-H 'Content-Type: application/json' "
-            '-d \'{"prompt": "a large red heart in the top left corner on a light blue background"}\'\n'
-            f"  curl -s '{settings.base_url}/flux/fetch?jobId=<jobId>' -H 'TT-API-KEY: {new.key}'"
-        )
+    first = keys.create("default").key if keys.count() == 0 else None
     from fluxserve.api.limits import http_protocol
     from fluxserve.app import create_app
 
@@ -182,10 +176,60 @@ def serve(
         backlog=settings.http_backlog,
     )
     server = uvicorn.Server(config)
+    # After the start-up logs, not among them; if it stops before it is ready, the key was made: shown anyway.
+    announce_now = _when_ready(server, listener, lambda: _show_first_key(first, settings)) if first else None
     with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is a normal way to stop
         server.run(sockets=[listener])
+    if announce_now:
+        announce_now()
     if not server.started:  # the app failed to start (its error is logged): exit as uvicorn.run does
         raise typer.Exit(3)
+
+
+_RULE = "-" * 78
+
+
+def _show_first_key(key: str, settings: Settings) -> None:
+    """The key ``serve`` made on its first start, set apart, with two commands to try it."""
+    # Plain echo, not rich: a wrapped key or curl line could not be pasted back.
+    typer.echo(f"\n{_RULE}\nFirst start: created API key 'default' (shown once): {key}")
+    typer.echo(
+        "Try it:\n"
+        f"  curl -s -X POST {settings.base_url}/bfl/v1/flux-dev -H 'TT-API-KEY: {key}' "
+        "-H 'Content-Type: application/json' "
+        '-d \'{"prompt": "a large red heart in the top left corner on a light blue background"}\'\n'
+        f"  curl -s '{settings.base_url}/flux/fetch?jobId=<jobId>' -H 'TT-API-KEY: {key}'\n{_RULE}\n"
+    )
+
+
+def _when_ready(
+    server: uvicorn.Server, listener: socket.socket, announce: Callable[[], None], wait: float = 120.0
+) -> Callable[[], None]:
+    """Run ``announce`` once the server answers ``/readyz`` (its workers are up), or after ``wait`` seconds.
+    Returns a function that runs it now unless it has run."""
+    done = threading.Lock()  # held once announced
+
+    def once() -> None:
+        if done.acquire(blocking=False):
+            announce()
+
+    def watch() -> None:
+        import httpx
+
+        host, port = listener.getsockname()[:2]
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}/readyz"
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if server.started:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url, timeout=5).status_code == 200:
+                        break
+            time.sleep(0.5)
+        once()
+
+    threading.Thread(target=watch, name="first-key", daemon=True).start()
+    return once
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
@@ -199,7 +243,7 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
         reason = os.strerror(error.errno) if error.errno else str(error)
         typer.echo(
             f"error: cannot listen on {host}:{port}: {reason}; is another server running there? "
-            "Choose another with --port (or FLUXSERVE_PORT)",
+            "Choose another with --port (or FLUXSERVE_PORT), or `make serve PORT=8001`",
             err=True,
         )
         raise typer.Exit(1) from error
@@ -310,11 +354,30 @@ def keys_create(
     credits: Annotated[str | None, typer.Option(help="Starting credits; unlimited when omitted.")] = None,
     data_dir: DataDir = None,
     as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Create a key and print it once: it is stored only as a hash."""
     with _keys(data_dir, create=True) as store:
         new = store.create(name, _credits(credits))
-    if as_json:
+    _print_new_key(new, as_json, quiet)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    name_or_id: str, data_dir: DataDir = None, as_json: AsJson = False, quiet: Quiet = False
+) -> None:
+    """Give a live key a new secret and print it once; the old one stops working now. The key keeps its
+    id, credits, jobs and webhook secret."""
+    with _keys(data_dir) as store:
+        new = store.rotate(store.resolve(name_or_id))
+    _print_new_key(new, as_json, quiet)
+
+
+def _print_new_key(new: NewKey, as_json: bool, quiet: bool) -> None:
+    """A key just made: only the key with --quiet (for ``KEY=$(...)``: an error leaves stdout empty)."""
+    if quiet:
+        typer.echo(new.key)
+    elif as_json:
         typer.echo(json.dumps({"key": new.key, **_key_json(new.record, secret=True)}))
     else:
         typer.echo(f"key: {new.key}\nwebhook secret: {new.record.webhook_secret}")
@@ -426,25 +489,22 @@ def jobs_command(
     key: Annotated[str | None, typer.Option("--key", help="Only this key's jobs (name or id).")] = None,
     status: Annotated[
         str | None,
-        typer.Option(help="Only jobs in this status: queued, running, succeeded, failed, canceled, ..."),
+        typer.Option(
+            help="Only jobs in this status: queued, running, succeeded, failed, canceled, ..., or the API's "
+            "words for them (SUCCESS, PENDING_QUEUE, Ready, Pending...)."
+        ),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 20,
     data_dir: DataDir = None,
     as_json: AsJson = False,
 ) -> None:
     """Recent jobs, newest first."""
-    from fluxserve.core.job import JobStatus
     from fluxserve.jobs.activity import recent_jobs
 
-    try:
-        wanted = None if status is None else JobStatus(status.lower())
-    except ValueError as error:
-        raise typer.BadParameter(
-            f"{status!r}: one of {', '.join(each.value for each in JobStatus)}", param_hint="--status"
-        ) from error
+    wanted = () if status is None else _statuses(status)
     with _keys(data_dir) as store:
         key_id = None if key is None else store.resolve(key).id
-        lines = recent_jobs(store.engine, key_id=key_id, status=wanted, limit=limit)
+        lines = recent_jobs(store.engine, key_id=key_id, statuses=wanted, limit=limit)
     if as_json:
         for line in lines:
             typer.echo(
@@ -473,11 +533,71 @@ def jobs_command(
     console.print(table if lines else "no jobs")
 
 
+def _statuses(word: str) -> set[JobStatus]:
+    """The statuses a word names: one of ours (``succeeded``), or all that a dialect shows with it (the
+    reseller's ``FAILED`` is also moderated and canceled jobs; the vendor's ``Pending``, queued and running);
+    exact words first, then any case."""
+    from fluxserve.surfaces import reseller, vendor
+
+    words: dict[str, set[JobStatus]] = {status.value: {status} for status in JobStatus}
+    for table in (reseller.STATUS, vendor.STATUS):
+        for status, name in table.items():
+            words.setdefault(name, set()).add(status)
+    found = words.get(word) or next(
+        (statuses for name, statuses in words.items() if name.casefold() == word.strip().casefold()), None
+    )
+    if found is None:
+        raise typer.BadParameter(f"{word!r}: one of {', '.join(words)}", param_hint="--status")
+    return found
+
+
+def _fields(model: str, given: dict[str, Any], extra: list[str]) -> tuple[Dialect, dict[str, Any]]:
+    """The dialect to ask for ``model`` (the reseller's where it has the model, else the vendor's) and the
+    request's fields: the options given, and each ``NAME=VALUE`` (a JSON value, else text), checked
+    against the model's fields on that route so that a typo is named here, not ignored."""
+    spec = MODELS.get(model)
+    if spec is None:
+        raise typer.BadParameter(f"unknown model {model!r}: one of {', '.join(MODELS)}", param_hint="--model")
+    dialect = Dialect.RESELLER if Dialect.RESELLER in spec.fields else Dialect.VENDOR
+    fields = {name: value for name, value in given.items() if value is not None}
+    for item in extra:
+        name, equals, text = item.partition("=")
+        if not equals or not name.strip():
+            raise typer.BadParameter(f"{item!r}: expected NAME=VALUE, e.g. steps=20", param_hint="--field")
+        try:
+            fields[name.strip()] = json.loads(text)
+        except ValueError:
+            fields[name.strip()] = text
+    known = spec.fields[dialect]
+    for name in fields:
+        if name not in known:
+            raise typer.BadParameter(
+                f"{model} takes no {name!r}; its fields: {', '.join(known)}",
+                param_hint="--" + name.replace("_", "-") if name in given else "--field",
+            )
+    return dialect, fields
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="The API model, e.g. flux-dev.")] = "flux-dev",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="The API model, e.g. flux-dev, flux-2-klein-4b.")
+    ] = "flux-dev",
     seed: Annotated[int | None, typer.Option(help="Seed; random when omitted.")] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Width in pixels; the model's default when omitted.")
+    ] = None,
+    height: Annotated[int | None, typer.Option(help="Height in pixels.")] = None,
+    aspect_ratio: Annotated[
+        str | None, typer.Option("--aspect-ratio", help="e.g. 16:9, for models sized by ratio.")
+    ] = None,
+    field: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--field", "-f", help="Any other field of the model as NAME=VALUE (steps=20, raw=true); repeat."
+        ),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Where to save the image; default <job id>.png.")
     ] = None,
@@ -492,12 +612,15 @@ def generate(
     key: Annotated[str | None, typer.Option(envvar="FLUXSERVE_KEY", help="API key (FLUXSERVE_KEY).")] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Make one image through a server, with a live progress bar; prints where it was saved and its seed."""
+    """Make one image through a server, with a live progress bar; prints where it was saved, its seed, size
+    and cost, and the model's note about words it did not know."""
     import httpx
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fluxserve.client import Client, Event, FluxserveError
 
+    given = {"seed": seed, "width": width, "height": height, "aspect_ratio": aspect_ratio}
+    dialect, fields = _fields(model, given, field or [])
     base_url = server or _settings(data_dir).base_url
     errors = Console(stderr=True)
     if not key:
@@ -516,8 +639,10 @@ def generate(
                 progress.update(task, description="done", completed=1.0)
 
         try:
-            with Client(base_url, key) as client:
-                made = client.generate(model, prompt, images=images or (), seed=seed, on_event=show)
+            with Client(base_url, key, dialect=dialect.value) as client, Client(base_url, key) as reseller:
+                made = client.generate(model, prompt, images=images or (), on_event=show, **fields)
+                # The reseller's fetch JSON says what the job cost, whichever dialect made it.
+                job = made.job if dialect is Dialect.RESELLER else reseller.fetch(made.job.id)
         except FluxserveError as error:
             errors.print(f"error: {error.message}", markup=False, highlight=False)
             raise typer.Exit(1) from None
@@ -527,4 +652,8 @@ def generate(
     jpeg = made.image.startswith(b"\xff\xd8")
     path = output or Path(f"{made.job.id}.{'jpg' if jpeg else 'png'}")
     path.write_bytes(made.image)
-    typer.echo(f"saved {path} (seed {made.seed})")
+    data = job.raw.get("data") or {}
+    typer.echo(f"saved {path} (seed {made.seed}, {data.get('size')}, {data.get('quota')} credits)")
+    note = (job.raw.get("details") or {}).get("note")
+    if note:
+        errors.print(f"note: {note}", markup=False, highlight=False)

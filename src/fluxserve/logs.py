@@ -58,12 +58,28 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
     return event_dict
 
 
+def drop_color_message(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor: uvicorn passes its message again with colour escapes (``color_message``) as
+    an ``extra`` field; the message itself is enough."""
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
 def configure_logging(json: bool = False, level: int = logging.INFO) -> None:
-    """Route stdlib logging (ours, uvicorn's) through structlog so ``extra=`` fields become keys."""
-    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    """Route stdlib logging (ours, uvicorn's) through structlog so ``extra=`` fields become keys; colours
+    only when stderr is a terminal, never escapes in a file or a pipe."""
+    handler = logging.StreamHandler()
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=handler.stream.isatty())
+    )
     formatter = structlog.stdlib.ProcessorFormatter(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            drop_color_message,
             redact,
             renderer,
         ],
@@ -75,7 +91,6 @@ def configure_logging(json: bool = False, level: int = logging.INFO) -> None:
             structlog.processors.format_exc_info,
         ],
     )
-    handler = logging.StreamHandler()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

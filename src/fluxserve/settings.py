@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     allowed_private_networks: str = Field(
         default="", description="Comma-separated CIDRs that URL inputs and webhooks may reach."
     )
-    max_input_bytes: int = Field(default=20 * 1024 * 1024)
+    max_input_bytes: int = Field(default=20 * 1024 * 1024, description="Largest input image, in bytes.")
     input_fetch_timeout_seconds: float = Field(
         default=20.0, gt=0, description="Longest download of one URL input (the job fails beyond it)."
     )
@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     webhook_backoff: str = Field(
         default="5,30,120,300,900", description="Seconds between webhook tries; one more try than entries."
     )
-    webhook_timeout_seconds: float = 10.0
+    webhook_timeout_seconds: float = Field(default=10.0, description="How long one webhook try may take.")
     webhook_concurrency: int = Field(
         default=32, gt=0, description="Webhook deliveries in flight at once, per API process."
     )
@@ -116,7 +116,9 @@ class Settings(BaseSettings):
         description="Webhook deliveries to one target host in flight at once, per API process.",
     )
     max_active_jobs: int = Field(default=24, description="Queued plus running jobs per key (429 beyond).")
-    max_active_jobs_kontext_max: int = 6
+    max_active_jobs_kontext_max: int = Field(
+        default=6, description="Queued plus running flux-kontext-max jobs per key (429 beyond)."
+    )
     log_json: bool = Field(default=False, description="One JSON object per log line.")
     http_max_header_bytes: int = Field(
         default=16 * 1024,

@@ -43,6 +43,12 @@ class NewKey:
     record: ApiKey
 
 
+def _new_secret() -> tuple[str, dict[str, str]]:
+    """A raw key, and the columns that store it (its hash, and its prefix to recognise it by)."""
+    raw = KEY_PREFIX + secrets.token_urlsafe(32)
+    return raw, {"key_hash": hash_key(raw), "key_prefix": raw[:10]}
+
+
 def _record(row) -> ApiKey:  # type: ignore[no-untyped-def]
     credits = None if row.credits_hundredths is None else ledger.from_hundredths(row.credits_hundredths)
     return ApiKey(row.id, row.name, row.key_prefix, row.webhook_secret, credits, row.active)
@@ -63,12 +69,11 @@ class KeyStore:
         name = name.strip()
         if not name:
             raise KeyProblem("a key needs a name")
-        raw = KEY_PREFIX + secrets.token_urlsafe(32)
+        raw, secret = _new_secret()
         values = {
             "id": str(uuid.uuid4()),
             "name": name,
-            "key_hash": hash_key(raw),
-            "key_prefix": raw[:10],
+            **secret,
             "webhook_secret": new_secret(),
             "credits_hundredths": None if credits is None else ledger.to_hundredths(credits),
             "active": True,
@@ -79,9 +84,21 @@ class KeyStore:
                 conn.execute(insert(api_keys).values(values))
         except IntegrityError as error:  # the live-name index (the hash is random, never a clash)
             raise KeyProblem(
-                f"a live key is already named {name!r}: choose another name, or revoke that key first"
+                f"a live key is already named {name!r} (a key is shown only once): "
+                f"`fluxserve keys rotate {name}` gives it a new secret and keeps its credits, "
+                "or choose another name"
             ) from error
         return NewKey(raw, self.get(values["id"]))  # type: ignore[arg-type]
+
+    def rotate(self, key: ApiKey) -> NewKey:
+        """A new secret for a live key, which keeps its id, so its credits, jobs and results stay its own;
+        the old secret stops working at once (nothing caches keys)."""
+        raw, secret = _new_secret()
+        live = (api_keys.c.id == key.id) & api_keys.c.active.is_(True)
+        with self._engine.begin() as conn:
+            if conn.execute(update(api_keys).where(live).values(secret)).rowcount != 1:
+                raise KeyProblem(f"{key.name} is revoked: `fluxserve keys create` makes a new key")
+        return NewKey(raw, self.get(key.id))  # type: ignore[arg-type]
 
     def authenticate(self, raw: str | None) -> ApiKey | None:
         if not raw:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -118,6 +119,23 @@ def error_response(
     return failed(status_code, message, headers)
 
 
+def invalid_json(error: json.JSONDecodeError) -> str:
+    """A body that is not JSON, in words that say where (not FastAPI's "1: JSON decode error")."""
+    return f"body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+
+
+def readable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """``exc``'s errors, with FastAPI's JSON decode error (at ``("body", <offset>)``) in
+    :func:`invalid_json`'s words at ``("body",)``; each dialect's renderer shows its ``msg``."""
+    errors = [dict(error) for error in exc.errors()]
+    for error in errors:
+        loc = error.get("loc", ())
+        if error.get("type") == "json_invalid" and len(loc) == 2 and isinstance(exc.body, str):
+            reason = str((error.get("ctx") or {}).get("error", "invalid"))
+            error.update(loc=("body",), msg=invalid_json(json.JSONDecodeError(reason, exc.body, int(loc[1]))))
+    return errors
+
+
 def _allow(request: Request, exc: StarletteHTTPException) -> str:
     """Every method of the path: Starlette's ``Allow`` names only those of the first route that matched
     it, and fetch has a route per method. Paths with parameters are not in this lookup and keep
@@ -141,7 +159,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         path = request.url.path
-        messages = "; ".join(error_messages(list(exc.errors())))
+        messages = "; ".join(error_messages(readable_errors(exc)))
         if path.startswith(OPENAI_PREFIX):
             return openai_error(400, messages)
         if path.startswith(VENDOR_PREFIX):

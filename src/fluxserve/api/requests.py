@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.deps import Services, get_services
+from fluxserve.api.errors import readable_errors
 from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES, VARIANT_TYPES, Variant, input_image_field
 from fluxserve.core.models import MODELS, REQUIRED, Dialect, ModelSpec
 from fluxserve.core.params import GenerationParams, ImageRef
@@ -269,7 +270,7 @@ def refusing_routes(refusal: Callable[[list[dict[str, Any]]], Exception]) -> typ
                 try:
                     return await handler(request)
                 except RequestValidationError as exc:
-                    raise refusal([dict(error) for error in exc.errors()]) from None
+                    raise refusal(readable_errors(exc)) from None
 
             return route
 

@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.errors import ApiError
+from fluxserve.api.errors import ApiError, invalid_json
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
 from fluxserve.api.reseller_schemas import JOB_REF_BODY, JOB_RESPONSES, SUBMIT_RESPONSES
 from fluxserve.core.job import Job
@@ -98,7 +98,9 @@ async def _body_job_id(request: Request) -> object:
         return None
     try:
         payload = json.loads(raw)
-    except ValueError as error:
+    except json.JSONDecodeError as error:
+        raise ApiError(400, invalid_json(error)) from error
+    except ValueError as error:  # not UTF-8
         raise ApiError(400, _BAD_BODY) from error
     if not isinstance(payload, dict):
         raise ApiError(400, _BAD_BODY)

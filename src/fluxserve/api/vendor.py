@@ -28,7 +28,7 @@ from fastapi.routing import APIRoute
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import X_KEY
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.errors import VendorError, responses
+from fluxserve.api.errors import VendorError, readable_errors, responses
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
 from fluxserve.api.vendor_schemas import CreditsResponse, SubmitResponse
 from fluxserve.core.fields import MAX_ERROR_MESSAGES, VENDOR_RULES
@@ -64,6 +64,8 @@ def vendor_errors(errors: list[dict[str, Any]], limit: int = MAX_ERROR_MESSAGES)
             msg = f"{field}: is required"
         elif kind == "field_rule":  # a range particular to this route (core.fields.VARIANT_TYPES)
             msg = f"{field}: {err.get('msg')}"
+        elif kind == "json_invalid":  # api.errors.readable_errors says what and where
+            loc, msg = ["body"], str(err.get("msg"))
         elif kind.startswith("json") or (loc == ["body"] and kind in ("model_attributes_type", "dict_type")):
             loc, msg = ["body"], "body: must be a JSON object"
         elif field in VENDOR_RULES:
@@ -107,7 +109,7 @@ class VendorRoute(APIRoute):
             except VendorValidationError:
                 raise
             except RequestValidationError as exc:
-                raise RequestValidationError(vendor_errors(list(exc.errors())), body=exc.body) from None
+                raise RequestValidationError(vendor_errors(readable_errors(exc)), body=exc.body) from None
 
         return route
 

@@ -308,6 +308,8 @@ def error_messages(
             text = f"{field}: is required"
         elif err.get("type") == "field_rule":
             text = f"{field}: {err.get('msg')}"
+        elif err.get("type") == "json_invalid":  # api.errors.readable_errors says what and where
+            text = str(err.get("msg"))
         elif field in RULES:
             text = f"{field}: {RULES[field]}"
         elif field == "body":

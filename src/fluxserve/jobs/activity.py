@@ -6,6 +6,7 @@ Read-only queries on the job table (the store's interface is for the job's life;
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -55,9 +56,9 @@ class UsageLine:
 
 
 def recent_jobs(
-    engine: Engine, key_id: str | None = None, status: JobStatus | None = None, limit: int = 20
+    engine: Engine, key_id: str | None = None, statuses: Collection[JobStatus] = (), limit: int = 20
 ) -> list[JobLine]:
-    """The newest jobs first, of one key or all, in one status or any."""
+    """The newest jobs first, of one key or all, in some statuses or any."""
     query = (
         select(jobs, api_keys.c.name.label("key_name"))
         .join(api_keys, api_keys.c.id == jobs.c.key_id)
@@ -66,8 +67,8 @@ def recent_jobs(
     )
     if key_id is not None:
         query = query.where(jobs.c.key_id == key_id)
-    if status is not None:
-        query = query.where(jobs.c.status == status.value)
+    if statuses:
+        query = query.where(jobs.c.status.in_([status.value for status in statuses]))
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     return [

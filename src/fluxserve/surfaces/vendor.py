@@ -33,6 +33,19 @@ def _reason(job: Job) -> str:
     return reason if label in ("Request Moderated", "Content Moderated") and reason else text
 
 
+# The status word of ``get_result`` for each of our statuses (``fluxserve jobs --status`` takes them too).
+STATUS: dict[JobStatus, VendorStatus] = {
+    JobStatus.FETCHING: "Pending",
+    JobStatus.QUEUED: "Pending",
+    JobStatus.RUNNING: "Pending",
+    JobStatus.SUCCEEDED: "Ready",
+    JobStatus.FAILED: "Error",
+    JobStatus.REQUEST_MODERATED: "Request Moderated",
+    JobStatus.CONTENT_MODERATED: "Content Moderated",
+    JobStatus.CANCELED: "Error",
+}
+
+
 def _timestamp(job: Job, name: str) -> float | None:
     value = getattr(job, name)
     return None if value is None else value.timestamp()
@@ -43,13 +56,14 @@ def render_result(job: Job | None, job_id: str, links: Links) -> ResultResponse:
     if job is None:
         return ResultResponse(id=job_id, status="Task not found")
     status = job.status
+    word = STATUS[status]
     if status is JobStatus.QUEUED:  # details is free-form in the vendor's schema: an added field
         position = links.queue_position(job.id)
         return ResultResponse(
-            id=job.id, status="Pending", progress=job.progress, details={"queue_position": position}
+            id=job.id, status=word, progress=job.progress, details={"queue_position": position}
         )
     if not status.is_terminal:
-        return ResultResponse(id=job.id, status="Pending", progress=job.progress)
+        return ResultResponse(id=job.id, status=word, progress=job.progress)
     if status is JobStatus.SUCCEEDED:
         start, end = _timestamp(job, "started_at"), _timestamp(job, "finished_at")
         expired = job.result_expired
@@ -64,16 +78,10 @@ def render_result(job: Job | None, job_id: str, links: Links) -> ResultResponse:
         notes = public_details(job.details)  # what the engine tells the user (a note), if anything
         if expired is not None:  # Ready still: the job delivered; its file outlived retention
             notes["result"] = expired
-        return ResultResponse(id=job.id, status="Ready", result=result, details=notes or None)
-    if status is JobStatus.REQUEST_MODERATED:
-        return ResultResponse(
-            id=job.id, status="Request Moderated", details={"Moderation Reasons": [_reason(job)]}
-        )
-    if status is JobStatus.CONTENT_MODERATED:
-        return ResultResponse(
-            id=job.id, status="Content Moderated", details={"Moderation Reasons": [_reason(job)]}
-        )
-    return ResultResponse(id=job.id, status="Error", details={"error": job.error or "failed"})
+        return ResultResponse(id=job.id, status=word, result=result, details=notes or None)
+    if status in (JobStatus.REQUEST_MODERATED, JobStatus.CONTENT_MODERATED):
+        return ResultResponse(id=job.id, status=word, details={"Moderation Reasons": [_reason(job)]})
+    return ResultResponse(id=job.id, status=word, details={"error": job.error or "failed"})
 
 
 def render_json(job: Job, links: Links) -> dict[str, Any]:
