@@ -26,9 +26,8 @@ from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.limits import RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
-from fluxserve.core.job import JobStatus
 from fluxserve.core.models import Dialect
-from fluxserve.jobs.feed import ChangeFeed, wake_on
+from fluxserve.jobs.feed import ChangeFeed, to_fetch, wake_on, webhook_due
 from fluxserve.jobs.fetching import InputFetcher
 from fluxserve.jobs.retention import Retention
 from fluxserve.jobs.stats import JobStats
@@ -99,10 +98,8 @@ class Runtime:
         # What waits on the feed: streams and synchronous waits, the fetch stage (a job entered
         # ``fetching``), the webhook dispatcher (a job with a webhook ended: its delivery is due).
         feed.subscribe(streams.on_changes)
-        feed.subscribe(wake_on(lambda change: change.status is JobStatus.FETCHING, fetcher.wake))
-        feed.subscribe(
-            wake_on(lambda change: change.webhook and change.status.is_terminal, runtime.webhooks.wake)
-        )
+        feed.subscribe(wake_on(to_fetch, fetcher.wake))
+        feed.subscribe(wake_on(webhook_due, runtime.webhooks.wake))
         return runtime
 
     def webhook_body(self, job_id: str) -> dict[str, Any] | None:

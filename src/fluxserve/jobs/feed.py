@@ -53,6 +53,16 @@ JobListener = Callable[[Sequence[JobChange] | None], None]  # None: anything may
 KeyListener = Callable[[str | None], None]  # a key id; None: any key may have changed
 
 
+def to_fetch(change: JobChange) -> bool:
+    """The job entered the fetch stage: its URL inputs are to be downloaded."""
+    return change.status is JobStatus.FETCHING
+
+
+def webhook_due(change: JobChange) -> bool:
+    """The job ended with a webhook: its delivery (written in the same transaction) is due."""
+    return change.webhook and change.status.is_terminal
+
+
 def wake_on(wanted: Callable[[JobChange], bool], wake: Callable[[], None]) -> JobListener:
     """A subscriber that calls ``wake`` once per batch holding a wanted change (and after a gap)."""
 
