@@ -3,24 +3,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from fluxserve.api.deps import Services
 from fluxserve.api.events import EventId, EventStreams
 from fluxserve.app import create_app
 from fluxserve.core.job import JobStatus
-from fluxserve.db.connection import make_engine
 from fluxserve.settings import Settings
 
 WORKER = "worker-1"
@@ -221,3 +219,77 @@ def test_event_ids_order_rounds_before_stages_and_ignore_foreign_last_event_ids(
     assert EventId.parse("1.1.10000") < EventId.parse("2.0.0") < EventId.parse("2.2.0")  # type: ignore[operator]
     for foreign in (None, "", "abc", "1.2", "1.-2.3", "1.2.3.4", "9" * 20 + ".0.0"):
         assert EventId.parse(foreign) is None
+
+
+def test_idle_streams_read_nothing_until_their_job_changes(app_client: tuple[TestClient, Services]) -> None:
+    """Six streams on a queued job and two on a running one, neither moving: no statement reads either.
+    When the first changes, the one watcher reads it once per change for all six; the other stays unread."""
+    client, services = app_client
+    streams: EventStreams = client.app.state.event_streams  # type: ignore[attr-defined]
+    engine = client.app.state.runtime.database  # type: ignore[attr-defined]
+    drain(services)
+    keys = [services.keys.create(f"idle-{index}", Decimal(10)).key for index in range(2)]
+    still = submit(client, keys[1])
+    assert services.jobs.claim("busy-worker") is not None  # running, and stays at its progress
+    moving = submit(client, keys[0])
+    reads: dict[str, list[str]] = {moving: [], still: []}
+
+    def count(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        for job_id, seen in reads.items():
+            if job_id in repr(parameters) and statement.lstrip().upper().startswith("SELECT"):
+                seen.append(statement)
+
+    bodies: dict[str, list[str]] = {moving: [], still: []}
+
+    def stream(job_id: str, key: str) -> None:
+        response = client.get("/flux/events", params={"jobId": job_id}, headers={"TT-API-KEY": key})
+        bodies[job_id].append(response.text)
+
+    idle, per_key = streams.idle_seconds, streams.max_per_key
+    streams.idle_seconds, streams.max_per_key = 4, 8
+    threads = [threading.Thread(target=stream, args=(moving, keys[0])) for _ in range(6)]
+    threads += [threading.Thread(target=stream, args=(still, keys[1])) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while streams.total < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # their first events were read and sent
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            time.sleep(1.5)
+            assert reads == {moving: [], still: []}, "an idle stream read its job"
+            services.jobs.claim(WORKER)  # the first job changes twice
+            services.jobs.finish(moving, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
+            for thread in threads:
+                thread.join(30)
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+    finally:
+        streams.idle_seconds, streams.max_per_key = idle, per_key
+    assert [parse(body)[-1]["event"] for body in bodies[moving]] == ["result"] * 6
+    assert [[e["event"] for e in parse(body)] for body in bodies[still]] == [["running"]] * 2  # then idle
+    assert 1 <= len(reads[moving]) <= 2, reads[moving]  # once per change (or both at once), not per stream
+    assert reads[still] == []
+
+
+def test_open_streams_are_bounded_per_process_across_keys(
+    app_client: tuple[TestClient, Services], key: str
+) -> None:
+    client, _ = app_client
+    streams: EventStreams = client.app.state.event_streams  # type: ignore[attr-defined]
+    job_id = submit(client, key)
+    total = streams.total
+    streams.total = streams.max_per_process  # as if other keys held every slot
+    try:
+        refused = client.get("/flux/events", params={"jobId": job_id}, headers={"TT-API-KEY": key})
+        assert (refused.status_code, refused.json()["message"]) == (
+            429, f"Too many open event streams on this server (at most {streams.max_per_process}); try "
+            "again later",
+        )  # fmt: skip
+        vendor = client.get("/v1/events", params={"id": job_id}, headers={"x-key": key})
+        assert vendor.status_code == 429 and "on this server" in vendor.json()["detail"]
+        assert not streams.open  # a refused stream holds no slot
+    finally:
+        streams.total = total
