@@ -9,11 +9,12 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from fluxserve.api.deps import Services
 from fluxserve.api.events import EventId, EventStreams
@@ -293,3 +294,40 @@ def test_open_streams_are_bounded_per_process_across_keys(
         assert not streams.open  # a refused stream holds no slot
     finally:
         streams.total = total
+
+
+@pytest.mark.postgres
+def test_a_change_in_the_listeners_gap_still_reaches_the_stream(postgres_url: str, tmp_path: Path) -> None:
+    """The feed's LISTEN connection is cut; the job ends before it listens again (its NOTIFY is lost):
+    on reconnecting, the watcher reads every streamed job again, and the stream gets the result."""
+    settings = Settings(data_dir=tmp_path, workers=0, database_url=postgres_url, events_idle_seconds=60)
+    app = create_app(settings)
+    runtime = app.state.runtime
+    with TestClient(app) as client:
+        services: Services = app.state.services
+        key = services.keys.create("gap", Decimal(10)).key
+        job_id = submit(client, key)
+        assert services.jobs.claim(WORKER) is not None
+        bodies: list[str] = []
+        thread = threading.Thread(
+            target=lambda: bodies.append(
+                client.get("/flux/events", params={"jobId": job_id}, headers={"TT-API-KEY": key}).text
+            )
+        )
+        thread.start()
+        assert runtime.feed.ready(30)
+        deadline = time.monotonic() + 30
+        while runtime.streams.total < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # its first event (running) is out
+        with runtime.database.begin() as conn:
+            killed = conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
+            ).all()
+        assert killed == [(True,)]
+        while runtime.feed._ready.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert services.jobs.finish(job_id, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
+        assert not runtime.feed._ready.is_set(), "the feed listened again before the change: no gap"
+        thread.join(30)
+    assert [event["event"] for event in parse(bodies[0])] == ["running", "result"]
