@@ -1,6 +1,6 @@
 """End to end through the event stream against the bundled engine called directly, in the same run.
 
-    python bench/stream.py [--rounds 3] [--steps 20] [--size 256] [--worker-poll 0.2] [--events-poll 0.1]
+    python bench/stream.py [--rounds 3] [--steps 20] [--size 256] [--worker-poll 5] [--database-url URL]
 
 (a) direct: the bundled model's engine (shipped catalog entry for flux-dev), built in this process with one
 torch thread, makes the requests one after another and PNG-encodes each image, as a worker does.
@@ -84,17 +84,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--worker-poll", type=float, default=0.2, help="FLUXSERVE_POLL_SECONDS (idle claims)")
-    parser.add_argument("--events-poll", type=float, default=0.1, help="FLUXSERVE_EVENTS_POLL_SECONDS")
+    parser.add_argument("--worker-poll", type=float, default=5.0, help="FLUXSERVE_POLL_SECONDS (idle claims)")
+    parser.add_argument("--database-url", help="FLUXSERVE_DATABASE_URL (default: SQLite in the data dir)")
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 8], help="concurrent jobs per round")
     parser.add_argument("--models", type=Path, default=Path("/tmp/fluxserve-bench-models"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     engine = EngineRegistry(load_catalog(), args.models).get("flux-dev")
-    env = {
-        "FLUXSERVE_POLL_SECONDS": str(args.worker_poll),
-        "FLUXSERVE_EVENTS_POLL_SECONDS": str(args.events_poll),
-    }
+    env = {"FLUXSERVE_POLL_SECONDS": str(args.worker_poll)}
+    if args.database_url:
+        env["FLUXSERVE_DATABASE_URL"] = args.database_url
     with tempfile.TemporaryDirectory() as scratch:
         server, base, key = start_server(Path(scratch), args.models, env)
         try:

@@ -211,6 +211,7 @@ class EventStreams:
         reading the jobs, so that no change in between is missed)."""
         self.start()
         event = asyncio.Event()
+        job_ids = tuple(job_ids)  # the caller's collection may shrink as jobs end
         for job_id in job_ids:
             self._waits.setdefault(job_id, set()).add(event)
         try:

@@ -217,7 +217,10 @@ class WebhookDispatcher:
             error = type(exc).__name__
         if not final:
             self._note(delivery["url"], connected)
-        await asyncio.to_thread(self._record, delivery, attempt, status_code, error, final)
+        retry_at = await asyncio.to_thread(self._record, delivery, attempt, status_code, error, final)
+        if retry_at is not None:  # this dispatcher wakes for its own retry; the poll catches the others'
+            delay = (retry_at - utcnow()).total_seconds()
+            asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake.set)
 
     def _task_secret(self, job_id: str) -> str | None:
         """The ``webhook_secret`` the job was submitted with (vendor dialect), if any."""
@@ -240,7 +243,8 @@ class WebhookDispatcher:
 
     def _record(
         self, delivery: dict[str, Any], attempt: int, status_code: int | None, error: str | None, final: bool
-    ) -> None:
+    ) -> datetime | None:
+        """Write the attempt's outcome; when the next attempt is due, if there is one."""
         retry_at = None
         if error is not None and not final and attempt <= len(self._backoff):
             retry_at = utcnow() + timedelta(seconds=self._backoff[attempt - 1])
@@ -257,3 +261,4 @@ class WebhookDispatcher:
                 "outcome": outcome if outcome != outbox.PENDING else "retry",
             },
         )
+        return retry_at
