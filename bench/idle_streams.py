@@ -68,7 +68,7 @@ async def hold_streams(
     base: str, keys: list[str], count: int, opened: threading.Event, stop: threading.Event
 ) -> int:
     """Open ``count`` streams spread over ``keys`` (one job each), set ``opened`` once each had its first
-    event, hold them until ``stop``; returns how many opened."""
+    event, hold them until ``stop``; returns how many were still open then."""
     limits = httpx.Limits(max_connections=count + 16, max_keepalive_connections=count + 16)
     async with httpx.AsyncClient(base_url=base, timeout=None, limits=limits) as client:
         jobs = []
@@ -85,12 +85,12 @@ async def hold_streams(
                 "GET", "/flux/events", params={"jobId": job_id}, headers=headers
             ) as response:
                 assert response.status_code == 200, await response.aread()
-                async for line in response.aiter_lines():
-                    if line.startswith("event:"):
+                told = False
+                async for line in response.aiter_lines():  # held open until cancelled
+                    if line.startswith("event:") and not told:
+                        told = True
                         first.release()
-                        break
-                async for _ in response.aiter_lines():
-                    pass
+            raise AssertionError("a stream ended")  # the idle timeout is far beyond the run
 
         tasks = [asyncio.create_task(one(*jobs[index % len(jobs)])) for index in range(count)]
         for _ in range(count):
@@ -98,10 +98,11 @@ async def hold_streams(
         opened.set()
         while not stop.is_set():
             await asyncio.sleep(0.1)
+        ended = sum(task.done() for task in tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        return count
+        return count - ended
 
 
 def main() -> None:
@@ -125,8 +126,11 @@ def main() -> None:
             )
             measure("no streams", base, server.pid, other, args)
             opened, stop = threading.Event(), threading.Event()
+            held: list[int] = []
             holder = threading.Thread(
-                target=lambda: asyncio.run(hold_streams(base, streamers, args.streams, opened, stop)),
+                target=lambda: held.append(
+                    asyncio.run(hold_streams(base, streamers, args.streams, opened, stop))
+                ),
                 daemon=True,
             )
             started = time.monotonic()
@@ -137,6 +141,7 @@ def main() -> None:
             measure(f"{args.streams} idle streams", base, server.pid, other, args)
             stop.set()
             holder.join(30)
+            print(f"  streams still open at the end: {held[0] if held else 'unknown'}")
         finally:
             server.terminate()
             server.wait()
