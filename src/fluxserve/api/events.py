@@ -266,7 +266,10 @@ class EventStreams:
                 self._wake.set()
                 continue
             for job_id, (job, position) in looks.items():
-                self._deliver(job_id, job, position)
+                try:
+                    self._deliver(job_id, job, position)
+                except Exception:  # a job that cannot be rendered holds up no other job's streams
+                    log.exception("event streams: rendering a job failed", extra={"job_id": job_id})
 
     def _look(self, job_ids: list[str]) -> dict[str, tuple[Job | None, int | None]]:
         """Each job, and its queue position when queued (in a thread)."""
