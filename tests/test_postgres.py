@@ -23,10 +23,10 @@ from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import database_url, make_engine, migrate
 from fluxserve.db.tables import metadata
+from fluxserve.jobs.feed import CHANNEL, PostgresFeed
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
-from fluxserve.jobs.feed import CHANNEL, PostgresFeed
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.wiring import make_job_store
