@@ -1,5 +1,5 @@
 """Queue wait on PostgreSQL, from a job's submit to a worker's start: idle workers that poll against idle
-workers woken by LISTEN/NOTIFY.
+workers woken by the change feed (LISTEN/NOTIFY, ``jobs/feed.py``).
 
     python -m bench.queue_wait [--jobs 200] [--workers 4] [--gap-ms 100] [--run-ms 20]
 
@@ -36,9 +36,9 @@ from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import make_engine, migrate, utcnow
 from fluxserve.db.tables import api_keys, jobs
+from fluxserve.jobs.feed import ChangeFeed, PostgresFeed
 from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
-from fluxserve.jobs.wakeup import Polling, PostgresNotify, Wakeups
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
 from tests.pg_server import DEBIAN, PostgresCluster, binaries
@@ -48,13 +48,13 @@ from tests.pg_server import DEBIAN, PostgresCluster, binaries
 class Mode:
     name: str
     poll_seconds: float
-    wakeups: Callable[[Engine], Wakeups]
+    feed: Callable[[Engine], ChangeFeed | None]
 
 
 MODES = [
-    Mode("poll every 1 s", 1.0, lambda _: Polling()),
-    Mode("poll every 0.2 s (default)", 0.2, lambda _: Polling()),
-    Mode("LISTEN/NOTIFY, poll every 5 s", 5.0, PostgresNotify),
+    Mode("poll every 1 s", 1.0, lambda _: None),
+    Mode("poll every 0.2 s", 0.2, lambda _: None),
+    Mode("change feed, poll every 5 s (default)", 5.0, PostgresFeed),
 ]
 
 
@@ -63,12 +63,12 @@ def run(url: str, mode: Mode, count: int, workers: int, gap: float, run_seconds:
     keys = KeyStore(submit_engine)
     key = keys.create(f"bench-{mode.poll_seconds}").record
     limits = Limits(count + 1, {}, 2**20, 2**22)
-    submit_store = SqlJobStore(submit_engine, PostgresNotify(submit_engine))  # announces; never waits
+    submit_store = SqlJobStore(submit_engine)  # its commits NOTIFY through the triggers; it never waits
     submitter = Submitter(submit_store, LocalBlobStore(Path(tempfile.mkdtemp())), limits, NetworkPolicy([]))
-    wakeups = mode.wakeups(worker_engine)
-    store = SqlJobStore(worker_engine, wakeups)
-    if isinstance(wakeups, PostgresNotify):
-        assert wakeups.listening(30)
+    feed = mode.feed(worker_engine)
+    store = SqlJobStore(worker_engine, feed)
+    if feed is not None:
+        assert feed.ready(30)
     stop = threading.Event()
     idle = [0] * workers
 
@@ -106,8 +106,8 @@ def run(url: str, mode: Mode, count: int, workers: int, gap: float, run_seconds:
     with worker_engine.connect() as conn:
         rows = conn.execute(select(jobs.c.created_at, jobs.c.started_at)).all()
     waits = sorted((start - created).total_seconds() * 1000 for created, start in rows)
-    if isinstance(wakeups, PostgresNotify):
-        wakeups.close()
+    if feed is not None:
+        feed.close()
     submit_engine.dispose()
     worker_engine.dispose()
     return {
@@ -171,13 +171,13 @@ def main() -> None:
     try:
         print(f"{args.jobs} jobs, {args.workers} idle worker threads, a submit every {args.gap_ms:g} ms on "
               f"average, {args.run_ms:g} ms a job")  # fmt: skip
-        print(f"{'mode':34} {'median ms':>10} {'p95 ms':>8} {'max ms':>8} {'idle claims/s':>14}")
+        print(f"{'mode':40} {'median ms':>10} {'p95 ms':>8} {'max ms':>8} {'idle claims/s':>14}")
         for mode in MODES:
             figures = run(
                 cluster.database(), mode, args.jobs, args.workers, args.gap_ms / 1000, args.run_ms / 1000
             )
             print(
-                f"{mode.name:34} {figures['median']:10.1f} {figures['p95']:8.1f} {figures['max']:8.1f} "
+                f"{mode.name:40} {figures['median']:10.1f} {figures['p95']:8.1f} {figures['max']:8.1f} "
                 f"{figures['idle_per_s']:14.1f}"
             )
         print("\none claim and finish (ms), by jobs queued by 50 keys:")

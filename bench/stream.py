@@ -1,6 +1,6 @@
 """End to end through the event stream against the bundled engine called directly, in the same run.
 
-    python bench/stream.py [--rounds 3] [--steps 20] [--size 256] [--worker-poll 0.2] [--events-poll 0.1]
+    python bench/stream.py [--rounds 3] [--steps 20] [--size 256] [--worker-poll 5] [--postgres]
 
 (a) direct: the bundled model's engine (shipped catalog entry for flux-dev), built in this process with one
 torch thread, makes the requests one after another and PNG-encodes each image, as a worker does.
@@ -14,6 +14,7 @@ vendor dialect's result carries the worker's start and end): submit to claim, th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import statistics
@@ -31,6 +32,7 @@ from fluxserve.core.catalog import load_catalog
 from fluxserve.core.params import GenerationParams
 from fluxserve.engines.base import Engine, EngineHooks, EngineRequest
 from fluxserve.engines.registry import EngineRegistry
+from tests.pg_server import PostgresCluster, required_binaries
 
 PROMPT = "a large red heart in the center on a blue background"
 
@@ -84,17 +86,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--worker-poll", type=float, default=0.2, help="FLUXSERVE_POLL_SECONDS (idle claims)")
-    parser.add_argument("--events-poll", type=float, default=0.1, help="FLUXSERVE_EVENTS_POLL_SECONDS")
+    parser.add_argument("--worker-poll", type=float, default=5.0, help="FLUXSERVE_POLL_SECONDS (idle claims)")
+    parser.add_argument(
+        "--postgres", action="store_true", help="on a throwaway PostgreSQL cluster (tests/pg_server.py)"
+    )
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 8], help="concurrent jobs per round")
     parser.add_argument("--models", type=Path, default=Path("/tmp/fluxserve-bench-models"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     engine = EngineRegistry(load_catalog(), args.models).get("flux-dev")
-    env = {
-        "FLUXSERVE_POLL_SECONDS": str(args.worker_poll),
-        "FLUXSERVE_EVENTS_POLL_SECONDS": str(args.events_poll),
-    }
+    env = {"FLUXSERVE_POLL_SECONDS": str(args.worker_poll)}
+    with contextlib.ExitStack() as stack:
+        if args.postgres:
+            cluster = PostgresCluster(required_binaries())
+            cluster.start()
+            stack.callback(cluster.stop)
+            env["FLUXSERVE_DATABASE_URL"] = cluster.database()
+        measure(engine, env, args)
+
+
+def measure(engine: Engine, env: dict[str, str], args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         server, base, key = start_server(Path(scratch), args.models, env)
         try:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -15,13 +14,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event, text
 
 from fluxserve.api.deps import Services
 from fluxserve.api.events import EventId, EventStreams
 from fluxserve.app import create_app
 from fluxserve.core.job import JobStatus
-from fluxserve.db.connection import make_engine
-from fluxserve.jobs.changes import DatabaseChanges
 from fluxserve.settings import Settings
 
 WORKER = "worker-1"
@@ -32,7 +30,7 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestC
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("events"),
         workers=0,
-        events_poll_seconds=5,  # SQLite wakes streams on each commit: no polling needed
+        events_position_seconds=0.05,
         events_max_per_key=2,
         events_idle_seconds=10,
     )
@@ -224,29 +222,112 @@ def test_event_ids_order_rounds_before_stages_and_ignore_foreign_last_event_ids(
         assert EventId.parse(foreign) is None
 
 
-def test_a_commit_from_another_connection_wakes_waiting_streams_at_once(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'changes.db'}")
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
-    other = make_engine(f"sqlite:///{tmp_path / 'changes.db'}")  # as a worker process would commit
-    changes = DatabaseChanges(engine)
+def test_idle_streams_read_nothing_until_their_job_changes(app_client: tuple[TestClient, Services]) -> None:
+    """Six streams on a queued job and two on a running one, neither moving: no statement reads either.
+    When the first changes, the one watcher reads it once per change for all six; the other stays unread."""
+    client, services = app_client
+    streams: EventStreams = client.app.state.event_streams  # type: ignore[attr-defined]
+    engine = client.app.state.runtime.database  # type: ignore[attr-defined]
+    drain(services)
+    keys = [services.keys.create(f"idle-{index}", Decimal(10)).key for index in range(2)]
+    still = submit(client, keys[1])
+    assert services.jobs.claim("busy-worker") is not None  # running, and stays at its progress
+    moving = submit(client, keys[0])
+    reads: dict[str, list[str]] = {moving: [], still: []}
 
-    async def run() -> tuple[float, float]:
-        started = time.monotonic()
-        await changes.wait(0.3)  # nothing changes: the timeout
-        quiet = time.monotonic() - started
+    def count(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        for job_id, seen in reads.items():
+            if job_id in repr(parameters) and statement.lstrip().upper().startswith("SELECT"):
+                seen.append(statement)
 
-        async def commit_soon() -> None:
-            await asyncio.sleep(0.2)
-            with other.begin() as conn:
-                conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    bodies: dict[str, list[str]] = {moving: [], still: []}
 
-        started = time.monotonic()
-        writer = asyncio.create_task(commit_soon())
-        await asyncio.gather(changes.wait(30), changes.wait(30))  # both woken by the one commit
-        await writer
-        return quiet, time.monotonic() - started
+    def stream(job_id: str, key: str) -> None:
+        response = client.get("/flux/events", params={"jobId": job_id}, headers={"TT-API-KEY": key})
+        bodies[job_id].append(response.text)
 
-    quiet, woken = asyncio.run(run())
-    assert 0.3 <= quiet < 2
-    assert 0.2 <= woken < 2
+    idle, per_key = streams.idle_seconds, streams.max_per_key
+    streams.idle_seconds, streams.max_per_key = 4, 8
+    threads = [threading.Thread(target=stream, args=(moving, keys[0])) for _ in range(6)]
+    threads += [threading.Thread(target=stream, args=(still, keys[1])) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while streams.total < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # their first events were read and sent
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            time.sleep(1.5)
+            assert reads == {moving: [], still: []}, "an idle stream read its job"
+            services.jobs.claim(WORKER)  # the first job changes twice
+            services.jobs.finish(moving, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
+            for thread in threads:
+                thread.join(30)
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+    finally:
+        streams.idle_seconds, streams.max_per_key = idle, per_key
+    assert [parse(body)[-1]["event"] for body in bodies[moving]] == ["result"] * 6
+    assert [[e["event"] for e in parse(body)] for body in bodies[still]] == [["running"]] * 2  # then idle
+    assert 1 <= len(reads[moving]) <= 2, reads[moving]  # once per change (or both at once), not per stream
+    assert reads[still] == []
+
+
+def test_open_streams_are_bounded_per_process_across_keys(
+    app_client: tuple[TestClient, Services], key: str
+) -> None:
+    client, _ = app_client
+    streams: EventStreams = client.app.state.event_streams  # type: ignore[attr-defined]
+    job_id = submit(client, key)
+    total = streams.total
+    streams.total = streams.max_per_process  # as if other keys held every slot
+    try:
+        refused = client.get("/flux/events", params={"jobId": job_id}, headers={"TT-API-KEY": key})
+        assert (refused.status_code, refused.json()["message"]) == (
+            429, f"Too many open event streams on this server (at most {streams.max_per_process}); try "
+            "again later",
+        )  # fmt: skip
+        vendor = client.get("/v1/events", params={"id": job_id}, headers={"x-key": key})
+        assert vendor.status_code == 429 and "on this server" in vendor.json()["detail"]
+        assert not streams.open  # a refused stream holds no slot
+    finally:
+        streams.total = total
+
+
+@pytest.mark.postgres
+def test_a_change_in_the_listeners_gap_still_reaches_the_stream(postgres_url: str, tmp_path: Path) -> None:
+    """The feed's LISTEN connection is cut; the job ends before it listens again (its NOTIFY is lost):
+    on reconnecting, the watcher reads every streamed job again, and the stream gets the result."""
+    settings = Settings(data_dir=tmp_path, workers=0, database_url=postgres_url, events_idle_seconds=60)
+    app = create_app(settings)
+    runtime = app.state.runtime
+    with TestClient(app) as client:
+        services: Services = app.state.services
+        key = services.keys.create("gap", Decimal(10)).key
+        job_id = submit(client, key)
+        assert services.jobs.claim(WORKER) is not None
+        bodies: list[str] = []
+        thread = threading.Thread(
+            target=lambda: bodies.append(
+                client.get("/flux/events", params={"jobId": job_id}, headers={"TT-API-KEY": key}).text
+            )
+        )
+        thread.start()
+        assert runtime.feed.ready(30)
+        deadline = time.monotonic() + 30
+        while runtime.streams.total < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # its first event (running) is out
+        with runtime.database.begin() as conn:
+            killed = conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
+            ).all()
+        assert killed == [(True,)]
+        while runtime.feed._ready.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert services.jobs.finish(job_id, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
+        assert not runtime.feed._ready.is_set(), "the feed listened again before the change: no gap"
+        thread.join(30)
+    assert [event["event"] for event in parse(bodies[0])] == ["running", "result"]

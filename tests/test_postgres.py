@@ -23,10 +23,10 @@ from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import database_url, make_engine, migrate
 from fluxserve.db.tables import metadata
+from fluxserve.jobs.feed import CHANNEL, PostgresFeed
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
-from fluxserve.jobs.wakeup import PostgresNotify
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.wiring import make_job_store
@@ -37,11 +37,10 @@ from tests.pg_server import PostgresCluster, required_binaries
 class Queue:
     """A store, keys and a submitter on one database, with limits high enough to queue 100 jobs a key."""
 
-    def __init__(self, url: str, root: Path, announce: bool = True) -> None:
+    def __init__(self, url: str, root: Path) -> None:
         self.database = make_engine(url)
         migrate(self.database)
-        # As the server builds it (NOTIFY on PostgreSQL), or silent.
-        self.store = make_job_store(self.database) if announce else SqlJobStore(self.database)
+        self.store = SqlJobStore(self.database)  # no feed of its own: its commits notify through triggers
         self.keys = KeyStore(self.database)
         limits = Limits(1000, {}, 2**20, 2**22)
         self.submitter = Submitter(self.store, LocalBlobStore(root / "files"), limits, NetworkPolicy([]))
@@ -189,12 +188,17 @@ def test_two_workers_on_postgres_never_get_the_same_job(postgres_url: str, tmp_p
 
 @pytest.fixture
 def notify_store(postgres_url: str) -> Iterator[SqlJobStore]:
-    """The store as ``wiring`` builds it on PostgreSQL: with LISTEN/NOTIFY wake-ups, listening."""
+    """The store as ``wiring`` builds it on PostgreSQL: with its change feed (LISTEN/NOTIFY), listening."""
     store = make_job_store(make_engine(postgres_url))
-    assert isinstance(store, SqlJobStore) and isinstance(store._wakeups, PostgresNotify)
-    assert store._wakeups.listening(30)
+    assert isinstance(store, SqlJobStore) and isinstance(store.feed, PostgresFeed)
+    assert store.feed.ready(30)
     yield store
-    store._wakeups.close()
+    store.feed.close()
+
+
+def feed_of(store: SqlJobStore) -> PostgresFeed:
+    assert isinstance(store.feed, PostgresFeed)
+    return store.feed
 
 
 def test_a_waiting_worker_wakes_on_submit(
@@ -220,7 +224,7 @@ def test_a_waiting_worker_wakes_on_submit(
 def test_a_job_leaving_the_fetch_stage_wakes_a_waiting_worker(
     notify_store: SqlJobStore, postgres_url: str, tmp_path: Path
 ) -> None:
-    queue = Queue(postgres_url, tmp_path, announce=False)
+    queue = Queue(postgres_url, tmp_path)
     job_id = queue.submit(queue.keys.create("k").record)
     with notify_store._engine.begin() as conn:  # as a submit with a URL input leaves it: not yet queued
         conn.execute(text("UPDATE jobs SET status = 'fetching'"))
@@ -233,7 +237,9 @@ def test_a_job_leaving_the_fetch_stage_wakes_a_waiting_worker(
     assert notify_store.claim("w").id == job_id  # type: ignore[union-attr]
 
 
-def test_a_notification_between_claims_is_not_lost(notify_store: SqlJobStore) -> None:
+def test_a_notification_between_claims_is_not_lost(
+    notify_store: SqlJobStore, postgres_url: str, tmp_path: Path
+) -> None:
     """Queued while the worker was busy (after its last look, before it waits): the wait returns at once."""
     stop, busy, done = threading.Event(), threading.Event(), threading.Event()
     queued = threading.Event()
@@ -247,12 +253,10 @@ def test_a_notification_between_claims_is_not_lost(notify_store: SqlJobStore) ->
 
     threading.Thread(target=worker, daemon=True).start()
     assert busy.wait(30)
-    wakeups = notify_store._wakeups
-    assert isinstance(wakeups, PostgresNotify)
-    with notify_store._engine.begin() as conn:
-        wakeups.announce(conn)
+    queue = Queue(postgres_url, tmp_path)
+    queue.submit(queue.keys.create("k").record)
     for _ in range(300):  # until the listener has taken the notification in
-        if wakeups._pending:
+        if feed_of(notify_store).work._pending:
             break
         threading.Event().wait(0.1)
     queued.set()
@@ -261,39 +265,40 @@ def test_a_notification_between_claims_is_not_lost(notify_store: SqlJobStore) ->
 
 def waiters(store: SqlJobStore, count: int, stop: threading.Event) -> list[threading.Event]:
     """``count`` idle worker threads waiting (far longer than any test); each sets its event on waking."""
-    wakeups = store._wakeups
-    assert isinstance(wakeups, PostgresNotify)
+    work = feed_of(store).work
     woke = [threading.Event() for _ in range(count)]
     for event in woke:
         threading.Thread(
             target=lambda e=event: (store.wait_for_work(stop, 600), e.set()), daemon=True
         ).start()
     for _ in range(300):
-        if wakeups._waiting == count:
+        if work.waiting == count:
             break
         threading.Event().wait(0.1)
-    assert wakeups._waiting == count
+    assert work.waiting == count
     return woke
 
 
-def test_each_announced_job_wakes_one_waiting_worker(notify_store: SqlJobStore) -> None:
+def test_each_queued_job_wakes_one_waiting_worker(notify_store: SqlJobStore) -> None:
     notify_store.wait_for_work(threading.Event(), 0)  # takes the listener's connect wake-up
     stop = threading.Event()
     woke = waiters(notify_store, 3, stop)
-    with notify_store._engine.begin() as conn:
-        notify_store._wakeups.announce(conn, 2)  # e.g. two jobs requeued at once
+    with notify_store._engine.begin() as conn:  # e.g. two jobs requeued at once, in one transaction
+        for job_id in ("a", "b"):
+            conn.execute(text(f"SELECT pg_notify('{CHANNEL}', 'j {job_id} queued 0')"))
     for _ in range(300):
         if sum(event.is_set() for event in woke) == 2:
             break
         threading.Event().wait(0.1)
     assert sum(event.is_set() for event in woke) == 2
-    assert notify_store._wakeups._waiting == 1  # type: ignore[attr-defined]  # the third sleeps on
+    assert feed_of(notify_store).work.waiting == 1  # the third sleeps on
     stop.set()
 
 
-def test_the_listener_reconnects_after_losing_its_connection(notify_store: SqlJobStore) -> None:
-    wakeups = notify_store._wakeups
-    assert isinstance(wakeups, PostgresNotify)
+def test_the_listener_reconnects_after_losing_its_connection(
+    notify_store: SqlJobStore, postgres_url: str, tmp_path: Path
+) -> None:
+    feed = feed_of(notify_store)
     notify_store.wait_for_work(threading.Event(), 0)
     with notify_store._engine.begin() as conn:  # as a server restart or a network cut would
         killed = conn.execute(
@@ -301,16 +306,16 @@ def test_the_listener_reconnects_after_losing_its_connection(notify_store: SqlJo
         ).all()
     assert killed == [(True,)]
     for _ in range(300):  # the listener notices
-        if not wakeups._listening.is_set():
+        if not feed._ready.is_set():
             break
         threading.Event().wait(0.1)
-    assert wakeups.listening(30)  # and connects again
-    assert wakeups._pending == 1  # with a wake-up: a job queued while it was away would be missed
+    assert feed.ready(30)  # and connects again
+    assert feed.work._pending == 1  # with a wake-up: a job queued while it was away would be missed
     stop = threading.Event()
     notify_store.wait_for_work(stop, 0)
     woke = waiters(notify_store, 1, stop)
-    with notify_store._engine.begin() as conn:
-        wakeups.announce(conn)
+    queue = Queue(postgres_url, tmp_path)
+    queue.submit(queue.keys.create("k").record)
     assert woke[0].wait(30), "no wake-up after the listener reconnected"
 
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from functools import cached_property
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -25,7 +26,7 @@ from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.limits import RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
-from fluxserve.jobs.changes import DatabaseChanges
+from fluxserve.jobs.feed import ChangeFeed, to_fetch, wake_on, webhook_due
 from fluxserve.jobs.fetching import InputFetcher
 from fluxserve.jobs.retention import Retention
 from fluxserve.jobs.stats import JobStats
@@ -36,7 +37,7 @@ from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner
 from fluxserve.surfaces import render
 from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
-from fluxserve.wiring import make_blob_store, make_job_store, open_database, open_ops_database
+from fluxserve.wiring import make_blob_store, make_feed, make_job_store, open_database, open_ops_database
 from fluxserve.worker.supervisor import Supervisor
 
 log = logging.getLogger("fluxserve")
@@ -48,15 +49,18 @@ class Runtime:
 
     settings: Settings
     database: Engine
+    feed: ChangeFeed
     services: Services
     policy: NetworkPolicy
     fetcher: InputFetcher
+    streams: events.EventStreams
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
         database = open_database(settings)
         blobs = make_blob_store(settings.storage)
-        store = make_job_store(database)
+        feed = make_feed(database)
+        store = make_job_store(database, feed)
         catalog = load_catalog(settings.catalog_files)
         limits = Limits(
             max_active=settings.max_active_jobs,
@@ -83,7 +87,20 @@ class Runtime:
             signer=UrlSigner(settings.secret(), settings.url_ttl_seconds),
             base_url=settings.base_url,
         )
-        return cls(settings, database, services, policy, fetcher)
+        streams = events.EventStreams(
+            services,
+            max_per_key=settings.events_max_per_key,
+            max_per_process=settings.events_max_per_process,
+            idle_seconds=settings.events_idle_seconds,
+            position_seconds=settings.events_position_seconds,
+        )
+        runtime = cls(settings, database, feed, services, policy, fetcher, streams)
+        # What waits on the feed: streams and synchronous waits, the fetch stage (a job entered
+        # ``fetching``), the webhook dispatcher (a job with a webhook ended: its delivery is due).
+        feed.subscribe(streams.on_changes)
+        feed.subscribe(wake_on(to_fetch, fetcher.wake))
+        feed.subscribe(wake_on(webhook_due, runtime.webhooks.wake))
+        return runtime
 
     def webhook_payload(self, job_id: str) -> Payload | None:
         """A finished job as its own dialect renders it, with the vendor task's own secret: one read of
@@ -95,13 +112,15 @@ class Runtime:
 
     @asynccontextmanager
     async def background(self) -> AsyncIterator[None]:
-        """Worker processes (when configured), the fetch stage of URL inputs, webhook delivery and
-        retention sweeps, while the context is open."""
+        """Worker processes (when configured), the change feed and the streams' watcher, the fetch stage
+        of URL inputs, webhook delivery and retention sweeps, while the context is open."""
         supervisor = Supervisor(self.settings, self.settings.workers) if self.settings.workers else None
         if supervisor is not None:
             supervisor.start()
+        self.streams.start()
+        self.feed.start()
         webhook_stop = asyncio.Event()
-        webhooks = asyncio.create_task(self.dispatcher().run(webhook_stop))
+        webhooks = asyncio.create_task(self.webhooks.run(webhook_stop))
         fetches = asyncio.create_task(self.fetcher.run(webhook_stop))
         sweeper = asyncio.create_task(self.sweep_results(webhook_stop))
         log.info(
@@ -118,6 +137,8 @@ class Runtime:
             await webhooks
             await fetches
             await sweeper
+            await self.streams.stop()
+            await asyncio.to_thread(self.feed.close)
 
     async def sweep_results(self, stop: asyncio.Event) -> None:
         """Retention: every ``sweep_seconds``, delete results past their time (off the event loop)."""
@@ -132,7 +153,9 @@ class Runtime:
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.sweep_seconds)
 
-    def dispatcher(self) -> WebhookDispatcher:
+    @cached_property
+    def webhooks(self) -> WebhookDispatcher:
+        """The process's webhook dispatcher (the feed wakes it)."""
         backoff = [float(value) for value in self.settings.webhook_backoff.split(",") if value.strip()]
         return WebhookDispatcher(
             self.database,
@@ -198,12 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(playground_router)  # the web playground: /playground/ (and / points there)
     app.include_router(events.router)
-    app.state.event_streams = events.EventStreams(
-        settings.events_max_per_key,
-        settings.events_poll_seconds,
-        settings.events_idle_seconds,
-        DatabaseChanges(runtime.database),
-    )
+    app.state.event_streams = runtime.streams
 
     # /readyz and /metrics on their own engine and threads: nothing a request holds can starve them.
     ops_database = open_ops_database(settings)

@@ -79,10 +79,11 @@ class Settings(BaseSettings):
         "(anywhere: workers on other machines count). None: when this process starts workers.",
     )
     poll_seconds: float = Field(
-        default=0.2,
+        default=5.0,
         gt=0,
-        description="Idle workers look for queued jobs this often. On PostgreSQL a submit wakes an idle "
-        "worker at once (LISTEN/NOTIFY), so this is only the fallback and can be raised (e.g. 5).",
+        description="Idle workers look for queued jobs at least this often. The change feed wakes an idle "
+        "worker as soon as a job is queued (LISTEN/NOTIFY on PostgreSQL, a probe on SQLite), so this is "
+        "only a safety interval.",
     )
     allowed_private_networks: str = Field(
         default="", description="Comma-separated CIDRs that URL inputs and webhooks may reach."
@@ -158,14 +159,20 @@ class Settings(BaseSettings):
         ge=100,
         description="Most ',' and ':' characters in a submit body, counted before it is parsed.",
     )
-    events_poll_seconds: float = Field(
+    events_position_seconds: float = Field(
         default=0.1,
         gt=0,
-        description="The longest an open event stream (/flux/events, /v1/events) waits before it reads its "
-        "job's row again; on SQLite any commit wakes it sooner.",
+        description="While other jobs move, the queue positions of streamed queued jobs are read again at "
+        "most this often (a stream's own job is read at each of its changes; nothing while nothing changes).",
     )
     events_max_per_key: int = Field(
         default=32, gt=0, description="Open event streams of one API key, per API process (429 beyond)."
+    )
+    events_max_per_process: int = Field(
+        default=1000,
+        gt=0,
+        description="Open event streams of all keys together, per API process (429 beyond), so that no set "
+        "of keys can take a replica's sockets and memory.",
     )
     events_idle_seconds: float = Field(
         default=300.0,

@@ -1,4 +1,5 @@
-"""The one module that chooses implementations from settings: the database, the job store, the blob store.
+"""The one module that chooses implementations from settings: the database, the change feed, the job
+store, the blob store.
 
 The API process (``app.py``) and a worker process (``worker/process.py``) both build their parts here, so
 that swapping a backend touches no caller.
@@ -13,9 +14,9 @@ from urllib.request import url2pathname
 from sqlalchemy import Engine
 
 from fluxserve.db.connection import make_engine, migrate
+from fluxserve.jobs.feed import ChangeFeed, PostgresFeed, SqliteFeed
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.store_sql import SqlJobStore
-from fluxserve.jobs.wakeup import Polling, PostgresNotify
 from fluxserve.settings import Settings
 from fluxserve.storage.base import BlobStore
 from fluxserve.storage.local import LocalBlobStore
@@ -45,7 +46,11 @@ def open_ops_database(settings: Settings) -> Engine:
     return make_engine(settings.database)
 
 
-def make_job_store(database: Engine) -> JobStore:
-    """The SQL store; on PostgreSQL idle workers are woken by LISTEN/NOTIFY, on SQLite they poll."""
-    wakeups = PostgresNotify(database) if database.dialect.name == "postgresql" else Polling()
-    return SqlJobStore(database, wakeups)
+def make_feed(database: Engine) -> ChangeFeed:
+    """The process's change feed: LISTEN/NOTIFY on PostgreSQL, a ``data_version`` probe on SQLite."""
+    return PostgresFeed(database) if database.dialect.name == "postgresql" else SqliteFeed(database)
+
+
+def make_job_store(database: Engine, feed: ChangeFeed | None = None) -> JobStore:
+    """The SQL store, its idle workers woken by ``feed`` (the process's one; a new one when not given)."""
+    return SqlJobStore(database, feed or make_feed(database))

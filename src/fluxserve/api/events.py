@@ -4,22 +4,27 @@
 - Events: ``queued`` ``{"position": n}`` (queued jobs created before it), ``running`` ``{"progress": 0..1}``,
   and ``result``, the dialect's fetch JSON (``/flux/fetch`` or ``/v1/get_result``); then the stream ends.
 
-The stream reads the job's row, not this process's memory, so any API replica serves any job: it reads
-the row again when the database changed (a wake-up on SQLite, ``jobs/changes.py``), at least every
-``events_poll_seconds``, and sends an event only when what the client would see has moved on.
+The stream follows the job's row, not this process's memory, so any API replica serves any job: the
+process's change feed (``jobs/feed.py``) says when the row changed, one watcher per process
+(:class:`EventStreams`) reads it once for all of its streams, and a stream sends an event only when what
+the client would see has moved on. Nothing is read for a job that does not change.
 Each event id says where in the job's life it was sent (:class:`EventId`); they only grow, so a client
 that reconnects with ``Last-Event-ID`` gets only what is newer, and one that already had the result gets
 204 (which tells an ``EventSource`` to stop reconnecting). Streams are bounded per key and process
-(``events_max_per_key``, beyond it 429) and end after ``events_idle_seconds`` without an event (the client
-reconnects to carry on); a comment line every 15 s keeps proxies from closing a quiet one.
+(``events_max_per_key``) and per process across keys (``events_max_per_process``), beyond either 429,
+and end after ``events_idle_seconds`` without an event (the client reconnects to carry on); a comment
+line every 15 s keeps proxies from closing a quiet one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Annotated, Any, cast
 
@@ -34,11 +39,12 @@ from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.jobs.changes import DatabaseChanges
+from fluxserve.jobs.feed import JobChange
 from fluxserve.surfaces.reseller import render_job
 from fluxserve.surfaces.vendor import render_json
 
 router = APIRouter(tags=["events"])
+log = logging.getLogger("fluxserve.events")
 
 PING_SECONDS = 15
 QUEUED, RUNNING, RESULT = 0, 1, 2  # stages of a job's life, in the order a client sees them
@@ -103,27 +109,195 @@ def snapshot(job: Job, position: int | None, render: Render, services: Services)
     return Snapshot(EventId(job.attempts + 1, QUEUED, MAX_POSITION - ahead), "queued", {"position": ahead})
 
 
-@dataclass
+@dataclass(eq=False)
+class _Stream:
+    """One open stream's mailbox: the newest event of its job (set by the watcher), and a flag to wake it."""
+
+    render: Render
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: Snapshot | None = None
+    gone: bool = False  # the job's row is gone: the stream ends
+
+
 class EventStreams:
-    """This process's open streams per key, how streams wait for changes (a wake-up where the database
-    has one, else every ``poll_seconds``) and when they time out (from settings)."""
+    """This process's open streams and the one watcher that feeds them.
 
-    max_per_key: int
-    poll_seconds: float
-    idle_seconds: float
-    changes: DatabaseChanges
-    open: Counter[str] = field(default_factory=Counter)
+    The change feed (``jobs/feed.py``) says which jobs changed; the watcher reads each changed job that has
+    streams once (and, while streamed jobs wait in the queue, their positions, at most every
+    ``position_seconds`` while other jobs move), renders its event once per dialect and hands it to that
+    job's streams. A stream of a job that does not change costs nothing but its socket. Streams are bounded
+    per key and per process (429 beyond either)."""
 
-    def acquire(self, key_id: str) -> bool:
+    def __init__(
+        self,
+        services: Services,
+        *,
+        max_per_key: int,
+        max_per_process: int,
+        idle_seconds: float,
+        position_seconds: float,
+    ) -> None:
+        self.services = services
+        self.max_per_key = max_per_key
+        self.max_per_process = max_per_process
+        self.idle_seconds = idle_seconds
+        self.position_seconds = position_seconds
+        self.open: Counter[str] = Counter()
+        self.total = 0
+        self._watched: dict[str, set[_Stream]] = {}
+        self._queued: set[str] = set()  # watched jobs last read as queued: their positions move
+        self._dirty: set[str] = set()  # watched jobs to read
+        self._others_moved = False  # some job changed: the queued ones' positions may have moved
+        self._waits: dict[str, set[asyncio.Event]] = {}  # synchronous waits (OpenAI images) per job
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def acquire(self, key_id: str) -> str | None:
+        """Take a slot for ``key_id``'s stream; else why not (the message of a 429)."""
         if self.open[key_id] >= self.max_per_key:
-            return False
+            return f"Too many open event streams for this key (at most {self.max_per_key})"
+        if self.total >= self.max_per_process:
+            return (
+                f"Too many open event streams on this server (at most {self.max_per_process}); try again "
+                "later"
+            )
         self.open[key_id] += 1
-        return True
+        self.total += 1
+        return None
 
     def release(self, key_id: str) -> None:
+        self.total -= 1
         self.open[key_id] -= 1
         if self.open[key_id] <= 0:
             del self.open[key_id]
+
+    def start(self) -> None:
+        """Bind to the running event loop and start the watcher (again, on a new loop)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop or self._task is None or self._task.done():
+            self._loop = loop
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._watch())
+            self._dirty.update(self._watched)
+            self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def on_changes(self, changes: Sequence[JobChange] | None) -> None:
+        """The feed's subscriber (called on its thread): hand the batch to the event loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._changed, changes)
+
+    def _changed(self, changes: Sequence[JobChange] | None) -> None:
+        ids = set(self._watched) | set(self._waits) if changes is None else {c.job_id for c in changes}
+        for job_id in ids:
+            for event in self._waits.get(job_id, ()):
+                event.set()
+        self._dirty.update(job_id for job_id in ids if job_id in self._watched)
+        if self._queued:
+            self._others_moved = True
+        if self._dirty or self._others_moved:
+            self._wake.set()
+
+    @contextmanager
+    def waiting(self, job_ids: Collection[str]) -> Iterator[asyncio.Event]:
+        """An event set whenever one of ``job_ids`` changes, for a synchronous wait (enter it before
+        reading the jobs, so that no change in between is missed)."""
+        self.start()
+        event = asyncio.Event()
+        job_ids = tuple(job_ids)  # the caller's collection may shrink as jobs end
+        for job_id in job_ids:
+            self._waits.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            for job_id in job_ids:
+                events = self._waits.get(job_id, set())
+                events.discard(event)
+                if not events:
+                    self._waits.pop(job_id, None)
+
+    def watch(self, job_id: str, render: Render) -> _Stream:
+        """A mailbox for a new stream of ``job_id``; the watcher reads the job for it at once."""
+        self.start()
+        stream = _Stream(render)
+        self._watched.setdefault(job_id, set()).add(stream)
+        self._dirty.add(job_id)
+        self._wake.set()
+        return stream
+
+    def unwatch(self, job_id: str, stream: _Stream) -> None:
+        streams = self._watched.get(job_id, set())
+        streams.discard(stream)
+        if not streams:
+            self._watched.pop(job_id, None)
+            self._queued.discard(job_id)
+
+    async def _watch(self) -> None:
+        positions_read = 0.0
+        later: asyncio.TimerHandle | None = None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._others_moved:  # a busy queue's moves fold into one read per position_seconds
+                due = positions_read + self.position_seconds - time.monotonic()
+                if due <= 0:
+                    self._others_moved = False
+                    positions_read = time.monotonic()
+                    self._dirty.update(self._queued)
+                elif later is None or later.cancelled() or later.when() <= asyncio.get_running_loop().time():
+                    later = asyncio.get_running_loop().call_later(due, self._wake.set)
+            ids = [job_id for job_id in self._dirty if job_id in self._watched]
+            self._dirty.clear()
+            if not ids:
+                continue
+            try:
+                looks = await anyio.to_thread.run_sync(self._look, ids)
+            except Exception:  # the database is away: read them again in a moment
+                log.exception("event streams: reading changed jobs failed")
+                self._dirty.update(ids)
+                await asyncio.sleep(1.0)
+                self._wake.set()
+                continue
+            for job_id, (job, position) in looks.items():
+                try:
+                    self._deliver(job_id, job, position)
+                except Exception:  # a job that cannot be rendered holds up no other job's streams
+                    log.exception("event streams: rendering a job failed", extra={"job_id": job_id})
+
+    def _look(self, job_ids: list[str]) -> dict[str, tuple[Job | None, int | None]]:
+        """Each job, and its queue position when queued (in a thread)."""
+        looks: dict[str, tuple[Job | None, int | None]] = {}
+        for job_id in job_ids:
+            job = self.services.jobs.get(job_id)
+            queued = job is not None and job.status is JobStatus.QUEUED
+            looks[job_id] = (job, self.services.jobs.queue_position(job_id) if queued else None)
+        return looks
+
+    def _deliver(self, job_id: str, job: Job | None, position: int | None) -> None:
+        """The job's event, rendered once per dialect, to each of its streams."""
+        streams = self._watched.get(job_id, set())
+        if job is not None and job.status is JobStatus.QUEUED:
+            self._queued.add(job_id)
+        else:
+            self._queued.discard(job_id)
+        rendered: dict[Render, Snapshot | None] = {}
+        for stream in streams:
+            if job is None:
+                stream.gone = True
+            else:
+                if stream.render not in rendered:
+                    rendered[stream.render] = snapshot(job, position, stream.render, self.services)
+                stream.latest = rendered[stream.render]
+            stream.ready.set()
 
 
 def get_streams(request: Request) -> EventStreams:
@@ -145,31 +319,30 @@ class _CountedStream(EventSourceResponse):
 
 
 async def _events(
-    job_id: str, key_id: str, last: EventId | None, render: Render, services: Services, streams: EventStreams
+    job_id: str, last: EventId | None, render: Render, streams: EventStreams
 ) -> AsyncIterator[ServerSentEvent]:
-    def look() -> tuple[bool, Snapshot | None]:
-        """(whether the job is still there, its event now), read in a thread: two small queries."""
-        job = services.jobs.get(job_id, key_id=key_id)
-        if job is None:
-            return False, None
-        position = services.jobs.queue_position(job.id) if job.status is JobStatus.QUEUED else None
-        return True, snapshot(job, position, render, services)
-
-    quiet_since = time.monotonic()
-    while True:
-        exists, now = await anyio.to_thread.run_sync(look)
-        if not exists:  # jobs are not deleted, but a stream must not outlive its row
-            return
-        if now is not None and (last is None or now.id > last):
-            last = now.id
-            quiet_since = time.monotonic()
-            yield ServerSentEvent(json.dumps(now.data), event=now.event, id=str(now.id))
-            if now.final:
+    stream = streams.watch(job_id, render)
+    try:
+        quiet_since = time.monotonic()
+        while True:
+            stream.ready.clear()
+            if stream.gone:  # jobs are not deleted, but a stream must not outlive its row
                 return
-        elif time.monotonic() - quiet_since >= streams.idle_seconds:
-            return
-        idle_left = streams.idle_seconds - (time.monotonic() - quiet_since)
-        await streams.changes.wait(max(min(streams.poll_seconds, idle_left), 0.0))
+            now = stream.latest
+            if now is not None and (last is None or now.id > last):
+                last = now.id
+                quiet_since = time.monotonic()
+                yield ServerSentEvent(json.dumps(now.data), event=now.event, id=str(now.id))
+                if now.final:
+                    return
+                continue
+            idle_left = streams.idle_seconds - (time.monotonic() - quiet_since)
+            if idle_left <= 0:
+                return
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stream.ready.wait(), idle_left)
+    finally:
+        streams.unwatch(job_id, stream)
 
 
 def _stream(
@@ -177,18 +350,16 @@ def _stream(
     key: ApiKey,
     last_event_id: str | None,
     render: Render,
-    services: Services,
     streams: EventStreams,
     refuse: Callable[[int, str], Exception],
 ) -> Response:
     last = EventId.parse(last_event_id)
     if job.status.is_terminal and last is not None and last >= final_id(job):
         return Response(status_code=204)  # the client has the result: no more reconnects
-    if not streams.acquire(key.id):
-        raise refuse(429, f"Too many open event streams for this key (at most {streams.max_per_key})")
-    return _CountedStream(
-        _events(job.id, key.id, last, render, services, streams), lambda: streams.release(key.id)
-    )
+    refused = streams.acquire(key.id)
+    if refused is not None:
+        raise refuse(429, refused)
+    return _CountedStream(_events(job.id, last, render, streams), lambda: streams.release(key.id))
 
 
 Deps = Annotated[Services, Depends(get_services)]
@@ -209,7 +380,7 @@ async def reseller_events(
     job = await anyio.to_thread.run_sync(lambda: services.jobs.get(job_id.strip(), key_id=key.id))
     if job is None:
         raise ApiError(404, f"jobId: no job {job_id!r} for this key")
-    return _stream(job, key, last_event_id, render_job, services, streams, ApiError)
+    return _stream(job, key, last_event_id, render_job, streams, ApiError)
 
 
 @router.get("/v1/events", summary="A task's progress as Server-Sent Events, ending with its get_result JSON")
@@ -223,4 +394,4 @@ async def vendor_events(
     job = await anyio.to_thread.run_sync(lambda: services.jobs.get(task_id.strip(), key_id=key.id))
     if job is None:
         raise HTTPException(404, "Task not found")
-    return _stream(job, key, last_event_id, render_json, services, streams, HTTPException)
+    return _stream(job, key, last_event_id, render_json, streams, HTTPException)

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import re
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
 
@@ -27,6 +28,7 @@ from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import bearer_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import NO_RETRY, OpenAIError, OpenAIErrorBody, responses
+from fluxserve.api.events import EventStreams, get_streams
 from fluxserve.api.requests import (
     SubmitRequest,
     image_slots,
@@ -43,7 +45,7 @@ from fluxserve.core.pricing import format_credits
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.retention import drop_inputs
 
-POLL_SECONDS = 0.25
+SAFETY_SECONDS = 5.0  # the longest a wait goes without reading its jobs, should a change go unheard
 JOB_IDS_HEADER = "X-Job-Ids"
 MAX_N = 4
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
@@ -90,6 +92,7 @@ router = APIRouter(prefix="/v1/images", tags=["openai"], route_class=refusing_ro
 Key = Annotated[ApiKey, Depends(bearer_key)]
 Deps = Annotated[Services, Depends(get_services)]
 Options = Annotated[ImagesOptions, Depends(_options)]
+Streams = Annotated[EventStreams, Depends(get_streams)]
 Model = Annotated[str | None, Field(json_schema_extra={"enum": MODEL_NAMES}, description="The model.")]
 N = Annotated[int, Field(ge=1, le=MAX_N, description="How many images.")]
 Size = Annotated[str | None, Field(pattern=SIZE_PATTERN, description="WxH or auto.")]
@@ -205,7 +208,7 @@ def _refused(spec: ModelSpec, error: Exception, n: int) -> OpenAIError:
 
 async def _images(
     spec: ModelSpec, request: SubmitRequest, n: int, response_format: str | None,
-    key: ApiKey, services: Services, options: ImagesOptions, response: Response,
+    key: ApiKey, services: Services, options: ImagesOptions, response: Response, streams: EventStreams,
 ) -> ImagesResponse:  # fmt: skip
     """Submit ``n`` jobs and wait (bounded) until they end; their images in the requested format. The
     ``X-Job-Ids`` header names the jobs (``/flux/fetch`` shows them)."""
@@ -217,24 +220,28 @@ async def _images(
     deadline = time.monotonic() + options.wait_seconds
     pending = {job.id for job in jobs}
     done: dict[str, Job] = {}
-    while pending:
-        for job_id in list(pending):
-            job = await run_in_threadpool(services.jobs.get, job_id)
-            if job is not None and job.status.is_terminal:
-                done[job_id] = job
-                pending.discard(job_id)
-        if not pending:
-            break
-        if time.monotonic() >= deadline:
-            ids = ", ".join(sorted(pending))
-            raise OpenAIError(
-                504,
-                f"The images were not ready within {options.wait_seconds:g} s; the jobs carry on: fetch "
-                f"them with GET /flux/fetch?jobId=<id> (ids: {ids})",
-                code="timeout",
-                headers=NO_RETRY,
-            )
-        await asyncio.sleep(POLL_SECONDS)
+    with streams.waiting(pending) as changed:  # woken by the change feed when one of them changes
+        while pending:
+            changed.clear()
+            for job_id in list(pending):
+                job = await run_in_threadpool(services.jobs.get, job_id)
+                if job is not None and job.status.is_terminal:
+                    done[job_id] = job
+                    pending.discard(job_id)
+            if not pending:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                ids = ", ".join(sorted(pending))
+                raise OpenAIError(
+                    504,
+                    f"The images were not ready within {options.wait_seconds:g} s; the jobs carry on: "
+                    f"fetch them with GET /flux/fetch?jobId=<id> (ids: {ids})",
+                    code="timeout",
+                    headers=NO_RETRY,
+                )
+            with suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(left, SAFETY_SECONDS))
     data = [await run_in_threadpool(_image, done[job.id], response_format, services) for job in jobs]
     return ImagesResponse(created=int(time.time()), data=data)
 
@@ -252,11 +259,13 @@ def _image(job: Job, response_format: str | None, services: Services) -> ImageDa
 
 @router.post("/generations", summary="Create images from a prompt (OpenAI images API)", responses=RESPONSES)
 async def generations(
-    body: GenerationRequest, key: Key, services: Deps, options: Options, response: Response
+    body: GenerationRequest, key: Key, services: Deps, options: Options, response: Response, streams: Streams
 ) -> ImagesResponse:
     spec = _spec(body.model or options.model)
     request = _request(spec, body.prompt, body.size, {})
-    return await _images(spec, request, body.n, body.response_format, key, services, options, response)
+    return await _images(
+        spec, request, body.n, body.response_format, key, services, options, response, streams
+    )
 
 
 @router.post(
@@ -268,6 +277,7 @@ async def edits(
     services: Deps,
     options: Options,
     response: Response,
+    streams: Streams,
     image: Annotated[list[UploadFile] | None, File(description="One or more images.")] = None,
     images: Annotated[
         list[UploadFile] | None, File(alias="image[]", description="The same, as the SDKs send several.")
@@ -294,4 +304,4 @@ async def edits(
         for slot, upload in zip(slots, uploads, strict=False)
     }
     request = _request(spec, prompt, size, encoded)
-    return await _images(spec, request, n, response_format, key, services, options, response)
+    return await _images(spec, request, n, response_format, key, services, options, response, streams)

@@ -37,6 +37,9 @@ api_keys = Table(
     Column("credits_hundredths", BigInteger, nullable=True),  # NULL: unlimited
     Column("active", Boolean, nullable=False, default=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # SQLite's change order, written by triggers (jobs/feed.py; NULL on PostgreSQL, which NOTIFYs). 0010
+    Column("change_seq", BigInteger, nullable=True),
+    Index("ix_api_keys_change_seq", "change_seq"),
     # a name names one live key (a revoked key keeps its name); migration 0005
     Index(
         "uq_api_keys_live_name",
@@ -80,6 +83,9 @@ jobs = Table(
     Column("result_expired_at", DateTime(timezone=True), nullable=True),  # retention deleted the result
     # The job's place in the fair order (jobs/store_sql.py, _turn): claims take the lowest turn first. 0006
     Column("turn", BigInteger, nullable=False, server_default="0"),
+    # SQLite's change order, written by triggers (jobs/feed.py; NULL on PostgreSQL, which NOTIFYs). 0010
+    Column("change_seq", BigInteger, nullable=True),
+    Index("ix_jobs_change_seq", "change_seq"),
     Index("ix_jobs_status_created", "status", "created_at"),
     Index("ix_jobs_key_status", "key_id", "status"),
     Index("ix_jobs_result_expiry", "result_expired_at", "finished_at"),

@@ -7,7 +7,9 @@ decoded images with the job's uploads and then queues the job with its size reso
 ``per_key`` fetches leased at once across the cluster (so its slow URLs wait behind each other, not
 behind another key's), and an API process at most ``concurrency``. A URL that fails ends its job as
 failed with a message naming the field. A lease is renewed after each image; one not renewed for
-``lease_seconds`` (its process died) is freed for another process to take, so nothing is lost.
+``lease_seconds`` (its process died) is freed for another process to take, so nothing is lost. The change
+feed wakes the stage when a job enters ``fetching`` (submitted to any API process); its poll remains for
+leases that lapse.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class InputFetcher:
         timeout: float,
         concurrency: int,
         per_key: int,
-        poll_seconds: float = 1.0,
+        poll_seconds: float = 5.0,
     ) -> None:
         self._store = store
         self._blobs = blobs
@@ -69,7 +71,8 @@ class InputFetcher:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
-        """A job to fetch was just submitted (from any thread): look now rather than at the next poll."""
+        """A job to fetch was just submitted (called from any thread, e.g. the change feed's): look now
+        rather than at the next poll."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 

@@ -18,8 +18,8 @@ from fluxserve.db import ledger, outbox
 from fluxserve.db.connection import as_utc, utcnow
 from fluxserve.db.tables import idempotency_keys, jobs
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
+from fluxserve.jobs.feed import ChangeFeed
 from fluxserve.jobs.store import IDEMPOTENCY_TTL, Drawn, Idempotency, IdempotencyConflict
-from fluxserve.jobs.wakeup import Polling, Wakeups
 
 _ACTIVE = [status.value for status in ACTIVE_STATUSES]
 _I = idempotency_keys.c
@@ -111,12 +111,12 @@ def _turn(conn: Connection, key_id: str) -> int:
 
 
 class SqlJobStore:
-    def __init__(self, engine: Engine, wakeups: Wakeups | None = None) -> None:
-        """``wakeups`` (chosen by ``wiring.make_job_store``) tells idle workers about queued jobs; without
-        it they poll."""
+    def __init__(self, engine: Engine, feed: ChangeFeed | None = None) -> None:
+        """``feed`` (chosen by ``wiring.make_job_store``) wakes idle workers when a job is queued (the
+        database's triggers announce it); without it they poll."""
         self._engine = engine
         self._postgres = engine.dialect.name == "postgresql"
-        self._wakeups = wakeups or Polling()
+        self.feed = feed
 
     def submit(
         self,
@@ -165,8 +165,6 @@ class SqlJobStore:
                 raise TooManyActiveJobs()
             job.created_at = utcnow()
             conn.execute(insert(jobs).values({**self._values(job), "turn": _turn(conn, job.key_id)}))
-            if job.status is JobStatus.QUEUED:
-                self._wakeups.announce(conn)
             if idempotency is not None:
                 self._remember(conn, job, idempotency)
         return job
@@ -298,7 +296,10 @@ class SqlJobStore:
         return sorted((_job(row) for row in rows), key=lambda job: job.created_at or now)
 
     def wait_for_work(self, stop: threading.Event, timeout: float) -> None:
-        self._wakeups.wait(stop, timeout)
+        if self.feed is None:
+            stop.wait(timeout)
+        else:
+            self.feed.wait_for_work(stop, timeout)
 
     def heartbeat(self, job_id: str, worker_id: str, progress: float | None = None) -> tuple[bool, bool]:
         values: dict[str, Any] = {"heartbeat_at": utcnow()}
@@ -386,9 +387,7 @@ class SqlJobStore:
                     status=JobStatus.QUEUED.value, worker_id=None, progress=0.0, attempts=jobs.c.attempts - 1
                 )
             ).rowcount
-            if handed:
-                self._wakeups.announce(conn, handed)
-        return handed
+        return handed  # queued again: the triggers announce each job, waking idle workers
 
     def cancel(self, job_id: str, key_id: str) -> Job | None:
         with self._engine.begin() as conn:
@@ -418,8 +417,6 @@ class SqlJobStore:
                 .where(*stale, jobs.c.attempts < max_attempts)
                 .values(status=JobStatus.QUEUED.value, worker_id=None, progress=0.0)
             )
-            if requeued.rowcount:
-                self._wakeups.announce(conn, requeued.rowcount)
         return requeued.rowcount + len(crashed)
 
     def crash_looping(self, older_than: datetime, max_attempts: int) -> list[str]:
@@ -556,8 +553,6 @@ class SqlJobStore:
                 ledger.reprice(
                     conn, queued.key_id, ledger.from_hundredths(queued.cost_hundredths), price.cost
                 )
-            if queued is not None:  # its inputs are in: a worker may take it now
-                self._wakeups.announce(conn)
             return queued is not None
 
     @staticmethod

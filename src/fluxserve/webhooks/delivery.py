@@ -1,8 +1,9 @@
 """Durable webhook delivery from the outbox (``db/outbox.py``), retried on a backoff schedule kept in the
 database.
 
-A dispatcher (any number, in any API process) leases due rows, POSTs the job's result as its dialect
-renders it, signed with the key's secret, and records the outcome. Targets are reached
+A dispatcher (any number, in any API process) leases due rows (woken by the change feed when a job with a
+webhook ends, and polling every ``poll_seconds`` for retries whose time comes), POSTs the job's result as
+its dialect renders it, signed with the key's secret, and records the outcome. Targets are reached
 through the SSRF guard, with a timeout, concurrently: a slow or dead target holds up nothing else.
 
 Fairness, per dispatcher: at most ``per_key`` deliveries of one API key and ``per_host`` to one host are in
@@ -64,6 +65,16 @@ class Payload:
     task_secret: str | None = None
 
 
+async def _first(*events: asyncio.Event, timeout: float) -> None:
+    """Return when one of ``events`` is set, or after ``timeout``."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 class _JobGone(FetchError):
     """The delivery's job no longer exists: nothing to send, ever."""
 
@@ -77,7 +88,7 @@ class WebhookDispatcher:
         policy: NetworkPolicy,
         backoff: Sequence[float] = DEFAULT_BACKOFF,
         timeout: float = 10.0,
-        poll_seconds: float = 0.5,
+        poll_seconds: float = 5.0,
         concurrency: int = 32,
         per_key: int = 4,
         per_host: int = 2,
@@ -96,10 +107,21 @@ class WebhookDispatcher:
         self._hosts: Counter[str] = Counter()  # in flight per target host
         self._failures: Counter[str] = Counter()  # connection failures in a row per target (host:port)
         self._paused: dict[str, datetime] = {}  # target -> until
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def wake(self) -> None:
+        """A delivery is due now (a job with a webhook ended; called from any thread): lease at once
+        rather than at the next poll, which stays only for retries whose time comes."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(self._wake.set)
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
         async with httpx.AsyncClient() as client:
             while not stop.is_set():
+                self._wake.clear()
                 try:
                     free = self._concurrency - len(self._in_flight)
                     if free > 0:
@@ -110,8 +132,7 @@ class WebhookDispatcher:
                             self._start(client, delivery)
                 except Exception:
                     log.exception("webhook dispatcher poll failed")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self._poll)
+                await _first(stop, self._wake, timeout=self._poll)
             for task in list(self._in_flight):
                 task.cancel()
             await asyncio.gather(*self._in_flight, return_exceptions=True)
@@ -204,7 +225,10 @@ class WebhookDispatcher:
             error = type(exc).__name__
         if not final:
             self._note(delivery["url"], connected)
-        await asyncio.to_thread(self._record, delivery, attempt, status_code, error, final)
+        retry_at = await asyncio.to_thread(self._record, delivery, attempt, status_code, error, final)
+        if retry_at is not None:  # this dispatcher wakes for its own retry; the poll catches the others'
+            delay = (retry_at - utcnow()).total_seconds()
+            asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake.set)
 
     def _note(self, url: str, connected: bool) -> None:
         """Count a target's connection failures in a row; pause it from the PAUSE_AFTER-th."""
@@ -222,7 +246,8 @@ class WebhookDispatcher:
 
     def _record(
         self, delivery: dict[str, Any], attempt: int, status_code: int | None, error: str | None, final: bool
-    ) -> None:
+    ) -> datetime | None:
+        """Write the attempt's outcome; when the next attempt is due, if there is one."""
         retry_at = None
         if error is not None and not final and attempt <= len(self._backoff):
             retry_at = utcnow() + timedelta(seconds=self._backoff[attempt - 1])
@@ -239,3 +264,4 @@ class WebhookDispatcher:
                 "outcome": outcome if outcome != outbox.PENDING else "retry",
             },
         )
+        return retry_at
