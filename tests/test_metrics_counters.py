@@ -215,7 +215,7 @@ def fill_before_the_counters(engine: Engine, count: int) -> str:
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         config.attributes["connection"] = conn
-        command.downgrade(config, "0009")
+        command.downgrade(config, "0010")
     key = KeyStore(engine).create("k").record
     fill(engine, key.id, count)
     migrate(engine)
