@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 
 import torch
 from sqlalchemy import Engine
@@ -31,8 +32,15 @@ def engine_registry(settings: Settings, catalog: Catalog) -> EngineRegistry:
     return EngineRegistry(catalog, settings.models, memory_cap_bytes=cap)
 
 
-def build_workers(settings: Settings, database: Engine, threads: int, liveness: Liveness) -> list[Worker]:
-    """``threads`` workers sharing one engine registry (one copy of each model's weights)."""
+def build_workers(
+    settings: Settings,
+    database: Engine,
+    threads: int,
+    liveness: Liveness,
+    models: Collection[str] | None = None,
+) -> list[Worker]:
+    """``threads`` workers sharing one engine registry (one copy of each model's weights), serving
+    ``models`` (None: every model) and preferring the jobs of those whose weights they hold."""
     store = make_job_store(database)
     blobs = make_blob_store(settings.storage)
     catalog = load_catalog(settings.catalog_files)
@@ -53,16 +61,24 @@ def build_workers(settings: Settings, database: Engine, threads: int, liveness: 
             max_attempts=settings.max_attempts,
             poll_seconds=settings.poll_seconds,
             liveness=liveness,
+            models=models,
+            holding=registry.resident,
         )
         for index in range(threads)
     ]
 
 
-def run_worker_process(settings: Settings, threads: int, liveness: Liveness, stop: threading.Event) -> None:
+def run_worker_process(
+    settings: Settings,
+    threads: int,
+    liveness: Liveness,
+    stop: threading.Event,
+    models: Collection[str] | None = None,
+) -> None:
     """Run until ``stop`` is set; a job still running then is taken back by another worker."""
     torch.set_num_threads(settings.threads_per_worker)
     database = open_database(settings)
-    workers = build_workers(settings, database, threads, liveness)
+    workers = build_workers(settings, database, threads, liveness, models)
     # The process's row in the workers table, for /readyz and /metrics of every API replica.
     presence = threading.Thread(
         target=WorkerRegistry(database).announce,
