@@ -62,12 +62,24 @@ def text_length(tokenizer: Any) -> int:
 
 def quantize_weights(modules: Sequence[torch.nn.Module], kind: str) -> None:
     """Quantize the linear layers of ``modules`` (the big ones: transformer and the large text encoder) in
-    place, so every pipeline sharing them runs quantized."""
+    place, so every pipeline sharing them runs quantized. ``kind`` is :attr:`LoadOptions.quantize`; torchao
+    refuses fp8-compute without fp8 hardware, which :func:`knob` reports as the option's error."""
     try:
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            Int8WeightOnlyConfig,
+            PerRow,
+            quantize_,
+        )
     except ImportError:
         raise EngineError("options.quantize: needs torchao (pip install torchao)") from None
-    config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
+    configs = {
+        "int8": Int8WeightOnlyConfig,
+        "fp8": Float8WeightOnlyConfig,
+        "fp8-compute": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+    }
+    config = configs[kind]()
     for module in modules:
         quantize_(module, config)
 
