@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from fluxserve.errors import EngineError
 from tiny_pipelines import tiny_pipeline
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def vendor_layout(folder: Path, chat_template: str | None = "json") -> Path:
@@ -75,3 +78,36 @@ def test_fp8_compute_is_refused_without_an_fp8_gpu(models_dir: Path) -> None:
         pytest.skip("this machine has an fp8 GPU")
     with pytest.raises(EngineError, match=r"^options.quantize='fp8-compute': .*compute capability"):
         DiffusersFluxEngine(tiny_weights(models_dir), entry(options={"quantize": "fp8-compute"}))
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_at_tiny_dimensions(tmp_path: Path) -> None:
+    """The minimal set's code path (build from the configurations, direct call, through the API) for the
+    plain variant; a model folder built here is what the GPU run builds at full size."""
+    out = tmp_path / "runs.json"
+    command = ["bench/gpu.py", "--tiny", "--variants", "bf16", "--root", str(tmp_path), "--out", str(out)]
+    run = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    runs = json.loads(out.read_text())
+    measured = {
+        (r["family"], r["path"], r["batch"]) for r in runs if r["seconds_per_image"] and not r["error"]
+    }
+    assert measured == {
+        *(("flux1-dev", path, batch) for path in ("direct", "fluxserve") for batch in (1, 2)),
+        ("flux2-klein-4b", "direct", 1),
+        ("flux2-klein-4b", "fluxserve", 1),
+    }, runs
+    assert "text encoders: published widths" in run.stdout and "fluxserve/direct" in run.stdout
+
+
+def test_a_variant_this_machine_cannot_run_is_reported_not_fatal(tmp_path: Path) -> None:
+    from bench.gpu import build, direct, plan
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    tiny = plan(tiny=True)
+    runs = direct(build("flux1-dev", tmp_path, tiny), "flux1-dev", "compile+fp8", tiny)
+    assert [r.batch for r in runs] == [1, 2]
+    assert all(
+        r.seconds_per_image is None and "options.quantize='fp8-compute'" in (r.error or "") for r in runs
+    )
