@@ -207,6 +207,7 @@ TINY: dict[str, dict[str, dict[str, Any]]] = {
 # Text encoder layers built (of the published count): FLUX.1 reads the last layer's output, FLUX.2 [klein]
 # the hidden states of layers 9, 18 and 27.
 TEXT_LAYERS = {"flux1-dev": {"text_encoder": 1, "text_encoder_2": 1}, "flux2-klein-4b": {"text_encoder": 27}}
+WAIT_SECONDS = 900  # for one round of jobs through the server, loading and compilation included
 TEXT_LENGTH = 512  # FLUX's prompt tokens; the tiny run keeps its encoders' own short context
 
 # The knobs timed: catalog options, as an operator writes them.
@@ -414,7 +415,9 @@ def served(folder: Path, family: str, variant: str, run: Plan, scratch: Path) ->
     route = ROUTES[family]
     data = scratch / f"{family}-{variant}"
     data.mkdir(parents=True)
-    options = {"device": run.device, "max_batch": max(batches(family, run)), **VARIANTS[variant]}
+    options = {"device": run.device, **VARIANTS[variant]}
+    if family == "flux1-dev":  # a FLUX.1 knob: the FLUX.2 routes refuse it
+        options["max_batch"] = max(batches(family, run))
     entry = {
         "weights": str(folder),
         "steps": run.steps[family],
@@ -456,7 +459,10 @@ def round_trip(base: str, key: str, route: str, body: dict[str, Any], count: int
     def one(seed: int) -> None:
         with VendorClient(base, key, request_timeout=900) as client:
             task = client.submit(route, {**body, "prompt": f"benchmark image {seed}", "seed": seed})
+            deadline = time.monotonic() + WAIT_SECONDS
             while (state := client.result(task))["status"] == "Pending":
+                if time.monotonic() > deadline:  # e.g. a worker that cannot start
+                    raise RuntimeError(f"no result in {WAIT_SECONDS} s")
                 time.sleep(0.02)
             if state["status"] != "Ready":
                 raise RuntimeError(f"{state['status']}: {state.get('details')}")
