@@ -12,15 +12,19 @@ from pathlib import Path
 
 from sqlalchemy import update
 
+from engine_fixtures import tiny_weights
 from fluxserve.accounts.keys import ApiKey, KeyStore
+from fluxserve.core.catalog import Catalog
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import make_engine, migrate
 from fluxserve.db.tables import jobs
+from fluxserve.engines.registry import EngineRegistry
 from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
+from tiny_pipelines import tiny_pipeline
 
 
 class Queue:
@@ -97,3 +101,20 @@ def test_worker_refuses_models_the_catalog_lacks(tmp_path: Path) -> None:
             [sys.executable, "-m", "fluxserve", *command], capture_output=True, text=True, timeout=120
         )
         assert run.returncode == 2 and "--models" in run.stderr and reason in run.stderr, run.stderr
+
+
+def test_the_registry_names_the_models_whose_weights_it_holds(models_dir: Path) -> None:
+    """What a worker prefers: the models served so far whose weights are still in memory (with a cap of
+    one model, loading FLUX.2 [klein] evicts FLUX.1, and the routes sharing its weights with it)."""
+    flux1 = {"weights": str(tiny_weights(models_dir))}
+    klein = {"weights": str(tiny_pipeline(models_dir, "tiny-flux2-klein"))}
+    catalog = Catalog.model_validate(
+        {"models": {"flux-dev": flux1, "flux-pro": flux1, "flux-2-klein-4b": klein}}
+    )
+    registry = EngineRegistry(catalog, models_dir, memory_cap_bytes=1)
+    assert registry.resident() == []
+    registry.get("flux-dev")
+    registry.get("flux-pro")
+    assert registry.resident() == ["flux-dev", "flux-pro"]
+    registry.get("flux-2-klein-4b")
+    assert registry.resident() == ["flux-2-klein-4b"]

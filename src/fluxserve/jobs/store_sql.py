@@ -267,10 +267,8 @@ class SqlJobStore:
         max_wait: timedelta = PREFER_MAX_WAIT,
     ) -> Job | None:
         served = () if models is None else (jobs.c.model.in_(models),)
-        if not prefer:
-            claimed = self._claim(worker_id, 1, *served)
-        else:
-            claimed = self._claim(worker_id, 1, *served, window=window, prefer=prefer, max_wait=max_wait)
+        window_or_none = window if prefer else None  # nothing preferred: the plain fair order
+        claimed = self._claim(worker_id, 1, *served, window=window_or_none, prefer=prefer, max_wait=max_wait)
         return claimed[0] if claimed else None
 
     def claim_similar(self, worker_id: str, model: str, width: int, height: int, limit: int) -> list[Job]:
