@@ -384,7 +384,8 @@ def direct(folder: Path, family: str, variant: str, run: Plan) -> list[Run]:
                 result.peak_gpu_bytes = torch.cuda.max_memory_allocated()
     except Exception as exc:  # a knob this machine cannot run (fp8 without an fp8 GPU) is reported
         for result in results:
-            result.error = result.error or failure(exc)
+            if result.seconds_per_image is None:  # the sizes measured before it stand
+                result.error = failure(exc)
     finally:
         del pipe
         release(run.device)
@@ -443,7 +444,8 @@ def served(folder: Path, family: str, variant: str, run: Plan, scratch: Path) ->
             result.seconds_per_image = (time.perf_counter() - started) / result.batch
     except (RuntimeError, VendorError) as exc:
         for result in results:
-            result.error = result.error or failure(exc)
+            if result.seconds_per_image is None:  # the sizes measured before it stand
+                result.error = failure(exc)
     finally:
         server.terminate()
         server.wait(timeout=120)

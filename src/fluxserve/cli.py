@@ -23,11 +23,11 @@ from sqlalchemy.engine import make_url
 
 from fluxserve import __version__
 from fluxserve.accounts.keys import ApiKey, KeyProblem, KeyStore
-from fluxserve.core.catalog import load_catalog
 from fluxserve.db.connection import make_engine, migrate
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
 from fluxserve.worker.beacon import Liveness, start_beacon
+from fluxserve.worker.served import served_models
 from fluxserve.worker.supervisor import BEACON_ENV
 
 app = typer.Typer(help="fluxserve: a self-hosted FLUX image API server.", no_args_is_help=True)
@@ -220,17 +220,16 @@ def worker(
     ] = None,
 ) -> None:
     """Run a worker process without the HTTP API: it claims jobs and runs them (e.g. one per GPU)."""
-    served = _model_list(models)
     stop = threading.Event()
     # Until it can take jobs there is nothing to finish: a stop while torch imports (seconds) ends it at
     # once, rather than after the imports (a supervisor would wait, then kill it).
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit_now)
     settings = _settings(data_dir)
-    if served is not None:  # a typo stops the start, rather than leaving a worker that never claims
-        unknown = sorted(set(served) - set(load_catalog(settings.catalog_files).models))
-        if unknown:
-            raise typer.BadParameter(f"not in the catalog: {', '.join(unknown)}", param_hint="--models")
+    try:
+        served = served_models(models, settings)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--models") from None
     configure_logging(json=settings.log_json)
     liveness = Liveness()
     beacon = os.environ.get(BEACON_ENV)
@@ -244,16 +243,6 @@ def worker(
     for signum in (signal.SIGINT, signal.SIGTERM):  # from now on a stop lets running jobs end cleanly
         signal.signal(signum, lambda *_: stop.set())
     run_worker_process(settings, threads, liveness, stop, served)
-
-
-def _model_list(value: str | None) -> list[str] | None:
-    """``--models a,b``: the names, or None for every model; an empty list is refused."""
-    if value is None:
-        return None
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    if not names:
-        raise typer.BadParameter("name at least one model", param_hint="--models")
-    return names
 
 
 def _exit_now(signum: int, _: object) -> None:
