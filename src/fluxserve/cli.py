@@ -30,6 +30,7 @@ from fluxserve.db.connection import make_engine, migrate
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
 from fluxserve.worker.beacon import Liveness, start_beacon
+from fluxserve.worker.served import served_models
 from fluxserve.worker.supervisor import BEACON_ENV
 
 app = typer.Typer(help="fluxserve: a self-hosted FLUX image API server.", no_args_is_help=True)
@@ -253,6 +254,14 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
 def worker(
     data_dir: DataDir = None,
     threads: Annotated[int, typer.Option(min=1, help="Worker threads sharing this process's models.")] = 1,
+    models: Annotated[
+        str | None,
+        typer.Option(
+            "--models",
+            help="Comma-separated catalog models this worker serves (default: all); it claims only their "
+            "jobs, e.g. one GPU per model.",
+        ),
+    ] = None,
 ) -> None:
     """Run a worker process without the HTTP API: it claims jobs and runs them (e.g. one per GPU)."""
     stop = threading.Event()
@@ -261,6 +270,10 @@ def worker(
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit_now)
     settings = _settings(data_dir)
+    try:
+        served = served_models(models, settings)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--models") from None
     configure_logging(json=settings.log_json)
     liveness = Liveness()
     beacon = os.environ.get(BEACON_ENV)
@@ -274,7 +287,7 @@ def worker(
 
     for signum in (signal.SIGINT, signal.SIGTERM):  # from now on a stop lets running jobs end cleanly
         signal.signal(signum, lambda *_: stop.set())
-    run_worker_process(settings, threads, liveness, stop)
+    run_worker_process(settings, threads, liveness, stop, served)
 
 
 def _exit_now(signum: int, _: object) -> None:

@@ -79,6 +79,7 @@ class EngineRegistry:
         self._engines: dict[tuple[Path, str], DiffusersFluxEngine | Flux2Engine | FillEngine] = {}
         # least recent first
         self._loaded: OrderedDict[tuple[Path, LoadOptions], FluxModel | LoadedPipeline] = OrderedDict()
+        self._routes: dict[str, tuple[Path, LoadOptions]] = {}  # model name -> what it ran on last
         for model, entry in catalog.models.items():  # a mistyped knob stops the start, not a job later
             if entry.engine == "diffusers":
                 try:
@@ -112,6 +113,7 @@ class EngineRegistry:
             if loaded is None:
                 loaded = self._load(weights, load, model_class)
             self._loaded.move_to_end((weights, load))
+            self._routes[model] = (weights, load)
             key = (weights, entry.model_dump_json())
             engine = self._engines.get(key)
             if engine is None:
@@ -131,6 +133,15 @@ class EngineRegistry:
             return FillEngine(weights, entry, loaded)
         assert isinstance(loaded, FluxModel)
         return DiffusersFluxEngine(weights, entry, loaded)
+
+    def resident(self) -> list[str]:
+        """The model names served so far whose weights are still in memory: the jobs a worker should
+        prefer (see :meth:`~fluxserve.jobs.store.JobStore.claim`), as they run without a load.
+
+        Without the lock, which a load holds for minutes: a worker thread asks before each claim. The
+        copy and the membership tests are single operations on the dicts, so they never see one half
+        changed."""
+        return [model for model, key in dict(self._routes).items() if key in self._loaded]
 
     @property
     def memory_cap_bytes(self) -> int | None:

@@ -13,6 +13,11 @@ from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.pricing import Quote
 from fluxserve.errors import RequestRefused
 
+# A worker's preference for the models it holds (see JobStore.claim): how far down the fair order it
+# looks for one, and how long a job may wait before it goes first regardless.
+PREFER_WINDOW = 8
+PREFER_MAX_WAIT = timedelta(seconds=30)
+
 IDEMPOTENCY_TTL = timedelta(hours=24)  # a repeat after this makes a new job; the old entry is replaced
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -86,9 +91,22 @@ class JobStore(Protocol):
         also takes turns across keys, so another key's jobs may be claimed before or after it."""
         ...
 
-    def claim(self, worker_id: str) -> Job | None:
+    def claim(
+        self,
+        worker_id: str,
+        models: Collection[str] | None = None,
+        prefer: Collection[str] = (),
+        window: int = PREFER_WINDOW,
+        max_wait: timedelta = PREFER_MAX_WAIT,
+    ) -> Job | None:
         """Take the next queued job for this worker, or None: keys with queued jobs take turns, and a
-        key's own jobs go oldest first. Never the same job to two workers."""
+        key's own jobs go oldest first. Never the same job to two workers.
+
+        ``models`` (None: any) are the models this worker serves; it never takes another's job.
+        ``prefer`` are the models whose weights it holds: among the next ``window`` jobs in the fair
+        order it takes the first of those, so a worker does not unload a model for one job and load it
+        back for the next; a job there that has waited longer than ``max_wait`` goes first all the same,
+        so no model's jobs starve behind a stream of the preferred one's."""
         ...
 
     def claim_similar(self, worker_id: str, model: str, width: int, height: int, limit: int) -> list[Job]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Collection
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, RowMapping, func, insert, select, update
+from sqlalchemy import Connection, Engine, RowMapping, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fluxserve.core.job import ACTIVE_STATUSES, Job, JobStatus
@@ -19,7 +19,14 @@ from fluxserve.db.connection import as_utc, utcnow
 from fluxserve.db.tables import idempotency_keys, jobs
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.feed import ChangeFeed
-from fluxserve.jobs.store import IDEMPOTENCY_TTL, Drawn, Idempotency, IdempotencyConflict
+from fluxserve.jobs.store import (
+    IDEMPOTENCY_TTL,
+    PREFER_MAX_WAIT,
+    PREFER_WINDOW,
+    Drawn,
+    Idempotency,
+    IdempotencyConflict,
+)
 
 _ACTIVE = [status.value for status in ACTIVE_STATUSES]
 _I = idempotency_keys.c
@@ -250,8 +257,17 @@ class SqlJobStore:
             ahead = select(func.count()).select_from(jobs).where(queued, jobs.c.created_at < created)
             return int(conn.execute(ahead).scalar_one())
 
-    def claim(self, worker_id: str) -> Job | None:
-        claimed = self._claim(worker_id, 1)
+    def claim(
+        self,
+        worker_id: str,
+        models: Collection[str] | None = None,
+        prefer: Collection[str] = (),
+        window: int = PREFER_WINDOW,
+        max_wait: timedelta = PREFER_MAX_WAIT,
+    ) -> Job | None:
+        served = () if models is None else (jobs.c.model.in_(models),)
+        window_or_none = window if prefer else None  # nothing preferred: the plain fair order
+        claimed = self._claim(worker_id, 1, *served, window=window_or_none, prefer=prefer, max_wait=max_wait)
         return claimed[0] if claimed else None
 
     def claim_similar(self, worker_id: str, model: str, width: int, height: int, limit: int) -> list[Job]:
@@ -259,13 +275,29 @@ class SqlJobStore:
             worker_id, limit, jobs.c.model == model, jobs.c.width == width, jobs.c.height == height
         )
 
-    def _claim(self, worker_id: str, limit: int, *conditions: Any) -> list[Job]:
+    def _claim(
+        self,
+        worker_id: str,
+        limit: int,
+        *conditions: Any,
+        window: int | None = None,
+        prefer: Collection[str] = (),
+        max_wait: timedelta = PREFER_MAX_WAIT,
+    ) -> list[Job]:
         """The lowest turns first (see :func:`_turn`), oldest first among equal turns: one index probe on
         (status, turn, created). SKIP LOCKED on PostgreSQL (a job another claim holds is passed over, not
-        waited for), the write lock on SQLite."""
+        waited for), the write lock on SQLite.
+
+        With a ``window``, the next ``window`` jobs in that order are chosen (and locked, for the moment of
+        this one statement) and the first of them to take is, in order: one that waited past ``max_wait``,
+        one of the ``prefer`` models, the first."""
         queued = jobs.c.status == JobStatus.QUEUED.value
+        order = (jobs.c.turn, jobs.c.created_at)
         turn = (
-            select(jobs.c.id).where(queued, *conditions).order_by(jobs.c.turn, jobs.c.created_at).limit(limit)
+            select(jobs.c.id, jobs.c.model, *order)
+            .where(queued, *conditions)
+            .order_by(*order)
+            .limit(limit if window is None else max(window, limit))
         )
         if self._postgres:
             turn = turn.with_for_update(skip_locked=True)
@@ -273,8 +305,12 @@ class SqlJobStore:
         # each queued row, and each run locks and picks the next job: one claim took the whole queue.
         # No status test outside it: the lock (or SQLite's write lock) keeps the chosen jobs queued, and a
         # second test made SQLite walk every queued job instead of taking the chosen ones by id.
-        chosen = select(turn.cte("turn").prefix_with("MATERIALIZED").c.id)
+        ahead = turn.cte("turn").prefix_with("MATERIALIZED")
         now = utcnow()
+        chosen = select(ahead.c.id)
+        if window is not None:
+            rank = case((ahead.c.created_at < now - max_wait, 0), (ahead.c.model.in_(prefer), 1), else_=2)
+            chosen = chosen.order_by(rank, ahead.c.turn, ahead.c.created_at).limit(limit)
         with self._engine.begin() as conn:
             rows = (
                 conn.execute(

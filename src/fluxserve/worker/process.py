@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Collection
 
 import torch
 
@@ -35,8 +36,15 @@ def engine_registry(settings: Settings, catalog: Catalog) -> EngineRegistry:
     return EngineRegistry(catalog, settings.models, memory_cap_bytes=cap)
 
 
-def build_workers(settings: Settings, store: JobStore, threads: int, liveness: Liveness) -> list[Worker]:
-    """``threads`` workers sharing one engine registry (one copy of each model's weights)."""
+def build_workers(
+    settings: Settings,
+    store: JobStore,
+    threads: int,
+    liveness: Liveness,
+    models: Collection[str] | None = None,
+) -> list[Worker]:
+    """``threads`` workers sharing one engine registry (one copy of each model's weights), serving
+    ``models`` (None: every model) and preferring the jobs of those whose weights they hold."""
     blobs = make_blob_store(settings.storage)
     catalog = load_catalog(settings.catalog_files)
     max_input_pixels = max(entry.max_input_pixels for entry in catalog.models.values())
@@ -56,19 +64,27 @@ def build_workers(settings: Settings, store: JobStore, threads: int, liveness: L
             max_attempts=settings.max_attempts,
             poll_seconds=settings.poll_seconds,
             liveness=liveness,
+            models=models,
+            holding=registry.resident,
         )
         for index in range(threads)
     ]
 
 
-def run_worker_process(settings: Settings, threads: int, liveness: Liveness, stop: threading.Event) -> None:
+def run_worker_process(
+    settings: Settings,
+    threads: int,
+    liveness: Liveness,
+    stop: threading.Event,
+    models: Collection[str] | None = None,
+) -> None:
     """Run until ``stop`` is set, then drain: claim nothing more, give the running jobs
     ``worker_drain_seconds`` to finish, and hand back those still running (queued again at once, so a
     deploy costs them neither the stale timeout nor an attempt)."""
     torch.set_num_threads(settings.threads_per_worker)
     database = open_database(settings)
     store = make_job_store(database)
-    workers = build_workers(settings, store, threads, liveness)
+    workers = build_workers(settings, store, threads, liveness, models)
     # The process's row in the workers table, for /readyz and /metrics of every API replica.
     presence = threading.Thread(
         target=WorkerRegistry(database).announce,

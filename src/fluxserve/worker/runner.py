@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -132,8 +133,14 @@ class Worker:
         max_attempts: int,
         poll_seconds: float,
         liveness: Liveness | None = None,
+        models: Collection[str] | None = None,
+        holding: Callable[[], Collection[str]] = tuple,
     ) -> None:
+        """``models`` (None: any) are the models this worker serves; ``holding`` says which of them have
+        their weights in memory now, whose jobs it prefers (see :meth:`JobStore.claim`)."""
         self.worker_id = worker_id
+        self._models = models
+        self._holding = holding
         self._store = store
         self._engines = engines
         self._blobs = blobs
@@ -154,7 +161,7 @@ class Worker:
         while not stop.is_set():
             try:
                 self._reap()
-                job = self._store.claim(self.worker_id)
+                job = self._store.claim(self.worker_id, self._models, self._holding())
             except Exception:
                 log.exception("claim failed; retrying")
                 stop.wait(1.0)

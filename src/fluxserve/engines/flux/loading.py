@@ -15,6 +15,7 @@ runs (see :mod:`~fluxserve.engines.flux.planning`).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +31,7 @@ from diffusers import (
     FluxPipeline,
     FluxPriorReduxPipeline,
 )
+from transformers import AutoTokenizer
 
 from fluxserve.engines.flux.options import LoadOptions
 from fluxserve.errors import EngineError
@@ -62,12 +64,24 @@ def text_length(tokenizer: Any) -> int:
 
 def quantize_weights(modules: Sequence[torch.nn.Module], kind: str) -> None:
     """Quantize the linear layers of ``modules`` (the big ones: transformer and the large text encoder) in
-    place, so every pipeline sharing them runs quantized."""
+    place, so every pipeline sharing them runs quantized. ``kind`` is :attr:`LoadOptions.quantize`; torchao
+    refuses fp8-compute without fp8 hardware, which :func:`knob` reports as the option's error."""
     try:
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            Int8WeightOnlyConfig,
+            PerRow,
+            quantize_,
+        )
     except ImportError:
         raise EngineError("options.quantize: needs torchao (pip install torchao)") from None
-    config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
+    configs = {
+        "int8": Int8WeightOnlyConfig,
+        "fp8": Float8WeightOnlyConfig,
+        "fp8-compute": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+    }
+    config = configs[kind]()
     for module in modules:
         quantize_(module, config)
 
@@ -142,9 +156,46 @@ def load_pipeline(classes: Mapping[str, type[DiffusionPipeline]], weights: Path,
     if name not in classes:
         raise EngineError(f"{weights} holds a {name} pipeline; this route needs one of {', '.join(classes)}")
     try:
-        return classes[name].from_pretrained(weights, dtype=dtype)
+        tokenizers = tokenizers_for_processors(weights)
+        # Loaded without those components (diffusers checks a passed one against the class the folder
+        # names, which cannot be imported), then given the tokenizers.
+        pipe = classes[name].from_pretrained(weights, dtype=dtype, **dict.fromkeys(tokenizers))
+        pipe.register_modules(**tokenizers)
+        return pipe
+    except EngineError:
+        raise
     except Exception as exc:
         raise EngineError(f"cannot load {name} weights from {weights}: {short_reason(exc)}") from exc
+
+
+# Processors whose import needs torchvision, which does not install beside this torch. The pipelines that
+# name one (FLUX.2 [dev]: Mistral's PixtralProcessor) call only its tokenizer's chat template on text, so
+# the tokenizer it wraps is loaded alone from the same folder (see :func:`tokenizers_for_processors`).
+TOKENIZER_ONLY_PROCESSORS = frozenset({"PixtralProcessor"})
+
+
+def tokenizers_for_processors(weights: Path) -> dict[str, Any]:
+    """For each component of the folder's ``model_index.json`` that is one of
+    :data:`TOKENIZER_ONLY_PROCESSORS`, the tokenizer in its subfolder, to use in its place: the vendor's
+    layout then loads without torchvision."""
+    index = json.loads((weights / "model_index.json").read_text())
+    return {
+        name: processor_tokenizer(weights / name)
+        for name, spec in index.items()
+        if isinstance(spec, list) and spec[-1] in TOKENIZER_ONLY_PROCESSORS
+    }
+
+
+def processor_tokenizer(folder: Path) -> Any:
+    """The tokenizer a processor's folder holds, with the processor's chat template: processors keep it
+    in ``chat_template.json`` (older saves) or ``chat_template.jinja``, which a tokenizer reads too."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    template = folder / "chat_template.json"
+    if tokenizer.chat_template is None and template.is_file():
+        tokenizer.chat_template = json.loads(template.read_text())["chat_template"]
+    if tokenizer.chat_template is None:
+        raise EngineError(f"{folder}: no chat template (chat_template.json or chat_template.jinja)")
+    return tokenizer
 
 
 def batch_invariant(pipe: FluxPipeline) -> None:

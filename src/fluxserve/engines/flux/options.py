@@ -32,10 +32,13 @@ class LoadOptions(BaseModel):
     cpu_offload: bool = Field(
         default=False, description="Keep modules on the CPU and move each to the device while it runs."
     )
-    quantize: Literal["int8", "fp8"] | None = Field(
+    quantize: Literal["int8", "fp8", "fp8-compute"] | None = Field(
         default=None,
-        description="Weight-only quantization of the transformer and T5 with torchao: int8 halves bf16 "
-        "weights and runs anywhere; fp8 needs a GPU with fp8 support to be fast (runs, slowly, on CPU).",
+        description="Quantization of the transformer and the large text encoder with torchao. int8 and "
+        "fp8 are weight-only: they halve bf16 weights but compute in bf16, so they save memory, not time "
+        "(int8 runs anywhere; fp8 is slow without fp8 hardware). fp8-compute quantizes activations too "
+        "(dynamic, one scale per row) so the matmuls run in fp8: faster as well, and used with compile; it "
+        "needs an fp8 GPU (CUDA compute capability 8.9+: Ada, Hopper) and is refused elsewhere.",
     )
     redux: str | None = Field(
         default=None,
