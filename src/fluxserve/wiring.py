@@ -12,7 +12,7 @@ from urllib.request import url2pathname
 
 from sqlalchemy import Engine
 
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import Timeouts, make_engine, migrate
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.wakeup import Polling, PostgresNotify
@@ -34,7 +34,12 @@ def make_blob_store(url: str) -> BlobStore:
 
 def open_database(settings: Settings) -> Engine:
     """The database engine, its schema brought up to date (safe from any number of processes)."""
-    database = make_engine(settings.database)
+    timeouts = Timeouts(
+        pool=settings.database_pool_timeout_seconds,
+        connect=settings.database_connect_timeout_seconds,
+        statement=settings.database_statement_timeout_seconds,
+    )
+    database = make_engine(settings.database, timeouts)
     migrate(database)
     return database
 

@@ -18,6 +18,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxserve.core.fields import error_messages
@@ -28,6 +30,12 @@ VENDOR_PREFIX = "/v1/"
 OPENAI_PREFIX = "/v1/images/"
 # The openai SDKs retry 408, 409, 429 and 5xx unless told not to; a retried submit would be a second job.
 NO_RETRY = {"x-should-retry": "false"}
+# What a client is told while the database is away: a restart or failover takes seconds.
+RETRY_AFTER_SECONDS = 2
+DATABASE_AWAY = (
+    "Service unavailable: the database cannot be reached right now; retry in a few seconds "
+    "(a submit sent with an Idempotency-Key is safe to repeat)"
+)
 
 
 class ApiError(Exception):
@@ -118,6 +126,15 @@ def error_response(
     return failed(status_code, message, headers)
 
 
+def database_away(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is unreachable or overloaded (a restart, a failover, a full pool,
+    a statement timeout, SQLite's busy timeout), not that the request or the code was wrong: the request
+    may succeed if repeated."""
+    if isinstance(exc, PoolTimeout | OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
 def _allow(request: Request, exc: StarletteHTTPException) -> str:
     """Every method of the path: Starlette's ``Allow`` names only those of the first route that matched
     it, and fetch has a route per method. Paths with parameters are not in this lookup and keep
@@ -159,7 +176,13 @@ def install_error_handlers(app: FastAPI) -> None:
             message = str(exc.detail)
         return error_response(request.url.path, exc.status_code, message, headers)
 
+    # SQLAlchemyError from the routes, Exception from what runs outside them (middleware): one answer.
+    @app.exception_handler(SQLAlchemyError)
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        if database_away(exc):
+            log.warning("database unavailable", extra={"path": request.url.path, "error": str(exc)[:300]})
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+            return error_response(request.url.path, 503, DATABASE_AWAY, headers)
         log.exception("unhandled error", extra={"path": request.url.path})
         return error_response(request.url.path, 500, "Internal server error; the request was not processed")

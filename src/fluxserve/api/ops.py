@@ -9,8 +9,10 @@ the same, whole picture.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter
@@ -41,6 +43,14 @@ class Readiness:
     blobs: BlobStore
     workers_expected: bool
     seen_within: float  # seconds: a worker heard from longer ago does not count
+    storage_timeout: float = 5.0  # seconds: a store that has not answered the probe by then is failing
+    _probing: Future[None] | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _prober: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="readyz-storage"),
+        init=False,
+        repr=False,
+    )
 
     def checks(self) -> dict[str, str]:
         """Each check and ``ok`` or why not; a broken part is named, never raised."""
@@ -50,13 +60,7 @@ class Readiness:
             checks["database"] = OK
         except Exception as error:
             checks["database"] = f"unreachable: {_failure(error)}"
-        probe = f"readyz/{process_name()}"  # one object per process, rewritten by each probe
-        try:
-            self.blobs.put(probe, b"ok", "text/plain")
-            self.blobs.delete(probe)
-            checks["storage"] = OK
-        except Exception as error:
-            checks["storage"] = f"not writable: {_failure(error)}"
+        checks["storage"] = self._storage()
         if not self.workers_expected:
             checks["workers"] = "ok (none expected in this deployment)"
         elif checks["database"] != OK:
@@ -69,6 +73,28 @@ class Readiness:
                 else f"no worker process heard from in the last {self.seen_within:g} s"
             )
         return checks
+
+
+    def _storage(self) -> str:
+        """Write and delete a probe object, waiting at most ``storage_timeout``: a hung store (one that takes
+        connections and never answers) is reported in seconds, not after the client's minute-long timeout.
+        One probe at a time: a check made while one is still out waits on that one."""
+        with self._lock:
+            if self._probing is None or self._probing.done():
+                self._probing = self._prober.submit(self._probe)
+            probing = self._probing
+        try:
+            probing.result(timeout=self.storage_timeout)
+        except TimeoutError:
+            return f"not writable: no answer within {self.storage_timeout:g} s"
+        except Exception as error:
+            return f"not writable: {_failure(error)}"
+        return OK
+
+    def _probe(self) -> None:
+        probe = f"readyz/{process_name()}"  # one object per process, rewritten by each probe
+        self.blobs.put(probe, b"ok", "text/plain")
+        self.blobs.delete(probe)
 
 
 class FiguresCollector(Collector):

@@ -33,7 +33,7 @@ from fluxserve.engines.base import (
 from fluxserve.errors import EngineError, JobCanceled, JobFailure, Moderated
 from fluxserve.jobs.retention import drop_inputs
 from fluxserve.jobs.store import JobStore
-from fluxserve.storage.base import BlobStore
+from fluxserve.storage.base import BlobStore, put_patiently
 from fluxserve.worker.beacon import Liveness
 from fluxserve.worker.inputs import InputLoader
 from fluxserve.worker.upsample import PromptEnhancer
@@ -251,7 +251,7 @@ class Worker:
             try:
                 result_key = f"results/{job.created_at:%Y-%m-%d}/{job.id}.{job.output_format}"
                 data = encode_image(outcome.image, job.output_format)
-                self._blobs.put(result_key, data, CONTENT_TYPES[job.output_format])
+                put_patiently(self._blobs, result_key, data, CONTENT_TYPES[job.output_format])
             except Exception as exc:
                 self._finish(job, started, *_failure(job, exc))
                 continue
