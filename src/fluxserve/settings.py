@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     database_pool_timeout_seconds: float = Field(
         default=5.0,
         gt=0,
-        description="PostgreSQL: longest wait for a free connection of the pool (then the request gets a 503).",
+        description="PostgreSQL: longest wait for a free pooled connection (then the request gets a 503).",
     )
     database_connect_timeout_seconds: int = Field(
         default=5,

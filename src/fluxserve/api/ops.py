@@ -74,7 +74,6 @@ class Readiness:
             )
         return checks
 
-
     def _storage(self) -> str:
         """Write and delete a probe object, waiting at most ``storage_timeout``: a hung store (one that takes
         connections and never answers) is reported in seconds, not after the client's minute-long timeout.
