@@ -85,7 +85,7 @@ class PostgresCluster:
             with (data / "pg_hba.conf").open("a") as hba:
                 hba.write("host all all samenet trust\n")
         for _ in range(3):  # a port taken by another process between free_port() and the bind: another
-            if self._serve(data):
+            if self._serve(data, f"CREATE DATABASE {TEMPLATE}"):  # ours: another cluster would have it
                 break
             self.port = free_port()
         else:
@@ -94,8 +94,8 @@ class PostgresCluster:
         migrate(template)
         template.dispose()  # a template must have no connections while it is copied
 
-    def _serve(self, data: Path) -> bool:
-        """Run postgres on ``self.port`` until it takes connections (True) or exits (False)."""
+    def _serve(self, data: Path, probe: str) -> bool:
+        """Run postgres on ``self.port`` until it runs ``probe`` (True) or exits (False)."""
         log = (self.root / "postgres.log").open("ab")
         # Durability off: a test cluster is thrown away, and fsync would cost most of the tests' time.
         self._process = subprocess.Popen(
@@ -108,7 +108,7 @@ class PostgresCluster:
         deadline = time.monotonic() + 30
         while self._process.poll() is None:
             try:
-                self._admin(f"CREATE DATABASE {TEMPLATE}")  # ours: another cluster would have it already
+                self._admin(probe)
                 return True
             except Exception:
                 if time.monotonic() > deadline:
@@ -136,6 +136,39 @@ class PostgresCluster:
                 conn.execute(text(statement))
         finally:
             admin.dispose()
+
+    def restart(self, down: float = 0.0) -> float:
+        """A clean restart, as ``pg_ctl restart -m fast`` makes one: clients are disconnected, the server
+        shuts down, stays down ``down`` seconds and starts again on the same data and port. Returns when
+        (``time.monotonic()``) it took connections again."""
+        self.halt()
+        time.sleep(down)
+        return self.serve_again()
+
+    def kill_postmaster(self, down: float = 0.0) -> float:
+        """A crash: SIGKILL to the postmaster, ``down`` seconds, then a start on the same data and port,
+        which recovers from the WAL once the orphaned backends have noticed and gone. Returns when
+        (``time.monotonic()``) it took connections again."""
+        self.halt(signal.SIGKILL)
+        time.sleep(down)
+        return self.serve_again()
+
+    def halt(self, how: signal.Signals = signal.SIGINT) -> None:
+        """Stop the server (SIGINT: PostgreSQL's fast shutdown) and leave it down."""
+        assert self._process is not None
+        self._process.send_signal(how)
+        self._process.wait(timeout=30)
+
+    def serve_again(self) -> float:
+        """Start the halted server on its data and port; returns when (``time.monotonic()``) it took
+        connections."""
+        deadline = time.monotonic() + 60
+        # A new postmaster refuses the data dir while backends of a killed one still hold its memory.
+        while not self._serve(self.root / "data", "SELECT 1"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postgres did not start again: {self.log()}")
+            time.sleep(0.2)
+        return time.monotonic()
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
