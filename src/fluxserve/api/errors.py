@@ -135,6 +135,13 @@ def database_away(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
+def database_unavailable(path: str, exc: BaseException) -> JSONResponse:
+    """The 503 for a request that met :func:`database_away`, in ``path``'s dialect (logged without a
+    traceback: an outage would write one per request)."""
+    log.warning("database unavailable", extra={"path": path, "error": str(exc)[:300]})
+    return error_response(path, 503, DATABASE_AWAY, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 def _allow(request: Request, exc: StarletteHTTPException) -> str:
     """Every method of the path: Starlette's ``Allow`` names only those of the first route that matched
     it, and fetch has a route per method. Paths with parameters are not in this lookup and keep
@@ -176,13 +183,11 @@ def install_error_handlers(app: FastAPI) -> None:
             message = str(exc.detail)
         return error_response(request.url.path, exc.status_code, message, headers)
 
-    # SQLAlchemyError from the routes, Exception from what runs outside them (middleware): one answer.
+    # SQLAlchemyError from the routes, and Exception from what runs outside them: one answer.
     @app.exception_handler(SQLAlchemyError)
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         if database_away(exc):
-            log.warning("database unavailable", extra={"path": request.url.path, "error": str(exc)[:300]})
-            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-            return error_response(request.url.path, 503, DATABASE_AWAY, headers)
+            return database_unavailable(request.url.path, exc)
         log.exception("unhandled error", extra={"path": request.url.path})
         return error_response(request.url.path, 500, "Internal server error; the request was not processed")
