@@ -18,11 +18,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxserve.core.fields import error_messages
+from fluxserve.jobs.outage import database_away
 
 log = logging.getLogger("fluxserve.api")
 
@@ -126,17 +126,8 @@ def error_response(
     return failed(status_code, message, headers)
 
 
-def database_away(exc: BaseException) -> bool:
-    """Whether ``exc`` says the database is unreachable or overloaded (a restart, a failover, a full pool,
-    a statement timeout, SQLite's busy timeout), not that the request or the code was wrong: the request
-    may succeed if repeated."""
-    if isinstance(exc, PoolTimeout | OperationalError | InterfaceError):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
-
-
 def database_unavailable(path: str, exc: BaseException) -> JSONResponse:
-    """The 503 for a request that met :func:`database_away`, in ``path``'s dialect (logged without a
+    """The 503 for a request that met ``database_away``, in ``path``'s dialect (logged without a
     traceback: an outage would write one per request)."""
     log.warning("database unavailable", extra={"path": path, "error": str(exc)[:300]})
     return error_response(path, 503, DATABASE_AWAY, {"Retry-After": str(RETRY_AFTER_SECONDS)})

@@ -28,12 +28,12 @@ from fluxserve.api.auth import BAD_BEARER, NO_BEARER, bearer_token
 from fluxserve.api.errors import (
     OPENAI_PREFIX,
     VENDOR_PREFIX,
-    database_away,
     database_unavailable,
     error_response,
     openai_error,
 )
 from fluxserve.core.models import MODELS
+from fluxserve.jobs.outage import database_away
 
 NATIVE_SUBMIT = frozenset({"/flux/generate", "/flux/edits"})  # the reseller's own format
 RESELLER_SUBMIT = frozenset(f"/bfl/v1/{name}" for name in MODELS) | NATIVE_SUBMIT

@@ -31,6 +31,7 @@ from fluxserve.engines.base import (
     NamedImage,
 )
 from fluxserve.errors import EngineError, JobCanceled, JobFailure, Moderated
+from fluxserve.jobs.outage import while_away
 from fluxserve.jobs.retention import drop_inputs
 from fluxserve.jobs.store import JobStore
 from fluxserve.storage.base import BlobStore, put_patiently
@@ -281,9 +282,18 @@ class Worker:
         details: dict[str, Any] | None = None,
     ) -> None:
         # The store refuses the write when the job was meanwhile requeued to another worker.
-        recorded = self._store.finish(
-            job.id, self.worker_id, status, error=error, result_key=result_key, details=details
+        # A database that is away (a restart) is waited out while the job's heartbeat keeps it ours: given
+        # up, the finished job would be run again once it went stale.
+        finish = partial(
+            self._store.finish,
+            job.id,
+            self.worker_id,
+            status,
+            error=error,
+            result_key=result_key,
+            details=details,
         )
+        recorded = while_away(finish, self._stale_after)
         if recorded:  # the job has ended: its inputs go (when not recorded, another worker owns it now)
             drop_inputs(self._blobs, job.id)
         log.info(
