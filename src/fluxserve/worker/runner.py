@@ -12,10 +12,11 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -43,6 +44,7 @@ log = logging.getLogger("fluxserve.worker")
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 ENGINE_STATE = "engine_state"  # the job's details key for what an engine checkpointed
+T = TypeVar("T")
 
 
 def encode_image(image: Image.Image, output_format: str) -> bytes:
@@ -258,19 +260,28 @@ class Worker:
                 continue
             details = {**job.details, **outcome.details, "batch_size": len(group)}
             # What the engine reports wins: a relayed job's final prompt and seed are the vendor's.
-            self._store.update_running(
-                job.id,
-                self.worker_id,
-                prompt=outcome.prompt,
-                seed=outcome.seed,
-                width=outcome.image.width,
-                height=outcome.image.height,
+            self._patiently(
+                partial(
+                    self._store.update_running,
+                    job.id,
+                    self.worker_id,
+                    prompt=outcome.prompt,
+                    seed=outcome.seed,
+                    width=outcome.image.width,
+                    height=outcome.image.height,
+                )
             )
             self._finish(job, started, JobStatus.SUCCEEDED, None, result_key, details)
 
+    def _patiently(self, write: Callable[[], T]) -> T:
+        """A write of a running job, repeated while the database is away (a restart, a failover) for up to
+        the stale limit, while the job's heartbeat keeps it ours: given up, the job would fail for nothing,
+        or be run again once it went stale."""
+        return while_away(write, self._stale_after)
+
     def _checkpoint(self, job: Job, state: dict[str, Any]) -> None:
         job.details[ENGINE_STATE] = state
-        self._store.update_running(job.id, self.worker_id, details=job.details)
+        self._patiently(partial(self._store.update_running, job.id, self.worker_id, details=job.details))
 
     def _finish(
         self,
@@ -282,8 +293,6 @@ class Worker:
         details: dict[str, Any] | None = None,
     ) -> None:
         # The store refuses the write when the job was meanwhile requeued to another worker.
-        # A database that is away (a restart) is waited out while the job's heartbeat keeps it ours: given
-        # up, the finished job would be run again once it went stale.
         finish = partial(
             self._store.finish,
             job.id,
@@ -293,7 +302,7 @@ class Worker:
             result_key=result_key,
             details=details,
         )
-        recorded = while_away(finish, self._stale_after)
+        recorded = self._patiently(finish)
         if recorded:  # the job has ended: its inputs go (when not recorded, another worker owns it now)
             drop_inputs(self._blobs, job.id)
         log.info(
@@ -321,7 +330,7 @@ class Worker:
         prompt = params.prompt
         if params.prompt_upsampling and upsample:
             prompt = self._enhancer.enhance(prompt, job.seed)
-        self._store.update_running(job.id, self.worker_id, prompt=prompt)
+        self._patiently(partial(self._store.update_running, job.id, self.worker_id, prompt=prompt))
         return EngineRequest(
             params,
             prompt=prompt,
