@@ -202,8 +202,9 @@ def first_event_after(server: ServerProcess, event: str, moment: float) -> float
 
 @pytest.fixture
 def cluster() -> Iterator[PostgresCluster]:
-    """A PostgreSQL cluster of this test's own, which it may restart and kill."""
-    own = PostgresCluster(required_binaries())
+    """A PostgreSQL cluster of this test's own, which it may restart and kill, durable as a production one
+    is (a commit acknowledged before the SIGKILL survives it)."""
+    own = PostgresCluster(required_binaries(), durable=True)
     try:
         own.start()
         yield own
