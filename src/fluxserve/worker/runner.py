@@ -90,8 +90,14 @@ class _Heartbeat:
         return time.monotonic() - self._active > self._stall_seconds
 
     def _beat(self) -> None:
-        ours, cancel = self._store.heartbeat(self._job.id, self._worker_id, self._progress)
+        """One beat. A failed one (the database away) is logged and the next tries again: it must neither
+        end the ticker nor reach the engine through :meth:`progress`, which would fail the job."""
         self._last = time.monotonic()
+        try:
+            ours, cancel = self._store.heartbeat(self._job.id, self._worker_id, self._progress)
+        except Exception:
+            log.exception("heartbeat failed", extra={"job_id": self._job.id})
+            return
         self._lost = not ours
         self._canceled = self._canceled or cancel
 
@@ -102,10 +108,7 @@ class _Heartbeat:
                     "engine made no progress; no longer vouching for the job", extra={"job_id": self._job.id}
                 )
                 return
-            try:
-                self._beat()
-            except Exception:  # a database hiccup must not kill the job; the next beat retries
-                log.exception("heartbeat failed", extra={"job_id": self._job.id})
+            self._beat()
 
     def progress(self, fraction: float) -> None:
         self._active = time.monotonic()
