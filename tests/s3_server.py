@@ -45,8 +45,9 @@ class MotoProcess:
     """moto's server in a process of its own, for fault tests: ``pause()`` (SIGSTOP) makes it an S3 that
     takes connections and never answers, ``resume()`` (SIGCONT) brings it back with its objects."""
 
-    def __init__(self, log_path: Path) -> None:
-        self.port = free_port()
+    def __init__(self, log_path: Path, port: int | None = None) -> None:
+        """``port``: that of a stopped one, to stand in for it (empty: moto keeps nothing)."""
+        self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(

@@ -354,3 +354,33 @@ def test_s3_hung_for_30_s_loses_nothing_and_readyz_says_so(make_server, moto: Mo
         f"{first_event_after(server, 'job finished', back)} s after the return; a lone job's submit to "
         f"claim afterwards {wake:.2f} s"
     )
+
+
+def test_s3_refusing_a_result_is_waited_for_not_a_failed_job(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """S3 stopped (connections refused) while a job finishes: the worker writes the result again until the
+    store is back (here a new, empty moto on the same port: only this job's result is checked)."""
+    first = MotoProcess(tmp_path / "moto.log")
+    bucket = create_bucket(first.endpoint)
+    url = storage_url(bucket, "faults", server=first.endpoint)
+    server, key = served(make_server, {**CREDENTIALS, "FLUXSERVE_STORAGE_URL": url})
+    first.stop()
+    with httpx.Client(base_url=server.base_url, headers={"TT-API-KEY": key}, timeout=CLIENT_TIMEOUT) as http:
+        job_id = http.post("/bfl/v1/flux-dev", json=BODY).json()["data"]["jobId"]
+        deadline = time.monotonic() + 120
+        while not any(job_id in e.get("key", "") for e in log_events(server)):
+            assert time.monotonic() < deadline, "the worker did not retry the result's write"
+            time.sleep(0.5)
+        ready = http.get("/readyz")
+        second = MotoProcess(tmp_path / "moto2.log", port=first.port)
+        try:
+            create_bucket(second.endpoint)
+            load = Load(server.base_url, key)
+            load.accepted.add(job_id)
+            load.follow(http, job_id)
+            stored = object_keys(bucket, "faults/results/", server=second.endpoint)
+        finally:
+            second.stop()
+    assert ready.status_code == 503 and ready.json()["failing"] == ["storage"], ready.text
+    assert load.finished[job_id] == "SUCCESS"
+    assert [k for k in stored if job_id in k], stored
+    assert_nothing_lost(load, server)

@@ -70,7 +70,9 @@ def put_patiently(
         stop=tenacity.stop_after_delay(within),
         wait=tenacity.wait_exponential(multiplier=0.5, max=5),
         retry=tenacity.retry_if_not_exception_type(ValueError),
-        before_sleep=tenacity.before_sleep_log(log, logging.WARNING),
+        before_sleep=lambda state: log.warning(
+            "storage write failed; retrying", extra={"key": key, "attempt": state.attempt_number}
+        ),
         reraise=True,
     )
     for attempt in retrying:
