@@ -195,9 +195,11 @@ def first_after(load: Load, kind: str, moment: float) -> float:
     return min(times) - moment
 
 
-def first_event_after(server: ServerProcess, event: str, moment: float) -> float | None:
-    times = [wall(e) for e in log_events(server) if e.get("event") == event and wall(e) >= moment]
-    return min(times) - moment if times else None
+def first_event(server: ServerProcess, event: str, since: float, moment: float) -> str:
+    """Seconds from ``moment`` to the first ``event`` logged after ``since`` (time.time() both), as text:
+    negative when it came before ``moment`` (a part back before the test saw it), "never" when none."""
+    times = [wall(e) for e in log_events(server) if e.get("event") == event and wall(e) >= since]
+    return f"{min(times) - moment:.2f} s" if times else "never"
 
 
 @pytest.fixture
@@ -260,8 +262,8 @@ def test_postgres_restarted_under_load_loses_nothing(
     print(
         f"\nFAULTS postgres {fault}: away {back - away:.1f} s; jobs {len(load.accepted)}; answers "
         f"{dict(statuses)}; after the return: first API submit {first_after(load, 'submit', back):.2f} s, "
-        f"first worker claim {first_event_after(server, 'job started', back)} s, wake-up listener "
-        f"reconnected {first_event_after(server, 'job wake-up listener reconnected', back)} s; "
+        f"first worker claim {first_event(server, 'job started', back, back)}, wake-up listener "
+        f"reconnected {first_event(server, 'job wake-up listener reconnected', away, back)}; "
         f"a lone job's submit to claim afterwards {wake:.2f} s"
     )
 
@@ -351,7 +353,7 @@ def test_s3_hung_for_30_s_loses_nothing_and_readyz_says_so(make_server, moto: Mo
     print(
         f"\nFAULTS s3 hung 30 s: jobs {len(load.accepted)}; readyz 200 again after {ready_again:.2f} s; "
         f"API submit {first_after(load, 'submit', back):.2f} s; worker finish "
-        f"{first_event_after(server, 'job finished', back)} s after the return; a lone job's submit to "
+        f"{first_event(server, 'job finished', back, back)} after the return; a lone job's submit to "
         f"claim afterwards {wake:.2f} s"
     )
 
