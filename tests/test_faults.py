@@ -49,6 +49,12 @@ ENV = {
 }
 
 
+def client(base_url: str, key: str | None = None) -> httpx.Client:
+    """A client whose calls count as hung past CLIENT_TIMEOUT; with ``key``, the reseller's key header."""
+    headers = {"TT-API-KEY": key} if key else {}
+    return httpx.Client(base_url=base_url, headers=headers, timeout=CLIENT_TIMEOUT)
+
+
 @dataclass
 class Answer:
     kind: str  # "submit" or "fetch"
@@ -99,8 +105,7 @@ class Load:
         return answer
 
     def _client(self, n: int) -> None:
-        headers = {"TT-API-KEY": self.key}
-        with httpx.Client(base_url=self.base_url, headers=headers, timeout=CLIENT_TIMEOUT) as http:
+        with client(self.base_url, self.key) as http:
             seed = 0
             while not self._stop.is_set():
                 seed += 1
@@ -137,9 +142,7 @@ class Load:
 
     def finish_all(self) -> None:
         """After the stop: follow every accepted job that a client had not followed to its end."""
-        with httpx.Client(
-            base_url=self.base_url, headers={"TT-API-KEY": self.key}, timeout=CLIENT_TIMEOUT
-        ) as http:
+        with client(self.base_url, self.key) as http:
             for job_id in sorted(self.accepted - set(self.finished)):
                 self.follow(http, job_id)
 
@@ -231,7 +234,7 @@ def lone_job(server: ServerProcess, key: str, load: Load) -> float:
     """Submit one job to the idle server and follow it to SUCCESS; returns the seconds from its accepted
     submit to its claim (an idle worker's wake-up)."""
     time.sleep(2.0)  # the worker has gone idle
-    with httpx.Client(base_url=server.base_url, headers={"TT-API-KEY": key}, timeout=CLIENT_TIMEOUT) as http:
+    with client(server.base_url, key) as http:
         submitted = time.time()
         job_id = http.post("/bfl/v1/flux-dev", json=BODY).json()["data"]["jobId"]
         load.accepted.add(job_id)
@@ -276,7 +279,7 @@ def test_clients_get_503_in_their_dialect_while_the_database_is_away(
     )
     cluster.halt()
     try:
-        with httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT) as http:
+        with client(server.base_url) as http:
             reseller = http.get(
                 "/flux/fetch", params={"jobId": str(uuid.uuid4())}, headers={"TT-API-KEY": key}
             )
@@ -321,7 +324,7 @@ def test_s3_hung_for_30_s_loses_nothing_and_readyz_says_so(make_server, moto: Mo
     readiness: list[tuple[float, int]] = []
     with (
         Load(server.base_url, key) as load,
-        httpx.Client(base_url=server.base_url, timeout=CLIENT_TIMEOUT) as http,
+        client(server.base_url) as http,
     ):
         load.wait_done(3)
         moto.pause()
@@ -366,7 +369,7 @@ def test_s3_refusing_a_result_is_waited_for_not_a_failed_job(make_server, tmp_pa
     url = storage_url(bucket, "faults", server=first.endpoint)
     server, key = served(make_server, {**CREDENTIALS, "FLUXSERVE_STORAGE_URL": url})
     first.stop()
-    with httpx.Client(base_url=server.base_url, headers={"TT-API-KEY": key}, timeout=CLIENT_TIMEOUT) as http:
+    with client(server.base_url, key) as http:
         job_id = http.post("/bfl/v1/flux-dev", json=BODY).json()["data"]["jobId"]
         deadline = time.monotonic() + 120
         while not any(job_id in e.get("key", "") for e in log_events(server)):
