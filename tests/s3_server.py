@@ -78,9 +78,9 @@ class MotoProcess:
         self._log.close()
 
 
-def create_bucket(server: str | None = None) -> str:
-    """A new bucket on this process's server or on the one at ``server``."""
-    name = f"fluxserve-{uuid.uuid4().hex[:12]}"
+def create_bucket(server: str | None = None, name: str | None = None) -> str:
+    """A bucket (a new name unless ``name``) on this process's server or on the one at ``server``."""
+    name = name or f"fluxserve-{uuid.uuid4().hex[:12]}"
     response = httpx.put(f"{server or endpoint()}/{name}", timeout=10)
     assert response.status_code == 200, response.text
     return name

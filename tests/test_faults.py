@@ -378,7 +378,7 @@ def test_s3_refusing_a_result_is_waited_for_not_a_failed_job(make_server, tmp_pa
         ready = http.get("/readyz")
         second = MotoProcess(tmp_path / "moto2.log", port=first.port)
         try:
-            create_bucket(second.endpoint)
+            create_bucket(second.endpoint, bucket)
             load = Load(server.base_url, key)
             load.accepted.add(job_id)
             load.follow(http, job_id)

@@ -66,13 +66,17 @@ def put_patiently(
 ) -> None:
     """``blobs.put``, tried again with backoff (0.5 s doubling to 5 s) until it succeeds or ``within``
     seconds have passed, then its last error is raised. A refused key (ValueError) is not tried again."""
+
+    def report(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        extra = {"key": key, "attempt": state.attempt_number, "error": repr(error)[:300]}
+        log.warning("storage write failed; retrying", extra=extra)
+
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(within),
         wait=tenacity.wait_exponential(multiplier=0.5, max=5),
         retry=tenacity.retry_if_not_exception_type(ValueError),
-        before_sleep=lambda state: log.warning(
-            "storage write failed; retrying", extra={"key": key, "attempt": state.attempt_number}
-        ),
+        before_sleep=report,
         reraise=True,
     )
     for attempt in retrying:
