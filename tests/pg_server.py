@@ -55,10 +55,14 @@ def required_binaries(root: Path = DEBIAN) -> Path:
 class PostgresCluster:
     """initdb + postgres on a free loopback port; ``database()`` makes a migrated database in a blink."""
 
-    def __init__(self, bin_dir: Path, host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> None:
+    def __init__(
+        self, bin_dir: Path, host: str = "127.0.0.1", prefix: Sequence[str] = (), durable: bool = False
+    ) -> None:
         """``host``: the address it listens on; ``prefix``: a command that runs it elsewhere (e.g. in a
-        network namespace of tests/netns.py)."""
+        network namespace of tests/netns.py); ``durable``: PostgreSQL's default durability, for tests that
+        crash it (without, a commit acknowledged just before a SIGKILL is lost in recovery)."""
         self._bin = bin_dir
+        self._durable = durable
         self.host = host
         self._prefix = list(prefix)
         self.root = Path(tempfile.mkdtemp(prefix="fluxserve-pg-"))
@@ -85,7 +89,7 @@ class PostgresCluster:
             with (data / "pg_hba.conf").open("a") as hba:
                 hba.write("host all all samenet trust\n")
         for _ in range(3):  # a port taken by another process between free_port() and the bind: another
-            if self._serve(data):
+            if self._serve(data, f"CREATE DATABASE {TEMPLATE}"):  # ours: another cluster would have it
                 break
             self.port = free_port()
         else:
@@ -94,21 +98,26 @@ class PostgresCluster:
         migrate(template)
         template.dispose()  # a template must have no connections while it is copied
 
-    def _serve(self, data: Path) -> bool:
-        """Run postgres on ``self.port`` until it takes connections (True) or exits (False)."""
+    def _serve(self, data: Path, probe: str) -> bool:
+        """Run postgres on ``self.port`` until it runs ``probe`` (True) or exits (False)."""
         log = (self.root / "postgres.log").open("ab")
-        # Durability off: a test cluster is thrown away, and fsync would cost most of the tests' time.
+        # Durability off unless asked for: a test cluster is thrown away, and fsync would cost most of the
+        # tests' time.
+        fast = (
+            []
+            if self._durable
+            else ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        )
         self._process = subprocess.Popen(
             [*self._prefix, *self._as_user, str(self._bin / "postgres"), "-D", str(data),
-             "-p", str(self.port), "-h", self.host, "-k", str(self.root), "-c", "fsync=off",
-             "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300",
-             "-c", "shared_buffers=32MB"],
+             "-p", str(self.port), "-h", self.host, "-k", str(self.root), *fast,
+             "-c", "max_connections=300", "-c", "shared_buffers=32MB"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 30
         while self._process.poll() is None:
             try:
-                self._admin(f"CREATE DATABASE {TEMPLATE}")  # ours: another cluster would have it already
+                self._admin(probe)
                 return True
             except Exception:
                 if time.monotonic() > deadline:
@@ -136,6 +145,39 @@ class PostgresCluster:
                 conn.execute(text(statement))
         finally:
             admin.dispose()
+
+    def restart(self, down: float = 0.0) -> float:
+        """A clean restart, as ``pg_ctl restart -m fast`` makes one: clients are disconnected, the server
+        shuts down, stays down ``down`` seconds and starts again on the same data and port. Returns when
+        (``time.monotonic()``) it took connections again."""
+        self.halt()
+        time.sleep(down)
+        return self.serve_again()
+
+    def kill_postmaster(self, down: float = 0.0) -> float:
+        """A crash: SIGKILL to the postmaster, ``down`` seconds, then a start on the same data and port,
+        which recovers from the WAL once the orphaned backends have noticed and gone. Returns when
+        (``time.monotonic()``) it took connections again."""
+        self.halt(signal.SIGKILL)
+        time.sleep(down)
+        return self.serve_again()
+
+    def halt(self, how: signal.Signals = signal.SIGINT) -> None:
+        """Stop the server (SIGINT: PostgreSQL's fast shutdown) and leave it down."""
+        assert self._process is not None
+        self._process.send_signal(how)
+        self._process.wait(timeout=30)
+
+    def serve_again(self) -> float:
+        """Start the halted server on its data and port; returns when (``time.monotonic()``) it took
+        connections."""
+        deadline = time.monotonic() + 60
+        # A new postmaster refuses the data dir while backends of a killed one still hold its memory.
+        while not self._serve(self.root / "data", "SELECT 1"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postgres did not start again: {self.log()}")
+            time.sleep(0.2)
+        return time.monotonic()
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 from moto.server import ThreadedMotoServer
+
+from tests.conftest import free_port
 
 # moto accepts any credentials; the tests' own, so that nothing asks a metadata endpoint for real ones.
 CREDENTIALS = {
@@ -35,15 +41,53 @@ def endpoint() -> str:
     return f"http://{host}:{port}"
 
 
-def create_bucket() -> str:
-    name = f"fluxserve-{uuid.uuid4().hex[:12]}"
-    response = httpx.put(f"{endpoint()}/{name}", timeout=10)
+class MotoProcess:
+    """moto's server in a process of its own, for fault tests: ``pause()`` (SIGSTOP) makes it an S3 that
+    takes connections and never answers, ``resume()`` (SIGCONT) brings it back with its objects."""
+
+    def __init__(self, log_path: Path, port: int | None = None) -> None:
+        """``port``: that of a stopped one, to stand in for it (empty: moto keeps nothing)."""
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{self.endpoint}/moto-api/", timeout=1)
+                return
+            except httpx.HTTPError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto did not start: {log_path.read_text()[-2000:]}") from None
+                time.sleep(0.1)
+
+    def pause(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.resume()  # a stopped process does not act on SIGTERM
+        self.process.terminate()
+        self.process.wait(timeout=20)
+        self._log.close()
+
+
+def create_bucket(server: str | None = None, name: str | None = None) -> str:
+    """A bucket (a new name unless ``name``) on this process's server or on the one at ``server``."""
+    name = name or f"fluxserve-{uuid.uuid4().hex[:12]}"
+    response = httpx.put(f"{server or endpoint()}/{name}", timeout=10)
     assert response.status_code == 200, response.text
     return name
 
 
-def storage_url(bucket: str, prefix: str, urls: str = "presigned") -> str:
-    return f"s3://{bucket}/{prefix}?endpoint={endpoint()}&region=us-east-1&urls={urls}"
+def storage_url(bucket: str, prefix: str, urls: str = "presigned", server: str | None = None) -> str:
+    return f"s3://{bucket}/{prefix}?endpoint={server or endpoint()}&region=us-east-1&urls={urls}"
 
 
 def object_keys(bucket: str, prefix: str = "", server: str | None = None) -> list[str]:

@@ -19,6 +19,24 @@ class Settings(BaseSettings):
         default=None, description="Where built-in models are made; default data_dir/models."
     )
     database_url: str | None = Field(default=None, description="Default: SQLite in the data dir.")
+    database_pool_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="PostgreSQL: longest wait for a free pooled connection (then the request gets a 503).",
+    )
+    database_connect_timeout_seconds: int = Field(
+        default=5,
+        ge=2,
+        description="PostgreSQL: longest wait for a new connection (libpq's connect_timeout, whole seconds, "
+        "at least 2); an unreachable server is a 503 after this, not a hang.",
+    )
+    database_statement_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="PostgreSQL: longest one statement may run (statement_timeout; 0: no limit); a statement "
+        "stuck behind a lock or a struggling server ends with a 503 instead of holding its connection. "
+        "Migrations are exempt.",
+    )
     storage_url: str | None = Field(default=None, description="Default: file:// in the data dir.")
     public_url: str | None = Field(default=None, description="Base of result URLs; default http://host:port.")
     catalog: str | None = Field(

@@ -13,7 +13,7 @@ from urllib.request import url2pathname
 
 from sqlalchemy import Engine
 
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import Timeouts, make_engine, migrate
 from fluxserve.jobs.feed import ChangeFeed, PostgresFeed, SqliteFeed
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.store_sql import SqlJobStore
@@ -33,9 +33,17 @@ def make_blob_store(url: str) -> BlobStore:
     raise ValueError(f"FLUXSERVE_STORAGE_URL: unsupported scheme {parts.scheme!r} (use file:// or s3://)")
 
 
+def _timeouts(settings: Settings) -> Timeouts:
+    return Timeouts(
+        pool=settings.database_pool_timeout_seconds,
+        connect=settings.database_connect_timeout_seconds,
+        statement=settings.database_statement_timeout_seconds,
+    )
+
+
 def open_database(settings: Settings) -> Engine:
     """The database engine, its schema brought up to date (safe from any number of processes)."""
-    database = make_engine(settings.database)
+    database = make_engine(settings.database, _timeouts(settings))
     migrate(database)
     return database
 
@@ -43,7 +51,7 @@ def open_database(settings: Settings) -> Engine:
 def open_ops_database(settings: Settings) -> Engine:
     """A second engine on the same database, for /readyz and the /metrics refresh: its own pool, so that
     they never queue behind requests for a connection (they use at most one each at a time)."""
-    return make_engine(settings.database)
+    return make_engine(settings.database, _timeouts(settings))
 
 
 def make_feed(database: Engine) -> ChangeFeed:

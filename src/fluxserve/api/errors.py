@@ -19,9 +19,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxserve.core.fields import error_messages
+from fluxserve.jobs.outage import database_away
 
 log = logging.getLogger("fluxserve.api")
 
@@ -29,6 +31,12 @@ VENDOR_PREFIX = "/v1/"
 OPENAI_PREFIX = "/v1/images/"
 # The openai SDKs retry 408, 409, 429 and 5xx unless told not to; a retried submit would be a second job.
 NO_RETRY = {"x-should-retry": "false"}
+# What a client is told while the database is away: a restart or failover takes seconds.
+RETRY_AFTER_SECONDS = 2
+DATABASE_AWAY = (
+    "Service unavailable: the database cannot be reached right now; retry in a few seconds "
+    "(a submit sent with an Idempotency-Key is safe to repeat)"
+)
 
 
 class ApiError(Exception):
@@ -136,6 +144,13 @@ def readable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return errors
 
 
+def database_unavailable(path: str, exc: BaseException) -> JSONResponse:
+    """The 503 for a request that met ``database_away``, in ``path``'s dialect (logged without a
+    traceback: an outage would write one per request)."""
+    log.warning("database unavailable", extra={"path": path, "error": str(exc)[:300]})
+    return error_response(path, 503, DATABASE_AWAY, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 def _allow(request: Request, exc: StarletteHTTPException) -> str:
     """Every method of the path: Starlette's ``Allow`` names only those of the first route that matched
     it, and fetch has a route per method. Paths with parameters are not in this lookup and keep
@@ -177,7 +192,11 @@ def install_error_handlers(app: FastAPI) -> None:
             message = str(exc.detail)
         return error_response(request.url.path, exc.status_code, message, headers)
 
+    # SQLAlchemyError from the routes, and Exception from what runs outside them: one answer.
+    @app.exception_handler(SQLAlchemyError)
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        if database_away(exc):
+            return database_unavailable(request.url.path, exc)
         log.exception("unhandled error", extra={"path": request.url.path})
         return error_response(request.url.path, 500, "Internal server error; the request was not processed")

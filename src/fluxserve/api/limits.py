@@ -25,8 +25,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fluxserve.api.auth import BAD_BEARER, NO_BEARER, bearer_token
-from fluxserve.api.errors import OPENAI_PREFIX, VENDOR_PREFIX, error_response, openai_error
+from fluxserve.api.errors import (
+    OPENAI_PREFIX,
+    VENDOR_PREFIX,
+    database_unavailable,
+    error_response,
+    openai_error,
+)
 from fluxserve.core.models import MODELS
+from fluxserve.jobs.outage import database_away
 
 NATIVE_SUBMIT = frozenset({"/flux/generate", "/flux/edits"})  # the reseller's own format
 RESELLER_SUBMIT = frozenset(f"/bfl/v1/{name}" for name in MODELS) | NATIVE_SUBMIT
@@ -80,7 +87,7 @@ class RequestGuard:
             message = f"body: {int(declared)} bytes is over this route's {_size(limit)} limit"
             await refusal(path, 413, message)(scope, receive, send)
             return
-        if submit and (problem := await self._key_problem(path, headers)) is not None:
+        if submit and (problem := await self._key_check(path, headers)) is not None:
             await problem(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -114,6 +121,16 @@ class RequestGuard:
                 await refusal(path, status, text)(scope, receive, send)
                 return
         await self.app(scope, _replay(body, receive), send)
+
+    async def _key_check(self, path: str, headers: Headers) -> JSONResponse | None:
+        """:meth:`_key_problem`, or a 503 when the database is away: out here, before the app's exception
+        handlers, an error would reset the connection after a 500."""
+        try:
+            return await self._key_problem(path, headers)
+        except Exception as error:
+            if not database_away(error):
+                raise
+            return database_unavailable(path, error)
 
     async def _key_problem(self, path: str, headers: Headers) -> JSONResponse | None:
         if path.startswith(OPENAI_PREFIX):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, create_engine, event, func, select, text
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -55,9 +56,19 @@ def database_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a PostgreSQL caller waits, so that a database that is away answers a request with a 503
+    in seconds instead of holding it (and its pool slot) for minutes. Seconds; settings.py documents them."""
+
+    pool: float = 5.0  # for a connection from a full pool
+    connect: int = 5  # for a new connection to be established (libpq's connect_timeout, whole seconds)
+    statement: float = 30.0  # for one statement (PostgreSQL's statement_timeout); 0: none
+
+
+def make_engine(url: str, timeouts: Timeouts = Timeouts()) -> Engine:
     """An engine tuned for concurrent workers: SQLite in WAL mode with a generous busy timeout; PostgreSQL
-    (psycopg 3) with a checked, recycled pool."""
+    (psycopg 3) with a checked, recycled pool and bounded waits (:class:`Timeouts`)."""
     url = database_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1].split("?", 1)[0]
@@ -85,7 +96,12 @@ def make_engine(url: str) -> Engine:
         pool_size=10,
         max_overflow=20,
         pool_recycle=1800,
-        connect_args={"application_name": "fluxserve"},
+        pool_timeout=timeouts.pool,
+        connect_args={
+            "application_name": "fluxserve",
+            "connect_timeout": timeouts.connect,
+            "options": f"-c statement_timeout={round(timeouts.statement * 1000)}",
+        },
     )
 
 
@@ -96,6 +112,8 @@ def migrate(engine: Engine) -> None:
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
+            # A migration may wait for another process's and rewrite big tables: no statement timeout.
+            connection.execute(text("SET LOCAL statement_timeout = 0"))
             connection.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

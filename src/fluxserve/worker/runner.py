@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -32,9 +32,10 @@ from fluxserve.engines.base import (
     NamedImage,
 )
 from fluxserve.errors import EngineError, JobCanceled, JobFailure, Moderated
+from fluxserve.jobs.outage import while_away
 from fluxserve.jobs.retention import drop_inputs
 from fluxserve.jobs.store import Drawn, JobStore
-from fluxserve.storage.base import BlobStore
+from fluxserve.storage.base import BlobStore, put_patiently
 from fluxserve.worker.beacon import Liveness
 from fluxserve.worker.inputs import InputLoader
 from fluxserve.worker.upsample import PromptEnhancer
@@ -43,6 +44,7 @@ log = logging.getLogger("fluxserve.worker")
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 ENGINE_STATE = "engine_state"  # the job's details key for what an engine checkpointed
+T = TypeVar("T")
 
 
 def encode_image(image: Image.Image, output_format: str) -> bytes:
@@ -88,8 +90,14 @@ class _Heartbeat:
         return time.monotonic() - self._active > self._stall_seconds
 
     def _beat(self) -> None:
-        ours, cancel = self._store.heartbeat(self._job.id, self._worker_id, self._progress)
+        """One beat. A failed one (the database away) is logged and the next tries again: it must neither
+        end the ticker nor reach the engine through :meth:`progress`, which would fail the job."""
         self._last = time.monotonic()
+        try:
+            ours, cancel = self._store.heartbeat(self._job.id, self._worker_id, self._progress)
+        except Exception:
+            log.exception("heartbeat failed", extra={"job_id": self._job.id})
+            return
         self._lost = not ours
         self._canceled = self._canceled or cancel
 
@@ -100,10 +108,7 @@ class _Heartbeat:
                     "engine made no progress; no longer vouching for the job", extra={"job_id": self._job.id}
                 )
                 return
-            try:
-                self._beat()
-            except Exception:  # a database hiccup must not kill the job; the next beat retries
-                log.exception("heartbeat failed", extra={"job_id": self._job.id})
+            self._beat()
 
     def progress(self, fraction: float) -> None:
         self._active = time.monotonic()
@@ -261,7 +266,7 @@ class Worker:
             try:
                 result_key = f"results/{job.created_at:%Y-%m-%d}/{job.id}.{job.output_format}"
                 data = encode_image(outcome.image, job.output_format)
-                self._blobs.put(result_key, data, CONTENT_TYPES[job.output_format])
+                put_patiently(self._blobs, result_key, data, CONTENT_TYPES[job.output_format])
             except Exception as exc:
                 self._finish(job, started, *_failure(job, exc))
                 continue
@@ -270,9 +275,15 @@ class Worker:
             drawn = Drawn(outcome.prompt, outcome.seed, outcome.image.width, outcome.image.height)
             self._finish(job, started, JobStatus.SUCCEEDED, None, result_key, details, drawn)
 
+    def _patiently(self, write: Callable[[], T]) -> T:
+        """A write of a running job, repeated while the database is away (a restart, a failover) for up to
+        the stale limit, while the job's heartbeat keeps it ours: given up, the job would fail for nothing,
+        or be run again once it went stale."""
+        return while_away(write, self._stale_after)
+
     def _checkpoint(self, job: Job, state: dict[str, Any]) -> None:
         job.details[ENGINE_STATE] = state
-        self._store.update_running(job.id, self.worker_id, details=job.details)
+        self._patiently(partial(self._store.update_running, job.id, self.worker_id, details=job.details))
 
     def _finish(
         self,
@@ -285,9 +296,17 @@ class Worker:
         drawn: Drawn | None = None,
     ) -> None:
         # The store refuses the write when the job was meanwhile requeued to another worker.
-        recorded = self._store.finish(
-            job.id, self.worker_id, status, error=error, result_key=result_key, details=details, drawn=drawn
+        finish = partial(
+            self._store.finish,
+            job.id,
+            self.worker_id,
+            status,
+            error=error,
+            result_key=result_key,
+            details=details,
+            drawn=drawn,
         )
+        recorded = self._patiently(finish)
         if recorded:  # the job has ended: its inputs go (when not recorded, another worker owns it now)
             drop_inputs(self._blobs, job.id)
         log.info(
@@ -316,7 +335,7 @@ class Worker:
         if params.prompt_upsampling and upsample:
             prompt = self._enhancer.enhance(prompt, job.seed)
         if prompt != job.prompt:  # an upsampled prompt shows while the job runs; finish writes the rest
-            self._store.update_running(job.id, self.worker_id, prompt=prompt)
+            self._patiently(partial(self._store.update_running, job.id, self.worker_id, prompt=prompt))
         return EngineRequest(
             params,
             prompt=prompt,
