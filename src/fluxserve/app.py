@@ -175,7 +175,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # route's key checked before its body is read, and a submit body's JSON size bounded before parsing.
     app.add_middleware(
         RequestGuard,
-        authenticate=runtime.services.keys.authenticate,
+        keys=runtime.services.keys,
         submit_max_bytes=max_body_size(settings),
         other_max_bytes=settings.http_small_body_bytes,
         max_separators=settings.http_max_json_separators,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -12,11 +15,13 @@ from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fluxserve.db import ledger
-from fluxserve.db.connection import utcnow
+from fluxserve.db.connection import reconnecting, utcnow
 from fluxserve.db.tables import api_keys
 from fluxserve.webhooks.signing import new_secret
 
 KEY_PREFIX = "fs_"
+CACHE_MAX_AGE = 1.0  # seconds a verified key is trusted without the database (revocation takes this long)
+CACHE_MAX_KEYS = 10_000
 
 
 def hash_key(raw: str) -> str:
@@ -48,9 +53,55 @@ def _record(row) -> ApiKey:  # type: ignore[no-untyped-def]
     return ApiKey(row.id, row.name, row.key_prefix, row.webhook_secret, credits, row.active)
 
 
+class KeyCache:
+    """Verified live keys by hash, each trusted for at most ``max_age`` seconds, at most ``max_size`` of them
+    (the least recently verified go first).
+
+    A request then costs a hash and a dict lookup instead of a query. Only live keys are kept (an unknown
+    key is asked of the database each time, so it cannot push good ones out). The change feed calls
+    :meth:`invalidate` when a key changes; until then the max age bounds how long another replica's
+    revocation or credit change goes unseen. Thread-safe: routes run in the thread pool."""
+
+    def __init__(self, max_age: float = CACHE_MAX_AGE, max_size: int = CACHE_MAX_KEYS) -> None:
+        self._max_age = max_age
+        self._max_size = max_size
+        self._entries: OrderedDict[str, tuple[float, ApiKey]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> ApiKey | None:
+        """The key verified under this hash within the max age, else None."""
+        with self._lock:
+            entry = self._entries.get(key_hash)
+            if entry is None:
+                return None
+            if time.monotonic() - entry[0] > self._max_age:
+                del self._entries[key_hash]
+                return None
+            return entry[1]
+
+    def put(self, key_hash: str, key: ApiKey) -> None:
+        with self._lock:
+            self._entries[key_hash] = (time.monotonic(), key)
+            self._entries.move_to_end(key_hash)
+            while len(self._entries) > self._max_size:
+                self._entries.popitem(last=False)
+
+    def invalidate(self, key_id: str) -> None:
+        """Forget the key with this id (revoked, or its balance changed)."""
+        with self._lock:
+            for key_hash in [each for each, (_, key) in self._entries.items() if key.id == key_id]:
+                del self._entries[key_hash]
+
+    def invalidate_all(self) -> None:
+        """Forget every key (the change feed lost its connection: what changed meanwhile is unknown)."""
+        with self._lock:
+            self._entries.clear()
+
+
 class KeyStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, cache: KeyCache | None = None) -> None:
         self._engine = engine
+        self.cache = cache or KeyCache()
 
     @property
     def engine(self) -> Engine:
@@ -83,11 +134,26 @@ class KeyStore:
             ) from error
         return NewKey(raw, self.get(values["id"]))  # type: ignore[arg-type]
 
+    def cached(self, raw: str) -> ApiKey | None:
+        """The live key for ``raw`` if the cache verified it within its max age (no database), else None."""
+        return self.cache.get(hash_key(raw.strip()))
+
     def authenticate(self, raw: str | None) -> ApiKey | None:
+        """The live key for ``raw``: from the cache, else from the database (and then cached)."""
         if not raw:
             return None
+        key_hash = hash_key(raw.strip())
+        key = self.cache.get(key_hash)
+        if key is None:
+            key = self._lookup(key_hash)
+            if key is not None:
+                self.cache.put(key_hash, key)
+        return key
+
+    @reconnecting
+    def _lookup(self, key_hash: str) -> ApiKey | None:
         with self._engine.connect() as conn:
-            row = conn.execute(select(api_keys).where(api_keys.c.key_hash == hash_key(raw.strip()))).first()
+            row = conn.execute(select(api_keys).where(api_keys.c.key_hash == key_hash)).first()
         return _record(row) if row is not None and row.active else None
 
     def get(self, key_id: str) -> ApiKey | None:
@@ -129,6 +195,7 @@ class KeyStore:
         self._finite_and_live(key, "add credits to")
         with self._engine.begin() as conn:
             ledger.add(conn, key.id, credits)
+        self.cache.invalidate(key.id)
         return self.get(key.id)  # type: ignore[return-value]
 
     def take_credits(self, key: ApiKey, credits: Decimal) -> ApiKey:
@@ -140,6 +207,7 @@ class KeyStore:
                 raise KeyProblem(
                     f"{key.name} has {balance.credits if balance else 0} credits: cannot take {credits}"
                 )
+        self.cache.invalidate(key.id)
         return self.get(key.id)  # type: ignore[return-value]
 
     def set_credits(self, key: ApiKey, credits: Decimal | None) -> ApiKey:
@@ -148,6 +216,7 @@ class KeyStore:
             raise KeyProblem(f"{key.name} is revoked: its balance cannot be set")
         with self._engine.begin() as conn:
             ledger.set_balance(conn, key.id, credits)
+        self.cache.invalidate(key.id)
         return self.get(key.id)  # type: ignore[return-value]
 
     @staticmethod
@@ -163,3 +232,4 @@ class KeyStore:
     def revoke(self, key_id: str) -> None:
         with self._engine.begin() as conn:
             conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(active=False))
+        self.cache.invalidate(key_id)

@@ -30,5 +30,6 @@ class Services:
         return self.blobs.direct_url(key, self.signer.ttl_seconds) or self.base_url + self.signer.sign(key)
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """Async, so that FastAPI calls it on the event loop rather than in a thread of its pool."""
     return cast(Services, request.app.state.services)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, update
 
 from fluxserve.db.tables import api_keys
 
@@ -36,12 +36,6 @@ def hold(conn: Connection, key_id: str, amount: Decimal) -> bool:
         .values(credits_hundredths=_BALANCE - cost)
     )
     return held.rowcount == 1
-
-
-def covers(conn: Connection, key_id: str, amount: Decimal) -> bool:
-    """Whether the key's balance covers ``amount`` now (a check before work; ``hold`` decides)."""
-    balance = conn.execute(select(_BALANCE).where(api_keys.c.id == key_id)).first()
-    return balance is not None and (balance[0] is None or balance[0] >= to_hundredths(amount))
 
 
 def settle(conn: Connection, key_id: str, held: Decimal, charged: bool) -> None:

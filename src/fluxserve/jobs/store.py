@@ -14,6 +14,7 @@ from fluxserve.core.pricing import Quote
 from fluxserve.errors import RequestRefused
 
 IDEMPOTENCY_TTL = timedelta(hours=24)  # a repeat after this makes a new job; the old entry is replaced
+QUEUE_POSITION_CAP = 1000  # a queue position is counted this far; beyond, it reads "this many or more"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
@@ -70,9 +71,9 @@ class JobStore(Protocol):
     def get(self, job_id: str, key_id: str | None = None) -> Job | None: ...
 
     def queue_position(self, job_id: str) -> int | None:
-        """How many queued jobs were created before this one (0: it is next in line), or None when the
-        job is not queued. It counts by creation (cheap, and falls as jobs ahead leave); the claim order
-        also takes turns across keys, so another key's jobs may be claimed before or after it."""
+        """How many queued jobs the claim order puts before this one (0: it is next in line), or None when
+        the job is not queued. Counted up to ``QUEUE_POSITION_CAP``, which therefore means "that many or
+        more" (a fetch never counts a long queue)."""
         ...
 
     def claim(self, worker_id: str) -> Job | None:

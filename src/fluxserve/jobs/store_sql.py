@@ -8,17 +8,17 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, RowMapping, func, insert, select, update
+from sqlalchemy import Connection, Engine, RowMapping, and_, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fluxserve.core.job import ACTIVE_STATUSES, Job, JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.pricing import Quote
 from fluxserve.db import ledger, outbox
-from fluxserve.db.connection import as_utc, utcnow
-from fluxserve.db.tables import idempotency_keys, jobs
+from fluxserve.db.connection import as_utc, reconnecting, utcnow
+from fluxserve.db.tables import api_keys, idempotency_keys, jobs
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
-from fluxserve.jobs.store import IDEMPOTENCY_TTL, Idempotency, IdempotencyConflict
+from fluxserve.jobs.store import IDEMPOTENCY_TTL, QUEUE_POSITION_CAP, Idempotency, IdempotencyConflict
 from fluxserve.jobs.wakeup import Polling, Wakeups
 
 _ACTIVE = [status.value for status in ACTIVE_STATUSES]
@@ -79,35 +79,47 @@ def _expired(created_at: datetime) -> bool:
     return stamp is None or stamp < utcnow() - IDEMPOTENCY_TTL
 
 
-def _over_limits(
-    conn: Connection, key_id: str, model: str, max_active: int, max_active_model: int | None
-) -> bool:
-    """Whether the key already has its limit of active jobs, in all or (with its own limit) of ``model``."""
-    active = select(func.count()).select_from(jobs).where(jobs.c.key_id == key_id, jobs.c.status.in_(_ACTIVE))
-    if conn.execute(active).scalar_one() >= max_active:
-        return True
-    same_model = active.where(jobs.c.model == model)
-    return max_active_model is not None and conn.execute(same_model).scalar_one() >= max_active_model
+def _active_count(key_id: str, *conditions: Any) -> Any:
+    mine = (jobs.c.key_id == key_id, jobs.c.status.in_(_ACTIVE), *conditions)
+    return select(func.count()).select_from(jobs).where(*mine).scalar_subquery()
 
 
-def _turn(conn: Connection, key_id: str) -> int:
+def _over(counts: Any, max_active: int, max_active_model: int | None) -> bool:
+    """Whether the key already has its limit of active jobs, in all or (with its own limit) of its model."""
+    return bool(
+        counts.active >= max_active or (max_active_model is not None and counts.of_model >= max_active_model)
+    )
+
+
+def _probe(conn: Connection, key_id: str, model: str) -> Any:
+    """The key's active jobs (all, and of ``model``) and the three turns :func:`_turn` needs, in one round
+    trip of five index probes: the limits and the queue's clock read together."""
+    queued, running = (jobs.c.status == status.value for status in (JobStatus.QUEUED, JobStatus.RUNNING))
+    active = (jobs.c.key_id == key_id, jobs.c.status.in_(_ACTIVE))
+    return conn.execute(
+        select(
+            _active_count(key_id).label("active"),
+            _active_count(key_id, jobs.c.model == model).label("of_model"),
+            select(func.min(jobs.c.turn)).where(queued).scalar_subquery().label("lowest_queued"),
+            select(func.max(jobs.c.turn)).where(running).scalar_subquery().label("highest_running"),
+            select(func.max(jobs.c.turn)).where(*active).scalar_subquery().label("last"),
+        )
+    ).one()
+
+
+def _turn(probe: Any) -> int:
     """A new job's place in the fair order: start-time fair queueing, one unit per job.
 
     The queue's clock is the lowest turn waiting (with nothing waiting, the highest turn running). A key's
     job comes one turn after the key's previous active job, and never before the clock. So the keys with
     jobs waiting take one turn each in rotation (a key that queued 100 jobs does not hold back one that
     queues 5 after it), a key's own jobs stay oldest first, and a key that was idle starts at the clock
-    rather than ahead of everyone. Three index probes. The caller holds the key's row (``ledger.hold``),
-    so that two submits of one key cannot take the same turn."""
-    clock = conn.execute(
-        select(func.min(jobs.c.turn)).where(jobs.c.status == JobStatus.QUEUED.value)
-    ).scalar()
+    rather than ahead of everyone. ``probe`` is :func:`_probe`'s row, read while the caller holds the key's
+    row (``ledger.hold``), so that two submits of one key cannot take the same turn."""
+    clock = probe.lowest_queued
     if clock is None:
-        running = select(func.max(jobs.c.turn)).where(jobs.c.status == JobStatus.RUNNING.value)
-        clock = conn.execute(running).scalar() or 0
-    mine = select(func.max(jobs.c.turn)).where(jobs.c.key_id == key_id, jobs.c.status.in_(_ACTIVE))
-    last = conn.execute(mine).scalar()
-    return int(clock if last is None else max(last + 1, clock))
+        clock = probe.highest_running or 0
+    return int(clock if probe.last is None else max(probe.last + 1, clock))
 
 
 class SqlJobStore:
@@ -139,15 +151,27 @@ class SqlJobStore:
                 raise
             return existing
 
+    @reconnecting
     def admit(
         self, key_id: str, model: str, cost: Decimal, max_active: int, max_active_model: int | None = None
     ) -> None:
+        cost_hundredths = ledger.to_hundredths(cost)
+        balance = api_keys.c.credits_hundredths
+        covers = balance.is_(None) | (balance >= cost_hundredths)
         with self._engine.connect() as conn:
-            if not ledger.covers(conn, key_id, cost):
-                raise QuotaExceeded()
-            if _over_limits(conn, key_id, model, max_active, max_active_model):
-                raise TooManyActiveJobs()
+            row = conn.execute(
+                select(
+                    select(covers).where(api_keys.c.id == key_id).scalar_subquery().label("covers"),
+                    _active_count(key_id).label("active"),
+                    _active_count(key_id, jobs.c.model == model).label("of_model"),
+                )
+            ).one()
+        if not row.covers:
+            raise QuotaExceeded()
+        if _over(row, max_active, max_active_model):
+            raise TooManyActiveJobs()
 
+    @reconnecting
     def _submit(
         self, job: Job, max_active: int, max_active_model: int | None, idempotency: Idempotency | None
     ) -> Job:
@@ -160,17 +184,19 @@ class SqlJobStore:
                 existing = self._replay(conn, job.key_id, idempotency)
                 if existing is not None:
                     raise _Replayed(existing)  # rolls the hold back
-            if _over_limits(conn, job.key_id, job.model, max_active, max_active_model):
+            probe = _probe(conn, job.key_id, job.model)
+            if _over(probe, max_active, max_active_model):
                 conn.rollback()
                 raise TooManyActiveJobs()
             job.created_at = utcnow()
-            conn.execute(insert(jobs).values({**self._values(job), "turn": _turn(conn, job.key_id)}))
+            conn.execute(insert(jobs).values({**self._values(job), "turn": _turn(probe)}))
             if job.status is JobStatus.QUEUED:
                 self._wakeups.announce(conn)
             if idempotency is not None:
                 self._remember(conn, job, idempotency)
         return job
 
+    @reconnecting
     def replay(self, key_id: str, idempotency: Idempotency) -> Job | None:
         with self._engine.connect() as conn:
             return self._replay(conn, key_id, idempotency)
@@ -235,6 +261,7 @@ class SqlJobStore:
             "created_at": job.created_at,
         }
 
+    @reconnecting
     def get(self, job_id: str, key_id: str | None = None) -> Job | None:
         query = select(jobs).where(jobs.c.id == job_id)
         if key_id is not None:
@@ -243,14 +270,30 @@ class SqlJobStore:
             row = conn.execute(query).mappings().first()
         return _job(row) if row is not None else None
 
+    @reconnecting
     def queue_position(self, job_id: str) -> int | None:
-        queued = jobs.c.status == JobStatus.QUEUED.value
+        """One statement: whether the job is queued, and the queued jobs ahead of it in the claim's order
+        (lower turn, or the same turn and older), counted on the queue index up to the cap."""
+        me = jobs.alias("me")
+        other = jobs.alias("other")
+        mine = (me.c.id == job_id, me.c.status == JobStatus.QUEUED.value)
+        same_turn_older = (other.c.turn == me.c.turn) & (other.c.created_at < me.c.created_at)
+        before = (other.c.turn < me.c.turn) | same_turn_older
+        ahead = (
+            select(other.c.id)
+            .join(me, and_(*mine))
+            .where(other.c.status == JobStatus.QUEUED.value, before)
+            .limit(QUEUE_POSITION_CAP)
+            .subquery()
+        )
         with self._engine.connect() as conn:
-            created = conn.execute(select(jobs.c.created_at).where(jobs.c.id == job_id, queued)).scalar()
-            if created is None:
-                return None
-            ahead = select(func.count()).select_from(jobs).where(queued, jobs.c.created_at < created)
-            return int(conn.execute(ahead).scalar_one())
+            row = conn.execute(
+                select(
+                    select(func.count()).select_from(ahead).scalar_subquery().label("ahead"),
+                    exists().where(*mine).label("queued"),
+                )
+            ).one()
+        return int(row.ahead) if row.queued else None
 
     def claim(self, worker_id: str) -> Job | None:
         claimed = self._claim(worker_id, 1)
