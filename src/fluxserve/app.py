@@ -22,7 +22,7 @@ from fluxserve.accounts.keys import KeyStore
 from fluxserve.api import events, files, openai_images, ops, reseller, reseller_native, vendor
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
-from fluxserve.api.limits import RequestGuard
+from fluxserve.api.limits import AccessLog, RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
 from fluxserve.core.models import Dialect
@@ -180,6 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         other_max_bytes=settings.http_small_body_bytes,
         max_separators=settings.http_max_json_separators,
     )
+    app.add_middleware(AccessLog)  # outermost: every request's line, refusals included
     # Route-level, so that a too-large body is an HTTPException our handlers render (413).
     app.include_router(reseller.router, max_body_size=max_body_size(settings))
     app.include_router(reseller_native.router, max_body_size=max_body_size(settings))

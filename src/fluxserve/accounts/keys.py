@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -62,9 +63,15 @@ class KeyCache:
     :meth:`invalidate` when a key changes; until then the max age bounds how long another replica's
     revocation or credit change goes unseen. Thread-safe: routes run in the thread pool."""
 
-    def __init__(self, max_age: float = CACHE_MAX_AGE, max_size: int = CACHE_MAX_KEYS) -> None:
+    def __init__(
+        self,
+        max_age: float = CACHE_MAX_AGE,
+        max_size: int = CACHE_MAX_KEYS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._max_age = max_age
         self._max_size = max_size
+        self._clock = clock
         self._entries: OrderedDict[str, tuple[float, ApiKey]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -74,14 +81,14 @@ class KeyCache:
             entry = self._entries.get(key_hash)
             if entry is None:
                 return None
-            if time.monotonic() - entry[0] > self._max_age:
+            if self._clock() - entry[0] > self._max_age:
                 del self._entries[key_hash]
                 return None
             return entry[1]
 
     def put(self, key_hash: str, key: ApiKey) -> None:
         with self._lock:
-            self._entries[key_hash] = (time.monotonic(), key)
+            self._entries[key_hash] = (self._clock(), key)
             self._entries.move_to_end(key_hash)
             while len(self._entries) > self._max_size:
                 self._entries.popitem(last=False)

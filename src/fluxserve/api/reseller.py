@@ -26,7 +26,7 @@ from fluxserve.core.notes import public_details
 from fluxserve.core.pricing import format_credits
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.retention import drop_inputs
-from fluxserve.jobs.store import IdempotencyConflict
+from fluxserve.jobs.store import QUEUE_POSITION_CAP, IdempotencyConflict
 
 router = APIRouter(tags=["reseller"])
 
@@ -71,8 +71,10 @@ def render_job(job: Job, services: Services) -> dict[str, Any]:
     }
     if not job.status.is_terminal:
         data["progress"] = job.progress
-    if job.status is JobStatus.QUEUED:  # an added field: queued jobs created before this one
-        data["queuePosition"] = services.jobs.queue_position(job.id)
+    if job.status is JobStatus.QUEUED:  # added fields: queued jobs the claim order puts before this one
+        data["queuePosition"] = position = services.jobs.queue_position(job.id)
+        if position is not None and position >= QUEUE_POSITION_CAP:
+            data["queuePositionAtLeast"] = True  # counted no further
     body = {"status": STATUS[job.status], "message": message, "jobId": job.id, "data": data}
     notes = public_details(job.details)
     if notes:  # an added field, as in the vendor's get_result: what the engine tells the user (a note)

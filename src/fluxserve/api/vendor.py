@@ -37,7 +37,7 @@ from fluxserve.core.models import Dialect, ModelSpec
 from fluxserve.core.notes import public_details
 from fluxserve.core.pricing import format_credits
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
-from fluxserve.jobs.store import IDEMPOTENCY_HEADER, IdempotencyConflict
+from fluxserve.jobs.store import IDEMPOTENCY_HEADER, QUEUE_POSITION_CAP, IdempotencyConflict
 
 # /v1/credits for a key without a limit: the vendor's schema requires a number, and JSON has no
 # infinity; a balance no job can exhaust keeps clients' "enough credits?" checks passing.
@@ -217,9 +217,10 @@ def render_result(job: Job | None, job_id: str, services: Services) -> ResultRes
     status = job.status
     if status is JobStatus.QUEUED:  # details is free-form in the vendor's schema: an added field
         position = services.jobs.queue_position(job.id)
-        return ResultResponse(
-            id=job.id, status="Pending", progress=job.progress, details={"queue_position": position}
-        )
+        details: dict[str, Any] = {"queue_position": position}
+        if position is not None and position >= QUEUE_POSITION_CAP:
+            details["queue_position_at_least"] = True  # counted no further
+        return ResultResponse(id=job.id, status="Pending", progress=job.progress, details=details)
     if not status.is_terminal:
         return ResultResponse(id=job.id, status="Pending", progress=job.progress)
     if status is JobStatus.SUCCEEDED:
