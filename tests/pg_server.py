@@ -55,10 +55,14 @@ def required_binaries(root: Path = DEBIAN) -> Path:
 class PostgresCluster:
     """initdb + postgres on a free loopback port; ``database()`` makes a migrated database in a blink."""
 
-    def __init__(self, bin_dir: Path, host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> None:
+    def __init__(
+        self, bin_dir: Path, host: str = "127.0.0.1", prefix: Sequence[str] = (), durable: bool = False
+    ) -> None:
         """``host``: the address it listens on; ``prefix``: a command that runs it elsewhere (e.g. in a
-        network namespace of tests/netns.py)."""
+        network namespace of tests/netns.py); ``durable``: PostgreSQL's default durability (benchmarks)
+        instead of fsync and synchronous commit off."""
         self._bin = bin_dir
+        self._durable = durable
         self.host = host
         self._prefix = list(prefix)
         self.root = Path(tempfile.mkdtemp(prefix="fluxserve-pg-"))
@@ -98,11 +102,11 @@ class PostgresCluster:
         """Run postgres on ``self.port`` until it takes connections (True) or exits (False)."""
         log = (self.root / "postgres.log").open("ab")
         # Durability off: a test cluster is thrown away, and fsync would cost most of the tests' time.
+        fast = ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         self._process = subprocess.Popen(
             [*self._prefix, *self._as_user, str(self._bin / "postgres"), "-D", str(data),
-             "-p", str(self.port), "-h", self.host, "-k", str(self.root), "-c", "fsync=off",
-             "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300",
-             "-c", "shared_buffers=32MB"],
+             "-p", str(self.port), "-h", self.host, "-k", str(self.root), *([] if self._durable else fast),
+             "-c", "max_connections=300", "-c", "shared_buffers=32MB"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 30
