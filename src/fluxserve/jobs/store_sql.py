@@ -8,7 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, RowMapping, and_, exists, func, insert, select, update
+from sqlalchemy import Connection, Engine, RowMapping, and_, bindparam, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fluxserve.core.job import ACTIVE_STATUSES, Job, JobStatus
@@ -79,11 +79,6 @@ def _expired(created_at: datetime) -> bool:
     return stamp is None or stamp < utcnow() - IDEMPOTENCY_TTL
 
 
-def _active_count(key_id: str, *conditions: Any) -> Any:
-    mine = (jobs.c.key_id == key_id, jobs.c.status.in_(_ACTIVE), *conditions)
-    return select(func.count()).select_from(jobs).where(*mine).scalar_subquery()
-
-
 def _over(counts: Any, max_active: int, max_active_model: int | None) -> bool:
     """Whether the key already has its limit of active jobs, in all or (with its own limit) of its model."""
     return bool(
@@ -91,20 +86,63 @@ def _over(counts: Any, max_active: int, max_active_model: int | None) -> bool:
     )
 
 
-def _probe(conn: Connection, key_id: str, model: str) -> Any:
-    """The key's active jobs (all, and of ``model``) and the three turns :func:`_turn` needs, in one round
-    trip of five index probes: the limits and the queue's clock read together."""
-    queued, running = (jobs.c.status == status.value for status in (JobStatus.QUEUED, JobStatus.RUNNING))
-    active = (jobs.c.key_id == key_id, jobs.c.status.in_(_ACTIVE))
-    return conn.execute(
-        select(
-            _active_count(key_id).label("active"),
-            _active_count(key_id, jobs.c.model == model).label("of_model"),
-            select(func.min(jobs.c.turn)).where(queued).scalar_subquery().label("lowest_queued"),
-            select(func.max(jobs.c.turn)).where(running).scalar_subquery().label("highest_running"),
-            select(func.max(jobs.c.turn)).where(*active).scalar_subquery().label("last"),
-        )
-    ).one()
+# The request path's statements, built once with bind parameters: building one per call (its subqueries
+# and aliases) costs more CPU than the database takes to run it.
+_KEY, _MODEL, _JOB, _COST = (bindparam(name) for name in ("key_id", "model", "job_id", "cost"))
+
+
+def _count(*conditions: Any) -> Any:
+    return select(func.count()).select_from(jobs).where(*conditions).scalar_subquery()
+
+
+def _turns(aggregate: Any, *conditions: Any) -> Any:
+    return select(aggregate(jobs.c.turn)).where(*conditions).scalar_subquery()
+
+
+_QUEUED = jobs.c.status == JobStatus.QUEUED.value
+_MINE_ACTIVE = (jobs.c.key_id == _KEY, jobs.c.status.in_(_ACTIVE))
+_ACTIVE_COUNTS = (
+    _count(*_MINE_ACTIVE).label("active"),
+    _count(*_MINE_ACTIVE, jobs.c.model == _MODEL).label("of_model"),
+)
+# The key's active jobs (all, and of the model) and the three turns :func:`_turn` needs, in one round trip
+# of five index probes: the limits and the queue's clock read together.
+_PROBE = select(
+    *_ACTIVE_COUNTS,
+    _turns(func.min, _QUEUED).label("lowest_queued"),
+    _turns(func.max, jobs.c.status == JobStatus.RUNNING.value).label("highest_running"),
+    _turns(func.max, *_MINE_ACTIVE).label("last"),
+)
+_BALANCE = api_keys.c.credits_hundredths
+_ADMIT = select(
+    select(_BALANCE.is_(None) | (_BALANCE >= _COST))
+    .where(api_keys.c.id == _KEY)
+    .scalar_subquery()
+    .label("covers"),
+    *_ACTIVE_COUNTS,
+)
+# A queued job's place in the claim order: the queued jobs with a lower turn, or the same turn and older,
+# counted on the queue index up to the cap; and whether the job is queued at all.
+_ME, _OTHER = jobs.alias("me"), jobs.alias("other")
+_ME_QUEUED = and_(_ME.c.id == _JOB, _ME.c.status == JobStatus.QUEUED.value)
+_AHEAD = (
+    select(_OTHER.c.id)
+    .join(_ME, _ME_QUEUED)
+    .where(
+        _OTHER.c.status == JobStatus.QUEUED.value,
+        (_OTHER.c.turn < _ME.c.turn)
+        | ((_OTHER.c.turn == _ME.c.turn) & (_OTHER.c.created_at < _ME.c.created_at)),
+    )
+    .limit(QUEUE_POSITION_CAP)
+    .subquery()
+)
+_INSERT_JOB = insert(jobs)
+_JOB_ROW = select(jobs).where(jobs.c.id == _JOB)
+_KEYS_JOB_ROW = _JOB_ROW.where(jobs.c.key_id == _KEY)
+_POSITION = select(
+    select(func.count()).select_from(_AHEAD).scalar_subquery().label("ahead"),
+    exists().where(_ME_QUEUED).label("queued"),
+)
 
 
 def _turn(probe: Any) -> int:
@@ -114,7 +152,7 @@ def _turn(probe: Any) -> int:
     job comes one turn after the key's previous active job, and never before the clock. So the keys with
     jobs waiting take one turn each in rotation (a key that queued 100 jobs does not hold back one that
     queues 5 after it), a key's own jobs stay oldest first, and a key that was idle starts at the clock
-    rather than ahead of everyone. ``probe`` is :func:`_probe`'s row, read while the caller holds the key's
+    rather than ahead of everyone. ``probe`` is a row of ``_PROBE``, read while the caller holds the key's
     row (``ledger.hold``), so that two submits of one key cannot take the same turn."""
     clock = probe.lowest_queued
     if clock is None:
@@ -155,17 +193,9 @@ class SqlJobStore:
     def admit(
         self, key_id: str, model: str, cost: Decimal, max_active: int, max_active_model: int | None = None
     ) -> None:
-        cost_hundredths = ledger.to_hundredths(cost)
-        balance = api_keys.c.credits_hundredths
-        covers = balance.is_(None) | (balance >= cost_hundredths)
+        values = {"key_id": key_id, "model": model, "cost": ledger.to_hundredths(cost)}
         with self._engine.connect() as conn:
-            row = conn.execute(
-                select(
-                    select(covers).where(api_keys.c.id == key_id).scalar_subquery().label("covers"),
-                    _active_count(key_id).label("active"),
-                    _active_count(key_id, jobs.c.model == model).label("of_model"),
-                )
-            ).one()
+            row = conn.execute(_ADMIT, values).one()
         if not row.covers:
             raise QuotaExceeded()
         if _over(row, max_active, max_active_model):
@@ -184,12 +214,12 @@ class SqlJobStore:
                 existing = self._replay(conn, job.key_id, idempotency)
                 if existing is not None:
                     raise _Replayed(existing)  # rolls the hold back
-            probe = _probe(conn, job.key_id, job.model)
+            probe = conn.execute(_PROBE, {"key_id": job.key_id, "model": job.model}).one()
             if _over(probe, max_active, max_active_model):
                 conn.rollback()
                 raise TooManyActiveJobs()
             job.created_at = utcnow()
-            conn.execute(insert(jobs).values({**self._values(job), "turn": _turn(probe)}))
+            conn.execute(_INSERT_JOB, {**self._values(job), "turn": _turn(probe)})
             if job.status is JobStatus.QUEUED:
                 self._wakeups.announce(conn)
             if idempotency is not None:
@@ -263,36 +293,20 @@ class SqlJobStore:
 
     @reconnecting
     def get(self, job_id: str, key_id: str | None = None) -> Job | None:
-        query = select(jobs).where(jobs.c.id == job_id)
-        if key_id is not None:
-            query = query.where(jobs.c.key_id == key_id)
+        query, values = (
+            (_JOB_ROW, {"job_id": job_id})
+            if key_id is None
+            else (_KEYS_JOB_ROW, {"job_id": job_id, "key_id": key_id})
+        )
         with self._engine.connect() as conn:
-            row = conn.execute(query).mappings().first()
+            row = conn.execute(query, values).mappings().first()
         return _job(row) if row is not None else None
 
     @reconnecting
     def queue_position(self, job_id: str) -> int | None:
-        """One statement: whether the job is queued, and the queued jobs ahead of it in the claim's order
-        (lower turn, or the same turn and older), counted on the queue index up to the cap."""
-        me = jobs.alias("me")
-        other = jobs.alias("other")
-        mine = (me.c.id == job_id, me.c.status == JobStatus.QUEUED.value)
-        same_turn_older = (other.c.turn == me.c.turn) & (other.c.created_at < me.c.created_at)
-        before = (other.c.turn < me.c.turn) | same_turn_older
-        ahead = (
-            select(other.c.id)
-            .join(me, and_(*mine))
-            .where(other.c.status == JobStatus.QUEUED.value, before)
-            .limit(QUEUE_POSITION_CAP)
-            .subquery()
-        )
+        """One statement (``_POSITION``): the jobs ahead in the claim order, if the job is queued."""
         with self._engine.connect() as conn:
-            row = conn.execute(
-                select(
-                    select(func.count()).select_from(ahead).scalar_subquery().label("ahead"),
-                    exists().where(*mine).label("queued"),
-                )
-            ).one()
+            row = conn.execute(_POSITION, {"job_id": job_id}).one()
         return int(row.ahead) if row.queued else None
 
     def claim(self, worker_id: str) -> Job | None:
