@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, RowMapping, and_, bindparam, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import BindParameter
 
 from fluxserve.core.job import ACTIVE_STATUSES, Job, JobStatus
 from fluxserve.core.models import Dialect
@@ -88,7 +89,10 @@ def _over(counts: Any, max_active: int, max_active_model: int | None) -> bool:
 
 # The request path's statements, built once with bind parameters: building one per call (its subqueries
 # and aliases) costs more CPU than the database takes to run it.
-_KEY, _MODEL, _JOB, _COST = (bindparam(name) for name in ("key_id", "model", "job_id", "cost"))
+_KEY: BindParameter[str] = bindparam("key_id")
+_MODEL: BindParameter[str] = bindparam("model")
+_JOB: BindParameter[str] = bindparam("job_id")
+_COST: BindParameter[int] = bindparam("cost")
 
 
 def _count(*conditions: Any) -> Any:
