@@ -159,7 +159,7 @@ class KeyStore:
 
     @reconnecting
     def _lookup(self, key_hash: str) -> ApiKey | None:
-        with self._engine.connect() as conn:
+        with self._engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:  # no BEGIN
             row = conn.execute(select(api_keys).where(api_keys.c.key_hash == key_hash)).first()
         return _record(row) if row is not None and row.active else None
 
