@@ -108,6 +108,7 @@ class KeyCache:
 class KeyStore:
     def __init__(self, engine: Engine, cache: KeyCache | None = None) -> None:
         self._engine = engine
+        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")  # no BEGIN/ROLLBACK a lookup
         self.cache = cache or KeyCache()
 
     @property
@@ -159,7 +160,7 @@ class KeyStore:
 
     @reconnecting
     def _lookup(self, key_hash: str) -> ApiKey | None:
-        with self._engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:  # no BEGIN
+        with self._reads.connect() as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.key_hash == key_hash)).first()
         return _record(row) if row is not None and row.active else None
 
