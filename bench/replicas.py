@@ -1,14 +1,18 @@
-"""Requests per second of one and of two API replicas on PostgreSQL, against a bare FastAPI app, in one run.
+"""Requests per second of one and of two API replicas, against a bare FastAPI app, in one run.
 
-    python -m bench.replicas [--connections 16] [--duration 10] [--warmup 2] [--rounds 3] [--keys 16]
+    python -m bench.replicas [--database sqlite|postgresql] [--replicas 1|2] [--connections 16]
+                             [--duration 10] [--warmup 2] [--rounds 3] [--keys 16]
 
-Needs Debian's ``wrk`` (``apt-get install wrk``) and PostgreSQL binaries (as tests/pg_server.py). Three
-servers run on loopback at once, each a ``fluxserve serve --no-workers`` process (no worker, no torch):
+Needs Debian's ``wrk`` (``apt-get install wrk``), and for ``--database postgresql`` PostgreSQL binaries (as
+tests/pg_server.py). The servers run on loopback at once:
 
-- bare: the same ``serve`` command, socket, uvicorn settings, h11 protocol and access log, with the app it
-  would build replaced by a FastAPI app of two trivial sync routes on the same paths (the ceiling);
-- replicas A and B: fluxserve on one throwaway PostgreSQL cluster (tests/pg_server.PostgresCluster), one
-  data directory, keys with unlimited credits, FLUXSERVE_MAX_ACTIVE_JOBS raised so no 429s.
+- bare: a FastAPI app of two trivial sync routes on fluxserve's paths, run by ``uvicorn.run`` on its
+  default settings (httptools where installed, its access log on): the ceiling a FastAPI service on this
+  machine reaches, not one slowed to fluxserve's own HTTP settings;
+- replicas A (and B with ``--replicas 2``): ``fluxserve serve --no-workers`` (no worker, no torch) on one
+  database (a SQLite file in one data directory, or a throwaway PostgreSQL cluster on its default
+  durability: fsync and synchronous commit on), keys with unlimited credits, FLUXSERVE_MAX_ACTIVE_JOBS
+  raised so no 429s.
 
 Each measurement is ``--connections`` keep-alive connections for ``--duration`` seconds from wrk (one
 thread per wrk process): "submit" is ``POST /bfl/v1/flux-dev`` with a prompt, "fetch" is
@@ -18,11 +22,11 @@ measured again taking turns over ``--keys`` keys, since fluxserve serialises the
 
 wrk, not a Python client: a C event loop spends a small fraction of what the servers spend per request,
 and on this 2-core machine every cycle the load generator takes is a cycle the servers lose. Submit runs
-start from an empty queue (the jobs of the previous run deleted and the tables vacuumed), since a longer
-queue makes a key's active-job count dearer. Each round measures every case; odd rounds in the reverse
-order, so that drift in the machine's load falls on both sides of a ratio. CPU use of each part is read
-from the processes (psutil) and the rest of the machine from /proc/stat: on a shared 2-core machine that
-is what says what limited a figure.
+start from an empty queue (the jobs of the previous run deleted, and on PostgreSQL the tables vacuumed),
+since a longer queue makes a key's active-job count dearer. Each round measures every case; odd rounds in
+the reverse order, so that drift in the machine's load falls on both sides of a ratio. CPU use of each
+part is read from the processes (psutil) and the rest of the machine from /proc/stat: on a shared 2-core
+machine that is what says what limited a figure.
 """
 
 from __future__ import annotations
@@ -46,12 +50,13 @@ from pathlib import Path
 
 import httpx
 import psutil
+import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 from sqlalchemy import delete, func, select, text
 
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.db.connection import make_engine
+from fluxserve.db.connection import make_engine, migrate
 from fluxserve.db.tables import jobs
 from tests.conftest import free_port
 from tests.pg_server import DEBIAN, PostgresCluster, binaries
@@ -65,8 +70,8 @@ class Prompt(BaseModel):
 
 
 def bare_app() -> FastAPI:
-    """The ceiling: fluxserve's two paths as trivial sync routes (run in the threadpool, as fluxserve's
-    are), answering in the reseller's envelope without any work."""
+    """The ceiling: fluxserve's two paths as trivial sync routes (run in the threadpool, as FastAPI runs a
+    plain ``def``), answering in the reseller's envelope without any work."""
     app = FastAPI()
 
     @app.post("/bfl/v1/flux-dev")
@@ -81,13 +86,12 @@ def bare_app() -> FastAPI:
 
 
 def serve_bare(argv: list[str]) -> None:
-    """``fluxserve serve`` itself with the app it would build replaced by :func:`bare_app`: the same server
-    settings, without writing them down twice."""
-    import fluxserve.app
-    from fluxserve.cli import app as cli
-
-    fluxserve.app.create_app = lambda settings=None: bare_app()
-    cli(["serve", *argv])
+    """:func:`bare_app` on uvicorn's defaults; only the address is given (``--host``, ``--port``)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    address = parser.parse_args(argv)
+    uvicorn.run(bare_app(), host=address.host, port=address.port)
 
 
 @dataclass
@@ -186,11 +190,11 @@ def run_wrk(
     keys: Sequence[str],
     connections: int,
     seconds: int,
-    postmaster: psutil.Process,
+    postmaster: psutil.Process | None,
 ) -> tuple[Load, Cpu]:
     """``connections`` split evenly over ``servers``, one wrk process each, all at once."""
     api = [server.process for server in servers]
-    postgres = [postmaster, *postmaster.children(recursive=True)]
+    postgres = _postgres(postmaster)
     before_api, before_pg = _cpu_seconds(api), _cpu_seconds(postgres)
     before_wrk = resource.getrusage(resource.RUSAGE_CHILDREN)
     before_busy, started = _busy_seconds(), time.monotonic()
@@ -219,12 +223,16 @@ def run_wrk(
         wall = time.monotonic() - started
         busy = _busy_seconds() - before_busy
     after_wrk = resource.getrusage(resource.RUSAGE_CHILDREN)
-    postgres = [postmaster, *postmaster.children(recursive=True)]  # backends opened during the run
+    postgres = _postgres(postmaster)  # backends opened during the run
     api_s = _spent(before_api, _cpu_seconds(api))
     pg_s = _spent(before_pg, _cpu_seconds(postgres))
     wrk_s = (after_wrk.ru_utime + after_wrk.ru_stime) - (before_wrk.ru_utime + before_wrk.ru_stime)
     cpu = Cpu(*(100 * part / wall for part in (api_s, pg_s, wrk_s, busy - api_s - pg_s - wrk_s)))
     return load, cpu
+
+
+def _postgres(postmaster: psutil.Process | None) -> list[psutil.Process]:
+    return [] if postmaster is None else [postmaster, *postmaster.children(recursive=True)]
 
 
 def _spent(before: dict[int, float], after: dict[int, float]) -> float:
@@ -248,20 +256,22 @@ class Case:
 BARE, ONE, TWO = SERVERS = ("bare FastAPI", "fluxserve, 1 replica", "fluxserve, 2 replicas")
 
 
-def cases(keys: int) -> list[Case]:
+def cases(keys: int, replicas: int = 2) -> list[Case]:
     """Each request on each server with one key; submits also spread over ``keys`` keys, whose submits
     fluxserve does not serialise (one key's do: its row is locked from the hold to the commit)."""
-    spread = [Case("submit", ONE, keys), Case("submit", TWO, keys)] if keys > 1 else []
+    servers = SERVERS if replicas == 2 else (BARE, ONE)
+    spread = [Case("submit", server, keys) for server in servers[1:]] if keys > 1 else []
     return [
-        *(Case("submit", server) for server in SERVERS),
+        *(Case("submit", server) for server in servers),
         *spread,
-        *(Case("fetch", server) for server in SERVERS),
+        *(Case("fetch", server) for server in servers),
     ]
 
 
 ONE_KEY, SPREAD = False, True
 RATIOS = (  # (name, numerator, denominator) as (server, spread): a case's rate over another's in a round
     ("fluxserve 1 replica / bare", (ONE, ONE_KEY), (BARE, ONE_KEY)),
+    ("fluxserve 1 replica, many keys / bare", (ONE, SPREAD), (BARE, ONE_KEY)),
     ("2 replicas / 1 replica", (TWO, ONE_KEY), (ONE, ONE_KEY)),
     ("1 replica: many keys / one key", (ONE, SPREAD), (ONE, ONE_KEY)),
     ("2 replicas / 1 replica, many keys", (TWO, SPREAD), (ONE, SPREAD)),
@@ -281,39 +291,35 @@ class Measure:
 class Setup:
     bare: Server
     replicas: list[Server]
-    postmaster: psutil.Process
+    postmaster: psutil.Process | None  # None: SQLite
     database_url: str
     keys: list[str]  # unlimited credits each
 
 
 @contextmanager
-def setup(tmp: Path, keys: int) -> Iterator[Setup]:
-    """The bare server, and replicas A and B on a fresh PostgreSQL database with ``keys`` keys; stopped on
-    exit."""
-    bin_dir = binaries()
-    if bin_dir is None:
-        sys.exit(f"PostgreSQL binaries not found under {DEBIAN} (apt-get install postgresql)")
-    cluster = PostgresCluster(bin_dir)
+def setup(tmp: Path, keys: int, database: str, replicas: int) -> Iterator[Setup]:
+    """The bare server, and ``replicas`` fluxserve replicas on a fresh database (a SQLite file, or a
+    PostgreSQL cluster on its default durability) with ``keys`` keys; stopped on exit."""
+    cluster = None
     started: list[Server] = []
     try:
-        cluster.start()
-        url = cluster.database()
+        if database == "postgresql":
+            bin_dir = binaries()
+            if bin_dir is None:
+                sys.exit(f"PostgreSQL binaries not found under {DEBIAN} (apt-get install postgresql)")
+            cluster = PostgresCluster(bin_dir, durable=True)
+            cluster.start()
+            url = cluster.database()
+        else:
+            url = f"sqlite:///{tmp / 'api' / 'fluxserve.db'}"
         engine = make_engine(url)
+        migrate(engine)
         raw = [KeyStore(engine).create(f"bench-{index}").key for index in range(keys)]
         engine.dispose()
         # fluxserve's defaults, whatever this shell sets, but for the database and the active-job limit
         clean = {name: value for name, value in os.environ.items() if not name.startswith("FLUXSERVE_")}
         env = {**clean, "FLUXSERVE_DATABASE_URL": url, "FLUXSERVE_MAX_ACTIVE_JOBS": str(10**9)}
-        bare = [
-            sys.executable,
-            "-m",
-            "bench.replicas",
-            "bare",
-            "--no-workers",
-            "--data-dir",
-            str(tmp / "bare"),
-        ]
-        started.append(start_server("bare", bare, clean, tmp))
+        started.append(start_server("bare", [sys.executable, "-m", "bench.replicas", "bare"], clean, tmp))
         fluxserve = [
             sys.executable,
             "-m",
@@ -323,10 +329,16 @@ def setup(tmp: Path, keys: int) -> Iterator[Setup]:
             "--data-dir",
             str(tmp / "api"),
         ]
-        started.extend(start_server(name, fluxserve, env, tmp) for name in ("replica-a", "replica-b"))
-        # PostgreSQL's own record of its postmaster's pid: the first line of postmaster.pid
-        pid = int((cluster.root / "data" / "postmaster.pid").read_text().split()[0])
-        yield Setup(started[0], started[1:], psutil.Process(pid), url, raw)
+        names = ("replica-a", "replica-b")[:replicas]
+        started.extend(start_server(name, fluxserve, env, tmp) for name in names)
+        postmaster = None
+        if (
+            cluster is not None
+        ):  # PostgreSQL's own record of its postmaster's pid: postmaster.pid's first line
+            postmaster = psutil.Process(
+                int((cluster.root / "data" / "postmaster.pid").read_text().split()[0])
+            )
+        yield Setup(started[0], started[1:], postmaster, url, raw)
     finally:
         for server in started:
             server.process.terminate()
@@ -334,7 +346,8 @@ def setup(tmp: Path, keys: int) -> Iterator[Setup]:
                 server.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 server.process.kill()
-        cluster.stop()
+        if cluster is not None:
+            cluster.stop()
 
 
 def main() -> None:
@@ -347,15 +360,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="Seconds of unmeasured load first.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keys", type=int, default=16, help="Keys of the spread submit cases (1: none).")
+    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="postgresql")
+    parser.add_argument("--replicas", type=int, choices=(1, 2), default=2, help="fluxserve API processes.")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
     print(machine())
     with (
         tempfile.TemporaryDirectory(prefix="fluxserve-replicas-") as tmp,
-        setup(Path(tmp), args.keys) as parts,
+        setup(Path(tmp), args.keys, args.database, args.replicas) as parts,
     ):
-        measures = measure(parts, cases(args.keys), args.connections, args.duration, args.warmup, args.rounds)
+        every = cases(args.keys, args.replicas)
+        measures = measure(parts, every, args.connections, args.duration, args.warmup, args.rounds)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print(report(measures, args))
 
@@ -372,7 +388,7 @@ def measure(
     response.raise_for_status()
     job_id = response.json()["data"]["jobId"]
     paths = {"submit": "/bfl/v1/flux-dev", "fetch": f"/flux/fetch?jobId={job_id}"}
-    servers = {BARE: [parts.bare], ONE: parts.replicas[:1], TWO: parts.replicas}
+    servers = {BARE: [parts.bare], ONE: parts.replicas[:1], TWO: parts.replicas[:2]}
     engine = make_engine(parts.database_url)
 
     def empty_queue() -> int:
@@ -380,8 +396,9 @@ def measure(
         with engine.begin() as conn:
             queued = conn.execute(select(func.count()).select_from(jobs)).scalar_one()
             conn.execute(delete(jobs).where(jobs.c.id != job_id))
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE jobs, api_keys"))
+        if parts.postmaster is not None:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text("VACUUM ANALYZE jobs, api_keys"))
         return int(queued)
 
     def run(case: Case, duration: int) -> tuple[Load, Cpu]:
@@ -421,7 +438,8 @@ def report(measures: list[Measure], args: argparse.Namespace) -> str:
     """A markdown table of medians over the rounds, and the ratios of each round."""
     median = statistics.median
     lines = [
-        f"{args.connections} connections, {args.duration} s a measurement, {args.rounds} rounds; medians. "
+        f"{args.database}; {args.connections} connections, {args.duration} s a measurement, "
+        f"{args.rounds} rounds; medians. "
         "CPU in % of one core (200 = the machine).",
         "",
         "| request | server | requests/s (2xx) | 4xx/5xx | p50 ms | p99 ms | CPU: API | PostgreSQL | wrk "

@@ -43,6 +43,7 @@ def test_bare_app_answers_fluxserve_paths_and_validates() -> None:
 def test_report_takes_ratios_within_each_round(tmp_path: Path) -> None:
     every = cases(16)
     assert Case("submit", ONE, 16) in every and Case("submit", ONE, 16) not in cases(1)
+    assert {case.server for case in cases(16, replicas=1)} == {BARE, ONE}
     rates = {BARE: [1000.0, 800.0], ONE: [100.0, 100.0], TWO: [150.0, 200.0]}
     measures = []
     for case in every:
@@ -50,9 +51,10 @@ def test_report_takes_ratios_within_each_round(tmp_path: Path) -> None:
             load = Load()
             load.add(_wrk_result(tmp_path / f"{case}-{round_}", int(rate * 10), 10.0, 0, {1000: 1}))
             measures.append(Measure(case, round_, load, Cpu(80.0, 10.0, 5.0, 100.0), None))
-    args = argparse.Namespace(connections=16, duration=10, rounds=2)
+    args = argparse.Namespace(database="sqlite", connections=16, duration=10, rounds=2)
     table = report(measures, args)
     assert "| fluxserve 1 replica / bare | submit | 0.10, 0.12 | **0.11** |" in table
     assert "| 2 replicas / 1 replica | fetch | 1.50, 2.00 | **1.75** |" in table
     assert "| 1 replica: many keys / one key | submit | 1.00, 1.00 | **1.00** |" in table
+    assert "| fluxserve 1 replica, many keys / bare | submit | 0.10, 0.12 | **0.11** |" in table
     assert "| fetch | fluxserve, 1 replica | 100 | 0 | 1.0 | 1.0 | 80 | 10 | 5 | 100 | 8.00 |  |" in table

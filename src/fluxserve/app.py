@@ -23,7 +23,7 @@ from fluxserve.accounts.keys import KeyStore
 from fluxserve.api import events, files, openai_images, ops, reseller, reseller_native, vendor
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
-from fluxserve.api.limits import RequestGuard
+from fluxserve.api.limits import AccessLog, RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
 from fluxserve.jobs.feed import ChangeFeed, to_fetch, wake_on, webhook_due
@@ -100,6 +100,9 @@ class Runtime:
         feed.subscribe(streams.on_changes)
         feed.subscribe(wake_on(to_fetch, fetcher.wake))
         feed.subscribe(wake_on(webhook_due, runtime.webhooks.wake))
+        # A key revoked, rotated or re-credited in any process is forgotten here at once (after a gap in the
+        # feed, every key is), so the cache's short max age only bounds what the feed could not say.
+        feed.subscribe_keys(services.keys.forget)
         return runtime
 
     def webhook_payload(self, job_id: str) -> Payload | None:
@@ -205,11 +208,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # route's key checked before its body is read, and a submit body's JSON size bounded before parsing.
     app.add_middleware(
         RequestGuard,
-        authenticate=runtime.services.keys.authenticate,
+        keys=runtime.services.keys,
         submit_max_bytes=max_body_size(settings),
         other_max_bytes=settings.http_small_body_bytes,
         max_separators=settings.http_max_json_separators,
     )
+    app.add_middleware(AccessLog)  # outermost: every request's line, refusals included
     # Route-level, so that a too-large body is an HTTPException our handlers render (413).
     app.include_router(reseller.router, max_body_size=max_body_size(settings))
     app.include_router(reseller_native.router, max_body_size=max_body_size(settings))

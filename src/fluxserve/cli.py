@@ -163,15 +163,19 @@ def serve(
     from fluxserve.api.limits import http_protocol
     from fluxserve.app import create_app
 
-    # h11, not httptools: h11 bounds the request head (httptools has no limit), and our protocol adds the
-    # header and body timeouts uvicorn lacks. README, "HTTP limits".
+    # httptools (the C parser), with the head limit and the timeouts uvicorn lacks added by our protocol;
+    # uvicorn's access log off (its per-request formatting is costly): the guard writes one line a request.
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_config=None,
-        http=http_protocol(settings.http_header_timeout_seconds, settings.http_body_timeout_seconds),
-        h11_max_incomplete_event_size=settings.http_max_header_bytes,
+        access_log=False,
+        http=http_protocol(
+            settings.http_max_header_bytes,
+            settings.http_header_timeout_seconds,
+            settings.http_body_timeout_seconds,
+        ),
         timeout_keep_alive=settings.http_keep_alive_seconds,
         limit_concurrency=settings.http_max_connections,
         backlog=settings.http_backlog,

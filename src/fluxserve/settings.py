@@ -142,8 +142,8 @@ class Settings(BaseSettings):
     http_max_header_bytes: int = Field(
         default=16 * 1024,
         ge=1024,
-        description="Largest request line plus headers (h11's max incomplete event size); a larger one is "
-        "refused and its connection closed.",
+        description="Largest request line plus headers, whether sent in one write or many; a larger one is "
+        "answered 431 and its connection closed.",
     )
     http_header_timeout_seconds: float = Field(
         default=10.0,

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -12,11 +16,13 @@ from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fluxserve.db import ledger
-from fluxserve.db.connection import utcnow
+from fluxserve.db.connection import reconnecting, utcnow
 from fluxserve.db.tables import api_keys
 from fluxserve.webhooks.signing import new_secret
 
 KEY_PREFIX = "fs_"
+CACHE_MAX_AGE = 1.0  # seconds a verified key is trusted without the database (revocation takes this long)
+CACHE_MAX_KEYS = 10_000
 
 
 def hash_key(raw: str) -> str:
@@ -54,9 +60,62 @@ def _record(row) -> ApiKey:  # type: ignore[no-untyped-def]
     return ApiKey(row.id, row.name, row.key_prefix, row.webhook_secret, credits, row.active)
 
 
+class KeyCache:
+    """Verified live keys by hash, each trusted for at most ``max_age`` seconds, at most ``max_size`` of them
+    (the least recently verified go first).
+
+    A request then costs a hash and a dict lookup instead of a query. Only live keys are kept (an unknown
+    key is asked of the database each time, so it cannot push good ones out). The change feed calls
+    :meth:`invalidate` when a key changes; until then the max age bounds how long another replica's
+    revocation or credit change goes unseen. Thread-safe: routes run in the thread pool."""
+
+    def __init__(
+        self,
+        max_age: float = CACHE_MAX_AGE,
+        max_size: int = CACHE_MAX_KEYS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max_age = max_age
+        self._max_size = max_size
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, ApiKey]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> ApiKey | None:
+        """The key verified under this hash within the max age, else None."""
+        with self._lock:
+            entry = self._entries.get(key_hash)
+            if entry is None:
+                return None
+            if self._clock() - entry[0] > self._max_age:
+                del self._entries[key_hash]
+                return None
+            return entry[1]
+
+    def put(self, key_hash: str, key: ApiKey) -> None:
+        with self._lock:
+            self._entries[key_hash] = (self._clock(), key)
+            self._entries.move_to_end(key_hash)
+            while len(self._entries) > self._max_size:
+                self._entries.popitem(last=False)
+
+    def invalidate(self, key_id: str) -> None:
+        """Forget the key with this id (revoked, or its balance changed)."""
+        with self._lock:
+            for key_hash in [each for each, (_, key) in self._entries.items() if key.id == key_id]:
+                del self._entries[key_hash]
+
+    def invalidate_all(self) -> None:
+        """Forget every key (the change feed lost its connection: what changed meanwhile is unknown)."""
+        with self._lock:
+            self._entries.clear()
+
+
 class KeyStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, cache: KeyCache | None = None) -> None:
         self._engine = engine
+        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")  # no BEGIN/ROLLBACK a lookup
+        self.cache = cache or KeyCache()
 
     @property
     def engine(self) -> Engine:
@@ -92,19 +151,43 @@ class KeyStore:
 
     def rotate(self, key: ApiKey) -> NewKey:
         """A new secret for a live key, which keeps its id, so its credits, jobs and results stay its own;
-        the old secret stops working at once (nothing caches keys)."""
+        the old secret stops working at once (this process's cache forgets the key now; other processes'
+        caches hear of it through the change feed)."""
         raw, secret = _new_secret()
         live = (api_keys.c.id == key.id) & api_keys.c.active.is_(True)
         with self._engine.begin() as conn:
             if conn.execute(update(api_keys).where(live).values(secret)).rowcount != 1:
                 raise KeyProblem(f"{key.name} is revoked: `fluxserve keys create` makes a new key")
+        self.cache.invalidate(key.id)
         return NewKey(raw, self.get(key.id))  # type: ignore[arg-type]
 
+    def forget(self, key_id: str | None) -> None:
+        """The change feed's word that a key changed (None: any key may have): its cached entry goes."""
+        if key_id is None:
+            self.cache.invalidate_all()
+        else:
+            self.cache.invalidate(key_id)
+
+    def cached(self, raw: str) -> ApiKey | None:
+        """The live key for ``raw`` if the cache verified it within its max age (no database), else None."""
+        return self.cache.get(hash_key(raw.strip()))
+
     def authenticate(self, raw: str | None) -> ApiKey | None:
+        """The live key for ``raw``: from the cache, else from the database (and then cached)."""
         if not raw:
             return None
-        with self._engine.connect() as conn:
-            row = conn.execute(select(api_keys).where(api_keys.c.key_hash == hash_key(raw.strip()))).first()
+        key_hash = hash_key(raw.strip())
+        key = self.cache.get(key_hash)
+        if key is None:
+            key = self._lookup(key_hash)
+            if key is not None:
+                self.cache.put(key_hash, key)
+        return key
+
+    @reconnecting
+    def _lookup(self, key_hash: str) -> ApiKey | None:
+        with self._reads.connect() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.key_hash == key_hash)).first()
         return _record(row) if row is not None and row.active else None
 
     def get(self, key_id: str) -> ApiKey | None:
@@ -146,6 +229,7 @@ class KeyStore:
         self._finite_and_live(key, "add credits to")
         with self._engine.begin() as conn:
             ledger.add(conn, key.id, credits)
+        self.cache.invalidate(key.id)
         return self.get(key.id)  # type: ignore[return-value]
 
     def take_credits(self, key: ApiKey, credits: Decimal) -> ApiKey:
@@ -157,6 +241,7 @@ class KeyStore:
                 raise KeyProblem(
                     f"{key.name} has {balance.credits if balance else 0} credits: cannot take {credits}"
                 )
+        self.cache.invalidate(key.id)
         return self.get(key.id)  # type: ignore[return-value]
 
     def set_credits(self, key: ApiKey, credits: Decimal | None) -> ApiKey:
@@ -165,6 +250,7 @@ class KeyStore:
             raise KeyProblem(f"{key.name} is revoked: its balance cannot be set")
         with self._engine.begin() as conn:
             ledger.set_balance(conn, key.id, credits)
+        self.cache.invalidate(key.id)
         return self.get(key.id)  # type: ignore[return-value]
 
     @staticmethod
@@ -180,3 +266,4 @@ class KeyStore:
     def revoke(self, key_id: str) -> None:
         with self._engine.begin() as conn:
             conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(active=False))
+        self.cache.invalidate(key_id)

@@ -34,5 +34,6 @@ class Services:
         return self.jobs.queue_position(job_id)
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """Async, so that FastAPI calls it on the event loop rather than in a thread of its pool."""
     return cast(Services, request.app.state.services)

@@ -4,27 +4,29 @@ Two layers:
 
 - :class:`RequestGuard`, an ASGI middleware in front of every route. It caps each body by route (submit
   routes take images, everything else a small JSON), checks a submit route's key from its headers before
-  reading any of the body (401 in the reseller's shape, 403 in the vendor's), and refuses a submit body
-  with more JSON separators than any real request has before it is parsed on the event loop.
-- :func:`http_protocol`, uvicorn's h11 protocol with the two timeouts uvicorn lacks: a request's headers
-  must arrive within a deadline, and a body that stops arriving is dropped (slowloris). The header size
-  limit is h11's own (``h11_max_incomplete_event_size``), set by ``fluxserve serve``.
+  reading any of the body (401 in the reseller's shape, 403 in the vendor's; the verified key is left in
+  the scope for the route, ``api/auth.verify``), and refuses a submit body with more JSON separators than
+  any real request has before it is parsed on the event loop.
+- :class:`AccessLog`, one line a request (uvicorn's own access log is off: it formats each line with
+  more work than the request path should pay).
+- :func:`http_protocol`, uvicorn's httptools protocol (the C parser) with what it lacks: a bound on the
+  request head, a deadline for the headers and one for a body that stops arriving (slowloris).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+import time
 from typing import Any
 
-import anyio.to_thread
-import h11
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from fluxserve.api.auth import BAD_BEARER, NO_BEARER, bearer_token
+from fluxserve.accounts.keys import KeyStore
+from fluxserve.api.auth import BAD_BEARER, NO_BEARER, bearer_token, verify
 from fluxserve.api.errors import (
     OPENAI_PREFIX,
     VENDOR_PREFIX,
@@ -56,20 +58,20 @@ def _size(count: int) -> str:
 class RequestGuard:
     """Per-route body caps, the key before the body, and a bound on a submit body's JSON structure.
 
-    ``authenticate`` is ``KeyStore.authenticate`` (run in a thread: it hashes and queries the database).
-    The routes still authenticate as before; this check only makes a request without a valid key cheap.
+    A submit's key is verified here (:func:`verify`: the cache, else the database in a thread), so that a
+    request without a valid key is cheap; the route takes the answer from the scope instead of asking again.
     """
 
     def __init__(
         self,
         app: ASGIApp,
-        authenticate: Callable[[str], object | None],
+        keys: KeyStore,
         submit_max_bytes: int,
         other_max_bytes: int,
         max_separators: int,
     ) -> None:
         self.app = app
-        self.authenticate = authenticate
+        self.keys = keys
         self.submit_max_bytes = submit_max_bytes
         self.other_max_bytes = other_max_bytes
         self.max_separators = max_separators
@@ -87,7 +89,7 @@ class RequestGuard:
             message = f"body: {int(declared)} bytes is over this route's {_size(limit)} limit"
             await refusal(path, 413, message)(scope, receive, send)
             return
-        if submit and (problem := await self._key_check(path, headers)) is not None:
+        if submit and (problem := await self._key_check(scope, path, headers)) is not None:
             await problem(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -122,20 +124,20 @@ class RequestGuard:
                 return
         await self.app(scope, _replay(body, receive), send)
 
-    async def _key_check(self, path: str, headers: Headers) -> JSONResponse | None:
+    async def _key_check(self, scope: Scope, path: str, headers: Headers) -> JSONResponse | None:
         """:meth:`_key_problem`, or a 503 when the database is away: out here, before the app's exception
         handlers, an error would reset the connection after a 500."""
         try:
-            return await self._key_problem(path, headers)
+            return await self._key_problem(scope, path, headers)
         except Exception as error:
             if not database_away(error):
                 raise
             return database_unavailable(path, error)
 
-    async def _key_problem(self, path: str, headers: Headers) -> JSONResponse | None:
+    async def _key_problem(self, scope: Scope, path: str, headers: Headers) -> JSONResponse | None:
         if path.startswith(OPENAI_PREFIX):
             token = bearer_token(headers.get("authorization"))
-            if not token or await anyio.to_thread.run_sync(self.authenticate, token) is None:
+            if not token or await verify(scope, self.keys, token) is None:
                 message = BAD_BEARER if token else NO_BEARER
                 return openai_error(401, message, code="invalid_api_key", headers=CLOSE)
             return None
@@ -145,7 +147,7 @@ class RequestGuard:
                 return refusal(
                     path, 403, "Not authenticated - x-key header is missing; send your API key in it"
                 )
-            if await anyio.to_thread.run_sync(self.authenticate, key) is None:
+            if await verify(scope, self.keys, key) is None:
                 return refusal(
                     path, 403, "Not authenticated - Invalid Authentication: x-key is not a valid API key"
                 )
@@ -153,9 +155,42 @@ class RequestGuard:
         key = headers.get("tt-api-key")
         if not key:
             return refusal(path, 401, "TT-API-KEY header is missing; send your API key in it")
-        if await anyio.to_thread.run_sync(self.authenticate, key) is None:
+        if await verify(scope, self.keys, key) is None:
             return refusal(path, 401, "TT-API-KEY is not a valid API key")
         return None
+
+
+access_log = logging.getLogger("fluxserve.access")
+
+
+class AccessLog:
+    """One log line per request, when it ends: method, path with query (redacted by the log's formatter),
+    status (0: no response was sent) and milliseconds; nothing at all when INFO is off for
+    ``fluxserve.access``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not access_log.isEnabledFor(logging.INFO):
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 0
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            query = scope.get("query_string", b"")
+            path = scope["path"] + ("?" + query.decode("latin-1") if query else "")
+            elapsed = round((time.perf_counter() - start) * 1000, 1)
+            access_log.info("%s %s %d", scope["method"], path, status, extra={"ms": elapsed})
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -172,15 +207,28 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def http_protocol(header_timeout: float, body_timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, closing a connection whose request headers are not complete within
-    ``header_timeout`` seconds of its opening (or of the previous response), or whose request body stops
-    arriving for ``body_timeout`` seconds. uvicorn itself only times out idle keep-alive connections
-    between requests: a connection that never sends a whole request is otherwise kept forever."""
+HEADER_TOO_LARGE = b"Request line and headers are larger than this server accepts."
 
-    class GuardedH11Protocol(H11Protocol):
+
+def http_protocol(
+    max_header_bytes: int, header_timeout: float, body_timeout: float
+) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol (the C parser) with the limits it lacks.
+
+    - The request head (request line and headers) is at most ``max_header_bytes``, whether it arrives in
+      one write or in many: httptools has no limit of its own, so the bytes are counted here and a larger
+      head is answered 431 and its connection closed.
+    - A request's headers must be complete within ``header_timeout`` seconds of the connection's opening
+      (or of the previous response), and a body that stops arriving for ``body_timeout`` seconds is
+      dropped (slowloris): uvicorn itself only times out idle keep-alive connections between requests.
+    """
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
         header_timer: asyncio.TimerHandle | None = None
         body_timer: asyncio.TimerHandle | None = None
+        in_head = True  # reading a request's head (or waiting for one)
+        head_bytes = 0  # bytes received while in the head, this request
+        head_too_large = False
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -191,38 +239,67 @@ def http_protocol(header_timeout: float, body_timeout: float) -> type[H11Protoco
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self.in_head:
+                self.head_bytes += len(data)
             super().data_received(data)
-            self._track_state()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._track_state()
-
-        def _track_state(self) -> None:
             if self.transport.is_closing():
                 self._cancel_timers()
-                return
-            state = self.conn.their_state
-            if state is h11.IDLE:
-                if self.header_timer is None:
-                    self._arm_header_timer()
-                return
+            elif self.in_head and self.head_bytes > max_header_bytes:  # a head still not complete
+                self.head_too_large = True
+                self.send_400_response("")
+            elif self.body_timer is not None:  # more of the body came: its deadline moves on
+                self._arm_body_timer()
+
+        def on_headers_complete(self) -> None:
+            # The head came whole, possibly in one write with a body: measure what the parser saw.
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > max_header_bytes:
+                self.head_too_large = True
+                raise ValueError("request head too large")  # stops the parser: send_400_response answers
+            self.in_head = False
             if self.header_timer is not None:
                 self.header_timer.cancel()
                 self.header_timer = None
+            super().on_headers_complete()
+            self._arm_body_timer()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self.in_head, self.head_bytes = True, 0
             if self.body_timer is not None:
                 self.body_timer.cancel()
                 self.body_timer = None
-            if state is h11.SEND_BODY:
-                self.body_timer = self.loop.call_later(body_timeout, self._body_stalled)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.in_head and self.header_timer is None:
+                self._arm_header_timer()  # the next request's head is due within the timeout
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to a request the parser refused; 431 for a head over the limit."""
+            if not self.head_too_large:
+                super().send_400_response(msg)
+                return
+            self._cancel_timers()
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                % (len(HEADER_TOO_LARGE), HEADER_TOO_LARGE)
+            )
+            self.transport.close()
 
         def _arm_header_timer(self) -> None:
             self.header_timer = self.loop.call_later(header_timeout, self._close)
 
+        def _arm_body_timer(self) -> None:
+            if self.body_timer is not None:
+                self.body_timer.cancel()
+            self.body_timer = self.loop.call_later(body_timeout, self._body_stalled)
+
         def _body_stalled(self) -> None:
             self.body_timer = None
             if self.flow.read_paused:  # the app is not reading yet: the client is not to blame
-                self.body_timer = self.loop.call_later(body_timeout, self._body_stalled)
+                self._arm_body_timer()
                 return
             self._close()
 
@@ -237,4 +314,4 @@ def http_protocol(header_timeout: float, body_timeout: float) -> type[H11Protoco
                     timer.cancel()
             self.header_timer = self.body_timer = None
 
-    return GuardedH11Protocol
+    return GuardedHttpToolsProtocol

@@ -107,7 +107,7 @@ async def _body_job_id(request: Request) -> object:
     return payload.get("jobId") or payload.get("job_id")
 
 
-def _query_value(
+async def _query_value(
     job_id: Annotated[str | None, Query(alias="jobId", description="The job's id.")] = None,
     job_id_snake: Annotated[str | None, Query(alias="job_id", description="The same, snake_case.")] = None,
 ) -> str | None:
@@ -117,7 +117,7 @@ def _query_value(
 _MISSING = "jobId: is required (in the query string, a JSON body or a form body)"
 
 
-def _query_job_id(value: Annotated[str | None, Depends(_query_value)]) -> str:
+async def _query_job_id(value: Annotated[str | None, Depends(_query_value)]) -> str:
     """The job id from the query string (GET routes), else a 400."""
     if not value:
         raise ApiError(400, _MISSING)

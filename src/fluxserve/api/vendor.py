@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from fluxserve.accounts.keys import ApiKey
-from fluxserve.api.auth import X_KEY
+from fluxserve.api.auth import X_KEY, verify
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import VendorError, readable_errors, responses
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
@@ -117,14 +117,15 @@ class VendorRoute(APIRoute):
 router = APIRouter(prefix="/v1", tags=["vendor"], route_class=VendorRoute)
 
 
-def vendor_key(
+async def vendor_key(
+    request: Request,
     services: Annotated[Services, Depends(get_services)],
     x_key: Annotated[str | None, Security(X_KEY)] = None,
 ) -> ApiKey:
     """The vendor answers 403 ``Not authenticated`` for a missing or wrong key; so do we."""
     if not x_key:
         raise HTTPException(403, "Not authenticated - x-key header is missing; send your API key in it")
-    key = services.keys.authenticate(x_key)
+    key = await verify(request.scope, services.keys, x_key)
     if key is None:
         raise HTTPException(403, "Not authenticated - Invalid Authentication: x-key is not a valid API key")
     return key
@@ -217,7 +218,9 @@ def get_result(
 @router.get(
     "/credits", summary="The key's credit balance", response_model=CreditsResponse, responses=_AUTH_RESPONSES
 )
-def credits(key: Key) -> CreditsResponse:
-    if key.credits is None:
+def credits(key: Key, services: Deps) -> CreditsResponse:
+    """The balance read now, not the verified key's copy (which may be up to a second old)."""
+    balance = services.keys.get(key.id) or key
+    if balance.credits is None:
         return CreditsResponse(credits=UNLIMITED_CREDITS, unlimited=True)
-    return CreditsResponse(credits=_number(key.credits))
+    return CreditsResponse(credits=_number(balance.credits))

@@ -32,6 +32,7 @@ class JobStatus(StrEnum):
 
 
 ACTIVE_STATUSES = (JobStatus.FETCHING, JobStatus.QUEUED, JobStatus.RUNNING)
+QUEUE_POSITION_CAP = 1000  # a queue position is counted this far; beyond, it reads "this many or more"
 
 
 @dataclass

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy.exc import DBAPIError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -68,7 +72,7 @@ class Timeouts:
 
 def make_engine(url: str, timeouts: Timeouts = Timeouts()) -> Engine:
     """An engine tuned for concurrent workers: SQLite in WAL mode with a generous busy timeout; PostgreSQL
-    (psycopg 3) with a checked, recycled pool and bounded waits (:class:`Timeouts`)."""
+    (psycopg 3) with a recycled pool and bounded waits (:class:`Timeouts`)."""
     url = database_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1].split("?", 1)[0]
@@ -86,13 +90,13 @@ def make_engine(url: str, timeouts: Timeouts = Timeouts()) -> Engine:
             cursor.close()
 
         return engine
-    # pre_ping: a server restart or failover leaves dead connections in the pool; recycle: so do idle
-    # timeouts of proxies (PgBouncer, cloud load balancers). Each worker thread and API request holds at
-    # most one connection at a time, so 10 + 20 overflow covers a process; the server's max_connections
-    # must cover all processes.
+    # No pre-ping (a round trip on every checkout): a server restart or failover leaves dead connections in
+    # the pool, which the first statement finds; the request paths retry once (:func:`reconnecting`).
+    # recycle: idle timeouts of proxies (PgBouncer, cloud load balancers) kill old ones too. Each worker
+    # thread and API request holds at most one connection at a time, so 10 + 20 overflow covers a
+    # process; the server's max_connections must cover all processes.
     return create_engine(
         url,
-        pool_pre_ping=True,
         pool_size=10,
         max_overflow=20,
         pool_recycle=1800,
@@ -103,6 +107,30 @@ def make_engine(url: str, timeouts: Timeouts = Timeouts()) -> Engine:
             "options": f"-c statement_timeout={round(timeouts.statement * 1000)}",
         },
     )
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def reconnecting(function: Callable[P, R]) -> Callable[P, R]:
+    """Run ``function`` (a read, or one transaction) again, once, when its pooled connection turned out to
+    be dead (the server restarted, or killed the backend): SQLAlchemy then invalidates the whole pool, so
+    the second try opens a fresh connection.
+
+    Only an error raised by a statement is retried: its transaction was never committed. An error of the
+    COMMIT itself (no statement) may follow a commit the server made, so it is raised, never repeated."""
+
+    @functools.wraps(function)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return function(*args, **kwargs)
+        except DBAPIError as error:
+            if not error.connection_invalidated or error.statement is None:
+                raise
+        return function(*args, **kwargs)
+
+    return run
 
 
 def migrate(engine: Engine) -> None:

@@ -86,9 +86,9 @@ class JobStore(Protocol):
     def get(self, job_id: str, key_id: str | None = None) -> Job | None: ...
 
     def queue_position(self, job_id: str) -> int | None:
-        """How many queued jobs were created before this one (0: it is next in line), or None when the
-        job is not queued. It counts by creation (cheap, and falls as jobs ahead leave); the claim order
-        also takes turns across keys, so another key's jobs may be claimed before or after it."""
+        """How many queued jobs the claim order puts before this one (0: it is next in line), or None when
+        the job is not queued. Counted up to ``QUEUE_POSITION_CAP``, which therefore means "that many or
+        more" (a fetch never counts a long queue)."""
         ...
 
     def claim(

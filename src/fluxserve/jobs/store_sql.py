@@ -8,15 +8,28 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, RowMapping, case, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    RowMapping,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import BindParameter
 
-from fluxserve.core.job import ACTIVE_STATUSES, Job, JobStatus
+from fluxserve.core.job import ACTIVE_STATUSES, QUEUE_POSITION_CAP, Job, JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.pricing import Quote
 from fluxserve.db import ledger, outbox
-from fluxserve.db.connection import as_utc, utcnow
-from fluxserve.db.tables import idempotency_keys, jobs
+from fluxserve.db.connection import as_utc, reconnecting, utcnow
+from fluxserve.db.tables import api_keys, idempotency_keys, jobs
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.feed import ChangeFeed
 from fluxserve.jobs.store import (
@@ -86,35 +99,88 @@ def _expired(created_at: datetime) -> bool:
     return stamp is None or stamp < utcnow() - IDEMPOTENCY_TTL
 
 
-def _over_limits(
-    conn: Connection, key_id: str, model: str, max_active: int, max_active_model: int | None
-) -> bool:
-    """Whether the key already has its limit of active jobs, in all or (with its own limit) of ``model``."""
-    active = select(func.count()).select_from(jobs).where(jobs.c.key_id == key_id, jobs.c.status.in_(_ACTIVE))
-    if conn.execute(active).scalar_one() >= max_active:
-        return True
-    same_model = active.where(jobs.c.model == model)
-    return max_active_model is not None and conn.execute(same_model).scalar_one() >= max_active_model
+def _over(counts: Any, max_active: int, max_active_model: int | None) -> bool:
+    """Whether the key already has its limit of active jobs, in all or (with its own limit) of its model."""
+    return bool(
+        counts.active >= max_active or (max_active_model is not None and counts.of_model >= max_active_model)
+    )
 
 
-def _turn(conn: Connection, key_id: str) -> int:
+# The request path's statements, built once with bind parameters: building one per call (its subqueries
+# and aliases) costs more CPU than the database takes to run it.
+_KEY: BindParameter[str] = bindparam("key_id")
+_MODEL: BindParameter[str] = bindparam("model")
+_JOB: BindParameter[str] = bindparam("job_id")
+_COST: BindParameter[int] = bindparam("cost")
+
+
+def _count(*conditions: Any) -> Any:
+    return select(func.count()).select_from(jobs).where(*conditions).scalar_subquery()
+
+
+def _turns(aggregate: Any, *conditions: Any) -> Any:
+    return select(aggregate(jobs.c.turn)).where(*conditions).scalar_subquery()
+
+
+_QUEUED = jobs.c.status == JobStatus.QUEUED.value
+_MINE_ACTIVE = (jobs.c.key_id == _KEY, jobs.c.status.in_(_ACTIVE))
+_ACTIVE_COUNTS = (
+    _count(*_MINE_ACTIVE).label("active"),
+    _count(*_MINE_ACTIVE, jobs.c.model == _MODEL).label("of_model"),
+)
+# The key's active jobs (all, and of the model) and the three turns :func:`_turn` needs, in one round trip
+# of five index probes: the limits and the queue's clock read together.
+_PROBE = select(
+    *_ACTIVE_COUNTS,
+    _turns(func.min, _QUEUED).label("lowest_queued"),
+    _turns(func.max, jobs.c.status == JobStatus.RUNNING.value).label("highest_running"),
+    _turns(func.max, *_MINE_ACTIVE).label("last"),
+)
+_BALANCE = api_keys.c.credits_hundredths
+_ADMIT = select(
+    select(_BALANCE.is_(None) | (_BALANCE >= _COST))
+    .where(api_keys.c.id == _KEY)
+    .scalar_subquery()
+    .label("covers"),
+    *_ACTIVE_COUNTS,
+)
+# A queued job's place in the claim order: the queued jobs with a lower turn, or the same turn and older,
+# counted on the queue index up to the cap; and whether the job is queued at all.
+_ME, _OTHER = jobs.alias("me"), jobs.alias("other")
+_ME_QUEUED = and_(_ME.c.id == _JOB, _ME.c.status == JobStatus.QUEUED.value)
+_AHEAD = (
+    select(_OTHER.c.id)
+    .join(_ME, _ME_QUEUED)
+    .where(
+        _OTHER.c.status == JobStatus.QUEUED.value,
+        (_OTHER.c.turn < _ME.c.turn)
+        | ((_OTHER.c.turn == _ME.c.turn) & (_OTHER.c.created_at < _ME.c.created_at)),
+    )
+    .limit(QUEUE_POSITION_CAP)
+    .subquery()
+)
+_INSERT_JOB = insert(jobs)
+_JOB_ROW = select(jobs).where(jobs.c.id == _JOB)
+_KEYS_JOB_ROW = _JOB_ROW.where(jobs.c.key_id == _KEY)
+_POSITION = select(
+    select(func.count()).select_from(_AHEAD).scalar_subquery().label("ahead"),
+    exists().where(_ME_QUEUED).label("queued"),
+)
+
+
+def _turn(probe: Any) -> int:
     """A new job's place in the fair order: start-time fair queueing, one unit per job.
 
     The queue's clock is the lowest turn waiting (with nothing waiting, the highest turn running). A key's
     job comes one turn after the key's previous active job, and never before the clock. So the keys with
     jobs waiting take one turn each in rotation (a key that queued 100 jobs does not hold back one that
     queues 5 after it), a key's own jobs stay oldest first, and a key that was idle starts at the clock
-    rather than ahead of everyone. Three index probes. The caller holds the key's row (``ledger.hold``),
-    so that two submits of one key cannot take the same turn."""
-    clock = conn.execute(
-        select(func.min(jobs.c.turn)).where(jobs.c.status == JobStatus.QUEUED.value)
-    ).scalar()
+    rather than ahead of everyone. ``probe`` is a row of ``_PROBE``, read while the caller holds the key's
+    row (``ledger.hold``), so that two submits of one key cannot take the same turn."""
+    clock = probe.lowest_queued
     if clock is None:
-        running = select(func.max(jobs.c.turn)).where(jobs.c.status == JobStatus.RUNNING.value)
-        clock = conn.execute(running).scalar() or 0
-    mine = select(func.max(jobs.c.turn)).where(jobs.c.key_id == key_id, jobs.c.status.in_(_ACTIVE))
-    last = conn.execute(mine).scalar()
-    return int(clock if last is None else max(last + 1, clock))
+        clock = probe.highest_running or 0
+    return int(clock if probe.last is None else max(probe.last + 1, clock))
 
 
 class SqlJobStore:
@@ -122,6 +188,9 @@ class SqlJobStore:
         """``feed`` (chosen by ``wiring.make_job_store``) wakes idle workers when a job is queued (the
         database's triggers announce it); without it they poll."""
         self._engine = engine
+        # The request path's reads, outside a transaction: on PostgreSQL a read in one would cost two more
+        # round trips (BEGIN, and the ROLLBACK when the connection goes back to the pool).
+        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._postgres = engine.dialect.name == "postgresql"
         self.feed = feed
 
@@ -146,15 +215,19 @@ class SqlJobStore:
                 raise
             return existing
 
+    @reconnecting
     def admit(
         self, key_id: str, model: str, cost: Decimal, max_active: int, max_active_model: int | None = None
     ) -> None:
-        with self._engine.connect() as conn:
-            if not ledger.covers(conn, key_id, cost):
-                raise QuotaExceeded()
-            if _over_limits(conn, key_id, model, max_active, max_active_model):
-                raise TooManyActiveJobs()
+        values = {"key_id": key_id, "model": model, "cost": ledger.to_hundredths(cost)}
+        with self._reads.connect() as conn:
+            row = conn.execute(_ADMIT, values).one()
+        if not row.covers:
+            raise QuotaExceeded()
+        if _over(row, max_active, max_active_model):
+            raise TooManyActiveJobs()
 
+    @reconnecting
     def _submit(
         self, job: Job, max_active: int, max_active_model: int | None, idempotency: Idempotency | None
     ) -> Job:
@@ -167,17 +240,19 @@ class SqlJobStore:
                 existing = self._replay(conn, job.key_id, idempotency)
                 if existing is not None:
                     raise _Replayed(existing)  # rolls the hold back
-            if _over_limits(conn, job.key_id, job.model, max_active, max_active_model):
+            probe = conn.execute(_PROBE, {"key_id": job.key_id, "model": job.model}).one()
+            if _over(probe, max_active, max_active_model):
                 conn.rollback()
                 raise TooManyActiveJobs()
             job.created_at = utcnow()
-            conn.execute(insert(jobs).values({**self._values(job), "turn": _turn(conn, job.key_id)}))
+            conn.execute(_INSERT_JOB, {**self._values(job), "turn": _turn(probe)})
             if idempotency is not None:
                 self._remember(conn, job, idempotency)
         return job
 
+    @reconnecting
     def replay(self, key_id: str, idempotency: Idempotency) -> Job | None:
-        with self._engine.connect() as conn:
+        with self._reads.connect() as conn:
             return self._replay(conn, key_id, idempotency)
 
     @staticmethod
@@ -240,22 +315,23 @@ class SqlJobStore:
             "created_at": job.created_at,
         }
 
+    @reconnecting
     def get(self, job_id: str, key_id: str | None = None) -> Job | None:
-        query = select(jobs).where(jobs.c.id == job_id)
-        if key_id is not None:
-            query = query.where(jobs.c.key_id == key_id)
-        with self._engine.connect() as conn:
-            row = conn.execute(query).mappings().first()
+        query, values = (
+            (_JOB_ROW, {"job_id": job_id})
+            if key_id is None
+            else (_KEYS_JOB_ROW, {"job_id": job_id, "key_id": key_id})
+        )
+        with self._reads.connect() as conn:
+            row = conn.execute(query, values).mappings().first()
         return _job(row) if row is not None else None
 
+    @reconnecting
     def queue_position(self, job_id: str) -> int | None:
-        queued = jobs.c.status == JobStatus.QUEUED.value
-        with self._engine.connect() as conn:
-            created = conn.execute(select(jobs.c.created_at).where(jobs.c.id == job_id, queued)).scalar()
-            if created is None:
-                return None
-            ahead = select(func.count()).select_from(jobs).where(queued, jobs.c.created_at < created)
-            return int(conn.execute(ahead).scalar_one())
+        """One statement (``_POSITION``): the jobs ahead in the claim order, if the job is queued."""
+        with self._reads.connect() as conn:
+            row = conn.execute(_POSITION, {"job_id": job_id}).one()
+        return int(row.ahead) if row.queued else None
 
     def claim(
         self,

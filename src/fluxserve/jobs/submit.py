@@ -79,20 +79,22 @@ class Submitter:
         under that key raises IdempotencyConflict. ``webhook_url`` must not reach an address the submitter's
         network policy refuses.
         """
+        # Only a submit with uploads to decode and store checks before that work (a key that cannot have
+        # the job costs no decoding and leaves no file); every other is checked once, in the transaction.
+        uploads = any(not is_url(ref) for ref in _input_refs(params))
         idempotency = None
         if idempotency_key is not None:
             digest = request_hash(params, seed, webhook_url, dialect, webhook_secret)
             idempotency = Idempotency(idempotency_key, digest)
-            # Before any image is stored: a repeat writes nothing.
-            replayed = self._store.replay(key.id, idempotency)
-            if replayed is not None:
+            replayed = self._store.replay(key.id, idempotency) if uploads else None
+            if replayed is not None:  # a repeat stores nothing
                 return replayed
         if webhook_url is not None:
             check_webhook_url(webhook_url, self._policy)
         spec = spec_of(params.model)
         model_limit = self._limits.max_active_per_model.get(spec.name, spec.max_active)
-        # Admission before work: a key that cannot have this job costs no decoding and leaves no file.
-        self._store.admit(key.id, spec.name, spec.price, self._limits.max_active, model_limit)
+        if uploads:
+            self._store.admit(key.id, spec.name, spec.price, self._limits.max_active, model_limit)
         job_id = str(uuid.uuid4())
         try:
             job = self._new_job(key, spec, params, seed, webhook_url, dialect, job_id)
@@ -143,8 +145,7 @@ class Submitter:
             size for image, size in zip(images, sizes, strict=True) if image.field in REFERENCE_FIELDS
         ]
         price = quote(spec, size, references)
-        refs = [image.ref for image in images] + ([image_prompt] if image_prompt else [])
-        waits = any(is_url(ref) for ref in refs)
+        waits = any(is_url(ref) for ref in _input_refs(params))
         job = Job(
             id=job_id,
             status=JobStatus.FETCHING if waits else JobStatus.QUEUED,
@@ -175,6 +176,12 @@ class Submitter:
         except InputError as error:
             raise InvalidInput(field, str(error).removeprefix(f"{field}: ")) from error
         return store_input(self._blobs, job_id, field, image), image.size
+
+
+def _input_refs(params: GenerationParams) -> list[str]:
+    """Every image a request carries (a URL or base64)."""
+    prompt = [params.image_prompt] if params.image_prompt is not None else []
+    return [image.ref for image in params.input_images] + prompt
 
 
 def store_input(blobs: BlobStore, job_id: str, field: str, image: Image.Image) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import QUEUE_POSITION_CAP, Job, JobStatus
 from fluxserve.core.notes import public_details
 from fluxserve.core.pricing import format_credits
 from fluxserve.surfaces.base import Links
@@ -48,8 +48,10 @@ def render_job(job: Job, links: Links) -> dict[str, Any]:
     }
     if not job.status.is_terminal:
         data["progress"] = job.progress
-    if job.status is JobStatus.QUEUED:  # an added field: queued jobs created before this one
-        data["queuePosition"] = links.queue_position(job.id)
+    if job.status is JobStatus.QUEUED:  # added fields: queued jobs the claim order puts before this one
+        data["queuePosition"] = position = links.queue_position(job.id)
+        if position is not None and position >= QUEUE_POSITION_CAP:
+            data["queuePositionAtLeast"] = True  # counted no further
     body = {"status": STATUS[job.status], "message": message, "jobId": job.id, "data": data}
     notes = public_details(job.details)
     if notes:  # an added field, as in the vendor's get_result: what the engine tells the user (a note)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import QUEUE_POSITION_CAP, Job, JobStatus
 from fluxserve.core.notes import public_details
 from fluxserve.surfaces.base import Links
 
@@ -59,9 +59,10 @@ def render_result(job: Job | None, job_id: str, links: Links) -> ResultResponse:
     word = STATUS[status]
     if status is JobStatus.QUEUED:  # details is free-form in the vendor's schema: an added field
         position = links.queue_position(job.id)
-        return ResultResponse(
-            id=job.id, status=word, progress=job.progress, details={"queue_position": position}
-        )
+        details: dict[str, Any] = {"queue_position": position}
+        if position is not None and position >= QUEUE_POSITION_CAP:
+            details["queue_position_at_least"] = True  # counted no further
+        return ResultResponse(id=job.id, status=word, progress=job.progress, details=details)
     if not status.is_terminal:
         return ResultResponse(id=job.id, status=word, progress=job.progress)
     if status is JobStatus.SUCCEEDED:
