@@ -9,6 +9,7 @@ Also here: the queue position in claim order, the verified-key cache, and a dead
 from __future__ import annotations
 
 import contextvars
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,6 +63,8 @@ class Measured:
     services: Services
     engine: Engine
     dialect: str
+    announced: threading.Condition
+    keys_heard: set[str | None]
 
     def statements(self, method: str, path: str, **kwargs: Any) -> tuple[Any, list[str]]:
         """The response to one request, and the SQL statements run for it."""
@@ -89,13 +92,27 @@ def measured(database_url: str, tmp_path: Path) -> Iterator[Measured]:
     event.listen(engine, "before_cursor_execute", count)
     services = app.state.services
     services.keys.cache = KeyCache(max_age=3600)  # the counts below are of requests with a verified key
+    announced = threading.Condition()
+    heard: set[str | None] = set()
+
+    def hear(key_id: str | None) -> None:
+        with announced:
+            heard.add(key_id)
+            announced.notify_all()
+
+    app.state.runtime.feed.subscribe_keys(hear)
     with TestClient(wrapper) as client:
-        yield Measured(client, wrapper, services, engine, engine.dialect.name)
+        yield Measured(client, wrapper, services, engine, engine.dialect.name, announced, heard)
     event.remove(engine, "before_cursor_execute", count)
 
 
 def _key(measured: Measured, name: str = "cost") -> str:
-    return measured.services.keys.create(name).key
+    """A new key, once the change feed has announced it: the feed's word that a key changed empties its
+    cache entry, so a late announcement would cost a measured request a lookup."""
+    new = measured.services.keys.create(name)
+    with measured.announced:
+        assert measured.announced.wait_for(lambda: new.record.id in measured.keys_heard, timeout=30)
+    return new.key
 
 
 def _submit(measured: Measured, key: str, body: dict[str, Any] | None = None) -> str:
