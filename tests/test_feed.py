@@ -21,7 +21,7 @@ from fluxserve.db.tables import jobs
 from fluxserve.jobs.feed import ChangeFeed, JobChange, wake_on, webhook_due
 from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
-from fluxserve.webhooks.delivery import WebhookDispatcher
+from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
 from fluxserve.wiring import make_feed
 from tests.test_webhooks_e2e import Receiver
 
@@ -157,7 +157,7 @@ def test_a_job_that_ends_with_a_webhook_wakes_the_dispatcher_at_once(
     """The dispatcher polls only every 600 s here: the delivery goes out because the finish woke it."""
     receiver = Receiver()
     dispatcher = WebhookDispatcher(
-        engines[0], lambda job_id: {"jobId": job_id},
+        engines[0], lambda job_id: Payload({"jobId": job_id}),
         policy=NetworkPolicy(parse_networks("127.0.0.0/8")), poll_seconds=600,
     )  # fmt: skip
     feed.subscribe(wake_on(webhook_due, dispatcher.wake))
