@@ -51,10 +51,10 @@ def settle(conn: Connection, key_id: str, held: Decimal, charged: bool) -> None:
 
 
 def reprice(conn: Connection, key_id: str, held: Decimal, cost: Decimal) -> None:
-    """Bring a hold to ``cost`` once a job's price is known exactly (a megapixel-priced job whose URL
-    inputs were held at the 4 MP bound): the difference goes back to the key, or is taken if the price
-    rose (the balance may then go below zero rather than fail a job already accepted)."""
-    if cost != held:
+    """Bring a hold down to ``cost`` once a job's price is known exactly (a megapixel-priced job whose
+    URL inputs were held at the 4 MP bound): the difference goes back to the key. A price above the hold
+    is never taken (``pricing.requote`` caps it at the quote), so a balance cannot go below zero here."""
+    if cost < held:
         add(conn, key_id, held - cost)
 
 
