@@ -27,6 +27,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from fluxserve.api.auth import BAD_BEARER, NO_BEARER, bearer_token
 from fluxserve.api.errors import OPENAI_PREFIX, VENDOR_PREFIX, error_response, openai_error
 from fluxserve.core.models import MODELS
+from fluxserve.core.numbers import ascii_int
 
 NATIVE_SUBMIT = frozenset({"/flux/generate", "/flux/edits"})  # the reseller's own format
 RESELLER_SUBMIT = frozenset(f"/bfl/v1/{name}" for name in MODELS) | NATIVE_SUBMIT
@@ -75,9 +76,9 @@ class RequestGuard:
         submit = scope["method"] == "POST" and (path in RESELLER_SUBMIT or path in VENDOR_SUBMIT)
         limit = self.submit_max_bytes if submit else self.other_max_bytes
         headers = Headers(scope=scope)
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            message = f"body: {int(declared)} bytes is over this route's {_size(limit)} limit"
+        declared = ascii_int(headers.get("content-length", ""), 19)  # the body counted below decides
+        if declared is not None and declared > limit:
+            message = f"body: {declared} bytes is over this route's {_size(limit)} limit"
             await refusal(path, 413, message)(scope, receive, send)
             return
         if submit and (problem := await self._key_problem(path, headers)) is not None:

@@ -156,7 +156,7 @@ def _spec(model: str) -> ModelSpec:
 def _shape(size: str | None) -> tuple[int, int] | None:
     if size is None or size == "auto":
         return None
-    match = re.fullmatch(r"(\d+)x(\d+)", size)
+    match = re.fullmatch(r"([0-9]+)x([0-9]+)", size)
     assert match is not None  # the schema's pattern
     return int(match[1]), int(match[2])
 
