@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -134,6 +135,35 @@ def _balance(key: ApiKey) -> str:
     return "unlimited" if key.credits is None else str(key.credits)
 
 
+FIRST_KEY_FILE = "first-api-key"
+
+
+def _first_key(settings: Settings, keys: KeyStore, terminal: bool) -> None:
+    """Make the first key, unlimited. Shown only on a terminal: stdout otherwise goes to journald or a
+    container log, where anyone who reads logs would hold it; then it goes to a 0600 file in the data
+    directory, and only that file's path is printed."""
+    new = keys.create("default")
+    if not terminal:
+        path = settings.data_dir.resolve() / FIRST_KEY_FILE
+        path.unlink(missing_ok=True)  # left from an earlier database: a file we create is 0600 from birth
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(new.key + "\n")
+        typer.echo(
+            f"First start: created API key 'default', written to {path} (mode 0600); read it, then delete it"
+        )
+        return
+    # Plain echo, not rich: a wrapped key or curl line could not be pasted back.
+    typer.echo(f"First start: created API key 'default' (shown once): {new.key}")
+    typer.echo(
+        "Try it:\n"
+        f"  curl -s -X POST {settings.base_url}/bfl/v1/flux-dev -H 'TT-API-KEY: {new.key}' "
+        "-H 'Content-Type: application/json' "
+        '-d \'{"prompt": "a large red heart in the top left corner on a light blue background"}\'\n'
+        f"  curl -s '{settings.base_url}/flux/fetch?jobId=<jobId>' -H 'TT-API-KEY: {new.key}'"
+    )
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (FLUXSERVE_HOST).")] = None,
@@ -155,16 +185,7 @@ def serve(
     listener = _listen(settings.host, settings.port, settings.http_backlog)  # before workers or "ready"
     keys = KeyStore(_database(settings, create=True))
     if keys.count() == 0:
-        new = keys.create("default")
-        # Plain echo, not rich: a wrapped key or curl line could not be pasted back.
-        typer.echo(f"First start: created API key 'default' (shown once): {new.key}")
-        typer.echo(
-            "Try it:\n"
-            f"  curl -s -X POST {settings.base_url}/bfl/v1/flux-dev -H 'TT-API-KEY: {new.key}' "
-            "-H 'Content-Type: application/json' "
-            '-d \'{"prompt": "a large red heart in the top left corner on a light blue background"}\'\n'
-            f"  curl -s '{settings.base_url}/flux/fetch?jobId=<jobId>' -H 'TT-API-KEY: {new.key}'"
-        )
+        _first_key(settings, keys, terminal=sys.stdout.isatty())
     from fluxserve.api.limits import http_protocol
     from fluxserve.app import create_app
 
