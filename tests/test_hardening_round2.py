@@ -3,26 +3,33 @@ numbers a client sends, security headers on HTML pages, words in refusals."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 from decimal import Decimal
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
 
 from fluxserve.api.deps import Services
 from fluxserve.api.events import EventId
+from fluxserve.api.limits import RequestGuard
 from fluxserve.app import create_app
 from fluxserve.core.numbers import ascii_int
 from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner
 
 HOSTILE_NUMBERS = ["²", "1²", "٣", "1" * 13, "1" * 5000, "", " 1", "1 ", "+1", "-1", "0x1", "1_0", "1.0"]
+MAX_INPUT = 256 * 1024  # the route's body limit is then 4 base64 images of it plus 1 MiB: about 2.4 MiB
 IDS = [text if len(text) < 20 else f"{len(text)} digits" for text in HOSTILE_NUMBERS]
 
 
 @pytest.fixture(scope="module")
 def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Services]]:
-    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("round2"), workers=0))
+    settings = Settings(data_dir=tmp_path_factory.mktemp("round2"), workers=0, max_input_bytes=MAX_INPUT)
+    app = create_app(settings)
     with TestClient(app) as client:
         yield client, app.state.services
 
@@ -66,3 +73,109 @@ def test_an_aspect_ratio_in_other_digits_is_refused_naming_the_field(
         "/bfl/v1/flux-kontext-pro", json={"prompt": "p", "aspect_ratio": ratio}, headers={"TT-API-KEY": key}
     )
     assert response.status_code in (400, 422) and "aspect_ratio" in response.text
+
+
+# -- uploads ----------------------------------------------------------------------------------------------
+
+
+def funded(app_client: tuple[TestClient, Services], credits: str) -> str:
+    services = app_client[1]
+    return services.keys.create(f"k{services.keys.count()}", Decimal(credits)).key
+
+
+UPLOAD_ROUTES = [
+    ("/flux/edits", "TT-API-KEY", {"prompt": "p", "mode": "flux-kontext-pro"}),
+    ("/v1/images/edits", "Authorization", {"prompt": "p", "model": "flux-kontext-pro"}),
+]
+
+
+def auth(header: str, key: str) -> dict[str, str]:
+    return {header: f"Bearer {key}" if header == "Authorization" else key}
+
+
+@pytest.mark.parametrize(("path", "header", "form"), UPLOAD_ROUTES)
+def test_an_upload_over_the_input_limit_is_refused_naming_the_image(
+    app_client: tuple[TestClient, Services], path: str, header: str, form: dict[str, str]
+) -> None:
+    client, key = app_client[0], funded(app_client, "100")
+    files = [("image", ("big.png", b"x" * (MAX_INPUT + 1), "image/png"))]
+    response = client.post(path, data=form, files=files, headers=auth(header, key))
+    assert response.status_code == 400, response.text
+    assert f"image: file 1 is {MAX_INPUT + 1} bytes; at most {MAX_INPUT} are accepted" in response.text
+
+
+@pytest.mark.parametrize(("path", "header", "form"), UPLOAD_ROUTES)
+def test_a_multipart_body_over_the_route_limit_is_a_413_in_the_routes_dialect(
+    app_client: tuple[TestClient, Services], path: str, header: str, form: dict[str, str]
+) -> None:
+    """Sent in chunks without a Content-Length: the guard counts the stream as it passes to the app."""
+    client, key = app_client[0], funded(app_client, "100")
+    files = [("image", ("big.png", b"x" * 3 * 1024 * 1024, "image/png"))]
+    encoded = httpx.Request("POST", "http://x", data=form, files=files)
+    body = encoded.read()
+    chunks = (body[start : start + 65536] for start in range(0, len(body), 65536))
+    headers = {**auth(header, key), "content-type": encoded.headers["content-type"]}
+    response = client.post(path, content=chunks, headers=headers)
+    assert response.status_code == 413 and "body: more than this route's 2 MiB limit" in response.text
+    assert ("error" in response.json()) is (header == "Authorization")
+
+
+@pytest.mark.parametrize(("path", "header", "form"), UPLOAD_ROUTES)
+def test_an_upload_from_a_key_without_credits_is_a_402_before_its_body_is_read(
+    app_client: tuple[TestClient, Services], path: str, header: str, form: dict[str, str]
+) -> None:
+    """Called as the server calls the app: the body's channel is never read."""
+    key = funded(app_client, "0")
+    app = app_client[0].app
+    raw_headers = [(name.lower().encode(), value.encode()) for name, value in auth(header, key).items()]
+    raw_headers.append((b"content-type", b"multipart/form-data; boundary=x"))
+    scope = {
+        "type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "headers": raw_headers, "http_version": "1.1", "scheme": "http", "root_path": "",
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "app": app,
+    }  # fmt: skip
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        raise AssertionError("the body was read")
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    assert sent[0]["status"] == 402
+    body = json.loads(b"".join(m.get("body", b"") for m in sent))  # type: ignore[misc]
+    assert "Not enough credits: this key has 0" in json.dumps(body) and "upload was not read" in json.dumps(
+        body
+    )
+
+
+def test_a_multipart_body_reaches_the_app_as_it_arrives_never_held_whole() -> None:
+    """The app has each chunk before the next is read from the client (a buffered body would show none)."""
+    chunks = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
+    seen_by_app: list[bytes] = []
+    seen_when_read: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        more = True
+        while more:
+            event = await receive()
+            seen_by_app.append(event["body"])
+            more = event["more_body"]
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> Message:
+        seen_when_read.append(len(seen_by_app))
+        body = chunks[len(seen_when_read) - 1]
+        return {"type": "http.request", "body": body, "more_body": len(seen_when_read) < len(chunks)}
+
+    async def send(message: Message) -> None:
+        pass
+
+    guard = RequestGuard(app, lambda raw: None, 10_000, 10_000, 100)
+    headers = [(b"content-type", b"multipart/form-data; boundary=x")]
+    asyncio.run(
+        guard({"type": "http", "method": "POST", "path": "/upload", "headers": headers}, receive, send)
+    )
+    assert seen_by_app == chunks and seen_when_read == [0, 1, 2]

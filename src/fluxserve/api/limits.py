@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 import anyio.to_thread
@@ -24,10 +25,12 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import BAD_BEARER, NO_BEARER, bearer_token
 from fluxserve.api.errors import OPENAI_PREFIX, VENDOR_PREFIX, error_response, openai_error
 from fluxserve.core.models import MODELS
 from fluxserve.core.numbers import ascii_int
+from fluxserve.core.pricing import format_credits
 
 NATIVE_SUBMIT = frozenset({"/flux/generate", "/flux/edits"})  # the reseller's own format
 RESELLER_SUBMIT = frozenset(f"/bfl/v1/{name}" for name in MODELS) | NATIVE_SUBMIT
@@ -57,7 +60,7 @@ class RequestGuard:
     def __init__(
         self,
         app: ASGIApp,
-        authenticate: Callable[[str], object | None],
+        authenticate: Callable[[str], ApiKey | None],
         submit_max_bytes: int,
         other_max_bytes: int,
         max_separators: int,
@@ -81,8 +84,12 @@ class RequestGuard:
             message = f"body: {declared} bytes is over this route's {_size(limit)} limit"
             await refusal(path, 413, message)(scope, receive, send)
             return
-        if submit and (problem := await self._key_problem(path, headers)) is not None:
+        multipart = headers.get("content-type", "").lower().startswith("multipart/")
+        if submit and (problem := await self._key_problem(path, headers, multipart)) is not None:
             await problem(scope, receive, send)
+            return
+        if multipart:  # uploads stream through, counted; the form parser spools each file to disk
+            await self._stream(path, limit, scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -100,7 +107,7 @@ class RequestGuard:
             chunks.append(chunk)
             more = event.get("more_body", False)
         body = b"".join(chunks)
-        if submit and not headers.get("content-type", "").lower().startswith("multipart/"):
+        if submit:
             # A separator count is a C loop over the bytes; parsing and validating a body with a million
             # fields would hold the event loop (and the GIL, even in a thread) for seconds. Multipart
             # bodies (image uploads) are binary: their forms have a few fields.
@@ -116,30 +123,71 @@ class RequestGuard:
                 return
         await self.app(scope, _replay(body, receive), send)
 
-    async def _key_problem(self, path: str, headers: Headers) -> JSONResponse | None:
-        if path.startswith(OPENAI_PREFIX):
-            token = bearer_token(headers.get("authorization"))
-            if not token or await anyio.to_thread.run_sync(self.authenticate, token) is None:
-                message = BAD_BEARER if token else NO_BEARER
-                return openai_error(401, message, code="invalid_api_key", headers=CLOSE)
-            return None
-        if path.startswith(VENDOR_PREFIX):
-            key = headers.get("x-key")
-            if not key:
+    async def _stream(self, path: str, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass a multipart body to the app as it arrives, never held whole (a 100 MB upload once cost
+        the process 5 times that), and answer 413 instead of the app once it passes ``limit``."""
+        size = 0
+        over = False
+
+        async def counted() -> Message:
+            nonlocal size, over
+            event = await receive()
+            if event["type"] == "http.request":
+                size += len(event.get("body", b""))
+                if size > limit:
+                    over = True
+                    raise _BodyTooLarge
+            return event
+
+        async def unless_over(message: Message) -> None:
+            if not over:  # the app's answer to a body cut short (a parse error) is replaced by the 413
+                await send(message)
+
+        with suppress(_BodyTooLarge):
+            await self.app(scope, counted, unless_over)
+        if over:
+            await refusal(path, 413, f"body: more than this route's {_size(limit)} limit")(
+                scope, receive, send
+            )
+
+    async def _key_problem(self, path: str, headers: Headers, upload: bool) -> JSONResponse | None:
+        """The submit's key refused from its headers alone: missing or unknown (401; the vendor's 403),
+        or, for an upload, a balance below the cheapest price on the route (402), before any body is read."""
+        openai, vendor = path.startswith(OPENAI_PREFIX), path.startswith(VENDOR_PREFIX)
+        if openai:
+            raw = bearer_token(headers.get("authorization"))
+        else:
+            raw = headers.get("x-key" if vendor else "tt-api-key")
+        key = await anyio.to_thread.run_sync(self.authenticate, raw) if raw else None
+        if key is None and openai:
+            message = BAD_BEARER if raw else NO_BEARER
+            return openai_error(401, message, code="invalid_api_key", headers=CLOSE)
+        if key is None and vendor:
+            if not raw:
                 return refusal(
                     path, 403, "Not authenticated - x-key header is missing; send your API key in it"
                 )
-            if await anyio.to_thread.run_sync(self.authenticate, key) is None:
-                return refusal(
-                    path, 403, "Not authenticated - Invalid Authentication: x-key is not a valid API key"
-                )
-            return None
-        key = headers.get("tt-api-key")
-        if not key:
-            return refusal(path, 401, "TT-API-KEY header is missing; send your API key in it")
-        if await anyio.to_thread.run_sync(self.authenticate, key) is None:
-            return refusal(path, 401, "TT-API-KEY is not a valid API key")
+            return refusal(
+                path, 403, "Not authenticated - Invalid Authentication: x-key is not a valid API key"
+            )
+        if key is None:
+            reason = "is not a valid API key" if raw else "header is missing; send your API key in it"
+            return refusal(path, 401, f"TT-API-KEY {reason}")
+        model = MODELS.get(path.rsplit("/", 1)[-1])  # the edit routes name it in the form: any model's
+        cheapest = model.price if model else min(spec.price for spec in MODELS.values())
+        if upload and key.credits is not None and key.credits < cheapest:
+            message = (
+                f"Not enough credits: this key has {format_credits(key.credits)} and the cheapest model on "
+                f"this route costs {format_credits(cheapest)}; the upload was not read"
+            )
+            if openai:
+                return openai_error(402, message, code="insufficient_quota", headers=CLOSE)
+            return refusal(path, 402, message)
         return None
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the app from ``receive`` when a streamed body passes its route's limit."""
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -29,6 +29,7 @@ from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import NO_RETRY, OpenAIError, OpenAIErrorBody, responses
 from fluxserve.api.requests import (
     SubmitRequest,
+    encoded_uploads,
     image_slots,
     needs_only_a_prompt,
     refusing_routes,
@@ -289,9 +290,9 @@ async def edits(
         raise OpenAIError(400, "image: is required (one or more image files)", param="image")
     if len(uploads) > len(slots):
         raise OpenAIError(400, f"image: {spec.name} takes at most {len(slots)} image(s)", param="image")
-    encoded = {
-        slot: base64.b64encode(await upload.read()).decode()
-        for slot, upload in zip(slots, uploads, strict=False)
-    }
+    try:
+        encoded = await encoded_uploads(uploads, slots, services.submitter.max_input_bytes)
+    except InvalidInput as error:
+        raise OpenAIError(400, str(error), param="image") from error
     request = _request(spec, prompt, size, encoded)
     return await _images(spec, request, n, response_format, key, services, options, response)

@@ -62,6 +62,11 @@ class Submitter:
         self._policy = policy
         self._to_fetch = to_fetch
 
+    @property
+    def max_input_bytes(self) -> int:
+        """The most bytes one input image may have (an upload larger is refused before it is read)."""
+        return self._limits.max_input_bytes
+
     def submit(
         self,
         key: ApiKey,
