@@ -4,7 +4,10 @@ numbers a client sends, security headers on HTML pages, words in refusals."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import re
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -179,3 +182,35 @@ def test_a_multipart_body_reaches_the_app_as_it_arrives_never_held_whole() -> No
         guard({"type": "http", "method": "POST", "path": "/upload", "headers": headers}, receive, send)
     )
     assert seen_by_app == chunks and seen_when_read == [0, 1, 2]
+
+
+# -- security headers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/playground/", "/docs", "/redoc"])
+def test_every_html_page_has_a_policy_and_cannot_be_framed(client: TestClient, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    policy = response.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy
+    script_src = next(part for part in policy.split("; ") if part.startswith("script-src"))
+    assert "'unsafe-inline'" not in script_src
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+
+
+def test_the_docs_inline_script_is_allowed_by_its_hash_and_no_other(client: TestClient) -> None:
+    page = client.get("/docs")
+    (script,) = re.findall(r"<script>(.*?)</script>", page.text, re.DOTALL)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    script_src = next(
+        part for part in page.headers["content-security-policy"].split("; ") if part.startswith("script-src")
+    )
+    assert script_src == f"script-src 'self' 'sha256-{digest}'"
+
+
+def test_json_answers_say_nosniff_without_a_page_policy(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "content-security-policy" not in response.headers

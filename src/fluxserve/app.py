@@ -22,6 +22,7 @@ from fluxserve.accounts.keys import KeyStore
 from fluxserve.api import events, files, openai_images, ops, reseller, reseller_native, vendor
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
+from fluxserve.api.headers import SecurityHeaders
 from fluxserve.api.limits import RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
@@ -190,6 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(vendor.router, max_body_size=max_body_size(settings))
     app.include_router(files.router)
     app.include_router(playground_router)  # the web playground: /playground/ (and / points there)
+    app.add_middleware(SecurityHeaders)  # nosniff everywhere; CSP, no framing, no referrer on HTML pages
     app.include_router(events.router)
     app.state.event_streams = events.EventStreams(
         settings.events_max_per_key,
