@@ -214,3 +214,30 @@ def test_json_answers_say_nosniff_without_a_page_policy(client: TestClient) -> N
     response = client.get("/healthz")
     assert response.headers["x-content-type-options"] == "nosniff"
     assert "content-security-policy" not in response.headers
+
+
+# -- words ------------------------------------------------------------------------------------------------
+
+
+def test_every_402_gives_the_flux2_price_of_the_request_not_the_first_megapixels(
+    app_client: tuple[TestClient, Services],
+) -> None:
+    """flux-2-max is 7 credits for the first megapixel and 3 for each further one: 1440x1440 (2.07 MP,
+    billed 2) costs 10 and 2048x2048 (4.19 MP, billed 4) 16. A 402 said 7 for both."""
+    client, key = app_client[0], funded(app_client, "9")
+    openai = client.post(
+        "/v1/images/generations",
+        json={"prompt": "p", "model": "flux-2-max", "size": "1440x1440", "n": 2},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert openai.status_code == 402 and openai.json()["error"]["message"].endswith("2 x flux-2-max costs 20")
+    body = {"prompt": "p", "width": 1440, "height": 1440}
+    reseller = client.post("/bfl/v1/flux-2-max", json=body, headers={"TT-API-KEY": key})
+    assert reseller.status_code == 402 and reseller.json()["message"].endswith("flux-2-max costs 10")
+    vendor = client.post(
+        "/v1/flux-2-max", json={**body, "width": 2048, "height": 2048}, headers={"x-key": key}
+    )
+    assert vendor.status_code == 402 and "flux-2-max costs 16 credits and this key has 9" in vendor.text
+    broke = funded(app_client, "1")  # refused before the images are looked at: the lowest price, said so
+    lowest = client.post("/bfl/v1/flux-2-max", json=body, headers={"TT-API-KEY": broke})
+    assert "costs at least 7 (7 for the first megapixel + 3 for each further one)" in lowest.text

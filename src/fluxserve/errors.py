@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 
 class FluxserveError(Exception):
     """Base of the tree."""
@@ -28,9 +30,14 @@ class InvalidInput(RequestRefused, ValueError):
 
 
 class QuotaExceeded(RequestRefused):
-    """The key's credits do not cover the job's price."""
+    """The key's credits do not cover the job's price: ``price`` once the job was quoted (a FLUX.2 price
+    counts its megapixels), None when the key could not cover even the model's lowest price."""
 
     status_code = 402
+
+    def __init__(self, price: Decimal | None = None) -> None:
+        super().__init__("not enough credits")
+        self.price = price
 
 
 class TooManyActiveJobs(RequestRefused):

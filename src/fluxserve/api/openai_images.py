@@ -40,7 +40,7 @@ from fluxserve.api.requests import (
 from fluxserve.core.fields import Prompt, error_messages
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import MODELS, Dialect, ModelSpec
-from fluxserve.core.pricing import format_credits
+from fluxserve.core.pricing import refused_price
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.retention import drop_inputs
 
@@ -195,7 +195,7 @@ def _refused(spec: ModelSpec, error: Exception, n: int) -> OpenAIError:
         message = str(error).replace(f"{error.field}: ", f"{upload_name(error.field)}: ", 1)
         return OpenAIError(400, message, param=upload_name(error.field))
     if isinstance(error, QuotaExceeded):
-        price = format_credits(spec.price * n)
+        price = refused_price(spec, error.price, n)
         return OpenAIError(
             402, f"Not enough credits: {n} x {spec.name} costs {price}", code="insufficient_quota"
         )

@@ -74,3 +74,15 @@ def _priced(spec: ModelSpec, further: Decimal, output_mp: Decimal, input_mp: Dec
 def format_credits(value: Decimal) -> str:
     """``Decimal("4.00")`` -> ``"4"``, ``Decimal("2.50")`` -> ``"2.5"``: how the reseller writes quota."""
     return format(value.normalize(), "f")
+
+
+def refused_price(spec: ModelSpec, price: Decimal | None, count: int = 1) -> str:
+    """What a 402 says ``count`` jobs cost: their quote when the refused job was quoted, else (refused
+    before its images were looked at) the model's lowest price, "at least" for a price by the megapixel."""
+    if price is not None:
+        return format_credits(price * count)
+    lowest = format_credits(spec.price * count)
+    if spec.further_mp_price is None:
+        return lowest
+    first, further = format_credits(spec.price), format_credits(spec.further_mp_price)
+    return f"at least {lowest} ({first} for the first megapixel + {further} for each further one)"

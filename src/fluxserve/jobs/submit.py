@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal
 from urllib.parse import urlsplit
 
 from PIL import Image
@@ -22,7 +23,7 @@ from fluxserve.core.models import Dialect, Family, ModelSpec, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import quote
 from fluxserve.core.sizes import output_size
-from fluxserve.errors import AddressRefused, FetchError, InputError, InvalidInput
+from fluxserve.errors import AddressRefused, FetchError, InputError, InvalidInput, QuotaExceeded
 from fluxserve.jobs.store import Idempotency, JobStore
 from fluxserve.safety.fetch import NetworkPolicy, vet
 from fluxserve.safety.images import decode_image_input, is_url
@@ -99,12 +100,15 @@ class Submitter:
         # Admission before work: a key that cannot have this job costs no decoding and leaves no file.
         self._store.admit(key.id, spec.name, spec.price, self._limits.max_active, model_limit)
         job_id = str(uuid.uuid4())
+        quoted: Decimal | None = None
         try:
             job = self._new_job(key, spec, params, seed, webhook_url, dialect, job_id)
-            job.webhook_secret = webhook_secret
+            job.webhook_secret, quoted = webhook_secret, job.cost
             job = self._store.submit(job, self._limits.max_active, model_limit, idempotency)
-        except Exception:
+        except Exception as error:
             self._blobs.delete_prefix(inputs_prefix(job_id))  # refused after all (a race): no orphan
+            if isinstance(error, QuotaExceeded) and quoted is not None:  # the price the key was short of
+                raise QuotaExceeded(quoted) from error
             raise
         if job.id != job_id:  # a concurrent repeat of this idempotent submit won: its job stands
             self._blobs.delete_prefix(inputs_prefix(job_id))
