@@ -23,6 +23,7 @@ from fluxserve.app import create_app
 from fluxserve.core.numbers import ascii_int
 from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner
+from tests.conftest import png_base64
 
 HOSTILE_NUMBERS = ["²", "1²", "٣", "1" * 13, "1" * 5000, "", " 1", "1 ", "+1", "-1", "0x1", "1_0", "1.0"]
 MAX_INPUT = 256 * 1024  # the route's body limit is then 4 base64 images of it plus 1 MiB: about 2.4 MiB
@@ -31,7 +32,12 @@ IDS = [text if len(text) < 20 else f"{len(text)} digits" for text in HOSTILE_NUM
 
 @pytest.fixture(scope="module")
 def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Services]]:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("round2"), workers=0, max_input_bytes=MAX_INPUT)
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("round2"),
+        workers=0,
+        max_input_bytes=MAX_INPUT,
+        openai_wait_seconds=0.1,
+    )
     app = create_app(settings)
     with TestClient(app) as client:
         yield client, app.state.services
@@ -241,3 +247,35 @@ def test_every_402_gives_the_flux2_price_of_the_request_not_the_first_megapixels
     broke = funded(app_client, "1")  # refused before the images are looked at: the lowest price, said so
     lowest = client.post("/bfl/v1/flux-2-max", json=body, headers={"TT-API-KEY": broke})
     assert "costs at least 7 (7 for the first megapixel + 3 for each further one)" in lowest.text
+
+
+@pytest.mark.parametrize(
+    ("path", "shape", "listed", "unlisted"),
+    [
+        ("/bfl/v1/no-such-model", "message", "flux-kontext-pro", "flux-2-klein-4b"),  # the reseller's models
+        ("/v1/no-such-model", "detail", "flux-2-klein-4b", "credits"),
+    ],
+)
+def test_an_unknown_model_is_a_404_listing_the_dialects_models(
+    client: TestClient, key: str, path: str, shape: str, listed: str, unlisted: str
+) -> None:
+    response = client.post(path, json={"prompt": "p"}, headers={"TT-API-KEY": key, "x-key": key})
+    assert response.status_code == 404
+    message = response.json()[shape]
+    assert message.startswith("model: 'no-such-model' is not a model this server has; models: ")
+    assert listed in message.split(", ") or f"models: {listed}" in message
+    assert unlisted not in message
+
+
+@pytest.mark.parametrize(("path", "header", "form"), UPLOAD_ROUTES)
+def test_both_edit_routes_trim_spaces_around_their_choice_fields(
+    app_client: tuple[TestClient, Services], path: str, header: str, form: dict[str, str]
+) -> None:
+    client, key = app_client[0], funded(app_client, "100")
+    padded = {name: value if name == "prompt" else f" {value} " for name, value in form.items()}
+    if header == "Authorization":
+        padded |= {"size": " 1024x1024 ", "response_format": " url "}
+    files = [("image", ("a.png", base64.b64decode(png_base64()), "image/png"))]
+    response = client.post(path, data=padded, files=files, headers=auth(header, key))
+    accepted = 504 if header == "Authorization" else 200  # OpenAI's wait ends (no workers here); jobs stand
+    assert response.status_code == accepted, response.text

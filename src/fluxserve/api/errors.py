@@ -25,6 +25,7 @@ from fluxserve.core.fields import error_messages
 log = logging.getLogger("fluxserve.api")
 
 VENDOR_PREFIX = "/v1/"
+RESELLER_MODEL_PREFIX = "/bfl/v1/"
 OPENAI_PREFIX = "/v1/images/"
 # The openai SDKs retry 408, 409, 429 and 5xx unless told not to; a retried submit would be a second job.
 NO_RETRY = {"x-should-retry": "false"}
@@ -129,6 +130,23 @@ def _allow(request: Request, exc: StarletteHTTPException) -> str:
     return ", ".join(sorted(methods)) or (exc.headers or {}).get("Allow", "")
 
 
+def _models_beside(request: Request) -> list[str]:
+    """The models of an unknown model route's dialect (``/bfl/v1/<model>``, ``/v1/<model>``): the names
+    of the submit routes next to it; none for any other path."""
+    prefix = request.url.path.rsplit("/", 1)[0] + "/"
+    if request.method != "POST" or prefix not in (RESELLER_MODEL_PREFIX, VENDOR_PREFIX):
+        return []
+    paths = request.app.openapi()["paths"]
+    return [
+        path.removeprefix(prefix)
+        for path, operations in paths.items()
+        if path.startswith(prefix)
+        and "/" not in path.removeprefix(prefix)
+        and "post" in operations
+        and "{" not in path
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -155,6 +173,9 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Allow"] = _allow(request, exc)
         if exc.status_code == 413 and not request.url.path.startswith(VENDOR_PREFIX):
             message = "body: larger than this server accepts; send fewer or smaller images"
+        elif exc.status_code == 404 and (models := _models_beside(request)):
+            name = request.url.path.rsplit("/", 1)[-1][:100]
+            message = f"model: {name!r} is not a model this server has; models: {', '.join(models)}"
         else:
             message = str(exc.detail)
         return error_response(request.url.path, exc.status_code, message, headers)

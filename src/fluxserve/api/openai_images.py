@@ -37,7 +37,7 @@ from fluxserve.api.requests import (
     size_fields,
     upload_name,
 )
-from fluxserve.core.fields import Prompt, error_messages
+from fluxserve.core.fields import Prompt, Trimmed, error_messages
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import MODELS, Dialect, ModelSpec
 from fluxserve.core.pricing import refused_price
@@ -91,10 +91,12 @@ router = APIRouter(prefix="/v1/images", tags=["openai"], route_class=refusing_ro
 Key = Annotated[ApiKey, Depends(bearer_key)]
 Deps = Annotated[Services, Depends(get_services)]
 Options = Annotated[ImagesOptions, Depends(_options)]
-Model = Annotated[str | None, Field(json_schema_extra={"enum": MODEL_NAMES}, description="The model.")]
+Model = Annotated[
+    str | None, Trimmed, Field(json_schema_extra={"enum": MODEL_NAMES}, description="The model.")
+]
 N = Annotated[int, Field(ge=1, le=MAX_N, description="How many images.")]
-Size = Annotated[str | None, Field(pattern=SIZE_PATTERN, description="WxH or auto.")]
-ResponseFormat = Literal["url", "b64_json"] | None
+Size = Annotated[str | None, Trimmed, Field(pattern=SIZE_PATTERN, description="WxH or auto.")]
+ResponseFormat = Annotated[Literal["url", "b64_json"] | None, Trimmed]
 Ignored = Annotated[str | None, Field(description="Accepted and ignored.")]
 
 

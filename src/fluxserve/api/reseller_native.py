@@ -38,6 +38,7 @@ from fluxserve.api.reseller_schemas import SUBMIT_RESPONSES
 from fluxserve.core.fields import (
     OptionalAspectRatio,
     Prompt,
+    Trimmed,
     WebhookUrl,
     error_messages,
 )
@@ -69,7 +70,7 @@ MODES = _modes()
 
 
 def spec_of_mode(mode: str) -> ModelSpec:
-    spec = MODES.get(mode.strip())
+    spec = MODES.get(mode)
     if spec is None:
         raise ApiError(400, f"mode: {mode[:100]!r} is not a model this server has; modes: {', '.join(MODES)}")
     return spec
@@ -112,7 +113,7 @@ Idempotency = Annotated[
     Header(alias=IDEMPOTENCY_HEADER, description="Optional: a repeat within 24 hours returns the same job."),
 ]
 _MODE_DOC = "The model: " + ", ".join(MODES) + ". `model` is accepted for it."
-Mode = Annotated[str, Field(json_schema_extra={"enum": list(MODES)}, description=_MODE_DOC)]
+Mode = Annotated[str, Trimmed, Field(json_schema_extra={"enum": list(MODES)}, description=_MODE_DOC)]
 Size = Literal["1024x1024", "1024x1792", "1792x1024"] | None
 
 
