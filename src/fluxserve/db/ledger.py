@@ -1,16 +1,20 @@
 """The credit ledger: a job's price is held at submit and either kept (success) or given back.
 
 Credits are integer hundredths in the database, so 2.5-credit models add up exactly; a key whose balance
-is NULL is unlimited. Each function works inside the caller's transaction.
+is NULL is unlimited. Each function works inside the caller's transaction, and each change it makes is
+also appended to ``credit_ledger`` (kind, signed amount, the job or the operator, the time), so that a
+finite balance is always the sum of its key's entries and ``fluxserve usage`` can say where credits went.
+Entries are written for unlimited keys too (their usage counts), though no balance moves.
 """
 
 from __future__ import annotations
 
 from decimal import Decimal
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
-from fluxserve.db.tables import api_keys
+from fluxserve.db.connection import utcnow
+from fluxserve.db.tables import api_keys, credit_ledger
 
 _BALANCE = api_keys.c.credits_hundredths
 
@@ -23,8 +27,17 @@ def from_hundredths(value: int) -> Decimal:
     return Decimal(value) / 100
 
 
-def hold(conn: Connection, key_id: str, amount: Decimal) -> bool:
-    """Take ``amount`` from the key's balance; False (and nothing taken) when it does not cover it.
+def hold(
+    conn: Connection,
+    key_id: str,
+    amount: Decimal,
+    *,
+    job_id: str | None = None,
+    model: str | None = None,
+    operator: str | None = None,
+) -> bool:
+    """Take ``amount`` from the key's balance; False (and nothing taken) when it does not cover it. A
+    hold for a job; with ``operator`` instead, credits taken by hand (a ``take`` entry).
 
     Touching the key's row also serialises submits of one key (a row lock on PostgreSQL, the write lock
     on SQLite), so checks made after it in the same transaction cannot race another submit of that key.
@@ -35,6 +48,9 @@ def hold(conn: Connection, key_id: str, amount: Decimal) -> bool:
         .where(api_keys.c.id == key_id, _BALANCE.is_(None) | (cost <= _BALANCE))
         .values(credits_hundredths=_BALANCE - cost)
     )
+    if held.rowcount == 1:
+        kind = "take" if operator is not None else "hold"
+        _append(conn, key_id, kind, -cost, job_id=job_id, model=model, operator=operator)
     return held.rowcount == 1
 
 
@@ -44,36 +60,101 @@ def covers(conn: Connection, key_id: str, amount: Decimal) -> bool:
     return balance is not None and (balance[0] is None or balance[0] >= to_hundredths(amount))
 
 
-def settle(conn: Connection, key_id: str, held: Decimal, charged: bool) -> None:
-    """End a hold: kept when the job is charged, given back otherwise (failure, moderation, cancel)."""
-    if not charged:
-        add(conn, key_id, held)
+def settle(
+    conn: Connection,
+    key_id: str,
+    held: Decimal,
+    charged: bool,
+    *,
+    job_id: str | None = None,
+    model: str | None = None,
+) -> None:
+    """End a hold: kept when the job is charged (a ``settle`` entry of 0), given back otherwise (failure,
+    moderation, cancel: a ``refund``)."""
+    if charged:
+        _append(conn, key_id, "settle", 0, job_id=job_id, model=model)
+    else:
+        add(conn, key_id, held, kind="refund", job_id=job_id, model=model)
 
 
-def reprice(conn: Connection, key_id: str, held: Decimal, cost: Decimal) -> None:
+def reprice(
+    conn: Connection,
+    key_id: str,
+    held: Decimal,
+    cost: Decimal,
+    *,
+    job_id: str | None = None,
+    model: str | None = None,
+) -> None:
     """Bring a hold down to ``cost`` once a job's price is known exactly (a megapixel-priced job whose
-    URL inputs were held at the 4 MP bound): the difference goes back to the key. A price above the hold
-    is never taken (``pricing.requote`` caps it at the quote), so a balance cannot go below zero here."""
+    URL inputs were held at the 4 MP bound): the difference goes back to the key (a ``refund``). A price
+    above the hold is never taken (``pricing.requote`` caps it at the quote), so a balance cannot go
+    below zero here."""
     if cost < held:
-        add(conn, key_id, held - cost)
+        add(conn, key_id, held - cost, kind="refund", job_id=job_id, model=model)
 
 
-def add(conn: Connection, key_id: str, amount: Decimal) -> bool:
-    """Add to a finite balance; False for an unlimited (or unknown) key, which stays as it is."""
+def add(
+    conn: Connection,
+    key_id: str,
+    amount: Decimal,
+    *,
+    kind: str = "topup",
+    job_id: str | None = None,
+    model: str | None = None,
+    operator: str | None = None,
+) -> bool:
+    """Add to a finite balance; False for an unlimited (or unknown) key, which stays as it is (a job's
+    refund to an unlimited key is still an entry: its usage nets out)."""
     changed = conn.execute(
         update(api_keys)
         .where(api_keys.c.id == key_id, _BALANCE.is_not(None))
         .values(credits_hundredths=_BALANCE + to_hundredths(amount))
     )
+    if changed.rowcount == 1 or job_id is not None:
+        _append(conn, key_id, kind, to_hundredths(amount), job_id=job_id, model=model, operator=operator)
     return changed.rowcount == 1
 
 
-def set_balance(conn: Connection, key_id: str, credits: Decimal | None) -> bool:
-    """Set a key's balance outright (None: unlimited); False for an unknown key."""
+def set_balance(conn: Connection, key_id: str, credits: Decimal | None, operator: str | None = None) -> bool:
+    """Set a key's balance outright (None: unlimited); False for an unknown key. The ``set`` entry is the
+    difference from the key's entries so far, so that they add up to the new balance."""
     value = None if credits is None else to_hundredths(credits)
-    return (
+    if (
         conn.execute(
             update(api_keys).where(api_keys.c.id == key_id).values(credits_hundredths=value)
         ).rowcount
-        == 1
+        != 1
+    ):
+        return False
+    _append(conn, key_id, "set", (value or 0) - entries_sum(conn, key_id), operator=operator)
+    return True
+
+
+def entries_sum(conn: Connection, key_id: str) -> int:
+    """The sum of a key's entries, in hundredths: its balance, when the balance is finite."""
+    return int(
+        conn.execute(
+            select(func.coalesce(func.sum(credit_ledger.c.amount_hundredths), 0)).where(
+                credit_ledger.c.key_id == key_id
+            )
+        ).scalar_one()
     )
+
+
+def _append(
+    conn: Connection,
+    key_id: str,
+    kind: str,
+    hundredths: int,
+    *,
+    job_id: str | None = None,
+    model: str | None = None,
+    operator: str | None = None,
+) -> None:
+    conn.execute(
+        insert(credit_ledger).values(
+            key_id=key_id, kind=kind, amount_hundredths=hundredths, job_id=job_id, model=model,
+            operator=operator, created_at=utcnow(),
+        )
+    )  # fmt: skip

@@ -128,3 +128,23 @@ workers = Table(
     Column("seen_at", DateTime(timezone=True), nullable=False),
     Index("ix_workers_seen", "seen_at"),
 )
+
+# Every change to a key's credits, appended and never updated (db/ledger.py): for a key with a finite
+# balance the entries add up to it. ``amount_hundredths`` is signed (a hold is negative, a refund positive);
+# ``job_id`` and ``model`` name the job an entry is for (no foreign key: ``fluxserve prune
+# --rows-older-than`` deletes old job rows and folds their entries into one ``summary`` entry per key, model
+# and day), ``operator`` who changed credits by hand. Migration 0012.
+credit_ledger = Table(
+    "credit_ledger",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key_id", String(36), ForeignKey("api_keys.id"), nullable=False),
+    Column("kind", String(16), nullable=False),  # hold settle refund topup set take summary
+    Column("amount_hundredths", BigInteger, nullable=False),
+    Column("job_id", String(36), nullable=True),
+    Column("model", String(64), nullable=True),
+    Column("operator", String(255), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_credit_ledger_key_time", "key_id", "created_at"),
+    Index("ix_credit_ledger_job", "job_id"),
+)

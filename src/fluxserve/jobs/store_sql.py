@@ -154,7 +154,7 @@ class SqlJobStore:
         with self._engine.begin() as conn:
             # The hold comes first: it serialises this key's submits, so the limits cannot race, and
             # the Idempotency-Key read below sees every earlier submit of this key.
-            if not ledger.hold(conn, job.key_id, job.cost):
+            if not ledger.hold(conn, job.key_id, job.cost, job_id=job.id, model=job.model):
                 raise QuotaExceeded()
             if idempotency is not None:
                 existing = self._replay(conn, job.key_id, idempotency)
@@ -363,11 +363,12 @@ class SqlJobStore:
             update(jobs)
             .where(*guard)
             .values(values)
-            .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.webhook_url)
+            .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.webhook_url, jobs.c.model)
         ).first()
         if row is None:
             return False
-        ledger.settle(conn, row.key_id, ledger.from_hundredths(row.cost_hundredths), status.is_charged)
+        held = ledger.from_hundredths(row.cost_hundredths)
+        ledger.settle(conn, row.key_id, held, status.is_charged, job_id=job_id, model=row.model)
         if row.webhook_url:
             outbox.enqueue(conn, job_id, row.key_id, row.webhook_url)
         return True
@@ -523,7 +524,7 @@ class SqlJobStore:
                     worker_id=None,
                     heartbeat_at=None,
                 )
-                .returning(jobs.c.key_id, jobs.c.cost_hundredths)
+                .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.model)
             ).first()
             if queued is not None and price is not None:  # written after the row is ours to write
                 conn.execute(
@@ -535,9 +536,8 @@ class SqlJobStore:
                         output_mp=None if price.output_mp is None else float(price.output_mp),
                     )
                 )
-                ledger.reprice(
-                    conn, queued.key_id, ledger.from_hundredths(queued.cost_hundredths), price.cost
-                )
+                held = ledger.from_hundredths(queued.cost_hundredths)
+                ledger.reprice(conn, queued.key_id, held, price.cost, job_id=job_id, model=queued.model)
             if queued is not None:  # its inputs are in: a worker may take it now
                 self._wakeups.announce(conn)
             return queued is not None
