@@ -19,6 +19,7 @@ from fluxserve.db.tables import api_keys, credit_ledger
 from fluxserve.jobs.fetching import InputFetcher
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from tests import test_worker_inprocess
+from tests.test_cli import Cli
 from tests.test_fetch_stage import origin  # noqa: F401 - the loopback image origin fixture
 from tests.test_worker_inprocess import World
 
@@ -111,3 +112,30 @@ def test_the_migration_opens_each_finite_balance_with_a_set_entry(tmp_path: Path
             select(credit_ledger.c.key_id, credit_ledger.c.kind, credit_ledger.c.amount_hundredths)
         )
         assert [tuple(row) for row in rows] == [("finite", "set", 1234)]
+
+
+def test_usage_reports_from_the_ledger_and_survives_pruning_job_rows(world: World, tmp_path: Path) -> None:
+    key = world.key("100")
+    kept, refunded = world.submit(key, steps=1), world.submit(key, steps=1)
+    assert world.store.finish(kept.id, None, JobStatus.SUCCEEDED, result_key="r.png")
+    assert world.store.finish(refunded.id, None, JobStatus.FAILED, error="boom")
+    world.keys.add_credits(key, Decimal("10"))
+    cli = Cli(tmp_path / "data", world.database_url)
+    expected = [
+        {"group": "(operator)", "key": key.name, "charged": "0", "jobs": 0, "operator": "110"},
+        {"group": "flux-dev", "key": key.name, "charged": "2.5", "jobs": 1, "operator": "0"},
+    ]
+    assert cli.json("usage", "--by", "model", "--key", key.name, "--json") == expected
+    (today,) = cli.json("usage", "--key", key.name, "--json")
+    assert today["charged"] == "2.5" and today["operator"] == "110"
+
+    assert "removed 2 job record(s)" in cli("prune", "--rows-older-than", "0").stdout
+    assert world.store.get(kept.id) is None and world.store.get(refunded.id) is None
+    assert cli.json("usage", "--by", "model", "--key", key.name, "--json") == expected
+    assert_balanced(world, key.id)
+    assert [kind for kind, *_ in entries(world, key.id)] == ["set", "topup", "summary"]
+
+
+def test_usage_refuses_a_since_that_is_no_date(world: World, tmp_path: Path) -> None:
+    result = Cli(tmp_path / "data", world.database_url)("usage", "--since", "yesterday", code=2)
+    assert "--since: 'yesterday' is not a date" in result.stderr

@@ -1,4 +1,4 @@
-"""The ``fluxserve`` command: serve, worker, jobs, keys, credits, migrate, prune."""
+"""The ``fluxserve`` command: serve, worker, jobs, keys, credits, usage, migrate, prune."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +44,11 @@ console = Console()
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (FLUXSERVE_DATA_DIR).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 Days = Annotated[int, typer.Option(min=1, help="Usage of the last DAYS days.")]
+
+
+class Grouping(StrEnum):
+    DAY = "day"
+    MODEL = "model"
 
 
 def _show_version(value: bool) -> None:
@@ -276,15 +283,26 @@ def prune(
             "(default FLUXSERVE_RESULT_TTL_SECONDS, itself defaulting to FLUXSERVE_URL_TTL_SECONDS).",
         ),
     ] = None,
+    rows_older_than: Annotated[
+        float | None,
+        typer.Option(
+            "--rows-older-than",
+            min=0,
+            help="Also delete the records of jobs that ended more than SECONDS ago; their credit history is "
+            "kept as one summary per key, model and day.",
+        ),
+    ] = None,
 ) -> None:
     """Delete expired results and orphaned inputs now (the server does this every FLUXSERVE_SWEEP_SECONDS);
-    the jobs' records are kept."""
-    from fluxserve.jobs.retention import Retention
+    the jobs' records are kept unless --rows-older-than is given."""
+    from fluxserve.db.connection import utcnow
+    from fluxserve.jobs.retention import Retention, prune_rows
     from fluxserve.wiring import make_blob_store, make_job_store
 
     settings = _settings(data_dir)
+    database = _database(settings)
     retention = Retention(
-        make_job_store(_database(settings)),
+        make_job_store(database),
         make_blob_store(settings.storage),
         settings.result_ttl if older_than is None else older_than,
     )
@@ -292,6 +310,47 @@ def prune(
     typer.echo(
         f"removed {report.results} result(s) and {report.inputs} orphaned input file(s): {report.bytes} bytes"
     )
+    if rows_older_than is not None:
+        rows = prune_rows(database, utcnow() - timedelta(seconds=rows_older_than))
+        typer.echo(f"removed {rows} job record(s); their credits are kept as summaries")
+
+
+@app.command()
+def usage(
+    data_dir: DataDir = None,
+    key: Annotated[str | None, typer.Option("--key", help="One key (name or id); default every key.")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="A UTC date (YYYY-MM-DD); default 30 days ago.")
+    ] = None,
+    by: Annotated[Grouping, typer.Option("--by", help="Group by UTC day or by model.")] = Grouping.DAY,
+    as_json: AsJson = False,
+) -> None:
+    """Credits charged for jobs (refunds netted out) and changed by operators, from the credit ledger."""
+    from fluxserve.db import ledger
+    from fluxserve.db.connection import utcnow
+
+    try:
+        start = (
+            utcnow() - timedelta(days=30)
+            if since is None
+            else datetime.fromisoformat(since).replace(tzinfo=UTC)
+        )
+    except ValueError:
+        typer.echo(f"error: --since: {since!r} is not a date like 2026-01-31", err=True)
+        raise typer.Exit(2) from None
+    with _keys(data_dir) as store:
+        key_id = None if key is None else store.resolve(key).id
+        with store.engine.connect() as conn:
+            lines = ledger.usage(conn, start, by.value, key_id)
+    if as_json:
+        typer.echo(json.dumps([line.as_json() for line in lines]))
+        return
+    table = Table(
+        by.value, "key", "jobs", "charged", "operator", title=f"Usage since {start:%Y-%m-%d %H:%M} UTC"
+    )
+    for line in lines:
+        table.add_row(line.group, line.key, str(line.jobs), str(line.charged), str(line.operator))
+    console.print(table if lines else "no credit entries in that time")
 
 
 @keys_app.callback(invoke_without_command=True)

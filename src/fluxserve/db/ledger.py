@@ -9,11 +9,14 @@ Entries are written for unlimited keys too (their usage counts), though no balan
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
-from fluxserve.db.connection import utcnow
+from fluxserve.db.connection import as_utc, utcnow
 from fluxserve.db.tables import api_keys, credit_ledger
 
 _BALANCE = api_keys.c.credits_hundredths
@@ -158,3 +161,78 @@ def _append(
             operator=operator, created_at=utcnow(),
         )
     )  # fmt: skip
+
+
+JOB_KINDS = ("hold", "settle", "refund", "summary")  # what jobs cost; the rest are operators' changes
+
+
+@dataclass(frozen=True)
+class UsageLine:
+    """Credits that moved for one key in one group (a UTC day or a model) since a time."""
+
+    group: str
+    key: str
+    charged: Decimal  # what its jobs cost, refunds netted out
+    jobs: int  # jobs charged (a summary entry counts the jobs it folded)
+    operator: Decimal  # the net of top-ups, takes and sets
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "group": self.group,
+            "key": self.key,
+            "charged": str(self.charged),
+            "jobs": self.jobs,
+            "operator": str(self.operator),
+        }
+
+
+def usage(conn: Connection, since: datetime, by: str, key_id: str | None = None) -> list[UsageLine]:
+    """Usage from the ledger per key and UTC day (``by="day"``) or model (``by="model"``)."""
+    query = (
+        select(api_keys.c.name, credit_ledger)
+        .join(api_keys, api_keys.c.id == credit_ledger.c.key_id)
+        .where(credit_ledger.c.created_at >= since)
+        .order_by(credit_ledger.c.id)
+    )
+    if key_id is not None:
+        query = query.where(credit_ledger.c.key_id == key_id)
+    totals: dict[tuple[str, str], list[int]] = {}
+    for row in conn.execute(query):
+        group = _day(row.created_at) if by == "day" else (row.model or "(operator)")
+        line = totals.setdefault((group, row.name), [0, 0, 0])
+        if row.kind in JOB_KINDS:
+            line[0] -= row.amount_hundredths
+            line[1] += row.jobs if row.kind == "summary" else int(row.kind == "settle")
+        else:
+            line[2] += row.amount_hundredths
+    return [
+        UsageLine(group, key, from_hundredths(charged), jobs, from_hundredths(operator))
+        for (group, key), (charged, jobs, operator) in sorted(totals.items())
+    ]
+
+
+def fold(conn: Connection, job_ids: Sequence[str]) -> int:
+    """Replace the entries of ``job_ids`` (jobs about to be deleted) by one ``summary`` entry per key,
+    model and UTC day, keeping each key's sum and its usage by day and model; the entries folded."""
+    rows = conn.execute(select(credit_ledger).where(credit_ledger.c.job_id.in_(job_ids))).all()
+    groups: dict[tuple[str, str | None, str], tuple[int, set[str]]] = {}
+    for row in rows:
+        group = (row.key_id, row.model, _day(row.created_at))
+        amount, charged = groups.get(group, (0, set()))
+        settled = {row.job_id} if row.kind == "settle" else set()
+        groups[group] = (amount + row.amount_hundredths, charged | settled)
+    for (key_id, model, day), (amount, charged) in groups.items():
+        conn.execute(
+            insert(credit_ledger).values(
+                key_id=key_id, kind="summary", amount_hundredths=amount, model=model, operator="prune",
+                jobs=len(charged), created_at=datetime.fromisoformat(day).replace(tzinfo=UTC),
+            )
+        )  # fmt: skip
+    conn.execute(delete(credit_ledger).where(credit_ledger.c.id.in_([row.id for row in rows])))
+    return len(rows)
+
+
+def _day(created_at: datetime) -> str:
+    moment = as_utc(created_at)
+    assert moment is not None
+    return moment.date().isoformat()

@@ -144,6 +144,7 @@ credit_ledger = Table(
     Column("job_id", String(36), nullable=True),
     Column("model", String(64), nullable=True),
     Column("operator", String(255), nullable=True),
+    Column("jobs", Integer, nullable=True),  # a summary: how many jobs' entries it folded
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_credit_ledger_key_time", "key_id", "created_at"),
     Index("ix_credit_ledger_job", "job_id"),

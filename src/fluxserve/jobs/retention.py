@@ -14,6 +14,11 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import Engine, delete, select
+
+from fluxserve.core.job import JobStatus
+from fluxserve.db import ledger
+from fluxserve.db.tables import idempotency_keys, jobs, webhook_deliveries
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.submit import INPUTS, inputs_prefix
 from fluxserve.storage.base import BlobInfo, BlobStore
@@ -92,3 +97,27 @@ class Retention:
             removed = self._blobs.delete_prefix(inputs_prefix(job_id))
             report.inputs += len(removed)
             report.bytes += sum(info.size for info in removed)
+
+
+def prune_rows(engine: Engine, finished_before: datetime, limit: int = BATCH) -> int:
+    """Delete the rows of jobs that ended before ``finished_before`` (and their webhook deliveries and
+    Idempotency-Keys), for operators who keep no job history; each key's credit entries for them are
+    folded into summaries (``db.ledger.fold``), so balances and usage by day and model still add up. Their
+    files go with the sweep as usual. The rows deleted."""
+    ended = [status.value for status in JobStatus if status.is_terminal]
+    deleted = 0
+    while True:
+        with engine.begin() as conn:
+            ids = list(
+                conn.scalars(
+                    select(jobs.c.id)
+                    .where(jobs.c.status.in_(ended), jobs.c.finished_at < finished_before)
+                    .limit(limit)
+                )
+            )
+            if not ids:
+                return deleted
+            ledger.fold(conn, ids)
+            conn.execute(delete(webhook_deliveries).where(webhook_deliveries.c.job_id.in_(ids)))
+            conn.execute(delete(idempotency_keys).where(idempotency_keys.c.job_id.in_(ids)))
+            deleted += conn.execute(delete(jobs).where(jobs.c.id.in_(ids))).rowcount

@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("job_id", sa.String(36), nullable=True),
         sa.Column("model", sa.String(64), nullable=True),
         sa.Column("operator", sa.String(255), nullable=True),
+        sa.Column("jobs", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_index("ix_credit_ledger_key_time", "credit_ledger", ["key_id", "created_at"])
