@@ -157,9 +157,9 @@ def _submit(
         raise VendorValidationError([item]) from error
     except QuotaExceeded as error:
         balance = "unknown" if key.credits is None else format_credits(key.credits)
-        price = refused_price(spec, error.price)
+        price = refused_price(spec, error.price, unit=" credits")
         raise HTTPException(
-            402, f"Insufficient credits: {spec.name} costs {price} credits and this key has {balance}"
+            402, f"Insufficient credits: {spec.name} costs {price} and this key has {balance}"
         ) from error
     except TooManyActiveJobs as error:
         raise HTTPException(

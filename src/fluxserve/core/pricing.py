@@ -76,12 +76,13 @@ def format_credits(value: Decimal) -> str:
     return format(value.normalize(), "f")
 
 
-def refused_price(spec: ModelSpec, price: Decimal | None, count: int = 1) -> str:
-    """What a 402 says ``count`` jobs cost: their quote when the refused job was quoted, else (refused
-    before its images were looked at) the model's lowest price, "at least" for a price by the megapixel."""
+def refused_price(spec: ModelSpec, price: Decimal | None, count: int = 1, unit: str = "") -> str:
+    """What a 402 says ``count`` jobs cost (``unit`` after the figure): their quote when the refused job
+    was quoted, else (refused before its images were looked at) the model's lowest price, "at least" for a
+    price by the megapixel."""
     if price is not None:
-        return format_credits(price * count)
-    lowest = format_credits(spec.price * count)
+        return format_credits(price * count) + unit
+    lowest = format_credits(spec.price * count) + unit
     if spec.further_mp_price is None:
         return lowest
     first, further = format_credits(spec.price), format_credits(spec.further_mp_price)
