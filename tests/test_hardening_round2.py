@@ -8,7 +8,9 @@ import base64
 import hashlib
 import json
 import re
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import httpx
@@ -21,6 +23,7 @@ from fluxserve.api.events import EventId
 from fluxserve.api.limits import RequestGuard
 from fluxserve.app import create_app
 from fluxserve.core.numbers import ascii_int
+from fluxserve.jobs.activity import recent_jobs
 from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner
 from tests.conftest import png_base64
@@ -279,3 +282,60 @@ def test_both_edit_routes_trim_spaces_around_their_choice_fields(
     response = client.post(path, data=padded, files=files, headers=auth(header, key))
     accepted = 504 if header == "Authorization" else 200  # OpenAI's wait ends (no workers here); jobs stand
     assert response.status_code == accepted, response.text
+
+
+# -- back-pressure ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Services]]:
+    """Operator caps on: 3 submits a minute per key, 2 active jobs per key, 1 held image request."""
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("strict"), workers=0, key_requests_per_minute=3, max_active_jobs=2,
+        max_held_requests=1, openai_wait_seconds=30, retry_after_seconds=7,
+    )  # fmt: skip
+    app = create_app(settings)
+    with TestClient(app) as client:
+        yield client, app.state.services
+
+
+def test_a_keys_request_rate_is_capped_with_a_retry_after(strict: tuple[TestClient, Services]) -> None:
+    client, key = strict[0], funded(strict, "100")
+    answers = [
+        client.post("/bfl/v1/flux-dev", json={"prompt": "p"}, headers={"TT-API-KEY": key}) for _ in range(4)
+    ]
+    assert [answer.status_code for answer in answers] == [200, 200, 429, 429]  # the 3rd: 2 active jobs
+    assert answers[2].headers["retry-after"] == "7"  # a limit that knows no better: the operator's default
+    assert "Too many requests: this server takes 3 a minute per key" in answers[3].text
+    assert 1 <= int(answers[3].headers["retry-after"]) <= 60  # until the key's minute is over
+    other = funded(strict, "100")  # another key's minute is its own
+    assert (
+        client.post("/bfl/v1/flux-dev", json={"prompt": "p"}, headers={"TT-API-KEY": other}).status_code
+        == 200
+    )
+
+
+def test_held_image_requests_are_capped_per_process_across_keys(strict: tuple[TestClient, Services]) -> None:
+    client, services = strict
+    first, second = funded(strict, "100"), funded(strict, "100")
+    owner, other = services.keys.authenticate(first), services.keys.authenticate(second)
+    assert owner is not None and other is not None
+    options = client.app.state.openai_images  # type: ignore[attr-defined]
+    body = {"prompt": "p", "model": "flux-dev"}
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(
+            client.post, "/v1/images/generations", json=body, headers={"Authorization": f"Bearer {first}"}
+        )
+        deadline = time.monotonic() + 60
+        while not recent_jobs(services.keys.engine, key_id=owner.id, limit=1) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the first request has made its job and waits for it
+        refused = client.post(
+            "/v1/images/generations", json=body, headers={"Authorization": f"Bearer {second}"}
+        )
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "7"
+        assert refused.json()["error"]["code"] == "server_busy"
+        assert recent_jobs(services.keys.engine, key_id=other.id, limit=1) == []  # refused before a job
+        (job,) = recent_jobs(services.keys.engine, key_id=owner.id, limit=1)
+        services.jobs.cancel(job.id, owner.id)  # the held request ends (its job failed to finish)
+        assert held.result().status_code == 500
+    assert options.held.held == 0

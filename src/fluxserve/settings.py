@@ -164,6 +164,22 @@ class Settings(BaseSettings):
         description="An event stream with nothing new for this long ends; the client reconnects with "
         "Last-Event-ID to carry on.",
     )
+    retry_after_seconds: int = Field(
+        default=5,
+        ge=1,
+        description="The Retry-After every 429 and 503 carries when its cause does not know a better one.",
+    )
+    key_requests_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="Off when unset: submits a key may make per minute in one API process (429 beyond).",
+    )
+    max_held_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Requests an API process holds open while their jobs run (the OpenAI images routes), "
+        "across keys; 503 beyond.",
+    )
     openai_wait_seconds: float = Field(
         default=300.0,
         gt=0,

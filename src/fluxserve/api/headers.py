@@ -1,6 +1,8 @@
-"""Security headers: every response says ``nosniff``; every HTML page (the playground, /docs, /redoc) also
-gets a Content-Security-Policy, a framing ban and a Referrer-Policy, so a page holding a key cannot be
-framed to steal a click on Generate, run a script from elsewhere, or leak its URL to an image host.
+"""Response headers every answer needs. A ``Retry-After`` on every 429 and 503, whichever part refused
+(the cause's own value when it set one, else ``FLUXSERVE_RETRY_AFTER_SECONDS``), so clients back off
+rather than hammer. ``nosniff`` on every response; and on every HTML page (the playground, /docs, /redoc)
+a Content-Security-Policy, a framing ban and a Referrer-Policy, so a page holding a key cannot be framed
+to steal a click on Generate, run a script from elsewhere, or leak its URL to an image host.
 
 The pages' scripts are files from this server; the one inline script (Swagger UI's start-up) is allowed by
 its SHA-256, computed from the page as it is sent, so no ``'unsafe-inline'`` is needed for scripts. Styles
@@ -34,12 +36,16 @@ def content_security_policy(page: bytes) -> str:
     )
 
 
-class SecurityHeaders:
+BUSY = frozenset({429, 503})
+
+
+class ResponseHeaders:
     """ASGI middleware adding the headers above; an HTML body is held until its end to hash its scripts
     (the pages are a few kilobytes)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, retry_after_seconds: int) -> None:
         self.app = app
+        self.retry_after = str(retry_after_seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,6 +59,8 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 headers["X-Content-Type-Options"] = "nosniff"
+                if message["status"] in BUSY and "retry-after" not in headers:
+                    headers["Retry-After"] = self.retry_after
                 if headers.get("content-type", "").startswith("text/html"):
                     start = message  # sent with the body, once the policy can name its scripts
                     return

@@ -14,6 +14,8 @@ Two layers:
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
@@ -50,6 +52,47 @@ def _size(count: int) -> str:
     return f"{count // (1024 * 1024)} MiB" if count >= 1024 * 1024 else f"{count // 1024} KiB"
 
 
+class KeyRate:
+    """Submits per key per minute in this process (a fixed window per key): an operator's cap on how fast
+    one key may submit, off unless ``FLUXSERVE_KEY_REQUESTS_PER_MINUTE`` is set."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def wait(self, key_id: str) -> int:
+        """0 when the key may submit now (and it is counted), else the whole seconds until it may."""
+        now = self._clock()
+        start, count = self._windows.get(key_id, (now, 0))
+        if now - start >= 60:
+            start, count = now, 0
+        if count >= self.per_minute:
+            return max(1, math.ceil(start + 60 - now))
+        if len(self._windows) > 100_000:  # bounded: windows that have ended go
+            self._windows = {key: window for key, window in self._windows.items() if now - window[0] < 60}
+        self._windows[key_id] = (start, count + 1)
+        return 0
+
+
+class HeldRequests:
+    """Requests this process holds open while their jobs run (the OpenAI images routes' wait), across
+    keys: beyond ``limit`` a request is refused before it submits anything. Used on the event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def acquire(self) -> bool:
+        if self.held >= self.limit:
+            return False
+        self.held += 1
+        return True
+
+    def release(self) -> None:
+        self.held -= 1
+
+
 class RequestGuard:
     """Per-route body caps, the key before the body, and a bound on a submit body's JSON structure.
 
@@ -64,12 +107,14 @@ class RequestGuard:
         submit_max_bytes: int,
         other_max_bytes: int,
         max_separators: int,
+        rate: KeyRate | None = None,
     ) -> None:
         self.app = app
         self.authenticate = authenticate
         self.submit_max_bytes = submit_max_bytes
         self.other_max_bytes = other_max_bytes
         self.max_separators = max_separators
+        self.rate = rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -173,6 +218,12 @@ class RequestGuard:
         if key is None:
             reason = "is not a valid API key" if raw else "header is missing; send your API key in it"
             return refusal(path, 401, f"TT-API-KEY {reason}")
+        if self.rate is not None and (wait := self.rate.wait(key.id)):
+            message = f"Too many requests: this server takes {self.rate.per_minute} a minute per key"
+            later = {**CLOSE, "Retry-After": str(wait)}
+            if openai:
+                return openai_error(429, message, code="rate_limit_exceeded", headers=later)
+            return error_response(path, 429, message, later)
         model = MODELS.get(path.rsplit("/", 1)[-1])  # the edit routes name it in the form: any model's
         cheapest = model.price if model else min(spec.price for spec in MODELS.values())
         if upload and key.credits is not None and key.credits < cheapest:

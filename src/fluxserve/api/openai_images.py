@@ -27,6 +27,7 @@ from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import bearer_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import NO_RETRY, OpenAIError, OpenAIErrorBody, responses
+from fluxserve.api.limits import HeldRequests
 from fluxserve.api.requests import (
     SubmitRequest,
     encoded_uploads,
@@ -67,6 +68,7 @@ class ImagesOptions:
     wait_seconds: float
     model: str  # for generations that name none
     edit_model: str  # for edits that name none
+    held: HeldRequests  # this process's requests waiting for their images, across keys
 
 
 def _options(request: Request) -> ImagesOptions:
@@ -212,6 +214,22 @@ async def _images(
 ) -> ImagesResponse:  # fmt: skip
     """Submit ``n`` jobs and wait (bounded) until they end; their images in the requested format. The
     ``X-Job-Ids`` header names the jobs (``/flux/fetch`` shows them)."""
+    if not options.held.acquire():  # before any job is made: nothing to clean up
+        raise OpenAIError(
+            503,
+            f"This server is holding {options.held.limit} image requests already; retry shortly",
+            code="server_busy",
+        )
+    try:
+        return await _wait_for_images(spec, request, n, response_format, key, services, options, response)
+    finally:
+        options.held.release()
+
+
+async def _wait_for_images(
+    spec: ModelSpec, request: SubmitRequest, n: int, response_format: str | None,
+    key: ApiKey, services: Services, options: ImagesOptions, response: Response,
+) -> ImagesResponse:  # fmt: skip
     try:
         jobs = await run_in_threadpool(_submit, spec, request, key, services, n)
     except (InvalidInput, QuotaExceeded, TooManyActiveJobs) as error:
