@@ -289,10 +289,11 @@ def test_both_edit_routes_trim_spaces_around_their_choice_fields(
 
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Services]]:
-    """Operator caps on: 3 submits a minute per key, 2 active jobs per key, 1 held image request."""
+    """Operator caps on: 3 submits a minute per key, 2 active jobs per key, 1 held image request, 6 jobs
+    waiting in all."""
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("strict"), workers=0, key_requests_per_minute=3, max_active_jobs=2,
-        max_held_requests=1, openai_wait_seconds=30, retry_after_seconds=7,
+        max_held_requests=1, openai_wait_seconds=30, retry_after_seconds=7, max_queued_jobs=6,
     )  # fmt: skip
     app = create_app(settings)
     with TestClient(app) as client:
@@ -339,3 +340,25 @@ def test_held_image_requests_are_capped_per_process_across_keys(strict: tuple[Te
         services.jobs.cancel(job.id, owner.id)  # the held request ends (its job failed to finish)
         assert held.result().status_code == 500
     assert options.held.held == 0
+
+
+def test_the_whole_queue_is_capped_with_a_503_in_each_dialect(strict: tuple[TestClient, Services]) -> None:
+    client, services = strict
+    for _ in range(6 - services.jobs.waiting()):  # fresh keys: no per-key cap is reached first
+        submitted = client.post(
+            "/bfl/v1/flux-dev", json={"prompt": "p"}, headers={"TT-API-KEY": funded(strict, "9")}
+        )
+        assert submitted.status_code == 200, submitted.text
+    reseller = client.post(
+        "/bfl/v1/flux-dev", json={"prompt": "p"}, headers={"TT-API-KEY": funded(strict, "9")}
+    )
+    assert reseller.status_code == 503 and reseller.headers["retry-after"] == "7"
+    assert reseller.json()["message"] == "Server busy: the queue is full (6 jobs wait); retry shortly"
+    body = {"prompt": "p", "model": "flux-dev"}
+    openai = client.post(
+        "/v1/images/generations", json=body, headers={"Authorization": f"Bearer {funded(strict, '9')}"}
+    )
+    assert openai.status_code == 503 and openai.json()["error"]["message"].startswith(
+        "Server busy: the queue"
+    )
+    assert services.jobs.waiting() == 6

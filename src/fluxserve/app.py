@@ -64,6 +64,7 @@ class Runtime:
             max_active_per_model={"flux-kontext-max": settings.max_active_jobs_kontext_max},
             max_input_bytes=settings.max_input_bytes,
             max_input_pixels=max(entry.max_input_pixels for entry in catalog.models.values()),
+            max_waiting=settings.max_queued_jobs,
         )
         policy = NetworkPolicy(parse_networks(settings.allowed_private_networks))
         fetcher = InputFetcher(

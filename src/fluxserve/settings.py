@@ -169,6 +169,11 @@ class Settings(BaseSettings):
         ge=1,
         description="The Retry-After every 429 and 503 carries when its cause does not know a better one.",
     )
+    max_queued_jobs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Off when unset: jobs of all keys that may wait (queued or fetching); 503 beyond.",
+    )
     key_requests_per_minute: int | None = Field(
         default=None,
         ge=1,

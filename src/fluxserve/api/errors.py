@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxserve.core.fields import error_messages
+from fluxserve.errors import ServerBusy
 
 log = logging.getLogger("fluxserve.api")
 
@@ -155,6 +156,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def openai_api_error(_: Request, exc: OpenAIError) -> JSONResponse:
         return openai_error(exc.status_code, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(ServerBusy)
+    async def server_busy(request: Request, exc: ServerBusy) -> JSONResponse:
+        return error_response(request.url.path, 503, f"Server busy: {exc}")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

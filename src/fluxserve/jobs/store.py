@@ -124,6 +124,10 @@ class JobStore(Protocol):
         """The stale running jobs on their last attempt: the ones ``requeue_stale`` fails."""
         ...
 
+    def waiting(self) -> int:
+        """How many jobs wait for a worker or for their inputs (queued or fetching), of every key."""
+        ...
+
     def active_ids(self, job_ids: Collection[str]) -> set[str]:
         """Those of ``job_ids`` whose job is queued or running (an unknown id is not active)."""
         ...

@@ -414,6 +414,11 @@ class SqlJobStore:
         with self._engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
+    def waiting(self) -> int:
+        waiting = [JobStatus.QUEUED.value, JobStatus.FETCHING.value]
+        with self._engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).where(jobs.c.status.in_(waiting))) or 0)
+
     def active_ids(self, job_ids: Collection[str]) -> set[str]:
         found: set[str] = set()
         ids = list(job_ids)

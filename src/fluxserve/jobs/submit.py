@@ -23,7 +23,7 @@ from fluxserve.core.models import Dialect, Family, ModelSpec, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import quote
 from fluxserve.core.sizes import output_size
-from fluxserve.errors import AddressRefused, FetchError, InputError, InvalidInput, QuotaExceeded
+from fluxserve.errors import AddressRefused, FetchError, InputError, InvalidInput, QuotaExceeded, ServerBusy
 from fluxserve.jobs.store import Idempotency, JobStore
 from fluxserve.safety.fetch import NetworkPolicy, vet
 from fluxserve.safety.images import decode_image_input, is_url
@@ -41,6 +41,7 @@ class Limits:
     max_active_per_model: dict[str, int]  # operator overrides of the model table's own limits
     max_input_bytes: int
     max_input_pixels: int
+    max_waiting: int | None = None  # queued and fetching jobs of all keys; None: no cap
 
 
 def inputs_prefix(job_id: str) -> str:
@@ -97,6 +98,8 @@ class Submitter:
             check_webhook_url(webhook_url, self._policy)
         spec = spec_of(params.model)
         model_limit = self._limits.max_active_per_model.get(spec.name, spec.max_active)
+        if self._limits.max_waiting is not None and self._store.waiting() >= self._limits.max_waiting:
+            raise ServerBusy(f"the queue is full ({self._limits.max_waiting} jobs wait); retry shortly")
         # Admission before work: a key that cannot have this job costs no decoding and leaves no file.
         self._store.admit(key.id, spec.name, spec.price, self._limits.max_active, model_limit)
         job_id = str(uuid.uuid4())
