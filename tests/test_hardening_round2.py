@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from fluxserve.api.limits import RequestGuard
 from fluxserve.app import create_app
 from fluxserve.core.numbers import ascii_int
 from fluxserve.jobs.activity import recent_jobs
+from fluxserve.jobs.store import IDEMPOTENCY_HEADER
 from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner
 from tests.conftest import png_base64
@@ -362,3 +365,43 @@ def test_the_whole_queue_is_capped_with_a_503_in_each_dialect(strict: tuple[Test
         "Server busy: the queue"
     )
     assert services.jobs.waiting() == 6
+
+
+# -- the README's guarantees, in the fast tier -----------------------------------------------------------
+
+
+def test_keys_are_stored_as_hashes_never_as_text(app_client: tuple[TestClient, Services]) -> None:
+    services = app_client[1]
+    raw = services.keys.create("stored-hashed", Decimal(1)).key
+    database = Path(services.keys.engine.url.database or "")
+    services.keys.engine.dispose()  # the write-ahead log folded into the file, too
+    stored = b"".join(path.read_bytes() for path in database.parent.glob(database.name + "*"))
+    assert raw.encode() not in stored and raw[10:].encode() not in stored
+    assert services.keys.authenticate(raw) is not None
+
+
+def test_a_submit_body_over_the_cap_is_refused_declared_or_streamed(client: TestClient, key: str) -> None:
+    cap = 4 * MAX_INPUT * 4 // 3 + 1024 * 1024  # app.max_body_size: four base64 images and the rest
+    body = json.dumps({"prompt": "p", "input_image": "A" * cap}).encode()
+    declared = client.post("/bfl/v1/flux-kontext-pro", content=body, headers={"TT-API-KEY": key})
+    chunks = (body[start : start + 65536] for start in range(0, len(body), 65536))
+    streamed = client.post("/bfl/v1/flux-kontext-pro", content=chunks, headers={"TT-API-KEY": key})
+    for response in (declared, streamed):
+        assert response.status_code == 413 and "body:" in response.json()["message"], response.text
+
+
+@pytest.mark.parametrize(("path", "header", "job_id"), [
+    ("/bfl/v1/flux-dev", "TT-API-KEY", lambda body: body["data"]["jobId"]),
+    ("/v1/flux-dev", "x-key", lambda body: body["id"]),
+])  # fmt: skip
+def test_a_repeat_with_the_same_idempotency_key_is_charged_once(
+    app_client: tuple[TestClient, Services], path: str, header: str, job_id: Any
+) -> None:
+    client, services = app_client
+    key = funded(app_client, "10")
+    headers = {header: key, IDEMPOTENCY_HEADER: "once"}
+    first, repeat = (client.post(path, json={"prompt": "p"}, headers=headers) for _ in range(2))
+    assert first.status_code == repeat.status_code == 200
+    assert job_id(first.json()) == job_id(repeat.json())
+    found = services.keys.authenticate(key)
+    assert found is not None and found.credits == Decimal("7.5")  # flux-dev's 2.5, once
