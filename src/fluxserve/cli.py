@@ -305,6 +305,7 @@ def prune(
         make_job_store(database),
         make_blob_store(settings.storage),
         settings.result_ttl if older_than is None else older_than,
+        by_operator=True,
     )
     report = retention.sweep()
     typer.echo(

@@ -77,6 +77,7 @@ jobs = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     Column("heartbeat_at", DateTime(timezone=True), nullable=True),
     Column("result_expired_at", DateTime(timezone=True), nullable=True),  # retention deleted the result
+    Column("result_pruned", Boolean, nullable=True),  # true: `fluxserve prune` deleted it (migration 0012)
     # The job's place in the fair order (jobs/store_sql.py, _turn): claims take the lowest turn first. 0006
     Column("turn", BigInteger, nullable=False, server_default="0"),
     Index("ix_jobs_status_created", "status", "created_at"),

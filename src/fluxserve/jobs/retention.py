@@ -57,11 +57,14 @@ class Retention:
         blobs: BlobStore,
         ttl_seconds: float,
         orphan_grace_seconds: float = ORPHAN_GRACE_SECONDS,
+        by_operator: bool = False,
     ) -> None:
+        """``by_operator``: a ``fluxserve prune`` run, whose deletions their jobs then say were its own."""
         self._store = store
         self._blobs = blobs
         self.ttl_seconds = ttl_seconds
         self._grace = orphan_grace_seconds
+        self._by_operator = by_operator
 
     def sweep(self, now: datetime | None = None) -> SweepReport:
         """Delete results finished more than the TTL before ``now`` and orphaned inputs; blocking."""
@@ -75,7 +78,7 @@ class Retention:
                 if removed is not None:
                     report.results += 1
                     report.bytes += removed.size
-            self._store.mark_results_expired([job_id for job_id, _ in batch])
+            self._store.mark_results_expired([job_id for job_id, _ in batch], self._by_operator)
             if len(batch) < BATCH:
                 break
         self._sweep_orphaned_inputs(now.timestamp() - self._grace, report)

@@ -163,6 +163,7 @@ class JobStore(Protocol):
         oldest first."""
         ...
 
-    def mark_results_expired(self, job_ids: Collection[str]) -> int:
-        """Record that these jobs' results were deleted; the rows stay. Returns the rows marked."""
+    def mark_results_expired(self, job_ids: Collection[str], pruned: bool = False) -> int:
+        """Record that these jobs' results were deleted (``pruned``: by ``fluxserve prune``, not by the
+        server's retention sweep); the rows stay. Returns the rows marked."""
         ...

@@ -71,6 +71,7 @@ def _job(row: RowMapping) -> Job:
         finished_at=as_utc(row["finished_at"]),
         heartbeat_at=as_utc(row["heartbeat_at"]),
         result_expired_at=as_utc(row["result_expired_at"]),
+        result_pruned=bool(row["result_pruned"]),
     )
 
 
@@ -445,7 +446,7 @@ class SqlJobStore:
         with self._engine.connect() as conn:
             return [(row.id, row.result_key) for row in conn.execute(query)]
 
-    def mark_results_expired(self, job_ids: Collection[str]) -> int:
+    def mark_results_expired(self, job_ids: Collection[str], pruned: bool = False) -> int:
         ids = list(job_ids)
         marked = 0
         now = utcnow()
@@ -454,7 +455,7 @@ class SqlJobStore:
                 marked += conn.execute(
                     update(jobs)
                     .where(jobs.c.id.in_(ids[start : start + 500]), jobs.c.result_expired_at.is_(None))
-                    .values(result_expired_at=now)
+                    .values(result_expired_at=now, result_pruned=pruned)
                 ).rowcount
         return marked
 

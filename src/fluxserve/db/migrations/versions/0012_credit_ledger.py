@@ -1,4 +1,5 @@
-"""The append-only credit ledger; each finite balance so far is its key's first entry (a ``set``).
+"""The append-only credit ledger (each finite balance so far is its key's first entry, a ``set``), and
+whether a job's result was deleted by ``fluxserve prune`` rather than by retention.
 
 Revision ID: 0012
 Revises: 0009
@@ -28,6 +29,8 @@ def upgrade() -> None:
         sa.Column("jobs", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
+    with op.batch_alter_table("jobs") as batch:  # whether `fluxserve prune` deleted the result
+        batch.add_column(sa.Column("result_pruned", sa.Boolean(), nullable=True))
     op.create_index("ix_credit_ledger_key_time", "credit_ledger", ["key_id", "created_at"])
     op.create_index("ix_credit_ledger_job", "credit_ledger", ["job_id"])
     keys = sa.table("api_keys", sa.column("id", sa.String), sa.column("credits_hundredths", sa.BigInteger))
@@ -47,3 +50,5 @@ def downgrade() -> None:
     op.drop_index("ix_credit_ledger_job", "credit_ledger")
     op.drop_index("ix_credit_ledger_key_time", "credit_ledger")
     op.drop_table("credit_ledger")
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("result_pruned")
