@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "logs": set(),
     "core": {"errors"},
     "db": set(),
-    "storage": {"errors"},
+    "storage": {"core", "errors"},
     "safety": {"errors"},
     "client": {"errors"},
     "accounts": {"db", "webhooks"},

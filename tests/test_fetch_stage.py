@@ -6,6 +6,7 @@ lease is taken over."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import statistics
 import threading
@@ -82,13 +83,15 @@ def origin() -> Iterator[str]:
     Origin.release.set()
 
 
-def fetcher(world: World, timeout: float = 5.0, per_key: int = 2, concurrency: int = 8) -> InputFetcher:
+def fetcher(
+    world: World, timeout: float = 5.0, per_key: int = 2, concurrency: int = 8, max_pixels: int = 2**22
+) -> InputFetcher:
     return InputFetcher(
         world.store,
         world.blobs,
         LOOPBACK,
         max_bytes=2**20,
-        max_pixels=2**22,
+        max_pixels=max_pixels,
         timeout=timeout,
         concurrency=concurrency,
         per_key=per_key,
@@ -130,6 +133,29 @@ def test_a_url_input_is_stored_and_sizes_the_job_before_it_is_queued(world: Worl
     assert stored.size == (640, 480)
     claimed = world.store.claim("a-worker")
     assert claimed is not None and claimed.id == job.id
+
+
+def test_url_references_end_at_the_inline_price_and_never_below_zero(world: World, origin: str) -> None:
+    """The issue's case: flux-2-max at 64x1600 with two 4 MP references as URLs is quoted 28 credits, the
+    inline price; a key holding exactly 28 keeps 0 after the fetch (it once ended at -3)."""
+    key = world.key("28")
+    refs = [{"field": field, "ref": f"{origin}/png/2048x2048"} for field in ("input_image", "input_image_2")]
+    job = world.submit(key, model="flux-2-max", input_images=refs, width=64, height=1600, steps=None)
+    assert job.cost == Decimal(28) and world.balance(key) == Decimal(0)
+    (done,) = fetch_all(world, fetcher(world, max_pixels=2048 * 2048))
+    assert done.status is JobStatus.QUEUED and done.cost == Decimal(28) and world.balance(key) == Decimal(0)
+
+
+def test_an_inline_reference_beside_a_url_is_priced_from_its_stored_size(world: World, origin: str) -> None:
+    key = world.key("100")
+    inline = {"field": "input_image", "ref": base64.b64encode(png(1024, 1024)).decode()}
+    url = {"field": "input_image_2", "ref": f"{origin}/png/64x64"}
+    job = world.submit(
+        key, model="flux-2-max", input_images=[inline, url], width=1024, height=1024, steps=None
+    )
+    assert job.cost == Decimal(7 + 3 * 5)  # 6 MP: 1.05 + 1.05 + 4.19 (the URL's bound)
+    (done,) = fetch_all(world, fetcher(world))
+    assert done.cost == Decimal(7 + 3 * 1) and world.balance(key) == Decimal(100 - 10)  # 2 MP
 
 
 def test_a_failed_fetch_ends_the_job_naming_the_field_and_refunds_it(world: World, origin: str) -> None:

@@ -244,7 +244,8 @@ def test_not_enough_credits_states_the_megapixel_price(app_client: tuple[TestCli
     assert poor.vendor("flux-2-pro", {"prompt": "x", "width": 1024, "height": 1024}).status_code == 200
     response = poor.vendor("flux-2-pro", {"prompt": "x", "width": 1024, "height": 1024})
     assert response.status_code == 402
-    assert "3 credits (first megapixel) + 1.5 per further megapixel" in response.json()["detail"]
+    detail = response.json()["detail"]
+    assert "costs at least 3 credits (3 for the first megapixel + 1.5 for each further one)" in detail
 
 
 @pytest.mark.parametrize(

@@ -112,9 +112,10 @@ def _resolver(answers: list[list[str]], calls: list[str]) -> Any:
     real = socket.getaddrinfo
 
     def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if not str(host).endswith(".example"):
+        name = host.decode() if isinstance(host, bytes) else str(host)  # a connect-time lookup passes bytes
+        if not name.endswith(".example"):
             return real(host, port, *args, **kwargs)
-        calls.append(str(host))
+        calls.append(name)
         addresses = answers[min(len(calls), len(answers)) - 1]
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in addresses]
 

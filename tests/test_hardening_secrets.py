@@ -7,7 +7,11 @@ import io
 import json
 import logging
 import os
+import pty
+import select
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +23,8 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from fluxserve.accounts.keys import KEY_PREFIX, KeyStore
+from fluxserve.cli import FIRST_KEY_FILE
 from fluxserve.client.vendor import default_key_hosts
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.db.connection import make_engine
@@ -213,6 +219,46 @@ def test_serve_keeps_signatures_out_of_its_log_and_its_files_private(
     assert "signature=[redacted]" in log  # the access log lines are there, redacted
     for secret in (signature, SIGNATURE, "hook-pass", "hook-token-secret"):
         assert secret not in log, secret
+
+
+# -- the first key ---------------------------------------------------------------------------------------
+
+
+def test_the_first_key_goes_to_a_private_file_not_to_a_log(make_server: Any, tmp_path: Path) -> None:
+    """stdout is a file here (as under journald or docker): the log names the file, never the key."""
+    server: ServerProcess = make_server(data_dir=tmp_path / "data")
+    server.start()
+    server.stop()
+    log = server.log_path.read_text()
+    path = server.data_dir / FIRST_KEY_FILE
+    assert f"First start: created API key 'default', written to {path.resolve()}" in log
+    assert mode(path) == 0o600
+    key = path.read_text().strip()
+    assert key.startswith(KEY_PREFIX) and key not in log and KEY_PREFIX not in log
+    assert KeyStore(make_engine(Settings(data_dir=server.data_dir).database)).authenticate(key) is not None
+
+
+def test_the_first_key_is_shown_on_a_terminal_and_written_nowhere(tmp_path: Path, models_dir: Path) -> None:
+    server = ServerProcess(tmp_path / "data", models_dir)
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fluxserve", "serve", "--no-workers", "--port", str(server.port),
+         "--data-dir", str(server.data_dir)],
+        env=server.env, stdout=terminal, stderr=terminal, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(terminal)
+    shown = b""
+    try:
+        while b"TT-API-KEY" not in shown:  # the "Try it" lines follow the key
+            ready, _, _ = select.select([controller], [], [], 60)
+            assert ready, shown.decode(errors="replace")
+            shown += os.read(controller, 65536)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        os.close(controller)
+    assert b"(shown once): " + KEY_PREFIX.encode() in shown
+    assert not (server.data_dir / FIRST_KEY_FILE).exists()
 
 
 # -- the relay's key hosts ------------------------------------------------------------------------------

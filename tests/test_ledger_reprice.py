@@ -1,4 +1,4 @@
-"""db.ledger.reprice on a real SQLite database: a hold brought down or up to the exact price."""
+"""db.ledger.reprice on a real SQLite database: a hold brought down to the exact price, never up."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fluxserve.db.connection import make_engine, migrate
 from fluxserve.db.tables import api_keys
 
 
-def test_reprice_gives_back_or_takes_the_difference(tmp_path: Path) -> None:
+def test_reprice_gives_back_the_difference_and_never_takes_more(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     migrate(engine)
     keys = KeyStore(engine)
@@ -28,6 +28,6 @@ def test_reprice_gives_back_or_takes_the_difference(tmp_path: Path) -> None:
         ledger.reprice(conn, finite.id, Decimal("13.5"), Decimal("4.5"))
     assert balance(finite.id) == 1550
     with engine.begin() as conn:
-        ledger.reprice(conn, finite.id, Decimal("4.5"), Decimal("21"))  # rose past the balance: taken
+        ledger.reprice(conn, finite.id, Decimal("4.5"), Decimal("21"))  # above the hold: nothing taken
         ledger.reprice(conn, unlimited.id, Decimal("3"), Decimal("1"))
-    assert balance(finite.id) == -100 and balance(unlimited.id) is None
+    assert balance(finite.id) == 1550 and balance(unlimited.id) is None

@@ -216,6 +216,7 @@ def test_an_expired_job_reads_as_such_in_both_dialects(world: World) -> None:
     assert (
         body["message"].startswith("Result expired after ") and "the job's record is kept" in body["message"]
     )
+    assert "prune" not in body["message"]  # the server's own sweep: retention, not an operator
     result = render_result(expired, expired.id, deps)
     assert result.status == "Ready" and result.result is not None and result.result["sample"] is None
     assert result.result["seed"] == 7 and result.details == {"result": body["message"]}
@@ -266,6 +267,11 @@ def test_prune_from_the_command_line(world: World, tmp_path: Path) -> None:
     assert out == f"removed 2 result(s) and 1 orphaned input file(s): {sizes + 100} bytes"
     assert stored(world.blobs) == sorted([done[2].result_key, young])  # type: ignore[type-var]
     assert [world.store.get(job.id).result_expired_at is not None for job in done] == [True, True, False]  # type: ignore[union-attr]
+    pruned = world.store.get(done[0].id)
+    assert pruned is not None and pruned.result_expired is not None
+    assert pruned.result_expired.startswith(
+        "Result deleted after 2 hours by the server's operator (fluxserve prune)"
+    )
     assert (
         prune(world, tmp_path, "--older-than", "3600")
         == "removed 0 result(s) and 0 orphaned input file(s): 0 bytes"

@@ -23,7 +23,8 @@ from fluxserve.accounts.keys import KeyStore
 from fluxserve.api import events, files, openai_images, ops, reseller, reseller_native, vendor
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
-from fluxserve.api.limits import AccessLog, RequestGuard
+from fluxserve.api.headers import ResponseHeaders
+from fluxserve.api.limits import AccessLog, HeldRequests, KeyRate, RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
 from fluxserve.jobs.feed import ChangeFeed, to_fetch, wake_on, webhook_due
@@ -67,6 +68,7 @@ class Runtime:
             max_active_per_model={"flux-kontext-max": settings.max_active_jobs_kontext_max},
             max_input_bytes=settings.max_input_bytes,
             max_input_pixels=max(entry.max_input_pixels for entry in catalog.models.values()),
+            max_waiting=settings.max_queued_jobs,
         )
         policy = NetworkPolicy(parse_networks(settings.allowed_private_networks))
         fetcher = InputFetcher(
@@ -212,18 +214,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         submit_max_bytes=max_body_size(settings),
         other_max_bytes=settings.http_small_body_bytes,
         max_separators=settings.http_max_json_separators,
+        rate=None if settings.key_requests_per_minute is None else KeyRate(settings.key_requests_per_minute),
     )
-    app.add_middleware(AccessLog)  # outermost: every request's line, refusals included
+    app.add_middleware(AccessLog)  # around the guard: every request's line, refusals included
     # Route-level, so that a too-large body is an HTTPException our handlers render (413).
     app.include_router(reseller.router, max_body_size=max_body_size(settings))
     app.include_router(reseller_native.router, max_body_size=max_body_size(settings))
     app.include_router(openai_images.router, max_body_size=max_body_size(settings))
     app.state.openai_images = openai_images.ImagesOptions(
-        settings.openai_wait_seconds, settings.openai_model, settings.openai_edit_model
+        settings.openai_wait_seconds,
+        settings.openai_model,
+        settings.openai_edit_model,
+        HeldRequests(settings.max_held_requests),
     )
     app.include_router(vendor.router, max_body_size=max_body_size(settings))
     app.include_router(files.router)
     app.include_router(playground_router)  # the web playground: /playground/ (and / points there)
+    # Outermost: Retry-After on every 429 and 503; nosniff everywhere; CSP, no framing, no referrer on pages.
+    app.add_middleware(ResponseHeaders, retry_after_seconds=settings.retry_after_seconds)
     app.include_router(events.router)
     app.state.event_streams = runtime.streams
 

@@ -1,4 +1,4 @@
-"""The ``fluxserve`` command: serve, worker, jobs, keys, credits, migrate, prune."""
+"""The ``fluxserve`` command: serve, worker, jobs, keys, credits, usage, migrate, prune."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -46,6 +49,11 @@ DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the key.")]
 Days = Annotated[int, typer.Option(min=1, help="Usage of the last DAYS days.")]
+
+
+class Grouping(StrEnum):
+    DAY = "day"
+    MODEL = "model"
 
 
 def _show_version(value: bool) -> None:
@@ -139,6 +147,27 @@ def _balance(key: ApiKey) -> str:
     return "unlimited" if key.credits is None else str(key.credits)
 
 
+FIRST_KEY_FILE = "first-api-key"
+
+
+def _first_key(settings: Settings, keys: KeyStore, terminal: bool) -> Callable[[], None]:
+    """Make the first key, unlimited; returns what shows it once the server is up. Shown only on a
+    terminal: stdout otherwise goes to journald or a container log, where anyone who reads logs would hold
+    it; then it goes to a 0600 file in the data directory, and only that file's path is printed."""
+    new = keys.create("default")
+    if terminal:
+        return lambda: _show_first_key(new.key, settings)
+    path = settings.data_dir.resolve() / FIRST_KEY_FILE
+    path.unlink(missing_ok=True)  # left from an earlier database: a file we create is 0600 from birth
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(new.key + "\n")
+    return lambda: typer.echo(
+        f"\n{_RULE}\nFirst start: created API key 'default', written to {path} (mode 0600); read it, "
+        f"then delete it\n{_RULE}\n"
+    )
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (FLUXSERVE_HOST).")] = None,
@@ -159,7 +188,7 @@ def serve(
     configure_logging(json=settings.log_json)
     listener = _listen(settings.host, settings.port, settings.http_backlog)  # before workers or "ready"
     keys = KeyStore(_database(settings, create=True))
-    first = keys.create("default").key if keys.count() == 0 else None
+    first = _first_key(settings, keys, terminal=sys.stdout.isatty()) if keys.count() == 0 else None
     from fluxserve.api.limits import http_protocol
     from fluxserve.app import create_app
 
@@ -182,7 +211,7 @@ def serve(
     )
     server = uvicorn.Server(config)
     # After the start-up logs, not among them; if it stops before it is ready, the key was made: shown anyway.
-    announce_now = _when_ready(server, listener, lambda: _show_first_key(first, settings)) if first else None
+    announce_now = _when_ready(server, listener, first) if first else None
     with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is a normal way to stop
         server.run(sockets=[listener])
     if announce_now:
@@ -317,22 +346,75 @@ def prune(
             "(default FLUXSERVE_RESULT_TTL_SECONDS, itself defaulting to FLUXSERVE_URL_TTL_SECONDS).",
         ),
     ] = None,
+    rows_older_than: Annotated[
+        float | None,
+        typer.Option(
+            "--rows-older-than",
+            min=0,
+            help="Also delete the records of jobs that ended more than SECONDS ago; their credit history is "
+            "kept as one summary per key, model and day.",
+        ),
+    ] = None,
 ) -> None:
     """Delete expired results and orphaned inputs now (the server does this every FLUXSERVE_SWEEP_SECONDS);
-    the jobs' records are kept."""
-    from fluxserve.jobs.retention import Retention
+    the jobs' records are kept unless --rows-older-than is given."""
+    from fluxserve.db.connection import utcnow
+    from fluxserve.jobs.retention import Retention, prune_rows
     from fluxserve.wiring import make_blob_store, make_job_store
 
     settings = _settings(data_dir)
+    database = _database(settings)
     retention = Retention(
-        make_job_store(_database(settings)),
+        make_job_store(database),
         make_blob_store(settings.storage),
         settings.result_ttl if older_than is None else older_than,
+        by_operator=True,
     )
     report = retention.sweep()
     typer.echo(
         f"removed {report.results} result(s) and {report.inputs} orphaned input file(s): {report.bytes} bytes"
     )
+    if rows_older_than is not None:
+        rows = prune_rows(database, utcnow() - timedelta(seconds=rows_older_than))
+        typer.echo(f"removed {rows} job record(s); their credits are kept as summaries")
+
+
+@app.command()
+def usage(
+    data_dir: DataDir = None,
+    key: Annotated[str | None, typer.Option("--key", help="One key (name or id); default every key.")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="A UTC date (YYYY-MM-DD); default 30 days ago.")
+    ] = None,
+    by: Annotated[Grouping, typer.Option("--by", help="Group by UTC day or by model.")] = Grouping.DAY,
+    as_json: AsJson = False,
+) -> None:
+    """Credits charged for jobs (refunds netted out) and changed by operators, from the credit ledger."""
+    from fluxserve.db import ledger
+    from fluxserve.db.connection import utcnow
+
+    try:
+        start = (
+            utcnow() - timedelta(days=30)
+            if since is None
+            else datetime.fromisoformat(since).replace(tzinfo=UTC)
+        )
+    except ValueError:
+        typer.echo(f"error: --since: {since!r} is not a date like 2026-01-31", err=True)
+        raise typer.Exit(2) from None
+    with _keys(data_dir) as store:
+        key_id = None if key is None else store.resolve(key).id
+        with store.engine.connect() as conn:
+            lines = ledger.usage(conn, start, by.value, key_id)
+    if as_json:
+        typer.echo(json.dumps([line.as_json() for line in lines]))
+        return
+    table = Table(
+        by.value, "key", "jobs", "charged", "operator", title=f"Usage since {start:%Y-%m-%d %H:%M} UTC"
+    )
+    for line in lines:
+        table.add_row(line.group, line.key, str(line.jobs), str(line.charged), str(line.operator))
+    console.print(table if lines else "no credit entries in that time")
 
 
 @keys_app.callback(invoke_without_command=True)

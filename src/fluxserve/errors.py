@@ -1,7 +1,8 @@
 """Every error fluxserve raises on purpose, in one tree; each message is written for the user.
 
 - :class:`RequestRefused`: a submit that is not accepted; the API answers with the status it carries
-  (400 :class:`InvalidInput`, 402 :class:`QuotaExceeded`, 429 :class:`TooManyActiveJobs`).
+  (400 :class:`InvalidInput`, 402 :class:`QuotaExceeded`, 429 :class:`TooManyActiveJobs`, 503
+  :class:`ServerBusy`).
 - :class:`JobFailure`: ends an accepted job; the worker maps each kind to the job's outcome:
   :class:`Moderated` ends it moderated, :class:`JobCanceled` canceled, the rest failed with the message.
   An exception outside this tree is a bug: the job fails with "Internal error" and the log has the trace.
@@ -9,6 +10,8 @@
 """
 
 from __future__ import annotations
+
+from decimal import Decimal
 
 
 class FluxserveError(Exception):
@@ -28,15 +31,26 @@ class InvalidInput(RequestRefused, ValueError):
 
 
 class QuotaExceeded(RequestRefused):
-    """The key's credits do not cover the job's price."""
+    """The key's credits do not cover the job's price: ``price`` once the job was quoted (a FLUX.2 price
+    counts its megapixels), None when the key could not cover even the model's lowest price."""
 
     status_code = 402
+
+    def __init__(self, price: Decimal | None = None) -> None:
+        super().__init__("not enough credits")
+        self.price = price
 
 
 class TooManyActiveJobs(RequestRefused):
     """The key already has its limit of queued and running jobs."""
 
     status_code = 429
+
+
+class ServerBusy(RequestRefused):
+    """The whole queue is at the operator's cap (``FLUXSERVE_MAX_QUEUED_JOBS``): try again shortly."""
+
+    status_code = 503
 
 
 class JobFailure(FluxserveError):

@@ -216,6 +216,27 @@ class Settings(BaseSettings):
         description="The longest /readyz waits for the database and for the storage before it calls them "
         "unavailable.",
     )
+    retry_after_seconds: int = Field(
+        default=5,
+        ge=1,
+        description="The Retry-After every 429 and 503 carries when its cause does not know a better one.",
+    )
+    max_queued_jobs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Off when unset: jobs of all keys that may wait (queued or fetching); 503 beyond.",
+    )
+    key_requests_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="Off when unset: submits a key may make per minute in one API process (429 beyond).",
+    )
+    max_held_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Requests an API process holds open while their jobs run (the OpenAI images routes), "
+        "across keys; 503 beyond.",
+    )
     openai_wait_seconds: float = Field(
         default=300.0,
         gt=0,

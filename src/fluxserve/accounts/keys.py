@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import secrets
 import threading
@@ -31,6 +32,10 @@ def hash_key(raw: str) -> str:
 
 class KeyProblem(Exception):
     """An operation on keys that cannot be done as asked; the message says why, for the operator."""
+
+
+# Who changed credits by hand, as the ledger records it: the user running the command.
+OPERATOR = f"cli:{getpass.getuser()}"
 
 
 @dataclass(frozen=True)
@@ -122,15 +127,16 @@ class KeyStore:
         """The database the keys live in (reports on their jobs read it too)."""
         return self._engine
 
-    def create(self, name: str, credits: Decimal | None = None) -> NewKey:
+    def create(self, name: str, credits: Decimal | None = None, operator: str = OPERATOR) -> NewKey:
         """Make a key; the raw value is returned once and never stored. A name names one live key, so that
         commands given a name cannot reach the wrong one."""
         name = name.strip()
         if not name:
             raise KeyProblem("a key needs a name")
         raw, secret = _new_secret()
+        key_id = str(uuid.uuid4())
         values = {
-            "id": str(uuid.uuid4()),
+            "id": key_id,
             "name": name,
             **secret,
             "webhook_secret": new_secret(),
@@ -141,6 +147,8 @@ class KeyStore:
         try:
             with self._engine.begin() as conn:
                 conn.execute(insert(api_keys).values(values))
+                if credits is not None:  # the key's first entry: its starting balance
+                    ledger.set_balance(conn, key_id, credits, operator=operator)
         except IntegrityError as error:  # the live-name index (the hash is random, never a clash)
             raise KeyProblem(
                 f"a live key is already named {name!r} (a key is shown only once): "
@@ -224,19 +232,19 @@ class KeyStore:
             raise KeyProblem(f"no key named {name_or_id!r} (`fluxserve keys` lists them)")
         return key
 
-    def add_credits(self, key: ApiKey, credits: Decimal) -> ApiKey:
+    def add_credits(self, key: ApiKey, credits: Decimal, operator: str = OPERATOR) -> ApiKey:
         """Top up a live key's finite balance."""
         self._finite_and_live(key, "add credits to")
         with self._engine.begin() as conn:
-            ledger.add(conn, key.id, credits)
+            ledger.add(conn, key.id, credits, operator=operator)
         self.cache.invalidate(key.id)
         return self.get(key.id)  # type: ignore[return-value]
 
-    def take_credits(self, key: ApiKey, credits: Decimal) -> ApiKey:
+    def take_credits(self, key: ApiKey, credits: Decimal, operator: str = OPERATOR) -> ApiKey:
         """Take credits from a live key's finite balance; never below zero."""
         self._finite_and_live(key, "take credits from")
         with self._engine.begin() as conn:
-            if not ledger.hold(conn, key.id, credits):
+            if not ledger.hold(conn, key.id, credits, operator=operator):
                 balance = self.get(key.id)
                 raise KeyProblem(
                     f"{key.name} has {balance.credits if balance else 0} credits: cannot take {credits}"
@@ -244,12 +252,12 @@ class KeyStore:
         self.cache.invalidate(key.id)
         return self.get(key.id)  # type: ignore[return-value]
 
-    def set_credits(self, key: ApiKey, credits: Decimal | None) -> ApiKey:
+    def set_credits(self, key: ApiKey, credits: Decimal | None, operator: str = OPERATOR) -> ApiKey:
         """Set a live key's balance outright (None: unlimited)."""
         if not key.active:
             raise KeyProblem(f"{key.name} is revoked: its balance cannot be set")
         with self._engine.begin() as conn:
-            ledger.set_balance(conn, key.id, credits)
+            ledger.set_balance(conn, key.id, credits, operator=operator)
         self.cache.invalidate(key.id)
         return self.get(key.id)  # type: ignore[return-value]
 

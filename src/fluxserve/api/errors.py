@@ -23,11 +23,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxserve.core.fields import error_messages
+from fluxserve.errors import ServerBusy
 from fluxserve.jobs.outage import database_away
 
 log = logging.getLogger("fluxserve.api")
 
 VENDOR_PREFIX = "/v1/"
+RESELLER_MODEL_PREFIX = "/bfl/v1/"
 OPENAI_PREFIX = "/v1/images/"
 # The openai SDKs retry 408, 409, 429 and 5xx unless told not to; a retried submit would be a second job.
 NO_RETRY = {"x-should-retry": "false"}
@@ -162,6 +164,23 @@ def _allow(request: Request, exc: StarletteHTTPException) -> str:
     return ", ".join(sorted(methods)) or (exc.headers or {}).get("Allow", "")
 
 
+def _models_beside(request: Request) -> list[str]:
+    """The models of an unknown model route's dialect (``/bfl/v1/<model>``, ``/v1/<model>``): the names
+    of the submit routes next to it; none for any other path."""
+    prefix = request.url.path.rsplit("/", 1)[0] + "/"
+    if request.method != "POST" or prefix not in (RESELLER_MODEL_PREFIX, VENDOR_PREFIX):
+        return []
+    paths = request.app.openapi()["paths"]
+    return [
+        path.removeprefix(prefix)
+        for path, operations in paths.items()
+        if path.startswith(prefix)
+        and "/" not in path.removeprefix(prefix)
+        and "post" in operations
+        and "{" not in path
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -170,6 +189,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def openai_api_error(_: Request, exc: OpenAIError) -> JSONResponse:
         return openai_error(exc.status_code, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(ServerBusy)
+    async def server_busy(request: Request, exc: ServerBusy) -> JSONResponse:
+        return error_response(request.url.path, 503, f"Server busy: {exc}")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -188,6 +211,9 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Allow"] = _allow(request, exc)
         if exc.status_code == 413 and not request.url.path.startswith(VENDOR_PREFIX):
             message = "body: larger than this server accepts; send fewer or smaller images"
+        elif exc.status_code == 404 and (models := _models_beside(request)):
+            name = request.url.path.rsplit("/", 1)[-1][:100]
+            message = f"model: {name!r} is not a model this server has; models: {', '.join(models)}"
         else:
             message = str(exc.detail)
         return error_response(request.url.path, exc.status_code, message, headers)

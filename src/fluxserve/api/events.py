@@ -39,6 +39,7 @@ from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
 from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.numbers import ascii_int
 from fluxserve.jobs.feed import JobChange
 from fluxserve.surfaces.reseller import render_job
 from fluxserve.surfaces.vendor import render_json
@@ -68,10 +69,10 @@ class EventId:
     @classmethod
     def parse(cls, text: str | None) -> EventId | None:
         """A ``Last-Event-ID``; anything that is not one of ours reads as none (start from now)."""
-        parts = (text or "").strip().split(".")
-        if len(parts) != 3 or not all(part.isdigit() and len(part) <= 12 for part in parts):
+        numbers = [ascii_int(part, 12) for part in (text or "").strip().split(".")]
+        if len(numbers) != 3 or None in numbers:
             return None
-        return cls(*(int(part) for part in parts))
+        return cls(*(number for number in numbers if number is not None))
 
 
 @dataclass(frozen=True)

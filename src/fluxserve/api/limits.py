@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -35,6 +38,8 @@ from fluxserve.api.errors import (
     openai_error,
 )
 from fluxserve.core.models import MODELS
+from fluxserve.core.numbers import ascii_int
+from fluxserve.core.pricing import format_credits
 from fluxserve.jobs.outage import database_away
 
 NATIVE_SUBMIT = frozenset({"/flux/generate", "/flux/edits"})  # the reseller's own format
@@ -55,6 +60,47 @@ def _size(count: int) -> str:
     return f"{count // (1024 * 1024)} MiB" if count >= 1024 * 1024 else f"{count // 1024} KiB"
 
 
+class KeyRate:
+    """Submits per key per minute in this process (a fixed window per key): an operator's cap on how fast
+    one key may submit, off unless ``FLUXSERVE_KEY_REQUESTS_PER_MINUTE`` is set."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def wait(self, key_id: str) -> int:
+        """0 when the key may submit now (and it is counted), else the whole seconds until it may."""
+        now = self._clock()
+        start, count = self._windows.get(key_id, (now, 0))
+        if now - start >= 60:
+            start, count = now, 0
+        if count >= self.per_minute:
+            return max(1, math.ceil(start + 60 - now))
+        if len(self._windows) > 100_000:  # bounded: windows that have ended go
+            self._windows = {key: window for key, window in self._windows.items() if now - window[0] < 60}
+        self._windows[key_id] = (start, count + 1)
+        return 0
+
+
+class HeldRequests:
+    """Requests this process holds open while their jobs run (the OpenAI images routes' wait), across
+    keys: beyond ``limit`` a request is refused before it submits anything. Used on the event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def acquire(self) -> bool:
+        if self.held >= self.limit:
+            return False
+        self.held += 1
+        return True
+
+    def release(self) -> None:
+        self.held -= 1
+
+
 class RequestGuard:
     """Per-route body caps, the key before the body, and a bound on a submit body's JSON structure.
 
@@ -69,12 +115,14 @@ class RequestGuard:
         submit_max_bytes: int,
         other_max_bytes: int,
         max_separators: int,
+        rate: KeyRate | None = None,
     ) -> None:
         self.app = app
         self.keys = keys
         self.submit_max_bytes = submit_max_bytes
         self.other_max_bytes = other_max_bytes
         self.max_separators = max_separators
+        self.rate = rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,13 +132,17 @@ class RequestGuard:
         submit = scope["method"] == "POST" and (path in RESELLER_SUBMIT or path in VENDOR_SUBMIT)
         limit = self.submit_max_bytes if submit else self.other_max_bytes
         headers = Headers(scope=scope)
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            message = f"body: {int(declared)} bytes is over this route's {_size(limit)} limit"
+        declared = ascii_int(headers.get("content-length", ""), 19)  # the body counted below decides
+        if declared is not None and declared > limit:
+            message = f"body: {declared} bytes is over this route's {_size(limit)} limit"
             await refusal(path, 413, message)(scope, receive, send)
             return
-        if submit and (problem := await self._key_check(scope, path, headers)) is not None:
+        multipart = headers.get("content-type", "").lower().startswith("multipart/")
+        if submit and (problem := await self._key_check(scope, path, headers, multipart)) is not None:
             await problem(scope, receive, send)
+            return
+        if multipart:  # uploads stream through, counted; the form parser spools each file to disk
+            await self._stream(path, limit, scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -108,7 +160,7 @@ class RequestGuard:
             chunks.append(chunk)
             more = event.get("more_body", False)
         body = b"".join(chunks)
-        if submit and not headers.get("content-type", "").lower().startswith("multipart/"):
+        if submit:
             # A separator count is a C loop over the bytes; parsing and validating a body with a million
             # fields would hold the event loop (and the GIL, even in a thread) for seconds. Multipart
             # bodies (image uploads) are binary: their forms have a few fields.
@@ -124,40 +176,91 @@ class RequestGuard:
                 return
         await self.app(scope, _replay(body, receive), send)
 
-    async def _key_check(self, scope: Scope, path: str, headers: Headers) -> JSONResponse | None:
+    async def _stream(self, path: str, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass a multipart body to the app as it arrives, never held whole (a 100 MB upload once cost
+        the process 5 times that), and answer 413 instead of the app once it passes ``limit``."""
+        size = 0
+        over = False
+
+        async def counted() -> Message:
+            nonlocal size, over
+            event = await receive()
+            if event["type"] == "http.request":
+                size += len(event.get("body", b""))
+                if size > limit:
+                    over = True
+                    raise _BodyTooLarge
+            return event
+
+        async def unless_over(message: Message) -> None:
+            if not over:  # the app's answer to a body cut short (a parse error) is replaced by the 413
+                await send(message)
+
+        with suppress(_BodyTooLarge):
+            await self.app(scope, counted, unless_over)
+        if over:
+            await refusal(path, 413, f"body: more than this route's {_size(limit)} limit")(
+                scope, receive, send
+            )
+
+    async def _key_check(
+        self, scope: Scope, path: str, headers: Headers, upload: bool
+    ) -> JSONResponse | None:
         """:meth:`_key_problem`, or a 503 when the database is away: out here, before the app's exception
         handlers, an error would reset the connection after a 500."""
         try:
-            return await self._key_problem(scope, path, headers)
+            return await self._key_problem(scope, path, headers, upload)
         except Exception as error:
             if not database_away(error):
                 raise
             return database_unavailable(path, error)
 
-    async def _key_problem(self, scope: Scope, path: str, headers: Headers) -> JSONResponse | None:
-        if path.startswith(OPENAI_PREFIX):
-            token = bearer_token(headers.get("authorization"))
-            if not token or await verify(scope, self.keys, token) is None:
-                message = BAD_BEARER if token else NO_BEARER
-                return openai_error(401, message, code="invalid_api_key", headers=CLOSE)
-            return None
-        if path.startswith(VENDOR_PREFIX):
-            key = headers.get("x-key")
-            if not key:
+    async def _key_problem(
+        self, scope: Scope, path: str, headers: Headers, upload: bool
+    ) -> JSONResponse | None:
+        """The submit's key refused from its headers alone: missing or unknown (401; the vendor's 403),
+        or, for an upload, a balance below the cheapest price on the route (402), before any body is read."""
+        openai, vendor = path.startswith(OPENAI_PREFIX), path.startswith(VENDOR_PREFIX)
+        if openai:
+            raw = bearer_token(headers.get("authorization"))
+        else:
+            raw = headers.get("x-key" if vendor else "tt-api-key")
+        key = await verify(scope, self.keys, raw) if raw else None
+        if key is None and openai:
+            message = BAD_BEARER if raw else NO_BEARER
+            return openai_error(401, message, code="invalid_api_key", headers=CLOSE)
+        if key is None and vendor:
+            if not raw:
                 return refusal(
                     path, 403, "Not authenticated - x-key header is missing; send your API key in it"
                 )
-            if await verify(scope, self.keys, key) is None:
-                return refusal(
-                    path, 403, "Not authenticated - Invalid Authentication: x-key is not a valid API key"
-                )
-            return None
-        key = headers.get("tt-api-key")
-        if not key:
-            return refusal(path, 401, "TT-API-KEY header is missing; send your API key in it")
-        if await verify(scope, self.keys, key) is None:
-            return refusal(path, 401, "TT-API-KEY is not a valid API key")
+            return refusal(
+                path, 403, "Not authenticated - Invalid Authentication: x-key is not a valid API key"
+            )
+        if key is None:
+            reason = "is not a valid API key" if raw else "header is missing; send your API key in it"
+            return refusal(path, 401, f"TT-API-KEY {reason}")
+        if self.rate is not None and (wait := self.rate.wait(key.id)):
+            message = f"Too many requests: this server takes {self.rate.per_minute} a minute per key"
+            later = {**CLOSE, "Retry-After": str(wait)}
+            if openai:
+                return openai_error(429, message, code="rate_limit_exceeded", headers=later)
+            return error_response(path, 429, message, later)
+        model = MODELS.get(path.rsplit("/", 1)[-1])  # the edit routes name it in the form: any model's
+        cheapest = model.price if model else min(spec.price for spec in MODELS.values())
+        if upload and key.credits is not None and key.credits < cheapest:
+            message = (
+                f"Not enough credits: this key has {format_credits(key.credits)} and the cheapest model on "
+                f"this route costs {format_credits(cheapest)}; the upload was not read"
+            )
+            if openai:
+                return openai_error(402, message, code="insufficient_quota", headers=CLOSE)
+            return refusal(path, 402, message)
         return None
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the app from ``receive`` when a streamed body passes its route's limit."""
 
 
 access_log = logging.getLogger("fluxserve.access")

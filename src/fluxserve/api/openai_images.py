@@ -29,8 +29,10 @@ from fluxserve.api.auth import bearer_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import NO_RETRY, OpenAIError, OpenAIErrorBody, responses
 from fluxserve.api.events import EventStreams, get_streams
+from fluxserve.api.limits import HeldRequests
 from fluxserve.api.requests import (
     SubmitRequest,
+    encoded_uploads,
     image_slots,
     needs_only_a_prompt,
     refusing_routes,
@@ -38,10 +40,10 @@ from fluxserve.api.requests import (
     size_fields,
     upload_name,
 )
-from fluxserve.core.fields import Prompt, error_messages
+from fluxserve.core.fields import Prompt, Trimmed, error_messages
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import MODELS, Dialect, ModelSpec
-from fluxserve.core.pricing import format_credits
+from fluxserve.core.pricing import refused_price
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.retention import drop_inputs
 
@@ -68,6 +70,7 @@ class ImagesOptions:
     wait_seconds: float
     model: str  # for generations that name none
     edit_model: str  # for edits that name none
+    held: HeldRequests  # this process's requests waiting for their images, across keys
 
 
 def _options(request: Request) -> ImagesOptions:
@@ -93,10 +96,12 @@ Key = Annotated[ApiKey, Depends(bearer_key)]
 Deps = Annotated[Services, Depends(get_services)]
 Options = Annotated[ImagesOptions, Depends(_options)]
 Streams = Annotated[EventStreams, Depends(get_streams)]
-Model = Annotated[str | None, Field(json_schema_extra={"enum": MODEL_NAMES}, description="The model.")]
+Model = Annotated[
+    str | None, Trimmed, Field(json_schema_extra={"enum": MODEL_NAMES}, description="The model.")
+]
 N = Annotated[int, Field(ge=1, le=MAX_N, description="How many images.")]
-Size = Annotated[str | None, Field(pattern=SIZE_PATTERN, description="WxH or auto.")]
-ResponseFormat = Literal["url", "b64_json"] | None
+Size = Annotated[str | None, Trimmed, Field(pattern=SIZE_PATTERN, description="WxH or auto.")]
+ResponseFormat = Annotated[Literal["url", "b64_json"] | None, Trimmed]
 Ignored = Annotated[str | None, Field(description="Accepted and ignored.")]
 
 
@@ -159,7 +164,7 @@ def _spec(model: str) -> ModelSpec:
 def _shape(size: str | None) -> tuple[int, int] | None:
     if size is None or size == "auto":
         return None
-    match = re.fullmatch(r"(\d+)x(\d+)", size)
+    match = re.fullmatch(r"([0-9]+)x([0-9]+)", size)
     assert match is not None  # the schema's pattern
     return int(match[1]), int(match[2])
 
@@ -197,7 +202,7 @@ def _refused(spec: ModelSpec, error: Exception, n: int) -> OpenAIError:
         message = str(error).replace(f"{error.field}: ", f"{upload_name(error.field)}: ", 1)
         return OpenAIError(400, message, param=upload_name(error.field))
     if isinstance(error, QuotaExceeded):
-        price = format_credits(spec.price * n)
+        price = refused_price(spec, error.price, n)
         return OpenAIError(
             402, f"Not enough credits: {n} x {spec.name} costs {price}", code="insufficient_quota"
         )
@@ -212,6 +217,24 @@ async def _images(
 ) -> ImagesResponse:  # fmt: skip
     """Submit ``n`` jobs and wait (bounded) until they end; their images in the requested format. The
     ``X-Job-Ids`` header names the jobs (``/flux/fetch`` shows them)."""
+    if not options.held.acquire():  # before any job is made: nothing to clean up
+        raise OpenAIError(
+            503,
+            f"This server is holding {options.held.limit} image requests already; retry shortly",
+            code="server_busy",
+        )
+    try:
+        return await _wait_for_images(
+            spec, request, n, response_format, key, services, options, response, streams
+        )
+    finally:
+        options.held.release()
+
+
+async def _wait_for_images(
+    spec: ModelSpec, request: SubmitRequest, n: int, response_format: str | None,
+    key: ApiKey, services: Services, options: ImagesOptions, response: Response, streams: EventStreams,
+) -> ImagesResponse:  # fmt: skip
     try:
         jobs = await run_in_threadpool(_submit, spec, request, key, services, n)
     except (InvalidInput, QuotaExceeded, TooManyActiveJobs) as error:
@@ -299,9 +322,9 @@ async def edits(
         raise OpenAIError(400, "image: is required (one or more image files)", param="image")
     if len(uploads) > len(slots):
         raise OpenAIError(400, f"image: {spec.name} takes at most {len(slots)} image(s)", param="image")
-    encoded = {
-        slot: base64.b64encode(await upload.read()).decode()
-        for slot, upload in zip(slots, uploads, strict=False)
-    }
+    try:
+        encoded = await encoded_uploads(uploads, slots, services.submitter.max_input_bytes)
+    except InvalidInput as error:
+        raise OpenAIError(400, str(error), param="image") from error
     request = _request(spec, prompt, size, encoded)
     return await _images(spec, request, n, response_format, key, services, options, response, streams)

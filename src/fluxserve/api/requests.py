@@ -9,14 +9,15 @@ dialects ignore fields a route does not have, as both upstreams do (clients send
 
 from __future__ import annotations
 
+import base64
 import math
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 from annotated_types import Ge, Le, MultipleOf
-from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
@@ -30,6 +31,7 @@ from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES, VARIANT_TYPES, Va
 from fluxserve.core.models import MODELS, REQUIRED, Dialect, ModelSpec
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.sizes import parse_aspect_ratio
+from fluxserve.errors import InvalidInput
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER
 
 _NOT_PARAMS = {"seed", "webhook_url", "webhook_secret"}
@@ -248,6 +250,23 @@ def size_fields(
 def upload_name(field: str) -> str:
     """What a route that takes ``image`` uploads calls a model field: its image slots are ``image``."""
     return "image" if field.startswith("input_image") or field == "image_prompt" else field
+
+
+async def encoded_uploads(
+    uploads: Sequence[UploadFile], slots: Sequence[str], max_bytes: int
+) -> dict[str, str]:
+    """Each upload as the base64 its slot takes (the submitter decodes and checks it). One larger than
+    ``max_bytes`` is refused by the size the form parser counted while spooling it to disk, before a byte
+    of it is read into memory."""
+    for number, upload in enumerate(uploads, 1):
+        if upload.size is not None and upload.size > max_bytes:
+            raise InvalidInput(
+                "image", f"file {number} is {upload.size} bytes; at most {max_bytes} are accepted"
+            )
+    return {
+        slot: base64.b64encode(await upload.read()).decode()
+        for slot, upload in zip(slots, uploads, strict=False)
+    }
 
 
 def image_slots(schema: type[SubmitRequest]) -> list[str]:

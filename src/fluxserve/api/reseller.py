@@ -21,7 +21,7 @@ from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_route
 from fluxserve.api.reseller_schemas import JOB_REF_BODY, JOB_RESPONSES, SUBMIT_RESPONSES
 from fluxserve.core.job import Job
 from fluxserve.core.models import Dialect, ModelSpec
-from fluxserve.core.pricing import format_credits
+from fluxserve.core.pricing import refused_price
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.retention import drop_inputs
 from fluxserve.jobs.store import IdempotencyConflict
@@ -55,7 +55,9 @@ def submit(
     except IdempotencyConflict as error:
         raise ApiError(error.status_code, str(error)) from error
     except QuotaExceeded as error:
-        raise ApiError(402, f"Not enough credits: {spec.name} costs {format_credits(spec.price)}") from error
+        raise ApiError(
+            402, f"Not enough credits: {spec.name} costs {refused_price(spec, error.price)}"
+        ) from error
     except TooManyActiveJobs as error:
         raise ApiError(429, "Too many active jobs for this key; wait for some to finish") from error
     return _accepted(job)

@@ -11,7 +11,6 @@ job: the same envelope, fetch and webhook.
 
 from __future__ import annotations
 
-import base64
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Header, UploadFile
@@ -25,6 +24,7 @@ from fluxserve.api.errors import ApiError
 from fluxserve.api.requests import (
     SubmitExtras,
     SubmitRequest,
+    encoded_uploads,
     idempotency_key,
     image_slots,
     needs_only_a_prompt,
@@ -38,10 +38,12 @@ from fluxserve.api.reseller_schemas import SUBMIT_RESPONSES
 from fluxserve.core.fields import (
     OptionalAspectRatio,
     Prompt,
+    Trimmed,
     WebhookUrl,
     error_messages,
 )
 from fluxserve.core.models import MODELS, Family, ModelSpec
+from fluxserve.errors import InvalidInput
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER
 
 FLUX1_PREFIX = "flux1-"  # the reseller's name for the table's flux-<name> FLUX.1 models
@@ -68,7 +70,7 @@ MODES = _modes()
 
 
 def spec_of_mode(mode: str) -> ModelSpec:
-    spec = MODES.get(mode.strip())
+    spec = MODES.get(mode)
     if spec is None:
         raise ApiError(400, f"mode: {mode[:100]!r} is not a model this server has; modes: {', '.join(MODES)}")
     return spec
@@ -111,7 +113,7 @@ Idempotency = Annotated[
     Header(alias=IDEMPOTENCY_HEADER, description="Optional: a repeat within 24 hours returns the same job."),
 ]
 _MODE_DOC = "The model: " + ", ".join(MODES) + ". `model` is accepted for it."
-Mode = Annotated[str, Field(json_schema_extra={"enum": list(MODES)}, description=_MODE_DOC)]
+Mode = Annotated[str, Trimmed, Field(json_schema_extra={"enum": list(MODES)}, description=_MODE_DOC)]
 Size = Literal["1024x1024", "1024x1792", "1792x1024"] | None
 
 
@@ -198,11 +200,10 @@ async def edits(
         raise ApiError(400, f"image: {mode} does not take input images; use /flux/generate")
     if len(image) > len(slots):
         raise ApiError(400, f"image: {mode} takes at most {len(slots)} image(s), {len(image)} were sent")
-    # Base64, as the model's schema takes them: the submitter decodes and checks each within its limits.
-    images = {
-        slot: base64.b64encode(await upload.read()).decode()
-        for slot, upload in zip(slots, image, strict=False)
-    }
+    try:
+        images = await encoded_uploads(image, slots, services.submitter.max_input_bytes)
+    except InvalidInput as error:
+        raise ApiError(400, str(error)) from error
     shape = size_fields(schema, _shape(aspect_ratio, None)) if aspect_ratio else {}
     data = {"prompt": prompt, "webhook_url": hookUrl, **shape, **images}
     request = _request(schema, data)

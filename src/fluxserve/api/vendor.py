@@ -34,7 +34,7 @@ from fluxserve.api.vendor_schemas import CreditsResponse, SubmitResponse
 from fluxserve.core.fields import MAX_ERROR_MESSAGES, VENDOR_RULES
 from fluxserve.core.job import Job
 from fluxserve.core.models import Dialect, ModelSpec
-from fluxserve.core.pricing import format_credits
+from fluxserve.core.pricing import format_credits, refused_price
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER, IdempotencyConflict
 from fluxserve.surfaces.vendor import ResultResponse, render_result
@@ -159,10 +159,8 @@ def _submit(
         item = {"loc": ["header", IDEMPOTENCY_HEADER], "msg": str(error), "type": "idempotency_conflict"}
         raise VendorValidationError([item]) from error
     except QuotaExceeded as error:
-        price = f"{format_credits(spec.price)} credits"
-        if spec.further_mp_price is not None:
-            price += f" (first megapixel) + {format_credits(spec.further_mp_price)} per further megapixel"
         balance = "unknown" if key.credits is None else format_credits(key.credits)
+        price = refused_price(spec, error.price, unit=" credits")
         raise HTTPException(
             402, f"Insufficient credits: {spec.name} costs {price} and this key has {balance}"
         ) from error

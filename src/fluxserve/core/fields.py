@@ -158,6 +158,9 @@ def _zero_or_at_least_64(value: int) -> int:
 
 
 Optional = BeforeValidator(_null_is_default)
+# One rule for choice fields (a mode or model name, a size, a response format) in every dialect: read with
+# surrounding whitespace trimmed, as a hand-typed form field often carries a space.
+Trimmed = BeforeValidator(lambda value: value.strip() if isinstance(value, str) else value)
 Number = BeforeValidator(_not_bool)
 
 # A constraint written before the validators is part of the JSON Schema (minimum, maximum, multipleOf,

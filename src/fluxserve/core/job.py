@@ -64,15 +64,21 @@ class Job:
     finished_at: datetime | None = None
     heartbeat_at: datetime | None = None
     result_expired_at: datetime | None = None  # when retention deleted the result file; the row stays
+    result_pruned: bool = False  # it was `fluxserve prune` that deleted it
 
     @property
     def result_expired(self) -> str | None:
-        """Why a succeeded job has no image any more (its result outlived retention), or None."""
+        """Why a succeeded job has no image any more (its result outlived retention, or an operator's
+        ``fluxserve prune`` deleted it), or None."""
         if self.result_expired_at is None:
             return None
         kept = ""
         if self.finished_at is not None:
             kept = f" after {_duration((self.result_expired_at - self.finished_at).total_seconds())}"
+        if self.result_pruned:
+            return (
+                f"Result deleted{kept} by the server's operator (fluxserve prune); the job's record is kept"
+            )
         return f"Result expired{kept} (retention period); the job's record is kept"
 
     @property

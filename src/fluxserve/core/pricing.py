@@ -8,7 +8,9 @@ rounded to the nearest and at least one: 1024x1024 text to image costs the first
 same size edited from a 1024x1024 input costs one further megapixel more (the vendor's "1 MP I2I" price).
 An input image larger than 4 MP counts as 4 MP (FLUX.2 works on at most that), and a size not known yet
 (a URL input not fetched) counts as 4 MP too: the hold is then an upper bound, brought to the exact
-price (:func:`requote`, ``db.ledger.reprice``) by the fetch stage once it has the images.
+price (:func:`requote`, ``db.ledger.reprice``) by the fetch stage once it has the images. The requote
+starts again from exact pixel counts (never from the rounded megapixels a job row keeps), so a URL input
+costs what the same image sent inline costs, and never more than the quote.
 """
 
 from __future__ import annotations
@@ -50,14 +52,14 @@ def quote(spec: ModelSpec, output: Size | None, inputs: Sequence[Size | None] = 
     return _priced(spec, spec.further_mp_price, megapixels(output), sum(map(megapixels, inputs), Decimal(0)))
 
 
-def requote(spec: ModelSpec, quoted: Quote, output: Size, fetched: Sequence[Size]) -> Quote:
+def requote(spec: ModelSpec, quoted: Quote, output: Size, references: Sequence[Size]) -> Quote:
     """``quoted`` (made by :func:`quote` before the URL inputs were fetched, each counted at the 4 MP
-    bound) made exact once the output size and those inputs' sizes (``fetched``) are known."""
+    bound) made exact once the output size and every reference image's size are known: the price the
+    same job sent inline pays, and never more than was quoted (the key was told, and held, that much)."""
     if spec.further_mp_price is None or quoted.input_mp is None:
         return quoted
-    bound = megapixels(None).quantize(CENT, ROUND_HALF_UP)  # as quote() recorded each of them
-    inputs = quoted.input_mp + sum((megapixels(size) - bound for size in fetched), Decimal(0))
-    return _priced(spec, spec.further_mp_price, megapixels(output), max(inputs, Decimal(0)))
+    exact = quote(spec, output, references)
+    return exact if exact.cost <= quoted.cost else Quote(quoted.cost, exact.input_mp, exact.output_mp)
 
 
 def _priced(spec: ModelSpec, further: Decimal, output_mp: Decimal, input_mp: Decimal) -> Quote:
@@ -72,3 +74,16 @@ def _priced(spec: ModelSpec, further: Decimal, output_mp: Decimal, input_mp: Dec
 def format_credits(value: Decimal) -> str:
     """``Decimal("4.00")`` -> ``"4"``, ``Decimal("2.50")`` -> ``"2.5"``: how the reseller writes quota."""
     return format(value.normalize(), "f")
+
+
+def refused_price(spec: ModelSpec, price: Decimal | None, count: int = 1, unit: str = "") -> str:
+    """What a 402 says ``count`` jobs cost (``unit`` after the figure): their quote when the refused job
+    was quoted, else (refused before its images were looked at) the model's lowest price, "at least" for a
+    price by the megapixel."""
+    if price is not None:
+        return format_credits(price * count) + unit
+    lowest = format_credits(spec.price * count) + unit
+    if spec.further_mp_price is None:
+        return lowest
+    first, further = format_credits(spec.price), format_credits(spec.further_mp_price)
+    return f"at least {lowest} ({first} for the first megapixel + {further} for each further one)"

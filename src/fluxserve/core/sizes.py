@@ -28,7 +28,7 @@ FLUX2_DEFAULT = (1024, 1024)  # FLUX.2 without a size or an input image
 FLUX2_MULTIPLE = 16
 MIN_RATIO = 9 / 21
 MAX_RATIO = 21 / 9
-_RATIO = re.compile(r"^\s*(\d{1,5})\s*:\s*(\d{1,5})\s*$")
+_RATIO = re.compile(r"^\s*([0-9]{1,5})\s*:\s*([0-9]{1,5})\s*$")  # ASCII digits: \d takes any script's
 
 
 class SizeRule(StrEnum):

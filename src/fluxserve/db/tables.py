@@ -81,6 +81,7 @@ jobs = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     Column("heartbeat_at", DateTime(timezone=True), nullable=True),
     Column("result_expired_at", DateTime(timezone=True), nullable=True),  # retention deleted the result
+    Column("result_pruned", Boolean, nullable=True),  # true: `fluxserve prune` deleted it (migration 0012)
     # The job's place in the fair order (jobs/store_sql.py, _turn): claims take the lowest turn first. 0006
     Column("turn", BigInteger, nullable=False, server_default="0"),
     # SQLite's change order, written by triggers (jobs/feed.py; NULL on PostgreSQL, which NOTIFYs). 0010
@@ -167,4 +168,25 @@ webhook_counts = Table(
     Column("shard", SmallInteger, nullable=False),
     Column("deliveries", BigInteger, nullable=False),
     PrimaryKeyConstraint("status", "shard", name="pk_webhook_counts"),
+)
+
+# Every change to a key's credits, appended and never updated (db/ledger.py): for a key with a finite
+# balance the entries add up to it. ``amount_hundredths`` is signed (a hold is negative, a refund positive);
+# ``job_id`` and ``model`` name the job an entry is for (no foreign key: ``fluxserve prune
+# --rows-older-than`` deletes old job rows and folds their entries into one ``summary`` entry per key, model
+# and day), ``operator`` who changed credits by hand. Migration 0012.
+credit_ledger = Table(
+    "credit_ledger",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key_id", String(36), ForeignKey("api_keys.id"), nullable=False),
+    Column("kind", String(16), nullable=False),  # hold settle refund topup set take summary
+    Column("amount_hundredths", BigInteger, nullable=False),
+    Column("job_id", String(36), nullable=True),
+    Column("model", String(64), nullable=True),
+    Column("operator", String(255), nullable=True),
+    Column("jobs", Integer, nullable=True),  # a summary: how many jobs' entries it folded
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_credit_ledger_key_time", "key_id", "created_at"),
+    Index("ix_credit_ledger_job", "job_id"),
 )

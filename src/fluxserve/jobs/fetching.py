@@ -15,12 +15,15 @@ leases that lapse.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import socket
 import uuid
 from contextlib import suppress
 from datetime import timedelta
+
+from PIL import Image
 
 from fluxserve.core.fields import REFERENCE_FIELDS
 from fluxserve.core.job import Job, JobStatus
@@ -32,7 +35,7 @@ from fluxserve.db.connection import utcnow
 from fluxserve.errors import FetchError, InputError
 from fluxserve.jobs.retention import drop_inputs
 from fluxserve.jobs.store import JobStore
-from fluxserve.jobs.submit import store_input
+from fluxserve.jobs.submit import BLOB_PREFIX, store_input
 from fluxserve.safety.fetch import NetworkPolicy, fetch_bytes
 from fluxserve.safety.images import decode_image_bytes, is_url
 from fluxserve.storage.base import BlobStore
@@ -141,12 +144,12 @@ class InputFetcher:
             resolved = output_size(spec_of(job.model).size_rule, params, sizes[0] if sizes else None)
             assert resolved is not None
             size = resolved
-        fetched = [  # the references downloaded here, which submit priced at the 4 MP bound
-            got
+        references = [  # every reference's exact size: those sent inline are read back from the store
+            got if got is not None else await asyncio.to_thread(self._stored_size, image.ref)
             for image, got in zip(params.input_images, sizes, strict=True)
-            if got is not None and image.field in REFERENCE_FIELDS
+            if image.field in REFERENCE_FIELDS
         ]
-        price = requote(spec_of(job.model), Quote(job.cost, job.input_mp, job.output_mp), size, fetched)
+        price = requote(spec_of(job.model), Quote(job.cost, job.input_mp, job.output_mp), size, references)
         queued = await asyncio.to_thread(
             self._store.fetched, job.id, self.owner, params.model_dump(mode="json"), *size, price
         )
@@ -168,6 +171,11 @@ class InputFetcher:
         stored = await asyncio.to_thread(store_input, self._blobs, job.id, field, decoded)
         await asyncio.to_thread(self._store.touch_fetch, job.id, self.owner)
         return stored, decoded.size
+
+    def _stored_size(self, ref: str) -> tuple[int, int]:
+        """The size of an input submit stored (only its header is decoded)."""
+        with Image.open(io.BytesIO(self._blobs.get(ref.removeprefix(BLOB_PREFIX)))) as image:
+            return image.size
 
     async def _fail(self, job: Job, message: str) -> None:
         ended = await asyncio.to_thread(self._store.finish, job.id, None, JobStatus.FAILED, error=message)

@@ -14,6 +14,11 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import Engine, delete, select
+
+from fluxserve.core.job import JobStatus
+from fluxserve.db import ledger
+from fluxserve.db.tables import idempotency_keys, jobs, webhook_deliveries
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.submit import INPUTS, inputs_prefix
 from fluxserve.storage.base import BlobInfo, BlobStore
@@ -52,11 +57,14 @@ class Retention:
         blobs: BlobStore,
         ttl_seconds: float,
         orphan_grace_seconds: float = ORPHAN_GRACE_SECONDS,
+        by_operator: bool = False,
     ) -> None:
+        """``by_operator``: a ``fluxserve prune`` run, whose deletions their jobs then say were its own."""
         self._store = store
         self._blobs = blobs
         self.ttl_seconds = ttl_seconds
         self._grace = orphan_grace_seconds
+        self._by_operator = by_operator
 
     def sweep(self, now: datetime | None = None) -> SweepReport:
         """Delete results finished more than the TTL before ``now`` and orphaned inputs; blocking."""
@@ -70,7 +78,7 @@ class Retention:
                 if removed is not None:
                     report.results += 1
                     report.bytes += removed.size
-            self._store.mark_results_expired([job_id for job_id, _ in batch])
+            self._store.mark_results_expired([job_id for job_id, _ in batch], self._by_operator)
             if len(batch) < BATCH:
                 break
         self._sweep_orphaned_inputs(now.timestamp() - self._grace, report)
@@ -92,3 +100,27 @@ class Retention:
             removed = self._blobs.delete_prefix(inputs_prefix(job_id))
             report.inputs += len(removed)
             report.bytes += sum(info.size for info in removed)
+
+
+def prune_rows(engine: Engine, finished_before: datetime, limit: int = BATCH) -> int:
+    """Delete the rows of jobs that ended before ``finished_before`` (and their webhook deliveries and
+    Idempotency-Keys), for operators who keep no job history; each key's credit entries for them are
+    folded into summaries (``db.ledger.fold``), so balances and usage by day and model still add up. Their
+    files go with the sweep as usual. The rows deleted."""
+    ended = [status.value for status in JobStatus if status.is_terminal]
+    deleted = 0
+    while True:
+        with engine.begin() as conn:
+            ids = list(
+                conn.scalars(
+                    select(jobs.c.id)
+                    .where(jobs.c.status.in_(ended), jobs.c.finished_at < finished_before)
+                    .limit(limit)
+                )
+            )
+            if not ids:
+                return deleted
+            ledger.fold(conn, ids)
+            conn.execute(delete(webhook_deliveries).where(webhook_deliveries.c.job_id.in_(ids)))
+            conn.execute(delete(idempotency_keys).where(idempotency_keys.c.job_id.in_(ids)))
+            deleted += conn.execute(delete(jobs).where(jobs.c.id.in_(ids))).rowcount

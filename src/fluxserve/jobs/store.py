@@ -160,6 +160,10 @@ class JobStore(Protocol):
         """The stale running jobs on their last attempt: the ones ``requeue_stale`` fails."""
         ...
 
+    def waiting(self) -> int:
+        """How many jobs wait for a worker or for their inputs (queued or fetching), of every key."""
+        ...
+
     def active_ids(self, job_ids: Collection[str]) -> set[str]:
         """Those of ``job_ids`` whose job is queued or running (an unknown id is not active)."""
         ...
@@ -195,6 +199,7 @@ class JobStore(Protocol):
         oldest first."""
         ...
 
-    def mark_results_expired(self, job_ids: Collection[str]) -> int:
-        """Record that these jobs' results were deleted; the rows stay. Returns the rows marked."""
+    def mark_results_expired(self, job_ids: Collection[str], pruned: bool = False) -> int:
+        """Record that these jobs' results were deleted (``pruned``: by ``fluxserve prune``, not by the
+        server's retention sweep); the rows stay. Returns the rows marked."""
         ...

@@ -29,7 +29,7 @@ from fluxserve.core.models import Dialect
 from fluxserve.core.pricing import Quote
 from fluxserve.db import ledger, outbox
 from fluxserve.db.connection import as_utc, reconnecting, utcnow
-from fluxserve.db.tables import api_keys, idempotency_keys, jobs
+from fluxserve.db.tables import api_keys, idempotency_keys, job_counts, jobs
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.feed import ChangeFeed
 from fluxserve.jobs.store import (
@@ -91,6 +91,7 @@ def _job(row: RowMapping) -> Job:
         finished_at=as_utc(row["finished_at"]),
         heartbeat_at=as_utc(row["heartbeat_at"]),
         result_expired_at=as_utc(row["result_expired_at"]),
+        result_pruned=bool(row["result_pruned"]),
     )
 
 
@@ -234,7 +235,7 @@ class SqlJobStore:
         with self._engine.begin() as conn:
             # The hold comes first: it serialises this key's submits, so the limits cannot race, and
             # the Idempotency-Key read below sees every earlier submit of this key.
-            if not ledger.hold(conn, job.key_id, job.cost):
+            if not ledger.hold(conn, job.key_id, job.cost, job_id=job.id, model=job.model):
                 raise QuotaExceeded()
             if idempotency is not None:
                 existing = self._replay(conn, job.key_id, idempotency)
@@ -480,11 +481,12 @@ class SqlJobStore:
             update(jobs)
             .where(*guard)
             .values(values)
-            .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.webhook_url)
+            .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.webhook_url, jobs.c.model)
         ).first()
         if row is None:
             return False
-        ledger.settle(conn, row.key_id, ledger.from_hundredths(row.cost_hundredths), status.is_charged)
+        held = ledger.from_hundredths(row.cost_hundredths)
+        ledger.settle(conn, row.key_id, held, status.is_charged, job_id=job_id, model=row.model)
         if row.webhook_url:
             outbox.enqueue(conn, job_id, row.key_id, row.webhook_url)
         return True
@@ -540,6 +542,13 @@ class SqlJobStore:
         with self._engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
+    def waiting(self) -> int:
+        """From the counters the triggers keep (migration 0011): a few rows, however long the queue."""
+        waiting = [JobStatus.QUEUED.value, JobStatus.FETCHING.value]
+        total = select(func.coalesce(func.sum(job_counts.c.jobs), 0)).where(job_counts.c.status.in_(waiting))
+        with self._reads.connect() as conn:
+            return int(conn.scalar(total) or 0)
+
     def active_ids(self, job_ids: Collection[str]) -> set[str]:
         found: set[str] = set()
         ids = list(job_ids)
@@ -566,7 +575,7 @@ class SqlJobStore:
         with self._engine.connect() as conn:
             return [(row.id, row.result_key) for row in conn.execute(query)]
 
-    def mark_results_expired(self, job_ids: Collection[str]) -> int:
+    def mark_results_expired(self, job_ids: Collection[str], pruned: bool = False) -> int:
         ids = list(job_ids)
         marked = 0
         now = utcnow()
@@ -575,7 +584,7 @@ class SqlJobStore:
                 marked += conn.execute(
                     update(jobs)
                     .where(jobs.c.id.in_(ids[start : start + 500]), jobs.c.result_expired_at.is_(None))
-                    .values(result_expired_at=now)
+                    .values(result_expired_at=now, result_pruned=pruned)
                 ).rowcount
         return marked
 
@@ -650,7 +659,7 @@ class SqlJobStore:
                     worker_id=None,
                     heartbeat_at=None,
                 )
-                .returning(jobs.c.key_id, jobs.c.cost_hundredths)
+                .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.model)
             ).first()
             if queued is not None and price is not None:  # written after the row is ours to write
                 conn.execute(
@@ -662,9 +671,8 @@ class SqlJobStore:
                         output_mp=None if price.output_mp is None else float(price.output_mp),
                     )
                 )
-                ledger.reprice(
-                    conn, queued.key_id, ledger.from_hundredths(queued.cost_hundredths), price.cost
-                )
+                held = ledger.from_hundredths(queued.cost_hundredths)
+                ledger.reprice(conn, queued.key_id, held, price.cost, job_id=job_id, model=queued.model)
             return queued is not None
 
     @staticmethod

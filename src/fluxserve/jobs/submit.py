@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal
 from urllib.parse import urlsplit
 
 from PIL import Image
@@ -22,7 +23,7 @@ from fluxserve.core.models import Dialect, Family, ModelSpec, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import quote
 from fluxserve.core.sizes import output_size
-from fluxserve.errors import AddressRefused, FetchError, InputError, InvalidInput
+from fluxserve.errors import AddressRefused, FetchError, InputError, InvalidInput, QuotaExceeded, ServerBusy
 from fluxserve.jobs.store import Idempotency, JobStore
 from fluxserve.safety.fetch import NetworkPolicy, vet
 from fluxserve.safety.images import decode_image_input, is_url
@@ -40,6 +41,7 @@ class Limits:
     max_active_per_model: dict[str, int]  # operator overrides of the model table's own limits
     max_input_bytes: int
     max_input_pixels: int
+    max_waiting: int | None = None  # queued and fetching jobs of all keys; None: no cap
 
 
 def inputs_prefix(job_id: str) -> str:
@@ -61,6 +63,11 @@ class Submitter:
         self._limits = limits
         self._policy = policy
         self._to_fetch = to_fetch
+
+    @property
+    def max_input_bytes(self) -> int:
+        """The most bytes one input image may have (an upload larger is refused before it is read)."""
+        return self._limits.max_input_bytes
 
     def submit(
         self,
@@ -93,15 +100,21 @@ class Submitter:
             check_webhook_url(webhook_url, self._policy)
         spec = spec_of(params.model)
         model_limit = self._limits.max_active_per_model.get(spec.name, spec.max_active)
+        if self._limits.max_waiting is not None and self._store.waiting() >= self._limits.max_waiting:
+            raise ServerBusy(f"the queue is full ({self._limits.max_waiting} jobs wait); retry shortly")
         if uploads:
+            # Admission before work: a key that cannot have this job costs no decoding and leaves no file.
             self._store.admit(key.id, spec.name, spec.price, self._limits.max_active, model_limit)
         job_id = str(uuid.uuid4())
+        quoted: Decimal | None = None
         try:
             job = self._new_job(key, spec, params, seed, webhook_url, dialect, job_id)
-            job.webhook_secret = webhook_secret
+            job.webhook_secret, quoted = webhook_secret, job.cost
             job = self._store.submit(job, self._limits.max_active, model_limit, idempotency)
-        except Exception:
+        except Exception as error:
             self._blobs.delete_prefix(inputs_prefix(job_id))  # refused after all (a race): no orphan
+            if isinstance(error, QuotaExceeded) and quoted is not None:  # the price the key was short of
+                raise QuotaExceeded(quoted) from error
             raise
         if job.id != job_id:  # a concurrent repeat of this idempotent submit won: its job stands
             self._blobs.delete_prefix(inputs_prefix(job_id))

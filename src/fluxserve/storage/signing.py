@@ -7,6 +7,8 @@ from urllib.parse import quote
 
 from itsdangerous import BadSignature, Signer
 
+from fluxserve.core.numbers import ascii_int
+
 
 class UrlSigner:
     def __init__(self, secret: str, ttl_seconds: int) -> None:
@@ -21,7 +23,8 @@ class UrlSigner:
         return f"/files/{quote(key)}?expires={expires}&signature={self._signature(key, expires)}"
 
     def verify(self, key: str, expires: str, signature: str) -> bool:
-        if not expires.isdigit() or int(expires) < time.time():
+        deadline = ascii_int(expires, 12)  # unix seconds: 12 digits last until the year 33658
+        if deadline is None or deadline < time.time():
             return False
         try:
             return self._signer.verify_signature(f"{key}\n{expires}", signature)

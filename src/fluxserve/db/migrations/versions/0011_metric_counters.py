@@ -20,7 +20,7 @@ The counters are filled once from the existing rows. On PostgreSQL creating the 
 against writes until the migration commits, so no change slips between the backfill and the triggers.
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 """
 
 import sqlalchemy as sa
