@@ -250,8 +250,12 @@ def test_every_402_gives_the_flux2_price_of_the_request_not_the_first_megapixels
         "/v1/flux-2-max", json={**body, "width": 2048, "height": 2048}, headers={"x-key": key}
     )
     assert vendor.status_code == 402 and "flux-2-max costs 16 credits and this key has 9" in vendor.text
-    broke = funded(app_client, "1")  # refused before the images are looked at: the lowest price, said so
-    lowest = client.post("/bfl/v1/flux-2-max", json=body, headers={"TT-API-KEY": broke})
+    broke = funded(app_client, "1")
+    exact = client.post("/bfl/v1/flux-2-max", json=body, headers={"TT-API-KEY": broke})
+    assert exact.status_code == 402 and exact.json()["message"].endswith("flux-2-max costs 10")
+    # With an image to decode, refused before it is looked at: the lowest price, said so.
+    edit = {**body, "input_image": png_base64()}
+    lowest = client.post("/bfl/v1/flux-2-max", json=edit, headers={"TT-API-KEY": broke})
     assert "costs at least 7 (7 for the first megapixel + 3 for each further one)" in lowest.text
 
 

@@ -38,7 +38,7 @@ _measuring: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("m
 # with a reason: each is a round trip on every request of its kind.
 FETCH_RUNNING = 1  # the job row, by id and key
 FETCH_QUEUED = 2  # the job row, then the bounded count of the jobs ahead of it
-SUBMIT = {"sqlite": 3, "postgresql": 4}  # hold, limits + turn probe, insert (+ NOTIFY for idle workers)
+SUBMIT = {"sqlite": 4, "postgresql": 4}  # hold, its ledger entry, limits + turn probe, insert
 UPLOAD_ADMISSION = 1  # a submit with an image to decode checks admission once before that work
 
 
