@@ -175,7 +175,13 @@ def test_the_first_key_is_printed_after_the_start_up_logs_set_apart_without_colo
     lines = server.log_path.read_text().splitlines()
     first = next(index for index, line in enumerate(lines) if line.startswith("First start"))
     assert lines[first - 2 : first] == ["", "-" * 78]
-    assert lines[first + 1] == "Try it:" and lines[first + 4] == "-" * 78
+    # Not a terminal (a log file, as under journald or docker): the key goes to a private file, and only its
+    # path is said (on a terminal the key itself, with two commands to try it).
+    path = server.data_dir.resolve() / "first-api-key"
+    assert lines[first] == (
+        f"First start: created API key 'default', written to {path} (mode 0600); read it, then delete it"
+    )
+    assert lines[first + 1] == "-" * 78
     before = "\n".join(lines[:first])
     assert "Application startup complete" in before and "worker started" in before
     assert "\x1b[" not in server.log_path.read_text()  # not a terminal: no colours, uvicorn's included

@@ -228,6 +228,9 @@ def test_the_first_key_goes_to_a_private_file_not_to_a_log(make_server: Any, tmp
     """stdout is a file here (as under journald or docker): the log names the file, never the key."""
     server: ServerProcess = make_server(data_dir=tmp_path / "data")
     server.start()
+    deadline = time.monotonic() + 120  # said once the server is ready, after its start-up logs
+    while "First start" not in server.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
     server.stop()
     log = server.log_path.read_text()
     path = server.data_dir / FIRST_KEY_FILE
