@@ -1,8 +1,8 @@
 """FLUX at full size on one GPU: seconds per image and peak GPU memory, to size a GPU for fluxserve.
 
-    python bench/gpu.py [--root DIR] [--out result.json]     # on a CUDA GPU: the minimal set
-    python bench/gpu.py --tiny                               # the same code on this CPU, tiny dimensions
-    python bench/gpu.py --switch [--tiny]                    # cost of a worker switching models
+    python -m bench.gpu [--root DIR] [--out result.json]     # on a CUDA GPU: the minimal set
+    python -m bench.gpu --tiny                               # the same code on this CPU, tiny dimensions
+    python -m bench.gpu --switch [--tiny]                    # cost of a worker switching models
 
 The architectures are built from their published configurations (:data:`PUBLISHED`, no download) with
 random weights and saved as diffusers folders under ``--root`` (kept: a second run reuses them). For

@@ -1,6 +1,6 @@
 """End to end through the event stream against the bundled engine called directly, in the same run.
 
-    python bench/stream.py [--rounds 3] [--steps 20] [--size 256] [--worker-poll 5] [--postgres]
+    python -m bench.stream [--rounds 3] [--steps 20] [--size 256] [--worker-poll 5] [--postgres]
 
 (a) direct: the bundled model's engine (shipped catalog entry for flux-dev), built in this process with one
 torch thread, makes the requests one after another and PNG-encodes each image, as a worker does.

@@ -135,7 +135,7 @@ def test_fetch_takes_the_job_id_from_query_json_or_form(
         ),
         (
             {"method": "POST", "content": b"{nope", "headers": {"content-type": "application/json"}},
-            "body: must be",
+            "body is not valid JSON: Expecting property name enclosed in double quotes at line 1 column 2",
         ),
         ({"method": "POST", "json": {"jobId": 42}}, "jobId: must be a string"),
         ({"method": "POST", "json": {"jobId": "x" * 101}}, "jobId: must be a string of 1 to 100"),

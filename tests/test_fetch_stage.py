@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -256,21 +255,20 @@ def test_urls_that_never_answer_cost_their_key_not_the_worker(make_server: Any) 
     a, b = (Api(server.base_url, server.create_key()["key"]) for _ in range(2))
     server.start()
     hole = BlackHole()
-    latencies: list[float] = []
+    answered = 0
     try:
         body = {"prompt": "p", "input_image": hole.url}
         waiting = [a.job("flux-kontext-pro", {**body, "seed": index}) for index in range(4)]
         done = b.job("flux-dev", {"prompt": "a red circle", "steps": 2, "width": 256, "height": 256})
         while b.fetch(done)["status"] not in ("SUCCESS", "FAILED"):
-            before = time.monotonic()
+            # A blocked event loop would hang this for the URLs' 600 s: the client's 5 s timeout fails it.
             assert httpx.get(f"{server.base_url}/healthz", timeout=5).status_code == 200
-            latencies.append(time.monotonic() - before)
+            answered += 1
             time.sleep(0.05)
         assert b.fetch(done)["status"] == "SUCCESS"
         assert [a.fetch(job)["status"] for job in waiting] == ["PENDING_QUEUE"] * 4
         assert hole.connections == 2  # A's downloads hang in its two slots; its other two wait
-        # A blocked event loop would show as the hang itself (600 s); the bounds leave room for a busy CPU.
-        assert latencies and statistics.median(latencies) < 0.5 and max(latencies) < 2.0, latencies
+        assert answered  # healthz was asked while A's downloads hung, and answered each time
         for job in waiting:  # a job waiting for its URL can be canceled at once
             canceled = a.http.post("/flux/cancel", json={"jobId": job})
             assert canceled.status_code == 200, canceled.text

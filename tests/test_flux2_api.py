@@ -245,7 +245,7 @@ def test_not_enough_credits_states_the_megapixel_price(app_client: tuple[TestCli
     response = poor.vendor("flux-2-pro", {"prompt": "x", "width": 1024, "height": 1024})
     assert response.status_code == 402
     detail = response.json()["detail"]
-    assert "costs at least 3 credits (3 for the first megapixel + 1.5 for each further one)" in detail
+    assert detail == "Insufficient credits: flux-2-pro costs 3 credits and this key has 0.4"
 
 
 @pytest.mark.parametrize(

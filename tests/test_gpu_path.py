@@ -85,7 +85,7 @@ def test_the_gpu_benchmark_runs_at_tiny_dimensions(tmp_path: Path) -> None:
     """The minimal set's code path (build from the configurations, direct call, through the API) for the
     plain variant; a model folder built here is what the GPU run builds at full size."""
     out = tmp_path / "runs.json"
-    command = ["bench/gpu.py", "--tiny", "--variants", "bf16", "--root", str(tmp_path), "--out", str(out)]
+    command = ["-m", "bench.gpu", "--tiny", "--variants", "bf16", "--root", str(tmp_path), "--out", str(out)]
     run = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     runs = json.loads(out.read_text())

@@ -334,14 +334,18 @@ def test_a_job_is_claimed_and_ended_in_two_writes_and_the_end_is_one_transaction
         assert (done.status, done.prompt, done.seed, done.size) == (
             JobStatus.SUCCEEDED, "the vendor's prompt", 99, "320x192",
         )  # fmt: skip
-        assert world.balance(key) == Decimal("7.5")  # the hold is kept: nothing more to write
-        assert [s.split()[0:3] for s in finish[1:]] == [["INSERT", "INTO", "webhook_deliveries"]]
+        assert world.balance(key) == Decimal("7.5")  # the hold is kept: its ledger entry says so
+        assert [s.split()[0:3] for s in finish[1:]] == [
+            ["INSERT", "INTO", "credit_ledger"],
+            ["INSERT", "INTO", "webhook_deliveries"],
+        ]
     else:
         assert "status" in written and "prompt" not in written  # a failed job keeps what it was sent
         assert (done.status, done.prompt, done.seed) == (JobStatus.FAILED, "p", 7)
         assert world.balance(key) == Decimal("10")  # the refund, in the same transaction
         assert [s.split()[0:3] for s in finish[1:]] == [
             ["UPDATE", "api_keys", "SET"],
+            ["INSERT", "INTO", "credit_ledger"],
             ["INSERT", "INTO", "webhook_deliveries"],
         ]
     assert done.id == job.id

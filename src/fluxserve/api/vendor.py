@@ -159,7 +159,8 @@ def _submit(
         item = {"loc": ["header", IDEMPOTENCY_HEADER], "msg": str(error), "type": "idempotency_conflict"}
         raise VendorValidationError([item]) from error
     except QuotaExceeded as error:
-        balance = "unknown" if key.credits is None else format_credits(key.credits)
+        now = services.keys.get(key.id)  # the balance now, not the verified key's (it may be cached)
+        balance = "unknown" if now is None or now.credits is None else format_credits(now.credits)
         price = refused_price(spec, error.price, unit=" credits")
         raise HTTPException(
             402, f"Insufficient credits: {spec.name} costs {price} and this key has {balance}"
