@@ -158,6 +158,7 @@ def _first_key(settings: Settings, keys: KeyStore, terminal: bool) -> Callable[[
     if terminal:
         return lambda: _show_first_key(new.key, settings)
     path = settings.data_dir.resolve() / FIRST_KEY_FILE
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # on PostgreSQL nothing else made it
     path.unlink(missing_ok=True)  # left from an earlier database: a file we create is 0600 from birth
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as file:
