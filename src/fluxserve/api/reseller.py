@@ -10,6 +10,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
@@ -143,8 +144,10 @@ async def job_ref(request: Request, query: Annotated[str | None, Depends(_query_
 Ref = Annotated[JobRef, Depends(job_ref)]
 
 
-def fetch(ref: Ref, key: Key, services: Deps) -> Envelope:
-    return render_job(_find(ref.job_id, key, services), services)
+def fetch(ref: Ref, key: Key, services: Deps) -> JSONResponse:
+    """Answered as a ready JSONResponse: FastAPI's validation of a returned dict against the route's
+    inferred model cost an eighth of a fetch's CPU (BENCHMARKS.md); JOB_RESPONSES documents the shape."""
+    return JSONResponse(render_job(_find(ref.job_id, key, services), services))
 
 
 for _method in ("GET", "POST"):
