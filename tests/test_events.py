@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from httpx import Response
 from sqlalchemy import event, text
 
 from fluxserve.api.deps import Services
@@ -68,17 +69,29 @@ def drain(services: Services) -> None:
         services.jobs.finish(job.id, "drain", JobStatus.CANCELED)
 
 
-def later(*steps: Callable[[], object], pause: float = 0.15) -> threading.Thread:
-    """Run ``steps`` one by one in a thread, ``pause`` apart, while the test's request streams."""
-
-    def run() -> None:
-        for step in steps:
-            time.sleep(pause)
-            step()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+def follow(
+    client: TestClient,
+    url: str,
+    params: dict[str, str],
+    headers: dict[str, str],
+    *steps: Callable[[], object],
+) -> tuple[Response, str]:
+    """Stream ``url`` and make the next of ``steps`` (a change of the job) each time the stream has
+    delivered an event: every change waits for the event of the state before it, never for a pause, so no
+    two changes can fold into one event however slow the machine. Returns the response and its body."""
+    pending = iter(steps)
+    lines: list[str] = []
+    with client.stream("GET", url, params=params, headers=headers) as response:
+        event_open = False
+        for line in response.iter_lines():
+            lines.append(line)
+            event_open = event_open or line.startswith("event: ")
+            if not line and event_open:  # the blank line that ends an event: it has been delivered
+                event_open = False
+                if (step := next(pending, None)) is not None:
+                    step()
+    assert next(pending, None) is None, "the stream ended before every change was made"
+    return response, "\n".join(lines)
 
 
 def test_reseller_stream_follows_the_job_from_queue_to_result(
@@ -98,17 +111,19 @@ def test_reseller_stream_follows_the_job_from_queue_to_result(
     def finish() -> None:
         services.jobs.finish(second, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
 
-    mover = later(
+    response, body = follow(
+        client,
+        "/flux/events",
+        {"jobId": second},
+        {"TT-API-KEY": key},
         lambda: client.post("/flux/cancel", json={"jobId": first}, headers={"TT-API-KEY": key}),
         lambda: services.jobs.claim(WORKER),
         lambda: services.jobs.heartbeat(second, WORKER, 0.5),
         finish,
     )
-    response = client.get("/flux/events", params={"jobId": second}, headers={"TT-API-KEY": key})
-    mover.join()
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    events = parse(response.text)
+    events = parse(body)
     assert [(event["event"], event["data"]) for event in events[:-1]] == [
         ("queued", {"position": 1}),
         ("queued", {"position": 0}),
@@ -149,16 +164,18 @@ def test_vendor_stream_ends_with_get_result_and_a_requeued_job_keeps_ids_growing
     def crash() -> None:  # the worker stops heartbeating: its job goes back to the queue
         services.jobs.requeue_stale(datetime.now(UTC) + timedelta(seconds=1), max_attempts=3)
 
-    mover = later(
+    _, body = follow(
+        client,
+        "/v1/events",
+        {"id": job_id},
+        {"x-key": key},
         lambda: services.jobs.claim(WORKER),
         lambda: services.jobs.heartbeat(job_id, WORKER, 0.25),
         crash,
         lambda: services.jobs.claim("worker-2"),
         lambda: services.jobs.finish(job_id, "worker-2", JobStatus.FAILED, error="engine broke"),
     )
-    stream = client.get("/v1/events", params={"id": job_id}, headers={"x-key": key})
-    mover.join()
-    events = parse(stream.text)
+    events = parse(body)
     assert [event["event"] for event in events] == [
         "queued", "running", "running", "queued", "running", "result",
     ]  # fmt: skip
@@ -241,10 +258,11 @@ def test_idle_streams_read_nothing_until_their_job_changes(app_client: tuple[Tes
                 seen.append(statement)
 
     bodies: dict[str, list[str]] = {moving: [], still: []}
+    first_events = threading.Semaphore(0)  # released once per stream that has delivered its first event
 
     def stream(job_id: str, key: str) -> None:
-        response = client.get("/flux/events", params={"jobId": job_id}, headers={"TT-API-KEY": key})
-        bodies[job_id].append(response.text)
+        _, body = follow(client, "/flux/events", {"jobId": job_id}, {"TT-API-KEY": key}, first_events.release)
+        bodies[job_id].append(body)
 
     idle, per_key = streams.idle_seconds, streams.max_per_key
     streams.idle_seconds, streams.max_per_key = 4, 8
@@ -253,10 +271,8 @@ def test_idle_streams_read_nothing_until_their_job_changes(app_client: tuple[Tes
     try:
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 30
-        while streams.total < 8 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # their first events were read and sent
+        for _ in threads:  # every stream has read and sent its first event: from here on they are idle
+            assert first_events.acquire(timeout=30), "a stream sent no first event"
         event.listen(engine, "before_cursor_execute", count)
         try:
             time.sleep(1.5)
@@ -309,17 +325,16 @@ def test_a_change_in_the_listeners_gap_still_reaches_the_stream(postgres_url: st
         job_id = submit(client, key)
         assert services.jobs.claim(WORKER) is not None
         bodies: list[str] = []
+        running_sent = threading.Event()
         thread = threading.Thread(
             target=lambda: bodies.append(
-                client.get("/flux/events", params={"jobId": job_id}, headers={"TT-API-KEY": key}).text
+                follow(client, "/flux/events", {"jobId": job_id}, {"TT-API-KEY": key}, running_sent.set)[1]
             )
         )
         thread.start()
         assert runtime.feed.ready(30)
+        assert running_sent.wait(30), "the stream sent no first event"
         deadline = time.monotonic() + 30
-        while runtime.streams.total < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # its first event (running) is out
         with runtime.database.begin() as conn:
             killed = conn.execute(
                 text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
