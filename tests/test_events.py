@@ -75,16 +75,20 @@ def follow(
     params: dict[str, str],
     headers: dict[str, str],
     *steps: Callable[[], object],
+    pinged: Callable[[], object] = lambda: None,
 ) -> tuple[Response, str]:
     """Stream ``url`` and make the next of ``steps`` (a change of the job) each time the stream has
     delivered an event: every change waits for the event of the state before it, never for a pause, so no
-    two changes can fold into one event however slow the machine. Returns the response and its body."""
+    two changes can fold into one event however slow the machine; ``pinged`` is called on each keep-alive
+    comment. Returns the response and its body."""
     pending = iter(steps)
     lines: list[str] = []
     with client.stream("GET", url, params=params, headers=headers) as response:
         event_open = False
         for line in response.iter_lines():
             lines.append(line)
+            if line.startswith(":"):
+                pinged()
             event_open = event_open or line.startswith("event: ")
             if not line and event_open:  # the blank line that ends an event: it has been delivered
                 event_open = False
@@ -239,17 +243,32 @@ def test_event_ids_order_rounds_before_stages_and_ignore_foreign_last_event_ids(
         assert EventId.parse(foreign) is None
 
 
-def test_idle_streams_read_nothing_until_their_job_changes(app_client: tuple[TestClient, Services]) -> None:
-    """Six streams on a queued job and two on a running one, neither moving: no statement reads either.
-    When the first changes, the one watcher reads it once per change for all six; the other stays unread."""
+def test_idle_streams_read_nothing_until_their_job_changes(
+    app_client: tuple[TestClient, Services], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six streams on a queued job and two on a running one, neither moving: no statement reads either
+    while every stream sends keep-alive pings (its loop is awake). When the first job changes, the one
+    watcher reads it once per change for all six; the other stays unread."""
     client, services = app_client
+    monkeypatch.setattr("fluxserve.api.events.PING_SECONDS", 0.25)
     streams: EventStreams = client.app.state.event_streams  # type: ignore[attr-defined]
     engine = client.app.state.runtime.database  # type: ignore[attr-defined]
+    published: set[str] = set()  # the jobs whose changes the feed has handed to its subscribers
+    fed = threading.Condition()
+
+    def publish(changes: Any) -> None:
+        with fed:
+            published.update(change.job_id for change in changes or ())
+            fed.notify_all()
+
+    client.app.state.runtime.feed.subscribe(publish)  # type: ignore[attr-defined]
     drain(services)
     keys = [services.keys.create(f"idle-{index}", Decimal(10)).key for index in range(2)]
     still = submit(client, keys[1])
     assert services.jobs.claim("busy-worker") is not None  # running, and stays at its progress
     moving = submit(client, keys[0])
+    with fed:  # the feed has published every change so far (in order): none reaches the streams late
+        assert fed.wait_for(lambda: moving in published, 30), "the feed never published the submit"
     reads: dict[str, list[str]] = {moving: [], still: []}
 
     def count(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
@@ -259,23 +278,41 @@ def test_idle_streams_read_nothing_until_their_job_changes(app_client: tuple[Tes
 
     bodies: dict[str, list[str]] = {moving: [], still: []}
     first_events = threading.Semaphore(0)  # released once per stream that has delivered its first event
+    pings = [0] * 8  # each stream's keep-alive comments so far
+    pinged = threading.Condition()
 
-    def stream(job_id: str, key: str) -> None:
-        _, body = follow(client, "/flux/events", {"jobId": job_id}, {"TT-API-KEY": key}, first_events.release)
+    def stream(index: int, job_id: str, key: str) -> None:
+        def ping() -> None:
+            with pinged:
+                pings[index] += 1
+                pinged.notify_all()
+
+        _, body = follow(
+            client, "/flux/events", {"jobId": job_id}, {"TT-API-KEY": key}, first_events.release, pinged=ping
+        )
         bodies[job_id].append(body)
+
+    def pings_more(more: int) -> None:
+        """Wait until every stream has sent ``more`` keep-alive pings from now."""
+        with pinged:
+            since = list(pings)
+            assert pinged.wait_for(lambda: all(n >= m + more for n, m in zip(pings, since, strict=True)), 30)
 
     idle, per_key = streams.idle_seconds, streams.max_per_key
     streams.idle_seconds, streams.max_per_key = 4, 8
-    threads = [threading.Thread(target=stream, args=(moving, keys[0])) for _ in range(6)]
-    threads += [threading.Thread(target=stream, args=(still, keys[1])) for _ in range(2)]
+    threads = [
+        threading.Thread(target=stream, args=(index, *((moving, keys[0]) if index < 6 else (still, keys[1]))))
+        for index in range(8)
+    ]
     try:
         for thread in threads:
             thread.start()
         for _ in threads:  # every stream has read and sent its first event: from here on they are idle
             assert first_events.acquire(timeout=30), "a stream sent no first event"
+        pings_more(1)  # the read the last stream's opening asked for, if still under way, has ended
         event.listen(engine, "before_cursor_execute", count)
         try:
-            time.sleep(1.5)
+            pings_more(2)  # half a second, ten position intervals, in which every stream is awake
             assert reads == {moving: [], still: []}, "an idle stream read its job"
             services.jobs.claim(WORKER)  # the first job changes twice
             services.jobs.finish(moving, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
