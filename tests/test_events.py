@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from httpx import Response
 from sqlalchemy import event, text
 
 from fluxserve.api.deps import Services
@@ -68,17 +69,33 @@ def drain(services: Services) -> None:
         services.jobs.finish(job.id, "drain", JobStatus.CANCELED)
 
 
-def later(*steps: Callable[[], object], pause: float = 0.15) -> threading.Thread:
-    """Run ``steps`` one by one in a thread, ``pause`` apart, while the test's request streams."""
-
-    def run() -> None:
-        for step in steps:
-            time.sleep(pause)
-            step()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+def follow(
+    client: TestClient,
+    url: str,
+    params: dict[str, str],
+    headers: dict[str, str],
+    *steps: Callable[[], object],
+    pinged: Callable[[], object] = lambda: None,
+) -> tuple[Response, str]:
+    """Stream ``url`` and make the next of ``steps`` (a change of the job) each time the stream has
+    delivered an event: every change waits for the event of the state before it, never for a pause, so no
+    two changes can fold into one event however slow the machine; ``pinged`` is called on each keep-alive
+    comment. Returns the response and its body."""
+    pending = iter(steps)
+    lines: list[str] = []
+    with client.stream("GET", url, params=params, headers=headers) as response:
+        event_open = False
+        for line in response.iter_lines():
+            lines.append(line)
+            if line.startswith(":"):
+                pinged()
+            event_open = event_open or line.startswith("event: ")
+            if not line and event_open:  # the blank line that ends an event: it has been delivered
+                event_open = False
+                if (step := next(pending, None)) is not None:
+                    step()
+    assert next(pending, None) is None, "the stream ended before every change was made"
+    return response, "\n".join(lines)
 
 
 def test_reseller_stream_follows_the_job_from_queue_to_result(
@@ -98,17 +115,19 @@ def test_reseller_stream_follows_the_job_from_queue_to_result(
     def finish() -> None:
         services.jobs.finish(second, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
 
-    mover = later(
+    response, body = follow(
+        client,
+        "/flux/events",
+        {"jobId": second},
+        {"TT-API-KEY": key},
         lambda: client.post("/flux/cancel", json={"jobId": first}, headers={"TT-API-KEY": key}),
         lambda: services.jobs.claim(WORKER),
         lambda: services.jobs.heartbeat(second, WORKER, 0.5),
         finish,
     )
-    response = client.get("/flux/events", params={"jobId": second}, headers={"TT-API-KEY": key})
-    mover.join()
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    events = parse(response.text)
+    events = parse(body)
     assert [(event["event"], event["data"]) for event in events[:-1]] == [
         ("queued", {"position": 1}),
         ("queued", {"position": 0}),
@@ -149,16 +168,18 @@ def test_vendor_stream_ends_with_get_result_and_a_requeued_job_keeps_ids_growing
     def crash() -> None:  # the worker stops heartbeating: its job goes back to the queue
         services.jobs.requeue_stale(datetime.now(UTC) + timedelta(seconds=1), max_attempts=3)
 
-    mover = later(
+    _, body = follow(
+        client,
+        "/v1/events",
+        {"id": job_id},
+        {"x-key": key},
         lambda: services.jobs.claim(WORKER),
         lambda: services.jobs.heartbeat(job_id, WORKER, 0.25),
         crash,
         lambda: services.jobs.claim("worker-2"),
         lambda: services.jobs.finish(job_id, "worker-2", JobStatus.FAILED, error="engine broke"),
     )
-    stream = client.get("/v1/events", params={"id": job_id}, headers={"x-key": key})
-    mover.join()
-    events = parse(stream.text)
+    events = parse(body)
     assert [event["event"] for event in events] == [
         "queued", "running", "running", "queued", "running", "result",
     ]  # fmt: skip
@@ -222,17 +243,32 @@ def test_event_ids_order_rounds_before_stages_and_ignore_foreign_last_event_ids(
         assert EventId.parse(foreign) is None
 
 
-def test_idle_streams_read_nothing_until_their_job_changes(app_client: tuple[TestClient, Services]) -> None:
-    """Six streams on a queued job and two on a running one, neither moving: no statement reads either.
-    When the first changes, the one watcher reads it once per change for all six; the other stays unread."""
+def test_idle_streams_read_nothing_until_their_job_changes(
+    app_client: tuple[TestClient, Services], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six streams on a queued job and two on a running one, neither moving: no statement reads either
+    while every stream sends keep-alive pings (its loop is awake). When the first job changes, the one
+    watcher reads it once per change for all six; the other stays unread."""
     client, services = app_client
+    monkeypatch.setattr("fluxserve.api.events.PING_SECONDS", 0.25)
     streams: EventStreams = client.app.state.event_streams  # type: ignore[attr-defined]
     engine = client.app.state.runtime.database  # type: ignore[attr-defined]
+    published: set[str] = set()  # the jobs whose changes the feed has handed to its subscribers
+    fed = threading.Condition()
+
+    def publish(changes: Any) -> None:
+        with fed:
+            published.update(change.job_id for change in changes or ())
+            fed.notify_all()
+
+    client.app.state.runtime.feed.subscribe(publish)  # type: ignore[attr-defined]
     drain(services)
     keys = [services.keys.create(f"idle-{index}", Decimal(10)).key for index in range(2)]
     still = submit(client, keys[1])
     assert services.jobs.claim("busy-worker") is not None  # running, and stays at its progress
     moving = submit(client, keys[0])
+    with fed:  # the feed has published every change so far (in order): none reaches the streams late
+        assert fed.wait_for(lambda: moving in published, 30), "the feed never published the submit"
     reads: dict[str, list[str]] = {moving: [], still: []}
 
     def count(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
@@ -241,25 +277,42 @@ def test_idle_streams_read_nothing_until_their_job_changes(app_client: tuple[Tes
                 seen.append(statement)
 
     bodies: dict[str, list[str]] = {moving: [], still: []}
+    first_events = threading.Semaphore(0)  # released once per stream that has delivered its first event
+    pings = [0] * 8  # each stream's keep-alive comments so far
+    pinged = threading.Condition()
 
-    def stream(job_id: str, key: str) -> None:
-        response = client.get("/flux/events", params={"jobId": job_id}, headers={"TT-API-KEY": key})
-        bodies[job_id].append(response.text)
+    def stream(index: int, job_id: str, key: str) -> None:
+        def ping() -> None:
+            with pinged:
+                pings[index] += 1
+                pinged.notify_all()
+
+        _, body = follow(
+            client, "/flux/events", {"jobId": job_id}, {"TT-API-KEY": key}, first_events.release, pinged=ping
+        )
+        bodies[job_id].append(body)
+
+    def pings_more(more: int) -> None:
+        """Wait until every stream has sent ``more`` keep-alive pings from now."""
+        with pinged:
+            since = list(pings)
+            assert pinged.wait_for(lambda: all(n >= m + more for n, m in zip(pings, since, strict=True)), 30)
 
     idle, per_key = streams.idle_seconds, streams.max_per_key
     streams.idle_seconds, streams.max_per_key = 4, 8
-    threads = [threading.Thread(target=stream, args=(moving, keys[0])) for _ in range(6)]
-    threads += [threading.Thread(target=stream, args=(still, keys[1])) for _ in range(2)]
+    threads = [
+        threading.Thread(target=stream, args=(index, *((moving, keys[0]) if index < 6 else (still, keys[1]))))
+        for index in range(8)
+    ]
     try:
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 30
-        while streams.total < 8 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # their first events were read and sent
+        for _ in threads:  # every stream has read and sent its first event: from here on they are idle
+            assert first_events.acquire(timeout=30), "a stream sent no first event"
+        pings_more(1)  # the read the last stream's opening asked for, if still under way, has ended
         event.listen(engine, "before_cursor_execute", count)
         try:
-            time.sleep(1.5)
+            pings_more(2)  # half a second, ten position intervals, in which every stream is awake
             assert reads == {moving: [], still: []}, "an idle stream read its job"
             services.jobs.claim(WORKER)  # the first job changes twice
             services.jobs.finish(moving, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
@@ -309,17 +362,16 @@ def test_a_change_in_the_listeners_gap_still_reaches_the_stream(postgres_url: st
         job_id = submit(client, key)
         assert services.jobs.claim(WORKER) is not None
         bodies: list[str] = []
+        running_sent = threading.Event()
         thread = threading.Thread(
             target=lambda: bodies.append(
-                client.get("/flux/events", params={"jobId": job_id}, headers={"TT-API-KEY": key}).text
+                follow(client, "/flux/events", {"jobId": job_id}, {"TT-API-KEY": key}, running_sent.set)[1]
             )
         )
         thread.start()
         assert runtime.feed.ready(30)
+        assert running_sent.wait(30), "the stream sent no first event"
         deadline = time.monotonic() + 30
-        while runtime.streams.total < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # its first event (running) is out
         with runtime.database.begin() as conn:
             killed = conn.execute(
                 text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")

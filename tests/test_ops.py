@@ -137,24 +137,42 @@ def test_figures_and_live_workers_from_the_database(database_url: str, tmp_path:
     engine.dispose()
 
 
-def test_a_worker_process_announces_itself_while_alive_and_leaves_on_stop(tmp_path: Path) -> None:
+def test_a_worker_process_announces_itself_while_alive_and_leaves_on_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry reads the test's clock: a stalled process's row is shown stale by moving the clock
+    once the announcer has heard "not alive", not by waiting for wall time to pass."""
+    clock = [datetime(2026, 1, 1, tzinfo=UTC)]
+    monkeypatch.setattr("fluxserve.jobs.workers.utcnow", lambda: clock[0])
     engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     migrate(engine)
     registry = WorkerRegistry(engine)
-    alive = threading.Event()
-    alive.set()
+    stalled = threading.Event()
+    told_stalled = threading.Semaphore(0)  # released each time the announcer asks and hears "not alive"
+
+    def alive() -> bool:
+        if stalled.is_set():
+            told_stalled.release()
+            return False
+        return True
+
     stop = threading.Event()
-    thread = threading.Thread(target=registry.announce, args=("h-1", 1, alive.is_set, 0.05, stop))
+    thread = threading.Thread(target=registry.announce, args=("h-1", 1, alive, 0.05, stop))
     thread.start()
-    deadline = time.monotonic() + 5
-    while registry.live(30) == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    alive.clear()  # its engine stalled: the row is no longer refreshed and goes stale
-    time.sleep(0.3)
-    assert registry.live(0.2) == 0 and registry.live(30) == 1
-    stop.set()
-    thread.join(timeout=5)
+    try:
+        deadline = time.monotonic() + 5
+        while registry.live(30) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        stalled.set()  # its engine stalled: the row is no longer refreshed and goes stale
+        assert told_stalled.acquire(timeout=10)  # the announcer heard it; a beat begun before has ended
+        clock[0] += timedelta(seconds=1)
+        for _ in range(2):  # a whole round between two askings: a beat in it would carry the new time
+            assert told_stalled.acquire(timeout=10)
+        assert registry.live(0.5) == 0 and registry.live(30) == 1
+    finally:  # a failed assertion leaves no announcer running
+        stop.set()
+        thread.join(timeout=5)
     assert registry.live(30) == 0  # removed on the way out
 
 

@@ -218,11 +218,14 @@ def test_cancel_stops_polling_upstream(relay_server: ServerProcess, key: str, ve
         )
         assert api.http.post("/flux/cancel", json={"jobId": job_id}).status_code == 200
         body = api.wait(job_id, timeout=30)
+        # The worker records the cancel only once the engine's call has returned (the relay polls in that
+        # call, on the worker's thread): from here no poll can come.
         assert body["status"] == "FAILED" and "Canceled" in body["message"]
         task = next(task for task in vendor.tasks.values() if task.prompt == "never ready")
         polls = task.polls
-        time.sleep(0.5)
-        assert task.polls == polls
+        vendor.pending_polls = 2
+        assert api.wait(api.job("flux-kontext-max", {"prompt": "after"}), timeout=30)["status"] == "SUCCESS"
+        assert task.polls == polls  # nor did one come while the worker ran a whole job after it
     finally:
         vendor.pending_polls = 2
 
