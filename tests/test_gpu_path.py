@@ -80,7 +80,7 @@ def test_fp8_compute_is_refused_without_an_fp8_gpu(models_dir: Path) -> None:
         DiffusersFluxEngine(tiny_weights(models_dir), entry(options={"quantize": "fp8-compute"}))
 
 
-@pytest.mark.slow
+@pytest.mark.long  # minutes of CPU: make test-long (run by .ci/run), so make test stays near 6 minutes
 def test_the_gpu_benchmark_runs_at_tiny_dimensions(tmp_path: Path) -> None:
     """The minimal set's code path (build from the configurations, direct call, through the API) for the
     plain variant; a model folder built here is what the GPU run builds at full size."""
