@@ -26,8 +26,12 @@ from fluxserve.settings import Settings
 WORKER = "worker-1"
 
 
-@pytest.fixture(scope="module")
-def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Services]]:
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def app_client(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TestClient, Services]]:
+    """On asyncio's loop and on uvloop's, which ``fluxserve serve`` runs: their handles differ (uvloop's
+    ``call_later`` of under a millisecond gives a plain Handle, without ``when``)."""
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("events"),
         workers=0,
@@ -36,7 +40,7 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestC
         events_idle_seconds=10,
     )
     app = create_app(settings)
-    with TestClient(app) as client:
+    with TestClient(app, backend_options={"use_uvloop": request.param == "uvloop"}) as client:
         yield client, app.state.services
 
 

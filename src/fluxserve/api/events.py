@@ -179,7 +179,7 @@ class EventStreams:
         if loop is not self._loop or self._task is None or self._task.done():
             self._loop = loop
             self._wake = asyncio.Event()
-            self._task = loop.create_task(self._watch())
+            self._task = loop.create_task(self._keep_watching())
             self._dirty.update(self._watched)
             self._wake.set()
 
@@ -242,9 +242,24 @@ class EventStreams:
             self._watched.pop(job_id, None)
             self._queued.discard(job_id)
 
+    async def _keep_watching(self) -> None:
+        """:meth:`_watch`, started again should it ever fail: without it every stream of the process would
+        wait for events that never come."""
+        while True:
+            try:
+                await self._watch()
+            except Exception:
+                log.exception("event streams: the watcher failed; starting it again")
+                self._dirty.update(self._watched)  # what it may have missed is read again
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
     async def _watch(self) -> None:
         positions_read = 0.0
-        later: asyncio.TimerHandle | None = None
+        # When the wake-up for the next read of positions is due (monotonic): one at a time. Kept here, not
+        # asked of the timer handle: uvloop hands back a plain Handle (no ``when``) for a short delay.
+        later_at = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -254,8 +269,9 @@ class EventStreams:
                     self._others_moved = False
                     positions_read = time.monotonic()
                     self._dirty.update(self._queued)
-                elif later is None or later.cancelled() or later.when() <= asyncio.get_running_loop().time():
-                    later = asyncio.get_running_loop().call_later(due, self._wake.set)
+                elif later_at <= time.monotonic():
+                    later_at = time.monotonic() + due
+                    loop.call_later(due, self._wake.set)
             ids = [job_id for job_id in self._dirty if job_id in self._watched]
             self._dirty.clear()
             if not ids:
