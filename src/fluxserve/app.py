@@ -84,7 +84,7 @@ class Runtime:
         services = Services(
             keys=KeyStore(database),
             jobs=store,
-            submitter=Submitter(store, blobs, limits, policy, to_fetch=fetcher.wake),
+            submitter=Submitter(store, blobs, limits, policy),
             blobs=blobs,
             signer=UrlSigner(settings.secret(), settings.url_ttl_seconds),
             base_url=settings.base_url,

@@ -8,7 +8,6 @@ import io
 import json
 import secrets
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
@@ -55,14 +54,13 @@ class Submitter:
         blobs: BlobStore,
         limits: Limits,
         policy: NetworkPolicy,
-        to_fetch: Callable[[], None] = lambda: None,
     ) -> None:
-        """``to_fetch`` is told (from the request's thread) when a job waits for its URL inputs."""
+        """A job that waits for its URL inputs is announced to the fetch stage by the change feed (its
+        row's insert), in every API process alike."""
         self._store = store
         self._blobs = blobs
         self._limits = limits
         self._policy = policy
-        self._to_fetch = to_fetch
 
     @property
     def max_input_bytes(self) -> int:
@@ -118,8 +116,6 @@ class Submitter:
             raise
         if job.id != job_id:  # a concurrent repeat of this idempotent submit won: its job stands
             self._blobs.delete_prefix(inputs_prefix(job_id))
-        elif job.status is JobStatus.FETCHING:
-            self._to_fetch()
         return job
 
     def _new_job(
