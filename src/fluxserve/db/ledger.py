@@ -30,6 +30,10 @@ _HOLD = (
 )
 
 
+# Built once, as _HOLD: every submit and every finish appends an entry.
+_APPEND = insert(credit_ledger)
+
+
 def to_hundredths(credits: Decimal) -> int:
     return int((credits * 100).to_integral_value())
 
@@ -154,10 +158,11 @@ def _append(
     operator: str | None = None,
 ) -> None:
     conn.execute(
-        insert(credit_ledger).values(
-            key_id=key_id, kind=kind, amount_hundredths=hundredths, job_id=job_id, model=model,
-            operator=operator, created_at=utcnow(),
-        )
+        _APPEND,
+        {
+            "key_id": key_id, "kind": kind, "amount_hundredths": hundredths, "job_id": job_id,
+            "model": model, "operator": operator, "created_at": utcnow(),
+        },
     )  # fmt: skip
 
 
