@@ -33,21 +33,22 @@ $(STAMP)-test: $(STAMP)-runtime $(call REINSTALL,$(STAMP)-test)
 serve: install-runtime
 	$(VENV)/bin/fluxserve serve --data-dir ./data $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
+# The tier is the folder: tests/unit (in-process), tests/e2e (real servers, real pipelines), tests/long.
 # Two test processes (pytest-xdist), a file each at a time: most end-to-end tests wait on their servers.
 # The long scenarios (kill -9 recoveries, five test hosts, the bundled model's evaluation) take minutes
 # more: `make test-long` (CI runs both).
 test: install .venv-blackforest/bin/python
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "not multihost and not long"
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests/unit tests/e2e
 
 # The several-hosts test needs root, iproute2 and PostgreSQL.
 test-long: install
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "multihost or long"
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests/long
 
 # In-process tests only (no server subprocess), each on SQLite and disk only: about a minute.
 test-fast:
-	$(PYTHON) -m pytest -q -n 2 -m "not slow and not postgres and not s3"
+	$(PYTHON) -m pytest -q -n 2 tests/unit -m "not postgres and not s3"
 
-# The vendor's official client for tests/test_vendor_blackforest.py, in its own virtualenv: it pins
+# The vendor's official client for tests/e2e/test_vendor_blackforest.py, in its own virtualenv: it pins
 # pillow==10.4.0, which clashes with ours. Removed again if the install fails, so a rerun retries.
 .venv-blackforest/bin/python:
 	rm -rf .venv-blackforest

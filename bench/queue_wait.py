@@ -3,7 +3,7 @@ workers woken by the change feed (LISTEN/NOTIFY, ``jobs/feed.py``).
 
     python -m bench.queue_wait [--jobs 200] [--workers 4] [--gap-ms 100] [--run-ms 20]
 
-A throwaway cluster is started with tests/pg_server.py (Debian's binaries); each mode gets a fresh
+A throwaway cluster is started with tests/support/pg_server.py (Debian's binaries); each mode gets a fresh
 database. Worker threads run the real claim loop of the store (claim, else
 ``wait_for_work``) on their own engine, as a worker process does; a submitter on another engine (the API
 process) sends jobs through ``Submitter`` at random (exponential) intervals; each job "runs" for
@@ -41,7 +41,7 @@ from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
-from tests.pg_server import DEBIAN, PostgresCluster, binaries
+from tests.support.pg_server import DEBIAN, PostgresCluster, binaries
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
                              [--duration 10] [--warmup 2] [--rounds 3] [--keys 16]
 
 Needs Debian's ``wrk`` (``apt-get install wrk``), and for ``--database postgresql`` PostgreSQL binaries (as
-tests/pg_server.py). The servers run on loopback at once:
+tests/support/pg_server.py). The servers run on loopback at once:
 
 - bare: a FastAPI app of two trivial sync routes on fluxserve's paths, run by ``uvicorn.run`` on its
   default settings (httptools where installed, its access log on): the ceiling a FastAPI service on this
@@ -59,7 +59,7 @@ from fluxserve.accounts.keys import KeyStore
 from fluxserve.db.connection import make_engine, migrate
 from fluxserve.db.tables import jobs
 from tests.conftest import free_port
-from tests.pg_server import DEBIAN, PostgresCluster, binaries
+from tests.support.pg_server import DEBIAN, PostgresCluster, binaries
 
 SCRIPT = Path(__file__).with_name("replicas.lua")
 SUBMIT_BODY = json.dumps({"prompt": "a large red heart in the center on a blue background"})

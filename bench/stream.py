@@ -32,7 +32,7 @@ from fluxserve.core.catalog import load_catalog
 from fluxserve.core.params import GenerationParams
 from fluxserve.engines.base import Engine, EngineHooks, EngineRequest
 from fluxserve.engines.registry import EngineRegistry
-from tests.pg_server import PostgresCluster, required_binaries
+from tests.support.pg_server import PostgresCluster, required_binaries
 
 PROMPT = "a large red heart in the center on a blue background"
 
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--worker-poll", type=float, default=5.0, help="FLUXSERVE_POLL_SECONDS (idle claims)")
     parser.add_argument(
-        "--postgres", action="store_true", help="on a throwaway PostgreSQL cluster (tests/pg_server.py)"
+        "--postgres", action="store_true", help="on a throwaway PostgreSQL cluster (tests/support)"
     )
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 8], help="concurrent jobs per round")
     parser.add_argument("--models", type=Path, default=Path("/tmp/fluxserve-bench-models"))

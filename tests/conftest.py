@@ -24,9 +24,9 @@ import pytest
 from PIL import Image
 
 # The throwaway PostgreSQL cluster and the database_url fixture (SQLite and PostgreSQL) live there.
-pytest_plugins = ["tests.pg_server"]
+pytest_plugins = ["tests.support.pg_server"]
 
-TINY_CATALOG = Path(__file__).with_name("tiny_catalog.toml")
+TINY_CATALOG = Path(__file__).parent / "support" / "tiny_catalog.toml"
 FAST_ENV = {
     "FLUXSERVE_CATALOG": str(TINY_CATALOG),
     "FLUXSERVE_ALLOWED_PRIVATE_NETWORKS": "127.0.0.0/8",
@@ -214,12 +214,13 @@ def make_server(tmp_path: Path, models_dir: Path) -> Iterator[Any]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that runs a real server (they all build the models into ``models_dir``) is end-to-end:
-    marked slow, so ``pytest -m "not slow"`` is the fast subset of in-process tests. CI runs both."""
+    """The tier is the folder (unit, e2e, long); the backend marks let ``make test-fast`` keep a unit
+    test's SQLite and disk runs. A unit test may not start a server or build models: that makes it e2e."""
+    unit = Path(__file__).parent / "unit"
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
-        if "models_dir" in fixtures:
-            item.add_marker(pytest.mark.slow)
+        if "models_dir" in fixtures and item.path.is_relative_to(unit):
+            raise pytest.UsageError(f"{item.nodeid} starts a server or builds models: move it to tests/e2e")
         # A test on the throwaway PostgreSQL or S3 server: make test-fast keeps to SQLite and disk.
         if "postgres" in fixtures:
             item.add_marker(pytest.mark.postgres)

@@ -1,0 +1,83 @@
+"""`fluxserve serve` on its shipped catalog: every route is served by the bundled model, offline."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fluxserve.engines.registry import BUNDLED_WEIGHTS
+from tests.conftest import Api, ServerProcess
+from training.scenes import POSITION_PHRASES, Scene, analyse, render
+
+pytestmark = pytest.mark.skipif(
+    not (BUNDLED_WEIGHTS / "model_index.json").exists(), reason="no bundled weights"
+)
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Api]:
+    data_dir = tmp_path_factory.mktemp("shipped")
+    server = ServerProcess(data_dir, models_dir, {"FLUXSERVE_CATALOG": ""})  # the shipped catalog only
+    server.start()
+    yield Api(server.base_url, server.create_key()["key"])
+    server.stop()
+
+
+def test_text_to_image_draws_the_asked_colours_and_place(shipped: Api) -> None:
+    """What the shipped weights do reliably (training/RESULTS.md): background, object colour and place."""
+    wanted = [
+        ("yellow", "blue", "center"),
+        ("red", "white", "top left"),
+        ("green", "pink", "bottom right"),
+        ("black", "orange", "left"),
+    ]
+    for index, (color, background, place) in enumerate(wanted):
+        prompt = f"a large {color} circle {POSITION_PHRASES[place][0]} on a {background} background"
+        body = shipped.wait(
+            shipped.job("flux-dev", {"prompt": prompt, "width": 256, "height": 256, "seed": index})
+        )
+        assert body["status"] == "SUCCESS", body
+        image = shipped.image(body)
+        assert (image.format, image.size) == ("PNG", (256, 256))
+        found = analyse(image)
+        assert (found.background, found.color, found.position) == (background, color, place), prompt
+
+
+def test_kontext_edits_the_reference(shipped: Api) -> None:
+    source = render(Scene("square", "red", "center", "large", "white"))
+    buffer = io.BytesIO()
+    source.save(buffer, format="PNG")
+    body = {
+        "prompt": "make the background green",
+        "input_image": base64.b64encode(buffer.getvalue()).decode(),
+        "aspect_ratio": "1:1",
+        "seed": 3,
+        "output_format": "jpeg",
+    }
+    result = shipped.wait(shipped.job("flux-kontext-pro", body))
+    assert result["status"] == "SUCCESS", result
+    image = shipped.image(result)
+    assert (image.format, image.size) == ("JPEG", (1024, 1024))
+    found = analyse(image)
+    assert (found.background, found.color, found.position) == ("green", "red", "center")
+
+
+def test_the_cli_prints_the_note_about_words_the_model_does_not_know(shipped: Api, tmp_path: Path) -> None:
+    out = tmp_path / "giraffe.png"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "fluxserve", "generate", "a purple giraffe in the center",
+            "--width", "256", "--height", "256", "--seed", "3", "-o", str(out),
+            "--server", shipped.base_url, "--key", shipped.key,
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"saved {out} (seed 3, 256x256, 2.5 credits)\n"
+    assert "note: " in done.stderr and "'giraffe'" in done.stderr
