@@ -26,7 +26,7 @@ $(STAMP)-runtime: pyproject.toml $(call REINSTALL,$(STAMP)-runtime) | $(PYTHON)
 
 install: $(STAMP)-test
 $(STAMP)-test: $(STAMP)-runtime $(call REINSTALL,$(STAMP)-test)
-	$(PIP_QUIET) -e '.[test]'
+	$(PIP_QUIET) -e '.[test,moderation]'
 	@echo '$(CURDIR)' > $@
 
 # `make serve PORT=8001 HOST=0.0.0.0`; unset, FLUXSERVE_PORT / FLUXSERVE_HOST or the defaults apply.

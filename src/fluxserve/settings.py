@@ -91,6 +91,14 @@ class Settings(BaseSettings):
         "Model loading and compilation before the first step count too on a cold worker.",
     )
     max_attempts: int = Field(default=3, description="Claims of one job before it fails as a crash loop.")
+    moderation: str = Field(
+        default="6",
+        pattern=r"^\s*(?i:off|[0-6])\s*$",
+        description="Local moderation (docs/moderation.md), read by worker processes: 'off', or the "
+        "operator's floor 0..6, the most lenient safety_tolerance any job gets: a job is checked (and "
+        "relayed) at min(its safety_tolerance, floor). 6 leaves each request its own tolerance; a job at "
+        "6 is not checked.",
+    )
     expect_workers: bool | None = Field(
         default=None,
         description="Whether /readyz needs a worker process heard from in the last stale_after_seconds "

@@ -191,8 +191,10 @@ class RelayEngine:
     """Generates through the vendor's API; one instance per catalog entry, safe across worker threads
     (each ``generate`` has its own :class:`~fluxserve.client.vendor.VendorClient`)."""
 
-    # The vendor upsamples the prompt itself when asked; the worker should not do it first.
+    # The vendor upsamples the prompt itself when asked; the worker should not do it first. It moderates
+    # too (at the tolerance it is sent, capped by the operator's floor): no local checks on relayed jobs.
     handles_prompt_upsampling = True
+    handles_moderation = True
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.engines.registry import EngineRegistry
 from fluxserve.jobs.store import JobStore
 from fluxserve.jobs.workers import WorkerRegistry, process_name
+from fluxserve.safety.moderation import make_moderator
 from fluxserve.settings import Settings
 from fluxserve.wiring import make_blob_store, make_job_store, open_database
 from fluxserve.worker.beacon import Liveness
@@ -50,6 +51,7 @@ def build_workers(
     max_input_pixels = max(entry.max_input_pixels for entry in catalog.models.values())
     registry = engine_registry(settings, catalog)
     inputs = InputLoader(blobs, max_input_pixels)
+    moderator = make_moderator(settings.moderation)  # one per process: its classifiers load once
     return [
         Worker(
             f"{process_name()}-{index}",
@@ -66,6 +68,7 @@ def build_workers(
             liveness=liveness,
             models=models,
             holding=registry.resident,
+            moderator=moderator,
         )
         for index in range(threads)
     ]

@@ -1,4 +1,5 @@
-"""The job runner: claim -> inputs -> upsample -> engine -> encode -> store -> settle (-> webhook).
+"""The job runner: claim -> inputs -> moderate -> upsample -> engine -> moderate -> encode -> store -> settle
+(-> webhook).
 
 A worker is a thread that owns one job at a time. While it runs, a ticker heartbeats the job so that
 another worker can take it back if this process dies; the same heartbeat carries progress out and
@@ -35,6 +36,7 @@ from fluxserve.errors import EngineError, JobCanceled, JobFailure, Moderated
 from fluxserve.jobs.outage import while_away
 from fluxserve.jobs.retention import drop_inputs
 from fluxserve.jobs.store import Drawn, JobStore
+from fluxserve.safety.moderation import Moderator
 from fluxserve.storage.base import BlobStore, put_patiently
 from fluxserve.worker.beacon import Liveness
 from fluxserve.worker.inputs import InputLoader
@@ -140,9 +142,12 @@ class Worker:
         liveness: Liveness | None = None,
         models: Collection[str] | None = None,
         holding: Callable[[], Collection[str]] = tuple,
+        moderator: Moderator | None = None,
     ) -> None:
         """``models`` (None: any) are the models this worker serves; ``holding`` says which of them have
-        their weights in memory now, whose jobs it prefers (see :meth:`JobStore.claim`)."""
+        their weights in memory now, whose jobs it prefers (see :meth:`JobStore.claim`). ``moderator``
+        (None: moderation off) checks prompts, inputs and outputs of the engines that do not moderate
+        themselves."""
         self.worker_id = worker_id
         self._models = models
         self._holding = holding
@@ -151,6 +156,7 @@ class Worker:
         self._blobs = blobs
         self._inputs = inputs
         self._enhancer = enhancer
+        self._moderator = moderator
         self._heartbeat_seconds = heartbeat_seconds
         self._stale_after = stale_after_seconds
         self._stall_seconds = engine_stall_seconds
@@ -220,16 +226,18 @@ class Worker:
             }
             stack.enter_context(self.liveness.watch(beats.values()))
             prepared: list[tuple[Job, EngineRequest]] = []
-            # An engine that upsamples itself (the relay: the vendor does it) gets the prompt as sent.
+            # An engine that upsamples itself (the relay: the vendor does it) gets the prompt as sent; one
+            # that moderates itself (the relay again) gets the tolerance and no local checks.
             upsample = not getattr(engine, "handles_prompt_upsampling", False)
+            checks = None if getattr(engine, "handles_moderation", False) else self._moderator
             for job in jobs:
                 log.info("job started", extra={"job_id": job.id, "model": job.model, "attempt": job.attempts})
                 try:
-                    prepared.append((job, self._request(job, upsample)))
+                    prepared.append((job, self._request(job, upsample, checks)))
                 except Exception as exc:
                     self._finish(job, started, *_failure(job, exc))
             for group in _groups(engine, prepared):
-                self._generate(engine, group, beats, started)
+                self._generate(engine, group, beats, started, checks)
 
     def _generate(
         self,
@@ -237,8 +245,10 @@ class Worker:
         group: list[tuple[Job, object]],
         beats: dict[str, _Heartbeat],
         started: float,
+        checks: Moderator | None,
     ) -> None:
-        """One engine call for the group (see :func:`_groups`); each job then ends with its own outcome."""
+        """One engine call for the group (see :func:`_groups`); each job then ends with its own outcome: a
+        flagged output refuses its own job only."""
         hooks = [
             EngineHooks(
                 progress=beats[job.id].progress,
@@ -264,6 +274,10 @@ class Worker:
                 self._finish(job, started, *_failure(job, outcome))
                 continue
             try:
+                if checks is not None:
+                    checks.check_output(
+                        outcome.image, GenerationParams.model_validate(job.params).safety_tolerance
+                    )
                 result_key = f"results/{job.created_at:%Y-%m-%d}/{job.id}.{job.output_format}"
                 data = encode_image(outcome.image, job.output_format)
                 put_patiently(self._blobs, result_key, data, CONTENT_TYPES[job.output_format])
@@ -320,9 +334,18 @@ class Worker:
             },
         )
 
-    def _request(self, job: Job, upsample: bool) -> EngineRequest:
-        """Decode the stored inputs and settle the final prompt (the size was settled before the queue)."""
+    def _request(self, job: Job, upsample: bool, checks: Moderator | None) -> EngineRequest:
+        """Decode the stored inputs, check the prompt and inputs (:class:`Moderated` before any work), and
+        settle the final prompt (the size was settled before the queue).
+
+        With moderation on, the tolerance the engine gets (the relay forwards it) is capped by the
+        operator's floor, whether or not the checks run here."""
         params = GenerationParams.model_validate(job.params)
+        if self._moderator is not None:
+            tolerance = self._moderator.tolerance(params.safety_tolerance)
+            params = params.model_copy(update={"safety_tolerance": tolerance})
+        if checks is not None:
+            checks.check_prompt(params.prompt, params.safety_tolerance)
         images = [
             NamedImage(image.field, self._inputs.load(image.ref, image.field))
             for image in params.input_images
@@ -330,6 +353,11 @@ class Worker:
         image_prompt = None
         if params.image_prompt:
             image_prompt = self._inputs.load(params.image_prompt, "image_prompt")
+        if checks is not None:
+            for named in images:
+                checks.check_input(named.image, named.field, params.safety_tolerance)
+            if image_prompt is not None:
+                checks.check_input(image_prompt, "image_prompt", params.safety_tolerance)
         assert job.width is not None and job.height is not None
         prompt = params.prompt
         if params.prompt_upsampling and upsample:
