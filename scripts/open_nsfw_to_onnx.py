@@ -201,7 +201,9 @@ def build(prototxt: Path, caffemodel: Path) -> onnx.ModelProto:
             op = "MaxPool" if _one(param, "pool") == "MAX" else "AveragePool"
             k, s = int(_one(param, "kernel_size")), int(_one(param, "stride", 1))
             # Caffe rounds a pooling's output size up.
-            nodes.append(helper.make_node(op, bottoms, [name], kernel_shape=[k, k], strides=[s, s], ceil_mode=1))
+            nodes.append(
+                helper.make_node(op, bottoms, [name], kernel_shape=[k, k], strides=[s, s], ceil_mode=1)
+            )
             rename[top] = name
         elif kind == "InnerProduct":
             w, b = blobs[name]

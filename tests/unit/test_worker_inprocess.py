@@ -35,6 +35,7 @@ from fluxserve.errors import EngineError, JobCanceled, Moderated
 from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy
+from fluxserve.safety.moderation import Moderator
 from fluxserve.storage.base import BlobStore
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.worker.inputs import InputLoader
@@ -94,7 +95,7 @@ class World:
         )
         return self.submitter.submit(key, params, 7, webhook_url, Dialect.RESELLER)
 
-    def worker(self, engine: Engine, **timing: float) -> Worker:
+    def worker(self, engine: Engine, moderator: Moderator | None = None, **timing: float) -> Worker:
         settings = {"heartbeat_seconds": 30.0, "stale_after_seconds": 60.0, "engine_stall_seconds": 600.0}
         return Worker(
             "test-worker",
@@ -106,6 +107,7 @@ class World:
             **{**settings, **timing},
             max_attempts=3,
             poll_seconds=0.05,
+            moderator=moderator,
         )
 
     def balance(self, key: ApiKey) -> Decimal | None:

@@ -49,6 +49,8 @@ from fluxserve.jobs.retention import drop_inputs
 
 SAFETY_SECONDS = 5.0  # the longest a wait goes without reading its jobs, should a change go unheard
 JOB_IDS_HEADER = "X-Job-Ids"
+MODERATED_HEADER = "X-Moderated-Job-Ids"  # the jobs of n whose image was refused (and left out of data)
+MODERATED = (JobStatus.REQUEST_MODERATED, JobStatus.CONTENT_MODERATED)
 MAX_N = 4
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
 RULES = {
@@ -132,7 +134,10 @@ class ImagesResponse(BaseModel):
 
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"model": ImagesResponse, "description": "The images"},
+    200: {
+        "model": ImagesResponse,
+        "description": f"The images; fewer than n when some were moderated ({MODERATED_HEADER} names them)",
+    },
     **responses(
         OpenAIErrorBody,
         {
@@ -265,13 +270,19 @@ async def _wait_for_images(
                 )
             with suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(left, SAFETY_SECONDS))
-    data = [await run_in_threadpool(_image, done[job.id], response_format, services) for job in jobs]
+    # Of n images only the refused ones are left out (named in a header); all refused is the API's 400.
+    refused = [done[job.id] for job in jobs if done[job.id].status in MODERATED]
+    if len(refused) == len(jobs):
+        message = refused[0].error or "Moderated"
+        raise OpenAIError(400, message, code="content_policy_violation", headers=NO_RETRY)
+    if refused:
+        response.headers[MODERATED_HEADER] = ",".join(job.id for job in refused)
+    kept = [done[job.id] for job in jobs if done[job.id].status not in MODERATED]
+    data = [await run_in_threadpool(_image, job, response_format, services) for job in kept]
     return ImagesResponse(created=int(time.time()), data=data)
 
 
 def _image(job: Job, response_format: str | None, services: Services) -> ImageData:
-    if job.status in (JobStatus.REQUEST_MODERATED, JobStatus.CONTENT_MODERATED):
-        raise OpenAIError(400, job.error or "Moderated", code="content_policy_violation", headers=NO_RETRY)
     if job.status is not JobStatus.SUCCEEDED or job.result_key is None:
         raise OpenAIError(500, f"The job {job.id} failed: {job.error or job.status.value}")
     if response_format == "b64_json":
