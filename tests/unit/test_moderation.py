@@ -5,14 +5,22 @@ relay) gets the capped tolerance and no local checks."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import threading
+import uuid
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 
+import httpx
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
 
+from fluxserve.api.deps import Services
+from fluxserve.app import create_app
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams, ImageRef
@@ -27,15 +35,14 @@ from fluxserve.safety.moderation import (
     parse_setting,
 )
 from fluxserve.settings import Settings
+from fluxserve.worker.inputs import InputLoader
+from fluxserve.worker.runner import Worker
+from fluxserve.worker.upsample import StyleCueEnhancer
 from tests.support.flagged import flagged_image, flagged_png_base64
-from tests.unit.test_worker_inprocess import (  # noqa: F401 (blobs and world are fixtures)
-    Scripted,
-    World,
-    blobs,
-    paint,
-    run_one,
-    world,
-)
+from tests.unit import test_worker_inprocess as inprocess
+from tests.unit.test_worker_inprocess import OneEngine, Scripted, World, paint, run_one
+
+world, blobs = inprocess.world, inprocess.blobs  # the in-process worker's fixtures, shared
 
 FLAGGED_PROMPT = "a photo of a fucking idiot"  # the text model scores it 1.0
 BENIGN_PROMPT = "a red fox sitting in fresh snow at sunrise"
@@ -229,3 +236,77 @@ def test_in_a_batch_only_the_flagged_image_is_refused(world: World) -> None:
     statuses = [job.status if job else None for job in done]
     assert statuses == [JobStatus.SUCCEEDED, JobStatus.CONTENT_MODERATED, JobStatus.SUCCEEDED]
     assert world.balance(key) == Decimal("10") - 2 * Decimal("2.5")  # two delivered, one refunded
+
+
+# The OpenAI dialect in process: the app without worker processes, and a real worker thread beside it
+
+
+@pytest.fixture
+def openai_app(tmp_path: Path) -> Iterator[tuple[TestClient, Services]]:
+    settings = Settings(data_dir=tmp_path, workers=0, poll_seconds=0.05)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        yield client, app.state.services
+
+
+@contextmanager
+def worker_thread(services: Services, engine: Scripted) -> Iterator[None]:
+    """A real worker on the app's store and files, with the real moderator, until the block ends."""
+    worker = Worker(
+        "openai-worker",
+        services.jobs,
+        OneEngine(engine),
+        services.blobs,
+        InputLoader(services.blobs, 2**22),
+        StyleCueEnhancer(),
+        heartbeat_seconds=30.0,
+        stale_after_seconds=60.0,
+        engine_stall_seconds=600.0,
+        max_attempts=3,
+        poll_seconds=0.05,
+        moderator=moderator(),
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def images(client: TestClient, services: Services, n: int, prompt: str) -> httpx.Response:
+    key = services.keys.create(f"k-{uuid.uuid4().hex[:6]}", Decimal("100")).key
+    body = {"model": "flux-dev", "prompt": prompt, "n": n, "size": "256x256", "response_format": "b64_json"}
+    return client.post("/v1/images/generations", json=body, headers={"Authorization": f"Bearer {key}"})
+
+
+def test_openai_leaves_out_only_the_refused_image_of_n(openai_app: tuple[TestClient, Services]) -> None:
+    client, services = openai_app
+    calls: list[int] = []
+
+    def second_flagged(request: EngineRequest, hooks: EngineHooks) -> EngineResult:
+        calls.append(1)
+        return draw_flagged(request, hooks) if len(calls) == 2 else paint(request, hooks)
+
+    with worker_thread(services, Scripted(second_flagged)):
+        response = images(client, services, 3, BENIGN_PROMPT)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 2
+    (refused,) = response.headers["X-Moderated-Job-Ids"].split(",")
+    assert refused in response.headers["X-Job-Ids"].split(",")
+    job = services.jobs.get(refused)
+    assert job is not None and job.status is JobStatus.CONTENT_MODERATED
+
+
+def test_openai_answers_content_policy_violation_when_every_image_is_refused(
+    openai_app: tuple[TestClient, Services],
+) -> None:
+    client, services = openai_app
+    with worker_thread(services, Scripted(paint)):
+        response = images(client, services, 2, FLAGGED_PROMPT)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "content_policy_violation"
+    assert error["message"].startswith("Request Moderated: prompt: the text check")
