@@ -1,5 +1,5 @@
 """The import rules of docs/architecture.md, checked on the source: what each part may import, and that the
-API process never imports torch, diffusers or transformers."""
+API process never imports torch, diffusers or transformers, nor the moderation classifiers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import fluxserve
 
 PACKAGE = Path(fluxserve.__file__).parent
-HEAVY = {"torch", "diffusers", "transformers", "torchao", "accelerate"}
+HEAVY = {"torch", "diffusers", "transformers", "torchao", "accelerate", "onnxruntime", "sklearn", "profanity_check"}
 
 # Each part (a top-level package or module of fluxserve) and the parts it may import. Keep this table and
 # docs/architecture.md in step.
