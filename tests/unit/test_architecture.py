@@ -13,7 +13,16 @@ import pytest
 import fluxserve
 
 PACKAGE = Path(fluxserve.__file__).parent
-HEAVY = {"torch", "diffusers", "transformers", "torchao", "accelerate", "onnxruntime", "sklearn", "profanity_check"}
+HEAVY = {
+    "torch",
+    "diffusers",
+    "transformers",
+    "torchao",
+    "accelerate",
+    "onnxruntime",
+    "sklearn",
+    "profanity_check",
+}
 
 # Each part (a top-level package or module of fluxserve) and the parts it may import. Keep this table and
 # docs/architecture.md in step.
