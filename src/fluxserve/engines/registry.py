@@ -256,6 +256,6 @@ class EngineRegistry:
 
     def _relay(self, model: str, entry: ModelEntry) -> Engine:
         """The relay engine (issue 4) plugs in here."""
-        from fluxserve.engines.relay import RelayEngine
+        from fluxserve.engines.relay.engine import RelayEngine
 
         return RelayEngine(entry, model)
