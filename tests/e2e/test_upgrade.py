@@ -70,47 +70,41 @@ def _params(model: str, prompt: str, url: str | None = None) -> dict[str, Any]:
     }  # fmt: skip
 
 
-# The tables as they were at 0012: only the columns these rows fill.
-KEYS = sa.table(
-    "api_keys",
-    *(sa.column(name) for name in ("id", "name", "key_hash", "key_prefix", "webhook_secret", "active")),
-    sa.column("credits_hundredths", sa.BigInteger),
-    sa.column("created_at", sa.DateTime(timezone=True)),
+TIME = sa.DateTime(timezone=True)
+
+
+def _table(name: str, plain: str, **typed: Any) -> sa.TableClause:
+    """A table as it was at 0012, with the columns these rows fill: ``plain`` ones (space-separated) take
+    their values as they are; ``typed`` ones need SQLAlchemy's type to be stored as the release stored them
+    (JSON, times)."""
+    return sa.table(
+        name, *(sa.column(c) for c in plain.split()), *(sa.column(c, t) for c, t in typed.items())
+    )
+
+
+KEYS = _table(
+    "api_keys", "id name key_hash key_prefix webhook_secret active credits_hundredths", created_at=TIME
 )
-JOBS = sa.table(
+JOBS = _table(
     "jobs",
-    *(sa.column(name) for name in ("id", "key_id", "model", "dialect", "status", "output_format", "prompt")),
-    *(sa.column(name) for name in ("webhook_url", "result_key", "error", "worker_id")),
-    *(sa.column(name, sa.Integer) for name in ("seed", "width", "height", "cost_hundredths", "attempts")),
-    sa.column("progress", sa.Float),
-    sa.column("cancel_requested", sa.Boolean),
-    sa.column("params", sa.JSON),
-    sa.column("details", sa.JSON),
-    *(
-        sa.column(name, sa.DateTime(timezone=True))
-        for name in ("created_at", "started_at", "finished_at", "heartbeat_at")
-    ),
+    "id key_id model dialect status output_format prompt webhook_url result_key error worker_id seed width "
+    "height cost_hundredths attempts progress cancel_requested",
+    params=sa.JSON(),
+    details=sa.JSON(),
+    created_at=TIME,
+    started_at=TIME,
+    finished_at=TIME,
+    heartbeat_at=TIME,
 )
-LEDGER = sa.table(
-    "credit_ledger",
-    *(sa.column(name) for name in ("key_id", "kind", "job_id", "model", "operator")),
-    sa.column("amount_hundredths", sa.BigInteger),
-    sa.column("created_at", sa.DateTime(timezone=True)),
-)
-DELIVERIES = sa.table(
+LEDGER = _table("credit_ledger", "key_id kind job_id model operator amount_hundredths", created_at=TIME)
+DELIVERIES = _table(
     "webhook_deliveries",
-    *(sa.column(name) for name in ("id", "job_id", "key_id", "url", "status", "last_error")),
-    *(sa.column(name, sa.Integer) for name in ("attempts", "last_status_code")),
-    *(
-        sa.column(name, sa.DateTime(timezone=True))
-        for name in ("next_attempt_at", "created_at", "delivered_at")
-    ),
+    "id job_id key_id url status last_error attempts last_status_code",
+    next_attempt_at=TIME,
+    created_at=TIME,
+    delivered_at=TIME,
 )
-IDEMPOTENCY = sa.table(
-    "idempotency_keys",
-    *(sa.column(name) for name in ("key_id", "idempotency_key", "request_hash", "job_id")),
-    sa.column("created_at", sa.DateTime(timezone=True)),
-)
+IDEMPOTENCY = _table("idempotency_keys", "key_id idempotency_key request_hash job_id", created_at=TIME)
 
 # What an upgrade must keep of each row (the rest may move: 0014 moves fetch leases to their own columns).
 KEPT = {
