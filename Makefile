@@ -17,16 +17,16 @@ $(PYTHON):
 STAMP := $(VENV)/.fluxserve-installed
 REINSTALL = $(if $(filter $(CURDIR),$(shell cat $(1) 2>/dev/null)),,FORCE)
 
-# What serving needs, and no more (no test tools, no torchao); the workers moderate by default.
+# What serving needs, and no more: the API and the local engines (`.[local]`); no test tools, no torchao.
 install-runtime: $(STAMP)-runtime
 $(STAMP)-runtime: pyproject.toml $(call REINSTALL,$(STAMP)-runtime) | $(PYTHON)
 	$(PIP_QUIET) torch==2.13.0
-	$(PIP_QUIET) -e '.[moderation]'
+	$(PIP_QUIET) -e '.[local]'
 	@echo '$(CURDIR)' > $@
 
 install: $(STAMP)-test
 $(STAMP)-test: $(STAMP)-runtime $(call REINSTALL,$(STAMP)-test)
-	$(PIP_QUIET) -e '.[test]'
+	$(PIP_QUIET) -e '.[local,test]'
 	@echo '$(CURDIR)' > $@
 
 # `make serve PORT=8001 HOST=0.0.0.0`; unset, FLUXSERVE_PORT / FLUXSERVE_HOST or the defaults apply.

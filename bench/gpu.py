@@ -64,12 +64,13 @@ from transformers import (
 )
 
 from bench.engine import serve
-from fluxserve.client.vendor import VendorClient, VendorError
 from fluxserve.core.catalog import Catalog
 from fluxserve.engines.flux.loading import compile_transformer, resolve_dtype, tune
 from fluxserve.engines.flux.options import LoadOptions
 from fluxserve.engines.registry import EngineRegistry
+from fluxserve.engines.relay.vendor_api import VendorClient
 from fluxserve.engines.tiny import _clip_tokenizer, _t5_tokenizer
+from fluxserve.errors import UpstreamError
 
 # The published configurations: black-forest-labs/FLUX.1-dev and FLUX.2-klein-4B, each component's
 # config.json as diffusers and transformers read it (text encoders: CLIP ViT-L/14, T5 v1.1 XXL, Qwen3-4B).
@@ -442,7 +443,7 @@ def served(folder: Path, family: str, variant: str, run: Plan, scratch: Path) ->
             started = time.perf_counter()
             round_trip(base, key, route, body, result.batch, result.batch)
             result.seconds_per_image = (time.perf_counter() - started) / result.batch
-    except (RuntimeError, VendorError) as exc:
+    except (RuntimeError, UpstreamError) as exc:
         for result in results:
             if result.seconds_per_image is None:  # the sizes measured before it stand
                 result.error = failure(exc)

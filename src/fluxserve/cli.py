@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 
 from fluxserve import __version__
 from fluxserve.accounts.keys import ApiKey, KeyProblem, KeyStore, NewKey
+from fluxserve.core.catalog import load_catalog
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import MODELS, Dialect
 from fluxserve.db.connection import make_engine, migrate
@@ -34,6 +35,7 @@ from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
 from fluxserve.worker.beacon import Liveness, start_beacon
 from fluxserve.worker.served import served_models
+from fluxserve.worker.stack import local_stack_problem, moderates
 from fluxserve.worker.supervisor import BEACON_ENV
 
 app = typer.Typer(help="fluxserve: a self-hosted FLUX image API server.", no_args_is_help=True)
@@ -186,6 +188,11 @@ def serve(
     settings = _settings(
         data_dir, host=host, port=port, workers=0 if no_workers else workers, public_url=public_url
     )
+    if settings.workers and (
+        problem := local_stack_problem(load_catalog(settings.catalog_files), None, moderates(settings))
+    ):
+        typer.echo(f"error: {problem}; or serve the API alone with --no-workers", err=True)
+        raise typer.Exit(1)
     configure_logging(json=settings.log_json)
     listener = _listen(settings.host, settings.port, settings.http_backlog)  # before workers or "ready"
     keys = KeyStore(_database(settings, create=True))
@@ -308,6 +315,9 @@ def worker(
         served = served_models(models, settings)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--models") from None
+    if problem := local_stack_problem(load_catalog(settings.catalog_files), served, moderates(settings)):
+        typer.echo(f"error: {problem}; or serve only relay models (--models)", err=True)
+        raise typer.Exit(1)
     configure_logging(json=settings.log_json)
     liveness = Liveness()
     beacon = os.environ.get(BEACON_ENV)

@@ -73,6 +73,11 @@ class EngineError(JobFailure):
     """A failure that is the request's or the engine's (bad weights, an upstream refusal...)."""
 
 
+class UpstreamError(EngineError):
+    """The upstream API a relay engine forwards to refused, failed or could not be reached; the message is
+    written for the job's owner and never holds the upstream key."""
+
+
 class Moderated(EngineError):
     """The prompt or an input (``kind="request"``) or the output (``kind="content"``) was blocked.
 

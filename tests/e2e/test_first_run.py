@@ -207,7 +207,7 @@ def test_make_serve_installs_only_when_pyproject_or_the_checkout_changed(tmp_pat
         make = ["make", "-n", "-C", str(checkout), f"VENV={tmp_path}", "install-runtime"]
         return subprocess.run(make, capture_output=True, text=True, check=True).stdout
 
-    assert "pip install --quiet --disable-pip-version-check -e ." in planned()  # never installed
+    assert "pip install --quiet --disable-pip-version-check -e '.[local]'" in planned()  # never installed
     stamp.write_text(f"{checkout}\n")
     assert "pip" not in planned()  # nothing changed: serve starts at once
     stamp.write_text("/another/checkout\n")

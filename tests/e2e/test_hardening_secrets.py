@@ -25,11 +25,11 @@ from sqlalchemy import text
 
 from fluxserve.accounts.keys import KEY_PREFIX, KeyStore
 from fluxserve.cli import FIRST_KEY_FILE
-from fluxserve.client.vendor import default_key_hosts
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.db.connection import make_engine
 from fluxserve.engines.base import EngineHooks
-from fluxserve.engines.relay import RelayEngine, RelayOptions
+from fluxserve.engines.relay.engine import RelayEngine, RelayOptions
+from fluxserve.engines.relay.vendor_api import default_key_hosts
 from fluxserve.errors import EngineError
 from fluxserve.logs import configure_logging, redact_text
 from fluxserve.settings import Settings

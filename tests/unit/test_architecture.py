@@ -41,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "jobs": {"accounts", "core", "db", "errors", "safety", "storage"},
     "wiring": {"db", "jobs", "settings", "storage"},
     "api": {"accounts", "core", "errors", "jobs", "storage", "surfaces"},
-    "engines": {"client", "core", "errors", "safety"},
+    "engines": {"core", "errors", "safety"},
     "worker": {"core", "engines", "errors", "jobs", "safety", "settings", "storage", "wiring"},
     "app": {
         "accounts",
@@ -61,8 +61,14 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "__init__": set(),
 }
-# Modules of the API process (and what it starts with): no model stack, not even indirectly.
-LIGHT_MODULES = ("fluxserve.app", "fluxserve.cli", "fluxserve.client.vendor", "fluxserve.worker.supervisor")
+# Modules of the API process (and what it starts with), and those of a worker that only relays: no model
+# stack, not even indirectly.
+LIGHT_MODULES = (
+    "fluxserve.app",
+    "fluxserve.cli",
+    "fluxserve.engines.relay.engine",
+    "fluxserve.worker.supervisor",
+)
 
 
 def _module_imports(path: Path) -> list[str]:

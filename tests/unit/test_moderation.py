@@ -121,7 +121,7 @@ def test_a_missing_classifier_is_named_at_start(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name)
     )
-    with pytest.raises(RuntimeError, match=r"needs onnxruntime: install fluxserve\[moderation\]"):
+    with pytest.raises(RuntimeError, match=r"needs onnxruntime: pip install 'fluxserve\[local\]'"):
         make_moderator("2")
 
 

@@ -15,11 +15,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from fluxserve.client.vendor import RetryPolicy, VendorClient, VendorError, key_allowed
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.engines.base import EngineHooks, EngineRequest
-from fluxserve.engines.relay import RelayEngine, aspect_ratio_of, upstream_payload
-from fluxserve.errors import EngineError, JobCanceled, Moderated
+from fluxserve.engines.relay.engine import RelayEngine, aspect_ratio_of, upstream_payload
+from fluxserve.engines.relay.vendor_api import RetryPolicy, VendorClient, key_allowed
+from fluxserve.errors import EngineError, JobCanceled, Moderated, UpstreamError
 from tests.conftest import free_port
 from tests.support.engine_fixtures import request
 from tests.support.fake_vendor import FAKE_KEY, FakeVendor, _color
@@ -403,7 +403,7 @@ def test_a_submit_that_broke_after_it_was_sent_is_not_retried() -> None:
         raise httpx.ReadTimeout("no answer", request=request)
 
     waits: list[float] = []
-    with pytest.raises(VendorError, match="not retried"), vendor_client(read_timeout, waits) as client:
+    with pytest.raises(UpstreamError, match="not retried"), vendor_client(read_timeout, waits) as client:
         client.submit("flux-dev", {"prompt": "p"})
     assert len(sent) == 1 and waits == []
 
@@ -419,7 +419,7 @@ def test_a_submit_that_could_not_connect_or_met_a_gateway_error_is_retried() -> 
 
     waits: list[float] = []
     with vendor_client(flaky, waits) as client:
-        with pytest.raises(VendorError, match=r"HTTP 502\); gave up after 3 tries"):
+        with pytest.raises(UpstreamError, match=r"HTTP 502\); gave up after 3 tries"):
             client.submit("flux-dev", {"prompt": "p"})
         assert waits == [0.5, 1.0]
         task = client.submit("flux-dev", {"prompt": "p"})
@@ -445,6 +445,6 @@ def test_the_key_goes_to_the_vendors_hosts_only(key_hosts: list[str] | None, eu_
         task = client.submit("flux-dev", {"prompt": "p"})
         assert client.result(task)["status"] == "Ready"
         assert client.download("https://cdn.example/x.jpg", task_id="t", max_bytes=5) == b"image"
-        with pytest.raises(VendorError, match="over 4 bytes"):
+        with pytest.raises(UpstreamError, match="over 4 bytes"):
             client.download("https://cdn.example/x.jpg", task_id="t", max_bytes=4)
     assert seen == {"api.vendor.example": FAKE_KEY, "eu.vendor.example": eu_key, "cdn.example": None}

@@ -15,7 +15,7 @@ from PIL import Image
 
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.engines.base import EngineHooks, NamedImage
-from fluxserve.engines.relay import RelayEngine
+from fluxserve.engines.relay.engine import RelayEngine
 from tests.support.engine_fixtures import request
 from tests.support.fake_vendor import FakeVendor
 

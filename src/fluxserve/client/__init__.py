@@ -1,6 +1,6 @@
-"""Clients of HTTP APIs, importable without the engines (no torch, no diffusers): fluxserve's own
-(:mod:`fluxserve.client.fluxserve`, exported here) and the vendor's (:mod:`fluxserve.client.vendor`, for the
-relay engine)."""
+"""fluxserve's Python client (:mod:`fluxserve.client.fluxserve`, exported here), importable without the
+engines (no torch, no diffusers). The vendor's API, which only the relay engine calls, is
+:mod:`fluxserve.engines.relay.vendor_api`."""
 
 from fluxserve.client.fluxserve import (
     AsyncClient,

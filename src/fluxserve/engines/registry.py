@@ -14,6 +14,7 @@ serves every route with the bundled FLUX.1 model).
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -21,21 +22,23 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fluxserve.core.catalog import Catalog, ModelEntry
 from fluxserve.core.models import Family, spec_of
 from fluxserve.engines.base import Engine
-from fluxserve.engines.flux.engine import DiffusersFluxEngine
-from fluxserve.engines.flux.fill import FillEngine, FillModel
-from fluxserve.engines.flux.flux2 import Flux2Engine, Flux2Model
-from fluxserve.engines.flux.loading import FluxModel, LoadedPipeline
 from fluxserve.engines.flux.options import FluxOptions, LoadOptions
 from fluxserve.engines.standin import FAMILIES as STAND_IN_FAMILIES
 from fluxserve.engines.standin import StandInEngine
-from fluxserve.engines.tiny import build_tiny_flux, build_tiny_redux
 from fluxserve.errors import EngineError
+
+# The local engines import torch, diffusers and transformers (the ``local`` extra): imported on the first
+# diffusers model only, so that a worker whose catalog only relays runs without them.
+if TYPE_CHECKING:
+    from fluxserve.engines.flux.engine import DiffusersFluxEngine
+    from fluxserve.engines.flux.fill import FillEngine
+    from fluxserve.engines.flux.flux2 import Flux2Engine
+    from fluxserve.engines.flux.loading import FluxModel, LoadedPipeline
 
 # Where the bundled model's weights ship inside the package (made by training/, see issue "bundled").
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "bundled"
@@ -43,12 +46,18 @@ WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf"}
 
 log = logging.getLogger("fluxserve.engines")
 
-# Weights folders holding these pipelines load as these models (each with its engine, see _engine), for
-# the routes of these families only; any other folder is FLUX.1's.
-SINGLE_PIPELINE: dict[str, tuple[type[LoadedPipeline], frozenset[Family]]] = {
-    **dict.fromkeys(Flux2Model.PIPELINES, (Flux2Model, frozenset({Family.FLUX2, Family.FLUX2_KLEIN}))),
-    **dict.fromkeys(FillModel.PIPELINES, (FillModel, frozenset({Family.FILL, Family.EXPAND}))),
-}
+
+@functools.cache
+def single_pipelines() -> dict[str, tuple[type[LoadedPipeline], frozenset[Family]]]:
+    """Weights folders holding these pipelines load as these models (each with its engine, see _engine),
+    for the routes of these families only; any other folder is FLUX.1's."""
+    from fluxserve.engines.flux.fill import FillModel
+    from fluxserve.engines.flux.flux2 import Flux2Model
+
+    return {
+        **dict.fromkeys(Flux2Model.PIPELINES, (Flux2Model, frozenset({Family.FLUX2, Family.FLUX2_KLEIN}))),
+        **dict.fromkeys(FillModel.PIPELINES, (FillModel, frozenset({Family.FILL, Family.EXPAND}))),
+    }
 
 
 def pipeline_class(weights: Path) -> str:
@@ -86,7 +95,7 @@ class EngineRegistry:
                     options = FluxOptions.of(entry)
                     folder = Path(entry.weights or "")
                     on_disk = (folder / "model_index.json").is_file()
-                    if on_disk and (kind := pipeline_class(folder)) in SINGLE_PIPELINE:
+                    if on_disk and (kind := pipeline_class(folder)) in single_pipelines():
                         options.single_pipeline(kind)
                 except EngineError as exc:
                     raise EngineError(f"{model}: {exc}") from None
@@ -99,11 +108,14 @@ class EngineRegistry:
             raise EngineError(f"model {model!r} is not in the catalog") from None
         if entry.engine == "relay":
             return self._relay(model, entry)
+        from fluxserve.engines.flux.engine import DiffusersFluxEngine
+        from fluxserve.engines.flux.loading import FluxModel
+
         with self._lock:
             weights = self.resolve_weights(model, entry)
             load = self._resolve_load(model, FluxOptions.of(entry).load())
             kind = pipeline_class(weights)
-            model_class, families = SINGLE_PIPELINE.get(kind, (FluxModel, None))
+            model_class, families = single_pipelines().get(kind, (FluxModel, None))
             if families is not None and spec_of(model).family not in families:
                 served = ", ".join(sorted(families))
                 raise EngineError(
@@ -127,6 +139,11 @@ class EngineRegistry:
         weights: Path, entry: ModelEntry, loaded: FluxModel | LoadedPipeline
     ) -> DiffusersFluxEngine | Flux2Engine | FillEngine:
         """The engine for a route on a loaded model: the model's kind decides."""
+        from fluxserve.engines.flux.engine import DiffusersFluxEngine
+        from fluxserve.engines.flux.fill import FillEngine, FillModel
+        from fluxserve.engines.flux.flux2 import Flux2Engine, Flux2Model
+        from fluxserve.engines.flux.loading import FluxModel
+
         if isinstance(loaded, Flux2Model):
             return Flux2Engine(weights, entry, loaded)
         if isinstance(loaded, FillModel):
@@ -179,6 +196,8 @@ class EngineRegistry:
             log.info("evicted model", extra={"weights": str(key[0]), "bytes": held.pop(key)})
             evicted = True
         if evicted:
+            import torch
+
             gc.collect()  # pipelines and their hooks hold reference cycles
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -192,6 +211,10 @@ class EngineRegistry:
                 for name, entry in self._catalog.models.items()
                 if entry.engine == "diffusers" and FluxOptions.of(entry).warmup
             ]
+        from fluxserve.engines.flux.engine import DiffusersFluxEngine
+        from fluxserve.engines.flux.fill import FillEngine
+        from fluxserve.engines.flux.flux2 import Flux2Engine
+
         timings: dict[str, float] = {}
         for model in models:
             engine = self.get(model)
@@ -204,6 +227,8 @@ class EngineRegistry:
         if not entry.weights:
             raise EngineError(f"{model}: the catalog names no weights for it")
         if entry.weights == "builtin:tiny":
+            from fluxserve.engines.tiny import build_tiny_flux
+
             return build_tiny_flux(self._models_dir / "tiny")
         if entry.weights == "builtin:bundled":
             if not (BUNDLED_WEIGHTS / "model_index.json").is_file():
@@ -220,6 +245,8 @@ class EngineRegistry:
     def _resolve_load(self, model: str, load: LoadOptions) -> LoadOptions:
         """Loading options with built-in names made into folders (``redux = "builtin:tiny-redux"``)."""
         if load.redux == "builtin:tiny-redux":
+            from fluxserve.engines.tiny import build_tiny_redux
+
             return load.model_copy(update={"redux": str(build_tiny_redux(self._models_dir / "tiny-redux"))})
         if load.redux and load.redux.startswith("builtin:"):
             raise EngineError(
@@ -229,6 +256,6 @@ class EngineRegistry:
 
     def _relay(self, model: str, entry: ModelEntry) -> Engine:
         """The relay engine (issue 4) plugs in here."""
-        from fluxserve.engines.relay import RelayEngine
+        from fluxserve.engines.relay.engine import RelayEngine
 
         return RelayEngine(entry, model)

@@ -160,7 +160,7 @@ def make_moderator(setting: str) -> Moderator | None:
     missing = [name for name in ("profanity_check", "onnxruntime", "numpy") if find_spec(name) is None]
     if missing:
         raise RuntimeError(
-            f"FLUXSERVE_MODERATION={setting} needs {', '.join(missing)}: install fluxserve[moderation], "
+            f"FLUXSERVE_MODERATION={setting} needs {', '.join(missing)}: pip install 'fluxserve[local]', "
             "or set FLUXSERVE_MODERATION=off"
         )
     return Moderator(floor, TextScorer(), ImageScorer())

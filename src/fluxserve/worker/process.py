@@ -1,6 +1,7 @@
 """A worker process (``fluxserve worker``): worker threads that claim jobs and run them on engines.
 
-This is the only kind of process that imports torch and loads models. ``fluxserve serve`` starts its
+This is the only kind of process that imports torch and loads models (and only when it serves a model on a
+local engine: a worker that only relays runs without the ``local`` extra). ``fluxserve serve`` starts its
 worker processes with :mod:`fluxserve.worker.supervisor`; on a GPU machine an operator runs one per GPU.
 A stop (SIGTERM) drains the process: see :func:`run_worker_process`.
 """
@@ -12,8 +13,6 @@ import threading
 import time
 from collections.abc import Collection
 
-import torch
-
 from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.engines.registry import EngineRegistry
 from fluxserve.jobs.store import JobStore
@@ -24,6 +23,7 @@ from fluxserve.wiring import make_blob_store, make_job_store, open_database
 from fluxserve.worker.beacon import Liveness
 from fluxserve.worker.inputs import InputLoader
 from fluxserve.worker.runner import Worker
+from fluxserve.worker.stack import runs_local_models
 from fluxserve.worker.upsample import StyleCueEnhancer
 
 log = logging.getLogger("fluxserve.worker")
@@ -51,7 +51,8 @@ def build_workers(
     max_input_pixels = max(entry.max_input_pixels for entry in catalog.models.values())
     registry = engine_registry(settings, catalog)
     inputs = InputLoader(blobs, max_input_pixels)
-    moderator = make_moderator(settings.moderation)  # one per process: its classifiers load once
+    # One per process (its classifiers load once); the relay's jobs are moderated by the vendor.
+    moderator = make_moderator(settings.moderation) if runs_local_models(catalog, models) else None
     return [
         Worker(
             f"{process_name()}-{index}",
@@ -84,7 +85,10 @@ def run_worker_process(
     """Run until ``stop`` is set, then drain: claim nothing more, give the running jobs
     ``worker_drain_seconds`` to finish, and hand back those still running (queued again at once, so a
     deploy costs them neither the stale timeout nor an attempt)."""
-    torch.set_num_threads(settings.threads_per_worker)
+    if runs_local_models(load_catalog(settings.catalog_files), models):
+        import torch
+
+        torch.set_num_threads(settings.threads_per_worker)
     database = open_database(settings)
     store = make_job_store(database)
     workers = build_workers(settings, store, threads, liveness, models)
@@ -98,7 +102,7 @@ def run_worker_process(
     runners = [threading.Thread(target=w.run, args=(stop,), name=w.worker_id, daemon=True) for w in workers]
     for runner in [presence, *runners]:
         runner.start()
-    log.info("worker process ready", extra={"threads": threads, "torch_threads": torch.get_num_threads()})
+    log.info("worker process ready", extra={"threads": threads, "torch_threads": settings.threads_per_worker})
     while not stop.is_set() and any(runner.is_alive() for runner in runners):
         stop.wait(0.5)
     drain(store, workers, runners, settings.worker_drain_seconds)

@@ -75,7 +75,7 @@ def quantize_weights(modules: Sequence[torch.nn.Module], kind: str) -> None:
             quantize_,
         )
     except ImportError:
-        raise EngineError("options.quantize: needs torchao (pip install torchao)") from None
+        raise EngineError("options.quantize: needs torchao (pip install 'fluxserve[quant]')") from None
     configs = {
         "int8": Int8WeightOnlyConfig,
         "fp8": Float8WeightOnlyConfig,

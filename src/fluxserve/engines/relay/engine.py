@@ -5,7 +5,7 @@ checkpoint the task on the job (a worker that dies is followed by one that polls
 vendor is paid once), poll the ``polling_url`` the vendor returned with backoff, and as soon as the task
 is Ready download ``result.sample`` into memory: vendor result URLs expire after 10 minutes, ours last
 as long as our retention, so the worker stores the image we return. The HTTP side (retries, rate limits,
-key scoping, size caps) is :mod:`fluxserve.client.vendor`; this module maps the job onto it.
+key scoping, size caps) is :mod:`fluxserve.engines.relay.vendor_api`; this module maps the job onto it.
 
 Configuration, in the catalog entry (``engine = "relay"``)::
 
@@ -43,21 +43,20 @@ from urllib.parse import urlsplit
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fluxserve.client.vendor import (
-    RetryPolicy,
-    Stopped,
-    Task,
-    VendorClient,
-    VendorError,
-    default_key_hosts,
-    key_host_problem,
-)
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.core.fields import MAX_FLUX2_SAFETY
 from fluxserve.core.models import Family, spec_of
 from fluxserve.core.sizes import SizeRule
 from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult
-from fluxserve.errors import EngineError, InputError, JobCanceled, Moderated
+from fluxserve.engines.relay.vendor_api import (
+    RetryPolicy,
+    Stopped,
+    Task,
+    VendorClient,
+    default_key_hosts,
+    key_host_problem,
+)
+from fluxserve.errors import EngineError, InputError, JobCanceled, Moderated, UpstreamError
 from fluxserve.safety.images import decode_image_bytes
 
 log = logging.getLogger("fluxserve.engines.relay")
@@ -189,7 +188,7 @@ def _text(detail: Any) -> str:
 
 class RelayEngine:
     """Generates through the vendor's API; one instance per catalog entry, safe across worker threads
-    (each ``generate`` has its own :class:`~fluxserve.client.vendor.VendorClient`)."""
+    (each ``generate`` has its own :class:`~fluxserve.engines.relay.vendor_api.VendorClient`)."""
 
     # The vendor upsamples the prompt itself when asked; the worker should not do it first. It moderates
     # too (at the tolerance it is sent, capped by the operator's floor): no local checks on relayed jobs.
@@ -262,8 +261,8 @@ class RelayEngine:
                 data = vendor.download(
                     sample, task_id=task.id, max_bytes=self.options.max_result_bytes, deadline=deadline
                 )
-        except VendorError as exc:
-            raise EngineError(f"relay: {exc}") from None
+        except UpstreamError as exc:
+            raise UpstreamError(f"relay: {exc}") from None
         except Stopped:
             raise JobCanceled() from None
         try:

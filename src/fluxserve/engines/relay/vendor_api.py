@@ -15,8 +15,9 @@ and a second one would be paid for.
 The key goes only to the hosts the operator allows (:func:`key_allowed`; default: the base URL's host,
 ``bfl.ai`` and ``*.bfl.ai``, see :func:`default_key_hosts`), never to the CDN that serves results, and is
 never logged nor put in a message. Waits notice the caller's
-``should_stop`` within 0.1 s and raise :class:`Stopped`; failures are :class:`VendorError`, each message
-written for the job's owner. Imports neither torch nor PIL: usable from an API-only process.
+``should_stop`` within 0.1 s and raise :class:`Stopped`; failures are
+:class:`~fluxserve.errors.UpstreamError`, each message written for the job's owner. Imports neither torch
+nor PIL. Only the relay engine uses it: it is the vendor's API as an upstream, not a client of fluxserve.
 """
 
 from __future__ import annotations
@@ -34,18 +35,14 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import tenacity
 
-from fluxserve.errors import EngineError
+from fluxserve.errors import UpstreamError
 
-log = logging.getLogger("fluxserve.client.vendor")
+log = logging.getLogger("fluxserve.engines.relay.vendor_api")
 
 T = TypeVar("T")
 
 RETRIED_SUBMIT_STATUSES = frozenset({502, 503, 504})  # a gateway's answer: the task was not created
 STOP_CHECK_SECONDS = 0.1
-
-
-class VendorError(EngineError):
-    """The vendor refused, failed or could not be reached; the message never holds the key."""
 
 
 class Stopped(Exception):
@@ -196,9 +193,9 @@ class _Tally:
 
     def give_up(self, state: tenacity.RetryCallState) -> NoReturn:
         if self.failures > self.policy.retries:
-            raise VendorError(f"{self.last(state)}; gave up after {self.failures} tries")
+            raise UpstreamError(f"{self.last(state)}; gave up after {self.failures} tries")
         seconds = state.seconds_since_start or 0.0
-        raise VendorError(f"{self.last(state)}; gave up at the time limit, after {seconds:.3g} s")
+        raise UpstreamError(f"{self.last(state)}; gave up at the time limit, after {seconds:.3g} s")
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
@@ -295,7 +292,7 @@ class VendorClient:
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 raise _Retry(f"cannot reach the upstream API ({type(exc).__name__})") from None
             except httpx.TransportError as exc:
-                raise VendorError(
+                raise UpstreamError(
                     f"the upstream API did not answer the submit ({type(exc).__name__}); not retried, "
                     "since the task may have been created upstream"
                 ) from None
@@ -312,7 +309,7 @@ class VendorClient:
             answer = _json(response)
             task = Task.of(answer) if isinstance(answer, dict) else None
             if task is None:
-                raise VendorError("the upstream submit answer has no task id and polling_url")
+                raise UpstreamError("the upstream submit answer has no task id and polling_url")
             return task
 
         return self._retrying(attempt, deadline)
@@ -350,7 +347,7 @@ class VendorClient:
         redirects; more than ``max_bytes`` fails."""
         what = f"the result of upstream task {task_id}"
         if urlsplit(url).scheme not in ("http", "https"):
-            raise VendorError(f"upstream task {task_id} returned a result URL that is not http(s)")
+            raise UpstreamError(f"upstream task {task_id} returned a result URL that is not http(s)")
 
         def attempt() -> bytes:
             try:
@@ -359,7 +356,7 @@ class VendorClient:
                     if status >= 500:
                         raise _Retry(f"could not download {what} (HTTP {status})")
                     if status != 200:
-                        raise VendorError(
+                        raise UpstreamError(
                             f"{what} could not be downloaded (HTTP {status}); vendor result URLs expire "
                             "after 10 minutes"
                         )
@@ -367,7 +364,7 @@ class VendorClient:
                     for chunk in response.iter_bytes():
                         data += chunk
                         if len(data) > max_bytes:
-                            raise VendorError(f"{what} is over {max_bytes} bytes")
+                            raise UpstreamError(f"{what} is over {max_bytes} bytes")
                     return bytes(data)
             except httpx.TransportError as exc:
                 raise _Retry(f"could not download {what} ({type(exc).__name__})") from None
@@ -426,16 +423,16 @@ class VendorClient:
             return
         if status == 402:
             log.error("vendor: the account is out of credits", extra={"key_name": self.key_name})
-            raise VendorError(
+            raise UpstreamError(
                 "the upstream vendor account has no credits left (HTTP 402); the server operator must "
                 "top it up"
             )
         if status in (401, 403):
             log.error("vendor: the API refused the key", extra={"key_name": self.key_name})
-            raise VendorError(
+            raise UpstreamError(
                 f"the upstream API refused the operator's API key (HTTP {status}); the server "
                 f"operator must check {self.key_name}"
             )
         if status == 422:
-            raise VendorError(f"the upstream API refused the request: {_detail(response)}")
-        raise VendorError(f"upstream {step} failed with HTTP {status}: {_detail(response)}")
+            raise UpstreamError(f"the upstream API refused the request: {_detail(response)}")
+        raise UpstreamError(f"upstream {step} failed with HTTP {status}: {_detail(response)}")

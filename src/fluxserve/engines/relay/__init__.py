@@ -1,0 +1,1 @@
+"""The relay engine (:mod:`.engine`) and the vendor's HTTP API it forwards jobs to (:mod:`.vendor_api`)."""
