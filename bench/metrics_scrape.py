@@ -56,9 +56,9 @@ def fill(database: str, rows: int) -> None:
     from sqlalchemy import text
 
     from fluxserve.accounts.keys import KeyStore
-    from fluxserve.db.connection import make_engine, migrate
+    from fluxserve.db.connection import migrate, open_database
 
-    engine = make_engine(database)
+    engine = open_database(database)
     migrate(engine)
     key = KeyStore(engine).create("history").record
     with engine.begin() as conn:

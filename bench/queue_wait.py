@@ -34,7 +34,7 @@ from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import make_engine, migrate, utcnow
+from fluxserve.db.connection import migrate, open_database, utcnow
 from fluxserve.db.tables import api_keys, jobs
 from fluxserve.jobs.feed import ChangeFeed, PostgresFeed
 from fluxserve.jobs.store_sql import SqlJobStore
@@ -59,7 +59,7 @@ MODES = [
 
 
 def run(url: str, mode: Mode, count: int, workers: int, gap: float, run_seconds: float) -> dict[str, float]:
-    submit_engine, worker_engine = make_engine(url), make_engine(url)
+    submit_engine, worker_engine = open_database(url), open_database(url)
     keys = KeyStore(submit_engine)
     key = keys.create(f"bench-{mode.poll_seconds}").record
     limits = Limits(count + 1, {}, 2**20, 2**22)
@@ -120,7 +120,7 @@ def run(url: str, mode: Mode, count: int, workers: int, gap: float, run_seconds:
 
 def claim_cost(url: str, backlog: int, keys: int = 50, claims: int = 200) -> float:
     """Milliseconds per claim (claim and finish, as a worker does) with ``backlog`` jobs queued."""
-    engine = make_engine(url)
+    engine = open_database(url)
     migrate(engine)
     now = utcnow()
     key_ids = [str(uuid.uuid4()) for _ in range(keys)]

@@ -56,7 +56,7 @@ from pydantic import BaseModel
 from sqlalchemy import delete, func, select, text
 
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import jobs
 from tests.conftest import free_port
 from tests.support.pg_server import DEBIAN, PostgresCluster, binaries
@@ -312,7 +312,7 @@ def setup(tmp: Path, keys: int, database: str, replicas: int) -> Iterator[Setup]
             url = cluster.database()
         else:
             url = f"sqlite:///{tmp / 'api' / 'fluxserve.db'}"
-        engine = make_engine(url)
+        engine = open_database(url)
         migrate(engine)
         raw = [KeyStore(engine).create(f"bench-{index}").key for index in range(keys)]
         engine.dispose()
@@ -389,7 +389,7 @@ def measure(
     job_id = response.json()["data"]["jobId"]
     paths = {"submit": "/bfl/v1/flux-dev", "fetch": f"/flux/fetch?jobId={job_id}"}
     servers = {BARE: [parts.bare], ONE: parts.replicas[:1], TWO: parts.replicas[:2]}
-    engine = make_engine(parts.database_url)
+    engine = open_database(parts.database_url)
 
     def empty_queue() -> int:
         """Delete every job but the fetched one; the number there was."""

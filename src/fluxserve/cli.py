@@ -29,7 +29,7 @@ from fluxserve import __version__
 from fluxserve.accounts.keys import ApiKey, KeyProblem, KeyStore, NewKey
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import MODELS, Dialect
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
 from fluxserve.worker.beacon import Liveness, start_beacon
@@ -95,9 +95,9 @@ def _database(settings: Settings, create: bool = False) -> Engine:
                 err=True,
             )
             raise typer.Exit(1)
-    engine = make_engine(settings.database)
-    migrate(engine)
-    return engine
+    database = open_database(settings.database)
+    migrate(database)
+    return database
 
 
 @contextmanager
@@ -361,12 +361,12 @@ def prune(
     the jobs' records are kept unless --rows-older-than is given."""
     from fluxserve.db.connection import utcnow
     from fluxserve.jobs.retention import Retention, prune_rows
-    from fluxserve.wiring import make_blob_store, make_job_store
+    from fluxserve.wiring import make_blob_store, make_stores
 
     settings = _settings(data_dir)
     database = _database(settings)
     retention = Retention(
-        make_job_store(database),
+        make_stores(database).expiry,
         make_blob_store(settings.storage),
         settings.result_ttl if older_than is None else older_than,
         by_operator=True,
@@ -405,7 +405,7 @@ def usage(
         raise typer.Exit(2) from None
     with _keys(data_dir) as store:
         key_id = None if key is None else store.resolve(key).id
-        with store.engine.connect() as conn:
+        with store.database.connect() as conn:
             lines = ledger.usage(conn, start, by.value, key_id)
     if as_json:
         typer.echo(json.dumps([line.as_json() for line in lines]))
@@ -429,7 +429,7 @@ def keys_overview(
 
     with _keys(data_dir) as store:
         keys = store.list()
-        spent = usage(store.engine, days=days)
+        spent = usage(store.database, days=days)
     if as_json:
         for key in keys:
             typer.echo(json.dumps({**_key_json(key), **totals(spent, key.id)}))
@@ -524,7 +524,7 @@ def credits_overview(
 
     with _keys(data_dir) as store:
         keys = [key for key in store.list() if key.active]
-        _print_usage(keys, [line.as_json() for line in usage(store.engine, days=days)], days, as_json)
+        _print_usage(keys, [line.as_json() for line in usage(store.database, days=days)], days, as_json)
 
 
 @credits_app.command("show")
@@ -534,7 +534,7 @@ def credits_show(name_or_id: str, data_dir: DataDir = None, days: Days = 7, as_j
 
     with _keys(data_dir) as store:
         key = store.resolve(name_or_id)
-        lines = usage(store.engine, key_id=key.id, days=days)
+        lines = usage(store.database, key_id=key.id, days=days)
         _print_usage([key], [line.as_json() for line in lines], days, as_json)
 
 
@@ -604,7 +604,7 @@ def jobs_command(
     wanted = () if status is None else _statuses(status)
     with _keys(data_dir) as store:
         key_id = None if key is None else store.resolve(key).id
-        lines = recent_jobs(store.engine, key_id=key_id, statuses=wanted, limit=limit)
+        lines = recent_jobs(store.database, key_id=key_id, statuses=wanted, limit=limit)
     if as_json:
         for line in lines:
             typer.echo(

@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, func, select, update
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import make_engine, migrate, utcnow
+from fluxserve.db.connection import migrate, open_database, utcnow
 from fluxserve.db.tables import idempotency_keys, jobs
 from fluxserve.jobs.store import IdempotencyConflict
 from fluxserve.jobs.store_sql import SqlJobStore
@@ -207,7 +207,7 @@ def test_a_public_or_unresolvable_webhook_url_is_accepted(server: ServerProcess)
 
 
 def test_an_expired_entry_is_ignored_and_replaced(database_url: str, tmp_path: Path) -> None:
-    database = make_engine(database_url)
+    database = open_database(database_url)
     migrate(database)
     store = SqlJobStore(database)
     blobs = LocalBlobStore(tmp_path / "files")

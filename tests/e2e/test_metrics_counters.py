@@ -22,7 +22,7 @@ from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.job import ACTIVE_STATUSES, JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import MIGRATIONS, make_engine, migrate
+from fluxserve.db.connection import MIGRATIONS, migrate, open_database
 from fluxserve.db.migrations.versions import __name__ as versions_package
 from fluxserve.db.tables import job_counts, job_seconds, jobs, webhook_counts, webhook_deliveries
 from fluxserve.jobs import stats as stats_module
@@ -79,7 +79,7 @@ def deliveries(engine: Engine) -> tuple[dict[str, int], dict[str, int]]:
 
 @pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
+    engine = open_database(database_url)
     migrate(engine)
     yield engine
     engine.dispose()
@@ -273,7 +273,7 @@ def test_a_read_of_the_figures_does_not_grow_with_the_jobs_table(database_url: s
     seen: dict[int, tuple[list[str], int]] = {}
     for size in (112, large):
         url = database_url if size == large else f"sqlite:///{tmp_path / 'small.db'}"
-        engine = make_engine(url)
+        engine = open_database(url)
         migrate(engine)
         fill_before_the_counters(engine, size)
         statements = Statements(engine)

@@ -21,7 +21,7 @@ from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import database_url, make_engine, migrate
+from fluxserve.db.connection import database_url, migrate, open_database
 from fluxserve.db.tables import metadata
 from fluxserve.jobs.feed import CHANNEL, PostgresFeed
 from fluxserve.jobs.store import JobStore
@@ -38,7 +38,7 @@ class Queue:
     """A store, keys and a submitter on one database, with limits high enough to queue 100 jobs a key."""
 
     def __init__(self, url: str, root: Path) -> None:
-        self.database = make_engine(url)
+        self.database = open_database(url)
         migrate(self.database)
         self.store = SqlJobStore(self.database)  # no feed of its own: its commits notify through triggers
         self.keys = KeyStore(self.database)
@@ -57,7 +57,7 @@ def test_users_postgres_urls_mean_psycopg_3() -> None:
     )
     assert database_url("postgresql+psycopg://db/flux") == "postgresql+psycopg://db/flux"
     assert database_url("sqlite:///x.db") == "sqlite:///x.db"
-    assert make_engine("postgres://db/flux").dialect.driver == "psycopg"
+    assert open_database("postgres://db/flux").dialect.driver == "psycopg"
 
 
 def test_without_binaries_postgres_tests_skip_unless_ci_requires_them(
@@ -76,7 +76,7 @@ def test_without_binaries_postgres_tests_skip_unless_ci_requires_them(
 
 
 def test_migrations_build_exactly_the_declared_schema_on_postgres(postgres_url: str) -> None:
-    engine = make_engine(postgres_url)
+    engine = open_database(postgres_url)
     migrate(engine)  # the template was migrated already: a no-op
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), metadata) == []
@@ -92,14 +92,14 @@ def test_migrations_build_exactly_the_declared_schema_on_postgres(postgres_url: 
 
 def test_processes_migrating_at_once_on_an_empty_database(postgres: PostgresCluster) -> None:
     url = postgres.database(empty=True)
-    script = "import sys; from fluxserve.db import connection as c; c.migrate(c.make_engine(sys.argv[1]))"
+    script = "import sys; from fluxserve.db import connection as c; c.migrate(c.open_database(sys.argv[1]))"
     runs = [
         subprocess.Popen([sys.executable, "-c", script, url], stderr=subprocess.PIPE, text=True)
         for _ in range(3)
     ]
     errors = [run.communicate(timeout=120)[1] for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], errors
-    engine = make_engine(url)
+    engine = open_database(url)
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), metadata) == []
         assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
@@ -172,7 +172,7 @@ def test_two_workers_on_postgres_never_get_the_same_job(postgres_url: str, tmp_p
                 return
             into.extend(job.id for job in jobs)
 
-    stores = [make_job_store(make_engine(postgres_url)) for _ in range(2)]
+    stores = [make_job_store(open_database(postgres_url)) for _ in range(2)]
     threads = [
         threading.Thread(target=drain, args=(stores[index % 2], claimed[index % 2], index >= 2))
         for index in range(4)
@@ -189,7 +189,7 @@ def test_two_workers_on_postgres_never_get_the_same_job(postgres_url: str, tmp_p
 @pytest.fixture
 def notify_store(postgres_url: str) -> Iterator[SqlJobStore]:
     """The store as ``wiring`` builds it on PostgreSQL: with its change feed (LISTEN/NOTIFY), listening."""
-    store = make_job_store(make_engine(postgres_url))
+    store = make_job_store(open_database(postgres_url))
     assert isinstance(store, SqlJobStore) and isinstance(store.feed, PostgresFeed)
     assert store.feed.ready(30)
     yield store
@@ -328,7 +328,7 @@ def test_serve_on_postgres_runs_a_job_through_the_bundled_model(make_server, pos
     body = api.wait(api.job("flux-dev", {"prompt": "a red circle", "width": 256, "height": 256}), timeout=300)
     assert body["status"] == "SUCCESS", body
     assert api.image(body).size == (256, 256)
-    engine = make_engine(postgres_url)
+    engine = open_database(postgres_url)
     with engine.connect() as connection:
         status = connection.execute(text("SELECT status FROM jobs")).scalars().all()
     assert status == ["succeeded"]

@@ -16,7 +16,7 @@ from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.catalog import Catalog
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import jobs
 from fluxserve.engines.registry import EngineRegistry
 from fluxserve.jobs.store_sql import SqlJobStore
@@ -29,7 +29,7 @@ from tests.support.tiny_pipelines import tiny_pipeline
 
 class Queue:
     def __init__(self, url: str, root: Path) -> None:
-        self.database = make_engine(url)
+        self.database = open_database(url)
         migrate(self.database)
         self.store = SqlJobStore(self.database)
         self.key = KeyStore(self.database).create("k", Decimal(1000)).record

@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from tests.conftest import free_port
 
 TEMPLATE = "fluxserve_template"
@@ -94,7 +94,7 @@ class PostgresCluster:
             self.port = free_port()
         else:
             raise RuntimeError(f"postgres did not start: {self.log()}")
-        template = make_engine(self.url(TEMPLATE))
+        template = open_database(self.url(TEMPLATE))
         migrate(template)
         template.dispose()  # a template must have no connections while it is copied
 

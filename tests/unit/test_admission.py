@@ -15,7 +15,7 @@ from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.job import Job
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams, ImageRef
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.store import Idempotency
 from fluxserve.jobs.store_sql import SqlJobStore
@@ -48,7 +48,7 @@ class LosesTheRace(SqlJobStore):
 def setup(
     url: str, tmp_path: Path, store_class: type[SqlJobStore] = SqlJobStore
 ) -> tuple[Submitter, KeyStore, Path]:
-    database = make_engine(url)
+    database = open_database(url)
     migrate(database)
     limits = Limits(2, {"flux-kontext-max": 1}, 2**20, 2**22)
     files = tmp_path / "files"

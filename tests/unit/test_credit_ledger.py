@@ -14,7 +14,7 @@ from sqlalchemy import insert, select
 from fluxserve.accounts.keys import OPERATOR
 from fluxserve.core.job import JobStatus
 from fluxserve.db import ledger
-from fluxserve.db.connection import MIGRATIONS, make_engine, migrate, utcnow
+from fluxserve.db.connection import MIGRATIONS, migrate, open_database, utcnow
 from fluxserve.db.tables import api_keys, credit_ledger
 from fluxserve.jobs.fetching import InputFetcher
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
@@ -28,7 +28,7 @@ blobs = test_worker_inprocess.blobs
 
 
 def entries(world: World, key_id: str) -> list[tuple[str, int, str | None, str | None]]:
-    engine = world.keys.engine
+    engine = world.keys.database
     query = (
         select(credit_ledger.c.kind, credit_ledger.c.amount_hundredths, credit_ledger.c.job_id,
                credit_ledger.c.operator)
@@ -40,7 +40,7 @@ def entries(world: World, key_id: str) -> list[tuple[str, int, str | None, str |
 
 
 def assert_balanced(world: World, key_id: str) -> None:
-    with world.keys.engine.connect() as conn:
+    with world.keys.database.connect() as conn:
         balance = conn.execute(select(api_keys.c.credits_hundredths).where(api_keys.c.id == key_id)).scalar()
         assert balance == ledger.entries_sum(conn, key_id)
 
@@ -95,7 +95,7 @@ def test_an_unlimited_key_that_gets_a_balance_is_balanced_from_then_on(world: Wo
 
 
 def test_the_migration_opens_each_finite_balance_with_a_set_entry(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    engine = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:

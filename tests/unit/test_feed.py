@@ -16,7 +16,7 @@ from sqlalchemy import Engine, insert
 
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.job import JobStatus
-from fluxserve.db.connection import make_engine, migrate, utcnow
+from fluxserve.db.connection import migrate, open_database, utcnow
 from fluxserve.db.tables import jobs
 from fluxserve.jobs.feed import ChangeFeed, JobChange, wake_on, webhook_due
 from fluxserve.jobs.store_sql import SqlJobStore
@@ -60,7 +60,7 @@ class Heard:
 @pytest.fixture
 def engines(database_url: str) -> Iterator[tuple[Engine, Engine]]:
     """(the feed's engine, another process's engine) on one migrated database."""
-    mine, other = make_engine(database_url), make_engine(database_url)
+    mine, other = open_database(database_url), open_database(database_url)
     migrate(other)
     yield mine, other
     mine.dispose()

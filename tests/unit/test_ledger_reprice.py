@@ -9,12 +9,12 @@ from sqlalchemy import select
 
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.db import ledger
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import api_keys
 
 
 def test_reprice_gives_back_the_difference_and_never_takes_more(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    engine = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     migrate(engine)
     keys = KeyStore(engine)
     finite, unlimited = keys.create("finite", Decimal("20")).record, keys.create("unlimited").record

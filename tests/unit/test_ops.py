@@ -28,7 +28,7 @@ from fluxserve.app import create_app
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import jobs, workers
 from fluxserve.jobs.stats import Histogram, JobStats
 from fluxserve.jobs.store_sql import SqlJobStore
@@ -89,7 +89,7 @@ def buckets(histogram: Histogram) -> dict[float, int]:
 
 
 def test_figures_and_live_workers_from_the_database(database_url: str, tmp_path: Path) -> None:
-    engine = make_engine(database_url)
+    engine = open_database(database_url)
     migrate(engine)
     store = SqlJobStore(engine)
     limits = Limits(max_active=24, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
@@ -144,7 +144,7 @@ def test_a_worker_process_announces_itself_while_alive_and_leaves_on_stop(
     once the announcer has heard "not alive", not by waiting for wall time to pass."""
     clock = [datetime(2026, 1, 1, tzinfo=UTC)]
     monkeypatch.setattr("fluxserve.jobs.workers.utcnow", lambda: clock[0])
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    engine = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     migrate(engine)
     registry = WorkerRegistry(engine)
     stalled = threading.Event()
@@ -268,7 +268,7 @@ TOKEN = "operators-token-0123456789"
 
 def test_readyz_and_metrics_when_the_database_is_unreachable(tmp_path: Path) -> None:
     """Anonymous callers learn which part is unavailable; the driver's words go only to the token's holder."""
-    engine = make_engine(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none?connect_timeout=2")
+    engine = open_database(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none?connect_timeout=2")
     stats = JobStats(engine, WorkerRegistry(engine), worker_seen_within=30)
     blobs = make_blob_store((tmp_path / "files").as_uri())
     threads = ThreadPoolExecutor(max_workers=3)
@@ -309,7 +309,7 @@ def test_readyz_answers_within_its_timeout_when_the_database_hangs(tmp_path: Pat
     a thread."""
     with socket.create_server(("127.0.0.1", 0)) as silent:
         port = silent.getsockname()[1]
-        engine = make_engine(f"postgresql+psycopg://nobody@127.0.0.1:{port}/none?connect_timeout=30")
+        engine = open_database(f"postgresql+psycopg://nobody@127.0.0.1:{port}/none?connect_timeout=30")
         stats = JobStats(engine, WorkerRegistry(engine), worker_seen_within=30)
         threads = ThreadPoolExecutor(max_workers=3, thread_name_prefix="probe")
         readiness = ops.Readiness(stats, make_blob_store((tmp_path / "f").as_uri()), False, 30, threads, 0.5)

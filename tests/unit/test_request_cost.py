@@ -25,7 +25,7 @@ from sqlalchemy import Engine, create_engine, event, insert, select, text
 from fluxserve.accounts.keys import ApiKey, KeyCache, KeyStore
 from fluxserve.api.deps import Services
 from fluxserve.app import create_app
-from fluxserve.db.connection import database_url, make_engine, migrate
+from fluxserve.db.connection import database_url, migrate, open_database
 from fluxserve.db.tables import jobs
 from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.settings import Settings
@@ -262,7 +262,7 @@ def test_the_cache_forgets_what_it_is_told_and_stays_bounded() -> None:
 def test_a_key_revoked_by_another_replica_is_refused_after_the_max_age(tmp_path: Path) -> None:
     """Two key stores on one database, as two replicas: the one that did not revoke sees it once its
     cache entry is older than the max age (an injected clock: no waiting)."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'keys.db'}")
+    engine = open_database(f"sqlite:///{tmp_path / 'keys.db'}")
     migrate(engine)
     clock = _Clock()
     replica = KeyStore(engine, KeyCache(max_age=1.0, clock=clock))
@@ -283,7 +283,7 @@ def test_a_key_revoked_by_another_replica_is_refused_after_the_max_age(tmp_path:
 def test_a_pooled_connection_killed_by_the_server_is_replaced_on_the_same_call(postgres_url: str) -> None:
     """No pre-ping: a backend the server terminated is found by the first statement, and the call runs
     again once on a fresh connection (reads, the submit's transaction and the key lookup alike)."""
-    engine = make_engine(postgres_url)
+    engine = open_database(postgres_url)
     store = make_job_store(engine)
     assert isinstance(store, SqlJobStore)
     keys = KeyStore(engine)

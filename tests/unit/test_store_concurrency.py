@@ -17,7 +17,7 @@ from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
@@ -29,7 +29,7 @@ THREADS = 16
 
 class Bench:
     def __init__(self, url: str, root: Path, max_active: int = 24, kontext_max: int = 6) -> None:
-        database = make_engine(url)
+        database = open_database(url)
         migrate(database)
         self.store = SqlJobStore(database)
         self.keys = KeyStore(database)

@@ -13,7 +13,7 @@ from typing import TypeVar
 import pytest
 from sqlalchemy import Engine, insert, select
 
-from fluxserve.db.connection import make_engine, migrate, utcnow
+from fluxserve.db.connection import migrate, open_database, utcnow
 from fluxserve.db.outbox import enqueue
 from fluxserve.db.tables import api_keys, jobs, webhook_deliveries
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
@@ -28,7 +28,7 @@ LOOPBACK = NetworkPolicy(parse_networks("127.0.0.0/8"))
 
 @pytest.fixture
 def database(database_url: str) -> Engine:
-    engine = make_engine(database_url)
+    engine = open_database(database_url)
     migrate(engine)
     now = utcnow()
     with engine.begin() as conn:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, insert, select
 
-from fluxserve.db.connection import as_utc, make_engine, migrate, utcnow
+from fluxserve.db.connection import as_utc, migrate, open_database, utcnow
 from fluxserve.db.outbox import enqueue
 from fluxserve.db.tables import api_keys, jobs, webhook_deliveries
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
@@ -31,7 +31,7 @@ DEADLINE = 20.0
 
 @pytest.fixture
 def database(database_url: str) -> Engine:
-    engine = make_engine(database_url)
+    engine = open_database(database_url)
     migrate(engine)
     return engine
 

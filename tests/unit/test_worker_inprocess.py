@@ -28,7 +28,7 @@ from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams, ImageRef
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import webhook_deliveries
 from fluxserve.engines.base import Engine, EngineHooks, EngineRequest, EngineResult
 from fluxserve.errors import EngineError, JobCanceled, Moderated
@@ -123,7 +123,7 @@ def blobs(tmp_path: Path) -> BlobStore:
 @pytest.fixture
 def world(tmp_path: Path, database_url: str, blobs: BlobStore) -> World:
     url = database_url
-    database = make_engine(url)
+    database = open_database(url)
     migrate(database)
     store = SqlJobStore(database)
     limits = Limits(max_active=24, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)

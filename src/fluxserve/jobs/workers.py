@@ -29,13 +29,13 @@ def process_name() -> str:
 
 
 class WorkerRegistry:
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, database: Engine) -> None:
+        self._database = database
 
     def beat(self, name: str, threads: int) -> None:
         """Say that the process ``name`` is alive now (its row is made on the first beat)."""
         now = utcnow()
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             seen = conn.execute(update(workers).where(workers.c.id == name).values(seen_at=now))
             if seen.rowcount == 0:  # only this process writes its row: no race between update and insert
                 host, _, pid = name.rpartition("-")
@@ -47,13 +47,13 @@ class WorkerRegistry:
                 conn.execute(delete(workers).where(workers.c.seen_at < now - FORGET_AFTER))
 
     def leave(self, name: str) -> None:
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             conn.execute(delete(workers).where(workers.c.id == name))
 
     def live(self, seen_within: float) -> int:
         """Worker processes heard from in the last ``seen_within`` seconds."""
         since = utcnow() - timedelta(seconds=seen_within)
-        with self._engine.connect() as conn:
+        with self._database.connect() as conn:
             return int(conn.scalar(select(func.count()).where(workers.c.seen_at >= since)) or 0)
 
     def announce(

@@ -16,10 +16,10 @@ import torch
 
 from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.engines.registry import EngineRegistry
-from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.store import Claims
 from fluxserve.jobs.workers import WorkerRegistry, process_name
 from fluxserve.settings import Settings
-from fluxserve.wiring import make_blob_store, make_job_store, open_database
+from fluxserve.wiring import database_for, make_blob_store, make_stores
 from fluxserve.worker.beacon import Liveness
 from fluxserve.worker.inputs import InputLoader
 from fluxserve.worker.runner import Worker
@@ -38,7 +38,7 @@ def engine_registry(settings: Settings, catalog: Catalog) -> EngineRegistry:
 
 def build_workers(
     settings: Settings,
-    store: JobStore,
+    store: Claims,
     threads: int,
     liveness: Liveness,
     models: Collection[str] | None = None,
@@ -82,8 +82,8 @@ def run_worker_process(
     ``worker_drain_seconds`` to finish, and hand back those still running (queued again at once, so a
     deploy costs them neither the stale timeout nor an attempt)."""
     torch.set_num_threads(settings.threads_per_worker)
-    database = open_database(settings)
-    store = make_job_store(database)
+    database = database_for(settings)
+    store = make_stores(database).claims
     workers = build_workers(settings, store, threads, liveness, models)
     # The process's row in the workers table, for /readyz and /metrics of every API replica.
     presence = threading.Thread(
@@ -102,7 +102,7 @@ def run_worker_process(
     presence.join()  # it removes the row once stop is set
 
 
-def drain(store: JobStore, workers: list[Worker], runners: list[threading.Thread], grace: float) -> None:
+def drain(store: Claims, workers: list[Worker], runners: list[threading.Thread], grace: float) -> None:
     """Wait up to ``grace`` seconds for the runners (stopped: they finish their jobs and claim no more),
     then hand back the jobs of those still running. Their engines stop at the next step, the job no
     longer theirs; the process does not wait long for that."""

@@ -42,7 +42,7 @@ def jobs(
     services: Annotated[Services, Depends(get_services)],
     limit: Annotated[int, Query(ge=1, le=50)] = 12,
 ) -> dict[str, Any]:
-    lines = recent_jobs(services.keys.engine, key_id=key.id, limit=limit)
+    lines = recent_jobs(services.keys.database, key_id=key.id, limit=limit)
     return {
         "jobs": [
             {
