@@ -60,12 +60,12 @@ def make_feed(database: Engine) -> ChangeFeed:
 
 
 def make_stores(database: Engine, feed: ChangeFeed | None = None) -> Stores:
-    """Each role of the job store on ``database``, built once; ``feed`` (the process's one; a new one when
-    not given) wakes idle workers when a job is queued."""
+    """Each role of the job store on ``database``, built once; ``feed`` (the process's one) wakes idle
+    workers when a job is queued (without one they poll)."""
     return Stores(
         reads=SqlJobReads(database),
         submissions=SqlSubmissions(database),
-        claims=SqlClaims(database, feed or make_feed(database)),
+        claims=SqlClaims(database, feed),
         fetches=SqlFetchLeases(database),
         expiry=SqlExpiry(database),
     )

@@ -50,16 +50,16 @@ def test_every_change_is_an_entry_and_the_entries_add_up_to_the_balance(world: W
     kept = world.submit(key, steps=1)  # flux-dev: 2.5 credits
     refunded = world.submit(key, steps=1)
     canceled = world.submit(key, steps=1)
-    assert world.store.finish(kept.id, None, JobStatus.SUCCEEDED, result_key="r.png")
-    assert world.store.finish(refunded.id, None, JobStatus.FAILED, error="boom")
-    assert world.store.cancel(canceled.id, key.id) is not None
+    assert world.end(kept, JobStatus.SUCCEEDED, result_key="r.png")
+    assert world.end(refunded, JobStatus.FAILED, error="boom")
+    assert world.stores.submissions.cancel(canceled.id, key.id) is not None
     url = {"field": "input_image", "ref": f"{origin}/png/64x64"}  # held at the 4 MP bound, then repriced
     fetched = world.submit(key, model="flux-2-max", input_images=[url], width=1024, height=1024, steps=None)
     stage = InputFetcher(
-        world.store, world.blobs, NetworkPolicy(parse_networks("127.0.0.0/8")), max_bytes=2**20,
+        world.stores.fetches, world.blobs, NetworkPolicy(parse_networks("127.0.0.0/8")), max_bytes=2**20,
         max_pixels=2**22, timeout=5, concurrency=1, per_key=1,
     )  # fmt: skip
-    (leased,) = world.store.lease_fetches(stage.owner, 1, 1)
+    (leased,) = world.stores.fetches.lease(stage.owner, 1, 1)
     asyncio.run(stage.fetch(leased))
     world.keys.add_credits(key, Decimal("10"), operator="cli:alice")
     world.keys.take_credits(world.keys.get(key.id), Decimal("3"), operator="cli:bob")  # type: ignore[arg-type]
@@ -86,7 +86,7 @@ def test_every_change_is_an_entry_and_the_entries_add_up_to_the_balance(world: W
 def test_an_unlimited_key_that_gets_a_balance_is_balanced_from_then_on(world: World) -> None:
     key = world.keys.create("unlimited").record
     job = world.submit(key, steps=1)
-    assert world.store.finish(job.id, None, JobStatus.FAILED, error="boom")  # its hold and refund: entries
+    assert world.end(job, JobStatus.FAILED, error="boom")  # its hold and refund: entries
     world.keys.set_credits(key, Decimal("5"))
     assert_balanced(world, key.id)
     world.keys.set_credits(world.keys.get(key.id), None)  # type: ignore[arg-type]
@@ -117,8 +117,8 @@ def test_the_migration_opens_each_finite_balance_with_a_set_entry(tmp_path: Path
 def test_usage_reports_from_the_ledger_and_survives_pruning_job_rows(world: World, tmp_path: Path) -> None:
     key = world.key("100")
     kept, refunded = world.submit(key, steps=1), world.submit(key, steps=1)
-    assert world.store.finish(kept.id, None, JobStatus.SUCCEEDED, result_key="r.png")
-    assert world.store.finish(refunded.id, None, JobStatus.FAILED, error="boom")
+    assert world.end(kept, JobStatus.SUCCEEDED, result_key="r.png")
+    assert world.end(refunded, JobStatus.FAILED, error="boom")
     world.keys.add_credits(key, Decimal("10"))
     cli = Cli(tmp_path / "data", world.database_url)
     expected = [
@@ -130,7 +130,7 @@ def test_usage_reports_from_the_ledger_and_survives_pruning_job_rows(world: Worl
     assert today["charged"] == "2.5" and today["operator"] == "110"
 
     assert "removed 2 job record(s)" in cli("prune", "--rows-older-than", "0").stdout
-    assert world.store.get(kept.id) is None and world.store.get(refunded.id) is None
+    assert world.stores.reads.get(kept.id) is None and world.stores.reads.get(refunded.id) is None
     assert cli.json("usage", "--by", "model", "--key", key.name, "--json") == expected
     assert_balanced(world, key.id)
     assert [kind for kind, *_ in entries(world, key.id)] == ["set", "topup", "summary"]

@@ -19,7 +19,7 @@ from fluxserve.core.job import JobStatus
 from fluxserve.db.connection import migrate, open_database, utcnow
 from fluxserve.db.tables import jobs
 from fluxserve.jobs.feed import ChangeFeed, JobChange, wake_on, webhook_due
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store_sql import SqlClaims, SqlJobReads
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
 from fluxserve.wiring import make_feed
@@ -93,7 +93,7 @@ def test_the_feed_names_each_change_of_a_job_and_a_key_but_not_a_heartbeat(
     heard = Heard(feed)
     assert feed.ready(30)
     other = engines[1]
-    store, keys = SqlJobStore(other), KeyStore(other)
+    store, keys = SqlClaims(other), KeyStore(other)
     key = keys.create("k", Decimal(10)).record
     job_id = add_job(other, key.id, webhook="http://127.0.0.1:9/hook")
     heard.until(lambda: JobChange(job_id, JobStatus.QUEUED, True) in heard.jobs, "the queued job")
@@ -157,12 +157,12 @@ def test_a_job_that_ends_with_a_webhook_wakes_the_dispatcher_at_once(
     """The dispatcher polls only every 600 s here: the delivery goes out because the finish woke it."""
     receiver = Receiver()
     dispatcher = WebhookDispatcher(
-        engines[0], lambda job_id: Payload({"jobId": job_id}),
+        engines[0], SqlJobReads(engines[0]), lambda job: Payload({"jobId": job.id}),
         policy=NetworkPolicy(parse_networks("127.0.0.0/8")), poll_seconds=600,
     )  # fmt: skip
     feed.subscribe(wake_on(webhook_due, dispatcher.wake))
     assert feed.ready(30)
-    store = SqlJobStore(engines[1])
+    store = SqlClaims(engines[1])
     job_id = add_job(engines[1], KeyStore(engines[1]).create("k").record.id, webhook=receiver.url)
 
     async def scenario() -> None:

@@ -31,7 +31,8 @@ from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import jobs, workers
 from fluxserve.jobs.stats import Histogram, JobStats
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store import Claims
+from fluxserve.jobs.store_sql import SqlClaims, SqlSubmissions
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.jobs.workers import WorkerRegistry, process_name
 from fluxserve.safety.fetch import NetworkPolicy
@@ -62,9 +63,7 @@ def run(engine: Engine, job_id: str, status: JobStatus, waited: float, ran: floa
         conn.execute(update(jobs).where(row).values(status=status.value, finished_at=ended))
 
 
-def claim_and_finish(
-    store: SqlJobStore, engine: Engine, status: JobStatus, waited: float, ran: float
-) -> None:
+def claim_and_finish(store: Claims, engine: Engine, status: JobStatus, waited: float, ran: float) -> None:
     """Claim a job that waited ``waited`` seconds, and end it (through the store: its webhook is queued)
     ``ran`` seconds after its start, give or take the milliseconds between statements."""
     now = datetime.now(UTC)
@@ -91,9 +90,8 @@ def buckets(histogram: Histogram) -> dict[float, int]:
 def test_figures_and_live_workers_from_the_database(database_url: str, tmp_path: Path) -> None:
     engine = open_database(database_url)
     migrate(engine)
-    store = SqlJobStore(engine)
     limits = Limits(max_active=24, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
-    submitter = Submitter(store, LocalBlobStore(tmp_path / "files"), limits, NetworkPolicy())
+    submitter = Submitter(SqlSubmissions(engine), LocalBlobStore(tmp_path / "files"), limits, NetworkPolicy())
     key = KeyStore(engine).create("k").record
     first, second, third, _ = (submit(submitter, key).id for _ in range(4))
     run(engine, first, JobStatus.SUCCEEDED, waited=0.3, ran=4.0)
@@ -338,8 +336,7 @@ def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 
 def test_metrics_in_prometheus_format(make_app) -> None:  # type: ignore[no-untyped-def]
     app: App = make_app(allowed_private_networks="127.0.0.0/8")
-    store = app.services.jobs
-    assert isinstance(store, SqlJobStore)
+    store = SqlClaims(app.database)  # a worker's, on the app's database
     key = app.services.keys.create("m").record
     with http_server(Hook) as hook:
         for _ in range(3):

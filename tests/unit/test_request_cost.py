@@ -27,9 +27,8 @@ from fluxserve.api.deps import Services
 from fluxserve.app import create_app
 from fluxserve.db.connection import database_url, migrate, open_database
 from fluxserve.db.tables import jobs
-from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.settings import Settings
-from fluxserve.wiring import make_job_store
+from fluxserve.wiring import make_stores
 from tests.conftest import png_base64
 
 _measuring: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("measuring", default=None)
@@ -184,7 +183,7 @@ def test_the_queue_position_is_the_claim_order_across_keys(measured: Measured) -
         return found
 
     assert positions() == expected
-    claimed = measured.services.jobs.claim("worker")
+    claimed = measured.client.app.state.runtime.stores.claims.claim("worker")  # type: ignore[attr-defined]
     assert claimed is not None and claimed.id == ids["a1"]
     assert positions() == {"b1": 0, "c1": 1, "a2": 2, "c2": 3, "a3": 4}
 
@@ -284,8 +283,7 @@ def test_a_pooled_connection_killed_by_the_server_is_replaced_on_the_same_call(p
     """No pre-ping: a backend the server terminated is found by the first statement, and the call runs
     again once on a fresh connection (reads, the submit's transaction and the key lookup alike)."""
     engine = open_database(postgres_url)
-    store = make_job_store(engine)
-    assert isinstance(store, SqlJobStore)
+    store = make_stores(engine).submissions
     keys = KeyStore(engine)
     new = keys.create("reconnect")
     admin = create_engine(database_url(postgres_url), isolation_level="AUTOCOMMIT")

@@ -19,7 +19,7 @@ from fluxserve.engines.registry import EngineRegistry
 from fluxserve.jobs.store import Claims
 from fluxserve.jobs.workers import WorkerRegistry, process_name
 from fluxserve.settings import Settings
-from fluxserve.wiring import database_for, make_blob_store, make_stores
+from fluxserve.wiring import database_for, make_blob_store, make_feed, make_stores
 from fluxserve.worker.beacon import Liveness
 from fluxserve.worker.inputs import InputLoader
 from fluxserve.worker.runner import Worker
@@ -83,7 +83,7 @@ def run_worker_process(
     deploy costs them neither the stale timeout nor an attempt)."""
     torch.set_num_threads(settings.threads_per_worker)
     database = database_for(settings)
-    store = make_stores(database).claims
+    store = make_stores(database, make_feed(database)).claims
     workers = build_workers(settings, store, threads, liveness, models)
     # The process's row in the workers table, for /readyz and /metrics of every API replica.
     presence = threading.Thread(
