@@ -27,11 +27,12 @@ from fluxserve.db.migrations.versions import __name__ as versions_package
 from fluxserve.db.tables import job_counts, job_seconds, jobs, webhook_counts, webhook_deliveries
 from fluxserve.jobs import stats as stats_module
 from fluxserve.jobs.stats import JobStats
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store import Reaped
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.jobs.workers import WorkerRegistry
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.storage.local import LocalBlobStore
+from fluxserve.wiring import make_stores
 
 ACTIVE = {status.value for status in ACTIVE_STATUSES}
 MODELS = ("flux-dev", "flux-pro")
@@ -88,10 +89,10 @@ def engine(database_url: str) -> Iterator[Engine]:
 def test_the_counters_follow_submits_claims_finishes_requeues_cancels_and_deletes(
     engine: Engine, tmp_path: Path
 ) -> None:
-    store = SqlJobStore(engine)
+    store = make_stores(engine)
     limits = Limits(max_active=50, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
     policy = NetworkPolicy(parse_networks("127.0.0.0/8"))
-    submitter = Submitter(store, LocalBlobStore(tmp_path / "files"), limits, policy)
+    submitter = Submitter(store.submissions, LocalBlobStore(tmp_path / "files"), limits, policy)
     key = KeyStore(engine).create("k").record
 
     def submit(model: str, webhook: bool = False) -> str:
@@ -101,11 +102,11 @@ def test_the_counters_follow_submits_claims_finishes_requeues_cancels_and_delete
 
     submitted = [submit("flux-dev", webhook=True) for _ in range(6)] + [submit("flux-pro") for _ in range(3)]
     assert counts(engine) == grouped(engine) == {("flux-dev", "queued"): 6, ("flux-pro", "queued"): 3}
-    claimed = [store.claim("w-1") for _ in range(5)]
+    claimed = [store.claims.claim("w-1") for _ in range(5)]
     assert all(claimed) and counts(engine) == grouped(engine)
-    assert store.finish(claimed[0].id, "w-1", JobStatus.SUCCEEDED)  # type: ignore[union-attr]
-    assert store.finish(claimed[1].id, "w-1", JobStatus.FAILED, error="x")  # type: ignore[union-attr]
-    assert not store.finish(claimed[1].id, "w-1", JobStatus.SUCCEEDED)  # a second end changes nothing
+    assert store.claims.finish(claimed[0].id, "w-1", JobStatus.SUCCEEDED)  # type: ignore[union-attr]
+    assert store.claims.finish(claimed[1].id, "w-1", JobStatus.FAILED, error="x")  # type: ignore[union-attr]
+    assert not store.claims.finish(claimed[1].id, "w-1", JobStatus.SUCCEEDED)  # a second end changes nothing
     assert counts(engine) == grouped(engine)
     # Two running jobs go stale and are taken back; one more has used its attempts and fails.
     with engine.begin() as conn:
@@ -115,12 +116,12 @@ def test_the_counters_follow_submits_claims_finishes_requeues_cancels_and_delete
             .values(heartbeat_at=datetime.now(UTC) - timedelta(hours=1))
         )
         conn.execute(update(jobs).where(jobs.c.id == claimed[4].id).values(attempts=3))  # type: ignore[union-attr]
-    assert store.requeue_stale(datetime.now(UTC) - timedelta(minutes=1), max_attempts=3) == 3
+    assert store.claims.requeue_stale(datetime.now(UTC) - timedelta(minutes=1), max_attempts=3) == Reaped(3)
     assert counts(engine) == grouped(engine)
-    queued = [job_id for job_id in submitted if store.get(job_id).status is JobStatus.QUEUED]  # type: ignore[union-attr]
-    assert store.cancel(queued[0], key.id) is not None
-    again = store.claim("w-2")
-    assert again is not None and store.finish(again.id, "w-2", JobStatus.SUCCEEDED)
+    queued = [job_id for job_id in submitted if store.submissions.get(job_id).status is JobStatus.QUEUED]  # type: ignore[union-attr]
+    assert store.submissions.cancel(queued[0], key.id) is not None
+    again = store.claims.claim("w-2")
+    assert again is not None and store.claims.finish(again.id, "w-2", JobStatus.SUCCEEDED)
     assert counts(engine) == grouped(engine)
     assert counts(engine)[("flux-dev", "canceled")] + counts(engine).get(("flux-pro", "canceled"), 0) == 1
 
@@ -295,9 +296,9 @@ def test_the_counters_stay_exact_under_concurrent_submits_claims_and_finishes(
     """Two submitters and three workers at once (on PostgreSQL each its own connection, so its own counter
     shard or a shared one): no transaction fails (no deadlock on the counter rows) and the counters equal
     the rows' GROUP BY at the end."""
-    store = SqlJobStore(engine)
+    store = make_stores(engine)
     limits = Limits(max_active=500, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
-    submitter = Submitter(store, LocalBlobStore(tmp_path / "files"), limits, NetworkPolicy())
+    submitter = Submitter(store.submissions, LocalBlobStore(tmp_path / "files"), limits, NetworkPolicy())
     keys = [KeyStore(engine).create(f"k{n}").record for n in range(2)]
     errors: list[BaseException] = []
     claims: list[str] = []
@@ -316,7 +317,7 @@ def test_the_counters_stay_exact_under_concurrent_submits_claims_and_finishes(
     def work(name: str) -> None:
         try:
             while True:
-                job = store.claim(name)
+                job = store.claims.claim(name)
                 if job is None:
                     if submitted.is_set():
                         return
@@ -324,7 +325,7 @@ def test_the_counters_stay_exact_under_concurrent_submits_claims_and_finishes(
                     continue
                 claims.append(job.id)
                 outcome = JobStatus.SUCCEEDED if len(claims) % 3 else JobStatus.FAILED
-                assert store.finish(
+                assert store.claims.finish(
                     job.id, name, outcome, error=None if outcome is JobStatus.SUCCEEDED else "x"
                 )
         except BaseException as error:
