@@ -32,7 +32,7 @@ from fluxserve.core.models import MODELS, Dialect
 from fluxserve.db.connection import migrate, open_database
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
-from fluxserve.worker.beacon import Liveness, start_beacon
+from fluxserve.worker.beacon import Beacon, Liveness
 from fluxserve.worker.served import served_models
 from fluxserve.worker.supervisor import BEACON_ENV
 
@@ -310,10 +310,11 @@ def worker(
         raise typer.BadParameter(str(exc), param_hint="--models") from None
     configure_logging(json=settings.log_json)
     liveness = Liveness()
-    beacon = os.environ.get(BEACON_ENV)
-    if beacon:  # before the model stack imports: a supervisor watches this file from the first second;
-        # until the process exits, so that it is not killed as hung while it drains
-        start_beacon(Path(beacon), liveness, settings.heartbeat_seconds, threading.Event())
+    beacon = Beacon(liveness.alive, settings.heartbeat_seconds)
+    beacon_file = os.environ.get(BEACON_ENV)
+    if beacon_file:  # before the model stack imports: a supervisor watches this file from the first second
+        beacon.add(Path(beacon_file).touch)
+    beacon.start()  # until the process exits, so that it is not killed as hung while it drains
     from fluxserve.worker.quiet import quiet_model_stack_imports
 
     quiet_model_stack_imports()
@@ -321,7 +322,7 @@ def worker(
 
     for signum in (signal.SIGINT, signal.SIGTERM):  # from now on a stop lets running jobs end cleanly
         signal.signal(signum, lambda *_: stop.set())
-    run_worker_process(settings, threads, liveness, stop, served)
+    run_worker_process(settings, threads, liveness, beacon, stop, served)
 
 
 def _exit_now(signum: int, _: object) -> None:

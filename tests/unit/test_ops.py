@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.settings import Settings
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.wiring import make_blob_store
+from fluxserve.worker.beacon import Beacon
 from tests.conftest import free_port, http_server
 from tests.support.s3_server import s3_bucket, s3_credentials, storage_url
 
@@ -119,9 +121,9 @@ def test_figures_and_live_workers_from_the_database(database_url: str, tmp_path:
     assert "flux-kontext-pro" not in figures.queue_wait  # it never started
     assert figures.webhooks == {} and figures.live_workers == 0
 
-    registry.beat("gpu-host-1-101", threads=1)
-    registry.beat("gpu-host-2-202", threads=2)
-    registry.beat("gpu-host-1-101", threads=1)  # a second beat refreshes the same row
+    registry.seen("gpu-host-1-101", threads=1)
+    registry.seen("gpu-host-2-202", threads=2)
+    registry.seen("gpu-host-1-101", threads=1)  # a second beat refreshes the same row
     assert stats.live_workers() == 2
     with engine.begin() as conn:  # one went silent a minute ago (killed: it never removed its row)
         conn.execute(
@@ -135,18 +137,18 @@ def test_figures_and_live_workers_from_the_database(database_url: str, tmp_path:
     engine.dispose()
 
 
-def test_a_worker_process_announces_itself_while_alive_and_leaves_on_stop(
+def test_a_worker_processs_beacon_refreshes_its_row_while_alive(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The registry reads the test's clock: a stalled process's row is shown stale by moving the clock
-    once the announcer has heard "not alive", not by waiting for wall time to pass."""
+    once the beacon has heard "not alive", not by waiting for wall time to pass."""
     clock = [datetime(2026, 1, 1, tzinfo=UTC)]
     monkeypatch.setattr("fluxserve.jobs.workers.utcnow", lambda: clock[0])
     engine = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     migrate(engine)
     registry = WorkerRegistry(engine)
     stalled = threading.Event()
-    told_stalled = threading.Semaphore(0)  # released each time the announcer asks and hears "not alive"
+    told_stalled = threading.Semaphore(0)  # released each time the beacon asks and hears "not alive"
 
     def alive() -> bool:
         if stalled.is_set():
@@ -155,23 +157,42 @@ def test_a_worker_process_announces_itself_while_alive_and_leaves_on_stop(
         return True
 
     stop = threading.Event()
-    thread = threading.Thread(target=registry.announce, args=("h-1", 1, alive, 0.05, stop))
-    thread.start()
+    beacon = Beacon(alive, 0.05)
+    seen = partial(registry.seen, "h-1", 1)
+    beacon.add(seen)
+    thread = beacon.start(stop)
     try:
-        deadline = time.monotonic() + 5
-        while registry.live(30) == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        assert registry.live(30) == 1  # added: seen at once
         stalled.set()  # its engine stalled: the row is no longer refreshed and goes stale
-        assert told_stalled.acquire(timeout=10)  # the announcer heard it; a beat begun before has ended
+        assert told_stalled.acquire(timeout=10)  # the beacon heard it; a round begun before has ended
         clock[0] += timedelta(seconds=1)
-        for _ in range(2):  # a whole round between two askings: a beat in it would carry the new time
+        for _ in range(2):  # a whole round between two askings: a signal in it would carry the new time
             assert told_stalled.acquire(timeout=10)
         assert registry.live(0.5) == 0 and registry.live(30) == 1
-    finally:  # a failed assertion leaves no announcer running
+    finally:  # a failed assertion leaves no beacon running
         stop.set()
         thread.join(timeout=5)
-    assert registry.live(30) == 0  # removed on the way out
+    beacon.remove(seen)
+    registry.leave("h-1")  # as the process does on its way out
+    assert registry.live(30) == 0
+
+
+def test_a_failing_beacon_receiver_costs_no_other_its_signal() -> None:
+    beacon, touched = Beacon(lambda: True, 0.01), threading.Semaphore(0)
+
+    def broken() -> None:
+        raise OSError("the data dir is gone")
+
+    beacon.add(broken)
+    beacon.add(touched.release)
+    stop = threading.Event()
+    thread = beacon.start(stop)
+    try:
+        for _ in range(3):  # round after round, past the failing one
+            assert touched.acquire(timeout=10)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 # --- the routes, in process (the app without workers, on SQLite) ------------------------------------------
@@ -234,7 +255,7 @@ def test_readyz_needs_a_live_worker_when_workers_are_expected(make_app) -> None:
     assert missing.status_code == 503
     assert missing.json()["failing"] == ["workers"]
     assert missing.json()["checks"]["workers"] == "no worker process heard from in the last 5 s"
-    WorkerRegistry(app.database).beat(process_name(), threads=1)
+    WorkerRegistry(app.database).seen(process_name(), threads=1)
     ready = app.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"]["workers"] == "ok (1 live)"
 
@@ -343,7 +364,7 @@ def test_metrics_in_prometheus_format(make_app) -> None:  # type: ignore[no-unty
             submit(app.services.submitter, key, webhook_url=f"{hook}/done")
         claim_and_finish(store, app.database, JobStatus.SUCCEEDED, waited=1.5, ran=3.0)
         claim_and_finish(store, app.database, JobStatus.FAILED, waited=0.2, ran=0.2)
-        WorkerRegistry(app.database).beat("gpu-7-1", threads=1)
+        WorkerRegistry(app.database).seen("gpu-7-1", threads=1)
         deadline = time.monotonic() + 20
         while (figures := scrape(app.client)).get(
             ("fluxserve_webhooks_total", (("outcome", "delivered"),))

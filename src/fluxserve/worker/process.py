@@ -11,8 +11,10 @@ import logging
 import threading
 import time
 from collections.abc import Collection
+from functools import partial
 
 import torch
+from sqlalchemy.exc import SQLAlchemyError
 
 from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.engines.registry import EngineRegistry
@@ -20,7 +22,7 @@ from fluxserve.jobs.store import Claims
 from fluxserve.jobs.workers import WorkerRegistry, process_name
 from fluxserve.settings import Settings
 from fluxserve.wiring import database_for, make_blob_store, make_feed, make_stores
-from fluxserve.worker.beacon import Liveness
+from fluxserve.worker.beacon import Beacon, Liveness
 from fluxserve.worker.inputs import InputLoader
 from fluxserve.worker.runner import Worker
 from fluxserve.worker.upsample import StyleCueEnhancer
@@ -75,31 +77,35 @@ def run_worker_process(
     settings: Settings,
     threads: int,
     liveness: Liveness,
+    beacon: Beacon,
     stop: threading.Event,
     models: Collection[str] | None = None,
 ) -> None:
     """Run until ``stop`` is set, then drain: claim nothing more, give the running jobs
     ``worker_drain_seconds`` to finish, and hand back those still running (queued again at once, so a
-    deploy costs them neither the stale timeout nor an attempt)."""
+    deploy costs them neither the stale timeout nor an attempt). ``beacon`` (running since the process
+    started) refreshes the process's row in the workers table meanwhile; the row goes at the end."""
     torch.set_num_threads(settings.threads_per_worker)
     database = database_for(settings)
     store = make_stores(database, make_feed(database)).claims
     workers = build_workers(settings, store, threads, liveness, models)
     # The process's row in the workers table, for /readyz and /metrics of every API replica.
-    presence = threading.Thread(
-        target=WorkerRegistry(database).announce,
-        args=(process_name(), threads, liveness.alive, settings.heartbeat_seconds, stop),
-        name="presence",
-    )
+    registry, name = WorkerRegistry(database), process_name()
+    seen = partial(registry.seen, name, threads)
+    beacon.add(seen)
     # Daemons: a thread whose job was handed back and whose engine does not stop must not hold the exit.
     runners = [threading.Thread(target=w.run, args=(stop,), name=w.worker_id, daemon=True) for w in workers]
-    for runner in [presence, *runners]:
+    for runner in runners:
         runner.start()
     log.info("worker process ready", extra={"threads": threads, "torch_threads": torch.get_num_threads()})
     while not stop.is_set() and any(runner.is_alive() for runner in runners):
         stop.wait(0.5)
     drain(store, workers, runners, settings.worker_drain_seconds)
-    presence.join()  # it removes the row once stop is set
+    beacon.remove(seen)
+    try:
+        registry.leave(name)
+    except SQLAlchemyError:
+        log.warning("could not remove this worker process's row", exc_info=True)
 
 
 def drain(store: Claims, workers: list[Worker], runners: list[threading.Thread], grace: float) -> None:
