@@ -426,7 +426,7 @@ def keys_overview(
     """Every key with its balance and what it spent lately."""
     if ctx.invoked_subcommand is not None:
         return
-    from fluxserve.jobs.activity import totals, usage
+    from fluxserve.jobs.reports import totals, usage
 
     with _keys(data_dir) as store:
         keys = store.list()
@@ -521,7 +521,7 @@ def credits_overview(
     """Balances of the live keys, and jobs, images and credits charged per day, key and model."""
     if ctx.invoked_subcommand is not None:
         return
-    from fluxserve.jobs.activity import usage
+    from fluxserve.jobs.reports import usage
 
     with _keys(data_dir) as store:
         keys = [key for key in store.list() if key.active]
@@ -531,7 +531,7 @@ def credits_overview(
 @credits_app.command("show")
 def credits_show(name_or_id: str, data_dir: DataDir = None, days: Days = 7, as_json: AsJson = False) -> None:
     """One key's balance and its usage per day and model."""
-    from fluxserve.jobs.activity import usage
+    from fluxserve.jobs.reports import usage
 
     with _keys(data_dir) as store:
         key = store.resolve(name_or_id)
@@ -600,7 +600,7 @@ def jobs_command(
     as_json: AsJson = False,
 ) -> None:
     """Recent jobs, newest first."""
-    from fluxserve.jobs.activity import recent_jobs
+    from fluxserve.jobs.reports import recent_jobs
 
     wanted = () if status is None else _statuses(status)
     with _keys(data_dir) as store:

@@ -25,7 +25,7 @@ from fluxserve.api.events import EventId
 from fluxserve.api.limits import RequestGuard
 from fluxserve.app import create_app
 from fluxserve.core.numbers import ascii_int
-from fluxserve.jobs.activity import recent_jobs
+from fluxserve.jobs.reports import recent_jobs
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER
 from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner

@@ -18,7 +18,7 @@ from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
-from fluxserve.jobs.activity import recent_jobs
+from fluxserve.jobs.reports import recent_jobs
 
 HERE = Path(__file__).parent
 # The page's files and their types; nothing else in the folder is served.

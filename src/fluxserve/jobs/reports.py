@@ -1,6 +1,6 @@
 """What keys have been doing, for people: recent jobs and credits spent per key, model and day.
 
-Read-only queries on the job table (the store's interface is for the job's life; these are reports), used by
+Read-only queries on the job table (the store's roles are for the job's life; these are reports, not liveness), used by
 ``fluxserve jobs``, ``fluxserve credits`` and the playground's gallery.
 """
 
