@@ -1,7 +1,7 @@
 """What keys have been doing, for people: recent jobs and credits spent per key, model and day.
 
-Read-only queries on the job table (the store's roles are for the job's life; these are reports, not liveness), used by
-``fluxserve jobs``, ``fluxserve credits`` and the playground's gallery.
+Read-only queries on the job table (the store's roles are for the job's life; these are reports, not
+liveness), used by ``fluxserve jobs``, ``fluxserve credits`` and the playground's gallery.
 """
 
 from __future__ import annotations
