@@ -137,15 +137,15 @@ def test_every_log_line_is_redacted(captured_logs: io.StringIO, as_json: bool) -
 
 def test_the_database_and_its_new_directory_are_private(tmp_path: Path, open_umask: None) -> None:
     path = tmp_path / "new" / "fluxserve.db"
-    engine = open_database(f"sqlite:///{path}")
-    with engine.begin() as conn:
+    database = open_database(f"sqlite:///{path}")
+    with database.begin() as conn:
         conn.execute(text("CREATE TABLE t (secret TEXT)"))
         conn.execute(text("INSERT INTO t VALUES ('whsec_x')"))
-    with engine.connect() as conn:  # a reader keeps the -wal and -shm files in place
+    with database.connect() as conn:  # a reader keeps the -wal and -shm files in place
         assert conn.execute(text("SELECT secret FROM t")).scalar() == "whsec_x"
         for suffix in ("", "-wal", "-shm"):
             assert mode(path.with_name(path.name + suffix)) == 0o600, suffix
-    engine.dispose()
+    database.dispose()
     assert mode(path.parent) == 0o700
 
 

@@ -78,9 +78,9 @@ def test_without_binaries_postgres_tests_skip_unless_ci_requires_them(
 
 
 def test_migrations_build_exactly_the_declared_schema_on_postgres(postgres_url: str) -> None:
-    engine = open_database(postgres_url)
-    migrate(engine)  # the template was migrated already: a no-op
-    with engine.connect() as connection:
+    database = open_database(postgres_url)
+    migrate(database)  # the template was migrated already: a no-op
+    with database.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), metadata) == []
         kinds = dict(
             connection.execute(
@@ -89,7 +89,7 @@ def test_migrations_build_exactly_the_declared_schema_on_postgres(postgres_url: 
         )
     assert kinds["created_at"] == "timestamp with time zone"
     assert (kinds["params"], kinds["cancel_requested"], kinds["turn"]) == ("json", "boolean", "bigint")
-    engine.dispose()
+    database.dispose()
 
 
 def test_processes_migrating_at_once_on_an_empty_database(postgres: PostgresCluster) -> None:
@@ -101,11 +101,11 @@ def test_processes_migrating_at_once_on_an_empty_database(postgres: PostgresClus
     ]
     errors = [run.communicate(timeout=120)[1] for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], errors
-    engine = open_database(url)
-    with engine.connect() as connection:
+    database = open_database(url)
+    with database.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), metadata) == []
         assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
-    engine.dispose()
+    database.dispose()
     postgres.drop(url)
 
 
@@ -160,7 +160,7 @@ def test_within_a_key_oldest_first_and_batches_take_turns(database_url: str, tmp
 
 
 def test_two_workers_on_postgres_never_get_the_same_job(postgres_url: str, tmp_path: Path) -> None:
-    """Two processes' worth of engines (pools) claiming singles and batches as fast as they can."""
+    """Two processes' worth of databases (pools) claiming singles and batches as fast as they can."""
     queue = Queue(postgres_url, tmp_path)
     keys = [queue.keys.create(f"k{index}").record for index in range(3)]
     submitted = {queue.submit(keys[index % 3]) for index in range(150)}
@@ -216,7 +216,7 @@ def test_a_waiting_worker_wakes_on_submit(notify_store: SqlClaims, postgres_url:
         woke.set()
 
     threading.Thread(target=idle_worker, daemon=True).start()
-    queue = Queue(postgres_url, tmp_path)  # another process's submitter: its own engine, no shared state
+    queue = Queue(postgres_url, tmp_path)  # another process's submitter: its own database, no shared state
     assert waiting.wait(30)
     assert not woke.wait(0.3)  # asleep until something is queued
     queue.submit(queue.keys.create("k").record)
@@ -331,8 +331,8 @@ def test_serve_on_postgres_runs_a_job_through_the_bundled_model(make_server, pos
     body = api.wait(api.job("flux-dev", {"prompt": "a red circle", "width": 256, "height": 256}), timeout=300)
     assert body["status"] == "SUCCESS", body
     assert api.image(body).size == (256, 256)
-    engine = open_database(postgres_url)
-    with engine.connect() as connection:
+    database = open_database(postgres_url)
+    with database.connect() as connection:
         status = connection.execute(text("SELECT status FROM jobs")).scalars().all()
     assert status == ["succeeded"]
-    engine.dispose()
+    database.dispose()

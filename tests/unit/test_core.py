@@ -143,9 +143,9 @@ def test_catalog_refuses_unknown_keys(tmp_path: Path) -> None:
 
 
 def test_migrations_build_exactly_the_declared_schema(tmp_path: Path) -> None:
-    engine = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    migrate(engine)
-    migrate(engine)  # idempotent
-    with engine.connect() as connection:
+    database = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(database)
+    migrate(database)  # idempotent
+    with database.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), metadata)
     assert diff == []

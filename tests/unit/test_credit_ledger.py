@@ -28,14 +28,14 @@ blobs = test_worker_inprocess.blobs
 
 
 def entries(world: World, key_id: str) -> list[tuple[str, int, str | None, str | None]]:
-    engine = world.keys.database
+    database = world.keys.database
     query = (
         select(credit_ledger.c.kind, credit_ledger.c.amount_hundredths, credit_ledger.c.job_id,
                credit_ledger.c.operator)
         .where(credit_ledger.c.key_id == key_id)
         .order_by(credit_ledger.c.id)
     )  # fmt: skip
-    with engine.connect() as conn:
+    with database.connect() as conn:
         return [tuple(row) for row in conn.execute(query)]  # type: ignore[misc]
 
 
@@ -95,10 +95,10 @@ def test_an_unlimited_key_that_gets_a_balance_is_balanced_from_then_on(world: Wo
 
 
 def test_the_migration_opens_each_finite_balance_with_a_set_entry(tmp_path: Path) -> None:
-    engine = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    database = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
+    with database.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, "0011")
         row = {"name": "n", "key_prefix": "p", "webhook_secret": "s", "active": True, "created_at": utcnow()}
@@ -106,8 +106,8 @@ def test_the_migration_opens_each_finite_balance_with_a_set_entry(tmp_path: Path
             {**row, "id": "finite", "key_hash": "h1", "name": "a", "credits_hundredths": 1234},
             {**row, "id": "unlimited", "key_hash": "h2", "name": "b", "credits_hundredths": None},
         ])  # fmt: skip
-    migrate(engine)
-    with engine.connect() as conn:
+    migrate(database)
+    with database.connect() as conn:
         rows = conn.execute(
             select(credit_ledger.c.key_id, credit_ledger.c.kind, credit_ledger.c.amount_hundredths)
         )

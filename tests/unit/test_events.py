@@ -262,7 +262,7 @@ def test_idle_streams_read_nothing_until_their_job_changes(
     client, services = app_client
     monkeypatch.setattr("fluxserve.api.events.PING_SECONDS", 0.25)
     streams: EventStreams = client.app.state.event_streams  # type: ignore[attr-defined]
-    engine = client.app.state.runtime.database  # type: ignore[attr-defined]
+    database = client.app.state.runtime.database  # type: ignore[attr-defined]
     published: set[str] = set()  # the jobs whose changes the feed has handed to its subscribers
     fed = threading.Condition()
 
@@ -320,7 +320,7 @@ def test_idle_streams_read_nothing_until_their_job_changes(
         for _ in threads:  # every stream has read and sent its first event: from here on they are idle
             assert first_events.acquire(timeout=30), "a stream sent no first event"
         pings_more(1)  # the read the last stream's opening asked for, if still under way, has ended
-        event.listen(engine, "before_cursor_execute", count)
+        event.listen(database, "before_cursor_execute", count)
         try:
             pings_more(2)  # half a second, ten position intervals, in which every stream is awake
             assert reads == {moving: [], still: []}, "an idle stream read its job"
@@ -329,7 +329,7 @@ def test_idle_streams_read_nothing_until_their_job_changes(
             for thread in threads:
                 thread.join(30)
         finally:
-            event.remove(engine, "before_cursor_execute", count)
+            event.remove(database, "before_cursor_execute", count)
     finally:
         streams.idle_seconds, streams.max_per_key = idle, per_key
     assert [parse(body)[-1]["event"] for body in bodies[moving]] == ["result"] * 6

@@ -54,22 +54,22 @@ def submit(submitter: Submitter, key: ApiKey, model: str = "flux-dev", webhook_u
     return submitter.submit(key, params, 7, webhook_url, Dialect.RESELLER)
 
 
-def run(engine: Engine, job_id: str, status: JobStatus, waited: float, ran: float) -> None:
+def run(database: Engine, job_id: str, status: JobStatus, waited: float, ran: float) -> None:
     """Start and end a queued job at chosen times, as a claim and a finish would (the triggers see both)."""
     started = T0 + timedelta(seconds=waited)
     row = jobs.c.id == job_id
-    with engine.begin() as conn:
+    with database.begin() as conn:
         conn.execute(update(jobs).where(row).values(created_at=T0))
         conn.execute(update(jobs).where(row).values(status=JobStatus.RUNNING.value, started_at=started))
         ended = started + timedelta(seconds=ran)
         conn.execute(update(jobs).where(row).values(status=status.value, finished_at=ended))
 
 
-def claim_and_finish(store: Claims, engine: Engine, status: JobStatus, waited: float, ran: float) -> None:
+def claim_and_finish(store: Claims, database: Engine, status: JobStatus, waited: float, ran: float) -> None:
     """Claim a job that waited ``waited`` seconds, and end it (through the store: its webhook is queued)
     ``ran`` seconds after its start, give or take the milliseconds between statements."""
     now = datetime.now(UTC)
-    with engine.begin() as conn:  # the only queued job of the test's key goes next
+    with database.begin() as conn:  # the only queued job of the test's key goes next
         conn.execute(
             update(jobs)
             .where(jobs.c.status == JobStatus.QUEUED.value)
@@ -77,7 +77,7 @@ def claim_and_finish(store: Claims, engine: Engine, status: JobStatus, waited: f
         )
     job = store.claim("w-1")
     assert job is not None
-    with engine.begin() as conn:
+    with database.begin() as conn:
         conn.execute(update(jobs).where(jobs.c.id == job.id).values(started_at=now - timedelta(seconds=ran)))
     assert store.finish(job.id, "w-1", status, error=None if status is JobStatus.SUCCEEDED else "x")
 
@@ -90,18 +90,20 @@ def buckets(histogram: Histogram) -> dict[float, int]:
 
 
 def test_figures_and_live_workers_from_the_database(database_url: str, tmp_path: Path) -> None:
-    engine = open_database(database_url)
-    migrate(engine)
+    database = open_database(database_url)
+    migrate(database)
     limits = Limits(max_active=24, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
-    submitter = Submitter(SqlSubmissions(engine), LocalBlobStore(tmp_path / "files"), limits, NetworkPolicy())
-    key = KeyStore(engine).create("k").record
+    submitter = Submitter(
+        SqlSubmissions(database), LocalBlobStore(tmp_path / "files"), limits, NetworkPolicy()
+    )
+    key = KeyStore(database).create("k").record
     first, second, third, _ = (submit(submitter, key).id for _ in range(4))
-    run(engine, first, JobStatus.SUCCEEDED, waited=0.3, ran=4.0)
-    run(engine, second, JobStatus.SUCCEEDED, waited=40.0, ran=12.5)
-    run(engine, third, JobStatus.FAILED, waited=2.0, ran=0.7)
+    run(database, first, JobStatus.SUCCEEDED, waited=0.3, ran=4.0)
+    run(database, second, JobStatus.SUCCEEDED, waited=40.0, ran=12.5)
+    run(database, third, JobStatus.FAILED, waited=2.0, ran=0.7)
     submit(submitter, key, model="flux-kontext-pro")
-    registry = WorkerRegistry(engine)
-    stats = JobStats(engine, registry, worker_seen_within=30)
+    registry = WorkerRegistry(database)
+    stats = JobStats(database, registry, worker_seen_within=30)
 
     figures = stats.figures()
     # A status a model's jobs were in stays at 0 (its series does not vanish from Prometheus).
@@ -125,7 +127,7 @@ def test_figures_and_live_workers_from_the_database(database_url: str, tmp_path:
     registry.seen("gpu-host-2-202", threads=2)
     registry.seen("gpu-host-1-101", threads=1)  # a second beat refreshes the same row
     assert stats.live_workers() == 2
-    with engine.begin() as conn:  # one went silent a minute ago (killed: it never removed its row)
+    with database.begin() as conn:  # one went silent a minute ago (killed: it never removed its row)
         conn.execute(
             update(workers)
             .where(workers.c.id == "gpu-host-2-202")
@@ -134,7 +136,7 @@ def test_figures_and_live_workers_from_the_database(database_url: str, tmp_path:
     assert stats.live_workers() == 1
     registry.leave("gpu-host-1-101")
     assert stats.figures().live_workers == 0
-    engine.dispose()
+    database.dispose()
 
 
 def test_a_worker_processs_beacon_refreshes_its_row_while_alive(
@@ -144,9 +146,9 @@ def test_a_worker_processs_beacon_refreshes_its_row_while_alive(
     once the beacon has heard "not alive", not by waiting for wall time to pass."""
     clock = [datetime(2026, 1, 1, tzinfo=UTC)]
     monkeypatch.setattr("fluxserve.jobs.workers.utcnow", lambda: clock[0])
-    engine = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    migrate(engine)
-    registry = WorkerRegistry(engine)
+    database = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(database)
+    registry = WorkerRegistry(database)
     stalled = threading.Event()
     told_stalled = threading.Semaphore(0)  # released each time the beacon asks and hears "not alive"
 
@@ -163,7 +165,7 @@ def test_a_worker_processs_beacon_refreshes_its_row_while_alive(
     thread = beacon.start(stop)
     try:
         assert registry.live(30) == 1  # added: seen at once
-        stalled.set()  # its engine stalled: the row is no longer refreshed and goes stale
+        stalled.set()  # its database stalled: the row is no longer refreshed and goes stale
         assert told_stalled.acquire(timeout=10)  # the beacon heard it; a round begun before has ended
         clock[0] += timedelta(seconds=1)
         for _ in range(2):  # a whole round between two askings: a signal in it would carry the new time
@@ -287,8 +289,8 @@ TOKEN = "operators-token-0123456789"
 
 def test_readyz_and_metrics_when_the_database_is_unreachable(tmp_path: Path) -> None:
     """Anonymous callers learn which part is unavailable; the driver's words go only to the token's holder."""
-    engine = open_database(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none?connect_timeout=2")
-    stats = JobStats(engine, WorkerRegistry(engine), worker_seen_within=30)
+    database = open_database(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none?connect_timeout=2")
+    stats = JobStats(database, WorkerRegistry(database), worker_seen_within=30)
     blobs = make_blob_store((tmp_path / "files").as_uri())
     threads = ThreadPoolExecutor(max_workers=3)
     readiness = ops.Readiness(stats, blobs, True, 30, threads, timeout=10)
@@ -328,8 +330,8 @@ def test_readyz_answers_within_its_timeout_when_the_database_hangs(tmp_path: Pat
     a thread."""
     with socket.create_server(("127.0.0.1", 0)) as silent:
         port = silent.getsockname()[1]
-        engine = open_database(f"postgresql+psycopg://nobody@127.0.0.1:{port}/none?connect_timeout=30")
-        stats = JobStats(engine, WorkerRegistry(engine), worker_seen_within=30)
+        database = open_database(f"postgresql+psycopg://nobody@127.0.0.1:{port}/none?connect_timeout=30")
+        stats = JobStats(database, WorkerRegistry(database), worker_seen_within=30)
         threads = ThreadPoolExecutor(max_workers=3, thread_name_prefix="probe")
         readiness = ops.Readiness(stats, make_blob_store((tmp_path / "f").as_uri()), False, 30, threads, 0.5)
         app = FastAPI()
@@ -388,18 +390,18 @@ def test_metrics_in_prometheus_format(make_app) -> None:  # type: ignore[no-unty
 
 
 class Statements:
-    """The SQL statements run on an engine, and the thread of each, while listening."""
+    """The SQL statements run on an database, and the thread of each, while listening."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, database: Engine) -> None:
         self.threads: list[str] = []
-        event.listen(engine, "before_cursor_execute", self._record)
+        event.listen(database, "before_cursor_execute", self._record)
 
     def _record(self, *args: object) -> None:
         self.threads.append(threading.current_thread().name)
 
 
 def test_a_scrape_runs_no_sql_and_the_token_guards_it(make_app) -> None:  # type: ignore[no-untyped-def]
-    """Scrapes answer the last refresh: none of them runs a statement, on any engine, however many come.
+    """Scrapes answer the last refresh: none of them runs a statement, on any database, however many come.
     With a token set, a scrape without it (or with another) is refused."""
     app: App = make_app(metrics_token=TOKEN, metrics_refresh_seconds=3600)
     ops_database = app.client.app.state.ops_database  # type: ignore[attr-defined]
@@ -409,7 +411,7 @@ def test_a_scrape_runs_no_sql_and_the_token_guards_it(make_app) -> None:  # type
     for _ in range(16):
         again = app.client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
         assert again.status_code == 200 and again.text == first.text
-    assert on_ops.threads == []  # (the request engine serves the background sweeps, on their threads)
+    assert on_ops.threads == []  # (the request database serves the background sweeps, on their threads)
     assert [name for name in on_requests.threads if not name.startswith("asyncio_")] == []
     for refused in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": TOKEN}):
         response = app.client.get("/metrics", headers=refused)

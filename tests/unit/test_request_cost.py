@@ -60,7 +60,7 @@ class Measured:
     client: TestClient
     wrapper: _Measure
     services: Services
-    engine: Engine
+    database: Engine
     dialect: str
     announced: threading.Condition
     keys_heard: set[str | None]
@@ -81,14 +81,14 @@ def measured(database_url: str, tmp_path: Path) -> Iterator[Measured]:
     settings = Settings(data_dir=tmp_path / "data", workers=0, database=database_url, max_active_jobs=100)
     app = create_app(settings)
     wrapper = _Measure(app)
-    engine = app.state.runtime.database
+    database = app.state.runtime.database
 
     def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         seen = _measuring.get()
         if seen is not None:
             seen.append(statement)
 
-    event.listen(engine, "before_cursor_execute", count)
+    event.listen(database, "before_cursor_execute", count)
     services = app.state.services
     services.keys.cache = KeyCache(max_age=3600)  # the counts below are of requests with a verified key
     announced = threading.Condition()
@@ -101,8 +101,8 @@ def measured(database_url: str, tmp_path: Path) -> Iterator[Measured]:
 
     app.state.runtime.feed.subscribe_keys(hear)
     with TestClient(wrapper) as client:
-        yield Measured(client, wrapper, services, engine, engine.dialect.name, announced, heard)
-    event.remove(engine, "before_cursor_execute", count)
+        yield Measured(client, wrapper, services, database, database.dialect.name, announced, heard)
+    event.remove(database, "before_cursor_execute", count)
 
 
 def _key(measured: Measured, name: str = "cost") -> str:
@@ -135,7 +135,7 @@ def test_a_fetch_is_one_statement_and_a_queued_one_two(measured: Measured) -> No
     assert response.json()["details"] == {"queue_position": 0}
     assert len(seen) == FETCH_QUEUED, seen
 
-    with measured.engine.begin() as conn:
+    with measured.database.begin() as conn:
         conn.execute(jobs.update().where(jobs.c.id == job_id).values(status="running"))
     response, seen = measured.statements("GET", "/flux/fetch", params={"jobId": job_id}, headers=headers)
     assert response.json()["status"] == "ON_QUEUE"
@@ -191,7 +191,7 @@ def test_the_queue_position_is_the_claim_order_across_keys(measured: Measured) -
 def test_a_long_queue_is_counted_to_the_cap_only(measured: Measured) -> None:
     key = _key(measured)
     job_id = _submit(measured, key)
-    with measured.engine.begin() as conn:
+    with measured.database.begin() as conn:
         row = dict(conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one())
 
     def add_ahead(count: int, start: int) -> None:
@@ -203,7 +203,7 @@ def test_a_long_queue_is_counted_to_the_cap_only(measured: Measured) -> None:
             }
             for n in range(count)
         ]
-        with measured.engine.begin() as conn:
+        with measured.database.begin() as conn:
             conn.execute(insert(jobs), earlier)
 
     def fetched() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -261,11 +261,11 @@ def test_the_cache_forgets_what_it_is_told_and_stays_bounded() -> None:
 def test_a_key_revoked_by_another_replica_is_refused_after_the_max_age(tmp_path: Path) -> None:
     """Two key stores on one database, as two replicas: the one that did not revoke sees it once its
     cache entry is older than the max age (an injected clock: no waiting)."""
-    engine = open_database(f"sqlite:///{tmp_path / 'keys.db'}")
-    migrate(engine)
+    database = open_database(f"sqlite:///{tmp_path / 'keys.db'}")
+    migrate(database)
     clock = _Clock()
-    replica = KeyStore(engine, KeyCache(max_age=1.0, clock=clock))
-    other = KeyStore(engine)
+    replica = KeyStore(database, KeyCache(max_age=1.0, clock=clock))
+    other = KeyStore(database)
     new = other.create("shared")
     assert replica.authenticate(new.key) is not None
     other.revoke(new.record.id)
@@ -282,9 +282,9 @@ def test_a_key_revoked_by_another_replica_is_refused_after_the_max_age(tmp_path:
 def test_a_pooled_connection_killed_by_the_server_is_replaced_on_the_same_call(postgres_url: str) -> None:
     """No pre-ping: a backend the server terminated is found by the first statement, and the call runs
     again once on a fresh connection (reads, the submit's transaction and the key lookup alike)."""
-    engine = open_database(postgres_url)
-    store = make_stores(engine).submissions
-    keys = KeyStore(engine)
+    database = open_database(postgres_url)
+    store = make_stores(database).submissions
+    keys = KeyStore(database)
     new = keys.create("reconnect")
     admin = create_engine(database_url(postgres_url), isolation_level="AUTOCOMMIT")
 
@@ -308,5 +308,5 @@ def test_a_pooled_connection_killed_by_the_server_is_replaced_on_the_same_call(p
     assert keys.authenticate(new.key) is not None
     assert kill_pool() >= 1
     store.admit(new.record.id, "flux-dev", Decimal(1), max_active=10)  # no QuotaExceeded: it was read
-    engine.dispose()
+    database.dispose()
     admin.dispose()

@@ -29,17 +29,17 @@ LOOPBACK = NetworkPolicy(parse_networks("127.0.0.0/8"))
 
 @pytest.fixture
 def database(database_url: str) -> Engine:
-    engine = open_database(database_url)
-    migrate(engine)
+    database = open_database(database_url)
+    migrate(database)
     now = utcnow()
-    with engine.begin() as conn:
+    with database.begin() as conn:
         conn.execute(
             insert(api_keys).values(
                 id="k", name="k", key_hash="h", key_prefix="p", webhook_secret=new_secret(), active=True,
                 credits_hundredths=None, created_at=now,
             )
         )  # fmt: skip
-    return engine
+    return database
 
 
 def add_delivery(database: Engine, url: str) -> str:

@@ -32,9 +32,9 @@ DEADLINE = 20.0
 
 @pytest.fixture
 def database(database_url: str) -> Engine:
-    engine = open_database(database_url)
-    migrate(engine)
-    return engine
+    database = open_database(database_url)
+    migrate(database)
+    return database
 
 
 def add_key(database: Engine, name: str) -> str:
