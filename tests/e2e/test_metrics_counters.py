@@ -8,7 +8,6 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -76,14 +75,6 @@ def deliveries(database: Engine) -> tuple[dict[str, int], dict[str, int]]:
             {status: int(n) for status, n in conn.execute(kept) if int(n)},
             {status: int(n) for status, n in conn.execute(rows)},
         )
-
-
-@pytest.fixture
-def database(database_url: str) -> Iterator[Engine]:
-    database = open_database(database_url)
-    migrate(database)
-    yield database
-    database.dispose()
 
 
 def test_the_counters_follow_submits_claims_finishes_requeues_cancels_and_deletes(

@@ -4,7 +4,6 @@ fetch stage's lease in columns of its own (migration 0014), apart from the claim
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -22,14 +21,6 @@ from fluxserve.jobs.store import FetchOutcome, Reaped, Stores
 from fluxserve.wiring import make_stores
 
 OWNER, OTHER = "fetch:api-1", "fetch:api-2"
-
-
-@pytest.fixture
-def database(database_url: str) -> Iterator[Engine]:
-    database = open_database(database_url)
-    migrate(database)
-    yield database
-    database.dispose()
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.pricing import Quote
 from fluxserve.errors import RequestRefused
 
-# A worker's preference for the models it holds (see JobStore.claim): how far down the fair order it
+# A worker's preference for the models it holds (see Claims.claim): how far down the fair order it
 # looks for one, and how long a job may wait before it goes first regardless.
 PREFER_WINDOW = 8
 PREFER_MAX_WAIT = timedelta(seconds=30)
