@@ -74,7 +74,7 @@ jobs = Table(
     Column("error", Text, nullable=True),
     Column("details", JSON, nullable=False, default=dict),
     Column("attempts", Integer, nullable=False, default=0),
-    Column("worker_id", String(100), nullable=True),  # the worker running it (running jobs only)
+    Column("worker_id", String(100), nullable=True),  # the worker that claimed it (claims only write it)
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=True),

@@ -8,8 +8,8 @@
 
 ``jobs/store_sql.py`` implements each on SQLAlchemy Core; ``wiring.make_stores`` builds them once per
 process. Two words for two kinds of liveness, in their own columns: a worker *heartbeats* the job it
-claimed (``worker_id``, ``heartbeat_at``: running jobs only), an API process *renews* its fetch lease
-(``fetch_owner``, ``fetch_renewed_at``: fetching jobs only; migration 0014).
+claimed (``worker_id``, ``heartbeat_at``: written by claims only), an API process *renews* its fetch
+lease (``fetch_owner``, ``fetch_renewed_at``: fetching jobs only; migration 0014).
 """
 
 from __future__ import annotations

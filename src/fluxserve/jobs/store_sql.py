@@ -410,7 +410,8 @@ class SqlSubmissions(SqlJobReads):
 
 class SqlClaims(_Sql):
     """:class:`~fluxserve.jobs.store.Claims`: the claiming worker is ``worker_id``, its heartbeat
-    ``heartbeat_at``, both only ever set on a running job."""
+    ``heartbeat_at``, written only by a claim and its heartbeats (kept when the job ends: who ran it;
+    cleared when it is queued again)."""
 
     def __init__(self, database: Engine, feed: ChangeFeed | None = None) -> None:
         """``feed`` (chosen by ``wiring.make_stores``) wakes idle workers when a job is queued (the
