@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.database import serve
+from bench.engine import serve
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.db.connection import open_database
 
