@@ -276,3 +276,16 @@ def test_urls_that_never_answer_cost_their_key_not_the_worker(make_server: Any) 
             assert a.fetch(job)["status"] == "FAILED"
     finally:
         hole.close()
+
+
+def test_a_fetch_whose_lease_lapsed_leaves_the_job_and_its_inputs_to_the_new_owner(
+    world: World, origin: str
+) -> None:
+    job = kontext(world, "10", f"{origin}/png/64x64")
+    slow, taker = fetcher(world), fetcher(world)
+    (leased,) = world.stores.fetches.lease(slow.owner, 10, 10)
+    assert world.stores.fetches.release_stale(utcnow() + timedelta(seconds=1)) == 1  # slow seemed dead
+    assert [again.id for again in world.stores.fetches.lease(taker.owner, 10, 10)] == [job.id]
+    asyncio.run(slow.fetch(leased))  # it was only slow: its download ends after the lease changed hands
+    assert status(world, job) is JobStatus.FETCHING  # the taker's to queue, not the slow one's
+    assert list(world.blobs.list(inputs_prefix(job.id)))  # nor are the job's inputs the slow one's to drop
