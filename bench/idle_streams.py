@@ -26,7 +26,7 @@ import psutil
 
 from bench.engine import serve
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.db.connection import make_engine
+from fluxserve.db.connection import open_database
 
 
 def cpu_share(process: psutil.Process, window: float) -> float:
@@ -118,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         server, base, other = serve(Path(scratch), env)
         try:
-            keys = KeyStore(make_engine(f"sqlite:///{Path(scratch) / 'fluxserve.db'}"))
+            keys = KeyStore(open_database(f"sqlite:///{Path(scratch) / 'fluxserve.db'}"))
             streamers = [keys.create(f"streams-{index}", Decimal(1000)).key for index in range(args.keys)]
             print(
                 f"{args.streams} streams over {args.keys} keys, window {args.window:g} s, "

@@ -51,19 +51,19 @@ FROM t
 """
 
 
-def fill(database: str, rows: int) -> None:
+def fill(url: str, rows: int) -> None:
     """Run with the measured tree's code first on the path: its migrations, its schema."""
     from sqlalchemy import text
 
     from fluxserve.accounts.keys import KeyStore
-    from fluxserve.db.connection import make_engine, migrate
+    from fluxserve.db.connection import migrate, open_database
 
-    engine = make_engine(database)
-    migrate(engine)
-    key = KeyStore(engine).create("history").record
-    with engine.begin() as conn:
+    database = open_database(url)
+    migrate(database)
+    key = KeyStore(database).create("history").record
+    with database.begin() as conn:
         conn.execute(text(FILL), {"rows": rows, "key": key.id})
-    engine.dispose()
+    database.dispose()
 
 
 def percentiles(values: list[float]) -> str:

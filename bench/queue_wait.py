@@ -5,7 +5,7 @@ workers woken by the change feed (LISTEN/NOTIFY, ``jobs/feed.py``).
 
 A throwaway cluster is started with tests/support/pg_server.py (Debian's binaries); each mode gets a fresh
 database. Worker threads run the real claim loop of the store (claim, else
-``wait_for_work``) on their own engine, as a worker process does; a submitter on another engine (the API
+``wait_for_work``) on their own database handle, as a worker process does; a submitter on another (the API
 process) sends jobs through ``Submitter`` at random (exponential) intervals; each job "runs" for
 ``--run-ms``. The wait is the job's ``started_at - created_at`` as the database records them. Idle
 queries counts the claims that found nothing: the polling load on the database.
@@ -34,10 +34,10 @@ from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import make_engine, migrate, utcnow
+from fluxserve.db.connection import migrate, open_database, utcnow
 from fluxserve.db.tables import api_keys, jobs
 from fluxserve.jobs.feed import ChangeFeed, PostgresFeed
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store_sql import SqlClaims, SqlSubmissions
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
@@ -59,14 +59,14 @@ MODES = [
 
 
 def run(url: str, mode: Mode, count: int, workers: int, gap: float, run_seconds: float) -> dict[str, float]:
-    submit_engine, worker_engine = make_engine(url), make_engine(url)
-    keys = KeyStore(submit_engine)
+    submit_database, worker_database = open_database(url), open_database(url)
+    keys = KeyStore(submit_database)
     key = keys.create(f"bench-{mode.poll_seconds}").record
     limits = Limits(count + 1, {}, 2**20, 2**22)
-    submit_store = SqlJobStore(submit_engine)  # its commits NOTIFY through the triggers; it never waits
-    submitter = Submitter(submit_store, LocalBlobStore(Path(tempfile.mkdtemp())), limits, NetworkPolicy([]))
-    feed = mode.feed(worker_engine)
-    store = SqlJobStore(worker_engine, feed)
+    submissions = SqlSubmissions(submit_database)  # its commits NOTIFY through the triggers; it never waits
+    submitter = Submitter(submissions, LocalBlobStore(Path(tempfile.mkdtemp())), limits, NetworkPolicy([]))
+    feed = mode.feed(worker_database)
+    store = SqlClaims(worker_database, feed)
     if feed is not None:
         assert feed.ready(30)
     stop = threading.Event()
@@ -94,7 +94,7 @@ def run(url: str, mode: Mode, count: int, workers: int, gap: float, run_seconds:
         params = GenerationParams(model="flux-dev", prompt="bench", width=256, height=256)
         submitter.submit(key, params, 1, None, Dialect.RESELLER)
     while True:
-        with worker_engine.connect() as conn:
+        with worker_database.connect() as conn:
             left = conn.execute(select(jobs.c.id).where(jobs.c.status != JobStatus.SUCCEEDED.value)).first()
         if left is None:
             break
@@ -103,13 +103,13 @@ def run(url: str, mode: Mode, count: int, workers: int, gap: float, run_seconds:
     stop.set()
     for thread in threads:
         thread.join()
-    with worker_engine.connect() as conn:
+    with worker_database.connect() as conn:
         rows = conn.execute(select(jobs.c.created_at, jobs.c.started_at)).all()
     waits = sorted((start - created).total_seconds() * 1000 for created, start in rows)
     if feed is not None:
         feed.close()
-    submit_engine.dispose()
-    worker_engine.dispose()
+    submit_database.dispose()
+    worker_database.dispose()
     return {
         "median": statistics.median(waits),
         "p95": waits[int(len(waits) * 0.95) - 1],
@@ -120,11 +120,11 @@ def run(url: str, mode: Mode, count: int, workers: int, gap: float, run_seconds:
 
 def claim_cost(url: str, backlog: int, keys: int = 50, claims: int = 200) -> float:
     """Milliseconds per claim (claim and finish, as a worker does) with ``backlog`` jobs queued."""
-    engine = make_engine(url)
-    migrate(engine)
+    database = open_database(url)
+    migrate(database)
     now = utcnow()
     key_ids = [str(uuid.uuid4()) for _ in range(keys)]
-    with engine.begin() as conn:
+    with database.begin() as conn:
         conn.execute(
             insert(api_keys),
             [
@@ -144,14 +144,14 @@ def claim_cost(url: str, backlog: int, keys: int = 50, claims: int = 200) -> flo
                 for i in range(backlog)
             ],
         )  # fmt: skip
-    store = SqlJobStore(engine)
+    store = SqlClaims(database)
     started = time.perf_counter()
     for _ in range(claims):
         job = store.claim("w")
         assert job is not None
         store.finish(job.id, "w", JobStatus.SUCCEEDED)
     cost = (time.perf_counter() - started) / claims * 1000
-    engine.dispose()
+    database.dispose()
     return cost
 
 

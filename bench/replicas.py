@@ -56,7 +56,7 @@ from pydantic import BaseModel
 from sqlalchemy import delete, func, select, text
 
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import jobs
 from tests.conftest import free_port
 from tests.support.pg_server import DEBIAN, PostgresCluster, binaries
@@ -297,13 +297,13 @@ class Setup:
 
 
 @contextmanager
-def setup(tmp: Path, keys: int, database: str, replicas: int) -> Iterator[Setup]:
+def setup(tmp: Path, keys: int, backend: str, replicas: int) -> Iterator[Setup]:
     """The bare server, and ``replicas`` fluxserve replicas on a fresh database (a SQLite file, or a
     PostgreSQL cluster on its default durability) with ``keys`` keys; stopped on exit."""
     cluster = None
     started: list[Server] = []
     try:
-        if database == "postgresql":
+        if backend == "postgresql":
             bin_dir = binaries()
             if bin_dir is None:
                 sys.exit(f"PostgreSQL binaries not found under {DEBIAN} (apt-get install postgresql)")
@@ -312,10 +312,10 @@ def setup(tmp: Path, keys: int, database: str, replicas: int) -> Iterator[Setup]
             url = cluster.database()
         else:
             url = f"sqlite:///{tmp / 'api' / 'fluxserve.db'}"
-        engine = make_engine(url)
-        migrate(engine)
-        raw = [KeyStore(engine).create(f"bench-{index}").key for index in range(keys)]
-        engine.dispose()
+        database = open_database(url)
+        migrate(database)
+        raw = [KeyStore(database).create(f"bench-{index}").key for index in range(keys)]
+        database.dispose()
         # fluxserve's defaults, whatever this shell sets, but for the database and the active-job limit
         clean = {name: value for name, value in os.environ.items() if not name.startswith("FLUXSERVE_")}
         env = {**clean, "FLUXSERVE_DATABASE_URL": url, "FLUXSERVE_MAX_ACTIVE_JOBS": str(10**9)}
@@ -389,15 +389,15 @@ def measure(
     job_id = response.json()["data"]["jobId"]
     paths = {"submit": "/bfl/v1/flux-dev", "fetch": f"/flux/fetch?jobId={job_id}"}
     servers = {BARE: [parts.bare], ONE: parts.replicas[:1], TWO: parts.replicas[:2]}
-    engine = make_engine(parts.database_url)
+    database = open_database(parts.database_url)
 
     def empty_queue() -> int:
         """Delete every job but the fetched one; the number there was."""
-        with engine.begin() as conn:
+        with database.begin() as conn:
             queued = conn.execute(select(func.count()).select_from(jobs)).scalar_one()
             conn.execute(delete(jobs).where(jobs.c.id != job_id))
         if parts.postmaster is not None:
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            with database.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.execute(text("VACUUM ANALYZE jobs, api_keys"))
         return int(queued)
 
@@ -417,7 +417,7 @@ def measure(
             queued = empty_queue() if case.op == "submit" else None
             measures.append(Measure(case, round_, load, cpu, queued))
             print(f"round {round_ + 1} {case.op:6} {case!s:32} {load.ok_rate:8.1f}/s", flush=True)
-    engine.dispose()
+    database.dispose()
     return measures
 
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
-# The throwaway PostgreSQL cluster and the database_url fixture (SQLite and PostgreSQL) live there.
+# The throwaway PostgreSQL cluster, and the database_url and database fixtures (SQLite and PostgreSQL).
 pytest_plugins = ["tests.support.pg_server"]
 
 TINY_CATALOG = Path(__file__).parent / "support" / "tiny_catalog.toml"

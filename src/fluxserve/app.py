@@ -27,10 +27,12 @@ from fluxserve.api.headers import ResponseHeaders
 from fluxserve.api.limits import AccessLog, HeldRequests, KeyRate, RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
+from fluxserve.core.job import Job
 from fluxserve.jobs.feed import ChangeFeed, to_fetch, wake_on, webhook_due
 from fluxserve.jobs.fetching import InputFetcher
 from fluxserve.jobs.retention import Retention
 from fluxserve.jobs.stats import JobStats
+from fluxserve.jobs.store import Stores
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.jobs.workers import WorkerRegistry
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
@@ -38,7 +40,7 @@ from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner
 from fluxserve.surfaces import render
 from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
-from fluxserve.wiring import make_blob_store, make_feed, make_job_store, open_database, open_ops_database
+from fluxserve.wiring import database_for, make_blob_store, make_feed, make_stores, ops_database_for
 from fluxserve.worker.supervisor import Supervisor
 
 log = logging.getLogger("fluxserve")
@@ -51,6 +53,7 @@ class Runtime:
     settings: Settings
     database: Engine
     feed: ChangeFeed
+    stores: Stores
     services: Services
     policy: NetworkPolicy
     fetcher: InputFetcher
@@ -58,10 +61,10 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
-        database = open_database(settings)
+        database = database_for(settings)
         blobs = make_blob_store(settings.storage)
         feed = make_feed(database)
-        store = make_job_store(database, feed)
+        stores = make_stores(database, feed)
         catalog = load_catalog(settings.catalog_files)
         limits = Limits(
             max_active=settings.max_active_jobs,
@@ -72,7 +75,7 @@ class Runtime:
         )
         policy = NetworkPolicy(parse_networks(settings.allowed_private_networks))
         fetcher = InputFetcher(
-            store,
+            stores.fetches,
             blobs,
             policy,
             max_bytes=settings.max_input_bytes,
@@ -83,8 +86,8 @@ class Runtime:
         )
         services = Services(
             keys=KeyStore(database),
-            jobs=store,
-            submitter=Submitter(store, blobs, limits, policy),
+            jobs=stores.submissions,
+            submitter=Submitter(stores.submissions, blobs, limits, policy),
             blobs=blobs,
             signer=UrlSigner(settings.secret(), settings.url_ttl_seconds),
             base_url=settings.base_url,
@@ -96,7 +99,7 @@ class Runtime:
             idle_seconds=settings.events_idle_seconds,
             position_seconds=settings.events_position_seconds,
         )
-        runtime = cls(settings, database, feed, services, policy, fetcher, streams)
+        runtime = cls(settings, database, feed, stores, services, policy, fetcher, streams)
         # What waits on the feed: streams and synchronous waits, the fetch stage (a job entered
         # ``fetching``), the webhook dispatcher (a job with a webhook ended: its delivery is due).
         feed.subscribe(streams.on_changes)
@@ -107,12 +110,8 @@ class Runtime:
         feed.subscribe_keys(services.keys.forget)
         return runtime
 
-    def webhook_payload(self, job_id: str) -> Payload | None:
-        """A finished job as its own dialect renders it, with the vendor task's own secret: one read of
-        the row."""
-        job = self.services.jobs.get(job_id)
-        if job is None:
-            return None
+    def webhook_payload(self, job: Job) -> Payload:
+        """A finished job as its own dialect renders it, with the vendor task's own secret."""
         return Payload(render(job, self.services), job.webhook_secret)
 
     @asynccontextmanager
@@ -147,7 +146,7 @@ class Runtime:
 
     async def sweep_results(self, stop: asyncio.Event) -> None:
         """Retention: every ``sweep_seconds``, delete results past their time (off the event loop)."""
-        retention = Retention(self.services.jobs, self.services.blobs, self.settings.result_ttl)
+        retention = Retention(self.stores.expiry, self.services.blobs, self.settings.result_ttl)
         while not stop.is_set():
             try:
                 report = await asyncio.to_thread(retention.sweep)
@@ -164,6 +163,7 @@ class Runtime:
         backoff = [float(value) for value in self.settings.webhook_backoff.split(",") if value.strip()]
         return WebhookDispatcher(
             self.database,
+            self.stores.reads,
             self.webhook_payload,
             policy=self.policy,
             backoff=backoff,
@@ -236,7 +236,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.event_streams = runtime.streams
 
     # /readyz and /metrics on their own engine and threads: nothing a request holds can starve them.
-    ops_database = open_ops_database(settings)
+    ops_database = ops_database_for(settings)
     ops_threads = ThreadPoolExecutor(max_workers=3, thread_name_prefix="fluxserve-ops")  # one per probe
     stats = JobStats(ops_database, WorkerRegistry(ops_database), settings.stale_after_seconds)
     readiness = ops.Readiness(

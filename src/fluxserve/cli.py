@@ -30,10 +30,10 @@ from fluxserve.accounts.keys import ApiKey, KeyProblem, KeyStore, NewKey
 from fluxserve.core.catalog import load_catalog
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import MODELS, Dialect
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
-from fluxserve.worker.beacon import Liveness, start_beacon
+from fluxserve.worker.beacon import Beacon, Liveness
 from fluxserve.worker.served import served_models
 from fluxserve.worker.stack import local_stack_problem, moderates
 from fluxserve.worker.supervisor import BEACON_ENV
@@ -97,9 +97,9 @@ def _database(settings: Settings, create: bool = False) -> Engine:
                 err=True,
             )
             raise typer.Exit(1)
-    engine = make_engine(settings.database)
-    migrate(engine)
-    return engine
+    database = open_database(settings.database)
+    migrate(database)
+    return database
 
 
 @contextmanager
@@ -320,10 +320,11 @@ def worker(
         raise typer.Exit(1)
     configure_logging(json=settings.log_json)
     liveness = Liveness()
-    beacon = os.environ.get(BEACON_ENV)
-    if beacon:  # before the model stack imports: a supervisor watches this file from the first second;
-        # until the process exits, so that it is not killed as hung while it drains
-        start_beacon(Path(beacon), liveness, settings.heartbeat_seconds, threading.Event())
+    beacon = Beacon(liveness.alive, settings.heartbeat_seconds)
+    beacon_file = os.environ.get(BEACON_ENV)
+    if beacon_file:  # before the model stack imports: a supervisor watches this file from the first second
+        beacon.add(Path(beacon_file).touch)
+    beacon.start()  # until the process exits, so that it is not killed as hung while it drains
     from fluxserve.worker.quiet import quiet_model_stack_imports
 
     quiet_model_stack_imports()
@@ -331,7 +332,7 @@ def worker(
 
     for signum in (signal.SIGINT, signal.SIGTERM):  # from now on a stop lets running jobs end cleanly
         signal.signal(signum, lambda *_: stop.set())
-    run_worker_process(settings, threads, liveness, stop, served)
+    run_worker_process(settings, threads, liveness, beacon, stop, served)
 
 
 def _exit_now(signum: int, _: object) -> None:
@@ -371,12 +372,12 @@ def prune(
     the jobs' records are kept unless --rows-older-than is given."""
     from fluxserve.db.connection import utcnow
     from fluxserve.jobs.retention import Retention, prune_rows
-    from fluxserve.wiring import make_blob_store, make_job_store
+    from fluxserve.wiring import make_blob_store, make_stores
 
     settings = _settings(data_dir)
     database = _database(settings)
     retention = Retention(
-        make_job_store(database),
+        make_stores(database).expiry,
         make_blob_store(settings.storage),
         settings.result_ttl if older_than is None else older_than,
         by_operator=True,
@@ -415,7 +416,7 @@ def usage(
         raise typer.Exit(2) from None
     with _keys(data_dir) as store:
         key_id = None if key is None else store.resolve(key).id
-        with store.engine.connect() as conn:
+        with store.database.connect() as conn:
             lines = ledger.usage(conn, start, by.value, key_id)
     if as_json:
         typer.echo(json.dumps([line.as_json() for line in lines]))
@@ -435,11 +436,11 @@ def keys_overview(
     """Every key with its balance and what it spent lately."""
     if ctx.invoked_subcommand is not None:
         return
-    from fluxserve.jobs.activity import totals, usage
+    from fluxserve.jobs.reports import totals, usage
 
     with _keys(data_dir) as store:
         keys = store.list()
-        spent = usage(store.engine, days=days)
+        spent = usage(store.database, days=days)
     if as_json:
         for key in keys:
             typer.echo(json.dumps({**_key_json(key), **totals(spent, key.id)}))
@@ -530,21 +531,21 @@ def credits_overview(
     """Balances of the live keys, and jobs, images and credits charged per day, key and model."""
     if ctx.invoked_subcommand is not None:
         return
-    from fluxserve.jobs.activity import usage
+    from fluxserve.jobs.reports import usage
 
     with _keys(data_dir) as store:
         keys = [key for key in store.list() if key.active]
-        _print_usage(keys, [line.as_json() for line in usage(store.engine, days=days)], days, as_json)
+        _print_usage(keys, [line.as_json() for line in usage(store.database, days=days)], days, as_json)
 
 
 @credits_app.command("show")
 def credits_show(name_or_id: str, data_dir: DataDir = None, days: Days = 7, as_json: AsJson = False) -> None:
     """One key's balance and its usage per day and model."""
-    from fluxserve.jobs.activity import usage
+    from fluxserve.jobs.reports import usage
 
     with _keys(data_dir) as store:
         key = store.resolve(name_or_id)
-        lines = usage(store.engine, key_id=key.id, days=days)
+        lines = usage(store.database, key_id=key.id, days=days)
         _print_usage([key], [line.as_json() for line in lines], days, as_json)
 
 
@@ -609,12 +610,12 @@ def jobs_command(
     as_json: AsJson = False,
 ) -> None:
     """Recent jobs, newest first."""
-    from fluxserve.jobs.activity import recent_jobs
+    from fluxserve.jobs.reports import recent_jobs
 
     wanted = () if status is None else _statuses(status)
     with _keys(data_dir) as store:
         key_id = None if key is None else store.resolve(key).id
-        lines = recent_jobs(store.engine, key_id=key_id, statuses=wanted, limit=limit)
+        lines = recent_jobs(store.database, key_id=key_id, statuses=wanted, limit=limit)
     if as_json:
         for line in lines:
             typer.echo(

@@ -1,5 +1,5 @@
 """The one module that chooses implementations from settings: the database, the change feed, the job
-store, the blob store.
+store's roles, the blob store.
 
 The API process (``app.py``) and a worker process (``worker/process.py``) both build their parts here, so
 that swapping a backend touches no caller.
@@ -13,10 +13,10 @@ from urllib.request import url2pathname
 
 from sqlalchemy import Engine
 
-from fluxserve.db.connection import Timeouts, make_engine, migrate
+from fluxserve.db.connection import Timeouts, migrate, open_database
 from fluxserve.jobs.feed import ChangeFeed, PostgresFeed, SqliteFeed
-from fluxserve.jobs.store import JobStore
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store import Stores
+from fluxserve.jobs.store_sql import SqlClaims, SqlExpiry, SqlFetchLeases, SqlJobReads, SqlSubmissions
 from fluxserve.settings import Settings
 from fluxserve.storage.base import BlobStore
 from fluxserve.storage.local import LocalBlobStore
@@ -41,17 +41,17 @@ def _timeouts(settings: Settings) -> Timeouts:
     )
 
 
-def open_database(settings: Settings) -> Engine:
-    """The database engine, its schema brought up to date (safe from any number of processes)."""
-    database = make_engine(settings.database, _timeouts(settings))
+def database_for(settings: Settings) -> Engine:
+    """The database, its schema brought up to date (safe from any number of processes)."""
+    database = open_database(settings.database, _timeouts(settings))
     migrate(database)
     return database
 
 
-def open_ops_database(settings: Settings) -> Engine:
-    """A second engine on the same database, for /readyz and the /metrics refresh: its own pool, so that
+def ops_database_for(settings: Settings) -> Engine:
+    """A second handle on the same database, for /readyz and the /metrics refresh: its own pool, so that
     they never queue behind requests for a connection (they use at most one each at a time)."""
-    return make_engine(settings.database, _timeouts(settings))
+    return open_database(settings.database, _timeouts(settings))
 
 
 def make_feed(database: Engine) -> ChangeFeed:
@@ -59,6 +59,13 @@ def make_feed(database: Engine) -> ChangeFeed:
     return PostgresFeed(database) if database.dialect.name == "postgresql" else SqliteFeed(database)
 
 
-def make_job_store(database: Engine, feed: ChangeFeed | None = None) -> JobStore:
-    """The SQL store, its idle workers woken by ``feed`` (the process's one; a new one when not given)."""
-    return SqlJobStore(database, feed or make_feed(database))
+def make_stores(database: Engine, feed: ChangeFeed | None = None) -> Stores:
+    """Each role of the job store on ``database``, built once; ``feed`` (the process's one) wakes idle
+    workers when a job is queued (without one they poll)."""
+    return Stores(
+        reads=SqlJobReads(database),
+        submissions=SqlSubmissions(database),
+        claims=SqlClaims(database, feed),
+        fetches=SqlFetchLeases(database),
+        expiry=SqlExpiry(database),
+    )

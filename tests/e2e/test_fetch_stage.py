@@ -86,7 +86,7 @@ def fetcher(
     world: World, timeout: float = 5.0, per_key: int = 2, concurrency: int = 8, max_pixels: int = 2**22
 ) -> InputFetcher:
     return InputFetcher(
-        world.store,
+        world.stores.fetches,
         world.blobs,
         LOOPBACK,
         max_bytes=2**20,
@@ -110,18 +110,19 @@ def fetch_all(world: World, stage: InputFetcher) -> list[Job]:
     """Lease what is waiting and run each fetch to its end; the jobs as they are after."""
 
     async def run() -> list[str]:
-        leased = stage._store.lease_fetches(stage.owner, 100, 100)
+        leased = stage._leases.lease(stage.owner, 100, 100)
         await asyncio.gather(*(stage.fetch(job) for job in leased))
         return [job.id for job in leased]
 
-    found = [world.store.get(job_id) for job_id in asyncio.run(run())]
+    found = [world.stores.reads.get(job_id) for job_id in asyncio.run(run())]
     return [job for job in found if job is not None]
 
 
 def test_a_url_input_is_stored_and_sizes_the_job_before_it_is_queued(world: World, origin: str) -> None:
     job = kontext(world, "10", f"{origin}/png/640x480")
     assert job.status is JobStatus.FETCHING and job.width is None
-    assert world.store.claim("a-worker") is None  # a worker never sees it before its inputs are stored
+    # A worker never sees it before its inputs are stored.
+    assert world.stores.claims.claim("a-worker") is None
     (done,) = fetch_all(world, fetcher(world))
     assert done.status is JobStatus.QUEUED
     assert done.width is not None and done.height is not None  # kontext: about 1 MP at the input's 4:3
@@ -130,7 +131,7 @@ def test_a_url_input_is_stored_and_sizes_the_job_before_it_is_queued(world: Worl
     assert image.field == "input_image" and image.ref.startswith(BLOB_PREFIX)
     stored = Image.open(io.BytesIO(world.blobs.get(image.ref.removeprefix(BLOB_PREFIX))))
     assert stored.size == (640, 480)
-    claimed = world.store.claim("a-worker")
+    claimed = world.stores.claims.claim("a-worker")
     assert claimed is not None and claimed.id == job.id
 
 
@@ -177,7 +178,7 @@ def test_slow_urls_hold_only_their_own_keys_slots(world: World, origin: str) -> 
     fetches in flight, and A's jobs end as timed out naming the field."""
     slow = [kontext(world, "100", f"{origin}/hang") for _ in range(3)]
     slow_key = slow[0].key_id
-    with world.store._engine.begin() as conn:  # all three under one key
+    with world.database.begin() as conn:  # all three under one key
         conn.execute(jobs.update().where(jobs.c.id.in_([job.id for job in slow])).values(key_id=slow_key))
     quick = kontext(world, "10", f"{origin}/png/64x64")
     stage = fetcher(world, timeout=1.5, per_key=2)
@@ -202,23 +203,23 @@ def test_slow_urls_hold_only_their_own_keys_slots(world: World, origin: str) -> 
     assert when_quick_queued == [JobStatus.FETCHING] * 3  # B did not wait for A's hanging URLs
     assert max(in_flight) == 2  # A's third waited for a slot of A's own
     for job in slow:
-        current = world.store.get(job.id)
+        current = world.stores.reads.get(job.id)
         assert current is not None and current.error == "input_image: timed out after 1.5 s", current.error
 
 
 def leased_by(world: World, key_id: str) -> int:
-    with world.store._engine.connect() as conn:
+    with world.database.connect() as conn:
         return int(
             conn.execute(
                 select(func.count())
                 .select_from(jobs)
-                .where(jobs.c.key_id == key_id, jobs.c.status == "fetching", jobs.c.worker_id.is_not(None))
+                .where(jobs.c.key_id == key_id, jobs.c.status == "fetching", jobs.c.fetch_owner.is_not(None))
             ).scalar_one()
         )
 
 
 def status(world: World, job: Job) -> JobStatus:
-    current = world.store.get(job.id)
+    current = world.stores.reads.get(job.id)
     assert current is not None
     return current.status
 
@@ -226,8 +227,8 @@ def status(world: World, job: Job) -> JobStatus:
 def test_a_job_canceled_while_fetching_keeps_no_inputs(world: World, origin: str) -> None:
     job = kontext(world, "10", f"{origin}/png/64x64")
     stage = fetcher(world)
-    (leased,) = world.store.lease_fetches(stage.owner, 10, 10)
-    canceled = world.store.cancel(job.id, job.key_id)
+    (leased,) = world.stores.fetches.lease(stage.owner, 10, 10)
+    canceled = world.stores.submissions.cancel(job.id, job.key_id)
     assert canceled is not None and canceled.status is JobStatus.CANCELED
     asyncio.run(stage.fetch(leased))
     assert status(world, job) is JobStatus.CANCELED
@@ -238,13 +239,13 @@ def test_a_job_canceled_while_fetching_keeps_no_inputs(world: World, origin: str
 def test_a_dead_processes_lease_is_taken_over(world: World, origin: str) -> None:
     job = kontext(world, "10", f"{origin}/png/64x64")
     dead, alive = fetcher(world), fetcher(world)
-    assert [leased.id for leased in world.store.lease_fetches(dead.owner, 10, 10)] == [job.id]
-    assert world.store.lease_fetches(alive.owner, 10, 10) == []  # leased: nobody else takes it
-    assert world.store.release_stale_fetches(utcnow() - timedelta(seconds=60)) == 0  # still fresh
-    assert world.store.release_stale_fetches(utcnow() + timedelta(seconds=1)) == 1
+    assert [leased.id for leased in world.stores.fetches.lease(dead.owner, 10, 10)] == [job.id]
+    assert world.stores.fetches.lease(alive.owner, 10, 10) == []  # leased: nobody else takes it
+    assert world.stores.fetches.release_stale(utcnow() - timedelta(seconds=60)) == 0  # still fresh
+    assert world.stores.fetches.release_stale(utcnow() + timedelta(seconds=1)) == 1
     (done,) = fetch_all(world, alive)
     assert done.status is JobStatus.QUEUED
-    assert not world.store.touch_fetch(job.id, dead.owner)  # the dead owner's lease is gone
+    assert not world.stores.fetches.renew(job.id, dead.owner)  # the dead owner's lease is gone
 
 
 def test_urls_that_never_answer_cost_their_key_not_the_worker(make_server: Any) -> None:
@@ -275,3 +276,16 @@ def test_urls_that_never_answer_cost_their_key_not_the_worker(make_server: Any) 
             assert a.fetch(job)["status"] == "FAILED"
     finally:
         hole.close()
+
+
+def test_a_fetch_whose_lease_lapsed_leaves_the_job_and_its_inputs_to_the_new_owner(
+    world: World, origin: str
+) -> None:
+    job = kontext(world, "10", f"{origin}/png/64x64")
+    slow, taker = fetcher(world), fetcher(world)
+    (leased,) = world.stores.fetches.lease(slow.owner, 10, 10)
+    assert world.stores.fetches.release_stale(utcnow() + timedelta(seconds=1)) == 1  # slow seemed dead
+    assert [again.id for again in world.stores.fetches.lease(taker.owner, 10, 10)] == [job.id]
+    asyncio.run(slow.fetch(leased))  # it was only slow: its download ends after the lease changed hands
+    assert status(world, job) is JobStatus.FETCHING  # the taker's to queue, not the slow one's
+    assert list(world.blobs.list(inputs_prefix(job.id)))  # nor are the job's inputs the slow one's to drop

@@ -26,7 +26,7 @@ from sqlalchemy import text
 from fluxserve.accounts.keys import KEY_PREFIX, KeyStore
 from fluxserve.cli import FIRST_KEY_FILE
 from fluxserve.core.catalog import ModelEntry
-from fluxserve.db.connection import make_engine
+from fluxserve.db.connection import open_database
 from fluxserve.engines.base import EngineHooks
 from fluxserve.engines.relay.engine import RelayEngine, RelayOptions
 from fluxserve.engines.relay.vendor_api import default_key_hosts
@@ -137,15 +137,15 @@ def test_every_log_line_is_redacted(captured_logs: io.StringIO, as_json: bool) -
 
 def test_the_database_and_its_new_directory_are_private(tmp_path: Path, open_umask: None) -> None:
     path = tmp_path / "new" / "fluxserve.db"
-    engine = make_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:
+    database = open_database(f"sqlite:///{path}")
+    with database.begin() as conn:
         conn.execute(text("CREATE TABLE t (secret TEXT)"))
         conn.execute(text("INSERT INTO t VALUES ('whsec_x')"))
-    with engine.connect() as conn:  # a reader keeps the -wal and -shm files in place
+    with database.connect() as conn:  # a reader keeps the -wal and -shm files in place
         assert conn.execute(text("SELECT secret FROM t")).scalar() == "whsec_x"
         for suffix in ("", "-wal", "-shm"):
             assert mode(path.with_name(path.name + suffix)) == 0o600, suffix
-    engine.dispose()
+    database.dispose()
     assert mode(path.parent) == 0o700
 
 
@@ -154,7 +154,7 @@ def test_an_existing_world_readable_database_is_narrowed(tmp_path: Path) -> None
     path = tmp_path / "fluxserve.db"
     path.touch()
     path.chmod(0o644)
-    make_engine(f"sqlite:///{path}").dispose()
+    open_database(f"sqlite:///{path}").dispose()
     assert mode(path) == 0o600
     assert mode(tmp_path) == 0o755  # a directory fluxserve did not create is left as it is
 
@@ -238,7 +238,7 @@ def test_the_first_key_goes_to_a_private_file_not_to_a_log(make_server: Any, tmp
     assert mode(path) == 0o600
     key = path.read_text().strip()
     assert key.startswith(KEY_PREFIX) and key not in log and KEY_PREFIX not in log
-    assert KeyStore(make_engine(Settings(data_dir=server.data_dir).database)).authenticate(key) is not None
+    assert KeyStore(open_database(Settings(data_dir=server.data_dir).database)).authenticate(key) is not None
 
 
 def test_the_first_key_is_shown_on_a_terminal_and_written_nowhere(tmp_path: Path, models_dir: Path) -> None:

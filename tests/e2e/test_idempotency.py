@@ -17,10 +17,10 @@ from sqlalchemy import create_engine, func, select, update
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import make_engine, migrate, utcnow
+from fluxserve.db.connection import migrate, open_database, utcnow
 from fluxserve.db.tables import idempotency_keys, jobs
 from fluxserve.jobs.store import IdempotencyConflict
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store_sql import SqlSubmissions
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
@@ -207,9 +207,9 @@ def test_a_public_or_unresolvable_webhook_url_is_accepted(server: ServerProcess)
 
 
 def test_an_expired_entry_is_ignored_and_replaced(database_url: str, tmp_path: Path) -> None:
-    database = make_engine(database_url)
+    database = open_database(database_url)
     migrate(database)
-    store = SqlJobStore(database)
+    store = SqlSubmissions(database)
     blobs = LocalBlobStore(tmp_path / "files")
     limits = Limits(max_active=24, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
     submitter = Submitter(store, blobs, limits, NetworkPolicy())

@@ -8,7 +8,6 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,51 +21,52 @@ from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.job import ACTIVE_STATUSES, JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import MIGRATIONS, make_engine, migrate
+from fluxserve.db.connection import MIGRATIONS, migrate, open_database
 from fluxserve.db.migrations.versions import __name__ as versions_package
 from fluxserve.db.tables import job_counts, job_seconds, jobs, webhook_counts, webhook_deliveries
 from fluxserve.jobs import stats as stats_module
 from fluxserve.jobs.stats import JobStats
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store import Reaped
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.jobs.workers import WorkerRegistry
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.storage.local import LocalBlobStore
+from fluxserve.wiring import make_stores
 
 ACTIVE = {status.value for status in ACTIVE_STATUSES}
 MODELS = ("flux-dev", "flux-pro")
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
-def counts(engine: Engine) -> dict[tuple[str, str], int]:
+def counts(database: Engine) -> dict[tuple[str, str], int]:
     """The job counters, shards summed, without rows that sum to 0."""
     query = select(job_counts.c.model, job_counts.c.status, func.sum(job_counts.c.jobs)).group_by(
         job_counts.c.model, job_counts.c.status
     )
-    with engine.connect() as conn:
+    with database.connect() as conn:
         return {(model, status): int(n) for model, status, n in conn.execute(query) if int(n)}
 
 
-def grouped(engine: Engine) -> dict[tuple[str, str], int]:
+def grouped(database: Engine) -> dict[tuple[str, str], int]:
     """The same figures computed from the rows themselves."""
     query = select(jobs.c.model, jobs.c.status, func.count()).group_by(jobs.c.model, jobs.c.status)
-    with engine.connect() as conn:
+    with database.connect() as conn:
         return {(model, status): int(n) for model, status, n in conn.execute(query)}
 
 
-def observations(engine: Engine, kind: str) -> dict[str, int]:
+def observations(database: Engine, kind: str) -> dict[str, int]:
     query = (
         select(job_seconds.c.model, func.sum(job_seconds.c.observations))
         .where(job_seconds.c.kind == kind)
         .group_by(job_seconds.c.model)
     )
-    with engine.connect() as conn:
+    with database.connect() as conn:
         return {model: int(n) for model, n in conn.execute(query)}
 
 
-def deliveries(engine: Engine) -> tuple[dict[str, int], dict[str, int]]:
+def deliveries(database: Engine) -> tuple[dict[str, int], dict[str, int]]:
     """The delivery counters and a GROUP BY over the deliveries."""
-    with engine.connect() as conn:
+    with database.connect() as conn:
         kept = select(webhook_counts.c.status, func.sum(webhook_counts.c.deliveries)).group_by(
             webhook_counts.c.status
         )
@@ -77,22 +77,14 @@ def deliveries(engine: Engine) -> tuple[dict[str, int], dict[str, int]]:
         )
 
 
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
-
-
 def test_the_counters_follow_submits_claims_finishes_requeues_cancels_and_deletes(
-    engine: Engine, tmp_path: Path
+    database: Engine, tmp_path: Path
 ) -> None:
-    store = SqlJobStore(engine)
+    store = make_stores(database)
     limits = Limits(max_active=50, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
     policy = NetworkPolicy(parse_networks("127.0.0.0/8"))
-    submitter = Submitter(store, LocalBlobStore(tmp_path / "files"), limits, policy)
-    key = KeyStore(engine).create("k").record
+    submitter = Submitter(store.submissions, LocalBlobStore(tmp_path / "files"), limits, policy)
+    key = KeyStore(database).create("k").record
 
     def submit(model: str, webhook: bool = False) -> str:
         params = GenerationParams.model_validate({"model": model, "prompt": "p", "width": 256, "height": 256})
@@ -100,53 +92,54 @@ def test_the_counters_follow_submits_claims_finishes_requeues_cancels_and_delete
         return submitter.submit(key, params, 7, url, Dialect.RESELLER).id
 
     submitted = [submit("flux-dev", webhook=True) for _ in range(6)] + [submit("flux-pro") for _ in range(3)]
-    assert counts(engine) == grouped(engine) == {("flux-dev", "queued"): 6, ("flux-pro", "queued"): 3}
-    claimed = [store.claim("w-1") for _ in range(5)]
-    assert all(claimed) and counts(engine) == grouped(engine)
-    assert store.finish(claimed[0].id, "w-1", JobStatus.SUCCEEDED)  # type: ignore[union-attr]
-    assert store.finish(claimed[1].id, "w-1", JobStatus.FAILED, error="x")  # type: ignore[union-attr]
-    assert not store.finish(claimed[1].id, "w-1", JobStatus.SUCCEEDED)  # a second end changes nothing
-    assert counts(engine) == grouped(engine)
+    assert counts(database) == grouped(database) == {("flux-dev", "queued"): 6, ("flux-pro", "queued"): 3}
+    claimed = [store.claims.claim("w-1") for _ in range(5)]
+    assert all(claimed) and counts(database) == grouped(database)
+    assert store.claims.finish(claimed[0].id, "w-1", JobStatus.SUCCEEDED)  # type: ignore[union-attr]
+    assert store.claims.finish(claimed[1].id, "w-1", JobStatus.FAILED, error="x")  # type: ignore[union-attr]
+    assert not store.claims.finish(claimed[1].id, "w-1", JobStatus.SUCCEEDED)  # a second end changes nothing
+    assert counts(database) == grouped(database)
     # Two running jobs go stale and are taken back; one more has used its attempts and fails.
-    with engine.begin() as conn:
+    with database.begin() as conn:
         conn.execute(
             update(jobs)
             .where(jobs.c.status == JobStatus.RUNNING.value)
             .values(heartbeat_at=datetime.now(UTC) - timedelta(hours=1))
         )
         conn.execute(update(jobs).where(jobs.c.id == claimed[4].id).values(attempts=3))  # type: ignore[union-attr]
-    assert store.requeue_stale(datetime.now(UTC) - timedelta(minutes=1), max_attempts=3) == 3
-    assert counts(engine) == grouped(engine)
-    queued = [job_id for job_id in submitted if store.get(job_id).status is JobStatus.QUEUED]  # type: ignore[union-attr]
-    assert store.cancel(queued[0], key.id) is not None
-    again = store.claim("w-2")
-    assert again is not None and store.finish(again.id, "w-2", JobStatus.SUCCEEDED)
-    assert counts(engine) == grouped(engine)
-    assert counts(engine)[("flux-dev", "canceled")] + counts(engine).get(("flux-pro", "canceled"), 0) == 1
+    reaped = store.claims.requeue_stale(datetime.now(UTC) - timedelta(minutes=1), max_attempts=3)
+    assert reaped == Reaped(2, (claimed[4].id,))  # type: ignore[union-attr]  # the last attempt's fails
+    assert counts(database) == grouped(database)
+    queued = [job_id for job_id in submitted if store.submissions.get(job_id).status is JobStatus.QUEUED]  # type: ignore[union-attr]
+    assert store.submissions.cancel(queued[0], key.id) is not None
+    again = store.claims.claim("w-2")
+    assert again is not None and store.claims.finish(again.id, "w-2", JobStatus.SUCCEEDED)
+    assert counts(database) == grouped(database)
+    assert counts(database)[("flux-dev", "canceled")] + counts(database).get(("flux-pro", "canceled"), 0) == 1
 
     # Each claim is a queue wait; each end of a started job a run (the requeued ones were claimed twice).
-    assert sum(observations(engine, "queue_wait").values()) == 6
-    with engine.connect() as conn:  # (a canceled job that was requeued had started: it counts)
+    assert sum(observations(database, "queue_wait").values()) == 6
+    with database.connect() as conn:  # (a canceled job that was requeued had started: it counts)
         ran = conn.scalar(
             select(func.count()).where(jobs.c.status.not_in(ACTIVE), jobs.c.started_at.is_not(None))
         )
-    assert sum(observations(engine, "run").values()) == ran == 5
-    kept, rows = deliveries(engine)
+    assert sum(observations(database, "run").values()) == ran == 5
+    kept, rows = deliveries(database)
     assert kept == rows and sum(rows.values()) >= 2  # the webhooks of ended flux-dev jobs, all pending
 
     # Rows deleted (a prune of old rows): an ended count keeps counting them, an active one does not.
-    before = counts(engine)
-    with engine.begin() as conn:
+    before = counts(database)
+    with database.begin() as conn:
         conn.execute(delete(webhook_deliveries))
         conn.execute(delete(jobs).where(jobs.c.status.in_(["succeeded", "queued"])))
-    after = counts(engine)
+    after = counts(database)
     assert {k: n for k, n in after.items() if k[1] not in ACTIVE} == {
         k: n for k, n in before.items() if k[1] not in ACTIVE
     }
     assert {k: n for k, n in after.items() if k[1] in ACTIVE} == {
-        k: n for k, n in grouped(engine).items() if k[1] in ACTIVE
+        k: n for k, n in grouped(database).items() if k[1] in ACTIVE
     }
-    assert deliveries(engine)[0] == {status: n for status, n in kept.items() if status != "pending"}
+    assert deliveries(database)[0] == {status: n for status, n in kept.items() if status != "pending"}
 
 
 def job_rows(key_id: str, count: int, start: int = 0) -> list[dict[str, Any]]:
@@ -181,8 +174,8 @@ def job_rows(key_id: str, count: int, start: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-def fill(engine: Engine, key_id: str, count: int) -> None:
-    with engine.begin() as conn:
+def fill(database: Engine, key_id: str, count: int) -> None:
+    with database.begin() as conn:
         for start in range(0, count, 20_000):
             conn.execute(insert(jobs), job_rows(key_id, min(20_000, count - start), start))
 
@@ -200,8 +193,8 @@ def expected_histograms(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tup
     return found
 
 
-def histograms(engine: Engine) -> dict[tuple[str, str], tuple[int, float]]:
-    figures = JobStats(engine, WorkerRegistry(engine), 30).figures()
+def histograms(database: Engine) -> dict[tuple[str, str], tuple[int, float]]:
+    figures = JobStats(database, WorkerRegistry(database), 30).figures()
     return {
         (kind, model): (histogram.count, histogram.total)
         for kind, by_model in (("queue_wait", figures.queue_wait), ("run", figures.run_time))
@@ -209,34 +202,34 @@ def histograms(engine: Engine) -> dict[tuple[str, str], tuple[int, float]]:
     }
 
 
-def fill_before_the_counters(engine: Engine, count: int) -> str:
+def fill_before_the_counters(database: Engine, count: int) -> str:
     """``count`` ended jobs written before migration 0011 (as an upgraded server has them); the key's id."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
+    with database.begin() as conn:
         config.attributes["connection"] = conn
         command.downgrade(config, "0010")
-    key = KeyStore(engine).create("k").record
-    fill(engine, key.id, count)
-    migrate(engine)
+    key = KeyStore(database).create("k").record
+    fill(database, key.id, count)
+    migrate(database)
     return key.id
 
 
-def test_the_migration_fills_the_counters_from_the_rows_there_are(engine: Engine) -> None:
-    key_id = fill_before_the_counters(engine, 2_000)
-    assert counts(engine) == grouped(engine)
+def test_the_migration_fills_the_counters_from_the_rows_there_are(database: Engine) -> None:
+    key_id = fill_before_the_counters(database, 2_000)
+    assert counts(database) == grouped(database)
     want = expected_histograms(job_rows(key_id, 2_000))
-    got = histograms(engine)
+    got = histograms(database)
     assert got.keys() == want.keys()
     for name, (n, total) in want.items():
         assert got[name][0] == n and got[name][1] == pytest.approx(total, rel=1e-6), name
     # The triggers count from then on: a failed job (row 1) put back in the queue is queued once more, and
     # the failures already counted stay counted (a counter never goes down).
-    with engine.begin() as conn:
+    with database.begin() as conn:
         conn.execute(update(jobs).where(jobs.c.id == str(uuid.UUID(int=1))).values(status="queued"))
-    expected = grouped(engine)
+    expected = grouped(database)
     expected[("flux-dev", "failed")] += 1
-    assert counts(engine) == expected and expected[("flux-dev", "queued")] == 1
+    assert counts(database) == expected and expected[("flux-dev", "queued")] == 1
 
 
 def test_the_bounds_the_triggers_bucket_by_are_the_ones_rendered() -> None:
@@ -246,18 +239,18 @@ def test_the_bounds_the_triggers_bucket_by_are_the_ones_rendered() -> None:
 
 
 class Statements:
-    """The SQL statements an engine runs while counting."""
+    """The SQL statements an database runs while counting."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, database: Engine) -> None:
         self.seen: list[str] = []
-        event.listen(engine, "before_cursor_execute", self._record)
+        event.listen(database, "before_cursor_execute", self._record)
 
     def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         self.seen.append(statement)
 
 
-def counter_rows(engine: Engine) -> int:
-    with engine.connect() as conn:
+def counter_rows(database: Engine) -> int:
+    with database.connect() as conn:
         return sum(
             int(conn.scalar(select(func.count()).select_from(table)) or 0)
             for table in (job_counts, job_seconds, webhook_counts)
@@ -273,15 +266,15 @@ def test_a_read_of_the_figures_does_not_grow_with_the_jobs_table(database_url: s
     seen: dict[int, tuple[list[str], int]] = {}
     for size in (112, large):
         url = database_url if size == large else f"sqlite:///{tmp_path / 'small.db'}"
-        engine = make_engine(url)
-        migrate(engine)
-        fill_before_the_counters(engine, size)
-        statements = Statements(engine)
-        figures = JobStats(engine, WorkerRegistry(engine), 30).figures()
-        seen[size] = (list(statements.seen), counter_rows(engine))
+        database = open_database(url)
+        migrate(database)
+        fill_before_the_counters(database, size)
+        statements = Statements(database)
+        figures = JobStats(database, WorkerRegistry(database), 30).figures()
+        seen[size] = (list(statements.seen), counter_rows(database))
         assert sum(figures.ended.values()) == size
-        assert figures.ended == grouped(engine)
-        engine.dispose()
+        assert figures.ended == grouped(database)
+        database.dispose()
     (small_sql, small_rows), (large_sql, large_rows) = seen[112], seen[large]
     assert len(small_sql) == len(large_sql) == 4
     normal = [re.sub(r"\s+", " ", statement) for statement in large_sql]
@@ -290,15 +283,15 @@ def test_a_read_of_the_figures_does_not_grow_with_the_jobs_table(database_url: s
 
 
 def test_the_counters_stay_exact_under_concurrent_submits_claims_and_finishes(
-    engine: Engine, tmp_path: Path
+    database: Engine, tmp_path: Path
 ) -> None:
     """Two submitters and three workers at once (on PostgreSQL each its own connection, so its own counter
     shard or a shared one): no transaction fails (no deadlock on the counter rows) and the counters equal
     the rows' GROUP BY at the end."""
-    store = SqlJobStore(engine)
+    store = make_stores(database)
     limits = Limits(max_active=500, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
-    submitter = Submitter(store, LocalBlobStore(tmp_path / "files"), limits, NetworkPolicy())
-    keys = [KeyStore(engine).create(f"k{n}").record for n in range(2)]
+    submitter = Submitter(store.submissions, LocalBlobStore(tmp_path / "files"), limits, NetworkPolicy())
+    keys = [KeyStore(database).create(f"k{n}").record for n in range(2)]
     errors: list[BaseException] = []
     claims: list[str] = []
     submitted = threading.Event()
@@ -316,7 +309,7 @@ def test_the_counters_stay_exact_under_concurrent_submits_claims_and_finishes(
     def work(name: str) -> None:
         try:
             while True:
-                job = store.claim(name)
+                job = store.claims.claim(name)
                 if job is None:
                     if submitted.is_set():
                         return
@@ -324,7 +317,7 @@ def test_the_counters_stay_exact_under_concurrent_submits_claims_and_finishes(
                     continue
                 claims.append(job.id)
                 outcome = JobStatus.SUCCEEDED if len(claims) % 3 else JobStatus.FAILED
-                assert store.finish(
+                assert store.claims.finish(
                     job.id, name, outcome, error=None if outcome is JobStatus.SUCCEEDED else "x"
                 )
         except BaseException as error:
@@ -342,6 +335,10 @@ def test_the_counters_stay_exact_under_concurrent_submits_claims_and_finishes(
     for thread in workers:
         thread.join()
     assert errors == []
-    assert counts(engine) == grouped(engine)
-    assert sum(grouped(engine).values()) == len(claims) == 50
-    assert sum(observations(engine, "queue_wait").values()) == sum(observations(engine, "run").values()) == 50
+    assert counts(database) == grouped(database)
+    assert sum(grouped(database).values()) == len(claims) == 50
+    assert (
+        sum(observations(database, "queue_wait").values())
+        == sum(observations(database, "run").values())
+        == 50
+    )

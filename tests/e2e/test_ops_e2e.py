@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from tests.conftest import ServerProcess
 from tests.e2e.test_metrics_counters import fill
 
@@ -29,10 +29,10 @@ def abandoned_scrape(port: int) -> socket.socket:
 def test_a_scrape_storm_leaves_fetches_and_readyz_answering(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     data = tmp_path / "data"
     data.mkdir()
-    engine = make_engine(f"sqlite:///{data / 'fluxserve.db'}")
-    migrate(engine)
-    fill(engine, KeyStore(engine).create("history").record.id, 5_000)
-    engine.dispose()
+    database = open_database(f"sqlite:///{data / 'fluxserve.db'}")
+    migrate(database)
+    fill(database, KeyStore(database).create("history").record.id, 5_000)
+    database.dispose()
     server: ServerProcess = make_server({"FLUXSERVE_METRICS_REFRESH_SECONDS": "0.5"}, data_dir=data)
     server.start("--no-workers")
     key = server.create_key()["key"]

@@ -21,15 +21,15 @@ from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import database_url, make_engine, migrate
+from fluxserve.db.connection import database_url, migrate, open_database
 from fluxserve.db.tables import metadata
 from fluxserve.jobs.feed import CHANNEL, PostgresFeed
-from fluxserve.jobs.store import JobStore
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store import Claims, FetchOutcome
+from fluxserve.jobs.store_sql import SqlClaims
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
-from fluxserve.wiring import make_job_store
+from fluxserve.wiring import make_feed, make_stores
 from tests.conftest import Api
 from tests.support.pg_server import PostgresCluster, required_binaries
 
@@ -38,12 +38,14 @@ class Queue:
     """A store, keys and a submitter on one database, with limits high enough to queue 100 jobs a key."""
 
     def __init__(self, url: str, root: Path) -> None:
-        self.database = make_engine(url)
+        self.database = open_database(url)
         migrate(self.database)
-        self.store = SqlJobStore(self.database)  # no feed of its own: its commits notify through triggers
+        self.stores = make_stores(self.database)  # no feed of its own: its commits notify through triggers
         self.keys = KeyStore(self.database)
         limits = Limits(1000, {}, 2**20, 2**22)
-        self.submitter = Submitter(self.store, LocalBlobStore(root / "files"), limits, NetworkPolicy([]))
+        self.submitter = Submitter(
+            self.stores.submissions, LocalBlobStore(root / "files"), limits, NetworkPolicy([])
+        )
 
     def submit(self, key: ApiKey, prompt: str = "p", seed: int = 1) -> str:
         params = GenerationParams(model="flux-dev", prompt=prompt, width=256, height=256)
@@ -57,7 +59,7 @@ def test_users_postgres_urls_mean_psycopg_3() -> None:
     )
     assert database_url("postgresql+psycopg://db/flux") == "postgresql+psycopg://db/flux"
     assert database_url("sqlite:///x.db") == "sqlite:///x.db"
-    assert make_engine("postgres://db/flux").dialect.driver == "psycopg"
+    assert open_database("postgres://db/flux").dialect.driver == "psycopg"
 
 
 def test_without_binaries_postgres_tests_skip_unless_ci_requires_them(
@@ -76,9 +78,9 @@ def test_without_binaries_postgres_tests_skip_unless_ci_requires_them(
 
 
 def test_migrations_build_exactly_the_declared_schema_on_postgres(postgres_url: str) -> None:
-    engine = make_engine(postgres_url)
-    migrate(engine)  # the template was migrated already: a no-op
-    with engine.connect() as connection:
+    database = open_database(postgres_url)
+    migrate(database)  # the template was migrated already: a no-op
+    with database.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), metadata) == []
         kinds = dict(
             connection.execute(
@@ -87,23 +89,23 @@ def test_migrations_build_exactly_the_declared_schema_on_postgres(postgres_url: 
         )
     assert kinds["created_at"] == "timestamp with time zone"
     assert (kinds["params"], kinds["cancel_requested"], kinds["turn"]) == ("json", "boolean", "bigint")
-    engine.dispose()
+    database.dispose()
 
 
 def test_processes_migrating_at_once_on_an_empty_database(postgres: PostgresCluster) -> None:
     url = postgres.database(empty=True)
-    script = "import sys; from fluxserve.db import connection as c; c.migrate(c.make_engine(sys.argv[1]))"
+    script = "import sys; from fluxserve.db import connection as c; c.migrate(c.open_database(sys.argv[1]))"
     runs = [
         subprocess.Popen([sys.executable, "-c", script, url], stderr=subprocess.PIPE, text=True)
         for _ in range(3)
     ]
     errors = [run.communicate(timeout=120)[1] for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], errors
-    engine = make_engine(url)
-    with engine.connect() as connection:
+    database = open_database(url)
+    with database.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), metadata) == []
         assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
-    engine.dispose()
+    database.dispose()
     postgres.drop(url)
 
 
@@ -111,16 +113,18 @@ def test_types_round_trip_alike(database_url: str, tmp_path: Path) -> None:
     queue = Queue(database_url, tmp_path)
     rich = queue.keys.create("rich", Decimal("30000000.25")).record  # 3e9 hundredths: beyond 32 bits
     job_id = queue.submit(rich, prompt="ünïcode ✓", seed=2**40)
-    job = queue.store.get(job_id)
+    job = queue.stores.reads.get(job_id)
     assert (
         job is not None and job.created_at is not None and job.created_at.utcoffset() == UTC.utcoffset(None)
     )
     assert job.params["prompt"] == "ünïcode ✓" and job.seed == 2**40 and job.details == {}
     assert queue.keys.get(rich.id).credits == Decimal("29999997.75")  # type: ignore[union-attr]
-    claimed = queue.store.claim("w")
+    claimed = queue.stores.claims.claim("w")
     assert claimed is not None and claimed.id == job_id and claimed.started_at.tzinfo is not None  # type: ignore[union-attr]
-    assert queue.store.finish(job_id, "w", JobStatus.FAILED, error="no", details={"a": [1, True, None]})
-    done = queue.store.get(job_id)
+    assert queue.stores.claims.finish(
+        job_id, "w", JobStatus.FAILED, error="no", details={"a": [1, True, None]}
+    )
+    done = queue.stores.reads.get(job_id)
     assert done is not None and done.details == {"a": [1, True, None]} and done.status is JobStatus.FAILED
     assert queue.keys.get(rich.id).credits == Decimal("30000000.25")  # type: ignore[union-attr]
 
@@ -129,15 +133,15 @@ def test_a_key_with_100_queued_does_not_starve_one_with_5(database_url: str, tmp
     queue = Queue(database_url, tmp_path)
     a, b = queue.keys.create("a").record, queue.keys.create("b").record
     first = queue.submit(a)
-    assert queue.store.claim("w").id == first  # type: ignore[union-attr]  # a worker is busy meanwhile
+    assert queue.stores.claims.claim("w").id == first  # type: ignore[union-attr]  # a worker is busy meanwhile
     for _ in range(99):
         queue.submit(a)
     for _ in range(5):
         queue.submit(b)
     order = [a.id]  # the key of each job, in the order workers took them
-    while (job := queue.store.claim("w")) is not None:
+    while (job := queue.stores.claims.claim("w")) is not None:
         order.append(job.key_id)
-        queue.store.finish(job.id, "w", JobStatus.SUCCEEDED)
+        queue.stores.claims.finish(job.id, "w", JobStatus.SUCCEEDED)
     assert order.count(a.id) == 100 and order.count(b.id) == 5
     last_b = max(index for index, key in enumerate(order) if key == b.id)
     assert order[:last_b].count(a.id) < 20  # B's five all ran before A's 20th
@@ -149,21 +153,21 @@ def test_within_a_key_oldest_first_and_batches_take_turns(database_url: str, tmp
     a, b = queue.keys.create("a").record, queue.keys.create("b").record
     a_jobs = [queue.submit(a) for _ in range(4)]
     b_jobs = [queue.submit(b) for _ in range(2)]
-    batch = queue.store.claim_similar("w", "flux-dev", 256, 256, 4)
+    batch = queue.stores.claims.claim_similar("w", "flux-dev", 256, 256, 4)
     assert [job.id for job in batch] == [a_jobs[0], a_jobs[1], b_jobs[0], b_jobs[1]]  # created order
-    rest = [queue.store.claim("w"), queue.store.claim("w"), queue.store.claim("w")]
+    rest = [queue.stores.claims.claim("w"), queue.stores.claims.claim("w"), queue.stores.claims.claim("w")]
     assert [job.id if job else None for job in rest] == [a_jobs[2], a_jobs[3], None]
 
 
 def test_two_workers_on_postgres_never_get_the_same_job(postgres_url: str, tmp_path: Path) -> None:
-    """Two processes' worth of engines (pools) claiming singles and batches as fast as they can."""
+    """Two processes' worth of databases (pools) claiming singles and batches as fast as they can."""
     queue = Queue(postgres_url, tmp_path)
     keys = [queue.keys.create(f"k{index}").record for index in range(3)]
     submitted = {queue.submit(keys[index % 3]) for index in range(150)}
     claimed: list[list[str]] = [[], []]
     start = threading.Barrier(4)
 
-    def drain(store: JobStore, into: list[str], batch: bool) -> None:
+    def drain(store: Claims, into: list[str], batch: bool) -> None:
         start.wait()
         while True:
             got = store.claim_similar("w", "flux-dev", 256, 256, 3) if batch else [store.claim("w")]
@@ -172,7 +176,7 @@ def test_two_workers_on_postgres_never_get_the_same_job(postgres_url: str, tmp_p
                 return
             into.extend(job.id for job in jobs)
 
-    stores = [make_job_store(make_engine(postgres_url)) for _ in range(2)]
+    stores = [make_stores(open_database(postgres_url)).claims for _ in range(2)]
     threads = [
         threading.Thread(target=drain, args=(stores[index % 2], claimed[index % 2], index >= 2))
         for index in range(4)
@@ -187,23 +191,22 @@ def test_two_workers_on_postgres_never_get_the_same_job(postgres_url: str, tmp_p
 
 
 @pytest.fixture
-def notify_store(postgres_url: str) -> Iterator[SqlJobStore]:
-    """The store as ``wiring`` builds it on PostgreSQL: with its change feed (LISTEN/NOTIFY), listening."""
-    store = make_job_store(make_engine(postgres_url))
-    assert isinstance(store, SqlJobStore) and isinstance(store.feed, PostgresFeed)
+def notify_store(postgres_url: str) -> Iterator[SqlClaims]:
+    """The claims as ``wiring`` builds them on PostgreSQL: with the change feed (LISTEN/NOTIFY), listening."""
+    database = open_database(postgres_url)
+    store = make_stores(database, make_feed(database)).claims
+    assert isinstance(store, SqlClaims) and isinstance(store.feed, PostgresFeed)
     assert store.feed.ready(30)
     yield store
     store.feed.close()
 
 
-def feed_of(store: SqlJobStore) -> PostgresFeed:
+def feed_of(store: SqlClaims) -> PostgresFeed:
     assert isinstance(store.feed, PostgresFeed)
     return store.feed
 
 
-def test_a_waiting_worker_wakes_on_submit(
-    notify_store: SqlJobStore, postgres_url: str, tmp_path: Path
-) -> None:
+def test_a_waiting_worker_wakes_on_submit(notify_store: SqlClaims, postgres_url: str, tmp_path: Path) -> None:
     stop, waiting, woke = threading.Event(), threading.Event(), threading.Event()
 
     def idle_worker() -> None:
@@ -213,7 +216,7 @@ def test_a_waiting_worker_wakes_on_submit(
         woke.set()
 
     threading.Thread(target=idle_worker, daemon=True).start()
-    queue = Queue(postgres_url, tmp_path)  # another process's submitter: its own engine, no shared state
+    queue = Queue(postgres_url, tmp_path)  # another process's submitter: its own database, no shared state
     assert waiting.wait(30)
     assert not woke.wait(0.3)  # asleep until something is queued
     queue.submit(queue.keys.create("k").record)
@@ -222,23 +225,23 @@ def test_a_waiting_worker_wakes_on_submit(
 
 
 def test_a_job_leaving_the_fetch_stage_wakes_a_waiting_worker(
-    notify_store: SqlJobStore, postgres_url: str, tmp_path: Path
+    notify_store: SqlClaims, postgres_url: str, tmp_path: Path
 ) -> None:
     queue = Queue(postgres_url, tmp_path)
     job_id = queue.submit(queue.keys.create("k").record)
-    with notify_store._engine.begin() as conn:  # as a submit with a URL input leaves it: not yet queued
+    with notify_store._database.begin() as conn:  # as a submit with a URL input leaves it: not yet queued
         conn.execute(text("UPDATE jobs SET status = 'fetching'"))
     notify_store.wait_for_work(threading.Event(), 0)  # takes the listener's connect wake-up
     stop = threading.Event()
     woke = waiters(notify_store, 1, stop)
-    (leased,) = notify_store.lease_fetches("api-1", 1, 1)
-    assert notify_store.fetched(leased.id, "api-1", leased.params, 256, 256)
+    (leased,) = queue.stores.fetches.lease("api-1", 1, 1)
+    assert queue.stores.fetches.fetched(leased.id, "api-1", leased.params, 256, 256) is FetchOutcome.QUEUED
     assert woke[0].wait(30), "queuing a fetched job did not wake the waiting worker"
     assert notify_store.claim("w").id == job_id  # type: ignore[union-attr]
 
 
 def test_a_notification_between_claims_is_not_lost(
-    notify_store: SqlJobStore, postgres_url: str, tmp_path: Path
+    notify_store: SqlClaims, postgres_url: str, tmp_path: Path
 ) -> None:
     """Queued while the worker was busy (after its last look, before it waits): the wait returns at once."""
     stop, busy, done = threading.Event(), threading.Event(), threading.Event()
@@ -263,7 +266,7 @@ def test_a_notification_between_claims_is_not_lost(
     assert done.wait(30)
 
 
-def waiters(store: SqlJobStore, count: int, stop: threading.Event) -> list[threading.Event]:
+def waiters(store: SqlClaims, count: int, stop: threading.Event) -> list[threading.Event]:
     """``count`` idle worker threads waiting (far longer than any test); each sets its event on waking."""
     work = feed_of(store).work
     woke = [threading.Event() for _ in range(count)]
@@ -279,11 +282,11 @@ def waiters(store: SqlJobStore, count: int, stop: threading.Event) -> list[threa
     return woke
 
 
-def test_each_queued_job_wakes_one_waiting_worker(notify_store: SqlJobStore) -> None:
+def test_each_queued_job_wakes_one_waiting_worker(notify_store: SqlClaims) -> None:
     notify_store.wait_for_work(threading.Event(), 0)  # takes the listener's connect wake-up
     stop = threading.Event()
     woke = waiters(notify_store, 3, stop)
-    with notify_store._engine.begin() as conn:  # e.g. two jobs requeued at once, in one transaction
+    with notify_store._database.begin() as conn:  # e.g. two jobs requeued at once, in one transaction
         for job_id in ("a", "b"):
             conn.execute(text(f"SELECT pg_notify('{CHANNEL}', 'j {job_id} queued 0')"))
     for _ in range(300):
@@ -296,11 +299,11 @@ def test_each_queued_job_wakes_one_waiting_worker(notify_store: SqlJobStore) -> 
 
 
 def test_the_listener_reconnects_after_losing_its_connection(
-    notify_store: SqlJobStore, postgres_url: str, tmp_path: Path
+    notify_store: SqlClaims, postgres_url: str, tmp_path: Path
 ) -> None:
     feed = feed_of(notify_store)
     notify_store.wait_for_work(threading.Event(), 0)
-    with notify_store._engine.begin() as conn:  # as a server restart or a network cut would
+    with notify_store._database.begin() as conn:  # as a server restart or a network cut would
         killed = conn.execute(
             text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
         ).all()
@@ -328,8 +331,8 @@ def test_serve_on_postgres_runs_a_job_through_the_bundled_model(make_server, pos
     body = api.wait(api.job("flux-dev", {"prompt": "a red circle", "width": 256, "height": 256}), timeout=300)
     assert body["status"] == "SUCCESS", body
     assert api.image(body).size == (256, 256)
-    engine = make_engine(postgres_url)
-    with engine.connect() as connection:
+    database = open_database(postgres_url)
+    with database.connect() as connection:
         status = connection.execute(text("SELECT status FROM jobs")).scalars().all()
     assert status == ["succeeded"]
-    engine.dispose()
+    database.dispose()

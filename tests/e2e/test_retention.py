@@ -29,6 +29,7 @@ from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.db.tables import jobs
 from fluxserve.errors import EngineError, JobCanceled
 from fluxserve.jobs.retention import Retention
+from fluxserve.jobs.store import Reaped
 from fluxserve.settings import Settings
 from fluxserve.storage.base import BlobStore
 from fluxserve.storage.signing import UrlSigner
@@ -74,7 +75,7 @@ def submit_with_image(world: World, key: ApiKey) -> Job:
 def services(world: World) -> Services:
     return Services(
         keys=world.keys,
-        jobs=world.store,
+        jobs=world.stores.submissions,
         submitter=world.submitter,
         blobs=world.blobs,
         signer=UrlSigner("secret", 3600),
@@ -122,10 +123,12 @@ def test_inputs_are_deleted_when_the_worker_ends_the_job(world: World, behave, s
 def test_a_worker_that_lost_its_job_keeps_the_inputs_for_the_next(world: World) -> None:
     job = submit_with_image(world, world.key())
     worker = world.worker(Scripted(paint))
-    claimed = world.store.claim(worker.worker_id)
+    claimed = world.stores.claims.claim(worker.worker_id)
     assert claimed is not None
     # It was given back to the queue meanwhile (this worker looked dead): its end is refused.
-    assert world.store.requeue_stale(datetime.now(UTC) + timedelta(seconds=1), max_attempts=3) == 1
+    assert world.stores.claims.requeue_stale(
+        datetime.now(UTC) + timedelta(seconds=1), max_attempts=3
+    ) == Reaped(1)
     worker.process(claimed)
     assert world.blobs.list(f"inputs/{job.id}/")  # the next attempt needs them
     assert run_one(world, worker).status is JobStatus.SUCCEEDED
@@ -146,13 +149,13 @@ def test_inputs_are_deleted_when_the_reaper_fails_a_crash_looping_job(world: Wor
     key = world.key()
     looping, retried = submit_with_image(world, key), submit_with_image(world, key)
     dead = world.worker(Scripted(paint))
-    assert world.store.claim("dead-1") is not None and world.store.claim("dead-2") is not None
+    assert world.stores.claims.claim("dead-1") is not None and world.stores.claims.claim("dead-2") is not None
     long_ago = datetime.now(UTC) - timedelta(hours=1)
-    with world.store._engine.begin() as conn:  # both went silent; one is on its last attempt
+    with world.database.begin() as conn:  # both went silent; one is on its last attempt
         conn.execute(update(jobs).values(heartbeat_at=long_ago))
         conn.execute(update(jobs).where(jobs.c.id == looping.id).values(attempts=3))
     dead._reap()
-    failed, requeued = world.store.get(looping.id), world.store.get(retried.id)
+    failed, requeued = world.stores.reads.get(looping.id), world.stores.reads.get(retried.id)
     assert failed is not None and failed.status is JobStatus.FAILED and "giving up" in (failed.error or "")
     assert requeued is not None and requeued.status is JobStatus.QUEUED
     assert world.blobs.list(f"inputs/{looping.id}/") == []
@@ -167,30 +170,30 @@ def test_the_sweep_removes_a_result_past_the_ttl_and_keeps_a_fresh_one(world: Wo
     worker = world.worker(Scripted(small_paint))
     world.submit(key)
     old = run_one(world, worker)
-    with world.store._engine.begin() as conn:  # it ended two hours ago: no waiting, no race with the clock
+    with world.database.begin() as conn:  # it ended two hours ago: no waiting, no race with the clock
         finished = datetime.now(UTC) - timedelta(hours=2)
         conn.execute(update(jobs).where(jobs.c.id == old.id).values(finished_at=finished))
     world.submit(key)
     fresh = run_one(world, worker)
     assert old.result_key and fresh.result_key
     old_size = len(world.blobs.get(old.result_key))
-    report = Retention(world.store, world.blobs, ttl_seconds=3600).sweep()
+    report = Retention(world.stores.expiry, world.blobs, ttl_seconds=3600).sweep()
     assert (report.results, report.inputs, report.bytes) == (1, 0, old_size)
     assert not world.blobs.exists(old.result_key) and world.blobs.exists(fresh.result_key)
-    expired, kept = world.store.get(old.id), world.store.get(fresh.id)
+    expired, kept = world.stores.reads.get(old.id), world.stores.reads.get(fresh.id)
     assert expired is not None and expired.result_expired_at is not None
     assert expired.status is JobStatus.SUCCEEDED  # the row stays, as it was
     assert kept is not None and kept.result_expired_at is None
-    again = Retention(world.store, world.blobs, ttl_seconds=3600).sweep()  # nothing twice
+    again = Retention(world.stores.expiry, world.blobs, ttl_seconds=3600).sweep()  # nothing twice
     assert (again.results, again.bytes) == (0, 0)
-    assert world.store.get(old.id).result_expired_at == expired.result_expired_at  # type: ignore[union-attr]
+    assert world.stores.reads.get(old.id).result_expired_at == expired.result_expired_at  # type: ignore[union-attr]
 
 
 def test_the_sweep_removes_orphaned_inputs_once_past_the_grace(world: World) -> None:
     active = submit_with_image(world, world.key())  # queued: its inputs are needed
     orphan = f"inputs/{uuid.uuid4()}/input_image.png"  # a submit refused after its upload was stored
     world.blobs.put(orphan, b"x" * 10, "image/png")
-    retention = Retention(world.store, world.blobs, ttl_seconds=3600)
+    retention = Retention(world.stores.expiry, world.blobs, ttl_seconds=3600)
     assert retention.sweep().inputs == 0  # young: maybe a submit whose row is not written yet
     report = retention.sweep(now=datetime.now(UTC) + timedelta(hours=1))
     assert (report.inputs, report.bytes) == (1, 10)
@@ -204,10 +207,10 @@ def test_an_expired_job_reads_as_such_in_both_dialects(world: World) -> None:
     deps = services(world)
     assert render_job(done, deps)["data"]["imageUrl"] is not None
     assert done.finished_at is not None
-    Retention(world.store, world.blobs, ttl_seconds=7 * 86400).sweep(
+    Retention(world.stores.expiry, world.blobs, ttl_seconds=7 * 86400).sweep(
         now=done.finished_at + timedelta(days=7, minutes=3)
     )
-    expired = world.store.get(done.id)
+    expired = world.stores.reads.get(done.id)
     assert expired is not None
     body = render_job(expired, deps)
     assert body["status"] == "SUCCESS" and body["data"]["imageUrl"] is None
@@ -250,7 +253,7 @@ def test_prune_from_the_command_line(world: World, tmp_path: Path) -> None:
     for _ in range(3):
         world.submit(key)
         done.append(run_one(world, worker))
-    with world.store._engine.begin() as conn:  # two of them ended two hours ago
+    with world.database.begin() as conn:  # two of them ended two hours ago
         ids = [job.id for job in done[:2]]
         conn.execute(
             update(jobs).where(jobs.c.id.in_(ids)).values(finished_at=datetime.now(UTC) - timedelta(hours=2))
@@ -266,8 +269,12 @@ def test_prune_from_the_command_line(world: World, tmp_path: Path) -> None:
     out = prune(world, tmp_path, "--older-than", "3600")
     assert out == f"removed 2 result(s) and 1 orphaned input file(s): {sizes + 100} bytes"
     assert stored(world.blobs) == sorted([done[2].result_key, young])  # type: ignore[type-var]
-    assert [world.store.get(job.id).result_expired_at is not None for job in done] == [True, True, False]  # type: ignore[union-attr]
-    pruned = world.store.get(done[0].id)
+    assert [world.stores.reads.get(job.id).result_expired_at is not None for job in done] == [
+        True,
+        True,
+        False,
+    ]  # type: ignore[union-attr]
+    pruned = world.stores.reads.get(done[0].id)
     assert pruned is not None and pruned.result_expired is not None
     assert pruned.result_expired.startswith(
         "Result deleted after 2 hours by the server's operator (fluxserve prune)"
@@ -286,7 +293,7 @@ def test_prune_from_the_command_line(world: World, tmp_path: Path) -> None:
 def test_disk_use_stays_bounded_to_the_recent_results(world: World) -> None:
     key = world.key("1000")
     worker = world.worker(Scripted(paint))
-    retention = Retention(world.store, world.blobs, ttl_seconds=60)
+    retention = Retention(world.stores.expiry, world.blobs, ttl_seconds=60)
     recent: list[Job] = []
     for round_ in range(3):  # three rounds of work, a sweep after each as the server's loop does
         recent = []

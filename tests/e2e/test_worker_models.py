@@ -16,25 +16,27 @@ from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.catalog import Catalog
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import jobs
 from fluxserve.engines.registry import EngineRegistry
-from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
+from fluxserve.wiring import make_stores
 from tests.support.engine_fixtures import tiny_weights
 from tests.support.tiny_pipelines import tiny_pipeline
 
 
 class Queue:
     def __init__(self, url: str, root: Path) -> None:
-        self.database = make_engine(url)
+        self.database = open_database(url)
         migrate(self.database)
-        self.store = SqlJobStore(self.database)
+        self.stores = make_stores(self.database)
         self.key = KeyStore(self.database).create("k", Decimal(1000)).record
         limits = Limits(1000, {}, 2**20, 2**22)
-        self.submitter = Submitter(self.store, LocalBlobStore(root / "files"), limits, NetworkPolicy([]))
+        self.submitter = Submitter(
+            self.stores.submissions, LocalBlobStore(root / "files"), limits, NetworkPolicy([])
+        )
 
     def submit(self, *models: str, key: ApiKey | None = None) -> list[str]:
         """One job per model named, in that order (one key: they keep that order in the fair queue)."""
@@ -51,13 +53,13 @@ class Queue:
 
     def age(self, job_id: str, by: timedelta) -> None:
         """Make a job look ``by`` older, as if it had waited that much longer."""
-        job = self.store.get(job_id)
+        job = self.stores.reads.get(job_id)
         assert job is not None and job.created_at is not None
         with self.database.begin() as conn:
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(created_at=job.created_at - by))
 
     def claim(self, *args: object, **kwargs: object) -> str | None:
-        job = self.store.claim("w", *args, **kwargs)  # type: ignore[arg-type]
+        job = self.stores.claims.claim("w", *args, **kwargs)  # type: ignore[arg-type]
         return job.id if job is not None else None
 
 

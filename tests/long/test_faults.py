@@ -31,7 +31,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from fluxserve.db.connection import Timeouts, make_engine
+from fluxserve.db.connection import Timeouts, open_database
 from fluxserve.jobs.outage import database_away
 from tests.conftest import ServerProcess
 from tests.support.pg_server import PostgresCluster, required_binaries
@@ -396,13 +396,13 @@ def test_s3_refusing_a_result_is_waited_for_not_a_failed_job(make_server, tmp_pa
 def test_a_slow_statement_ends_at_its_timeout_as_the_database_away(postgres_url: str) -> None:
     """``statement_timeout`` reaches the server (a request cannot hold a connection for minutes), and
     its error is one the API answers with a 503, unlike an error of the statement itself."""
-    engine = make_engine(postgres_url, Timeouts(statement=0.2))
+    database = open_database(postgres_url, Timeouts(statement=0.2))
     try:
-        with pytest.raises(OperationalError) as slow, engine.connect() as conn:
+        with pytest.raises(OperationalError) as slow, database.connect() as conn:
             conn.execute(text("SELECT pg_sleep(5)"))
         assert "statement timeout" in str(slow.value) and database_away(slow.value)
-        with pytest.raises(ProgrammingError) as wrong, engine.connect() as conn:
+        with pytest.raises(ProgrammingError) as wrong, database.connect() as conn:
             conn.execute(text("SELECT * FROM no_such_table"))
         assert not database_away(wrong.value)
     finally:
-        engine.dispose()
+        database.dispose()

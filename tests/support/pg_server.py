@@ -22,10 +22,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from tests.conftest import free_port
 
 TEMPLATE = "fluxserve_template"
@@ -94,7 +94,7 @@ class PostgresCluster:
             self.port = free_port()
         else:
             raise RuntimeError(f"postgres did not start: {self.log()}")
-        template = make_engine(self.url(TEMPLATE))
+        template = open_database(self.url(TEMPLATE))
         migrate(template)
         template.dispose()  # a template must have no connections while it is copied
 
@@ -215,3 +215,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'fluxserve.db'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Engine]:
+    """The test's database on each of them, migrated; disposed of after the test."""
+    database = open_database(database_url)
+    migrate(database)
+    yield database
+    database.dispose()

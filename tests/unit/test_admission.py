@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -12,13 +13,11 @@ import pytest
 from PIL import Image
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
-from fluxserve.core.job import Job
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams, ImageRef
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
-from fluxserve.jobs.store import Idempotency
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store_sql import SqlSubmissions
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
@@ -32,28 +31,29 @@ def png() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-class LosesTheRace(SqlJobStore):
-    """Admits, then refuses in the final transaction, as when another submit spent the credits between."""
+class Meanwhile(LocalBlobStore):
+    """Local files; the first image stored runs ``meanwhile`` first: what another request does between a
+    submit's admission and its final transaction."""
 
-    def submit(
-        self,
-        job: Job,
-        max_active: int,
-        max_active_model: int | None = None,
-        idempotency: Idempotency | None = None,
-    ) -> Job:
-        raise QuotaExceeded()
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.meanwhile: Callable[[], object] | None = None
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        if self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        super().put(key, data, content_type)
 
 
-def setup(
-    url: str, tmp_path: Path, store_class: type[SqlJobStore] = SqlJobStore
-) -> tuple[Submitter, KeyStore, Path]:
-    database = make_engine(url)
+def setup(url: str, tmp_path: Path, blobs: LocalBlobStore | None = None) -> tuple[Submitter, KeyStore, Path]:
+    database = open_database(url)
     migrate(database)
     limits = Limits(2, {"flux-kontext-max": 1}, 2**20, 2**22)
     files = tmp_path / "files"
+    submissions = SqlSubmissions(database)
     return (
-        Submitter(store_class(database), LocalBlobStore(files), limits, NetworkPolicy()),
+        Submitter(submissions, blobs or LocalBlobStore(files), limits, NetworkPolicy()),
         KeyStore(database),
         files,
     )
@@ -91,8 +91,12 @@ def test_a_key_at_its_limit_is_refused_before_work(database_url: str, tmp_path: 
 
 
 def test_a_submit_refused_in_its_final_transaction_leaves_no_file(database_url: str, tmp_path: Path) -> None:
-    submitter, keys, files = setup(database_url, tmp_path, LosesTheRace)
-    key = keys.create("racer", Decimal("100")).record
+    blobs = Meanwhile(tmp_path / "files")
+    submitter, keys, files = setup(database_url, tmp_path, blobs)
+    key = keys.create("racer", Decimal("8")).record  # kontext-max's price: admitted
+    text_only = GenerationParams(model="flux-dev", prompt="p", width=256, height=256)  # 2.5 credits
+    blobs.meanwhile = lambda: submitter.submit(key, text_only, 1, None, Dialect.RESELLER)
     with pytest.raises(QuotaExceeded):
         submitter.submit(key, kontext(png()), 1, None, Dialect.RESELLER)
+    assert blobs.meanwhile is None  # the other submit ran, between admission and the final transaction
     assert stored(files) == []

@@ -37,7 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "client": {"errors"},
     "accounts": {"db", "webhooks"},
     "surfaces": {"core"},
-    "webhooks": {"db", "errors", "safety"},
+    "webhooks": {"core", "db", "errors", "jobs", "safety"},
     "jobs": {"accounts", "core", "db", "errors", "safety", "storage"},
     "wiring": {"db", "jobs", "settings", "storage"},
     "api": {"accounts", "core", "errors", "jobs", "storage", "surfaces"},

@@ -21,7 +21,7 @@ from typer.testing import CliRunner, Result
 from fluxserve import __version__
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.cli import app
-from fluxserve.db.connection import MIGRATIONS, make_engine, migrate, utcnow
+from fluxserve.db.connection import MIGRATIONS, migrate, open_database, utcnow
 from fluxserve.db.tables import api_keys, jobs
 
 
@@ -152,7 +152,7 @@ def test_jobs_and_usage_per_key_model_and_day(tmp_path: Path, database_url: str)
     cli = Cli(tmp_path / "data", database_url)
     dave = cli.key("dave", "100")["id"]
     erin = cli.key("erin")["id"]
-    database = make_engine(database_url)
+    database = open_database(database_url)
     ok = _job(database, dave, "flux-dev", "succeeded", 250)
     _job(database, dave, "flux-dev", "failed", 250)
     _job(database, dave, "flux-kontext-pro", "succeeded", 400, days_ago=1)
@@ -189,7 +189,7 @@ def test_jobs_and_usage_per_key_model_and_day(tmp_path: Path, database_url: str)
 
 
 def test_migration_renames_live_keys_that_share_a_name(tmp_path: Path) -> None:
-    database = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    database = open_database(f"sqlite:///{tmp_path / 'old.db'}")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with database.begin() as conn:
@@ -224,13 +224,13 @@ def test_rotate_gives_a_new_secret_and_keeps_the_key_its_credits_and_jobs(
     """On SQLite and PostgreSQL."""
     cli = Cli(tmp_path / "data", database_url)
     old = cli.key("frank", "10")
-    job = _job(make_engine(database_url), old["id"], "flux-dev", "succeeded", 250)
+    job = _job(open_database(database_url), old["id"], "flux-dev", "succeeded", 250)
     new = cli.json("keys", "rotate", "frank", "--json")
     assert new["key"] != old["key"] and new["prefix"] == new["key"][:10] != old["prefix"]
     assert {name: new[name] for name in ("id", "name", "credits", "webhook_secret")} == {
         name: old[name] for name in ("id", "name", "credits", "webhook_secret")
     }
-    store = KeyStore(make_engine(database_url))
+    store = KeyStore(open_database(database_url))
     assert store.authenticate(old["key"]) is None
     authenticated = store.authenticate(new["key"])
     assert authenticated is not None and authenticated.id == old["id"]
@@ -238,7 +238,7 @@ def test_rotate_gives_a_new_secret_and_keeps_the_key_its_credits_and_jobs(
         line["id"] for line in map(json.loads, cli("jobs", "--key", "frank", "--json").stdout.splitlines())
     ] == [job]
     quiet = cli("keys", "rotate", old["id"], "-q").stdout.strip()
-    store = KeyStore(make_engine(database_url))  # a fresh cache (a serving process hears of it by its feed)
+    store = KeyStore(open_database(database_url))  # a fresh cache (a serving process hears of it by its feed)
     assert store.authenticate(new["key"]) is None and store.authenticate(quiet) is not None
 
 
@@ -250,14 +250,15 @@ def test_rotate_refuses_a_revoked_key_and_an_unknown_name(cli: Cli) -> None:
         refused.stdout == "" and "gone is revoked: `fluxserve keys create` makes a new key" in refused.stderr
     )
     assert (
-        KeyStore(make_engine(f"sqlite:///{cli.data_dir / 'fluxserve.db'}")).authenticate(gone["key"]) is None
+        KeyStore(open_database(f"sqlite:///{cli.data_dir / 'fluxserve.db'}")).authenticate(gone["key"])
+        is None
     )
     assert "no key named 'nobody'" in cli("keys", "rotate", "nobody", code=1).stderr
 
 
 def test_jobs_status_takes_the_words_of_either_dialect(cli: Cli) -> None:
     grace = cli.key("grace")["id"]
-    database = make_engine(f"sqlite:///{cli.data_dir / 'fluxserve.db'}")
+    database = open_database(f"sqlite:///{cli.data_dir / 'fluxserve.db'}")
     made = {
         status: _job(database, grace, "flux-dev", status, 250)
         for status in ("queued", "running", "succeeded", "failed", "canceled", "content_moderated")

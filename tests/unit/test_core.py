@@ -15,7 +15,7 @@ from fluxserve.core.models import MODELS
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import format_credits
 from fluxserve.core.sizes import SizeRule, kontext_size, output_size, parse_aspect_ratio, ultra_size
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import metadata
 from fluxserve.settings import Settings
 
@@ -143,9 +143,9 @@ def test_catalog_refuses_unknown_keys(tmp_path: Path) -> None:
 
 
 def test_migrations_build_exactly_the_declared_schema(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    migrate(engine)
-    migrate(engine)  # idempotent
-    with engine.connect() as connection:
+    database = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(database)
+    migrate(database)  # idempotent
+    with database.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), metadata)
     assert diff == []

@@ -14,7 +14,7 @@ from sqlalchemy import insert, select
 from fluxserve.accounts.keys import OPERATOR
 from fluxserve.core.job import JobStatus
 from fluxserve.db import ledger
-from fluxserve.db.connection import MIGRATIONS, make_engine, migrate, utcnow
+from fluxserve.db.connection import MIGRATIONS, migrate, open_database, utcnow
 from fluxserve.db.tables import api_keys, credit_ledger
 from fluxserve.jobs.fetching import InputFetcher
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
@@ -28,19 +28,19 @@ blobs = test_worker_inprocess.blobs
 
 
 def entries(world: World, key_id: str) -> list[tuple[str, int, str | None, str | None]]:
-    engine = world.keys.engine
+    database = world.keys.database
     query = (
         select(credit_ledger.c.kind, credit_ledger.c.amount_hundredths, credit_ledger.c.job_id,
                credit_ledger.c.operator)
         .where(credit_ledger.c.key_id == key_id)
         .order_by(credit_ledger.c.id)
     )  # fmt: skip
-    with engine.connect() as conn:
+    with database.connect() as conn:
         return [tuple(row) for row in conn.execute(query)]  # type: ignore[misc]
 
 
 def assert_balanced(world: World, key_id: str) -> None:
-    with world.keys.engine.connect() as conn:
+    with world.keys.database.connect() as conn:
         balance = conn.execute(select(api_keys.c.credits_hundredths).where(api_keys.c.id == key_id)).scalar()
         assert balance == ledger.entries_sum(conn, key_id)
 
@@ -50,16 +50,16 @@ def test_every_change_is_an_entry_and_the_entries_add_up_to_the_balance(world: W
     kept = world.submit(key, steps=1)  # flux-dev: 2.5 credits
     refunded = world.submit(key, steps=1)
     canceled = world.submit(key, steps=1)
-    assert world.store.finish(kept.id, None, JobStatus.SUCCEEDED, result_key="r.png")
-    assert world.store.finish(refunded.id, None, JobStatus.FAILED, error="boom")
-    assert world.store.cancel(canceled.id, key.id) is not None
+    assert world.end(kept, JobStatus.SUCCEEDED, result_key="r.png")
+    assert world.end(refunded, JobStatus.FAILED, error="boom")
+    assert world.stores.submissions.cancel(canceled.id, key.id) is not None
     url = {"field": "input_image", "ref": f"{origin}/png/64x64"}  # held at the 4 MP bound, then repriced
     fetched = world.submit(key, model="flux-2-max", input_images=[url], width=1024, height=1024, steps=None)
     stage = InputFetcher(
-        world.store, world.blobs, NetworkPolicy(parse_networks("127.0.0.0/8")), max_bytes=2**20,
+        world.stores.fetches, world.blobs, NetworkPolicy(parse_networks("127.0.0.0/8")), max_bytes=2**20,
         max_pixels=2**22, timeout=5, concurrency=1, per_key=1,
     )  # fmt: skip
-    (leased,) = world.store.lease_fetches(stage.owner, 1, 1)
+    (leased,) = world.stores.fetches.lease(stage.owner, 1, 1)
     asyncio.run(stage.fetch(leased))
     world.keys.add_credits(key, Decimal("10"), operator="cli:alice")
     world.keys.take_credits(world.keys.get(key.id), Decimal("3"), operator="cli:bob")  # type: ignore[arg-type]
@@ -86,7 +86,7 @@ def test_every_change_is_an_entry_and_the_entries_add_up_to_the_balance(world: W
 def test_an_unlimited_key_that_gets_a_balance_is_balanced_from_then_on(world: World) -> None:
     key = world.keys.create("unlimited").record
     job = world.submit(key, steps=1)
-    assert world.store.finish(job.id, None, JobStatus.FAILED, error="boom")  # its hold and refund: entries
+    assert world.end(job, JobStatus.FAILED, error="boom")  # its hold and refund: entries
     world.keys.set_credits(key, Decimal("5"))
     assert_balanced(world, key.id)
     world.keys.set_credits(world.keys.get(key.id), None)  # type: ignore[arg-type]
@@ -95,10 +95,10 @@ def test_an_unlimited_key_that_gets_a_balance_is_balanced_from_then_on(world: Wo
 
 
 def test_the_migration_opens_each_finite_balance_with_a_set_entry(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    database = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
+    with database.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, "0011")
         row = {"name": "n", "key_prefix": "p", "webhook_secret": "s", "active": True, "created_at": utcnow()}
@@ -106,8 +106,8 @@ def test_the_migration_opens_each_finite_balance_with_a_set_entry(tmp_path: Path
             {**row, "id": "finite", "key_hash": "h1", "name": "a", "credits_hundredths": 1234},
             {**row, "id": "unlimited", "key_hash": "h2", "name": "b", "credits_hundredths": None},
         ])  # fmt: skip
-    migrate(engine)
-    with engine.connect() as conn:
+    migrate(database)
+    with database.connect() as conn:
         rows = conn.execute(
             select(credit_ledger.c.key_id, credit_ledger.c.kind, credit_ledger.c.amount_hundredths)
         )
@@ -117,8 +117,8 @@ def test_the_migration_opens_each_finite_balance_with_a_set_entry(tmp_path: Path
 def test_usage_reports_from_the_ledger_and_survives_pruning_job_rows(world: World, tmp_path: Path) -> None:
     key = world.key("100")
     kept, refunded = world.submit(key, steps=1), world.submit(key, steps=1)
-    assert world.store.finish(kept.id, None, JobStatus.SUCCEEDED, result_key="r.png")
-    assert world.store.finish(refunded.id, None, JobStatus.FAILED, error="boom")
+    assert world.end(kept, JobStatus.SUCCEEDED, result_key="r.png")
+    assert world.end(refunded, JobStatus.FAILED, error="boom")
     world.keys.add_credits(key, Decimal("10"))
     cli = Cli(tmp_path / "data", world.database_url)
     expected = [
@@ -130,7 +130,7 @@ def test_usage_reports_from_the_ledger_and_survives_pruning_job_rows(world: Worl
     assert today["charged"] == "2.5" and today["operator"] == "110"
 
     assert "removed 2 job record(s)" in cli("prune", "--rows-older-than", "0").stdout
-    assert world.store.get(kept.id) is None and world.store.get(refunded.id) is None
+    assert world.stores.reads.get(kept.id) is None and world.stores.reads.get(refunded.id) is None
     assert cli.json("usage", "--by", "model", "--key", key.name, "--json") == expected
     assert_balanced(world, key.id)
     assert [kind for kind, *_ in entries(world, key.id)] == ["set", "topup", "summary"]

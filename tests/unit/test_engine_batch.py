@@ -5,18 +5,21 @@ from __future__ import annotations
 from collections.abc import Hashable
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.params import GenerationParams
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.engines.base import EngineRequest
 from fluxserve.engines.flux.engine import DiffusersFluxEngine
 from fluxserve.engines.flux.planning import Plan, Planner
 from fluxserve.errors import EngineError, JobCanceled
-from fluxserve.jobs.store import Drawn
+from fluxserve.wiring import make_stores
 from fluxserve.worker.runner import Worker
 from tests.support.engine_fixtures import Recorder, entry, gradient, png, request, solid, tiny_weights
 
@@ -92,36 +95,6 @@ def test_a_canceled_job_leaves_the_batch_and_the_others_finish(engine: Diffusers
     assert everyone[0].fractions == [1 / 3, 2 / 3]  # stopped as soon as nobody was left
 
 
-class FakeStore:
-    """The job store calls a worker makes while it runs a claimed job and the jobs claimed with it."""
-
-    def __init__(self, similar: list[Job]) -> None:
-        self.similar = similar
-        self.finished: dict[str, tuple[JobStatus, str | None, dict[str, Any] | None]] = {}
-
-    def claim_similar(self, worker_id: str, model: str, width: int, height: int, limit: int) -> list[Job]:
-        return self.similar[:limit]
-
-    def heartbeat(self, job_id: str, worker_id: str, progress: float | None = None) -> tuple[bool, bool]:
-        return True, False
-
-    def update_running(self, job_id: str, worker_id: str, **fields: Any) -> None:
-        pass
-
-    def finish(
-        self,
-        job_id: str,
-        worker_id: str,
-        status: JobStatus,
-        error: str | None = None,
-        result_key: str | None = None,
-        details: dict[str, Any] | None = None,
-        drawn: Drawn | None = None,
-    ) -> bool:
-        self.finished[job_id] = (status, error, details)
-        return True
-
-
 class OneEngine:
     def __init__(self, engine: DiffusersFluxEngine) -> None:
         self.engine = engine
@@ -158,7 +131,7 @@ def job(index: int, **fields: Any) -> Job:
 
 
 def test_the_worker_plans_each_request_once_in_a_batched_run(
-    engine: DiffusersFluxEngine, monkeypatch: pytest.MonkeyPatch
+    engine: DiffusersFluxEngine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Keying a batch and running it use the one plan made per request; a refused one fails alone."""
     planned: list[int] = []
@@ -169,11 +142,17 @@ def test_the_worker_plans_each_request_once_in_a_batched_run(
         return plan(self, request)
 
     monkeypatch.setattr(Planner, "plan", counting)
+    database = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(database)
+    stores = make_stores(database)
+    key = KeyStore(database).create("k").record
     refused = job(3, input_images=["https://example.com/in.png"])  # flux-dev takes no input image
-    store = FakeStore([job(1), refused, job(2)])
+    for queued in (job(0), job(1), refused, job(2)):  # as they were written, in this order
+        queued.key_id = key.id
+        stores.submissions.submit(queued, max_active=10)
     worker = Worker(
         "w",
-        store,  # type: ignore[arg-type]
+        stores.claims,
         OneEngine(engine),  # type: ignore[arg-type]
         Blobs(),  # type: ignore[arg-type]
         Inputs(),  # type: ignore[arg-type]
@@ -184,13 +163,16 @@ def test_the_worker_plans_each_request_once_in_a_batched_run(
         max_attempts=3,
         poll_seconds=1,
     )
-    worker.process(job(0))
+    first = stores.claims.claim("w")
+    assert first is not None and first.id == "job-0"
+    worker.process(first)
     assert sorted(planned) == [0, 1, 2, 3]  # once each: not again for batch_key, generate or generate_batch
-    outcomes = {job_id: (status, error) for job_id, (status, error, _) in store.finished.items()}
+    ended = {f"job-{i}": stores.reads.get(f"job-{i}") for i in range(4)}
+    outcomes = {job_id: (done.status, done.error) for job_id, done in ended.items() if done is not None}
     assert outcomes == {
         "job-0": (JobStatus.SUCCEEDED, None),
         "job-1": (JobStatus.SUCCEEDED, None),
         "job-2": (JobStatus.SUCCEEDED, None),
         "job-3": (JobStatus.FAILED, "input_image: flux-dev does not take input images"),
     }
-    assert {store.finished[f"job-{i}"][2]["batch_size"] for i in range(3)} == {3}  # type: ignore[index]
+    assert {ended[f"job-{i}"].details["batch_size"] for i in range(3)} == {3}  # type: ignore[union-attr]

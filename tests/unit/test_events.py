@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from fastapi.testclient import TestClient
@@ -21,6 +21,7 @@ from fluxserve.api.deps import Services
 from fluxserve.api.events import EventId, EventStreams
 from fluxserve.app import create_app
 from fluxserve.core.job import JobStatus
+from fluxserve.jobs.store import Claims
 from fluxserve.settings import Settings
 
 WORKER = "worker-1"
@@ -66,11 +67,16 @@ def submit(client: TestClient, key: str) -> str:
     return str(response.json()["data"]["jobId"])
 
 
-def drain(services: Services) -> None:
+def claims(client: TestClient) -> Claims:
+    """The app's store in a worker's role: these tests play the worker."""
+    return cast(Claims, client.app.state.runtime.stores.claims)  # type: ignore[attr-defined]
+
+
+def drain(client: TestClient) -> None:
     """End every queued job (earlier tests' too), so that a test's own job is next in line and the only
     one a requeue puts back."""
-    while (job := services.jobs.claim("drain")) is not None:
-        services.jobs.finish(job.id, "drain", JobStatus.CANCELED)
+    while (job := claims(client).claim("drain")) is not None:
+        claims(client).finish(job.id, "drain", JobStatus.CANCELED)
 
 
 def follow(
@@ -107,7 +113,7 @@ def test_reseller_stream_follows_the_job_from_queue_to_result(
 ) -> None:
     client, services = app_client
     key = services.keys.create("life", Decimal(100)).key
-    drain(services)
+    drain(client)
     first, second = submit(client, key), submit(client, key)
     assert (
         client.get("/flux/fetch", params={"jobId": second}, headers={"TT-API-KEY": key}).json()["data"][
@@ -117,7 +123,7 @@ def test_reseller_stream_follows_the_job_from_queue_to_result(
     )
 
     def finish() -> None:
-        services.jobs.finish(second, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
+        claims(client).finish(second, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
 
     response, body = follow(
         client,
@@ -125,8 +131,8 @@ def test_reseller_stream_follows_the_job_from_queue_to_result(
         {"jobId": second},
         {"TT-API-KEY": key},
         lambda: client.post("/flux/cancel", json={"jobId": first}, headers={"TT-API-KEY": key}),
-        lambda: services.jobs.claim(WORKER),
-        lambda: services.jobs.heartbeat(second, WORKER, 0.5),
+        lambda: claims(client).claim(WORKER),
+        lambda: claims(client).heartbeat(second, WORKER, 0.5),
         finish,
     )
     assert response.status_code == 200
@@ -162,26 +168,26 @@ def test_reseller_stream_follows_the_job_from_queue_to_result(
 def test_vendor_stream_ends_with_get_result_and_a_requeued_job_keeps_ids_growing(
     app_client: tuple[TestClient, Services], key: str
 ) -> None:
-    client, services = app_client
-    drain(services)
+    client, _ = app_client
+    drain(client)
     response = client.post("/v1/flux-dev", json={"prompt": "a cat"}, headers={"x-key": key})
     job_id = response.json()["id"]
     pending = client.get("/v1/get_result", params={"id": job_id}, headers={"x-key": key}).json()
     assert pending["details"] == {"queue_position": 0}
 
     def crash() -> None:  # the worker stops heartbeating: its job goes back to the queue
-        services.jobs.requeue_stale(datetime.now(UTC) + timedelta(seconds=1), max_attempts=3)
+        claims(client).requeue_stale(datetime.now(UTC) + timedelta(seconds=1), max_attempts=3)
 
     _, body = follow(
         client,
         "/v1/events",
         {"id": job_id},
         {"x-key": key},
-        lambda: services.jobs.claim(WORKER),
-        lambda: services.jobs.heartbeat(job_id, WORKER, 0.25),
+        lambda: claims(client).claim(WORKER),
+        lambda: claims(client).heartbeat(job_id, WORKER, 0.25),
         crash,
-        lambda: services.jobs.claim("worker-2"),
-        lambda: services.jobs.finish(job_id, "worker-2", JobStatus.FAILED, error="engine broke"),
+        lambda: claims(client).claim("worker-2"),
+        lambda: claims(client).finish(job_id, "worker-2", JobStatus.FAILED, error="engine broke"),
     )
     events = parse(body)
     assert [event["event"] for event in events] == [
@@ -256,7 +262,7 @@ def test_idle_streams_read_nothing_until_their_job_changes(
     client, services = app_client
     monkeypatch.setattr("fluxserve.api.events.PING_SECONDS", 0.25)
     streams: EventStreams = client.app.state.event_streams  # type: ignore[attr-defined]
-    engine = client.app.state.runtime.database  # type: ignore[attr-defined]
+    database = client.app.state.runtime.database  # type: ignore[attr-defined]
     published: set[str] = set()  # the jobs whose changes the feed has handed to its subscribers
     fed = threading.Condition()
 
@@ -266,10 +272,10 @@ def test_idle_streams_read_nothing_until_their_job_changes(
             fed.notify_all()
 
     client.app.state.runtime.feed.subscribe(publish)  # type: ignore[attr-defined]
-    drain(services)
+    drain(client)
     keys = [services.keys.create(f"idle-{index}", Decimal(10)).key for index in range(2)]
     still = submit(client, keys[1])
-    assert services.jobs.claim("busy-worker") is not None  # running, and stays at its progress
+    assert claims(client).claim("busy-worker") is not None  # running, and stays at its progress
     moving = submit(client, keys[0])
     with fed:  # the feed has published every change so far (in order): none reaches the streams late
         assert fed.wait_for(lambda: moving in published, 30), "the feed never published the submit"
@@ -314,16 +320,16 @@ def test_idle_streams_read_nothing_until_their_job_changes(
         for _ in threads:  # every stream has read and sent its first event: from here on they are idle
             assert first_events.acquire(timeout=30), "a stream sent no first event"
         pings_more(1)  # the read the last stream's opening asked for, if still under way, has ended
-        event.listen(engine, "before_cursor_execute", count)
+        event.listen(database, "before_cursor_execute", count)
         try:
             pings_more(2)  # half a second, ten position intervals, in which every stream is awake
             assert reads == {moving: [], still: []}, "an idle stream read its job"
-            services.jobs.claim(WORKER)  # the first job changes twice
-            services.jobs.finish(moving, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
+            claims(client).claim(WORKER)  # the first job changes twice
+            claims(client).finish(moving, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
             for thread in threads:
                 thread.join(30)
         finally:
-            event.remove(engine, "before_cursor_execute", count)
+            event.remove(database, "before_cursor_execute", count)
     finally:
         streams.idle_seconds, streams.max_per_key = idle, per_key
     assert [parse(body)[-1]["event"] for body in bodies[moving]] == ["result"] * 6
@@ -364,7 +370,7 @@ def test_a_change_in_the_listeners_gap_still_reaches_the_stream(postgres_url: st
         services: Services = app.state.services
         key = services.keys.create("gap", Decimal(10)).key
         job_id = submit(client, key)
-        assert services.jobs.claim(WORKER) is not None
+        assert runtime.stores.claims.claim(WORKER) is not None
         bodies: list[str] = []
         running_sent = threading.Event()
         thread = threading.Thread(
@@ -383,7 +389,7 @@ def test_a_change_in_the_listeners_gap_still_reaches_the_stream(postgres_url: st
         assert killed == [(True,)]
         while runtime.feed._ready.is_set() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert services.jobs.finish(job_id, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
+        assert runtime.stores.claims.finish(job_id, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png")
         assert not runtime.feed._ready.is_set(), "the feed listened again before the change: no gap"
         thread.join(30)
     assert [event["event"] for event in parse(bodies[0])] == ["running", "result"]

@@ -1,6 +1,6 @@
 """The change feed on SQLite and PostgreSQL: what it learns (jobs, keys), what it leaves out (heartbeats),
 and what it wakes (idle workers, the fetch stage, the webhook dispatcher); each change is made by another
-engine, as another process would."""
+database, as another process would."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from sqlalchemy import Engine, insert
 
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.job import JobStatus
-from fluxserve.db.connection import make_engine, migrate, utcnow
+from fluxserve.db.connection import migrate, open_database, utcnow
 from fluxserve.db.tables import jobs
 from fluxserve.jobs.feed import ChangeFeed, JobChange, wake_on, webhook_due
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store_sql import SqlClaims, SqlJobReads
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
 from fluxserve.wiring import make_feed
@@ -58,9 +58,9 @@ class Heard:
 
 
 @pytest.fixture
-def engines(database_url: str) -> Iterator[tuple[Engine, Engine]]:
-    """(the feed's engine, another process's engine) on one migrated database."""
-    mine, other = make_engine(database_url), make_engine(database_url)
+def databases(database_url: str) -> Iterator[tuple[Engine, Engine]]:
+    """(the feed's database, another process's database) on one migrated database."""
+    mine, other = open_database(database_url), open_database(database_url)
     migrate(other)
     yield mine, other
     mine.dispose()
@@ -68,8 +68,8 @@ def engines(database_url: str) -> Iterator[tuple[Engine, Engine]]:
 
 
 @pytest.fixture
-def feed(engines: tuple[Engine, Engine]) -> Iterator[ChangeFeed]:
-    instance = make_feed(engines[0])
+def feed(databases: tuple[Engine, Engine]) -> Iterator[ChangeFeed]:
+    instance = make_feed(databases[0])
     yield instance
     instance.close()
 
@@ -88,12 +88,12 @@ def add_job(database: Engine, key_id: str, status: str = "queued", webhook: str 
 
 
 def test_the_feed_names_each_change_of_a_job_and_a_key_but_not_a_heartbeat(
-    feed: ChangeFeed, engines: tuple[Engine, Engine]
+    feed: ChangeFeed, databases: tuple[Engine, Engine]
 ) -> None:
     heard = Heard(feed)
     assert feed.ready(30)
-    other = engines[1]
-    store, keys = SqlJobStore(other), KeyStore(other)
+    other = databases[1]
+    store, keys = SqlClaims(other), KeyStore(other)
     key = keys.create("k", Decimal(10)).record
     job_id = add_job(other, key.id, webhook="http://127.0.0.1:9/hook")
     heard.until(lambda: JobChange(job_id, JobStatus.QUEUED, True) in heard.jobs, "the queued job")
@@ -119,7 +119,7 @@ def test_the_feed_names_each_change_of_a_job_and_a_key_but_not_a_heartbeat(
 
 
 def test_an_idle_worker_wakes_when_another_process_queues_a_job(
-    feed: ChangeFeed, engines: tuple[Engine, Engine]
+    feed: ChangeFeed, databases: tuple[Engine, Engine]
 ) -> None:
     stop, waiting, woke = threading.Event(), threading.Event(), threading.Event()
     assert feed.ready(30)
@@ -132,38 +132,38 @@ def test_an_idle_worker_wakes_when_another_process_queues_a_job(
 
     threading.Thread(target=idle_worker, daemon=True).start()
     assert waiting.wait(30)
-    key = KeyStore(engines[1]).create("k").record
-    add_job(engines[1], key.id, status="fetching")  # not for workers: they sleep on
+    key = KeyStore(databases[1]).create("k").record
+    add_job(databases[1], key.id, status="fetching")  # not for workers: they sleep on
     assert not woke.wait(0.5)
-    add_job(engines[1], key.id)
+    add_job(databases[1], key.id)
     assert woke.wait(30), "a queued job did not wake the idle worker"
     stop.set()
 
 
-def test_a_failing_subscriber_stops_no_other(feed: ChangeFeed, engines: tuple[Engine, Engine]) -> None:
+def test_a_failing_subscriber_stops_no_other(feed: ChangeFeed, databases: tuple[Engine, Engine]) -> None:
     def broken(_: Sequence[JobChange] | None) -> None:
         raise RuntimeError("a subscriber's bug")
 
     feed.subscribe(broken)
     heard = Heard(feed)
     assert feed.ready(30)
-    job_id = add_job(engines[1], KeyStore(engines[1]).create("k").record.id)
+    job_id = add_job(databases[1], KeyStore(databases[1]).create("k").record.id)
     heard.until(lambda: bool(heard.of(job_id)), "the job")
 
 
 def test_a_job_that_ends_with_a_webhook_wakes_the_dispatcher_at_once(
-    feed: ChangeFeed, engines: tuple[Engine, Engine]
+    feed: ChangeFeed, databases: tuple[Engine, Engine]
 ) -> None:
     """The dispatcher polls only every 600 s here: the delivery goes out because the finish woke it."""
     receiver = Receiver()
     dispatcher = WebhookDispatcher(
-        engines[0], lambda job_id: Payload({"jobId": job_id}),
+        databases[0], SqlJobReads(databases[0]), lambda job: Payload({"jobId": job.id}),
         policy=NetworkPolicy(parse_networks("127.0.0.0/8")), poll_seconds=600,
     )  # fmt: skip
     feed.subscribe(wake_on(webhook_due, dispatcher.wake))
     assert feed.ready(30)
-    store = SqlJobStore(engines[1])
-    job_id = add_job(engines[1], KeyStore(engines[1]).create("k").record.id, webhook=receiver.url)
+    store = SqlClaims(databases[1])
+    job_id = add_job(databases[1], KeyStore(databases[1]).create("k").record.id, webhook=receiver.url)
 
     async def scenario() -> None:
         stop = asyncio.Event()

@@ -25,7 +25,7 @@ from fluxserve.api.events import EventId
 from fluxserve.api.limits import RequestGuard
 from fluxserve.app import create_app
 from fluxserve.core.numbers import ascii_int
-from fluxserve.jobs.activity import recent_jobs
+from fluxserve.jobs.reports import recent_jobs
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER
 from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner
@@ -335,15 +335,17 @@ def test_held_image_requests_are_capped_per_process_across_keys(strict: tuple[Te
             client.post, "/v1/images/generations", json=body, headers={"Authorization": f"Bearer {first}"}
         )
         deadline = time.monotonic() + 60
-        while not recent_jobs(services.keys.engine, key_id=owner.id, limit=1) and time.monotonic() < deadline:
+        while (
+            not recent_jobs(services.keys.database, key_id=owner.id, limit=1) and time.monotonic() < deadline
+        ):
             time.sleep(0.01)  # until the first request has made its job and waits for it
         refused = client.post(
             "/v1/images/generations", json=body, headers={"Authorization": f"Bearer {second}"}
         )
         assert refused.status_code == 503 and refused.headers["retry-after"] == "7"
         assert refused.json()["error"]["code"] == "server_busy"
-        assert recent_jobs(services.keys.engine, key_id=other.id, limit=1) == []  # refused before a job
-        (job,) = recent_jobs(services.keys.engine, key_id=owner.id, limit=1)
+        assert recent_jobs(services.keys.database, key_id=other.id, limit=1) == []  # refused before a job
+        (job,) = recent_jobs(services.keys.database, key_id=owner.id, limit=1)
         services.jobs.cancel(job.id, owner.id)  # the held request ends (its job failed to finish)
         assert held.result().status_code == 500
     assert options.held.held == 0
@@ -377,8 +379,8 @@ def test_the_whole_queue_is_capped_with_a_503_in_each_dialect(strict: tuple[Test
 def test_keys_are_stored_as_hashes_never_as_text(app_client: tuple[TestClient, Services]) -> None:
     services = app_client[1]
     raw = services.keys.create("stored-hashed", Decimal(1)).key
-    database = Path(services.keys.engine.url.database or "")
-    services.keys.engine.dispose()  # the write-ahead log folded into the file, too
+    database = Path(services.keys.database.url.database or "")
+    services.keys.database.dispose()  # the write-ahead log folded into the file, too
     stored = b"".join(path.read_bytes() for path in database.parent.glob(database.name + "*"))
     assert raw.encode() not in stored and raw[10:].encode() not in stored
     assert services.keys.authenticate(raw) is not None

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -28,16 +29,18 @@ from fluxserve.app import create_app
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import jobs, workers
 from fluxserve.jobs.stats import Histogram, JobStats
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store import Claims
+from fluxserve.jobs.store_sql import SqlClaims, SqlSubmissions
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.jobs.workers import WorkerRegistry, process_name
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.settings import Settings
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.wiring import make_blob_store
+from fluxserve.worker.beacon import Beacon
 from tests.conftest import free_port, http_server
 from tests.support.s3_server import s3_bucket, s3_credentials, storage_url
 
@@ -51,24 +54,22 @@ def submit(submitter: Submitter, key: ApiKey, model: str = "flux-dev", webhook_u
     return submitter.submit(key, params, 7, webhook_url, Dialect.RESELLER)
 
 
-def run(engine: Engine, job_id: str, status: JobStatus, waited: float, ran: float) -> None:
+def run(database: Engine, job_id: str, status: JobStatus, waited: float, ran: float) -> None:
     """Start and end a queued job at chosen times, as a claim and a finish would (the triggers see both)."""
     started = T0 + timedelta(seconds=waited)
     row = jobs.c.id == job_id
-    with engine.begin() as conn:
+    with database.begin() as conn:
         conn.execute(update(jobs).where(row).values(created_at=T0))
         conn.execute(update(jobs).where(row).values(status=JobStatus.RUNNING.value, started_at=started))
         ended = started + timedelta(seconds=ran)
         conn.execute(update(jobs).where(row).values(status=status.value, finished_at=ended))
 
 
-def claim_and_finish(
-    store: SqlJobStore, engine: Engine, status: JobStatus, waited: float, ran: float
-) -> None:
+def claim_and_finish(store: Claims, database: Engine, status: JobStatus, waited: float, ran: float) -> None:
     """Claim a job that waited ``waited`` seconds, and end it (through the store: its webhook is queued)
     ``ran`` seconds after its start, give or take the milliseconds between statements."""
     now = datetime.now(UTC)
-    with engine.begin() as conn:  # the only queued job of the test's key goes next
+    with database.begin() as conn:  # the only queued job of the test's key goes next
         conn.execute(
             update(jobs)
             .where(jobs.c.status == JobStatus.QUEUED.value)
@@ -76,7 +77,7 @@ def claim_and_finish(
         )
     job = store.claim("w-1")
     assert job is not None
-    with engine.begin() as conn:
+    with database.begin() as conn:
         conn.execute(update(jobs).where(jobs.c.id == job.id).values(started_at=now - timedelta(seconds=ran)))
     assert store.finish(job.id, "w-1", status, error=None if status is JobStatus.SUCCEEDED else "x")
 
@@ -89,19 +90,20 @@ def buckets(histogram: Histogram) -> dict[float, int]:
 
 
 def test_figures_and_live_workers_from_the_database(database_url: str, tmp_path: Path) -> None:
-    engine = make_engine(database_url)
-    migrate(engine)
-    store = SqlJobStore(engine)
+    database = open_database(database_url)
+    migrate(database)
     limits = Limits(max_active=24, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
-    submitter = Submitter(store, LocalBlobStore(tmp_path / "files"), limits, NetworkPolicy())
-    key = KeyStore(engine).create("k").record
+    submitter = Submitter(
+        SqlSubmissions(database), LocalBlobStore(tmp_path / "files"), limits, NetworkPolicy()
+    )
+    key = KeyStore(database).create("k").record
     first, second, third, _ = (submit(submitter, key).id for _ in range(4))
-    run(engine, first, JobStatus.SUCCEEDED, waited=0.3, ran=4.0)
-    run(engine, second, JobStatus.SUCCEEDED, waited=40.0, ran=12.5)
-    run(engine, third, JobStatus.FAILED, waited=2.0, ran=0.7)
+    run(database, first, JobStatus.SUCCEEDED, waited=0.3, ran=4.0)
+    run(database, second, JobStatus.SUCCEEDED, waited=40.0, ran=12.5)
+    run(database, third, JobStatus.FAILED, waited=2.0, ran=0.7)
     submit(submitter, key, model="flux-kontext-pro")
-    registry = WorkerRegistry(engine)
-    stats = JobStats(engine, registry, worker_seen_within=30)
+    registry = WorkerRegistry(database)
+    stats = JobStats(database, registry, worker_seen_within=30)
 
     figures = stats.figures()
     # A status a model's jobs were in stays at 0 (its series does not vanish from Prometheus).
@@ -121,11 +123,11 @@ def test_figures_and_live_workers_from_the_database(database_url: str, tmp_path:
     assert "flux-kontext-pro" not in figures.queue_wait  # it never started
     assert figures.webhooks == {} and figures.live_workers == 0
 
-    registry.beat("gpu-host-1-101", threads=1)
-    registry.beat("gpu-host-2-202", threads=2)
-    registry.beat("gpu-host-1-101", threads=1)  # a second beat refreshes the same row
+    registry.seen("gpu-host-1-101", threads=1)
+    registry.seen("gpu-host-2-202", threads=2)
+    registry.seen("gpu-host-1-101", threads=1)  # a second beat refreshes the same row
     assert stats.live_workers() == 2
-    with engine.begin() as conn:  # one went silent a minute ago (killed: it never removed its row)
+    with database.begin() as conn:  # one went silent a minute ago (killed: it never removed its row)
         conn.execute(
             update(workers)
             .where(workers.c.id == "gpu-host-2-202")
@@ -134,21 +136,21 @@ def test_figures_and_live_workers_from_the_database(database_url: str, tmp_path:
     assert stats.live_workers() == 1
     registry.leave("gpu-host-1-101")
     assert stats.figures().live_workers == 0
-    engine.dispose()
+    database.dispose()
 
 
-def test_a_worker_process_announces_itself_while_alive_and_leaves_on_stop(
+def test_a_worker_processs_beacon_refreshes_its_row_while_alive(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The registry reads the test's clock: a stalled process's row is shown stale by moving the clock
-    once the announcer has heard "not alive", not by waiting for wall time to pass."""
+    once the beacon has heard "not alive", not by waiting for wall time to pass."""
     clock = [datetime(2026, 1, 1, tzinfo=UTC)]
     monkeypatch.setattr("fluxserve.jobs.workers.utcnow", lambda: clock[0])
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    migrate(engine)
-    registry = WorkerRegistry(engine)
+    database = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(database)
+    registry = WorkerRegistry(database)
     stalled = threading.Event()
-    told_stalled = threading.Semaphore(0)  # released each time the announcer asks and hears "not alive"
+    told_stalled = threading.Semaphore(0)  # released each time the beacon asks and hears "not alive"
 
     def alive() -> bool:
         if stalled.is_set():
@@ -157,23 +159,42 @@ def test_a_worker_process_announces_itself_while_alive_and_leaves_on_stop(
         return True
 
     stop = threading.Event()
-    thread = threading.Thread(target=registry.announce, args=("h-1", 1, alive, 0.05, stop))
-    thread.start()
+    beacon = Beacon(alive, 0.05)
+    seen = partial(registry.seen, "h-1", 1)
+    beacon.add(seen)
+    thread = beacon.start(stop)
     try:
-        deadline = time.monotonic() + 5
-        while registry.live(30) == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        stalled.set()  # its engine stalled: the row is no longer refreshed and goes stale
-        assert told_stalled.acquire(timeout=10)  # the announcer heard it; a beat begun before has ended
+        assert registry.live(30) == 1  # added: seen at once
+        stalled.set()  # its database stalled: the row is no longer refreshed and goes stale
+        assert told_stalled.acquire(timeout=10)  # the beacon heard it; a round begun before has ended
         clock[0] += timedelta(seconds=1)
-        for _ in range(2):  # a whole round between two askings: a beat in it would carry the new time
+        for _ in range(2):  # a whole round between two askings: a signal in it would carry the new time
             assert told_stalled.acquire(timeout=10)
         assert registry.live(0.5) == 0 and registry.live(30) == 1
-    finally:  # a failed assertion leaves no announcer running
+    finally:  # a failed assertion leaves no beacon running
         stop.set()
         thread.join(timeout=5)
-    assert registry.live(30) == 0  # removed on the way out
+    beacon.remove(seen)
+    registry.leave("h-1")  # as the process does on its way out
+    assert registry.live(30) == 0
+
+
+def test_a_failing_beacon_receiver_costs_no_other_its_signal() -> None:
+    beacon, touched = Beacon(lambda: True, 0.01), threading.Semaphore(0)
+
+    def broken() -> None:
+        raise OSError("the data dir is gone")
+
+    beacon.add(broken)
+    beacon.add(touched.release)
+    stop = threading.Event()
+    thread = beacon.start(stop)
+    try:
+        for _ in range(3):  # round after round, past the failing one
+            assert touched.acquire(timeout=10)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 # --- the routes, in process (the app without workers, on SQLite) ------------------------------------------
@@ -236,7 +257,7 @@ def test_readyz_needs_a_live_worker_when_workers_are_expected(make_app) -> None:
     assert missing.status_code == 503
     assert missing.json()["failing"] == ["workers"]
     assert missing.json()["checks"]["workers"] == "no worker process heard from in the last 5 s"
-    WorkerRegistry(app.database).beat(process_name(), threads=1)
+    WorkerRegistry(app.database).seen(process_name(), threads=1)
     ready = app.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"]["workers"] == "ok (1 live)"
 
@@ -268,8 +289,8 @@ TOKEN = "operators-token-0123456789"
 
 def test_readyz_and_metrics_when_the_database_is_unreachable(tmp_path: Path) -> None:
     """Anonymous callers learn which part is unavailable; the driver's words go only to the token's holder."""
-    engine = make_engine(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none?connect_timeout=2")
-    stats = JobStats(engine, WorkerRegistry(engine), worker_seen_within=30)
+    database = open_database(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none?connect_timeout=2")
+    stats = JobStats(database, WorkerRegistry(database), worker_seen_within=30)
     blobs = make_blob_store((tmp_path / "files").as_uri())
     threads = ThreadPoolExecutor(max_workers=3)
     readiness = ops.Readiness(stats, blobs, True, 30, threads, timeout=10)
@@ -309,8 +330,8 @@ def test_readyz_answers_within_its_timeout_when_the_database_hangs(tmp_path: Pat
     a thread."""
     with socket.create_server(("127.0.0.1", 0)) as silent:
         port = silent.getsockname()[1]
-        engine = make_engine(f"postgresql+psycopg://nobody@127.0.0.1:{port}/none?connect_timeout=30")
-        stats = JobStats(engine, WorkerRegistry(engine), worker_seen_within=30)
+        database = open_database(f"postgresql+psycopg://nobody@127.0.0.1:{port}/none?connect_timeout=30")
+        stats = JobStats(database, WorkerRegistry(database), worker_seen_within=30)
         threads = ThreadPoolExecutor(max_workers=3, thread_name_prefix="probe")
         readiness = ops.Readiness(stats, make_blob_store((tmp_path / "f").as_uri()), False, 30, threads, 0.5)
         app = FastAPI()
@@ -338,15 +359,14 @@ def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 
 def test_metrics_in_prometheus_format(make_app) -> None:  # type: ignore[no-untyped-def]
     app: App = make_app(allowed_private_networks="127.0.0.0/8")
-    store = app.services.jobs
-    assert isinstance(store, SqlJobStore)
+    store = SqlClaims(app.database)  # a worker's, on the app's database
     key = app.services.keys.create("m").record
     with http_server(Hook) as hook:
         for _ in range(3):
             submit(app.services.submitter, key, webhook_url=f"{hook}/done")
         claim_and_finish(store, app.database, JobStatus.SUCCEEDED, waited=1.5, ran=3.0)
         claim_and_finish(store, app.database, JobStatus.FAILED, waited=0.2, ran=0.2)
-        WorkerRegistry(app.database).beat("gpu-7-1", threads=1)
+        WorkerRegistry(app.database).seen("gpu-7-1", threads=1)
         deadline = time.monotonic() + 20
         while (figures := scrape(app.client)).get(
             ("fluxserve_webhooks_total", (("outcome", "delivered"),))
@@ -370,18 +390,18 @@ def test_metrics_in_prometheus_format(make_app) -> None:  # type: ignore[no-unty
 
 
 class Statements:
-    """The SQL statements run on an engine, and the thread of each, while listening."""
+    """The SQL statements run on an database, and the thread of each, while listening."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, database: Engine) -> None:
         self.threads: list[str] = []
-        event.listen(engine, "before_cursor_execute", self._record)
+        event.listen(database, "before_cursor_execute", self._record)
 
     def _record(self, *args: object) -> None:
         self.threads.append(threading.current_thread().name)
 
 
 def test_a_scrape_runs_no_sql_and_the_token_guards_it(make_app) -> None:  # type: ignore[no-untyped-def]
-    """Scrapes answer the last refresh: none of them runs a statement, on any engine, however many come.
+    """Scrapes answer the last refresh: none of them runs a statement, on any database, however many come.
     With a token set, a scrape without it (or with another) is refused."""
     app: App = make_app(metrics_token=TOKEN, metrics_refresh_seconds=3600)
     ops_database = app.client.app.state.ops_database  # type: ignore[attr-defined]
@@ -391,7 +411,7 @@ def test_a_scrape_runs_no_sql_and_the_token_guards_it(make_app) -> None:  # type
     for _ in range(16):
         again = app.client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
         assert again.status_code == 200 and again.text == first.text
-    assert on_ops.threads == []  # (the request engine serves the background sweeps, on their threads)
+    assert on_ops.threads == []  # (the request database serves the background sweeps, on their threads)
     assert [name for name in on_requests.threads if not name.startswith("asyncio_")] == []
     for refused in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": TOKEN}):
         response = app.client.get("/metrics", headers=refused)

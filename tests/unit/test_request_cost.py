@@ -25,11 +25,11 @@ from sqlalchemy import Engine, create_engine, event, insert, select, text
 from fluxserve.accounts.keys import ApiKey, KeyCache, KeyStore
 from fluxserve.api.deps import Services
 from fluxserve.app import create_app
-from fluxserve.db.connection import database_url, make_engine, migrate
+from fluxserve.db.connection import database_url, migrate, open_database
 from fluxserve.db.tables import jobs
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store_sql import SqlClaims
 from fluxserve.settings import Settings
-from fluxserve.wiring import make_job_store
+from fluxserve.wiring import make_stores
 from tests.conftest import png_base64
 
 _measuring: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("measuring", default=None)
@@ -61,7 +61,7 @@ class Measured:
     client: TestClient
     wrapper: _Measure
     services: Services
-    engine: Engine
+    database: Engine
     dialect: str
     announced: threading.Condition
     keys_heard: set[str | None]
@@ -82,14 +82,14 @@ def measured(database_url: str, tmp_path: Path) -> Iterator[Measured]:
     settings = Settings(data_dir=tmp_path / "data", workers=0, database=database_url, max_active_jobs=100)
     app = create_app(settings)
     wrapper = _Measure(app)
-    engine = app.state.runtime.database
+    database = app.state.runtime.database
 
     def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         seen = _measuring.get()
         if seen is not None:
             seen.append(statement)
 
-    event.listen(engine, "before_cursor_execute", count)
+    event.listen(database, "before_cursor_execute", count)
     services = app.state.services
     services.keys.cache = KeyCache(max_age=3600)  # the counts below are of requests with a verified key
     announced = threading.Condition()
@@ -102,8 +102,8 @@ def measured(database_url: str, tmp_path: Path) -> Iterator[Measured]:
 
     app.state.runtime.feed.subscribe_keys(hear)
     with TestClient(wrapper) as client:
-        yield Measured(client, wrapper, services, engine, engine.dialect.name, announced, heard)
-    event.remove(engine, "before_cursor_execute", count)
+        yield Measured(client, wrapper, services, database, database.dialect.name, announced, heard)
+    event.remove(database, "before_cursor_execute", count)
 
 
 def _key(measured: Measured, name: str = "cost") -> str:
@@ -136,7 +136,7 @@ def test_a_fetch_is_one_statement_and_a_queued_one_two(measured: Measured) -> No
     assert response.json()["details"] == {"queue_position": 0}
     assert len(seen) == FETCH_QUEUED, seen
 
-    with measured.engine.begin() as conn:
+    with measured.database.begin() as conn:
         conn.execute(jobs.update().where(jobs.c.id == job_id).values(status="running"))
     response, seen = measured.statements("GET", "/flux/fetch", params={"jobId": job_id}, headers=headers)
     assert response.json()["status"] == "ON_QUEUE"
@@ -184,7 +184,7 @@ def test_the_queue_position_is_the_claim_order_across_keys(measured: Measured) -
         return found
 
     assert positions() == expected
-    claimed = measured.services.jobs.claim("worker")
+    claimed = SqlClaims(measured.database).claim("worker")  # a worker, on the same database
     assert claimed is not None and claimed.id == ids["a1"]
     assert positions() == {"b1": 0, "c1": 1, "a2": 2, "c2": 3, "a3": 4}
 
@@ -192,7 +192,7 @@ def test_the_queue_position_is_the_claim_order_across_keys(measured: Measured) -
 def test_a_long_queue_is_counted_to_the_cap_only(measured: Measured) -> None:
     key = _key(measured)
     job_id = _submit(measured, key)
-    with measured.engine.begin() as conn:
+    with measured.database.begin() as conn:
         row = dict(conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one())
 
     def add_ahead(count: int, start: int) -> None:
@@ -204,7 +204,7 @@ def test_a_long_queue_is_counted_to_the_cap_only(measured: Measured) -> None:
             }
             for n in range(count)
         ]
-        with measured.engine.begin() as conn:
+        with measured.database.begin() as conn:
             conn.execute(insert(jobs), earlier)
 
     def fetched() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -262,11 +262,11 @@ def test_the_cache_forgets_what_it_is_told_and_stays_bounded() -> None:
 def test_a_key_revoked_by_another_replica_is_refused_after_the_max_age(tmp_path: Path) -> None:
     """Two key stores on one database, as two replicas: the one that did not revoke sees it once its
     cache entry is older than the max age (an injected clock: no waiting)."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'keys.db'}")
-    migrate(engine)
+    database = open_database(f"sqlite:///{tmp_path / 'keys.db'}")
+    migrate(database)
     clock = _Clock()
-    replica = KeyStore(engine, KeyCache(max_age=1.0, clock=clock))
-    other = KeyStore(engine)
+    replica = KeyStore(database, KeyCache(max_age=1.0, clock=clock))
+    other = KeyStore(database)
     new = other.create("shared")
     assert replica.authenticate(new.key) is not None
     other.revoke(new.record.id)
@@ -283,10 +283,9 @@ def test_a_key_revoked_by_another_replica_is_refused_after_the_max_age(tmp_path:
 def test_a_pooled_connection_killed_by_the_server_is_replaced_on_the_same_call(postgres_url: str) -> None:
     """No pre-ping: a backend the server terminated is found by the first statement, and the call runs
     again once on a fresh connection (reads, the submit's transaction and the key lookup alike)."""
-    engine = make_engine(postgres_url)
-    store = make_job_store(engine)
-    assert isinstance(store, SqlJobStore)
-    keys = KeyStore(engine)
+    database = open_database(postgres_url)
+    store = make_stores(database).submissions
+    keys = KeyStore(database)
     new = keys.create("reconnect")
     admin = create_engine(database_url(postgres_url), isolation_level="AUTOCOMMIT")
 
@@ -310,5 +309,5 @@ def test_a_pooled_connection_killed_by_the_server_is_replaced_on_the_same_call(p
     assert keys.authenticate(new.key) is not None
     assert kill_pool() >= 1
     store.admit(new.record.id, "flux-dev", Decimal(1), max_active=10)  # no QuotaExceeded: it was read
-    engine.dispose()
+    database.dispose()
     admin.dispose()

@@ -17,24 +17,26 @@ from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
-from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.storage.local import LocalBlobStore
+from fluxserve.wiring import make_stores
 
 THREADS = 16
 
 
 class Bench:
     def __init__(self, url: str, root: Path, max_active: int = 24, kontext_max: int = 6) -> None:
-        database = make_engine(url)
+        database = open_database(url)
         migrate(database)
-        self.store = SqlJobStore(database)
+        self.stores = make_stores(database)
         self.keys = KeyStore(database)
         limits = Limits(max_active, {"flux-kontext-max": kontext_max}, 2**20, 2**22)
-        self.submitter = Submitter(self.store, LocalBlobStore(root / "files"), limits, NetworkPolicy([]))
+        self.submitter = Submitter(
+            self.stores.submissions, LocalBlobStore(root / "files"), limits, NetworkPolicy([])
+        )
 
     def submit(self, key: ApiKey, model: str = "flux-dev") -> str:
         fields: dict[str, Any] = {"width": 256, "height": 256} if model == "flux-dev" else {}
@@ -103,11 +105,11 @@ def test_workers_claiming_at_once_take_each_job_exactly_once(database_url: str, 
 
     def drain() -> None:
         worker = f"w-{threading.get_ident()}"
-        while (job := bench.store.claim(worker)) is not None:
+        while (job := bench.stores.claims.claim(worker)) is not None:
             with lock:
                 claimed.append(job.id)
 
     assert at_once(8, drain) == Counter({"ok": 8})
     assert sorted(claimed) == sorted(submitted)  # every job once: none twice, none left
-    jobs = [bench.store.get(job_id) for job_id in submitted]
+    jobs = [bench.stores.reads.get(job_id) for job_id in submitted]
     assert all(job is not None and job.status is JobStatus.RUNNING and job.attempts == 1 for job in jobs)

@@ -363,8 +363,11 @@ def test_a_webhook_is_its_jobs_dialect_rendering_from_one_read_of_the_row(
     reseller_id = client.post("/bfl/v1/flux-dev", json=hook, headers={"TT-API-KEY": vendor.key}).json()
     fetched = services.jobs.get(reseller_id["data"]["jobId"])
     assert fetched is not None
-    for job in (task, fetched):
-        assert services.jobs.finish(job.id, None, JobStatus.SUCCEEDED, result_key=f"results/{job.id}.png")
+    claims, reads = runtime.stores.claims, runtime.stores.reads
+    while (running := claims.claim("w")) is not None:  # ours, and any an earlier test left queued
+        ours = running.id in (task.id, fetched.id)
+        status = JobStatus.SUCCEEDED if ours else JobStatus.CANCELED
+        assert claims.finish(running.id, "w", status, result_key=f"results/{running.id}.png")
     mine = threading.get_ident()  # the app's background tasks query the same database meanwhile
     statements: list[str] = []
 
@@ -374,18 +377,17 @@ def test_a_webhook_is_its_jobs_dialect_rendering_from_one_read_of_the_row(
 
     event.listen(runtime.database, "before_cursor_execute", record)
     try:
-        sent = runtime.webhook_payload(task.id)
+        sent = runtime.webhook_payload(reads.get(task.id))  # as the dispatcher reads and renders it
         assert statements == ["SELECT"]
         assert sent.task_secret == "task-secret"
         assert sent.body["status"] == "Ready" and sent.body == vendor.result(task.id)
         assert sent.body["result"]["sample"].startswith("http")
         statements.clear()
-        sent = runtime.webhook_payload(fetched.id)
+        sent = runtime.webhook_payload(reads.get(fetched.id))
         assert statements == ["SELECT"]
         assert sent.task_secret is None
         headers = {"TT-API-KEY": vendor.key}
         fetch = client.get("/flux/fetch", params={"jobId": fetched.id}, headers=headers).json()
         assert sent.body["status"] == "SUCCESS" and sent.body == fetch
-        assert runtime.webhook_payload("no-such-job") is None
     finally:
         event.remove(runtime.database, "before_cursor_execute", record)

@@ -13,9 +13,10 @@ from typing import TypeVar
 import pytest
 from sqlalchemy import Engine, insert, select
 
-from fluxserve.db.connection import make_engine, migrate, utcnow
+from fluxserve.db.connection import migrate, open_database, utcnow
 from fluxserve.db.outbox import enqueue
 from fluxserve.db.tables import api_keys, jobs, webhook_deliveries
+from fluxserve.jobs.store_sql import SqlJobReads
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
 from fluxserve.webhooks.signing import new_secret
@@ -28,17 +29,17 @@ LOOPBACK = NetworkPolicy(parse_networks("127.0.0.0/8"))
 
 @pytest.fixture
 def database(database_url: str) -> Engine:
-    engine = make_engine(database_url)
-    migrate(engine)
+    database = open_database(database_url)
+    migrate(database)
     now = utcnow()
-    with engine.begin() as conn:
+    with database.begin() as conn:
         conn.execute(
             insert(api_keys).values(
                 id="k", name="k", key_hash="h", key_prefix="p", webhook_secret=new_secret(), active=True,
                 credits_hundredths=None, created_at=now,
             )
         )  # fmt: skip
-    return engine
+    return database
 
 
 def add_delivery(database: Engine, url: str) -> str:
@@ -111,8 +112,8 @@ def dispatcher(
     database: Engine, backoff: tuple[float, ...] = (0.1, 0.1), timeout: float = 5
 ) -> WebhookDispatcher:
     return WebhookDispatcher(
-        database, lambda job_id: Payload({"jobId": job_id}), policy=LOOPBACK, backoff=backoff,
-        timeout=timeout, poll_seconds=0.05,
+        database, SqlJobReads(database), lambda job: Payload({"jobId": job.id}), policy=LOOPBACK,
+        backoff=backoff, timeout=timeout, poll_seconds=0.05,
     )  # fmt: skip
 
 
@@ -156,7 +157,8 @@ def test_private_target_is_refused_without_the_switch(database: Engine) -> None:
         job_id = add_delivery(database, receiver.url)
         closed = WebhookDispatcher(
             database,
-            lambda job_id: Payload({"jobId": job_id}),
+            SqlJobReads(database),
+            lambda job: Payload({"jobId": job.id}),
             policy=NetworkPolicy(),
             backoff=(),
             poll_seconds=0.05,

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, insert, select
 
-from fluxserve.db.connection import as_utc, make_engine, migrate, utcnow
+from fluxserve.db.connection import as_utc, migrate, open_database, utcnow
 from fluxserve.db.outbox import enqueue
 from fluxserve.db.tables import api_keys, jobs, webhook_deliveries
+from fluxserve.jobs.store_sql import SqlJobReads
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
 from fluxserve.webhooks.signing import new_secret
@@ -31,9 +32,9 @@ DEADLINE = 20.0
 
 @pytest.fixture
 def database(database_url: str) -> Engine:
-    engine = make_engine(database_url)
-    migrate(engine)
-    return engine
+    database = open_database(database_url)
+    migrate(database)
+    return database
 
 
 def add_key(database: Engine, name: str) -> str:
@@ -131,7 +132,10 @@ async def until(task: asyncio.Task[None], condition: Callable[[], bool], what: s
 
 def dispatcher(database: Engine, **options: Any) -> WebhookDispatcher:
     settings: dict[str, Any] = {"backoff": (5.0,), "timeout": 15.0, "poll_seconds": 0.05, **options}
-    return WebhookDispatcher(database, lambda job_id: Payload({"jobId": job_id}), policy=LOOPBACK, **settings)
+    jobs = SqlJobReads(database)
+    return WebhookDispatcher(
+        database, jobs, lambda job: Payload({"jobId": job.id}), policy=LOOPBACK, **settings
+    )
 
 
 def test_black_holes_of_one_key_do_not_delay_another_keys_webhook(
@@ -184,7 +188,7 @@ def test_a_delivery_refused_by_policy_is_not_retried(database: Engine, receiver:
     key = add_key(database, "k")
     job_id = add_delivery(database, key, receiver.url)
     closed = WebhookDispatcher(
-        database, lambda job_id: Payload({"jobId": job_id}), policy=NetworkPolicy(),
+        database, SqlJobReads(database), lambda job: Payload({"jobId": job.id}), policy=NetworkPolicy(),
         backoff=(0.05, 0.05, 0.05), poll_seconds=0.05,
     )  # fmt: skip
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -28,16 +29,17 @@ from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams, ImageRef
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import webhook_deliveries
 from fluxserve.engines.base import Engine, EngineHooks, EngineRequest, EngineResult
 from fluxserve.errors import EngineError, JobCanceled, Moderated
-from fluxserve.jobs.store_sql import SqlJobStore
+from fluxserve.jobs.store import Reaped, Stores
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy
 from fluxserve.safety.moderation import Moderator
 from fluxserve.storage.base import BlobStore
 from fluxserve.storage.local import LocalBlobStore
+from fluxserve.wiring import make_stores
 from fluxserve.worker.inputs import InputLoader
 from fluxserve.worker.runner import Worker
 from fluxserve.worker.upsample import StyleCueEnhancer
@@ -79,7 +81,8 @@ class OneEngine:
 
 @dataclass
 class World:
-    store: SqlJobStore
+    database: SqlEngine
+    stores: Stores
     keys: KeyStore
     blobs: BlobStore
     submitter: Submitter
@@ -99,7 +102,7 @@ class World:
         settings = {"heartbeat_seconds": 30.0, "stale_after_seconds": 60.0, "engine_stall_seconds": 600.0}
         return Worker(
             "test-worker",
-            self.store,
+            self.stores.claims,
             OneEngine(engine),
             self.blobs,
             self.inputs,
@@ -109,6 +112,12 @@ class World:
             poll_seconds=0.05,
             moderator=moderator,
         )
+
+    def end(self, job: Job, status: JobStatus, **fields: Any) -> bool:
+        """Claim ``job`` (it must be next in the queue) and end it, as a worker does."""
+        claimed = self.stores.claims.claim("ender")
+        assert claimed is not None and claimed.id == job.id
+        return self.stores.claims.finish(job.id, "ender", status, **fields)
 
     def balance(self, key: ApiKey) -> Decimal | None:
         found = self.keys.get(key.id)
@@ -125,21 +134,20 @@ def blobs(tmp_path: Path) -> BlobStore:
 @pytest.fixture
 def world(tmp_path: Path, database_url: str, blobs: BlobStore) -> World:
     url = database_url
-    database = make_engine(url)
+    database = open_database(url)
     migrate(database)
-    store = SqlJobStore(database)
+    stores = make_stores(database)
     limits = Limits(max_active=24, max_active_per_model={}, max_input_bytes=2**20, max_input_pixels=2**22)
     inputs = InputLoader(blobs, 2**22)
-    return World(
-        store, KeyStore(database), blobs, Submitter(store, blobs, limits, NetworkPolicy([])), inputs, url
-    )
+    submitter = Submitter(stores.submissions, blobs, limits, NetworkPolicy([]))
+    return World(database, stores, KeyStore(database), blobs, submitter, inputs, url)
 
 
 def run_one(world: World, worker: Worker) -> Job:
-    claimed = world.store.claim(worker.worker_id)
+    claimed = world.stores.claims.claim(worker.worker_id)
     assert claimed is not None
     worker.process(claimed)
-    done = world.store.get(claimed.id)
+    done = world.stores.reads.get(claimed.id)
     assert done is not None
     return done
 
@@ -154,7 +162,7 @@ def test_a_job_runs_is_stored_charged_once_and_queues_its_webhook(world: World) 
     image = Image.open(io.BytesIO(world.blobs.get(done.result_key)))
     assert (image.format, image.size) == ("PNG", (256, 256))
     assert world.balance(key) == Decimal("7.5")  # kept, not taken twice
-    with world.store._engine.connect() as conn:  # the outbox row written with the job's end
+    with world.database.connect() as conn:  # the outbox row written with the job's end
         rows = conn.execute(select(webhook_deliveries.c.job_id, webhook_deliveries.c.url)).all()
     assert [(row.job_id, row.url) for row in rows] == [(job.id, "https://example.com/hook")]
 
@@ -218,7 +226,7 @@ def test_a_stalled_engine_stops_vouching_for_its_job_which_another_worker_takes_
 
     world.submit(world.key())
     worker = world.worker(Scripted(hang), heartbeat_seconds=0.05, engine_stall_seconds=0.3)
-    claimed = world.store.claim(worker.worker_id)
+    claimed = world.stores.claims.claim(worker.worker_id)
     assert claimed is not None
     running = threading.Thread(target=worker.process, args=(claimed,))
     running.start()
@@ -227,17 +235,19 @@ def test_a_stalled_engine_stops_vouching_for_its_job_which_another_worker_takes_
         while worker.liveness.alive():  # the process-wide beacon would stop here too
             assert time.monotonic() < deadline, "the stall was never noticed"
             time.sleep(0.02)
-        job = world.store.get(claimed.id)
+        job = world.stores.reads.get(claimed.id)
         assert job is not None and job.heartbeat_at is not None
         last_beat = job.heartbeat_at
         time.sleep(0.3)  # several heartbeat intervals: none may come now
-        job = world.store.get(claimed.id)
+        job = world.stores.reads.get(claimed.id)
         assert job is not None and job.heartbeat_at == last_beat
-        assert world.store.requeue_stale(datetime.now(UTC) - timedelta(seconds=0.2), max_attempts=3) == 1
+        assert world.stores.claims.requeue_stale(
+            datetime.now(UTC) - timedelta(seconds=0.2), max_attempts=3
+        ) == Reaped(1)
     finally:
         release.set()
         running.join(30)
-    job = world.store.get(claimed.id)
+    job = world.stores.reads.get(claimed.id)
     assert job is not None
     # The hung worker came back too late: its result is refused, the job waits for its next attempt.
     assert (job.status, job.worker_id, job.attempts) == (JobStatus.QUEUED, None, 1)
@@ -256,18 +266,20 @@ def test_a_job_is_vouched_for_while_its_model_loads(world: World) -> None:
     world.submit(world.key())
     worker = world.worker(Scripted(paint), heartbeat_seconds=0.05)
     worker._engines = SlowLoad()
-    claimed = world.store.claim(worker.worker_id)
+    claimed = world.stores.claims.claim(worker.worker_id)
     assert claimed is not None
     running = threading.Thread(target=worker.process, args=(claimed,))
     running.start()
     try:
         assert loading.wait(10)
         time.sleep(0.5)  # ten heartbeat intervals into the load
-        assert world.store.requeue_stale(datetime.now(UTC) - timedelta(seconds=0.3), max_attempts=3) == 0
+        assert world.stores.claims.requeue_stale(
+            datetime.now(UTC) - timedelta(seconds=0.3), max_attempts=3
+        ) == Reaped(0)
     finally:
         loaded.set()
         running.join(30)
-    job = world.store.get(claimed.id)
+    job = world.stores.reads.get(claimed.id)
     assert job is not None and job.status is JobStatus.SUCCEEDED and job.attempts == 1
 
 
@@ -325,7 +337,7 @@ def test_a_job_is_claimed_and_ended_in_two_writes_and_the_end_is_one_transaction
 
     key = world.key("10")
     job = world.submit(key, webhook_url="https://example.com/hook")
-    transactions = Transactions(world.store._engine)
+    transactions = Transactions(world.database)
     done = run_one(world, world.worker(Scripted(relayed)))
     claim, finish = transactions.writes()
     assert len(claim) == 1 and {"status", "worker_id", "attempts"} <= _columns(claim[0])
@@ -356,16 +368,20 @@ def test_a_job_is_claimed_and_ended_in_two_writes_and_the_end_is_one_transaction
 def test_hand_back_requeues_a_workers_running_jobs_at_once_without_counting_the_attempt(world: World) -> None:
     key = world.key()
     mine, theirs = world.submit(key), world.submit(key)
-    assert world.store.claim("stopping") is not None and world.store.claim("staying") is not None
-    assert world.store.hand_back(["stopping", "gone"]) == 1
-    back, other = world.store.get(mine.id), world.store.get(theirs.id)
+    assert (
+        world.stores.claims.claim("stopping") is not None and world.stores.claims.claim("staying") is not None
+    )
+    assert world.stores.claims.hand_back(["stopping", "gone"]) == 1
+    back, other = world.stores.reads.get(mine.id), world.stores.reads.get(theirs.id)
     assert back is not None and other is not None
     assert (back.status, back.worker_id, back.attempts, back.progress) == (JobStatus.QUEUED, None, 0, 0.0)
     assert (other.status, other.worker_id, other.attempts) == (JobStatus.RUNNING, "staying", 1)
     # The stopping worker's late result is refused; the job is the next claim's, and counts as its first.
-    assert not world.store.finish(mine.id, "stopping", JobStatus.SUCCEEDED, result_key="results/late.png")
-    assert world.store.hand_back([]) == 0
-    again = world.store.claim("next")
+    assert not world.stores.claims.finish(
+        mine.id, "stopping", JobStatus.SUCCEEDED, result_key="results/late.png"
+    )
+    assert world.stores.claims.hand_back([]) == 0
+    again = world.stores.claims.claim("next")
     assert again is not None and (again.id, again.attempts) == (mine.id, 1)
 
 
@@ -391,11 +407,11 @@ def test_a_stopped_worker_drains_then_hands_back_what_is_still_running(world: Wo
     stop.set()
     if grace:  # the job ends within the drain time
         threading.Timer(0.3, release.set).start()
-    drain(world.store, [worker], [thread], grace)
+    drain(world.stores.claims, [worker], [thread], grace)
     release.set()
     thread.join(20)
     assert not thread.is_alive()
-    ran, queued = world.store.get(running.id), world.store.get(waiting.id)
+    ran, queued = world.stores.reads.get(running.id), world.stores.reads.get(waiting.id)
     assert ran is not None and queued is not None
     assert (queued.status, queued.attempts) == (JobStatus.QUEUED, 0)  # nothing claimed while draining
     if grace:

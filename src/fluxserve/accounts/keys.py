@@ -117,15 +117,15 @@ class KeyCache:
 
 
 class KeyStore:
-    def __init__(self, engine: Engine, cache: KeyCache | None = None) -> None:
-        self._engine = engine
-        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")  # no BEGIN/ROLLBACK a lookup
+    def __init__(self, database: Engine, cache: KeyCache | None = None) -> None:
+        self._database = database
+        self._reads = database.execution_options(isolation_level="AUTOCOMMIT")  # no BEGIN/ROLLBACK a lookup
         self.cache = cache or KeyCache()
 
     @property
-    def engine(self) -> Engine:
+    def database(self) -> Engine:
         """The database the keys live in (reports on their jobs read it too)."""
-        return self._engine
+        return self._database
 
     def create(self, name: str, credits: Decimal | None = None, operator: str = OPERATOR) -> NewKey:
         """Make a key; the raw value is returned once and never stored. A name names one live key, so that
@@ -145,7 +145,7 @@ class KeyStore:
             "created_at": utcnow(),
         }
         try:
-            with self._engine.begin() as conn:
+            with self._database.begin() as conn:
                 conn.execute(insert(api_keys).values(values))
                 if credits is not None:  # the key's first entry: its starting balance
                     ledger.set_balance(conn, key_id, credits, operator=operator)
@@ -163,7 +163,7 @@ class KeyStore:
         caches hear of it through the change feed)."""
         raw, secret = _new_secret()
         live = (api_keys.c.id == key.id) & api_keys.c.active.is_(True)
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             if conn.execute(update(api_keys).where(live).values(secret)).rowcount != 1:
                 raise KeyProblem(f"{key.name} is revoked: `fluxserve keys create` makes a new key")
         self.cache.invalidate(key.id)
@@ -199,12 +199,12 @@ class KeyStore:
         return _record(row) if row is not None and row.active else None
 
     def get(self, key_id: str) -> ApiKey | None:
-        with self._engine.connect() as conn:
+        with self._database.connect() as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
         return _record(row) if row is not None else None
 
     def list(self) -> list[ApiKey]:
-        with self._engine.connect() as conn:
+        with self._database.connect() as conn:
             rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).all()
         return [_record(row) for row in rows]
 
@@ -213,7 +213,7 @@ class KeyStore:
 
     def find(self, name_or_id: str) -> ApiKey | None:
         """The key with this id; else the live key of this name; else the newest revoked one of it."""
-        with self._engine.connect() as conn:
+        with self._database.connect() as conn:
             row = conn.execute(
                 select(api_keys)
                 .where((api_keys.c.id == name_or_id) | (api_keys.c.name == name_or_id))
@@ -235,7 +235,7 @@ class KeyStore:
     def add_credits(self, key: ApiKey, credits: Decimal, operator: str = OPERATOR) -> ApiKey:
         """Top up a live key's finite balance."""
         self._finite_and_live(key, "add credits to")
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             ledger.add(conn, key.id, credits, operator=operator)
         self.cache.invalidate(key.id)
         return self.get(key.id)  # type: ignore[return-value]
@@ -243,7 +243,7 @@ class KeyStore:
     def take_credits(self, key: ApiKey, credits: Decimal, operator: str = OPERATOR) -> ApiKey:
         """Take credits from a live key's finite balance; never below zero."""
         self._finite_and_live(key, "take credits from")
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             if not ledger.hold(conn, key.id, credits, operator=operator):
                 balance = self.get(key.id)
                 raise KeyProblem(
@@ -256,7 +256,7 @@ class KeyStore:
         """Set a live key's balance outright (None: unlimited)."""
         if not key.active:
             raise KeyProblem(f"{key.name} is revoked: its balance cannot be set")
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             ledger.set_balance(conn, key.id, credits, operator=operator)
         self.cache.invalidate(key.id)
         return self.get(key.id)  # type: ignore[return-value]
@@ -272,6 +272,6 @@ class KeyStore:
             )
 
     def revoke(self, key_id: str) -> None:
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(active=False))
         self.cache.invalidate(key_id)

@@ -8,7 +8,7 @@ from typing import cast
 from fastapi import Request
 
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.store import Submissions
 from fluxserve.jobs.submit import Submitter
 from fluxserve.storage.base import BlobStore
 from fluxserve.storage.signing import UrlSigner
@@ -17,7 +17,7 @@ from fluxserve.storage.signing import UrlSigner
 @dataclass
 class Services:
     keys: KeyStore
-    jobs: JobStore
+    jobs: Submissions
     submitter: Submitter
     blobs: BlobStore
     signer: UrlSigner

@@ -1,4 +1,5 @@
-"""Database engine and schema migrations (Alembic), for SQLite and PostgreSQL alike."""
+"""Opening the database (a SQLAlchemy ``Engine``, called ``database`` throughout: ``engine`` is the model
+interface) and its schema migrations (Alembic), for SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
@@ -70,17 +71,17 @@ class Timeouts:
     statement: float = 30.0  # for one statement (PostgreSQL's statement_timeout); 0: none
 
 
-def make_engine(url: str, timeouts: Timeouts = Timeouts()) -> Engine:
-    """An engine tuned for concurrent workers: SQLite in WAL mode with a generous busy timeout; PostgreSQL
+def open_database(url: str, timeouts: Timeouts = Timeouts()) -> Engine:
+    """The database, tuned for concurrent workers: SQLite in WAL mode with a generous busy timeout; PostgreSQL
     (psycopg 3) with a recycled pool and bounded waits (:class:`Timeouts`)."""
     url = database_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:" and not path.startswith("file:"):
             private_file(Path(path))
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        database = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
-        @event.listens_for(engine, "connect")
+        @event.listens_for(database, "connect")
         def _pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
@@ -89,7 +90,7 @@ def make_engine(url: str, timeouts: Timeouts = Timeouts()) -> Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
-        return engine
+        return database
     # No pre-ping (a round trip on every checkout): a server restart or failover leaves dead connections in
     # the pool, which the first statement finds; the request paths retry once (:func:`reconnecting`).
     # recycle: idle timeouts of proxies (PgBouncer, cloud load balancers) kill old ones too. Each worker
@@ -133,12 +134,12 @@ def reconnecting(function: Callable[P, R]) -> Callable[P, R]:
     return run
 
 
-def migrate(engine: Engine) -> None:
+def migrate(database: Engine) -> None:
     """Bring the schema to the newest revision; safe to run on every start, from any number of processes
     at once (PostgreSQL: an advisory lock held by the migrating transaction; SQLite: its write lock)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
+    with database.begin() as connection:
         if connection.dialect.name == "postgresql":
             # A migration may wait for another process's and rewrite big tables: no statement timeout.
             connection.execute(text("SET LOCAL statement_timeout = 0"))

@@ -74,12 +74,15 @@ jobs = Table(
     Column("error", Text, nullable=True),
     Column("details", JSON, nullable=False, default=dict),
     Column("attempts", Integer, nullable=False, default=0),
-    Column("worker_id", String(100), nullable=True),
+    Column("worker_id", String(100), nullable=True),  # the worker that claimed it (claims only write it)
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=True),
     Column("finished_at", DateTime(timezone=True), nullable=True),
-    Column("heartbeat_at", DateTime(timezone=True), nullable=True),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=True),  # that worker's last heartbeat
+    # The fetch stage's lease on a job waiting for its URL inputs (fetching jobs only; migration 0014).
+    Column("fetch_owner", String(100), nullable=True),
+    Column("fetch_renewed_at", DateTime(timezone=True), nullable=True),
     Column("result_expired_at", DateTime(timezone=True), nullable=True),  # retention deleted the result
     Column("result_pruned", Boolean, nullable=True),  # true: `fluxserve prune` deleted it (migration 0012)
     # The job's place in the fair order (jobs/store_sql.py, _turn): claims take the lowest turn first. 0006

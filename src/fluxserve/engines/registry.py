@@ -153,7 +153,7 @@ class EngineRegistry:
 
     def resident(self) -> list[str]:
         """The model names served so far whose weights are still in memory: the jobs a worker should
-        prefer (see :meth:`~fluxserve.jobs.store.JobStore.claim`), as they run without a load.
+        prefer (see :meth:`~fluxserve.jobs.store.Claims.claim`), as they run without a load.
 
         Without the lock, which a load holds for minutes: a worker thread asks before each claim. The
         copy and the membership tests are single operations on the dicts, so they never see one half

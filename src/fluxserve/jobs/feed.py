@@ -114,8 +114,8 @@ class ChangeFeed:
     thread starts on :meth:`start` or the first :meth:`wait_for_work` (a CLI command that never waits
     opens no connection)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, database: Engine) -> None:
+        self._database = database
         self._job_listeners: list[JobListener] = []
         self._key_listeners: list[KeyListener] = []
         self.work = _WorkSignal()
@@ -202,10 +202,10 @@ class ChangeFeed:
 
 
 class PostgresFeed(ChangeFeed):
-    """LISTEN on :data:`CHANNEL` on a connection of its own (the engine's settings, outside its pool)."""
+    """LISTEN on :data:`CHANNEL` on a connection of its own (the database's settings, outside its pool)."""
 
     def _watch(self, connected: Callable[[], None]) -> None:
-        raw = self._engine.raw_connection()
+        raw = self._database.raw_connection()
         connection = raw.driver_connection
         raw.detach()
         assert connection is not None
@@ -241,12 +241,12 @@ def _parse(payload: str, changes: list[JobChange], keys: list[str | None]) -> No
 class SqliteFeed(ChangeFeed):
     """A probe of ``PRAGMA data_version`` on a connection of its own, then the rows changed since."""
 
-    def __init__(self, engine: Engine, probe_seconds: float = PROBE_SECONDS) -> None:
-        super().__init__(engine)
+    def __init__(self, database: Engine, probe_seconds: float = PROBE_SECONDS) -> None:
+        super().__init__(database)
         self._probe_seconds = probe_seconds
 
     def _watch(self, connected: Callable[[], None]) -> None:
-        raw = self._engine.raw_connection()
+        raw = self._database.raw_connection()
         connection = raw.driver_connection
         raw.detach()
         assert connection is not None

@@ -3,11 +3,13 @@
 A submit with an ``input_image`` (or ``image_prompt``) URL writes its job as ``fetching``. Every API process
 runs an :class:`InputFetcher`, which leases such jobs from the database, downloads their URLs through the
 SSRF guard on the event loop (a slow URL holds a coroutine, not a thread, a worker or the GPU), stores the
-decoded images with the job's uploads and then queues the job with its size resolved. A key has at most
+decoded images with the job's uploads and then queues the job with its size resolved. It uses only the
+store's :class:`~fluxserve.jobs.store.FetchLeases` role. A key has at most
 ``per_key`` fetches leased at once across the cluster (so its slow URLs wait behind each other, not
 behind another key's), and an API process at most ``concurrency``. A URL that fails ends its job as
-failed with a message naming the field. A lease is renewed after each image; one not renewed for
-``lease_seconds`` (its process died) is freed for another process to take, so nothing is lost. The change
+failed with a message naming the field. A lease (``fetch_owner``; never the columns of a worker's claim)
+is renewed after each image; one not renewed for ``lease_seconds`` (its process died) is freed for another
+process to take, so nothing is lost. The change
 feed wakes the stage when a job enters ``fetching`` (submitted to any API process); its poll remains for
 leases that lapse.
 """
@@ -26,7 +28,7 @@ from datetime import timedelta
 from PIL import Image
 
 from fluxserve.core.fields import REFERENCE_FIELDS
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import Job
 from fluxserve.core.models import spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import Quote, requote
@@ -34,7 +36,7 @@ from fluxserve.core.sizes import output_size
 from fluxserve.db.connection import utcnow
 from fluxserve.errors import FetchError, InputError
 from fluxserve.jobs.retention import drop_inputs
-from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.store import FetchLeases, FetchOutcome
 from fluxserve.jobs.submit import BLOB_PREFIX, store_input
 from fluxserve.safety.fetch import NetworkPolicy, fetch_bytes
 from fluxserve.safety.images import decode_image_bytes, is_url
@@ -46,7 +48,7 @@ log = logging.getLogger("fluxserve.fetching")
 class InputFetcher:
     def __init__(
         self,
-        store: JobStore,
+        leases: FetchLeases,
         blobs: BlobStore,
         policy: NetworkPolicy,
         *,
@@ -57,7 +59,7 @@ class InputFetcher:
         per_key: int,
         poll_seconds: float = 5.0,
     ) -> None:
-        self._store = store
+        self._leases = leases
         self._blobs = blobs
         self._policy = policy
         self._max_bytes = max_bytes
@@ -101,11 +103,11 @@ class InputFetcher:
 
     async def _lease(self) -> None:
         stale = utcnow() - timedelta(seconds=self.lease_seconds)
-        await asyncio.to_thread(self._store.release_stale_fetches, stale)
+        await asyncio.to_thread(self._leases.release_stale, stale)
         free = self._concurrency - len(self._tasks)
         if free <= 0:
             return
-        for job in await asyncio.to_thread(self._store.lease_fetches, self.owner, free, self._per_key):
+        for job in await asyncio.to_thread(self._leases.lease, self.owner, free, self._per_key):
             task = asyncio.create_task(self.fetch(job))
             self._tasks.add(task)
             task.add_done_callback(self._done)
@@ -150,13 +152,12 @@ class InputFetcher:
             if image.field in REFERENCE_FIELDS
         ]
         price = requote(spec_of(job.model), Quote(job.cost, job.input_mp, job.output_mp), size, references)
-        queued = await asyncio.to_thread(
-            self._store.fetched, job.id, self.owner, params.model_dump(mode="json"), *size, price
+        outcome = await asyncio.to_thread(
+            self._leases.fetched, job.id, self.owner, params.model_dump(mode="json"), *size, price
         )
-        if not queued:  # canceled meanwhile (its inputs go), or the lease lapsed and another took it
-            log.info("fetch stage: job no longer ours", extra={"job_id": job.id})
-            current = await asyncio.to_thread(self._store.get, job.id)
-            if current is not None and current.status.is_terminal:
+        if outcome is not FetchOutcome.QUEUED:  # canceled meanwhile, or the lease lapsed and another took it
+            log.info("fetch stage: job no longer ours", extra={"job_id": job.id, "outcome": outcome.value})
+            if outcome is FetchOutcome.ENDED:
                 await asyncio.to_thread(drop_inputs, self._blobs, job.id)
 
     async def _resolve(self, job: Job, field: str, ref: str) -> tuple[str, tuple[int, int] | None]:
@@ -169,7 +170,7 @@ class InputFetcher:
             raise FetchError(f"{field}: {error}") from error
         decoded = await asyncio.to_thread(decode_image_bytes, data, field, self._max_pixels)
         stored = await asyncio.to_thread(store_input, self._blobs, job.id, field, decoded)
-        await asyncio.to_thread(self._store.touch_fetch, job.id, self.owner)
+        await asyncio.to_thread(self._leases.renew, job.id, self.owner)
         return stored, decoded.size
 
     def _stored_size(self, ref: str) -> tuple[int, int]:
@@ -178,6 +179,6 @@ class InputFetcher:
             return image.size
 
     async def _fail(self, job: Job, message: str) -> None:
-        ended = await asyncio.to_thread(self._store.finish, job.id, None, JobStatus.FAILED, error=message)
+        ended = await asyncio.to_thread(self._leases.fail, job.id, self.owner, message)
         if ended:
             await asyncio.to_thread(drop_inputs, self._blobs, job.id)

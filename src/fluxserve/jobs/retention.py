@@ -19,7 +19,7 @@ from sqlalchemy import Engine, delete, select
 from fluxserve.core.job import JobStatus
 from fluxserve.db import ledger
 from fluxserve.db.tables import idempotency_keys, jobs, webhook_deliveries
-from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.store import Expiry
 from fluxserve.jobs.submit import INPUTS, inputs_prefix
 from fluxserve.storage.base import BlobInfo, BlobStore
 
@@ -53,7 +53,7 @@ class SweepReport:
 class Retention:
     def __init__(
         self,
-        store: JobStore,
+        store: Expiry,
         blobs: BlobStore,
         ttl_seconds: float,
         orphan_grace_seconds: float = ORPHAN_GRACE_SECONDS,
@@ -102,7 +102,7 @@ class Retention:
             report.bytes += sum(info.size for info in removed)
 
 
-def prune_rows(engine: Engine, finished_before: datetime, limit: int = BATCH) -> int:
+def prune_rows(database: Engine, finished_before: datetime, limit: int = BATCH) -> int:
     """Delete the rows of jobs that ended before ``finished_before`` (and their webhook deliveries and
     Idempotency-Keys), for operators who keep no job history; each key's credit entries for them are
     folded into summaries (``db.ledger.fold``), so balances and usage by day and model still add up. Their
@@ -110,7 +110,7 @@ def prune_rows(engine: Engine, finished_before: datetime, limit: int = BATCH) ->
     ended = [status.value for status in JobStatus if status.is_terminal]
     deleted = 0
     while True:
-        with engine.begin() as conn:
+        with database.begin() as conn:
             ids = list(
                 conn.scalars(
                     select(jobs.c.id)

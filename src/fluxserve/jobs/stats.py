@@ -48,8 +48,8 @@ class Figures:
 
 
 class JobStats:
-    def __init__(self, engine: Engine, workers: WorkerRegistry, worker_seen_within: float) -> None:
-        self._engine = engine
+    def __init__(self, database: Engine, workers: WorkerRegistry, worker_seen_within: float) -> None:
+        self._database = database
         self._workers = workers
         self._seen_within = worker_seen_within
 
@@ -65,7 +65,7 @@ class JobStats:
         deliveries = select(webhook_counts.c.status, func.sum(webhook_counts.c.deliveries)).group_by(
             webhook_counts.c.status
         )
-        with self._engine.connect() as conn:
+        with self._database.connect() as conn:
             by_status = [(str(model), str(status), int(n)) for model, status, n in conn.execute(counts)]
             queue_wait, run_time = _histograms(conn)
             webhooks = {str(status): int(n) for status, n in conn.execute(deliveries)}

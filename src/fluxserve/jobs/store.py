@@ -1,4 +1,16 @@
-"""The job store interface: durable job rows, claims with heartbeats, settlement of credits."""
+"""The job store, by role: one small interface per caller, all over the same job rows.
+
+- :class:`JobReads`: a job and its place in the queue (fetch routes, event streams, webhook delivery).
+- :class:`Submissions`: admission, submit, Idempotency-Key replay, cancel (the routers and ``Submitter``).
+- :class:`Claims`: a worker's side: claim, heartbeat, progress, finish, hand back, the stale-job reaper.
+- :class:`FetchLeases`: the fetch stage's leases on jobs waiting for their URL inputs (``jobs/fetching.py``).
+- :class:`Expiry`: retention's results past their time, and the inputs no active job owns.
+
+``jobs/store_sql.py`` implements each on SQLAlchemy Core; ``wiring.make_stores`` builds them once per
+process. Two words for two kinds of liveness, in their own columns: a worker *heartbeats* the job it
+claimed (``worker_id``, ``heartbeat_at``: written by claims only), an API process *renews* its fetch
+lease (``fetch_owner``, ``fetch_renewed_at``: fetching jobs only; migration 0014).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +19,14 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any, Protocol
 
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.pricing import Quote
 from fluxserve.errors import RequestRefused
 
-# A worker's preference for the models it holds (see JobStore.claim): how far down the fair order it
+# A worker's preference for the models it holds (see Claims.claim): how far down the fair order it
 # looks for one, and how long a job may wait before it goes first regardless.
 PREFER_WINDOW = 8
 PREFER_MAX_WAIT = timedelta(seconds=30)
@@ -53,7 +66,23 @@ class IdempotencyConflict(RequestRefused):
         )
 
 
-class JobStore(Protocol):
+class JobReads(Protocol):
+    """What readers of a job need: the fetch routes, the event streams' watcher, the webhook dispatcher."""
+
+    def get(self, job_id: str, key_id: str | None = None) -> Job | None:
+        """The job (only if it is ``key_id``'s, when given), or None: one statement."""
+        ...
+
+    def queue_position(self, job_id: str) -> int | None:
+        """How many queued jobs the claim order puts before this one (0: it is next in line), or None when
+        the job is not queued. Counted up to ``QUEUE_POSITION_CAP``, which therefore means "that many or
+        more" (a fetch never counts a long queue)."""
+        ...
+
+
+class Submissions(JobReads, Protocol):
+    """The API side of a job's life: admission, the durable write, replays and cancels."""
+
     def submit(
         self,
         job: Job,
@@ -83,13 +112,26 @@ class JobStore(Protocol):
         none (or it expired); IdempotencyConflict when it was made for another request. Reads only."""
         ...
 
-    def get(self, job_id: str, key_id: str | None = None) -> Job | None: ...
-
-    def queue_position(self, job_id: str) -> int | None:
-        """How many queued jobs the claim order puts before this one (0: it is next in line), or None when
-        the job is not queued. Counted up to ``QUEUE_POSITION_CAP``, which therefore means "that many or
-        more" (a fetch never counts a long queue)."""
+    def cancel(self, job_id: str, key_id: str) -> Job | None:
+        """Cancel a queued or fetching job at once, or flag a running one for its worker to stop."""
         ...
+
+    def waiting(self) -> int:
+        """How many jobs wait for a worker or for their inputs (queued or fetching), of every key."""
+        ...
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """What one pass of the stale-job reaper did: jobs queued again, and the ids of those it failed (their
+    worker stopped heartbeating on their last attempt), whose inputs may go."""
+
+    requeued: int
+    failed: tuple[str, ...] = ()
+
+
+class Claims(Protocol):
+    """A worker's side: take queued jobs, heartbeat them, record progress, end them."""
 
     def claim(
         self,
@@ -120,7 +162,7 @@ class JobStore(Protocol):
         ...
 
     def heartbeat(self, job_id: str, worker_id: str, progress: float | None = None) -> tuple[bool, bool]:
-        """Record that the worker is alive; returns (still ours, cancel requested)."""
+        """Record that the worker running the job is alive; returns (still ours, cancel requested)."""
         ...
 
     def update_running(self, job_id: str, worker_id: str, **fields: Any) -> None:
@@ -130,7 +172,7 @@ class JobStore(Protocol):
     def finish(
         self,
         job_id: str,
-        worker_id: str | None,
+        worker_id: str,
         status: JobStatus,
         *,
         error: str | None = None,
@@ -148,32 +190,30 @@ class JobStore(Protocol):
         is not counted, and a worker that finishes one afterwards has its result refused. Returns how many."""
         ...
 
-    def cancel(self, job_id: str, key_id: str) -> Job | None:
-        """Cancel a queued job at once, or flag a running one for its worker to stop."""
+    def requeue_stale(self, older_than: datetime, max_attempts: int) -> Reaped:
+        """Give the jobs whose worker stopped heartbeating before ``older_than`` back to the queue, and fail
+        those on their last attempt (crash loops), in one transaction."""
         ...
 
-    def requeue_stale(self, older_than: datetime, max_attempts: int) -> int:
-        """Give the jobs of workers that stopped heartbeating back to the queue (or fail crash loops)."""
-        ...
 
-    def crash_looping(self, older_than: datetime, max_attempts: int) -> list[str]:
-        """The stale running jobs on their last attempt: the ones ``requeue_stale`` fails."""
-        ...
+class FetchOutcome(StrEnum):
+    """What became of a leased job the fetch stage tried to queue."""
 
-    def waiting(self) -> int:
-        """How many jobs wait for a worker or for their inputs (queued or fetching), of every key."""
-        ...
+    QUEUED = "queued"  # it waits for a worker now, its inputs stored
+    ENDED = "ended"  # it ended meanwhile (canceled): its stored inputs may go
+    LOST = "lost"  # the lease lapsed and another process holds it: leave its inputs alone
 
-    def active_ids(self, job_ids: Collection[str]) -> set[str]:
-        """Those of ``job_ids`` whose job is queued or running (an unknown id is not active)."""
-        ...
 
-    def lease_fetches(self, owner: str, limit: int, per_key: int) -> list[Job]:
+class FetchLeases(Protocol):
+    """The fetch stage's leases on jobs waiting for their URL inputs: an API process (``owner``) renews
+    its lease after each image; one not renewed is freed for another process."""
+
+    def lease(self, owner: str, limit: int, per_key: int) -> list[Job]:
         """Up to ``limit`` unleased jobs waiting for their URL inputs, oldest first, leased to ``owner``;
         a key with ``per_key`` leased already gets no more (so one key's slow URLs hold its own slots)."""
         ...
 
-    def touch_fetch(self, job_id: str, owner: str) -> bool:
+    def renew(self, job_id: str, owner: str) -> bool:
         """Renew ``owner``'s lease; False when the job is no longer its (canceled, or leased again)."""
         ...
 
@@ -185,14 +225,23 @@ class JobStore(Protocol):
         width: int,
         height: int,
         price: Quote | None = None,
-    ) -> bool:
-        """Queue a leased job with its inputs stored; False when the job is no longer ``owner``'s. With
-        ``price``, the job's hold is brought to it (a megapixel price known now that the inputs are)."""
+    ) -> FetchOutcome:
+        """Queue a leased job with its inputs stored, unless it is no longer ``owner``'s. With ``price``,
+        the job's hold is brought to it (a megapixel price known now that the inputs are)."""
         ...
 
-    def release_stale_fetches(self, older_than: datetime) -> int:
-        """Free the leases of fetches not renewed since ``older_than`` (their API process died)."""
+    def fail(self, job_id: str, owner: str, error: str) -> bool:
+        """End a leased job as failed (an input URL could not be used), refunding its hold and queueing its
+        webhook; False when the job is no longer ``owner``'s."""
         ...
+
+    def release_stale(self, older_than: datetime) -> int:
+        """Free the leases not renewed since ``older_than`` (their API process died); how many."""
+        ...
+
+
+class Expiry(Protocol):
+    """Retention's reads and marks: results past their time, and which input folders still have an owner."""
 
     def results_to_expire(self, finished_before: datetime, limit: int) -> list[tuple[str, str]]:
         """(job id, result key) of succeeded jobs finished before the cutoff whose result is still kept,
@@ -203,3 +252,19 @@ class JobStore(Protocol):
         """Record that these jobs' results were deleted (``pruned``: by ``fluxserve prune``, not by the
         server's retention sweep); the rows stay. Returns the rows marked."""
         ...
+
+    def active_ids(self, job_ids: Collection[str]) -> set[str]:
+        """Those of ``job_ids`` whose job is fetching, queued or running (an unknown id is not active)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Stores:
+    """Each role's implementation, built once per process (``wiring.make_stores``) and handed to the
+    caller that uses it."""
+
+    reads: JobReads
+    submissions: Submissions
+    claims: Claims
+    fetches: FetchLeases
+    expiry: Expiry

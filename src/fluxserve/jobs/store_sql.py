@@ -1,4 +1,8 @@
-"""The job store on SQLAlchemy Core: SQLite for one machine, PostgreSQL (SKIP LOCKED) for many."""
+"""The job store's roles on SQLAlchemy Core: SQLite for one machine, PostgreSQL (SKIP LOCKED) for many.
+
+One class per role of ``jobs/store.py``, all over the ``jobs`` table; what they share (the row's mapping to
+a :class:`Job`, the statements built once, :func:`_end`, which ends a job with its credits and webhook) is
+private to this module."""
 
 from __future__ import annotations
 
@@ -37,11 +41,14 @@ from fluxserve.jobs.store import (
     PREFER_MAX_WAIT,
     PREFER_WINDOW,
     Drawn,
+    FetchOutcome,
     Idempotency,
     IdempotencyConflict,
+    Reaped,
 )
 
 _ACTIVE = [status.value for status in ACTIVE_STATUSES]
+_BATCH = 500  # ids per IN list
 _I = idempotency_keys.c
 
 
@@ -184,16 +191,80 @@ def _turn(probe: Any) -> int:
     return int(clock if probe.last is None else max(probe.last + 1, clock))
 
 
-class SqlJobStore:
-    def __init__(self, engine: Engine, feed: ChangeFeed | None = None) -> None:
-        """``feed`` (chosen by ``wiring.make_job_store``) wakes idle workers when a job is queued (the
-        database's triggers announce it); without it they poll."""
-        self._engine = engine
+def _end(
+    conn: Connection,
+    job_id: str,
+    status: JobStatus,
+    error: str | None,
+    *guard: Any,
+    result_key: str | None = None,
+    details: dict[str, Any] | None = None,
+    drawn: Drawn | None = None,
+) -> bool:
+    """End an active job (``guard``: and only if it is still the caller's), settle its hold (refunded
+    unless it succeeded) and queue its webhook, on the caller's transaction; False when nothing matched."""
+    values: dict[str, Any] = {
+        "status": status.value,
+        "error": error,
+        "result_key": result_key,
+        "finished_at": utcnow(),
+    }
+    if status is JobStatus.SUCCEEDED:
+        values["progress"] = 1.0
+    if details is not None:
+        values["details"] = details
+    if drawn is not None:
+        values.update(prompt=drawn.prompt, seed=drawn.seed, width=drawn.width, height=drawn.height)
+    row = conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.status.in_(_ACTIVE), *guard)
+        .values(values)
+        .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.webhook_url, jobs.c.model)
+    ).first()
+    if row is None:
+        return False
+    held = ledger.from_hundredths(row.cost_hundredths)
+    ledger.settle(conn, row.key_id, held, status.is_charged, job_id=job_id, model=row.model)
+    if row.webhook_url:
+        outbox.enqueue(conn, job_id, row.key_id, row.webhook_url)
+    return True
+
+
+class _Sql:
+    """What every role's implementation shares: the database, and a view of it for reads."""
+
+    def __init__(self, database: Engine) -> None:
+        self._database = database
         # The request path's reads, outside a transaction: on PostgreSQL a read in one would cost two more
         # round trips (BEGIN, and the ROLLBACK when the connection goes back to the pool).
-        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._postgres = engine.dialect.name == "postgresql"
-        self.feed = feed
+        self._reads = database.execution_options(isolation_level="AUTOCOMMIT")
+        self._postgres = database.dialect.name == "postgresql"
+
+
+class SqlJobReads(_Sql):
+    """:class:`~fluxserve.jobs.store.JobReads`: one statement per read, outside a transaction."""
+
+    @reconnecting
+    def get(self, job_id: str, key_id: str | None = None) -> Job | None:
+        query, values = (
+            (_JOB_ROW, {"job_id": job_id})
+            if key_id is None
+            else (_KEYS_JOB_ROW, {"job_id": job_id, "key_id": key_id})
+        )
+        with self._reads.connect() as conn:
+            row = conn.execute(query, values).mappings().first()
+        return _job(row) if row is not None else None
+
+    @reconnecting
+    def queue_position(self, job_id: str) -> int | None:
+        """One statement (``_POSITION``): the jobs ahead in the claim order, if the job is queued."""
+        with self._reads.connect() as conn:
+            row = conn.execute(_POSITION, {"job_id": job_id}).one()
+        return int(row.ahead) if row.queued else None
+
+
+class SqlSubmissions(SqlJobReads):
+    """:class:`~fluxserve.jobs.store.Submissions`: a submit is one transaction of four statements."""
 
     def submit(
         self,
@@ -232,7 +303,7 @@ class SqlJobStore:
     def _submit(
         self, job: Job, max_active: int, max_active_model: int | None, idempotency: Idempotency | None
     ) -> Job:
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             # The hold comes first: it serialises this key's submits, so the limits cannot race, and
             # the Idempotency-Key read below sees every earlier submit of this key.
             if not ledger.hold(conn, job.key_id, job.cost, job_id=job.id, model=job.model):
@@ -316,23 +387,37 @@ class SqlJobStore:
             "created_at": job.created_at,
         }
 
-    @reconnecting
-    def get(self, job_id: str, key_id: str | None = None) -> Job | None:
-        query, values = (
-            (_JOB_ROW, {"job_id": job_id})
-            if key_id is None
-            else (_KEYS_JOB_ROW, {"job_id": job_id, "key_id": key_id})
-        )
-        with self._reads.connect() as conn:
-            row = conn.execute(query, values).mappings().first()
-        return _job(row) if row is not None else None
+    def cancel(self, job_id: str, key_id: str) -> Job | None:
+        with self._database.begin() as conn:
+            row = conn.execute(
+                select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.key_id == key_id)
+            ).first()
+            if row is None:
+                return None
+            if row.status in (JobStatus.QUEUED.value, JobStatus.FETCHING.value):
+                _end(conn, job_id, JobStatus.CANCELED, "Canceled by the client")
+            elif row.status == JobStatus.RUNNING.value:
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True))
+        return self.get(job_id)
 
-    @reconnecting
-    def queue_position(self, job_id: str) -> int | None:
-        """One statement (``_POSITION``): the jobs ahead in the claim order, if the job is queued."""
+    def waiting(self) -> int:
+        """From the counters the triggers keep (migration 0011): a few rows, however long the queue."""
+        waiting = [JobStatus.QUEUED.value, JobStatus.FETCHING.value]
+        total = select(func.coalesce(func.sum(job_counts.c.jobs), 0)).where(job_counts.c.status.in_(waiting))
         with self._reads.connect() as conn:
-            row = conn.execute(_POSITION, {"job_id": job_id}).one()
-        return int(row.ahead) if row.queued else None
+            return int(conn.scalar(total) or 0)
+
+
+class SqlClaims(_Sql):
+    """:class:`~fluxserve.jobs.store.Claims`: the claiming worker is ``worker_id``, its heartbeat
+    ``heartbeat_at``, written only by a claim and its heartbeats (kept when the job ends: who ran it;
+    cleared when it is queued again)."""
+
+    def __init__(self, database: Engine, feed: ChangeFeed | None = None) -> None:
+        """``feed`` (chosen by ``wiring.make_stores``) wakes idle workers when a job is queued (the
+        database's triggers announce it); without it they poll."""
+        super().__init__(database)
+        self.feed = feed
 
     def claim(
         self,
@@ -388,7 +473,7 @@ class SqlJobStore:
         if window is not None:
             rank = case((ahead.c.created_at < now - max_wait, 0), (ahead.c.model.in_(prefer), 1), else_=2)
             chosen = chosen.order_by(rank, ahead.c.turn, ahead.c.created_at).limit(limit)
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             rows = (
                 conn.execute(
                     update(jobs)
@@ -418,29 +503,28 @@ class SqlJobStore:
         values: dict[str, Any] = {"heartbeat_at": utcnow()}
         if progress is not None:
             values["progress"] = progress
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             row = conn.execute(
                 update(jobs)
-                .where(
-                    jobs.c.id == job_id,
-                    jobs.c.worker_id == worker_id,
-                    jobs.c.status == JobStatus.RUNNING.value,
-                )
+                .where(*self._running(job_id, worker_id))
                 .values(values)
                 .returning(jobs.c.cancel_requested)
             ).first()
         return (row is not None, bool(row and row.cancel_requested))
 
+    @staticmethod
+    def _running(job_id: str, worker_id: str) -> tuple[Any, ...]:
+        """The job, while this worker runs it."""
+        return (jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status == JobStatus.RUNNING.value)
+
     def update_running(self, job_id: str, worker_id: str, **fields: Any) -> None:
-        with self._engine.begin() as conn:
-            conn.execute(
-                update(jobs).where(jobs.c.id == job_id, jobs.c.worker_id == worker_id).values(fields)
-            )
+        with self._database.begin() as conn:
+            conn.execute(update(jobs).where(*self._running(job_id, worker_id)).values(fields))
 
     def finish(
         self,
         job_id: str,
-        worker_id: str | None,
+        worker_id: str,
         status: JobStatus,
         *,
         error: str | None = None,
@@ -448,117 +532,164 @@ class SqlJobStore:
         details: dict[str, Any] | None = None,
         drawn: Drawn | None = None,
     ) -> bool:
-        with self._engine.begin() as conn:
-            return self._finish(conn, job_id, worker_id, status, error, result_key, details, drawn)
-
-    def _finish(
-        self,
-        conn: Connection,
-        job_id: str,
-        worker_id: str | None,
-        status: JobStatus,
-        error: str | None,
-        result_key: str | None,
-        details: dict[str, Any] | None,
-        drawn: Drawn | None = None,
-    ) -> bool:
-        guard = [jobs.c.id == job_id, jobs.c.status.in_(_ACTIVE)]
-        if worker_id is not None:
-            guard += [jobs.c.worker_id == worker_id, jobs.c.status == JobStatus.RUNNING.value]
-        values: dict[str, Any] = {
-            "status": status.value,
-            "error": error,
-            "result_key": result_key,
-            "finished_at": utcnow(),
-        }
-        if status is JobStatus.SUCCEEDED:
-            values["progress"] = 1.0
-        if details is not None:
-            values["details"] = details
-        if drawn is not None:
-            values.update(prompt=drawn.prompt, seed=drawn.seed, width=drawn.width, height=drawn.height)
-        row = conn.execute(
-            update(jobs)
-            .where(*guard)
-            .values(values)
-            .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.webhook_url, jobs.c.model)
-        ).first()
-        if row is None:
-            return False
-        held = ledger.from_hundredths(row.cost_hundredths)
-        ledger.settle(conn, row.key_id, held, status.is_charged, job_id=job_id, model=row.model)
-        if row.webhook_url:
-            outbox.enqueue(conn, job_id, row.key_id, row.webhook_url)
-        return True
+        mine = self._running(job_id, worker_id)[1:]
+        with self._database.begin() as conn:
+            return _end(
+                conn, job_id, status, error, *mine, result_key=result_key, details=details, drawn=drawn
+            )
 
     def hand_back(self, worker_ids: Collection[str]) -> int:
         mine = [jobs.c.status == JobStatus.RUNNING.value, jobs.c.worker_id.in_(list(worker_ids))]
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             handed = conn.execute(
                 update(jobs)
                 .where(*mine)
                 .values(
-                    status=JobStatus.QUEUED.value, worker_id=None, progress=0.0, attempts=jobs.c.attempts - 1
+                    status=JobStatus.QUEUED.value,
+                    worker_id=None,
+                    heartbeat_at=None,
+                    progress=0.0,
+                    attempts=jobs.c.attempts - 1,
                 )
             ).rowcount
         return handed  # queued again: the triggers announce each job, waking idle workers
 
-    def cancel(self, job_id: str, key_id: str) -> Job | None:
-        with self._engine.begin() as conn:
-            row = conn.execute(
-                select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.key_id == key_id)
-            ).first()
-            if row is None:
-                return None
-            if row.status in (JobStatus.QUEUED.value, JobStatus.FETCHING.value):
-                self._finish(conn, job_id, None, JobStatus.CANCELED, "Canceled by the client", None, None)
-            elif row.status == JobStatus.RUNNING.value:
-                conn.execute(update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True))
-        return self.get(job_id)
-
-    def requeue_stale(self, older_than: datetime, max_attempts: int) -> int:
+    def requeue_stale(self, older_than: datetime, max_attempts: int) -> Reaped:
         stale = [jobs.c.status == JobStatus.RUNNING.value, jobs.c.heartbeat_at < older_than]
-        with self._engine.begin() as conn:
-            crashed = conn.execute(select(jobs.c.id).where(*stale, jobs.c.attempts >= max_attempts)).all()
-            for (job_id,) in crashed:
-                message = (
-                    f"The worker running this job stopped or hung {max_attempts} time(s) (it crashed, was "
-                    "killed, or its engine made no progress); giving up"
-                )
-                self._finish(conn, job_id, None, JobStatus.FAILED, message, None, None)
+        failed: list[str] = []
+        with self._database.begin() as conn:
+            crashed = conn.execute(select(jobs.c.id).where(*stale, jobs.c.attempts >= max_attempts)).scalars()
+            message = (
+                f"The worker running this job stopped or hung {max_attempts} time(s) (it crashed, was "
+                "killed, or its engine made no progress); giving up"
+            )
+            for job_id in list(crashed):
+                if _end(conn, job_id, JobStatus.FAILED, message, *stale):  # not beaten meanwhile
+                    failed.append(job_id)
             requeued = conn.execute(
                 update(jobs)
                 .where(*stale, jobs.c.attempts < max_attempts)
-                .values(status=JobStatus.QUEUED.value, worker_id=None, progress=0.0)
-            )
-        return requeued.rowcount + len(crashed)
+                .values(status=JobStatus.QUEUED.value, worker_id=None, heartbeat_at=None, progress=0.0)
+            ).rowcount
+        return Reaped(requeued, tuple(failed))
 
-    def crash_looping(self, older_than: datetime, max_attempts: int) -> list[str]:
-        query = select(jobs.c.id).where(
-            jobs.c.status == JobStatus.RUNNING.value,
-            jobs.c.heartbeat_at < older_than,
-            jobs.c.attempts >= max_attempts,
+
+# A fetch lease is held in its own columns (migration 0014), never in the claiming worker's.
+_FETCHING = jobs.c.status == JobStatus.FETCHING.value
+_LEASED = jobs.c.fetch_owner.is_not(None)
+
+
+class SqlFetchLeases(_Sql):
+    """:class:`~fluxserve.jobs.store.FetchLeases`: the lease is ``fetch_owner`` and ``fetch_renewed_at``,
+    both only ever set on a fetching job."""
+
+    def lease(self, owner: str, limit: int, per_key: int) -> list[Job]:
+        leased = (
+            select(jobs.c.key_id)
+            .where(_FETCHING, _LEASED)
+            .group_by(jobs.c.key_id)
+            .having(func.count() >= per_key)
         )
-        with self._engine.connect() as conn:
-            return list(conn.execute(query).scalars())
-
-    def waiting(self) -> int:
-        """From the counters the triggers keep (migration 0011): a few rows, however long the queue."""
-        waiting = [JobStatus.QUEUED.value, JobStatus.FETCHING.value]
-        total = select(func.coalesce(func.sum(job_counts.c.jobs), 0)).where(job_counts.c.status.in_(waiting))
-        with self._reads.connect() as conn:
-            return int(conn.scalar(total) or 0)
-
-    def active_ids(self, job_ids: Collection[str]) -> set[str]:
-        found: set[str] = set()
-        ids = list(job_ids)
-        with self._engine.connect() as conn:
-            for start in range(0, len(ids), 500):  # bounded IN lists
-                query = select(jobs.c.id).where(
-                    jobs.c.id.in_(ids[start : start + 500]), jobs.c.status.in_(_ACTIVE)
+        waiting = (
+            select(jobs.c.id, jobs.c.key_id)
+            .where(_FETCHING, jobs.c.fetch_owner.is_(None), jobs.c.key_id.not_in(leased))
+            .order_by(jobs.c.created_at)
+            .limit(limit * per_key)
+        )
+        now = utcnow()
+        with self._database.begin() as conn:
+            in_flight: dict[str, int] = dict(
+                conn.execute(
+                    select(jobs.c.key_id, func.count()).where(_FETCHING, _LEASED).group_by(jobs.c.key_id)
+                ).all()
+            )
+            chosen: list[str] = []
+            for job_id, key_id in conn.execute(waiting).all():
+                if len(chosen) < limit and in_flight.get(key_id, 0) < per_key:
+                    in_flight[key_id] = in_flight.get(key_id, 0) + 1
+                    chosen.append(job_id)
+            if not chosen:
+                return []
+            rows = (
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(chosen), _FETCHING, jobs.c.fetch_owner.is_(None))
+                    .values(fetch_owner=owner, fetch_renewed_at=now)
+                    .returning(*jobs.c)
                 )
-                found.update(conn.execute(query).scalars())
-        return found
+                .mappings()
+                .all()
+            )
+        return sorted((_job(row) for row in rows), key=lambda job: job.created_at or now)
+
+    @staticmethod
+    def _held(job_id: str, owner: str) -> tuple[Any, ...]:
+        """The job, while ``owner`` holds its lease."""
+        return (jobs.c.id == job_id, _FETCHING, jobs.c.fetch_owner == owner)
+
+    def renew(self, job_id: str, owner: str) -> bool:
+        with self._database.begin() as conn:
+            renewed = conn.execute(
+                update(jobs).where(*self._held(job_id, owner)).values(fetch_renewed_at=utcnow())
+            )
+        return bool(renewed.rowcount)
+
+    def fetched(
+        self,
+        job_id: str,
+        owner: str,
+        params: dict[str, Any],
+        width: int,
+        height: int,
+        price: Quote | None = None,
+    ) -> FetchOutcome:
+        with self._database.begin() as conn:
+            queued = conn.execute(
+                update(jobs)
+                .where(*self._held(job_id, owner))
+                .values(
+                    status=JobStatus.QUEUED.value,
+                    params=params,
+                    width=width,
+                    height=height,
+                    fetch_owner=None,
+                    fetch_renewed_at=None,
+                )
+                .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.model)
+            ).first()
+            if queued is None:  # rare: one more read says whether the job ended or only changed hands
+                status = conn.scalar(select(jobs.c.status).where(jobs.c.id == job_id))
+                ended = status is None or JobStatus(status).is_terminal
+                return FetchOutcome.ENDED if ended else FetchOutcome.LOST
+            if price is not None:  # written after the row is ours to write
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(
+                        cost_hundredths=ledger.to_hundredths(price.cost),
+                        input_mp=None if price.input_mp is None else float(price.input_mp),
+                        output_mp=None if price.output_mp is None else float(price.output_mp),
+                    )
+                )
+                held = ledger.from_hundredths(queued.cost_hundredths)
+                ledger.reprice(conn, queued.key_id, held, price.cost, job_id=job_id, model=queued.model)
+        return FetchOutcome.QUEUED
+
+    def fail(self, job_id: str, owner: str, error: str) -> bool:
+        with self._database.begin() as conn:
+            return _end(conn, job_id, JobStatus.FAILED, error, *self._held(job_id, owner)[1:])
+
+    def release_stale(self, older_than: datetime) -> int:
+        with self._database.begin() as conn:
+            return conn.execute(
+                update(jobs)
+                .where(_FETCHING, _LEASED, jobs.c.fetch_renewed_at < older_than)
+                .values(fetch_owner=None, fetch_renewed_at=None)
+            ).rowcount
+
+
+class SqlExpiry(_Sql):
+    """:class:`~fluxserve.jobs.store.Expiry`: bounded batches (IN lists of at most 500 ids)."""
 
     def results_to_expire(self, finished_before: datetime, limit: int) -> list[tuple[str, str]]:
         query = (
@@ -572,121 +703,29 @@ class SqlJobStore:
             .order_by(jobs.c.finished_at)
             .limit(limit)
         )
-        with self._engine.connect() as conn:
+        with self._database.connect() as conn:
             return [(row.id, row.result_key) for row in conn.execute(query)]
 
     def mark_results_expired(self, job_ids: Collection[str], pruned: bool = False) -> int:
         ids = list(job_ids)
         marked = 0
         now = utcnow()
-        with self._engine.begin() as conn:
-            for start in range(0, len(ids), 500):
+        with self._database.begin() as conn:
+            for start in range(0, len(ids), _BATCH):
                 marked += conn.execute(
                     update(jobs)
-                    .where(jobs.c.id.in_(ids[start : start + 500]), jobs.c.result_expired_at.is_(None))
+                    .where(jobs.c.id.in_(ids[start : start + _BATCH]), jobs.c.result_expired_at.is_(None))
                     .values(result_expired_at=now, result_pruned=pruned)
                 ).rowcount
         return marked
 
-    def lease_fetches(self, owner: str, limit: int, per_key: int) -> list[Job]:
-        fetching = jobs.c.status == JobStatus.FETCHING.value
-        leased = (
-            select(jobs.c.key_id)
-            .where(fetching, jobs.c.worker_id.is_not(None))
-            .group_by(jobs.c.key_id)
-            .having(func.count() >= per_key)
-        )
-        waiting = (
-            select(jobs.c.id, jobs.c.key_id)
-            .where(fetching, jobs.c.worker_id.is_(None), jobs.c.key_id.not_in(leased))
-            .order_by(jobs.c.created_at)
-            .limit(limit * per_key)
-        )
-        now = utcnow()
-        with self._engine.begin() as conn:
-            in_flight: dict[str, int] = dict(
-                conn.execute(
-                    select(jobs.c.key_id, func.count())
-                    .where(fetching, jobs.c.worker_id.is_not(None))
-                    .group_by(jobs.c.key_id)
-                ).all()
-            )
-            chosen: list[str] = []
-            for job_id, key_id in conn.execute(waiting).all():
-                if len(chosen) < limit and in_flight.get(key_id, 0) < per_key:
-                    in_flight[key_id] = in_flight.get(key_id, 0) + 1
-                    chosen.append(job_id)
-            if not chosen:
-                return []
-            rows = (
-                conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id.in_(chosen), fetching, jobs.c.worker_id.is_(None))
-                    .values(worker_id=owner, heartbeat_at=now)
-                    .returning(*jobs.c)
+    def active_ids(self, job_ids: Collection[str]) -> set[str]:
+        found: set[str] = set()
+        ids = list(job_ids)
+        with self._database.connect() as conn:
+            for start in range(0, len(ids), _BATCH):
+                query = select(jobs.c.id).where(
+                    jobs.c.id.in_(ids[start : start + _BATCH]), jobs.c.status.in_(_ACTIVE)
                 )
-                .mappings()
-                .all()
-            )
-        return sorted((_job(row) for row in rows), key=lambda job: job.created_at or now)
-
-    def touch_fetch(self, job_id: str, owner: str) -> bool:
-        with self._engine.begin() as conn:
-            return bool(
-                conn.execute(
-                    update(jobs).where(*self._fetch_lease(job_id, owner)).values(heartbeat_at=utcnow())
-                ).rowcount
-            )
-
-    def fetched(
-        self,
-        job_id: str,
-        owner: str,
-        params: dict[str, Any],
-        width: int,
-        height: int,
-        price: Quote | None = None,
-    ) -> bool:
-        with self._engine.begin() as conn:
-            queued = conn.execute(
-                update(jobs)
-                .where(*self._fetch_lease(job_id, owner))
-                .values(
-                    status=JobStatus.QUEUED.value,
-                    params=params,
-                    width=width,
-                    height=height,
-                    worker_id=None,
-                    heartbeat_at=None,
-                )
-                .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.model)
-            ).first()
-            if queued is not None and price is not None:  # written after the row is ours to write
-                conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == job_id)
-                    .values(
-                        cost_hundredths=ledger.to_hundredths(price.cost),
-                        input_mp=None if price.input_mp is None else float(price.input_mp),
-                        output_mp=None if price.output_mp is None else float(price.output_mp),
-                    )
-                )
-                held = ledger.from_hundredths(queued.cost_hundredths)
-                ledger.reprice(conn, queued.key_id, held, price.cost, job_id=job_id, model=queued.model)
-            return queued is not None
-
-    @staticmethod
-    def _fetch_lease(job_id: str, owner: str) -> list[Any]:
-        return [jobs.c.id == job_id, jobs.c.status == JobStatus.FETCHING.value, jobs.c.worker_id == owner]
-
-    def release_stale_fetches(self, older_than: datetime) -> int:
-        with self._engine.begin() as conn:
-            return conn.execute(
-                update(jobs)
-                .where(
-                    jobs.c.status == JobStatus.FETCHING.value,
-                    jobs.c.worker_id.is_not(None),
-                    jobs.c.heartbeat_at < older_than,
-                )
-                .values(worker_id=None)
-            ).rowcount
+                found.update(conn.execute(query).scalars())
+        return found

@@ -23,7 +23,7 @@ from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import quote
 from fluxserve.core.sizes import output_size
 from fluxserve.errors import AddressRefused, FetchError, InputError, InvalidInput, QuotaExceeded, ServerBusy
-from fluxserve.jobs.store import Idempotency, JobStore
+from fluxserve.jobs.store import Idempotency, Submissions
 from fluxserve.safety.fetch import NetworkPolicy, vet
 from fluxserve.safety.images import decode_image_input, is_url
 from fluxserve.storage.base import BlobStore
@@ -50,7 +50,7 @@ def inputs_prefix(job_id: str) -> str:
 class Submitter:
     def __init__(
         self,
-        store: JobStore,
+        store: Submissions,
         blobs: BlobStore,
         limits: Limits,
         policy: NetworkPolicy,

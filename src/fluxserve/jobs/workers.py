@@ -1,24 +1,19 @@
-"""Which worker processes are alive, wherever they run: each one refreshes its row in the ``workers`` table
-every few seconds while none of its engines is stalled, and removes it when it stops. ``/readyz`` and
-``/metrics`` count the rows seen recently, so workers on other machines are seen as well as the ones a local
-``serve`` supervises (whose beacon files only that supervisor reads)."""
+"""Which worker processes are alive, wherever they run: each one's beacon (``worker/beacon.py``) refreshes
+its row in the ``workers`` table every few seconds while none of its engines is stalled, and the process
+removes it when it stops. ``/readyz`` and ``/metrics`` count the rows seen recently, so workers on other
+machines are seen as well as the ones a local ``serve`` supervises (whose beacon files only that supervisor
+reads)."""
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
-import threading
-from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import Engine, delete, func, insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
 
 from fluxserve.db.connection import utcnow
 from fluxserve.db.tables import workers
-
-log = logging.getLogger("fluxserve.worker")
 
 FORGET_AFTER = timedelta(days=1)  # rows of processes that died without removing them go after this
 
@@ -29,13 +24,13 @@ def process_name() -> str:
 
 
 class WorkerRegistry:
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, database: Engine) -> None:
+        self._database = database
 
-    def beat(self, name: str, threads: int) -> None:
+    def seen(self, name: str, threads: int) -> None:
         """Say that the process ``name`` is alive now (its row is made on the first beat)."""
         now = utcnow()
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             seen = conn.execute(update(workers).where(workers.c.id == name).values(seen_at=now))
             if seen.rowcount == 0:  # only this process writes its row: no race between update and insert
                 host, _, pid = name.rpartition("-")
@@ -47,29 +42,11 @@ class WorkerRegistry:
                 conn.execute(delete(workers).where(workers.c.seen_at < now - FORGET_AFTER))
 
     def leave(self, name: str) -> None:
-        with self._engine.begin() as conn:
+        with self._database.begin() as conn:
             conn.execute(delete(workers).where(workers.c.id == name))
 
     def live(self, seen_within: float) -> int:
         """Worker processes heard from in the last ``seen_within`` seconds."""
         since = utcnow() - timedelta(seconds=seen_within)
-        with self._engine.connect() as conn:
+        with self._database.connect() as conn:
             return int(conn.scalar(select(func.count()).where(workers.c.seen_at >= since)) or 0)
-
-    def announce(
-        self, name: str, threads: int, alive: Callable[[], bool], interval: float, stop: threading.Event
-    ) -> None:
-        """Beat every ``interval`` seconds while ``alive()``, until ``stop``; then leave. A database that
-        is briefly away costs a beat, never the worker."""
-        while True:
-            if alive():
-                try:
-                    self.beat(name, threads)
-                except SQLAlchemyError:
-                    log.warning("could not record this worker process as alive", exc_info=True)
-            if stop.wait(interval):
-                break
-        try:
-            self.leave(name)
-        except SQLAlchemyError:
-            log.warning("could not remove this worker process's row", exc_info=True)

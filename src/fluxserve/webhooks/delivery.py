@@ -2,8 +2,9 @@
 database.
 
 A dispatcher (any number, in any API process) leases due rows (woken by the change feed when a job with a
-webhook ends, and polling every ``poll_seconds`` for retries whose time comes), POSTs the job's result as
-its dialect renders it, signed with the key's secret, and records the outcome. Targets are reached
+webhook ends, and polling every ``poll_seconds`` for retries whose time comes), reads the job through the
+store's :class:`~fluxserve.jobs.store.JobReads` role, POSTs it as its dialect renders it, signed with the
+key's secret, and records the outcome. Targets are reached
 through the SSRF guard, with a timeout, concurrently: a slow or dead target holds up nothing else.
 
 Fairness, per dispatcher: at most ``per_key`` deliveries of one API key and ``per_host`` to one host are in
@@ -29,9 +30,11 @@ from urllib.parse import urlsplit
 import httpx
 from sqlalchemy import Engine
 
+from fluxserve.core.job import Job
 from fluxserve.db import outbox
 from fluxserve.db.connection import utcnow
 from fluxserve.errors import AddressRefused, FetchError
+from fluxserve.jobs.store import JobReads
 from fluxserve.safety.fetch import NetworkPolicy, send
 from fluxserve.webhooks.signing import signed_headers, task_headers
 
@@ -83,7 +86,8 @@ class WebhookDispatcher:
     def __init__(
         self,
         database: Engine,
-        payload_for: Callable[[str], Payload | None],
+        jobs: JobReads,
+        payload_for: Callable[[Job], Payload],
         *,
         policy: NetworkPolicy,
         backoff: Sequence[float] = DEFAULT_BACKOFF,
@@ -93,7 +97,10 @@ class WebhookDispatcher:
         per_key: int = 4,
         per_host: int = 2,
     ) -> None:
+        """``database`` holds the outbox (``db/outbox.py``); ``jobs`` reads a delivery's job (once an
+        attempt), and ``payload_for`` renders it."""
         self._database = database
+        self._jobs = jobs
         self._payload_for = payload_for
         self._policy = policy
         self._backoff = list(backoff)
@@ -194,9 +201,10 @@ class WebhookDispatcher:
         final = False
         connected = False  # the target answered with HTTP (whatever the status)
         try:
-            payload = await asyncio.to_thread(self._payload_for, delivery["job_id"])
-            if payload is None:
+            job = await asyncio.to_thread(self._jobs.get, delivery["job_id"])
+            if job is None:
                 raise _JobGone("job no longer exists")
+            payload = self._payload_for(job)
             body = json.dumps(payload.body, separators=(",", ":"))
             headers = {
                 "Content-Type": "application/json",

@@ -12,15 +12,18 @@ import logging
 import threading
 import time
 from collections.abc import Collection
+from functools import partial
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.engines.registry import EngineRegistry
-from fluxserve.jobs.store import JobStore
+from fluxserve.jobs.store import Claims
 from fluxserve.jobs.workers import WorkerRegistry, process_name
 from fluxserve.safety.moderation import make_moderator
 from fluxserve.settings import Settings
-from fluxserve.wiring import make_blob_store, make_job_store, open_database
-from fluxserve.worker.beacon import Liveness
+from fluxserve.wiring import database_for, make_blob_store, make_feed, make_stores
+from fluxserve.worker.beacon import Beacon, Liveness
 from fluxserve.worker.inputs import InputLoader
 from fluxserve.worker.runner import Worker
 from fluxserve.worker.stack import runs_local_models
@@ -39,7 +42,7 @@ def engine_registry(settings: Settings, catalog: Catalog) -> EngineRegistry:
 
 def build_workers(
     settings: Settings,
-    store: JobStore,
+    store: Claims,
     threads: int,
     liveness: Liveness,
     models: Collection[str] | None = None,
@@ -79,37 +82,41 @@ def run_worker_process(
     settings: Settings,
     threads: int,
     liveness: Liveness,
+    beacon: Beacon,
     stop: threading.Event,
     models: Collection[str] | None = None,
 ) -> None:
     """Run until ``stop`` is set, then drain: claim nothing more, give the running jobs
     ``worker_drain_seconds`` to finish, and hand back those still running (queued again at once, so a
-    deploy costs them neither the stale timeout nor an attempt)."""
+    deploy costs them neither the stale timeout nor an attempt). ``beacon`` (running since the process
+    started) refreshes the process's row in the workers table meanwhile; the row goes at the end."""
     if runs_local_models(load_catalog(settings.catalog_files), models):
         import torch
 
         torch.set_num_threads(settings.threads_per_worker)
-    database = open_database(settings)
-    store = make_job_store(database)
+    database = database_for(settings)
+    store = make_stores(database, make_feed(database)).claims
     workers = build_workers(settings, store, threads, liveness, models)
     # The process's row in the workers table, for /readyz and /metrics of every API replica.
-    presence = threading.Thread(
-        target=WorkerRegistry(database).announce,
-        args=(process_name(), threads, liveness.alive, settings.heartbeat_seconds, stop),
-        name="presence",
-    )
+    registry, name = WorkerRegistry(database), process_name()
+    seen = partial(registry.seen, name, threads)
+    beacon.add(seen)
     # Daemons: a thread whose job was handed back and whose engine does not stop must not hold the exit.
     runners = [threading.Thread(target=w.run, args=(stop,), name=w.worker_id, daemon=True) for w in workers]
-    for runner in [presence, *runners]:
+    for runner in runners:
         runner.start()
     log.info("worker process ready", extra={"threads": threads, "torch_threads": settings.threads_per_worker})
     while not stop.is_set() and any(runner.is_alive() for runner in runners):
         stop.wait(0.5)
     drain(store, workers, runners, settings.worker_drain_seconds)
-    presence.join()  # it removes the row once stop is set
+    beacon.remove(seen)
+    try:
+        registry.leave(name)
+    except SQLAlchemyError:
+        log.warning("could not remove this worker process's row", exc_info=True)
 
 
-def drain(store: JobStore, workers: list[Worker], runners: list[threading.Thread], grace: float) -> None:
+def drain(store: Claims, workers: list[Worker], runners: list[threading.Thread], grace: float) -> None:
     """Wait up to ``grace`` seconds for the runners (stopped: they finish their jobs and claim no more),
     then hand back the jobs of those still running. Their engines stop at the next step, the job no
     longer theirs; the process does not wait long for that."""

@@ -35,7 +35,7 @@ from fluxserve.engines.base import (
 from fluxserve.errors import EngineError, JobCanceled, JobFailure, Moderated
 from fluxserve.jobs.outage import while_away
 from fluxserve.jobs.retention import drop_inputs
-from fluxserve.jobs.store import Drawn, JobStore
+from fluxserve.jobs.store import Claims, Drawn
 from fluxserve.safety.moderation import Moderator
 from fluxserve.storage.base import BlobStore, put_patiently
 from fluxserve.worker.beacon import Liveness
@@ -64,7 +64,7 @@ class _Heartbeat:
     is hung, and its job stops beating so that a live worker takes it back."""
 
     def __init__(
-        self, store: JobStore, job: Job, worker_id: str, interval: float, stall_seconds: float
+        self, store: Claims, job: Job, worker_id: str, interval: float, stall_seconds: float
     ) -> None:
         self._store = store
         self._job = job
@@ -128,7 +128,7 @@ class Worker:
     def __init__(
         self,
         worker_id: str,
-        store: JobStore,
+        store: Claims,
         engines: Engines,
         blobs: BlobStore,
         inputs: InputLoader,
@@ -145,7 +145,7 @@ class Worker:
         moderator: Moderator | None = None,
     ) -> None:
         """``models`` (None: any) are the models this worker serves; ``holding`` says which of them have
-        their weights in memory now, whose jobs it prefers (see :meth:`JobStore.claim`). ``moderator``
+        their weights in memory now, whose jobs it prefers (see :meth:`Claims.claim`). ``moderator``
         (None: moderation off) checks prompts, inputs and outputs of the engines that do not moderate
         themselves."""
         self.worker_id = worker_id
@@ -192,13 +192,11 @@ class Worker:
             return
         self._next_reap = time.monotonic() + max(self._stale_after / 3, 0.2)
         cutoff = datetime.now(UTC) - timedelta(seconds=self._stale_after)
-        crash_looping = self._store.crash_looping(cutoff, self._max_attempts)
-        count = self._store.requeue_stale(cutoff, self._max_attempts)
-        if count:
-            log.warning("requeued stale jobs", extra={"count": count})
-        if crash_looping:  # those that failed now (not beaten meanwhile) need their inputs no more
-            for job_id in set(crash_looping) - self._store.active_ids(crash_looping):
-                drop_inputs(self._blobs, job_id)
+        reaped = self._store.requeue_stale(cutoff, self._max_attempts)
+        if reaped.requeued or reaped.failed:
+            log.warning("requeued stale jobs", extra={"count": reaped.requeued, "failed": len(reaped.failed)})
+        for job_id in reaped.failed:  # crash loops, failed now: their inputs are needed no more
+            drop_inputs(self._blobs, job_id)
 
     def process(self, first: Job) -> None:
         """Run a claimed job, together with compatible queued jobs when the engine batches."""

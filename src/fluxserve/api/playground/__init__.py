@@ -18,7 +18,7 @@ from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError
-from fluxserve.jobs.activity import recent_jobs
+from fluxserve.jobs.reports import recent_jobs
 
 HERE = Path(__file__).parent
 # The page's files and their types; nothing else in the folder is served.
@@ -42,7 +42,7 @@ def jobs(
     services: Annotated[Services, Depends(get_services)],
     limit: Annotated[int, Query(ge=1, le=50)] = 12,
 ) -> dict[str, Any]:
-    lines = recent_jobs(services.keys.engine, key_id=key.id, limit=limit)
+    lines = recent_jobs(services.keys.database, key_id=key.id, limit=limit)
     return {
         "jobs": [
             {

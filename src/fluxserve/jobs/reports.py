@@ -1,7 +1,7 @@
 """What keys have been doing, for people: recent jobs and credits spent per key, model and day.
 
-Read-only queries on the job table (the store's interface is for the job's life; these are reports), used by
-``fluxserve jobs``, ``fluxserve credits`` and the playground's gallery.
+Read-only queries on the job table (the store's roles are for the job's life; these are reports, not
+liveness), used by ``fluxserve jobs``, ``fluxserve credits`` and the playground's gallery.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class UsageLine:
 
 
 def recent_jobs(
-    engine: Engine, key_id: str | None = None, statuses: Collection[JobStatus] = (), limit: int = 20
+    database: Engine, key_id: str | None = None, statuses: Collection[JobStatus] = (), limit: int = 20
 ) -> list[JobLine]:
     """The newest jobs first, of one key or all, in some statuses or any."""
     query = (
@@ -69,7 +69,7 @@ def recent_jobs(
         query = query.where(jobs.c.key_id == key_id)
     if statuses:
         query = query.where(jobs.c.status.in_([status.value for status in statuses]))
-    with engine.connect() as conn:
+    with database.connect() as conn:
         rows = conn.execute(query).all()
     return [
         JobLine(
@@ -89,7 +89,7 @@ def recent_jobs(
     ]
 
 
-def usage(engine: Engine, key_id: str | None = None, days: int = 7) -> list[UsageLine]:
+def usage(database: Engine, key_id: str | None = None, days: int = 7) -> list[UsageLine]:
     """Jobs, images and credits charged per day, key and model over the last ``days`` days, newest first."""
     charged = [status.value for status in JobStatus if status.is_charged]
     day = func.date(jobs.c.created_at)
@@ -110,7 +110,7 @@ def usage(engine: Engine, key_id: str | None = None, days: int = 7) -> list[Usag
     )
     if key_id is not None:
         query = query.where(jobs.c.key_id == key_id)
-    with engine.connect() as conn:
+    with database.connect() as conn:
         rows = conn.execute(query).all()
     return [
         UsageLine(
