@@ -26,6 +26,7 @@ from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult
 from fluxserve.errors import JobCanceled, Moderated
+from fluxserve.jobs.store import Claims
 from fluxserve.safety.moderation import (
     THRESHOLDS,
     ImageScorer,
@@ -228,11 +229,11 @@ def test_in_a_batch_only_the_flagged_image_is_refused(world: World) -> None:
     prompts = [BENIGN_PROMPT, "pink ellipses on green", BENIGN_PROMPT]
     jobs = [world.submit(key, prompt=prompt) for prompt in prompts]
     engine = Batching()
-    first = world.store.claim("test-worker")
+    first = world.stores.claims.claim("test-worker")
     assert first is not None
     world.worker(engine, moderator()).process(first)  # type: ignore[arg-type]
     assert engine.calls == [3]
-    done = [world.store.get(job.id) for job in jobs]
+    done = [world.stores.submissions.get(job.id) for job in jobs]
     statuses = [job.status if job else None for job in done]
     assert statuses == [JobStatus.SUCCEEDED, JobStatus.CONTENT_MODERATED, JobStatus.SUCCEEDED]
     assert world.balance(key) == Decimal("10") - 2 * Decimal("2.5")  # two delivered, one refunded
@@ -242,19 +243,19 @@ def test_in_a_batch_only_the_flagged_image_is_refused(world: World) -> None:
 
 
 @pytest.fixture
-def openai_app(tmp_path: Path) -> Iterator[tuple[TestClient, Services]]:
+def openai_app(tmp_path: Path) -> Iterator[tuple[TestClient, Services, Claims]]:
     settings = Settings(data_dir=tmp_path, workers=0, poll_seconds=0.05)
     app = create_app(settings)
     with TestClient(app) as client:
-        yield client, app.state.services
+        yield client, app.state.services, app.state.runtime.stores.claims
 
 
 @contextmanager
-def worker_thread(services: Services, engine: Scripted) -> Iterator[None]:
+def worker_thread(services: Services, claims: Claims, engine: Scripted) -> Iterator[None]:
     """A real worker on the app's store and files, with the real moderator, until the block ends."""
     worker = Worker(
         "openai-worker",
-        services.jobs,
+        claims,
         OneEngine(engine),
         services.blobs,
         InputLoader(services.blobs, 2**22),
@@ -282,15 +283,18 @@ def images(client: TestClient, services: Services, n: int, prompt: str) -> httpx
     return client.post("/v1/images/generations", json=body, headers={"Authorization": f"Bearer {key}"})
 
 
-def test_openai_leaves_out_only_the_refused_image_of_n(openai_app: tuple[TestClient, Services]) -> None:
-    client, services = openai_app
+OpenAIApp = tuple[TestClient, Services, Claims]
+
+
+def test_openai_leaves_out_only_the_refused_image_of_n(openai_app: OpenAIApp) -> None:
+    client, services, claims = openai_app
     calls: list[int] = []
 
     def second_flagged(request: EngineRequest, hooks: EngineHooks) -> EngineResult:
         calls.append(1)
         return draw_flagged(request, hooks) if len(calls) == 2 else paint(request, hooks)
 
-    with worker_thread(services, Scripted(second_flagged)):
+    with worker_thread(services, claims, Scripted(second_flagged)):
         response = images(client, services, 3, BENIGN_PROMPT)
     assert response.status_code == 200, response.text
     assert len(response.json()["data"]) == 2
@@ -301,10 +305,10 @@ def test_openai_leaves_out_only_the_refused_image_of_n(openai_app: tuple[TestCli
 
 
 def test_openai_answers_content_policy_violation_when_every_image_is_refused(
-    openai_app: tuple[TestClient, Services],
+    openai_app: tuple[TestClient, Services, Claims],
 ) -> None:
-    client, services = openai_app
-    with worker_thread(services, Scripted(paint)):
+    client, services, claims = openai_app
+    with worker_thread(services, claims, Scripted(paint)):
         response = images(client, services, 2, FLAGGED_PROMPT)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
