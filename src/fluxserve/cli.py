@@ -26,10 +26,11 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from fluxserve import __version__
-from fluxserve.accounts.keys import ApiKey, KeyProblem, KeyStore, NewKey
+from fluxserve.accounts.keys import ApiKey, KeyStore, NewKey
 from fluxserve.core.job import JobStatus
-from fluxserve.core.models import MODELS, Dialect
+from fluxserve.core.models import MODELS, SurfaceName
 from fluxserve.db.connection import make_engine, migrate
+from fluxserve.errors import KeyProblem
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
 from fluxserve.worker.beacon import Liveness, start_beacon
@@ -651,14 +652,14 @@ def _statuses(word: str) -> set[JobStatus]:
     return found
 
 
-def _fields(model: str, given: dict[str, Any], extra: list[str]) -> tuple[Dialect, dict[str, Any]]:
+def _fields(model: str, given: dict[str, Any], extra: list[str]) -> tuple[SurfaceName, dict[str, Any]]:
     """The dialect to ask for ``model`` (the reseller's where it has the model, else the vendor's) and the
     request's fields: the options given, and each ``NAME=VALUE`` (a JSON value, else text), checked
     against the model's fields on that route so that a typo is named here, not ignored."""
     spec = MODELS.get(model)
     if spec is None:
         raise typer.BadParameter(f"unknown model {model!r}: one of {', '.join(MODELS)}", param_hint="--model")
-    dialect = Dialect.RESELLER if Dialect.RESELLER in spec.fields else Dialect.VENDOR
+    dialect = SurfaceName.RESELLER if SurfaceName.RESELLER in spec.fields else SurfaceName.VENDOR
     fields = {name: value for name, value in given.items() if value is not None}
     for item in extra:
         name, equals, text = item.partition("=")
@@ -742,7 +743,7 @@ def generate(
             with Client(base_url, key, dialect=dialect.value) as client, Client(base_url, key) as reseller:
                 made = client.generate(model, prompt, images=images or (), on_event=show, **fields)
                 # The reseller's fetch JSON says what the job cost, whichever dialect made it.
-                job = made.job if dialect is Dialect.RESELLER else reseller.fetch(made.job.id)
+                job = made.job if dialect is SurfaceName.RESELLER else reseller.fetch(made.job.id)
         except FluxserveError as error:
             errors.print(f"error: {error.message}", markup=False, highlight=False)
             raise typer.Exit(1) from None

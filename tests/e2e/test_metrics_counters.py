@@ -20,7 +20,7 @@ from sqlalchemy import Engine, delete, event, func, insert, select, update
 
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.job import ACTIVE_STATUSES, JobStatus
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import MIGRATIONS, make_engine, migrate
 from fluxserve.db.migrations.versions import __name__ as versions_package
@@ -97,7 +97,7 @@ def test_the_counters_follow_submits_claims_finishes_requeues_cancels_and_delete
     def submit(model: str, webhook: bool = False) -> str:
         params = GenerationParams.model_validate({"model": model, "prompt": "p", "width": 256, "height": 256})
         url = "http://127.0.0.1:9/hook" if webhook else None
-        return submitter.submit(key, params, 7, url, Dialect.RESELLER).id
+        return submitter.submit(key, params, 7, url, SurfaceName.RESELLER).id
 
     submitted = [submit("flux-dev", webhook=True) for _ in range(6)] + [submit("flux-pro") for _ in range(3)]
     assert counts(engine) == grouped(engine) == {("flux-dev", "queued"): 6, ("flux-pro", "queued"): 3}
@@ -309,7 +309,7 @@ def test_the_counters_stay_exact_under_concurrent_submits_claims_and_finishes(
                 {"model": model, "prompt": "p", "width": 256, "height": 256}
             )
             for _ in range(25):
-                submitter.submit(key, params, 7, None, Dialect.RESELLER)
+                submitter.submit(key, params, 7, None, SurfaceName.RESELLER)
         except BaseException as error:  # the assertion below reports it
             errors.append(error)
 

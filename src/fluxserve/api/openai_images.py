@@ -42,7 +42,7 @@ from fluxserve.api.requests import (
 )
 from fluxserve.core.fields import Prompt, Trimmed, error_messages
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.models import MODELS, Dialect, ModelSpec
+from fluxserve.core.models import MODELS, SurfaceName, ModelSpec
 from fluxserve.core.pricing import refused_price
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.retention import drop_inputs
@@ -188,7 +188,7 @@ def _submit(spec: ModelSpec, request: SubmitRequest, key: ApiKey, services: Serv
     jobs: list[Job] = []
     try:
         for _ in range(n):
-            jobs.append(services.submitter.submit(key, request.to_params(), None, None, Dialect.RESELLER))
+            jobs.append(services.submitter.submit(key, request.to_params(), None, None, SurfaceName.RESELLER))
     except Exception:
         for job in jobs:
             if (canceled := services.jobs.cancel(job.id, key.id)) is not None and canceled.status.is_terminal:

@@ -28,7 +28,7 @@ from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import readable_errors
 from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES, VARIANT_TYPES, Variant, input_image_field
-from fluxserve.core.models import MODELS, REQUIRED, Dialect, ModelSpec
+from fluxserve.core.models import MODELS, REQUIRED, SurfaceName, ModelSpec
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.sizes import parse_aspect_ratio
 from fluxserve.errors import InvalidInput
@@ -77,9 +77,9 @@ class VendorRequest(SubmitRequest):
         return self
 
 
-_BASES: dict[Dialect, type[SubmitRequest]] = {
-    Dialect.RESELLER: ResellerRequest,
-    Dialect.VENDOR: VendorRequest,
+_BASES: dict[SurfaceName, type[SubmitRequest]] = {
+    SurfaceName.RESELLER: ResellerRequest,
+    SurfaceName.VENDOR: VendorRequest,
 }
 
 
@@ -95,9 +95,9 @@ def _field(name: str, default: Any) -> tuple[Any, Any]:
     return annotation, Field(default=default, description=description)
 
 
-def _schema(spec: ModelSpec, dialect: Dialect) -> type[SubmitRequest]:
+def _schema(spec: ModelSpec, dialect: SurfaceName) -> type[SubmitRequest]:
     title = "".join(part.capitalize() for part in spec.name.replace(".", "").split("-"))
-    suffix = "Request" if dialect is Dialect.RESELLER else "Inputs"
+    suffix = "Request" if dialect is SurfaceName.RESELLER else "Inputs"
     # Any, not tuple[Any, Any]: mypy matches ``**fields`` against create_model's ``__config__`` & co too.
     fields: dict[str, Any] = {name: _field(name, default) for name, default in spec.fields[dialect].items()}
     # Not ``schema = create_model(...)``: the pydantic mypy plugin types such a name as a new BaseModel.
@@ -111,9 +111,9 @@ def _with_spec(schema: type[SubmitRequest], spec: ModelSpec) -> type[SubmitReque
     return schema
 
 
-SCHEMAS: dict[Dialect, dict[str, type[SubmitRequest]]] = {
+SCHEMAS: dict[SurfaceName, dict[str, type[SubmitRequest]]] = {
     dialect: {name: _schema(spec, dialect) for name, spec in MODELS.items() if dialect in spec.fields}
-    for dialect in Dialect
+    for dialect in SurfaceName
 }
 
 
@@ -132,7 +132,7 @@ Submit = Callable[[ModelSpec, SubmitRequest, ApiKey, Services, SubmitExtras], ob
 
 def add_submit_routes(
     router: APIRouter,
-    dialect: Dialect,
+    dialect: SurfaceName,
     prefix: str,
     key_dependency: Any,
     submit: Submit,
@@ -202,7 +202,7 @@ TARGET_AREA = 1024 * 1024  # the area of a width and height made from an aspect 
 
 def schema_of(spec: ModelSpec) -> type[SubmitRequest] | None:
     """The model's reseller schema, else its vendor one; None when it has neither."""
-    return SCHEMAS[Dialect.RESELLER].get(spec.name) or SCHEMAS[Dialect.VENDOR].get(spec.name)
+    return SCHEMAS[SurfaceName.RESELLER].get(spec.name) or SCHEMAS[SurfaceName.VENDOR].get(spec.name)
 
 
 def needs_only_a_prompt(schema: type[SubmitRequest]) -> bool:

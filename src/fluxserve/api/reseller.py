@@ -21,7 +21,7 @@ from fluxserve.api.errors import ApiError, invalid_json
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
 from fluxserve.api.reseller_schemas import JOB_REF_BODY, JOB_RESPONSES, SUBMIT_RESPONSES
 from fluxserve.core.job import Job
-from fluxserve.core.models import Dialect, ModelSpec
+from fluxserve.core.models import SurfaceName, ModelSpec
 from fluxserve.core.pricing import refused_price
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.retention import drop_inputs
@@ -48,7 +48,7 @@ def submit(
     """Submit a validated request as a reseller job; refusals in the reseller's envelope."""
     try:
         job = services.submitter.submit(
-            key, body.to_params(), body.seed_value, body.webhook, Dialect.RESELLER,
+            key, body.to_params(), body.seed_value, body.webhook, SurfaceName.RESELLER,
             extras.idempotency_key,
         )  # fmt: skip
     except InvalidInput as error:
@@ -64,7 +64,7 @@ def submit(
     return _accepted(job)
 
 
-add_submit_routes(router, Dialect.RESELLER, "/bfl/v1/", Key, submit, responses=SUBMIT_RESPONSES)
+add_submit_routes(router, SurfaceName.RESELLER, "/bfl/v1/", Key, submit, responses=SUBMIT_RESPONSES)
 
 
 class JobRef(BaseModel):

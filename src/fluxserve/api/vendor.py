@@ -34,7 +34,7 @@ from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_route
 from fluxserve.api.vendor_schemas import CreditsResponse, SubmitResponse
 from fluxserve.core.fields import MAX_ERROR_MESSAGES, VENDOR_RULES
 from fluxserve.core.job import Job
-from fluxserve.core.models import Dialect, ModelSpec
+from fluxserve.core.models import SurfaceName, ModelSpec
 from fluxserve.core.pricing import format_credits, refused_price
 from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER, IdempotencyConflict
@@ -150,7 +150,7 @@ def _submit(
 ) -> SubmitResponse:
     try:
         job = services.submitter.submit(
-            key, body.to_params(), body.seed_value, body.webhook, Dialect.VENDOR,
+            key, body.to_params(), body.seed_value, body.webhook, SurfaceName.VENDOR,
             extras.idempotency_key, getattr(body, "webhook_secret", None),
         )  # fmt: skip
     except InvalidInput as error:
@@ -195,7 +195,7 @@ _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 add_submit_routes(
-    router, Dialect.VENDOR, "/", Key, _submit, response_model=SubmitResponse, responses=_SUBMIT_RESPONSES,
+    router, SurfaceName.VENDOR, "/", Key, _submit, response_model=SubmitResponse, responses=_SUBMIT_RESPONSES,
     response_model_exclude_none=True,  # input_mp and output_mp only where the model is priced by them
 )  # fmt: skip
 

@@ -57,7 +57,7 @@ from fluxserve.core.fields import MAX_FLUX2_SAFETY
 from fluxserve.core.models import Family, spec_of
 from fluxserve.core.sizes import SizeRule
 from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult
-from fluxserve.errors import EngineError, InputError, JobCanceled, Moderated
+from fluxserve.errors import EngineError, InvalidInput, JobCanceled, Moderated
 from fluxserve.safety.images import decode_image_bytes
 
 log = logging.getLogger("fluxserve.engines.relay")
@@ -266,7 +266,7 @@ class RelayEngine:
             raise JobCanceled() from None
         try:
             image = decode_image_bytes(data, "result", self.options.max_result_pixels)
-        except InputError as exc:
+        except InvalidInput as exc:
             raise EngineError(f"relay: the result of upstream task {task.id} is unusable: {exc}") from None
         prompt, seed = result.get("prompt"), result.get("seed")
         prompt = prompt if isinstance(prompt, str) else request.prompt

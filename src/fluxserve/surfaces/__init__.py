@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fluxserve.core.job import Job
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.surfaces import reseller, vendor
 from fluxserve.surfaces.base import Links
 
@@ -19,6 +19,6 @@ __all__ = ["Links", "render"]
 
 def render(job: Job, links: Links) -> dict[str, Any]:
     """The job as its own dialect renders it (a webhook's body): the vendor's result, else the fetch JSON."""
-    if job.dialect is Dialect.VENDOR:
+    if job.dialect is SurfaceName.VENDOR:
         return vendor.render_json(job, links)
     return reseller.render_job(job, links)
