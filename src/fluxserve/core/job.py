@@ -45,7 +45,7 @@ class Job:
     output_format: str
     prompt: str
     cost: Decimal
-    surface: SurfaceName = SurfaceName.RESELLER  # the surface it came in, which renders its results and webhooks
+    surface: SurfaceName = SurfaceName.RESELLER  # the surface it came in: it renders the job's webhook
     status: JobStatus = JobStatus.QUEUED
     width: int | None = None
     height: int | None = None

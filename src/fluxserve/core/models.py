@@ -1,8 +1,8 @@
 """The model table: what each API model *is*, one declarative entry per model.
 
 An entry says everything the rest of the server needs to know about a model: its name (the route in
-each surface that names it in the route: ``/bfl/v1/<name>`` and ``/v1/<name>``), the fields each such
-route takes with its defaults, its price, its family, how its output size is decided, its active-job limit and the
+each surface that names it there: ``/bfl/v1/<name>`` and ``/v1/<name>``), the fields each such route
+takes with its defaults, its price, its family, how its output size is decided, its active-job limit and the
 vendor endpoint a relay sends it to. Routes, request schemas, pricing, admission, size resolution, the
 engines and the relay all read it; adding a model is one entry here plus its weights in the catalog.
 
@@ -27,7 +27,7 @@ class SurfaceName(StrEnum):
     results and webhooks are rendered by that surface. A model's ``fields`` are keyed by the two surfaces
     that name the model in the route; the others fill the reseller's schema."""
 
-    RESELLER = "reseller"  # /bfl/v1/<model>, /flux/fetch..., TT-API-KEY, the {"status","message","data"} envelope
+    RESELLER = "reseller"  # /bfl/v1/<model>, /flux/*, TT-API-KEY, the {"status","message","data"} envelope
     RESELLER_NATIVE = "reseller-native"  # the reseller's own format: /flux/generate, /flux/edits
     VENDOR = "vendor"  # /v1/<model>, x-key, the vendor's own shapes
     OPENAI = "openai"  # /v1/images/*, Authorization: Bearer, the OpenAI images API
@@ -158,7 +158,9 @@ def _flux2(
     reseller: Mapping[str, Any] | None = None,
 ) -> ModelSpec:  # fmt: skip
     fields = (
-        {SurfaceName.VENDOR: vendor} if reseller is None else {SurfaceName.VENDOR: vendor, SurfaceName.RESELLER: reseller}
+        {SurfaceName.VENDOR: vendor}
+        if reseller is None
+        else {SurfaceName.VENDOR: vendor, SurfaceName.RESELLER: reseller}
     )
     return ModelSpec(
         name=name,
@@ -256,7 +258,10 @@ _ENTRIES = (
         family=Family.FLUX1,
         price=Decimal("4"),
         size_rule=SizeRule.WIDTH_HEIGHT,
-        fields={SurfaceName.RESELLER: _fields(_RESELLER, _SIZED), SurfaceName.VENDOR: _fields(_VENDOR, _SIZED)},
+        fields={
+            SurfaceName.RESELLER: _fields(_RESELLER, _SIZED),
+            SurfaceName.VENDOR: _fields(_VENDOR, _SIZED),
+        },
     ),
     ModelSpec(
         name="flux-pro",

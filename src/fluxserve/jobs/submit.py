@@ -18,7 +18,7 @@ from PIL import Image
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.core.fields import REFERENCE_FIELDS
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.models import SurfaceName, Family, ModelSpec, spec_of
+from fluxserve.core.models import Family, ModelSpec, SurfaceName, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import quote
 from fluxserve.core.sizes import output_size

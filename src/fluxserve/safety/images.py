@@ -63,7 +63,8 @@ def decode_image_bytes(data: bytes, field: str, max_pixels: int) -> Image.Image:
             image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > max_pixels:
-                raise InvalidInput(field, f"{width}x{height} exceeds the {max_pixels / 1e6:g} megapixel limit"
+                raise InvalidInput(
+                    field, f"{width}x{height} exceeds the {max_pixels / 1e6:g} megapixel limit"
                 )
             image.load()
     except InvalidInput:
