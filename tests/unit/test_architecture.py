@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "safety": {"errors"},
     "client": {"errors"},
     "accounts": {"db", "errors", "webhooks"},
-    "surfaces": {"core", "errors"},
+    "surfaces": {"core", "errors"},  # below api/ and webhooks (app.py wires its renderer into them)
     "webhooks": {"db", "errors", "safety"},
     "jobs": {"accounts", "core", "db", "errors", "safety", "storage"},
     "wiring": {"db", "jobs", "settings", "storage"},

@@ -28,6 +28,8 @@ from fluxserve.errors import (
     TooManyActiveJobs,
 )
 
+JSON = dict[str, Any]  # a response body
+
 
 class Links(Protocol):
     def result_url(self, key: str | None) -> str | None:
@@ -54,6 +56,11 @@ class Surface(ABC):
     invalid_status: ClassVar[int] = 400  # a body the server will not parse (the vendor's FastAPI says 422)
 
     @abstractmethod
+    def error_body(
+        self, status_code: int, message: str, param: str | None, code: str | None
+    ) -> dict[str, Any]:
+        """An error's body in this surface's shape (``param`` and ``code`` where the shape has them)."""
+
     def error(
         self,
         status_code: int,
@@ -63,7 +70,9 @@ class Surface(ABC):
         param: str | None = None,
         code: str | None = None,
     ) -> JSONResponse:
-        """An error in this surface's shape (``param`` and ``code`` where the shape has them)."""
+        """An error in this surface's shape."""
+        body = self.error_body(status_code, message, param, code)
+        return JSONResponse(body, status_code=status_code, headers=headers)
 
     @abstractmethod
     def validation_error(self, errors: list[dict[str, Any]]) -> JSONResponse:

@@ -26,18 +26,11 @@ class OpenAISurface(Surface):
     submit_paths = frozenset({"/v1/images/generations", "/v1/images/edits"})
     key_header = "Authorization"
 
-    def error(
-        self,
-        status_code: int,
-        message: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        param: str | None = None,
-        code: str | None = None,
-    ) -> JSONResponse:
+    def error_body(
+        self, status_code: int, message: str, param: str | None, code: str | None
+    ) -> dict[str, Any]:
         kind = "server_error" if status_code >= 500 else "invalid_request_error"
-        error = {"message": message, "type": kind, "param": param, "code": code}
-        return JSONResponse({"error": error}, status_code=status_code, headers=headers)
+        return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
     def validation_error(self, errors: list[dict[str, Any]]) -> JSONResponse:
         return self.error(400, "; ".join(error_messages(errors)))

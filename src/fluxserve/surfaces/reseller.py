@@ -4,7 +4,6 @@ JSON, which is also its webhook body and its event streams' last event."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -76,17 +75,10 @@ class ResellerSurface(Surface):
     key_header = "TT-API-KEY"
     model_prefix = "/bfl/v1/"
 
-    def error(
-        self,
-        status_code: int,
-        message: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        param: str | None = None,
-        code: str | None = None,
-    ) -> JSONResponse:
-        content = {"status": "FAILED", "message": message, "data": None}
-        return JSONResponse(content, status_code=status_code, headers=headers)
+    def error_body(
+        self, status_code: int, message: str, param: str | None, code: str | None
+    ) -> dict[str, Any]:
+        return {"status": "FAILED", "message": message, "data": None}
 
     def validation_error(self, errors: list[dict[str, Any]]) -> JSONResponse:
         return self.error(400, "; ".join(error_messages(errors)))

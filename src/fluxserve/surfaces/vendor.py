@@ -109,16 +109,10 @@ class VendorSurface(Surface):
     auth_status = 403
     invalid_status = 422
 
-    def error(
-        self,
-        status_code: int,
-        message: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        param: str | None = None,
-        code: str | None = None,
-    ) -> JSONResponse:
-        return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
+    def error_body(
+        self, status_code: int, message: str, param: str | None, code: str | None
+    ) -> dict[str, Any]:
+        return {"detail": message}
 
     def validation_error(self, errors: list[dict[str, Any]]) -> JSONResponse:
         return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
