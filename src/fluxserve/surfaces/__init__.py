@@ -63,7 +63,7 @@ def named(name: SurfaceName) -> Surface:
 
 def of(job: JobRecord) -> Surface:
     """The surface the job came in."""
-    return _BY_NAME[job.surface]
+    return named(job.surface)
 
 
 def render(job: JobRecord, links: Links) -> dict[str, Any]:

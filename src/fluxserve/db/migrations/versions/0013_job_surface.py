@@ -6,7 +6,9 @@ reseller's own format (``/flux/generate``, ``/flux/edits``) and the OpenAI image
 from now on they are stored as ``reseller-native`` and ``openai``.
 
 A rename in place (``ALTER TABLE ... RENAME COLUMN``, SQLite 3.25+ and PostgreSQL): the table is not copied,
-so its triggers (0010, 0011) and indexes stay as they are.
+so its triggers (0010, 0011) and indexes stay as they are. Processes of the release before name
+``dialect`` in their statements: they cannot run against the schema after this one (stop them, migrate,
+start the new release; the rows stay where they were).
 
 Revision ID: 0013
 Revises: 0012
