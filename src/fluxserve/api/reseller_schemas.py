@@ -1,4 +1,4 @@
-"""The reseller dialect's response bodies, as ``/openapi.json`` declares them.
+"""The reseller surface's response bodies, as ``/openapi.json`` declares them.
 
 The routes return plain dicts (these models document them; ``render_job`` is the one renderer), so a
 field added to the fetch JSON reaches clients without being filtered out here.

@@ -1,16 +1,16 @@
-"""The vendor's own dialect on the same jobs: ``POST /v1/<model>``, ``GET /v1/get_result``, ``/v1/credits``.
+"""The vendor's own surface on the same jobs: ``POST /v1/<model>``, ``GET /v1/get_result``, ``/v1/credits``.
 
 Clients written for the vendor's API (its official Python client among them) work unchanged when
-pointed at this server with one of our keys in ``x-key``. Jobs are the ones the reseller dialect
+pointed at this server with one of our keys in ``x-key``. Jobs are the ones the reseller's surface
 sees: a job submitted here can be fetched at ``/flux/fetch`` and the other way round.
 
 Errors keep the vendor's (FastAPI's) shapes: ``{"detail": "..."}`` for auth (403), credits (402) and
 limits (429), and 422 ``{"detail": [{"loc", "msg", "type"}]}`` for invalid fields, with the same rules
-and wording as the reseller dialect (``core/fields.RULES``).
+and wording as the reseller's surface (``core/fields.RULES``); ``surfaces/vendor.py`` renders them.
 
 One deliberate difference from the vendor's published contract, for safety: ``get_result`` needs the
 submitting key in ``x-key`` (the vendor's OpenAPI marks it open), so that a key sees only its own jobs, as
-in the reseller dialect. A task's ``webhook_secret`` is honoured as the vendor does (webhooks/signing.py),
+in the reseller's surface. A task's ``webhook_secret`` is honoured as the vendor does (webhooks/signing.py),
 beside the Standard Webhooks signature made with the key's own secret.
 """
 

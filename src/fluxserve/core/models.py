@@ -57,8 +57,8 @@ class ModelSpec:
     family: Family
     price: Decimal  # credits per image (1 credit = 0.01 USD), or for the first megapixel; as the vendor
     size_rule: SizeRule
-    # per dialect: field name -> default (or REQUIRED, or a Variant: another range on this route); a
-    # dialect missing here has no route for the model
+    # per surface that names the model in its route: field name -> default (or REQUIRED, or a Variant:
+    # another range on this route); a surface missing here has no route for the model
     fields: Mapping[SurfaceName, Mapping[str, Any]]
     further_mp_price: Decimal | None = None  # credits per further megapixel (FLUX.2); None: flat per image
     max_active: int | None = None  # its own limit of active jobs per key; None: the key's general limit
