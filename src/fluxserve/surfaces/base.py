@@ -28,8 +28,6 @@ from fluxserve.errors import (
     TooManyActiveJobs,
 )
 
-JSON = dict[str, Any]  # a response body
-
 
 class Links(Protocol):
     def result_url(self, key: str | None) -> str | None:
@@ -42,14 +40,13 @@ class Links(Protocol):
 
 
 class Surface(ABC):
-    """One HTTP surface of the server. Subclasses set the class attributes and the three renderers;
-    the wording of each refusal kind is theirs (:meth:`words`)."""
+    """One HTTP surface of the server. A subclass sets the class attributes and writes its error body, its
+    validation error, its job rendering and its words for each refusal kind; one instance per surface."""
 
     name: ClassVar[SurfaceName]
     prefixes: ClassVar[tuple[str, ...]]  # the request paths it owns (``surfaces.for_path``: longest wins)
-    submit_paths: ClassVar[
-        frozenset[str]
-    ]  # its POST routes that make jobs (the guard checks their key early)
+    # Its POST routes that make jobs (the guard checks their key before their body).
+    submit_paths: ClassVar[frozenset[str]]
     key_header: ClassVar[str]  # where a client sends its API key
     model_prefix: ClassVar[str | None] = None  # its routes that name the model last (``/bfl/v1/<model>``)
     auth_status: ClassVar[int] = 401  # a missing or unknown key
