@@ -15,8 +15,10 @@ from alembic import command
 from alembic.config import Config
 from fastapi.testclient import TestClient
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from fluxserve.api.deps import Services
+from fluxserve.api.errors import DATABASE_AWAY, RETRY_AFTER_SECONDS, database_unavailable
 from fluxserve.app import Runtime, create_app
 from fluxserve.core.models import SurfaceName
 from fluxserve.db.connection import MIGRATIONS, make_engine, migrate, utcnow
@@ -247,3 +249,20 @@ def test_migration_0013_keeps_each_jobs_surface(tmp_path: Path) -> None:
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT id, surface, status FROM jobs ORDER BY id")).all()
     assert [tuple(row) for row in rows] == [("a", "reseller", "queued"), ("b", "vendor", "succeeded")]
+
+
+@pytest.mark.parametrize(
+    ("path", "where"),
+    [
+        ("/bfl/v1/flux-dev", lambda body: body["message"]),
+        ("/flux/generate", lambda body: body["message"]),
+        ("/v1/get_result", lambda body: body["detail"]),
+        ("/v1/images/generations", lambda body: body["error"]["message"]),
+        ("/healthz", lambda body: body["message"]),  # no surface owns it: the reseller's envelope
+    ],
+)
+def test_the_database_away_is_a_503_with_retry_after_in_the_paths_shape(path: str, where: Any) -> None:
+    away = OperationalError("SELECT 1", {}, Exception("connection refused"))
+    answer = database_unavailable(path, away)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+    assert where(json.loads(answer.body)) == DATABASE_AWAY
