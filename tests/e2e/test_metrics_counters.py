@@ -161,7 +161,6 @@ def job_rows(key_id: str, count: int, start: int = 0) -> list[dict[str, Any]]:
                 "id": str(uuid.UUID(int=n)),
                 "key_id": key_id,
                 "model": "flux-dev" if n % 2 else "flux-pro",
-                "surface": "reseller",
                 "status": outcomes[n % len(outcomes)],
                 "params": {},
                 "seed": n,
