@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
-from fluxserve.core.job import JobRecord
+from fluxserve.core.job import Job
 from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.db.connection import make_engine, migrate
@@ -37,11 +37,11 @@ class LosesTheRace(SqlJobStore):
 
     def submit(
         self,
-        job: JobRecord,
+        job: Job,
         max_active: int,
         max_active_model: int | None = None,
         idempotency: Idempotency | None = None,
-    ) -> JobRecord:
+    ) -> Job:
         raise QuotaExceeded()
 
 

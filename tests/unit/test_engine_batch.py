@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from fluxserve.core.job import JobRecord, JobStatus
+from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.params import GenerationParams
 from fluxserve.engines.base import EngineRequest
 from fluxserve.engines.flux.engine import DiffusersFluxEngine
@@ -95,13 +95,11 @@ def test_a_canceled_job_leaves_the_batch_and_the_others_finish(engine: Diffusers
 class FakeStore:
     """The job store calls a worker makes while it runs a claimed job and the jobs claimed with it."""
 
-    def __init__(self, similar: list[JobRecord]) -> None:
+    def __init__(self, similar: list[Job]) -> None:
         self.similar = similar
         self.finished: dict[str, tuple[JobStatus, str | None, dict[str, Any] | None]] = {}
 
-    def claim_similar(
-        self, worker_id: str, model: str, width: int, height: int, limit: int
-    ) -> list[JobRecord]:
+    def claim_similar(self, worker_id: str, model: str, width: int, height: int, limit: int) -> list[Job]:
         return self.similar[:limit]
 
     def heartbeat(self, job_id: str, worker_id: str, progress: float | None = None) -> tuple[bool, bool]:
@@ -142,9 +140,9 @@ class Inputs:
         return solid("red")
 
 
-def job(index: int, **fields: Any) -> JobRecord:
+def job(index: int, **fields: Any) -> Job:
     params = GenerationParams(model="flux-dev", prompt=PROMPTS[index], width=96, height=64, **fields)
-    return JobRecord(
+    return Job(
         id=f"job-{index}",
         key_id="key",
         model="flux-dev",

@@ -23,7 +23,7 @@ from standardwebhooks import Webhook
 
 from fluxserve.api.deps import Services
 from fluxserve.app import create_app
-from fluxserve.core.job import JobRecord, JobStatus
+from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.params import GenerationParams
 from fluxserve.settings import Settings
 from tests.conftest import http_server, png_base64
@@ -81,7 +81,7 @@ class Client:
     def reseller(self, model: str, body: dict[str, Any]) -> Any:
         return self.client.post(f"/bfl/v1/{model}", json=body, headers={"TT-API-KEY": self.key})
 
-    def job(self, response: Any) -> JobRecord:
+    def job(self, response: Any) -> Job:
         assert response.status_code == 200, response.text
         answer = response.json()
         job = self.services.jobs.get(answer.get("id") or answer["data"]["jobId"])
@@ -93,7 +93,7 @@ class Client:
         assert key is not None
         return key.credits
 
-    def params(self, job: JobRecord) -> GenerationParams:
+    def params(self, job: Job) -> GenerationParams:
         return GenerationParams.model_validate(job.params)
 
 

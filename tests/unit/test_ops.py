@@ -25,7 +25,7 @@ from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.api import ops
 from fluxserve.api.deps import Services
 from fluxserve.app import create_app
-from fluxserve.core.job import JobRecord, JobStatus
+from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import make_engine, migrate
@@ -46,9 +46,7 @@ __all__ = ["s3_bucket", "s3_credentials"]  # fixtures
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
-def submit(
-    submitter: Submitter, key: ApiKey, model: str = "flux-dev", webhook_url: str | None = None
-) -> JobRecord:
+def submit(submitter: Submitter, key: ApiKey, model: str = "flux-dev", webhook_url: str | None = None) -> Job:
     params = GenerationParams.model_validate({"model": model, "prompt": "p", "width": 256, "height": 256})
     return submitter.submit(key, params, 7, webhook_url, SurfaceName.RESELLER)
 

@@ -25,7 +25,7 @@ from sqlalchemy import Connection, event, select
 from sqlalchemy import Engine as SqlEngine
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
-from fluxserve.core.job import JobRecord, JobStatus
+from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.db.connection import make_engine, migrate
@@ -88,7 +88,7 @@ class World:
     def key(self, credits: str = "10") -> ApiKey:
         return self.keys.create(f"k-{uuid.uuid4().hex[:8]}", Decimal(credits)).record
 
-    def submit(self, key: ApiKey, webhook_url: str | None = None, **fields: object) -> JobRecord:
+    def submit(self, key: ApiKey, webhook_url: str | None = None, **fields: object) -> Job:
         params = GenerationParams.model_validate(
             {"model": "flux-dev", "prompt": "p", "width": 256, "height": 256, "steps": 4, **fields}
         )
@@ -133,7 +133,7 @@ def world(tmp_path: Path, database_url: str, blobs: BlobStore) -> World:
     )
 
 
-def run_one(world: World, worker: Worker) -> JobRecord:
+def run_one(world: World, worker: Worker) -> Job:
     claimed = world.store.claim(worker.worker_id)
     assert claimed is not None
     worker.process(claimed)

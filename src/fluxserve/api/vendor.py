@@ -33,7 +33,7 @@ from fluxserve.api.errors import VendorErrorBody, readable_errors, responses
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
 from fluxserve.api.vendor_schemas import CreditsResponse, SubmitResponse
 from fluxserve.core.fields import MAX_ERROR_MESSAGES, VENDOR_RULES
-from fluxserve.core.job import JobRecord
+from fluxserve.core.job import Job
 from fluxserve.core.models import ModelSpec, SurfaceName
 from fluxserve.errors import QuotaExceeded
 from fluxserve.surfaces.vendor import ResultResponse, render_result
@@ -119,7 +119,7 @@ def _number(value: Decimal) -> float | int:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
-def polling_url(job: JobRecord, services: Services) -> str:
+def polling_url(job: Job, services: Services) -> str:
     return f"{services.base_url}/v1/get_result?id={job.id}"
 
 

@@ -36,9 +36,7 @@ QUEUE_POSITION_CAP = 1000  # a queue position is counted this far; beyond, it re
 
 
 @dataclass
-class JobRecord:
-    """A job as the ``jobs`` table holds it (a client reads its own ``fluxserve.client.Job`` back)."""
-
+class Job:
     id: str
     key_id: str
     model: str

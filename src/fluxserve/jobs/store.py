@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
-from fluxserve.core.job import JobRecord, JobStatus
+from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.pricing import Quote
 
 # A worker's preference for the models it holds (see JobStore.claim): how far down the fair order it
@@ -43,11 +43,11 @@ class Drawn:
 class JobStore(Protocol):
     def submit(
         self,
-        job: JobRecord,
+        job: Job,
         max_active: int,
         max_active_model: int | None = None,
         idempotency: Idempotency | None = None,
-    ) -> JobRecord:
+    ) -> Job:
         """Hold the job's price, check the key's active-job limits (all its jobs, and its jobs of this
         model when the model has a limit of its own), and write the row, all in one transaction; raises
         QuotaExceeded or TooManyActiveJobs and then writes nothing.
@@ -65,12 +65,12 @@ class JobStore(Protocol):
         input is decoded or stored (``submit`` checks again, in its transaction)."""
         ...
 
-    def replay(self, key_id: str, idempotency: Idempotency) -> JobRecord | None:
+    def replay(self, key_id: str, idempotency: Idempotency) -> Job | None:
         """The job a live entry with this Idempotency-Key made for the same request, None when there is
         none (or it expired); IdempotencyConflict when it was made for another request. Reads only."""
         ...
 
-    def get(self, job_id: str, key_id: str | None = None) -> JobRecord | None: ...
+    def get(self, job_id: str, key_id: str | None = None) -> Job | None: ...
 
     def queue_position(self, job_id: str) -> int | None:
         """How many queued jobs the claim order puts before this one (0: it is next in line), or None when
@@ -85,7 +85,7 @@ class JobStore(Protocol):
         prefer: Collection[str] = (),
         window: int = PREFER_WINDOW,
         max_wait: timedelta = PREFER_MAX_WAIT,
-    ) -> JobRecord | None:
+    ) -> Job | None:
         """Take the next queued job for this worker, or None: keys with queued jobs take turns, and a
         key's own jobs go oldest first. Never the same job to two workers.
 
@@ -96,9 +96,7 @@ class JobStore(Protocol):
         so no model's jobs starve behind a stream of the preferred one's."""
         ...
 
-    def claim_similar(
-        self, worker_id: str, model: str, width: int, height: int, limit: int
-    ) -> list[JobRecord]:
+    def claim_similar(self, worker_id: str, model: str, width: int, height: int, limit: int) -> list[Job]:
         """Take up to ``limit`` more queued jobs of this model and size, to run as one batch (in the same
         order as ``claim``)."""
         ...
@@ -137,7 +135,7 @@ class JobStore(Protocol):
         is not counted, and a worker that finishes one afterwards has its result refused. Returns how many."""
         ...
 
-    def cancel(self, job_id: str, key_id: str) -> JobRecord | None:
+    def cancel(self, job_id: str, key_id: str) -> Job | None:
         """Cancel a queued job at once, or flag a running one for its worker to stop."""
         ...
 
@@ -157,7 +155,7 @@ class JobStore(Protocol):
         """Those of ``job_ids`` whose job is queued or running (an unknown id is not active)."""
         ...
 
-    def lease_fetches(self, owner: str, limit: int, per_key: int) -> list[JobRecord]:
+    def lease_fetches(self, owner: str, limit: int, per_key: int) -> list[Job]:
         """Up to ``limit`` unleased jobs waiting for their URL inputs, oldest first, leased to ``owner``;
         a key with ``per_key`` leased already gets no more (so one key's slow URLs hold its own slots)."""
         ...

@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import BindParameter
 
-from fluxserve.core.job import ACTIVE_STATUSES, QUEUE_POSITION_CAP, JobRecord, JobStatus
+from fluxserve.core.job import ACTIVE_STATUSES, QUEUE_POSITION_CAP, Job, JobStatus
 from fluxserve.core.models import SurfaceName
 from fluxserve.core.pricing import Quote
 from fluxserve.db import ledger, outbox
@@ -52,7 +52,7 @@ class _Replayed(Exception):
     """A live entry for the same request: its job is the answer, and this transaction (the hold) rolls
     back."""
 
-    def __init__(self, job: JobRecord) -> None:
+    def __init__(self, job: Job) -> None:
         super().__init__(job.id)
         self.job = job
 
@@ -61,8 +61,8 @@ def _mp(value: float | None) -> Decimal | None:
     return None if value is None else Decimal(str(value))
 
 
-def _job(row: RowMapping) -> JobRecord:
-    return JobRecord(
+def _job(row: RowMapping) -> Job:
+    return Job(
         id=row["id"],
         key_id=row["key_id"],
         model=row["model"],
@@ -196,11 +196,11 @@ class SqlJobStore:
 
     def submit(
         self,
-        job: JobRecord,
+        job: Job,
         max_active: int,
         max_active_model: int | None = None,
         idempotency: Idempotency | None = None,
-    ) -> JobRecord:
+    ) -> Job:
         try:
             return self._submit(job, max_active, max_active_model, idempotency)
         except _Replayed as replayed:
@@ -229,8 +229,8 @@ class SqlJobStore:
 
     @reconnecting
     def _submit(
-        self, job: JobRecord, max_active: int, max_active_model: int | None, idempotency: Idempotency | None
-    ) -> JobRecord:
+        self, job: Job, max_active: int, max_active_model: int | None, idempotency: Idempotency | None
+    ) -> Job:
         with self._engine.begin() as conn:
             # The hold comes first: it serialises this key's submits, so the limits cannot race, and
             # the Idempotency-Key read below sees every earlier submit of this key.
@@ -251,12 +251,12 @@ class SqlJobStore:
         return job
 
     @reconnecting
-    def replay(self, key_id: str, idempotency: Idempotency) -> JobRecord | None:
+    def replay(self, key_id: str, idempotency: Idempotency) -> Job | None:
         with self._reads.connect() as conn:
             return self._replay(conn, key_id, idempotency)
 
     @staticmethod
-    def _replay(conn: Connection, key_id: str, idempotency: Idempotency) -> JobRecord | None:
+    def _replay(conn: Connection, key_id: str, idempotency: Idempotency) -> Job | None:
         row = (
             conn.execute(
                 select(_I.request_hash.label("idempotency_hash"), _I.created_at.label("idempotency_at"), jobs)
@@ -273,7 +273,7 @@ class SqlJobStore:
         return _job(row)
 
     @staticmethod
-    def _remember(conn: Connection, job: JobRecord, idempotency: Idempotency) -> None:
+    def _remember(conn: Connection, job: Job, idempotency: Idempotency) -> None:
         """Write the entry beside the job; the primary key (key, Idempotency-Key) refuses a second one
         (IntegrityError), and an expired entry is taken over only if it is still expired."""
         values = {"request_hash": idempotency.request_hash, "job_id": job.id, "created_at": job.created_at}
@@ -290,7 +290,7 @@ class SqlJobStore:
             raise _Raced()
 
     @staticmethod
-    def _values(job: JobRecord) -> dict[str, Any]:
+    def _values(job: Job) -> dict[str, Any]:
         return {
             "id": job.id,
             "key_id": job.key_id,
@@ -316,7 +316,7 @@ class SqlJobStore:
         }
 
     @reconnecting
-    def get(self, job_id: str, key_id: str | None = None) -> JobRecord | None:
+    def get(self, job_id: str, key_id: str | None = None) -> Job | None:
         query, values = (
             (_JOB_ROW, {"job_id": job_id})
             if key_id is None
@@ -340,15 +340,13 @@ class SqlJobStore:
         prefer: Collection[str] = (),
         window: int = PREFER_WINDOW,
         max_wait: timedelta = PREFER_MAX_WAIT,
-    ) -> JobRecord | None:
+    ) -> Job | None:
         served = () if models is None else (jobs.c.model.in_(models),)
         window_or_none = window if prefer else None  # nothing preferred: the plain fair order
         claimed = self._claim(worker_id, 1, *served, window=window_or_none, prefer=prefer, max_wait=max_wait)
         return claimed[0] if claimed else None
 
-    def claim_similar(
-        self, worker_id: str, model: str, width: int, height: int, limit: int
-    ) -> list[JobRecord]:
+    def claim_similar(self, worker_id: str, model: str, width: int, height: int, limit: int) -> list[Job]:
         return self._claim(
             worker_id, limit, jobs.c.model == model, jobs.c.width == width, jobs.c.height == height
         )
@@ -361,7 +359,7 @@ class SqlJobStore:
         window: int | None = None,
         prefer: Collection[str] = (),
         max_wait: timedelta = PREFER_MAX_WAIT,
-    ) -> list[JobRecord]:
+    ) -> list[Job]:
         """The lowest turns first (see :func:`_turn`), oldest first among equal turns: one index probe on
         (status, turn, created). SKIP LOCKED on PostgreSQL (a job another claim holds is passed over, not
         waited for), the write lock on SQLite.
@@ -504,7 +502,7 @@ class SqlJobStore:
             ).rowcount
         return handed  # queued again: the triggers announce each job, waking idle workers
 
-    def cancel(self, job_id: str, key_id: str) -> JobRecord | None:
+    def cancel(self, job_id: str, key_id: str) -> Job | None:
         with self._engine.begin() as conn:
             row = conn.execute(
                 select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.key_id == key_id)
@@ -589,7 +587,7 @@ class SqlJobStore:
                 ).rowcount
         return marked
 
-    def lease_fetches(self, owner: str, limit: int, per_key: int) -> list[JobRecord]:
+    def lease_fetches(self, owner: str, limit: int, per_key: int) -> list[Job]:
         fetching = jobs.c.status == JobStatus.FETCHING.value
         leased = (
             select(jobs.c.key_id)

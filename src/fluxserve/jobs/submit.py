@@ -17,7 +17,7 @@ from PIL import Image
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.core.fields import REFERENCE_FIELDS
-from fluxserve.core.job import JobRecord, JobStatus
+from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Family, ModelSpec, SurfaceName, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import quote
@@ -76,7 +76,7 @@ class Submitter:
         surface: SurfaceName,
         idempotency_key: str | None = None,
         webhook_secret: str | None = None,
-    ) -> JobRecord:
+    ) -> Job:
         """Write the job (raising QuotaExceeded / TooManyActiveJobs / InvalidInput) and return it.
 
         With ``idempotency_key``, a repeat of the same request (same surface, model and parameters) by the
@@ -130,7 +130,7 @@ class Submitter:
         webhook_url: str | None,
         surface: SurfaceName,
         job_id: str,
-    ) -> JobRecord:
+    ) -> Job:
         """The job row to write: its images decoded and stored, its size resolved when it can be."""
         if spec.family in (Family.FLUX2, Family.FLUX2_KLEIN) and params.image_prompt is not None:
             params = as_reference(params)
@@ -158,7 +158,7 @@ class Submitter:
         ]
         price = quote(spec, size, references)
         waits = any(is_url(ref) for ref in _input_refs(params))
-        job = JobRecord(
+        job = Job(
             id=job_id,
             status=JobStatus.FETCHING if waits else JobStatus.QUEUED,
             key_id=key.id,

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol
 
 from starlette.responses import JSONResponse
 
-from fluxserve.core.job import JobRecord
+from fluxserve.core.job import Job
 from fluxserve.core.models import MODELS, SurfaceName
 from fluxserve.core.pricing import format_credits, refused_price
 from fluxserve.errors import (
@@ -76,7 +76,7 @@ class Surface(ABC):
         """A request that failed its schema: pydantic's ``errors`` (``api.errors.readable_errors``)."""
 
     @abstractmethod
-    def render_job(self, job: JobRecord, links: Links) -> dict[str, Any]:
+    def render_job(self, job: Job, links: Links) -> dict[str, Any]:
         """A job as this surface shows it: its fetch JSON, its streams' last event, its webhook's body."""
 
     @abstractmethod

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from fluxserve.core.job import JobRecord, JobStatus
+from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.params import GenerationParams
 from fluxserve.engines.base import (
     BatchingEngine,
@@ -62,7 +62,7 @@ class _Heartbeat:
     is hung, and its job stops beating so that a live worker takes it back."""
 
     def __init__(
-        self, store: JobStore, job: JobRecord, worker_id: str, interval: float, stall_seconds: float
+        self, store: JobStore, job: Job, worker_id: str, interval: float, stall_seconds: float
     ) -> None:
         self._store = store
         self._job = job
@@ -194,7 +194,7 @@ class Worker:
             for job_id in set(crash_looping) - self._store.active_ids(crash_looping):
                 drop_inputs(self._blobs, job_id)
 
-    def process(self, first: JobRecord) -> None:
+    def process(self, first: Job) -> None:
         """Run a claimed job, together with compatible queued jobs when the engine batches."""
         try:
             # Loading a model can take minutes on a cold worker: the job is vouched for meanwhile, without
@@ -219,7 +219,7 @@ class Worker:
                 for job in jobs
             }
             stack.enter_context(self.liveness.watch(beats.values()))
-            prepared: list[tuple[JobRecord, EngineRequest]] = []
+            prepared: list[tuple[Job, EngineRequest]] = []
             # An engine that upsamples itself (the relay: the vendor does it) gets the prompt as sent.
             upsample = not getattr(engine, "handles_prompt_upsampling", False)
             for job in jobs:
@@ -234,7 +234,7 @@ class Worker:
     def _generate(
         self,
         engine: Engine,
-        group: list[tuple[JobRecord, object]],
+        group: list[tuple[Job, object]],
         beats: dict[str, _Heartbeat],
         started: float,
     ) -> None:
@@ -281,13 +281,13 @@ class Worker:
         or be run again once it went stale."""
         return while_away(write, self._stale_after)
 
-    def _checkpoint(self, job: JobRecord, state: dict[str, Any]) -> None:
+    def _checkpoint(self, job: Job, state: dict[str, Any]) -> None:
         job.details[ENGINE_STATE] = state
         self._patiently(partial(self._store.update_running, job.id, self.worker_id, details=job.details))
 
     def _finish(
         self,
-        job: JobRecord,
+        job: Job,
         started: float,
         status: JobStatus,
         error: str | None,
@@ -320,7 +320,7 @@ class Worker:
             },
         )
 
-    def _request(self, job: JobRecord, upsample: bool) -> EngineRequest:
+    def _request(self, job: Job, upsample: bool) -> EngineRequest:
         """Decode the stored inputs and settle the final prompt (the size was settled before the queue)."""
         params = GenerationParams.model_validate(job.params)
         images = [
@@ -348,7 +348,7 @@ class Worker:
         )
 
 
-def _failure(job: JobRecord, exc: BaseException) -> tuple[JobStatus, str]:
+def _failure(job: Job, exc: BaseException) -> tuple[JobStatus, str]:
     """The status and message a job ends with when ``exc`` stopped it."""
     if isinstance(exc, Moderated):
         status = JobStatus.REQUEST_MODERATED if exc.kind == "request" else JobStatus.CONTENT_MODERATED
@@ -361,9 +361,7 @@ def _failure(job: JobRecord, exc: BaseException) -> tuple[JobStatus, str]:
     return JobStatus.FAILED, f"Internal error while generating: {type(exc).__name__}"
 
 
-def _groups(
-    engine: Engine, prepared: list[tuple[JobRecord, EngineRequest]]
-) -> list[list[tuple[JobRecord, object]]]:
+def _groups(engine: Engine, prepared: list[tuple[Job, EngineRequest]]) -> list[list[tuple[Job, object]]]:
     """Each job with what the engine runs for it, in groups: jobs whose plans share a batch key run
     together; the rest run alone, in claim order.
 
@@ -373,8 +371,8 @@ def _groups(
     """
     if not isinstance(engine, BatchingEngine):
         return [[(job, request)] for job, request in prepared]
-    groups: dict[Any, list[tuple[JobRecord, object]]] = {}
-    alone: list[list[tuple[JobRecord, object]]] = []
+    groups: dict[Any, list[tuple[Job, object]]] = {}
+    alone: list[list[tuple[Job, object]]] = []
     for job, request in prepared:
         try:
             plan = engine.plan(request)
