@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parents[1]
 FILL = """
 WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < :rows - 1),
 t(i, created) AS (SELECT i, julianday('2026-01-01') + i / 86400.0 FROM n)
-INSERT INTO jobs (id, key_id, model, dialect, status, params, seed, output_format, prompt, cost_hundredths,
+INSERT INTO jobs (id, key_id, model, surface, status, params, seed, output_format, prompt, cost_hundredths,
                   progress, details, attempts, cancel_requested, created_at, started_at, finished_at, turn)
 SELECT printf('%08d-0000-4000-8000-000000000000', i), :key,
        CASE i % 2 WHEN 0 THEN 'flux-dev' ELSE 'flux-schnell' END, 'reseller',

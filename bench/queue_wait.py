@@ -32,7 +32,7 @@ from sqlalchemy import Engine, insert, select
 
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.job import JobStatus
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import migrate, open_database, utcnow
 from fluxserve.db.tables import api_keys, jobs
@@ -92,7 +92,7 @@ def run(url: str, mode: Mode, count: int, workers: int, gap: float, run_seconds:
     for _ in range(count):
         time.sleep(randomness.expovariate(1 / gap))
         params = GenerationParams(model="flux-dev", prompt="bench", width=256, height=256)
-        submitter.submit(key, params, 1, None, Dialect.RESELLER)
+        submitter.submit(key, params, 1, None, SurfaceName.RESELLER)
     while True:
         with worker_database.connect() as conn:
             left = conn.execute(select(jobs.c.id).where(jobs.c.status != JobStatus.SUCCEEDED.value)).first()

@@ -111,7 +111,7 @@ class Runtime:
         return runtime
 
     def webhook_payload(self, job: Job) -> Payload:
-        """A finished job as its own dialect renders it, with the vendor task's own secret."""
+        """A finished job as the surface it came in renders it, with the vendor task's own secret."""
         return Payload(render(job, self.services), job.webhook_secret)
 
     @asynccontextmanager
@@ -235,7 +235,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.state.event_streams = runtime.streams
 
-    # /readyz and /metrics on their own engine and threads: nothing a request holds can starve them.
+    # /readyz and /metrics on their own database handle and threads: nothing a request holds can starve them.
     ops_database = ops_database_for(settings)
     ops_threads = ThreadPoolExecutor(max_workers=3, thread_name_prefix="fluxserve-ops")  # one per probe
     stats = JobStats(ops_database, WorkerRegistry(ops_database), settings.stale_after_seconds)

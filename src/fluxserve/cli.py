@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 import uvicorn
@@ -26,11 +26,12 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from fluxserve import __version__
-from fluxserve.accounts.keys import ApiKey, KeyProblem, KeyStore, NewKey
+from fluxserve.accounts.keys import ApiKey, KeyStore, NewKey
 from fluxserve.core.catalog import load_catalog
 from fluxserve.core.job import JobStatus
-from fluxserve.core.models import MODELS, Dialect
+from fluxserve.core.models import MODELS, SurfaceName
 from fluxserve.db.connection import migrate, open_database
+from fluxserve.errors import KeyProblem
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
 from fluxserve.worker.beacon import Beacon, Liveness
@@ -645,7 +646,7 @@ def jobs_command(
 
 
 def _statuses(word: str) -> set[JobStatus]:
-    """The statuses a word names: one of ours (``succeeded``), or all that a dialect shows with it (the
+    """The statuses a word names: one of ours (``succeeded``), or all that a surface shows with it (the
     reseller's ``FAILED`` is also moderated and canceled jobs; the vendor's ``Pending``, queued and running);
     exact words first, then any case."""
     from fluxserve.surfaces import reseller, vendor
@@ -662,14 +663,14 @@ def _statuses(word: str) -> set[JobStatus]:
     return found
 
 
-def _fields(model: str, given: dict[str, Any], extra: list[str]) -> tuple[Dialect, dict[str, Any]]:
-    """The dialect to ask for ``model`` (the reseller's where it has the model, else the vendor's) and the
+def _fields(model: str, given: dict[str, Any], extra: list[str]) -> tuple[SurfaceName, dict[str, Any]]:
+    """The surface to ask for ``model`` (the reseller's where it has the model, else the vendor's) and the
     request's fields: the options given, and each ``NAME=VALUE`` (a JSON value, else text), checked
     against the model's fields on that route so that a typo is named here, not ignored."""
     spec = MODELS.get(model)
     if spec is None:
         raise typer.BadParameter(f"unknown model {model!r}: one of {', '.join(MODELS)}", param_hint="--model")
-    dialect = Dialect.RESELLER if Dialect.RESELLER in spec.fields else Dialect.VENDOR
+    surface = SurfaceName.RESELLER if SurfaceName.RESELLER in spec.fields else SurfaceName.VENDOR
     fields = {name: value for name, value in given.items() if value is not None}
     for item in extra:
         name, equals, text = item.partition("=")
@@ -679,14 +680,14 @@ def _fields(model: str, given: dict[str, Any], extra: list[str]) -> tuple[Dialec
             fields[name.strip()] = json.loads(text)
         except ValueError:
             fields[name.strip()] = text
-    known = spec.fields[dialect]
+    known = spec.fields[surface]
     for name in fields:
         if name not in known:
             raise typer.BadParameter(
                 f"{model} takes no {name!r}; its fields: {', '.join(known)}",
                 param_hint="--" + name.replace("_", "-") if name in given else "--field",
             )
-    return dialect, fields
+    return surface, fields
 
 
 @app.command()
@@ -731,7 +732,7 @@ def generate(
     from fluxserve.client import Client, Event, FluxserveError
 
     given = {"seed": seed, "width": width, "height": height, "aspect_ratio": aspect_ratio}
-    dialect, fields = _fields(model, given, field or [])
+    surface, fields = _fields(model, given, field or [])
     base_url = server or _settings(data_dir).base_url
     errors = Console(stderr=True)
     if not key:
@@ -750,10 +751,11 @@ def generate(
                 progress.update(task, description="done", completed=1.0)
 
         try:
-            with Client(base_url, key, dialect=dialect.value) as client, Client(base_url, key) as reseller:
+            wire: Literal["reseller", "vendor"] = "reseller" if surface is SurfaceName.RESELLER else "vendor"
+            with Client(base_url, key, dialect=wire) as client, Client(base_url, key) as reseller:
                 made = client.generate(model, prompt, images=images or (), on_event=show, **fields)
-                # The reseller's fetch JSON says what the job cost, whichever dialect made it.
-                job = made.job if dialect is Dialect.RESELLER else reseller.fetch(made.job.id)
+                # The reseller's fetch JSON says what the job cost, whichever surface made it.
+                job = made.job if surface is SurfaceName.RESELLER else reseller.fetch(made.job.id)
         except FluxserveError as error:
             errors.print(f"error: {error.message}", markup=False, highlight=False)
             raise typer.Exit(1) from None

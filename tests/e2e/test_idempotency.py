@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import create_engine, func, select, update
 
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import migrate, open_database, utcnow
 from fluxserve.db.tables import idempotency_keys, jobs
-from fluxserve.jobs.store import IdempotencyConflict
+from fluxserve.errors import IdempotencyConflict
 from fluxserve.jobs.store_sql import SqlSubmissions
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy
@@ -217,7 +217,7 @@ def test_an_expired_entry_is_ignored_and_replaced(database_url: str, tmp_path: P
 
     def submit(prompt: str) -> str:
         params = GenerationParams(model="flux-dev", prompt=prompt, width=256, height=256)
-        return submitter.submit(key, params, 1, None, Dialect.RESELLER, "again").id
+        return submitter.submit(key, params, 1, None, SurfaceName.RESELLER, "again").id
 
     first = submit("one")
     assert submit("one") == first

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, delete, event, func, insert, select, update
 
 from fluxserve.accounts.keys import KeyStore
 from fluxserve.core.job import ACTIVE_STATUSES, JobStatus
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import MIGRATIONS, migrate, open_database
 from fluxserve.db.migrations.versions import __name__ as versions_package
@@ -89,7 +89,7 @@ def test_the_counters_follow_submits_claims_finishes_requeues_cancels_and_delete
     def submit(model: str, webhook: bool = False) -> str:
         params = GenerationParams.model_validate({"model": model, "prompt": "p", "width": 256, "height": 256})
         url = "http://127.0.0.1:9/hook" if webhook else None
-        return submitter.submit(key, params, 7, url, Dialect.RESELLER).id
+        return submitter.submit(key, params, 7, url, SurfaceName.RESELLER).id
 
     submitted = [submit("flux-dev", webhook=True) for _ in range(6)] + [submit("flux-pro") for _ in range(3)]
     assert counts(database) == grouped(database) == {("flux-dev", "queued"): 6, ("flux-pro", "queued"): 3}
@@ -154,7 +154,6 @@ def job_rows(key_id: str, count: int, start: int = 0) -> list[dict[str, Any]]:
                 "id": str(uuid.UUID(int=n)),
                 "key_id": key_id,
                 "model": "flux-dev" if n % 2 else "flux-pro",
-                "dialect": "reseller",
                 "status": outcomes[n % len(outcomes)],
                 "params": {},
                 "seed": n,
@@ -302,7 +301,7 @@ def test_the_counters_stay_exact_under_concurrent_submits_claims_and_finishes(
                 {"model": model, "prompt": "p", "width": 256, "height": 256}
             )
             for _ in range(25):
-                submitter.submit(key, params, 7, None, Dialect.RESELLER)
+                submitter.submit(key, params, 7, None, SurfaceName.RESELLER)
         except BaseException as error:  # the assertion below reports it
             errors.append(error)
 

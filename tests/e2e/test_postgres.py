@@ -19,7 +19,7 @@ from sqlalchemy import text
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.job import JobStatus
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import database_url, migrate, open_database
 from fluxserve.db.tables import metadata
@@ -49,7 +49,7 @@ class Queue:
 
     def submit(self, key: ApiKey, prompt: str = "p", seed: int = 1) -> str:
         params = GenerationParams(model="flux-dev", prompt=prompt, width=256, height=256)
-        return self.submitter.submit(key, params, seed, None, Dialect.RESELLER).id
+        return self.submitter.submit(key, params, seed, None, SurfaceName.RESELLER).id
 
 
 def test_users_postgres_urls_mean_psycopg_3() -> None:

@@ -24,7 +24,7 @@ from fluxserve.accounts.keys import ApiKey
 from fluxserve.api import reseller
 from fluxserve.api.deps import Services
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.db.tables import jobs
 from fluxserve.errors import EngineError, JobCanceled
@@ -67,7 +67,7 @@ def submit_with_image(world: World, key: ApiKey) -> Job:
         prompt="edit",
         input_images=[ImageRef(field="input_image", ref=png_base64((64, 64)))],
     )
-    job = world.submitter.submit(key, params, 1, None, Dialect.RESELLER)
+    job = world.submitter.submit(key, params, 1, None, SurfaceName.RESELLER)
     assert world.blobs.list(f"inputs/{job.id}/"), "the upload was stored at submit"
     return job
 

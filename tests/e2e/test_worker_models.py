@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.catalog import Catalog
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import jobs
@@ -46,7 +46,7 @@ class Queue:
                 GenerationParams(model=model, prompt="p", width=256, height=256),
                 1,
                 None,
-                Dialect.RESELLER,
+                SurfaceName.RESELLER,
             ).id
             for model in models
         ]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.db.connection import migrate, open_database
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
@@ -74,19 +74,19 @@ def test_no_credits_is_refused_before_the_image_is_even_decoded(database_url: st
     broke: ApiKey = keys.create("broke", Decimal("0")).record
     # An undecodable image would be a 400 if it were looked at: the 402 proves it was not.
     with pytest.raises(QuotaExceeded):
-        submitter.submit(broke, kontext(NOT_AN_IMAGE), 1, None, Dialect.RESELLER)
+        submitter.submit(broke, kontext(NOT_AN_IMAGE), 1, None, SurfaceName.RESELLER)
     with pytest.raises(QuotaExceeded):
-        submitter.submit(broke, kontext(png()), 1, None, Dialect.RESELLER)
+        submitter.submit(broke, kontext(png()), 1, None, SurfaceName.RESELLER)
     assert stored(files) == []
 
 
 def test_a_key_at_its_limit_is_refused_before_work(database_url: str, tmp_path: Path) -> None:
     submitter, keys, files = setup(database_url, tmp_path)
     key = keys.create("busy").record
-    submitter.submit(key, kontext(png()), 1, None, Dialect.RESELLER)  # kontext-max's own limit: 1
+    submitter.submit(key, kontext(png()), 1, None, SurfaceName.RESELLER)  # kontext-max's own limit: 1
     assert len(stored(files)) == 1
     with pytest.raises(TooManyActiveJobs):
-        submitter.submit(key, kontext(NOT_AN_IMAGE), 1, None, Dialect.RESELLER)
+        submitter.submit(key, kontext(NOT_AN_IMAGE), 1, None, SurfaceName.RESELLER)
     assert len(stored(files)) == 1
 
 
@@ -95,8 +95,8 @@ def test_a_submit_refused_in_its_final_transaction_leaves_no_file(database_url: 
     submitter, keys, files = setup(database_url, tmp_path, blobs)
     key = keys.create("racer", Decimal("8")).record  # kontext-max's price: admitted
     text_only = GenerationParams(model="flux-dev", prompt="p", width=256, height=256)  # 2.5 credits
-    blobs.meanwhile = lambda: submitter.submit(key, text_only, 1, None, Dialect.RESELLER)
+    blobs.meanwhile = lambda: submitter.submit(key, text_only, 1, None, SurfaceName.RESELLER)
     with pytest.raises(QuotaExceeded):
-        submitter.submit(key, kontext(png()), 1, None, Dialect.RESELLER)
+        submitter.submit(key, kontext(png()), 1, None, SurfaceName.RESELLER)
     assert blobs.meanwhile is None  # the other submit ran, between admission and the final transaction
     assert stored(files) == []

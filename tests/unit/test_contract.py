@@ -67,7 +67,7 @@ def test_ranges_are_json_schema_keywords(openapi: dict[str, Any]) -> None:
 def test_every_reseller_status_code_is_declared_in_its_shape(openapi: dict[str, Any]) -> None:
     submit = openapi["paths"]["/bfl/v1/flux-dev"]["post"]["responses"]
     assert {"200", "400", "401", "402", "429"} <= set(submit)
-    assert submit["402"]["content"]["application/json"]["schema"]["$ref"].endswith("/ResellerError")
+    assert submit["402"]["content"]["application/json"]["schema"]["$ref"].endswith("/ResellerErrorBody")
     assert "HTTPValidationError" not in json.dumps(submit)  # no 422 in FastAPI's shape
     for method in ("get", "post"):
         assert {"200", "400", "401", "404"} <= set(openapi["paths"]["/flux/fetch"][method]["responses"])

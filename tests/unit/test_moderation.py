@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from fluxserve.api.deps import Services
 from fluxserve.app import create_app
 from fluxserve.core.job import JobStatus
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult
 from fluxserve.errors import JobCanceled, Moderated
@@ -145,7 +145,7 @@ def test_a_flagged_input_image_is_request_moderated_naming_its_field(world: Worl
         ImageRef(field="input_image", ref=flagged_png_base64(256)),
     ]
     params = GenerationParams(model="flux-kontext-pro", prompt="make it blue", input_images=images)
-    world.submitter.submit(key, params, 1, None, Dialect.VENDOR)
+    world.submitter.submit(key, params, 1, None, SurfaceName.VENDOR)
     engine = Scripted(paint)
     done = run_one(world, world.worker(engine, moderator()))
     assert done.status is JobStatus.REQUEST_MODERATED and engine.seen == []

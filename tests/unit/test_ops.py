@@ -27,7 +27,7 @@ from fluxserve.api import ops
 from fluxserve.api.deps import Services
 from fluxserve.app import create_app
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import jobs, workers
@@ -51,7 +51,7 @@ T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 def submit(submitter: Submitter, key: ApiKey, model: str = "flux-dev", webhook_url: str | None = None) -> Job:
     params = GenerationParams.model_validate({"model": model, "prompt": "p", "width": 256, "height": 256})
-    return submitter.submit(key, params, 7, webhook_url, Dialect.RESELLER)
+    return submitter.submit(key, params, 7, webhook_url, SurfaceName.RESELLER)
 
 
 def run(database: Engine, job_id: str, status: JobStatus, waited: float, ran: float) -> None:

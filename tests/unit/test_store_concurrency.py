@@ -15,7 +15,7 @@ import pytest
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.job import JobStatus
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import migrate, open_database
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
@@ -41,7 +41,7 @@ class Bench:
     def submit(self, key: ApiKey, model: str = "flux-dev") -> str:
         fields: dict[str, Any] = {"width": 256, "height": 256} if model == "flux-dev" else {}
         params = GenerationParams(model=model, prompt="race", **fields)
-        return self.submitter.submit(key, params, 1, None, Dialect.RESELLER).id
+        return self.submitter.submit(key, params, 1, None, SurfaceName.RESELLER).id
 
 
 def at_once(count: int, action: Callable[[], object]) -> Counter[str]:

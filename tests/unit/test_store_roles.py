@@ -123,7 +123,7 @@ def test_a_fetching_jobs_lease_survives_the_migration(database_url: str) -> None
         conn.execute(
             insert(jobs),
             [
-                {"id": status, "key_id": key.id, "model": "flux-dev", "dialect": "reseller", "status": status,
+                {"id": status, "key_id": key.id, "model": "flux-dev", "surface": "reseller", "status": status,
                  "params": {}, "seed": 1, "output_format": "png", "prompt": "p", "cost_hundredths": 0,
                  "worker_id": owner, "heartbeat_at": at, "created_at": renewed}
                 for status, owner, at in old

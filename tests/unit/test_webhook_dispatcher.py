@@ -175,6 +175,25 @@ def test_private_target_is_refused_without_the_switch(database: Engine) -> None:
         receiver.close()
 
 
+def test_a_delivery_whose_job_is_gone_fails_at_once_and_sends_nothing(database: Engine) -> None:
+    """An UndeliverableWebhook is final: no retry on the backoff schedule, no request."""
+    receiver = Receiver()
+    try:
+        job_id = add_delivery(database, receiver.url)
+        orphaned = WebhookDispatcher(
+            database, lambda _: None, policy=LOOPBACK, backoff=(0.05, 0.05), poll_seconds=0.05
+        )
+
+        async def scenario() -> dict[str, tuple[str, int]]:
+            async with running(orphaned) as task:
+                return await until(task, states_once(database, job_id), "outcome")
+
+        assert asyncio.run(scenario())[job_id] == ("failed", 1)
+        assert receiver.requests == []
+    finally:
+        receiver.close()
+
+
 def test_a_slow_target_does_not_hold_up_a_fast_one(database: Engine) -> None:
     slow = socket.socket()  # accepts connections, never answers
     slow.bind(("127.0.0.1", 0))

@@ -27,7 +27,7 @@ from sqlalchemy import Engine as SqlEngine
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.db.connection import migrate, open_database
 from fluxserve.db.tables import webhook_deliveries
@@ -96,7 +96,7 @@ class World:
         params = GenerationParams.model_validate(
             {"model": "flux-dev", "prompt": "p", "width": 256, "height": 256, "steps": 4, **fields}
         )
-        return self.submitter.submit(key, params, 7, webhook_url, Dialect.RESELLER)
+        return self.submitter.submit(key, params, 7, webhook_url, SurfaceName.RESELLER)
 
     def worker(self, engine: Engine, moderator: Moderator | None = None, **timing: float) -> Worker:
         settings = {"heartbeat_seconds": 30.0, "stale_after_seconds": 60.0, "engine_stall_seconds": 600.0}
@@ -204,7 +204,7 @@ def test_input_images_reach_the_engine_under_their_own_field_names(world: World)
         GenerationParams(model="flux-kontext-pro", prompt="edit", input_images=images),
         1,
         None,
-        Dialect.VENDOR,
+        SurfaceName.VENDOR,
     )
     assert (job.width, job.height) == (1456, 720)  # the Kontext resolution nearest the first image's 2:1
     engine = Scripted(paint)

@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from fluxserve.db import ledger
 from fluxserve.db.connection import reconnecting, utcnow
 from fluxserve.db.tables import api_keys
+from fluxserve.errors import KeyProblem
 from fluxserve.webhooks.signing import new_secret
 
 KEY_PREFIX = "fs_"
@@ -28,10 +29,6 @@ CACHE_MAX_KEYS = 10_000
 
 def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
-
-
-class KeyProblem(Exception):
-    """An operation on keys that cannot be done as asked; the message says why, for the operator."""
 
 
 # Who changed credits by hand, as the ledger records it: the user running the command.

@@ -1,5 +1,6 @@
-"""Key authentication for every dialect: ``TT-API-KEY`` (reseller), ``x-key`` (vendor) and
-``Authorization: Bearer`` (OpenAI images); one key works in each, with one balance.
+"""Key authentication for every surface: ``TT-API-KEY`` (reseller), ``x-key`` (vendor) and
+``Authorization: Bearer`` (OpenAI images); one key works in each, with one balance. A missing or unknown
+key raises ``errors.KeyRefused``, which the request's surface words (``surfaces/``).
 
 Each header is a security scheme, so ``/openapi.json`` says how every route is authenticated.
 
@@ -19,15 +20,17 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.errors import ApiError, OpenAIError
+from fluxserve.errors import KeyRefused
+from fluxserve.surfaces.base import Surface
+from fluxserve.surfaces.openai import OPENAI
+from fluxserve.surfaces.reseller import RESELLER
+from fluxserve.surfaces.vendor import VENDOR
 
 TT_API_KEY = APIKeyHeader(
     name="TT-API-KEY", scheme_name="TT-API-KEY", description="Your API key.", auto_error=False
 )
 X_KEY = APIKeyHeader(name="x-key", scheme_name="x-key", description="Your API key.", auto_error=False)
 BEARER = HTTPBearer(scheme_name="Bearer", description="Your API key as the bearer token.", auto_error=False)
-NO_BEARER = "You didn't provide an API key: send it as 'Authorization: Bearer <key>'"
-BAD_BEARER = "Incorrect API key provided"
 _VERIFIED = "fluxserve.verified_key"  # the scope state's (token, key or None) of this request
 
 
@@ -45,25 +48,29 @@ async def verify(scope: MutableMapping[str, Any], keys: KeyStore, token: str) ->
     return key
 
 
+async def authenticated(request: Request, keys: KeyStore, surface: Surface, token: str | None) -> ApiKey:
+    """The live key for ``token``, else the surface's refusal (401, the vendor's 403)."""
+    key = await verify(request.scope, keys, token) if token else None
+    if key is None:
+        raise KeyRefused(missing=not token, status_code=surface.auth_status)
+    return key
+
+
 async def reseller_key(
     request: Request,
     services: Annotated[Services, Depends(get_services)],
     tt_api_key: Annotated[str | None, Security(TT_API_KEY)] = None,
 ) -> ApiKey:
-    if not tt_api_key:
-        raise ApiError(401, "TT-API-KEY header is missing; send your API key in it")
-    key = await verify(request.scope, services.keys, tt_api_key)
-    if key is None:
-        raise ApiError(401, "TT-API-KEY is not a valid API key")
-    return key
+    return await authenticated(request, services.keys, RESELLER, tt_api_key)
 
 
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header value, else None."""
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
+async def vendor_key(
+    request: Request,
+    services: Annotated[Services, Depends(get_services)],
+    x_key: Annotated[str | None, Security(X_KEY)] = None,
+) -> ApiKey:
+    """The vendor answers 403 ``Not authenticated`` for a missing or wrong key; so do we."""
+    return await authenticated(request, services.keys, VENDOR, x_key)
 
 
 async def bearer_key(
@@ -72,9 +79,5 @@ async def bearer_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
 ) -> ApiKey:
     """The OpenAI API answers 401 ``invalid_api_key`` for a missing or wrong key; so do we."""
-    if credentials is None or not credentials.credentials:
-        raise OpenAIError(401, NO_BEARER, code="invalid_api_key")
-    key = await verify(request.scope, services.keys, credentials.credentials)
-    if key is None:
-        raise OpenAIError(401, BAD_BEARER, code="invalid_api_key")
-    return key
+    token = credentials.credentials if credentials is not None else None
+    return await authenticated(request, services.keys, OPENAI, token)

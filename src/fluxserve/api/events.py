@@ -1,8 +1,8 @@
-"""Live progress of one job as Server-Sent Events, in each dialect's terms.
+"""Live progress of one job as Server-Sent Events, in the terms of the stream's surface.
 
 - ``GET /flux/events?jobId=`` with ``TT-API-KEY`` (reseller), ``GET /v1/events?id=`` with ``x-key`` (vendor).
 - Events: ``queued`` ``{"position": n}`` (queued jobs created before it), ``running`` ``{"progress": 0..1}``,
-  and ``result``, the dialect's fetch JSON (``/flux/fetch`` or ``/v1/get_result``); then the stream ends.
+  and ``result``, the surface's fetch JSON (``/flux/fetch`` or ``/v1/get_result``); then the stream ends.
 
 The stream follows the job's row, not this process's memory, so any API replica serves any job: the
 process's change feed (``jobs/feed.py``) says when the row changed, one watcher per process
@@ -29,20 +29,18 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, cast
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
 from fluxserve.accounts.keys import ApiKey
-from fluxserve.api import vendor
-from fluxserve.api.auth import reseller_key
+from fluxserve.api.auth import reseller_key, vendor_key
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.errors import ApiError
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.numbers import ascii_int
+from fluxserve.errors import Refused
 from fluxserve.jobs.feed import JobChange
-from fluxserve.surfaces.reseller import render_job
-from fluxserve.surfaces.vendor import render_json
+from fluxserve.surfaces import for_path
 
 router = APIRouter(tags=["events"])
 log = logging.getLogger("fluxserve.events")
@@ -125,7 +123,7 @@ class EventStreams:
 
     The change feed (``jobs/feed.py``) says which jobs changed; the watcher reads each changed job that has
     streams once (and, while streamed jobs wait in the queue, their positions, at most every
-    ``position_seconds`` while other jobs move), renders its event once per dialect and hands it to that
+    ``position_seconds`` while other jobs move), renders its event once per surface and hands it to that
     job's streams. A stream of a job that does not change costs nothing but its socket. Streams are bounded
     per key and per process (429 beyond either)."""
 
@@ -300,7 +298,7 @@ class EventStreams:
         return looks
 
     def _deliver(self, job_id: str, job: Job | None, position: int | None) -> None:
-        """The job's event, rendered once per dialect, to each of its streams."""
+        """The job's event, rendered once per surface, to each of its streams."""
         streams = self._watched.get(job_id, set())
         if job is not None and job.status is JobStatus.QUEUED:
             self._queued.add(job_id)
@@ -363,19 +361,14 @@ async def _events(
 
 
 def _stream(
-    job: Job,
-    key: ApiKey,
-    last_event_id: str | None,
-    render: Render,
-    streams: EventStreams,
-    refuse: Callable[[int, str], Exception],
+    job: Job, key: ApiKey, last_event_id: str | None, render: Render, streams: EventStreams
 ) -> Response:
     last = EventId.parse(last_event_id)
     if job.status.is_terminal and last is not None and last >= final_id(job):
         return Response(status_code=204)  # the client has the result: no more reconnects
     refused = streams.acquire(key.id)
     if refused is not None:
-        raise refuse(429, refused)
+        raise Refused(429, refused)
     return _CountedStream(_events(job.id, last, render, streams), lambda: streams.release(key.id))
 
 
@@ -386,6 +379,7 @@ LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
 
 @router.get("/flux/events", summary="A job's progress as Server-Sent Events, ending with its fetch JSON")
 async def reseller_events(
+    request: Request,
     key: Annotated[ApiKey, Depends(reseller_key)],
     services: Deps,
     streams: Streams,
@@ -393,16 +387,17 @@ async def reseller_events(
     last_event_id: LastEventId = None,
 ) -> Response:
     if not job_id:
-        raise ApiError(400, "jobId: is required")
+        raise Refused(400, "jobId: is required")
     job = await anyio.to_thread.run_sync(lambda: services.jobs.get(job_id.strip(), key_id=key.id))
     if job is None:
-        raise ApiError(404, f"jobId: no job {job_id!r} for this key")
-    return _stream(job, key, last_event_id, render_job, streams, ApiError)
+        raise Refused(404, f"jobId: no job {job_id!r} for this key")
+    return _stream(job, key, last_event_id, for_path(request.url.path).render_job, streams)
 
 
 @router.get("/v1/events", summary="A task's progress as Server-Sent Events, ending with its get_result JSON")
 async def vendor_events(
-    key: Annotated[ApiKey, Depends(vendor.vendor_key)],
+    request: Request,
+    key: Annotated[ApiKey, Depends(vendor_key)],
     services: Deps,
     streams: Streams,
     task_id: Annotated[str, Query(alias="id", min_length=1, max_length=100, description="The task's id.")],
@@ -410,5 +405,5 @@ async def vendor_events(
 ) -> Response:
     job = await anyio.to_thread.run_sync(lambda: services.jobs.get(task_id.strip(), key_id=key.id))
     if job is None:
-        raise HTTPException(404, "Task not found")
-    return _stream(job, key, last_event_id, render_json, streams, HTTPException)
+        raise Refused(404, "Task not found")
+    return _stream(job, key, last_event_id, for_path(request.url.path).render_job, streams)

@@ -9,8 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.errors import ApiError
-from fluxserve.errors import BlobNotFound
+from fluxserve.errors import BlobNotFound, Refused
 
 router = APIRouter(tags=["files"])
 
@@ -23,10 +22,10 @@ def download(
     signature: Annotated[str, Query()] = "",
 ) -> Response:
     if not services.signer.verify(key, expires, signature):
-        raise ApiError(403, "signature: invalid or expired; fetch the job again for a fresh imageUrl")
+        raise Refused(403, "signature: invalid or expired; fetch the job again for a fresh imageUrl")
     try:
         data = services.blobs.get(key)
     except BlobNotFound as error:
-        raise ApiError(404, "file: no longer stored (past the retention period)") from error
+        raise Refused(404, "file: no longer stored (past the retention period)") from error
     media_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
     return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})

@@ -4,8 +4,8 @@ Two layers:
 
 - :class:`RequestGuard`, an ASGI middleware in front of every route. It caps each body by route (submit
   routes take images, everything else a small JSON), checks a submit route's key from its headers before
-  reading any of the body (401 in the reseller's shape, 403 in the vendor's; the verified key is left in
-  the scope for the route, ``api/auth.verify``), and refuses a submit body with more JSON separators than
+  reading any of the body (refused by the path's surface: 401, the vendor's 403; the verified key is left
+  in the scope for the route, ``api/auth.verify``), and refuses a submit body with more JSON separators than
   any real request has before it is parsed on the event loop.
 - :class:`AccessLog`, one line a request (uvicorn's own access log is off: it formats each line with
   more work than the request path should pay).
@@ -29,31 +29,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.api.auth import BAD_BEARER, NO_BEARER, bearer_token, verify
-from fluxserve.api.errors import (
-    OPENAI_PREFIX,
-    VENDOR_PREFIX,
-    database_unavailable,
-    error_response,
-    openai_error,
-)
+from fluxserve.api.auth import verify
+from fluxserve.api.errors import database_unavailable
 from fluxserve.core.models import MODELS
 from fluxserve.core.numbers import ascii_int
 from fluxserve.core.pricing import format_credits
+from fluxserve.errors import KeyRefused
 from fluxserve.jobs.outage import database_away
-
-NATIVE_SUBMIT = frozenset({"/flux/generate", "/flux/edits"})  # the reseller's own format
-RESELLER_SUBMIT = frozenset(f"/bfl/v1/{name}" for name in MODELS) | NATIVE_SUBMIT
-OPENAI_SUBMIT = frozenset({"/v1/images/generations", "/v1/images/edits"})
-VENDOR_SUBMIT = frozenset(f"/v1/{name}" for name in MODELS) | OPENAI_SUBMIT
-
+from fluxserve.surfaces import SUBMIT_PATHS, for_path
 
 CLOSE = {"connection": "close"}
 
 
 def refusal(path: str, status: int, message: str) -> JSONResponse:
-    """An early answer in the path's dialect; the connection is closed after it (the body is unread)."""
-    return error_response(path, status, message, CLOSE)
+    """An early answer in the shape of the path's surface; the connection is closed after it (the body is
+    unread)."""
+    return for_path(path).error(status, message, headers=CLOSE)
 
 
 def _size(count: int) -> str:
@@ -129,7 +120,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        submit = scope["method"] == "POST" and (path in RESELLER_SUBMIT or path in VENDOR_SUBMIT)
+        submit = scope["method"] == "POST" and path in SUBMIT_PATHS
         limit = self.submit_max_bytes if submit else self.other_max_bytes
         headers = Headers(scope=scope)
         declared = ascii_int(headers.get("content-length", ""), 19)  # the body counted below decides
@@ -166,8 +157,7 @@ class RequestGuard:
             # bodies (image uploads) are binary: their forms have a few fields.
             separators = body.count(b",") + body.count(b":")
             if separators > self.max_separators:
-                vendor = path.startswith(VENDOR_PREFIX) and not path.startswith(OPENAI_PREFIX)
-                status = 422 if vendor else 400
+                status = for_path(path).invalid_status
                 text = (
                     f"body: at most {self.max_separators} JSON separators (',' and ':') are accepted, "
                     f"this body has {separators}; a request has a few dozen fields"
@@ -218,34 +208,17 @@ class RequestGuard:
     async def _key_problem(
         self, scope: Scope, path: str, headers: Headers, upload: bool
     ) -> JSONResponse | None:
-        """The submit's key refused from its headers alone: missing or unknown (401; the vendor's 403),
+        """The submit's key refused from its headers alone: missing or unknown (the surface's 401 or 403),
         or, for an upload, a balance below the cheapest price on the route (402), before any body is read."""
-        openai, vendor = path.startswith(OPENAI_PREFIX), path.startswith(VENDOR_PREFIX)
-        if openai:
-            raw = bearer_token(headers.get("authorization"))
-        else:
-            raw = headers.get("x-key" if vendor else "tt-api-key")
+        surface = for_path(path)
+        raw = surface.read_key(headers)
         key = await verify(scope, self.keys, raw) if raw else None
-        if key is None and openai:
-            message = BAD_BEARER if raw else NO_BEARER
-            return openai_error(401, message, code="invalid_api_key", headers=CLOSE)
-        if key is None and vendor:
-            if not raw:
-                return refusal(
-                    path, 403, "Not authenticated - x-key header is missing; send your API key in it"
-                )
-            return refusal(
-                path, 403, "Not authenticated - Invalid Authentication: x-key is not a valid API key"
-            )
         if key is None:
-            reason = "is not a valid API key" if raw else "header is missing; send your API key in it"
-            return refusal(path, 401, f"TT-API-KEY {reason}")
+            return surface.refusal(KeyRefused(missing=not raw, status_code=surface.auth_status), CLOSE)
         if self.rate is not None and (wait := self.rate.wait(key.id)):
             message = f"Too many requests: this server takes {self.rate.per_minute} a minute per key"
             later = {**CLOSE, "Retry-After": str(wait)}
-            if openai:
-                return openai_error(429, message, code="rate_limit_exceeded", headers=later)
-            return error_response(path, 429, message, later)
+            return surface.error(429, message, headers=later, code="rate_limit_exceeded")
         model = MODELS.get(path.rsplit("/", 1)[-1])  # the edit routes name it in the form: any model's
         cheapest = model.price if model else min(spec.price for spec in MODELS.values())
         if upload and key.credits is not None and key.credits < cheapest:
@@ -253,9 +226,7 @@ class RequestGuard:
                 f"Not enough credits: this key has {format_credits(key.credits)} and the cheapest model on "
                 f"this route costs {format_credits(cheapest)}; the upload was not read"
             )
-            if openai:
-                return openai_error(402, message, code="insufficient_quota", headers=CLOSE)
-            return refusal(path, 402, message)
+            return surface.error(402, message, headers=CLOSE, code="insufficient_quota")
         return None
 
 

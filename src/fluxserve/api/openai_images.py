@@ -1,7 +1,7 @@
-"""The OpenAI images dialect: ``POST /v1/images/generations`` and ``POST /v1/images/edits``.
+"""The OpenAI images API's surface: ``POST /v1/images/generations`` and ``POST /v1/images/edits``.
 
 What chat front ends, agent frameworks and the ``openai`` SDKs speak, with ``Authorization: Bearer <key>``
-(the same keys and balance as the other dialects). Synchronous, as that API is: the request returns when
+(the same keys and balance as the other surfaces). Synchronous, as that API is: the request returns when
 its images exist, within ``FLUXSERVE_OPENAI_WAIT_SECONDS``; past that a 504 names the jobs, which carry on.
 ``n`` images are ``n`` ordinary jobs (a job makes one image), each charged as one, each visible to
 ``/flux/fetch``. ``model`` is any model of the table that needs only a prompt; ``size`` is ``WxH`` (made
@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import bearer_key
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.errors import NO_RETRY, OpenAIError, OpenAIErrorBody, responses
+from fluxserve.api.errors import NO_RETRY, OpenAIErrorBody, responses
 from fluxserve.api.events import EventStreams, get_streams
 from fluxserve.api.limits import HeldRequests
 from fluxserve.api.requests import (
@@ -42,9 +42,8 @@ from fluxserve.api.requests import (
 )
 from fluxserve.core.fields import Prompt, Trimmed, error_messages
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.models import MODELS, Dialect, ModelSpec
-from fluxserve.core.pricing import refused_price
-from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
+from fluxserve.core.models import MODELS, ModelSpec, SurfaceName
+from fluxserve.errors import InvalidInput, QuotaExceeded, Refused
 from fluxserve.jobs.retention import drop_inputs
 
 SAFETY_SECONDS = 5.0  # the longest a wait goes without reading its jobs, should a change go unheard
@@ -79,7 +78,7 @@ def _options(request: Request) -> ImagesOptions:
     return cast(ImagesOptions, request.app.state.openai_images)
 
 
-def _refusal(errors: list[dict[str, Any]]) -> OpenAIError:
+def _refusal(errors: list[dict[str, Any]]) -> Refused:
     """Validation errors as one 400; ``param`` is the first field at fault."""
     lines: list[str] = []
     params: list[str] = []
@@ -89,7 +88,7 @@ def _refusal(errors: list[dict[str, Any]]) -> OpenAIError:
         params.append(upload_name(field))
         line = f"{field}: {RULES[field]}" if field in RULES else error_messages([error])[0]
         lines.append(line.replace(f"{field}: ", f"{upload_name(field)}: ", 1))
-    return OpenAIError(400, "; ".join(dict.fromkeys(lines)), param=params[0] if params else None)
+    return Refused(400, "; ".join(dict.fromkeys(lines)), param=params[0] if params else None)
 
 
 router = APIRouter(prefix="/v1/images", tags=["openai"], route_class=refusing_routes(_refusal))
@@ -157,7 +156,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def _spec(model: str) -> ModelSpec:
     if model not in MODEL_NAMES:
-        raise OpenAIError(
+        raise Refused(
             404,
             f"The model '{model[:100]}' does not exist on this server; models: {', '.join(MODEL_NAMES)}",
             param="model",
@@ -181,7 +180,7 @@ def _request(spec: ModelSpec, prompt: str, size: str | None, images: dict[str, s
     try:
         sized = {} if shape is None else size_fields(schema, shape, shape[0] * shape[1])
     except ValueError:
-        raise OpenAIError(400, f"size: {RULES['size']}", param="size") from None
+        raise Refused(400, f"size: {RULES['size']}", param="size") from None
     try:
         return schema.model_validate({"prompt": prompt, **sized, **images})
     except ValidationError as error:
@@ -193,27 +192,13 @@ def _submit(spec: ModelSpec, request: SubmitRequest, key: ApiKey, services: Serv
     jobs: list[Job] = []
     try:
         for _ in range(n):
-            jobs.append(services.submitter.submit(key, request.to_params(), None, None, Dialect.RESELLER))
+            jobs.append(services.submitter.submit(key, request.to_params(), None, None, SurfaceName.OPENAI))
     except Exception:
         for job in jobs:
             if (canceled := services.jobs.cancel(job.id, key.id)) is not None and canceled.status.is_terminal:
                 drop_inputs(services.blobs, job.id)
         raise
     return jobs
-
-
-def _refused(spec: ModelSpec, error: Exception, n: int) -> OpenAIError:
-    if isinstance(error, InvalidInput):
-        message = str(error).replace(f"{error.field}: ", f"{upload_name(error.field)}: ", 1)
-        return OpenAIError(400, message, param=upload_name(error.field))
-    if isinstance(error, QuotaExceeded):
-        price = refused_price(spec, error.price, n)
-        return OpenAIError(
-            402, f"Not enough credits: {n} x {spec.name} costs {price}", code="insufficient_quota"
-        )
-    return OpenAIError(
-        429, "Too many active jobs for this key; wait for some to finish", code="rate_limit_exceeded"
-    )
 
 
 async def _images(
@@ -223,7 +208,7 @@ async def _images(
     """Submit ``n`` jobs and wait (bounded) until they end; their images in the requested format. The
     ``X-Job-Ids`` header names the jobs (``/flux/fetch`` shows them)."""
     if not options.held.acquire():  # before any job is made: nothing to clean up
-        raise OpenAIError(
+        raise Refused(
             503,
             f"This server is holding {options.held.limit} image requests already; retry shortly",
             code="server_busy",
@@ -242,8 +227,10 @@ async def _wait_for_images(
 ) -> ImagesResponse:  # fmt: skip
     try:
         jobs = await run_in_threadpool(_submit, spec, request, key, services, n)
-    except (InvalidInput, QuotaExceeded, TooManyActiveJobs) as error:
-        raise _refused(spec, error, n) from error
+    except InvalidInput as error:  # named as this API names the field: an upload is ``image``
+        raise InvalidInput(upload_name(error.field), error.rule) from error
+    except QuotaExceeded as error:  # the price of all ``n`` images
+        raise QuotaExceeded(error.price, error.model, count=n) from error
     response.headers[JOB_IDS_HEADER] = ",".join(job.id for job in jobs)
     deadline = time.monotonic() + options.wait_seconds
     pending = {job.id for job in jobs}
@@ -261,7 +248,7 @@ async def _wait_for_images(
             left = deadline - time.monotonic()
             if left <= 0:
                 ids = ", ".join(sorted(pending))
-                raise OpenAIError(
+                raise Refused(
                     504,
                     f"The images were not ready within {options.wait_seconds:g} s; the jobs carry on: "
                     f"fetch them with GET /flux/fetch?jobId=<id> (ids: {ids})",
@@ -274,7 +261,7 @@ async def _wait_for_images(
     refused = [done[job.id] for job in jobs if done[job.id].status in MODERATED]
     if len(refused) == len(jobs):
         message = refused[0].error or "Moderated"
-        raise OpenAIError(400, message, code="content_policy_violation", headers=NO_RETRY)
+        raise Refused(400, message, code="content_policy_violation", headers=NO_RETRY)
     if refused:
         response.headers[MODERATED_HEADER] = ",".join(job.id for job in refused)
     kept = [done[job.id] for job in jobs if done[job.id].status not in MODERATED]
@@ -284,7 +271,7 @@ async def _wait_for_images(
 
 def _image(job: Job, response_format: str | None, services: Services) -> ImageData:
     if job.status is not JobStatus.SUCCEEDED or job.result_key is None:
-        raise OpenAIError(500, f"The job {job.id} failed: {job.error or job.status.value}")
+        raise Refused(500, f"The job {job.id} failed: {job.error or job.status.value}")
     if response_format == "b64_json":
         encoded = base64.b64encode(services.blobs.get(job.result_key)).decode()
         return ImageData(b64_json=encoded, revised_prompt=job.prompt)
@@ -330,12 +317,9 @@ async def edits(
     assert schema is not None
     slots = image_slots(schema)
     if not uploads:
-        raise OpenAIError(400, "image: is required (one or more image files)", param="image")
+        raise Refused(400, "image: is required (one or more image files)", param="image")
     if len(uploads) > len(slots):
-        raise OpenAIError(400, f"image: {spec.name} takes at most {len(slots)} image(s)", param="image")
-    try:
-        encoded = await encoded_uploads(uploads, slots, services.submitter.max_input_bytes)
-    except InvalidInput as error:
-        raise OpenAIError(400, str(error), param="image") from error
+        raise Refused(400, f"image: {spec.name} takes at most {len(slots)} image(s)", param="image")
+    encoded = await encoded_uploads(uploads, slots, services.submitter.max_input_bytes)
     request = _request(spec, prompt, size, encoded)
     return await _images(spec, request, n, response_format, key, services, options, response, streams)

@@ -10,9 +10,10 @@ its connection pool:
 - ``/readyz`` runs its checks on its own threads and connections, at most one of each at a time however
   many callers ask (they share the answer), and waits for them at most its own short timeout.
 
-Both read a separate engine with its own pool (``app.py``), never the one requests use. Anonymous callers
-learn which part is unavailable, never a driver's or pool's message: that goes to the log, and to callers
-that send the metrics token (``FLUXSERVE_METRICS_TOKEN``), which ``/metrics`` then also requires.
+Both read a separate database handle with its own pool (``app.py``), never the one requests use.
+Anonymous callers learn which part is unavailable, never a driver's or pool's message: that goes to the
+log, and to callers that send the metrics token (``FLUXSERVE_METRICS_TOKEN``), which ``/metrics`` then
+also requires.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from fluxserve import __version__
-from fluxserve.api.auth import bearer_token
 from fluxserve.jobs.stats import Figures, Histogram, JobStats
 from fluxserve.jobs.workers import process_name
 from fluxserve.storage.base import BlobStore
+from fluxserve.surfaces.base import bearer_token
 
 log = logging.getLogger("fluxserve.ops")
 

@@ -1,8 +1,9 @@
-"""Each route's request schema, built from the model table: one pydantic model per model and dialect.
+"""Each route's request schema, built from the model table: one pydantic model per model, for the reseller's
+and the vendor's surfaces (the others fill the reseller's).
 
-The table says which fields a route has and their defaults in each dialect; ``core.fields`` says each
+The table says which fields a route has and their defaults in each; ``core.fields`` says each
 field's type and range, written as JSON Schema constraints so that ``/openapi.json`` states them. Both
-dialects ignore fields a route does not have, as both upstreams do (clients send supersets, such as
+surfaces ignore fields a route does not have, as both upstreams do (clients send supersets, such as
 ``aspect_ratio`` to flux-dev), while every known field is strict. Both turn into the same
 :class:`~fluxserve.core.params.GenerationParams` with :meth:`SubmitRequest.to_params`.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 from annotated_types import Ge, Le, MultipleOf
-from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, Header, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
@@ -28,10 +29,10 @@ from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import readable_errors
 from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES, VARIANT_TYPES, Variant, input_image_field
-from fluxserve.core.models import MODELS, REQUIRED, Dialect, ModelSpec
+from fluxserve.core.models import MODELS, REQUIRED, ModelSpec, SurfaceName
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.sizes import parse_aspect_ratio
-from fluxserve.errors import InvalidInput
+from fluxserve.errors import InvalidInput, Refused
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER
 
 _NOT_PARAMS = {"seed", "webhook_url", "webhook_secret"}
@@ -77,9 +78,9 @@ class VendorRequest(SubmitRequest):
         return self
 
 
-_BASES: dict[Dialect, type[SubmitRequest]] = {
-    Dialect.RESELLER: ResellerRequest,
-    Dialect.VENDOR: VendorRequest,
+_BASES: dict[SurfaceName, type[SubmitRequest]] = {
+    SurfaceName.RESELLER: ResellerRequest,
+    SurfaceName.VENDOR: VendorRequest,
 }
 
 
@@ -95,14 +96,14 @@ def _field(name: str, default: Any) -> tuple[Any, Any]:
     return annotation, Field(default=default, description=description)
 
 
-def _schema(spec: ModelSpec, dialect: Dialect) -> type[SubmitRequest]:
+def _schema(spec: ModelSpec, surface: SurfaceName) -> type[SubmitRequest]:
     title = "".join(part.capitalize() for part in spec.name.replace(".", "").split("-"))
-    suffix = "Request" if dialect is Dialect.RESELLER else "Inputs"
+    suffix = "Request" if surface is SurfaceName.RESELLER else "Inputs"
     # Any, not tuple[Any, Any]: mypy matches ``**fields`` against create_model's ``__config__`` & co too.
-    fields: dict[str, Any] = {name: _field(name, default) for name, default in spec.fields[dialect].items()}
+    fields: dict[str, Any] = {name: _field(name, default) for name, default in spec.fields[surface].items()}
     # Not ``schema = create_model(...)``: the pydantic mypy plugin types such a name as a new BaseModel.
     return _with_spec(
-        create_model(f"{title}{suffix}", __base__=_BASES[dialect], __doc__=spec.title, **fields), spec
+        create_model(f"{title}{suffix}", __base__=_BASES[surface], __doc__=spec.title, **fields), spec
     )
 
 
@@ -111,9 +112,9 @@ def _with_spec(schema: type[SubmitRequest], spec: ModelSpec) -> type[SubmitReque
     return schema
 
 
-SCHEMAS: dict[Dialect, dict[str, type[SubmitRequest]]] = {
-    dialect: {name: _schema(spec, dialect) for name, spec in MODELS.items() if dialect in spec.fields}
-    for dialect in Dialect
+SCHEMAS: dict[SurfaceName, dict[str, type[SubmitRequest]]] = {
+    surface: {name: _schema(spec, surface) for name, spec in MODELS.items() if surface in spec.fields}
+    for surface in SurfaceName
 }
 
 
@@ -132,33 +133,33 @@ Submit = Callable[[ModelSpec, SubmitRequest, ApiKey, Services, SubmitExtras], ob
 
 def add_submit_routes(
     router: APIRouter,
-    dialect: Dialect,
+    surface: SurfaceName,
     prefix: str,
     key_dependency: Any,
     submit: Submit,
     **options: Any,
 ) -> None:
-    """One ``POST {prefix}{model}`` route per model of the table, taking the model's schema in ``dialect``,
+    """One ``POST {prefix}{model}`` route per model of the table, taking the model's schema in ``surface``,
     the key from ``key_dependency`` (an ``Annotated[ApiKey, Depends(...)]``), the optional
     ``Idempotency-Key`` header, and answered by ``submit``."""
     for spec in MODELS.values():
-        if dialect not in spec.fields:
+        if surface not in spec.fields:
             continue
         router.add_api_route(
             f"{prefix}{spec.name}",
-            _handler(spec, SCHEMAS[dialect][spec.name], key_dependency, submit),
+            _handler(spec, SCHEMAS[surface][spec.name], key_dependency, submit),
             methods=["POST"],
             summary=spec.title,
-            name=f"{dialect}_{spec.name}",
+            name=f"{surface}_{spec.name}",
             **options,
         )
 
 
 def idempotency_key(value: str | None) -> str | None:
-    """The header's value, or a 400 naming it (rendered in each dialect's error shape)."""
+    """The header's value, or a 400 naming it (rendered in each surface's error shape)."""
     if value is None or _IDEMPOTENCY_KEY.fullmatch(value):
         return value
-    raise HTTPException(
+    raise Refused(
         400, f"{IDEMPOTENCY_HEADER}: must be 1 to 255 visible ASCII characters (no spaces), e.g. a UUID"
     )
 
@@ -202,7 +203,7 @@ TARGET_AREA = 1024 * 1024  # the area of a width and height made from an aspect 
 
 def schema_of(spec: ModelSpec) -> type[SubmitRequest] | None:
     """The model's reseller schema, else its vendor one; None when it has neither."""
-    return SCHEMAS[Dialect.RESELLER].get(spec.name) or SCHEMAS[Dialect.VENDOR].get(spec.name)
+    return SCHEMAS[SurfaceName.RESELLER].get(spec.name) or SCHEMAS[SurfaceName.VENDOR].get(spec.name)
 
 
 def needs_only_a_prompt(schema: type[SubmitRequest]) -> bool:

@@ -1,4 +1,4 @@
-"""The reseller dialect: ``POST /bfl/v1/<model>`` for each model of the table, fetch, cancel.
+"""The reseller's surface: ``POST /bfl/v1/<model>`` for each model of the table, fetch, cancel.
 
 Fetch and cancel take the job id as ``jobId`` or ``job_id``, in the query string, a JSON body or a form
 body, on GET and POST (fetch) as the reseller's docs show all of these.
@@ -17,15 +17,13 @@ from starlette.datastructures import UploadFile
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.errors import ApiError, invalid_json
+from fluxserve.api.errors import invalid_json
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
 from fluxserve.api.reseller_schemas import JOB_REF_BODY, JOB_RESPONSES, SUBMIT_RESPONSES
 from fluxserve.core.job import Job
-from fluxserve.core.models import Dialect, ModelSpec
-from fluxserve.core.pricing import refused_price
-from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
+from fluxserve.core.models import ModelSpec, SurfaceName
+from fluxserve.errors import Refused
 from fluxserve.jobs.retention import drop_inputs
-from fluxserve.jobs.store import IdempotencyConflict
 from fluxserve.surfaces.reseller import render_job
 
 router = APIRouter(tags=["reseller"])
@@ -43,28 +41,22 @@ Envelope = dict[str, Any]
 
 
 def submit(
-    spec: ModelSpec, body: SubmitRequest, key: ApiKey, services: Services, extras: SubmitExtras
+    spec: ModelSpec,
+    body: SubmitRequest,
+    key: ApiKey,
+    services: Services,
+    extras: SubmitExtras,
+    surface: SurfaceName = SurfaceName.RESELLER,
 ) -> Envelope:
-    """Submit a validated request as a reseller job; refusals in the reseller's envelope."""
-    try:
-        job = services.submitter.submit(
-            key, body.to_params(), body.seed_value, body.webhook, Dialect.RESELLER,
-            extras.idempotency_key,
-        )  # fmt: skip
-    except InvalidInput as error:
-        raise ApiError(400, str(error)) from error
-    except IdempotencyConflict as error:
-        raise ApiError(error.status_code, str(error)) from error
-    except QuotaExceeded as error:
-        raise ApiError(
-            402, f"Not enough credits: {spec.name} costs {refused_price(spec, error.price)}"
-        ) from error
-    except TooManyActiveJobs as error:
-        raise ApiError(429, "Too many active jobs for this key; wait for some to finish") from error
+    """Submit a validated request as a job of ``surface`` (the reseller's, or its own format's); a
+    refusal propagates, and the surface of the path answers it."""
+    job = services.submitter.submit(
+        key, body.to_params(), body.seed_value, body.webhook, surface, extras.idempotency_key
+    )
     return _accepted(job)
 
 
-add_submit_routes(router, Dialect.RESELLER, "/bfl/v1/", Key, submit, responses=SUBMIT_RESPONSES)
+add_submit_routes(router, SurfaceName.RESELLER, "/bfl/v1/", Key, submit, responses=SUBMIT_RESPONSES)
 
 
 class JobRef(BaseModel):
@@ -78,7 +70,7 @@ class JobRef(BaseModel):
 def _find(job_id: str, key: ApiKey, services: Services) -> Job:
     job = services.jobs.get(job_id.strip(), key_id=key.id)
     if job is None:
-        raise ApiError(404, f"jobId: no job {job_id!r} for this key")
+        raise Refused(404, f"jobId: no job {job_id!r} for this key")
     return job
 
 
@@ -93,7 +85,7 @@ async def _body_job_id(request: Request) -> object:
         try:
             form = await request.form()
         except Exception as error:  # python-multipart's parse errors have no common base
-            raise ApiError(400, _BAD_BODY) from error
+            raise Refused(400, _BAD_BODY) from error
         value = form.get("jobId") or form.get("job_id")
         return None if isinstance(value, UploadFile) else value
     raw = await request.body()
@@ -102,11 +94,11 @@ async def _body_job_id(request: Request) -> object:
     try:
         payload = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise ApiError(400, invalid_json(error)) from error
+        raise Refused(400, invalid_json(error)) from error
     except ValueError as error:  # not UTF-8
-        raise ApiError(400, _BAD_BODY) from error
+        raise Refused(400, _BAD_BODY) from error
     if not isinstance(payload, dict):
-        raise ApiError(400, _BAD_BODY)
+        raise Refused(400, _BAD_BODY)
     return payload.get("jobId") or payload.get("job_id")
 
 
@@ -123,7 +115,7 @@ _MISSING = "jobId: is required (in the query string, a JSON body or a form body)
 async def _query_job_id(value: Annotated[str | None, Depends(_query_value)]) -> str:
     """The job id from the query string (GET routes), else a 400."""
     if not value:
-        raise ApiError(400, _MISSING)
+        raise Refused(400, _MISSING)
     return value
 
 
@@ -134,11 +126,11 @@ async def job_ref(request: Request, query: Annotated[str | None, Depends(_query_
     if not value:
         value = await _body_job_id(request)
     if not value:
-        raise ApiError(400, _MISSING)
+        raise Refused(400, _MISSING)
     try:
         return JobRef.model_validate({"jobId": value})
     except ValidationError:
-        raise ApiError(400, "jobId: must be a string of 1 to 100 characters") from None
+        raise Refused(400, "jobId: must be a string of 1 to 100 characters") from None
 
 
 Ref = Annotated[JobRef, Depends(job_ref)]
@@ -171,7 +163,7 @@ for _method in ("GET", "POST"):
 def cancel(ref: Ref, key: Key, services: Deps) -> Envelope:
     job = services.jobs.cancel(ref.job_id.strip(), key.id)
     if job is None:
-        raise ApiError(404, f"jobId: no job {ref.job_id!r} for this key")
+        raise Refused(404, f"jobId: no job {ref.job_id!r} for this key")
     if job.status.is_terminal:  # canceled while queued (a running job's worker drops them when it stops)
         drop_inputs(services.blobs, job.id)
     return render_job(job, services)

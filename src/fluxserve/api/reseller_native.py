@@ -5,8 +5,8 @@
 the reseller's own example sends it. A mode whose model is not in the table is a 400 naming ``mode``.
 ``aspect_ratio`` (or the deprecated ``size``) becomes the model's aspect ratio, or a width and height within
 its schema's range; ``hookUrl`` its webhook_url; uploaded ``image`` files its input images. The request is
-then the model's own schema, so every rule and default is the table's, and the job is an ordinary reseller
-job: the same envelope, fetch and webhook.
+then the model's own schema, so every rule and default is the table's; the job answers as a reseller job (the
+same envelope, fetch and webhook) and is stored as this surface's (``reseller-native``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from starlette.concurrency import run_in_threadpool
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.errors import ApiError
 from fluxserve.api.requests import (
     SubmitExtras,
     SubmitRequest,
@@ -42,8 +41,8 @@ from fluxserve.core.fields import (
     WebhookUrl,
     error_messages,
 )
-from fluxserve.core.models import MODELS, Family, ModelSpec
-from fluxserve.errors import InvalidInput
+from fluxserve.core.models import MODELS, Family, ModelSpec, SurfaceName
+from fluxserve.errors import InvalidInput, Refused
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER
 
 FLUX1_PREFIX = "flux1-"  # the reseller's name for the table's flux-<name> FLUX.1 models
@@ -72,7 +71,7 @@ MODES = _modes()
 def spec_of_mode(mode: str) -> ModelSpec:
     spec = MODES.get(mode)
     if spec is None:
-        raise ApiError(400, f"mode: {mode[:100]!r} is not a model this server has; modes: {', '.join(MODES)}")
+        raise Refused(400, f"mode: {mode[:100]!r} is not a model this server has; modes: {', '.join(MODES)}")
     return spec
 
 
@@ -99,9 +98,9 @@ def _native_messages(errors: list[dict[str, Any]]) -> str:
     return _renamed(error_messages(as_table))
 
 
-def _refusal(errors: list[dict[str, Any]]) -> ApiError:
+def _refusal(errors: list[dict[str, Any]]) -> Refused:
     """Request validation errors become one 400 in the reseller's envelope, under the request's names."""
-    return ApiError(400, _native_messages(errors))
+    return Refused(400, _native_messages(errors))
 
 
 router = APIRouter(tags=["reseller"], route_class=refusing_routes(_refusal))
@@ -148,19 +147,19 @@ def _request(schema: type[SubmitRequest], data: dict[str, Any]) -> SubmitRequest
     try:
         return schema.model_validate(data)
     except ValidationError as error:
-        raise ApiError(400, _native_messages([dict(item) for item in error.errors()])) from None
+        raise Refused(400, _native_messages([dict(item) for item in error.errors()])) from None
 
 
 def _submit(
     spec: ModelSpec, request: SubmitRequest, key: ApiKey, services: Services, idempotency: str | None
 ) -> Envelope:
-    """The reseller's submit; a refused input (an undecodable image) named as this request names it."""
+    """The reseller's submit, as a job of this surface; a refused input (an undecodable image) named as
+    this request names it."""
+    extras = SubmitExtras(idempotency_key(idempotency))
     try:
-        return submit(spec, request, key, services, SubmitExtras(idempotency_key(idempotency)))
-    except ApiError as error:
-        if error.status_code == 400:
-            raise ApiError(400, _renamed(error.message.split("; "))) from error
-        raise
+        return submit(spec, request, key, services, extras, SurfaceName.RESELLER_NATIVE)
+    except InvalidInput as error:
+        raise InvalidInput(_native_name(error.field), error.rule) from error
 
 
 @router.post(
@@ -197,13 +196,10 @@ async def edits(
     assert schema is not None
     slots = image_slots(schema)
     if not slots:
-        raise ApiError(400, f"image: {mode} does not take input images; use /flux/generate")
+        raise Refused(400, f"image: {mode} does not take input images; use /flux/generate")
     if len(image) > len(slots):
-        raise ApiError(400, f"image: {mode} takes at most {len(slots)} image(s), {len(image)} were sent")
-    try:
-        images = await encoded_uploads(image, slots, services.submitter.max_input_bytes)
-    except InvalidInput as error:
-        raise ApiError(400, str(error)) from error
+        raise Refused(400, f"image: {mode} takes at most {len(slots)} image(s), {len(image)} were sent")
+    images = await encoded_uploads(image, slots, services.submitter.max_input_bytes)
     shape = size_fields(schema, _shape(aspect_ratio, None)) if aspect_ratio else {}
     data = {"prompt": prompt, "webhook_url": hookUrl, **shape, **images}
     request = _request(schema, data)

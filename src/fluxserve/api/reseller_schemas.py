@@ -1,4 +1,4 @@
-"""The reseller dialect's response bodies, as ``/openapi.json`` declares them.
+"""The reseller surface's response bodies, as ``/openapi.json`` declares them.
 
 The routes return plain dicts (these models document them; ``render_job`` is the one renderer), so a
 field added to the fetch JSON reaches clients without being filtered out here.
@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from fluxserve.api.errors import ResellerError, responses
+from fluxserve.api.errors import ResellerErrorBody, responses
 
 
 class SubmitData(BaseModel):
@@ -71,7 +71,7 @@ _CLIENT_ERRORS: dict[int | str, str] = {
 SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": SubmitEnvelope, "description": "The job was accepted"},
     **responses(
-        ResellerError,
+        ResellerErrorBody,
         {
             **_CLIENT_ERRORS,
             402: "Not enough credits for this model",
@@ -84,6 +84,6 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": JobEnvelope, "description": "The job's status and result"},
     **responses(
-        ResellerError, {**_CLIENT_ERRORS, 404: "No such job for this key", "4XX": "Another client error"}
+        ResellerErrorBody, {**_CLIENT_ERRORS, 404: "No such job for this key", "4XX": "Another client error"}
     ),
 }

@@ -1,16 +1,16 @@
-"""The vendor's own dialect on the same jobs: ``POST /v1/<model>``, ``GET /v1/get_result``, ``/v1/credits``.
+"""The vendor's own surface on the same jobs: ``POST /v1/<model>``, ``GET /v1/get_result``, ``/v1/credits``.
 
 Clients written for the vendor's API (its official Python client among them) work unchanged when
-pointed at this server with one of our keys in ``x-key``. Jobs are the ones the reseller dialect
+pointed at this server with one of our keys in ``x-key``. Jobs are the ones the reseller's surface
 sees: a job submitted here can be fetched at ``/flux/fetch`` and the other way round.
 
 Errors keep the vendor's (FastAPI's) shapes: ``{"detail": "..."}`` for auth (403), credits (402) and
 limits (429), and 422 ``{"detail": [{"loc", "msg", "type"}]}`` for invalid fields, with the same rules
-and wording as the reseller dialect (``core/fields.RULES``).
+and wording as the reseller's surface (``core/fields.RULES``); ``surfaces/vendor.py`` renders them.
 
 One deliberate difference from the vendor's published contract, for safety: ``get_result`` needs the
 submitting key in ``x-key`` (the vendor's OpenAPI marks it open), so that a key sees only its own jobs, as
-in the reseller dialect. A task's ``webhook_secret`` is honoured as the vendor does (webhooks/signing.py),
+in the reseller's surface. A task's ``webhook_secret`` is honoured as the vendor does (webhooks/signing.py),
 beside the Standard Webhooks signature made with the key's own secret.
 """
 
@@ -21,23 +21,21 @@ from collections.abc import Callable, Coroutine
 from decimal import Decimal
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, Security
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from fluxserve.accounts.keys import ApiKey
-from fluxserve.api.auth import X_KEY, verify
+from fluxserve.api.auth import vendor_key
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.errors import VendorError, readable_errors, responses
+from fluxserve.api.errors import VendorErrorBody, readable_errors, responses
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
 from fluxserve.api.vendor_schemas import CreditsResponse, SubmitResponse
 from fluxserve.core.fields import MAX_ERROR_MESSAGES, VENDOR_RULES
 from fluxserve.core.job import Job
-from fluxserve.core.models import Dialect, ModelSpec
-from fluxserve.core.pricing import format_credits, refused_price
-from fluxserve.errors import InvalidInput, QuotaExceeded, TooManyActiveJobs
-from fluxserve.jobs.store import IDEMPOTENCY_HEADER, IdempotencyConflict
+from fluxserve.core.models import ModelSpec, SurfaceName
+from fluxserve.errors import QuotaExceeded
 from fluxserve.surfaces.vendor import ResultResponse, render_result
 
 # /v1/credits for a key without a limit: the vendor's schema requires a number, and JSON has no
@@ -93,13 +91,9 @@ def vendor_errors(errors: list[dict[str, Any]], limit: int = MAX_ERROR_MESSAGES)
     return items
 
 
-class VendorValidationError(RequestValidationError):
-    """Errors already in the vendor's shape (raised by our own checks after the schema's)."""
-
-
 class VendorRoute(APIRoute):
     """Rewrites request validation errors into :func:`vendor_errors` before the app's handler renders
-    them as ``{"detail": [...]}`` (``api/errors.py`` does that for every path under ``/v1/``)."""
+    them as ``{"detail": [...]}`` (the vendor's surface does, for every path it owns)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -107,8 +101,6 @@ class VendorRoute(APIRoute):
         async def route(request: Request) -> Response:
             try:
                 return await handler(request)
-            except VendorValidationError:
-                raise
             except RequestValidationError as exc:
                 raise RequestValidationError(vendor_errors(readable_errors(exc)), body=exc.body) from None
 
@@ -116,20 +108,6 @@ class VendorRoute(APIRoute):
 
 
 router = APIRouter(prefix="/v1", tags=["vendor"], route_class=VendorRoute)
-
-
-async def vendor_key(
-    request: Request,
-    services: Annotated[Services, Depends(get_services)],
-    x_key: Annotated[str | None, Security(X_KEY)] = None,
-) -> ApiKey:
-    """The vendor answers 403 ``Not authenticated`` for a missing or wrong key; so do we."""
-    if not x_key:
-        raise HTTPException(403, "Not authenticated - x-key header is missing; send your API key in it")
-    key = await verify(request.scope, services.keys, x_key)
-    if key is None:
-        raise HTTPException(403, "Not authenticated - Invalid Authentication: x-key is not a valid API key")
-    return key
 
 
 Key = Annotated[ApiKey, Depends(vendor_key)]
@@ -150,26 +128,13 @@ def _submit(
 ) -> SubmitResponse:
     try:
         job = services.submitter.submit(
-            key, body.to_params(), body.seed_value, body.webhook, Dialect.VENDOR,
+            key, body.to_params(), body.seed_value, body.webhook, SurfaceName.VENDOR,
             extras.idempotency_key, getattr(body, "webhook_secret", None),
         )  # fmt: skip
-    except InvalidInput as error:
-        item = {"loc": ["body", error.field], "msg": str(error), "type": "value_error"}
-        raise VendorValidationError([item]) from error
-    except IdempotencyConflict as error:
-        item = {"loc": ["header", IDEMPOTENCY_HEADER], "msg": str(error), "type": "idempotency_conflict"}
-        raise VendorValidationError([item]) from error
-    except QuotaExceeded as error:
-        now = services.keys.get(key.id)  # the balance now, not the verified key's (it may be cached)
-        balance = "unknown" if now is None or now.credits is None else format_credits(now.credits)
-        price = refused_price(spec, error.price, unit=" credits")
-        raise HTTPException(
-            402, f"Insufficient credits: {spec.name} costs {price} and this key has {balance}"
-        ) from error
-    except TooManyActiveJobs as error:
-        raise HTTPException(
-            429, "Too many active tasks for this key; wait for some to finish, then retry"
-        ) from error
+    except QuotaExceeded as error:  # the vendor's words name the balance: read now, not the cached key's
+        now = services.keys.get(key.id)
+        balance = None if now is None else now.credits
+        raise QuotaExceeded(error.price, error.model, balance=balance) from error
     return SubmitResponse(
         id=job.id,
         polling_url=polling_url(job, services),
@@ -179,11 +144,11 @@ def _submit(
     )
 
 
-_AUTH_RESPONSES = responses(VendorError, {403: "Missing or invalid x-key"})
+_AUTH_RESPONSES = responses(VendorErrorBody, {403: "Missing or invalid x-key"})
 _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     **_AUTH_RESPONSES,
     **responses(
-        VendorError,
+        VendorErrorBody,
         {
             400: "A malformed Idempotency-Key header",
             402: "Not enough credits for this model",
@@ -195,7 +160,7 @@ _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 add_submit_routes(
-    router, Dialect.VENDOR, "/", Key, _submit, response_model=SubmitResponse, responses=_SUBMIT_RESPONSES,
+    router, SurfaceName.VENDOR, "/", Key, _submit, response_model=SubmitResponse, responses=_SUBMIT_RESPONSES,
     response_model_exclude_none=True,  # input_mp and output_mp only where the model is priced by them
 )  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""The vendor dialect's response shapes (its published OpenAPI); request schemas come from the model
+"""The vendor surface's response shapes (its published OpenAPI); request schemas come from the model
 table (``api/requests.py``), the result's from its renderer (``surfaces/vendor.py``)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one internal job model that both API dialects render."""
+"""The one internal job model that every surface renders."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 
 
 class JobStatus(StrEnum):
@@ -45,12 +45,12 @@ class Job:
     output_format: str
     prompt: str
     cost: Decimal
-    dialect: Dialect = Dialect.RESELLER  # the dialect it came in, which renders its results and webhooks
+    surface: SurfaceName = SurfaceName.RESELLER  # the surface it came in: it renders the job's webhook
     status: JobStatus = JobStatus.QUEUED
     width: int | None = None
     height: int | None = None
     webhook_url: str | None = None
-    webhook_secret: str | None = None  # the vendor dialect's per-task secret its webhook carries
+    webhook_secret: str | None = None  # the vendor surface's per-task secret its webhook carries
     input_mp: Decimal | None = None  # the megapixels a megapixel-priced job was charged for (core.pricing)
     output_mp: Decimal | None = None
     progress: float = 0.0

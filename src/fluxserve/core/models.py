@@ -1,8 +1,8 @@
 """The model table: what each API model *is*, one declarative entry per model.
 
 An entry says everything the rest of the server needs to know about a model: its name (the route in
-each dialect: ``/bfl/v1/<name>`` and ``/v1/<name>``), the fields each dialect's route takes with that
-dialect's defaults, its price, its family, how its output size is decided, its active-job limit and the
+each surface that names it there: ``/bfl/v1/<name>`` and ``/v1/<name>``), the fields each such route
+takes with its defaults, its price, its family, how its output size is decided, its active-job limit and the
 vendor endpoint a relay sends it to. Routes, request schemas, pricing, admission, size resolution, the
 engines and the relay all read it; adding a model is one entry here plus its weights in the catalog.
 
@@ -22,9 +22,15 @@ from fluxserve.core.fields import IMAGE_FIELDS, REFERENCE_FIELDS, Variant
 from fluxserve.core.sizes import SizeRule
 
 
-class Dialect(StrEnum):
-    RESELLER = "reseller"  # /bfl/v1/<model>, TT-API-KEY, the {"status","message","data"} envelope
+class SurfaceName(StrEnum):
+    """Which HTTP surface a request came in (``surfaces/``: one module each), as a job stores it: its
+    results and webhooks are rendered by that surface. A model's ``fields`` are keyed by the two surfaces
+    that name the model in the route; the others fill the reseller's schema."""
+
+    RESELLER = "reseller"  # /bfl/v1/<model>, /flux/*, TT-API-KEY, the {"status","message","data"} envelope
+    RESELLER_NATIVE = "reseller-native"  # the reseller's own format: /flux/generate, /flux/edits
     VENDOR = "vendor"  # /v1/<model>, x-key, the vendor's own shapes
+    OPENAI = "openai"  # /v1/images/*, Authorization: Bearer, the OpenAI images API
 
 
 class Family(StrEnum):
@@ -51,9 +57,9 @@ class ModelSpec:
     family: Family
     price: Decimal  # credits per image (1 credit = 0.01 USD), or for the first megapixel; as the vendor
     size_rule: SizeRule
-    # per dialect: field name -> default (or REQUIRED, or a Variant: another range on this route); a
-    # dialect missing here has no route for the model
-    fields: Mapping[Dialect, Mapping[str, Any]]
+    # per surface that names the model in its route: field name -> default (or REQUIRED, or a Variant:
+    # another range on this route); a surface missing here has no route for the model
+    fields: Mapping[SurfaceName, Mapping[str, Any]]
     further_mp_price: Decimal | None = None  # credits per further megapixel (FLUX.2); None: flat per image
     max_active: int | None = None  # its own limit of active jobs per key; None: the key's general limit
     upstream: str = ""  # the vendor endpoint (``/v1/<upstream>``) a relay sends it to; default: name
@@ -67,7 +73,7 @@ class ModelSpec:
 
     def vendor_fields(self) -> tuple[str, ...]:
         """The fields the vendor's endpoint takes for a generation (what a relay may forward)."""
-        return tuple(name for name in self.fields[Dialect.VENDOR] if name not in _DELIVERY)
+        return tuple(name for name in self.fields[SurfaceName.VENDOR] if name not in _DELIVERY)
 
 
 _DELIVERY = ("webhook_url", "webhook_secret")
@@ -141,8 +147,8 @@ def _kontext(name: str, title: str, price: str, max_active: int | None = None) -
         size_rule=SizeRule.KONTEXT,
         max_active=max_active,
         fields={
-            Dialect.RESELLER: _fields(_RESELLER, _KONTEXT),
-            Dialect.VENDOR: _fields(_VENDOR, _KONTEXT, prompt=REQUIRED, output_format="png"),
+            SurfaceName.RESELLER: _fields(_RESELLER, _KONTEXT),
+            SurfaceName.VENDOR: _fields(_VENDOR, _KONTEXT, prompt=REQUIRED, output_format="png"),
         },
     )
 
@@ -152,7 +158,9 @@ def _flux2(
     reseller: Mapping[str, Any] | None = None,
 ) -> ModelSpec:  # fmt: skip
     fields = (
-        {Dialect.VENDOR: vendor} if reseller is None else {Dialect.VENDOR: vendor, Dialect.RESELLER: reseller}
+        {SurfaceName.VENDOR: vendor}
+        if reseller is None
+        else {SurfaceName.VENDOR: vendor, SurfaceName.RESELLER: reseller}
     )
     return ModelSpec(
         name=name,
@@ -221,7 +229,7 @@ _ENTRIES = (
         family=Family.FILL,
         price=Decimal("5"),
         size_rule=SizeRule.FILL,
-        fields={Dialect.VENDOR: _fields(_TOOL, mask=None)},
+        fields={SurfaceName.VENDOR: _fields(_TOOL, mask=None)},
     ),
     ModelSpec(
         name="flux-pro-1.0-expand",
@@ -229,7 +237,7 @@ _ENTRIES = (
         family=Family.EXPAND,
         price=Decimal("5"),
         size_rule=SizeRule.EXPAND,
-        fields={Dialect.VENDOR: _fields(_TOOL, top=0, bottom=0, left=0, right=0)},
+        fields={SurfaceName.VENDOR: _fields(_TOOL, top=0, bottom=0, left=0, right=0)},
     ),
     _kontext("flux-kontext-max", "Edit or create an image with FLUX.1 Kontext [max]", "8", max_active=6),
     _kontext("flux-kontext-pro", "Edit or create an image with FLUX.1 Kontext [pro]", "4"),
@@ -240,8 +248,8 @@ _ENTRIES = (
         price=Decimal("6"),
         size_rule=SizeRule.ULTRA,
         fields={
-            Dialect.RESELLER: _fields(_RESELLER, _ULTRA, aspect_ratio="1:1"),
-            Dialect.VENDOR: _fields(_VENDOR, _ULTRA, aspect_ratio="16:9"),
+            SurfaceName.RESELLER: _fields(_RESELLER, _ULTRA, aspect_ratio="1:1"),
+            SurfaceName.VENDOR: _fields(_VENDOR, _ULTRA, aspect_ratio="16:9"),
         },
     ),
     ModelSpec(
@@ -250,7 +258,10 @@ _ENTRIES = (
         family=Family.FLUX1,
         price=Decimal("4"),
         size_rule=SizeRule.WIDTH_HEIGHT,
-        fields={Dialect.RESELLER: _fields(_RESELLER, _SIZED), Dialect.VENDOR: _fields(_VENDOR, _SIZED)},
+        fields={
+            SurfaceName.RESELLER: _fields(_RESELLER, _SIZED),
+            SurfaceName.VENDOR: _fields(_VENDOR, _SIZED),
+        },
     ),
     ModelSpec(
         name="flux-pro",
@@ -259,8 +270,8 @@ _ENTRIES = (
         price=Decimal("5"),
         size_rule=SizeRule.WIDTH_HEIGHT,
         fields={
-            Dialect.RESELLER: _fields(_RESELLER, _SIZED, steps=40, guidance=2.5, interval=2),
-            Dialect.VENDOR: _fields(_VENDOR, _SIZED, steps=40, guidance=2.5, interval=2),
+            SurfaceName.RESELLER: _fields(_RESELLER, _SIZED, steps=40, guidance=2.5, interval=2),
+            SurfaceName.VENDOR: _fields(_VENDOR, _SIZED, steps=40, guidance=2.5, interval=2),
         },
     ),
     ModelSpec(
@@ -270,8 +281,8 @@ _ENTRIES = (
         price=Decimal("2.5"),
         size_rule=SizeRule.WIDTH_HEIGHT,
         fields={
-            Dialect.RESELLER: _fields(_RESELLER, _SIZED, steps=40, guidance=2.5),
-            Dialect.VENDOR: _fields(_VENDOR, _SIZED, steps=28, guidance=3.0),
+            SurfaceName.RESELLER: _fields(_RESELLER, _SIZED, steps=40, guidance=2.5),
+            SurfaceName.VENDOR: _fields(_VENDOR, _SIZED, steps=28, guidance=3.0),
         },
     ),
 )

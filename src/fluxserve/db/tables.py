@@ -56,7 +56,7 @@ jobs = Table(
     Column("id", String(36), primary_key=True),
     Column("key_id", String(36), ForeignKey("api_keys.id"), nullable=False),
     Column("model", String(64), nullable=False),
-    Column("dialect", String(16), nullable=False, server_default="reseller"),
+    Column("surface", String(16), nullable=False, server_default="reseller"),  # 0013; "dialect" before
     Column("status", String(32), nullable=False),
     Column("params", JSON, nullable=False),
     Column("seed", BigInteger, nullable=False),

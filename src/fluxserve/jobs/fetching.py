@@ -34,7 +34,7 @@ from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import Quote, requote
 from fluxserve.core.sizes import output_size
 from fluxserve.db.connection import utcnow
-from fluxserve.errors import FetchError, InputError
+from fluxserve.errors import FetchError, InvalidInput
 from fluxserve.jobs.retention import drop_inputs
 from fluxserve.jobs.store import FetchLeases, FetchOutcome
 from fluxserve.jobs.submit import BLOB_PREFIX, store_input
@@ -120,7 +120,7 @@ class InputFetcher:
         """Download, store and queue one leased job, or end it as failed naming the field."""
         try:
             await self._fetch(job)
-        except (FetchError, InputError) as error:
+        except (FetchError, InvalidInput) as error:
             await self._fail(job, str(error))
         except asyncio.CancelledError:
             raise

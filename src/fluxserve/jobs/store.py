@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.pricing import Quote
-from fluxserve.errors import RequestRefused
 
 # A worker's preference for the models it holds (see Claims.claim): how far down the fair order it
 # looks for one, and how long a job may wait before it goes first regardless.
@@ -52,18 +51,6 @@ class Drawn:
     seed: int
     width: int
     height: int
-
-
-class IdempotencyConflict(RequestRefused):
-    """The key's Idempotency-Key was used within 24 hours for a different request."""
-
-    status_code = 422
-
-    def __init__(self) -> None:
-        super().__init__(
-            f"{IDEMPOTENCY_HEADER}: already used in the last 24 hours for a different request (another "
-            "body, model or dialect); send the same request to get its job again, or use a new key"
-        )
 
 
 class JobReads(Protocol):

@@ -29,12 +29,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import BindParameter
 
 from fluxserve.core.job import ACTIVE_STATUSES, QUEUE_POSITION_CAP, Job, JobStatus
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.pricing import Quote
 from fluxserve.db import ledger, outbox
 from fluxserve.db.connection import as_utc, reconnecting, utcnow
 from fluxserve.db.tables import api_keys, idempotency_keys, job_counts, jobs
-from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
+from fluxserve.errors import IdempotencyConflict, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.feed import ChangeFeed
 from fluxserve.jobs.store import (
     IDEMPOTENCY_TTL,
@@ -43,7 +43,6 @@ from fluxserve.jobs.store import (
     Drawn,
     FetchOutcome,
     Idempotency,
-    IdempotencyConflict,
     Reaped,
 )
 
@@ -74,7 +73,7 @@ def _job(row: RowMapping) -> Job:
         id=row["id"],
         key_id=row["key_id"],
         model=row["model"],
-        dialect=Dialect(row["dialect"]),
+        surface=SurfaceName(row["surface"]),
         params=row["params"],
         seed=row["seed"],
         output_format=row["output_format"],
@@ -367,7 +366,7 @@ class SqlSubmissions(SqlJobReads):
             "id": job.id,
             "key_id": job.key_id,
             "model": job.model,
-            "dialect": job.dialect.value,
+            "surface": job.surface.value,
             "status": job.status.value,
             "params": job.params,
             "seed": job.seed,

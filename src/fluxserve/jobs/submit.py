@@ -18,11 +18,11 @@ from PIL import Image
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.core.fields import REFERENCE_FIELDS
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.models import Dialect, Family, ModelSpec, spec_of
+from fluxserve.core.models import Family, ModelSpec, SurfaceName, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import quote
 from fluxserve.core.sizes import output_size
-from fluxserve.errors import AddressRefused, FetchError, InputError, InvalidInput, QuotaExceeded, ServerBusy
+from fluxserve.errors import AddressRefused, FetchError, InvalidInput, QuotaExceeded, ServerBusy
 from fluxserve.jobs.store import Idempotency, Submissions
 from fluxserve.safety.fetch import NetworkPolicy, vet
 from fluxserve.safety.images import decode_image_input, is_url
@@ -73,13 +73,13 @@ class Submitter:
         params: GenerationParams,
         seed: int | None,
         webhook_url: str | None,
-        dialect: Dialect,
+        surface: SurfaceName,
         idempotency_key: str | None = None,
         webhook_secret: str | None = None,
     ) -> Job:
         """Write the job (raising QuotaExceeded / TooManyActiveJobs / InvalidInput) and return it.
 
-        With ``idempotency_key``, a repeat of the same request (same dialect, model and parameters) by the
+        With ``idempotency_key``, a repeat of the same request (same surface, model and parameters) by the
         same key within 24 hours returns the first one's job without another charge, and another request
         under that key raises IdempotencyConflict. ``webhook_url`` must not reach an address the submitter's
         network policy refuses.
@@ -89,7 +89,7 @@ class Submitter:
         uploads = any(not is_url(ref) for ref in _input_refs(params))
         idempotency = None
         if idempotency_key is not None:
-            digest = request_hash(params, seed, webhook_url, dialect, webhook_secret)
+            digest = request_hash(params, seed, webhook_url, surface, webhook_secret)
             idempotency = Idempotency(idempotency_key, digest)
             replayed = self._store.replay(key.id, idempotency) if uploads else None
             if replayed is not None:  # a repeat stores nothing
@@ -102,17 +102,20 @@ class Submitter:
             raise ServerBusy(f"the queue is full ({self._limits.max_waiting} jobs wait); retry shortly")
         if uploads:
             # Admission before work: a key that cannot have this job costs no decoding and leaves no file.
-            self._store.admit(key.id, spec.name, spec.price, self._limits.max_active, model_limit)
+            try:
+                self._store.admit(key.id, spec.name, spec.price, self._limits.max_active, model_limit)
+            except QuotaExceeded as error:  # refused before a quote: the surface names the lowest price
+                raise QuotaExceeded(None, spec.name) from error
         job_id = str(uuid.uuid4())
         quoted: Decimal | None = None
         try:
-            job = self._new_job(key, spec, params, seed, webhook_url, dialect, job_id)
+            job = self._new_job(key, spec, params, seed, webhook_url, surface, job_id)
             job.webhook_secret, quoted = webhook_secret, job.cost
             job = self._store.submit(job, self._limits.max_active, model_limit, idempotency)
         except Exception as error:
             self._blobs.delete_prefix(inputs_prefix(job_id))  # refused after all (a race): no orphan
-            if isinstance(error, QuotaExceeded) and quoted is not None:  # the price the key was short of
-                raise QuotaExceeded(quoted) from error
+            if isinstance(error, QuotaExceeded):  # the price the key was short of, for the surface's words
+                raise QuotaExceeded(quoted, spec.name) from error
             raise
         if job.id != job_id:  # a concurrent repeat of this idempotent submit won: its job stands
             self._blobs.delete_prefix(inputs_prefix(job_id))
@@ -125,7 +128,7 @@ class Submitter:
         params: GenerationParams,
         seed: int | None,
         webhook_url: str | None,
-        dialect: Dialect,
+        surface: SurfaceName,
         job_id: str,
     ) -> Job:
         """The job row to write: its images decoded and stored, its size resolved when it can be."""
@@ -160,7 +163,7 @@ class Submitter:
             status=JobStatus.FETCHING if waits else JobStatus.QUEUED,
             key_id=key.id,
             model=params.model,
-            dialect=dialect,
+            surface=surface,
             params=params.model_dump(mode="json"),
             seed=seed if seed is not None else secrets.randbelow(2**32),
             output_format=params.output_format,
@@ -178,12 +181,9 @@ class Submitter:
         """Keep URLs for the fetch stage; decode base64 now so a bad upload is a 400, not a failure."""
         if is_url(value):
             return value, None
-        try:
-            image = decode_image_input(
-                value, field, max_bytes=self._limits.max_input_bytes, max_pixels=self._limits.max_input_pixels
-            )
-        except InputError as error:
-            raise InvalidInput(field, str(error).removeprefix(f"{field}: ")) from error
+        image = decode_image_input(
+            value, field, max_bytes=self._limits.max_input_bytes, max_pixels=self._limits.max_input_pixels
+        )
         return store_input(self._blobs, job_id, field, image), image.size
 
 
@@ -234,13 +234,14 @@ def request_hash(
     params: GenerationParams,
     seed: int | None,
     webhook_url: str | None,
-    dialect: Dialect,
+    surface: SurfaceName,
     webhook_secret: str | None = None,
 ) -> str:
     """SHA-256 of the request as validated (so ``"steps": "40"`` and ``"steps": 40`` are the same request,
-    and fields the vendor dialect ignores do not count), with its dialect and model."""
+    and fields the vendor's routes ignore do not count), with its surface and model. The surface is stored
+    under ``"dialect"``, its name before 0013, so that hashes made before the rename still match."""
     canonical = {
-        "dialect": dialect.value,
+        "dialect": surface.value,
         "params": params.model_dump(mode="json"),
         "seed": seed,
         "webhook_url": webhook_url,

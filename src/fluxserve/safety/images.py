@@ -14,7 +14,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fluxserve.errors import FetchError, InputError
+from fluxserve.errors import FetchError, InvalidInput
 from fluxserve.safety.fetch import parse_url
 
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
@@ -45,14 +45,14 @@ def decode_image_input(value: str, field: str, max_bytes: int, max_pixels: int) 
         try:
             parse_url(value)
         except FetchError as error:
-            raise InputError(f"{field}: {error}") from None
+            raise InvalidInput(field, str(error)) from None
     text = _WHITESPACE.sub("", _DATA_URI.sub("", value.strip(), count=1))
     if len(text) * 3 // 4 > max_bytes:
-        raise InputError(f"{field}: larger than the {max_bytes // 1024} KiB limit")
+        raise InvalidInput(field, f"larger than the {max_bytes // 1024} KiB limit")
     try:
         data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as error:
-        raise InputError(f"{field}: not valid base64 (nor an http(s) URL)") from error
+        raise InvalidInput(field, "not valid base64 (nor an http(s) URL)") from error
     return decode_image_bytes(data, field, max_pixels)
 
 
@@ -63,16 +63,16 @@ def decode_image_bytes(data: bytes, field: str, max_pixels: int) -> Image.Image:
             image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > max_pixels:
-                raise InputError(
-                    f"{field}: {width}x{height} exceeds the {max_pixels / 1e6:g} megapixel limit"
+                raise InvalidInput(
+                    field, f"{width}x{height} exceeds the {max_pixels / 1e6:g} megapixel limit"
                 )
             image.load()
-    except InputError:
+    except InvalidInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise InputError(f"{field}: image dimensions too large (decompression bomb)") from error
+        raise InvalidInput(field, "image dimensions too large (decompression bomb)") from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise InputError(f"{field}: not a decodable image (PNG, JPEG or WebP)") from error
+        raise InvalidInput(field, "not a decodable image (PNG, JPEG or WebP)") from error
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGB", image.size, (255, 255, 255))

@@ -1,8 +1,21 @@
-"""How each dialect shows a job to its clients, below the routers (``api/``) and the webhook dispatcher,
-which both render through here: the reseller's fetch JSON and the vendor's ``get_result`` shape.
+"""The server's HTTP surfaces, one module each, and the one rule for which surface owns a request path.
 
-What a rendering needs from outside the job row (a signed result URL, the queue position) is passed in as
-:class:`~fluxserve.surfaces.base.Links`, so that nothing here imports a router or a store.
+A surface is one API this server speaks (``base.Surface``): the reseller's (``/bfl/v1``, ``/flux/*``), the
+reseller's own format (``/flux/generate``, ``/flux/edits``), the vendor's (``/v1/<model>``, ``get_result``)
+and OpenAI's images API (``/v1/images/*``). The routers (``api/``), the request guard, the error handlers,
+the event streams and the webhook dispatcher all answer through the surface, never through a URL test of
+their own.
+
+**Which surface owns a path: the longest prefix wins.** Each surface lists its prefixes; ``/v1/images/``
+(OpenAI's) is longer than ``/v1/`` (the vendor's), so ``/v1/images/edits`` is OpenAI's while ``/v1/flux-dev``,
+``/v1/get_result`` and every other ``/v1/`` path, routed or not, are the vendor's; ``/flux/generate`` is the
+reseller's own format and the rest of ``/flux/`` the reseller's. **A path no surface owns** (``/files/``,
+``/healthz``, ``/playground/``, an unknown path) is answered in the reseller's envelope
+(``{"status":"FAILED","message":...,"data":null}``), which such paths have always had.
+
+A job remembers the surface it came in (``Job.surface``), and :func:`of` gives that surface back: it renders
+the job's webhook. Adding a surface is a module beside these, its name in ``core.models.SurfaceName``, and
+one line in :data:`SURFACES`.
 """
 
 from __future__ import annotations
@@ -10,15 +23,49 @@ from __future__ import annotations
 from typing import Any
 
 from fluxserve.core.job import Job
-from fluxserve.core.models import Dialect
-from fluxserve.surfaces import reseller, vendor
-from fluxserve.surfaces.base import Links
+from fluxserve.core.models import SurfaceName
+from fluxserve.surfaces.base import Links, Surface
+from fluxserve.surfaces.openai import OPENAI
+from fluxserve.surfaces.reseller import RESELLER
+from fluxserve.surfaces.reseller_native import RESELLER_NATIVE
+from fluxserve.surfaces.vendor import VENDOR
 
-__all__ = ["Links", "render"]
+__all__ = ["SUBMIT_PATHS", "SURFACES", "Links", "Surface", "for_path", "named", "of", "render"]
+
+SURFACES: tuple[Surface, ...] = (
+    RESELLER,
+    RESELLER_NATIVE,
+    VENDOR,
+    OPENAI,
+)
+UNOWNED = RESELLER  # answers the paths no surface owns
+
+_BY_NAME: dict[SurfaceName, Surface] = {surface.name: surface for surface in SURFACES}
+_BY_PREFIX = sorted(
+    ((prefix, surface) for surface in SURFACES for prefix in surface.prefixes), key=lambda item: -len(item[0])
+)
+SUBMIT_PATHS = frozenset(path for surface in SURFACES for path in surface.submit_paths)
+
+
+def owner(path: str) -> Surface | None:
+    """The surface whose longest prefix starts ``path``; None when no surface owns it."""
+    return next((surface for prefix, surface in _BY_PREFIX if path.startswith(prefix)), None)
+
+
+def for_path(path: str) -> Surface:
+    """The surface that answers a request for ``path``: its owner, else the one for unowned paths."""
+    return owner(path) or UNOWNED
+
+
+def named(name: SurfaceName) -> Surface:
+    return _BY_NAME[name]
+
+
+def of(job: Job) -> Surface:
+    """The surface the job came in."""
+    return named(job.surface)
 
 
 def render(job: Job, links: Links) -> dict[str, Any]:
-    """The job as its own dialect renders it (a webhook's body): the vendor's result, else the fetch JSON."""
-    if job.dialect is Dialect.VENDOR:
-        return vendor.render_json(job, links)
-    return reseller.render_job(job, links)
+    """The job as the surface it came in renders it (a webhook's body)."""
+    return of(job).render_job(job, links)

@@ -1,14 +1,23 @@
-"""The reseller dialect's fetch JSON, which is also its webhook body and its event streams' last event."""
+"""The reseller's surface: ``/bfl/v1/<model>``, ``/flux/fetch``, ``/flux/cancel``, ``/flux/events`` with
+``TT-API-KEY``; errors in its envelope ``{"status":"FAILED","message":...,"data":null}``; a job as its fetch
+JSON, which is also its webhook body and its event streams' last event."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 from typing import Any
 
+from starlette.responses import JSONResponse
+
+from fluxserve.core.fields import error_messages
 from fluxserve.core.job import QUEUE_POSITION_CAP, Job, JobStatus
+from fluxserve.core.models import MODELS, SurfaceName
 from fluxserve.core.notes import public_details
 from fluxserve.core.pricing import format_credits
-from fluxserve.surfaces.base import Links
+from fluxserve.errors import KeyRefused, QuotaExceeded, RequestRefused, TooManyActiveJobs
+from fluxserve.surfaces.base import Links, Surface, busy, price_of
+
+TOO_LARGE = "body: larger than this server accepts; send fewer or smaller images"
 
 STATUS = {
     JobStatus.FETCHING: "PENDING_QUEUE",
@@ -57,3 +66,40 @@ def render_job(job: Job, links: Links) -> dict[str, Any]:
     if notes:  # an added field, as in the vendor's get_result: what the engine tells the user (a note)
         body["details"] = notes
     return body
+
+
+class ResellerSurface(Surface):
+    name = SurfaceName.RESELLER
+    prefixes = ("/bfl/v1/", "/flux/")
+    submit_paths = frozenset(f"/bfl/v1/{name}" for name in MODELS)
+    key_header = "TT-API-KEY"
+    model_prefix = "/bfl/v1/"
+
+    def error_body(
+        self, status_code: int, message: str, param: str | None, code: str | None
+    ) -> dict[str, Any]:
+        return {"status": "FAILED", "message": message, "data": None}
+
+    def validation_error(self, errors: list[dict[str, Any]]) -> JSONResponse:
+        return self.error(400, "; ".join(error_messages(errors)))
+
+    def render_job(self, job: Job, links: Links) -> dict[str, Any]:
+        return render_job(job, links)
+
+    def words(self, refused: RequestRefused) -> str:
+        if isinstance(refused, KeyRefused):
+            reason = (
+                "header is missing; send your API key in it" if refused.missing else "is not a valid API key"
+            )
+            return f"TT-API-KEY {reason}"
+        if isinstance(refused, QuotaExceeded):
+            return f"Not enough credits: {refused.model} costs {price_of(refused)}"
+        if isinstance(refused, TooManyActiveJobs):
+            return "Too many active jobs for this key; wait for some to finish"
+        return busy(refused) or str(refused)
+
+    def http_message(self, status_code: int, detail: str) -> str:
+        return TOO_LARGE if status_code == 413 else detail
+
+
+RESELLER = ResellerSurface()

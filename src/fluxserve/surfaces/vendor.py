@@ -1,15 +1,30 @@
-"""The vendor dialect's view of a job: ``GET /v1/get_result``, which is also its webhook body and its event
-streams' last event."""
+"""The vendor's surface: ``/v1/<model>``, ``/v1/get_result``, ``/v1/credits``, ``/v1/events`` with
+``x-key`` (403 without one, as the vendor answers); errors in FastAPI's shapes (``{"detail": "..."}``, and
+422 ``{"detail": [{"loc","msg","type"}]}`` for fields); a job as ``get_result`` shows it, which is also its
+webhook body and its event streams' last event."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
+from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel
+from starlette.responses import JSONResponse
 
 from fluxserve.core.job import QUEUE_POSITION_CAP, Job, JobStatus
+from fluxserve.core.models import MODELS, SurfaceName
 from fluxserve.core.notes import public_details
-from fluxserve.surfaces.base import Links
+from fluxserve.core.pricing import format_credits
+from fluxserve.errors import (
+    IdempotencyConflict,
+    InvalidInput,
+    KeyRefused,
+    QuotaExceeded,
+    RequestRefused,
+    TooManyActiveJobs,
+)
+from fluxserve.surfaces.base import Links, Surface, busy, price_of
 
 VendorStatus = Literal[
     "Task not found", "Pending", "Request Moderated", "Content Moderated", "Ready", "Error"
@@ -85,6 +100,50 @@ def render_result(job: Job | None, job_id: str, links: Links) -> ResultResponse:
     return ResultResponse(id=job.id, status=word, details={"error": job.error or "failed"})
 
 
-def render_json(job: Job, links: Links) -> dict[str, Any]:
-    """The result as JSON (a webhook's body, an event's data)."""
-    return render_result(job, job.id, links).model_dump(mode="json")
+class VendorSurface(Surface):
+    name = SurfaceName.VENDOR
+    prefixes = ("/v1/",)
+    submit_paths = frozenset(f"/v1/{name}" for name in MODELS)
+    key_header = "x-key"
+    model_prefix = "/v1/"
+    auth_status = 403
+    invalid_status = 422
+
+    def error_body(
+        self, status_code: int, message: str, param: str | None, code: str | None
+    ) -> dict[str, Any]:
+        return {"detail": message}
+
+    def validation_error(self, errors: list[dict[str, Any]]) -> JSONResponse:
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+    def render_job(self, job: Job, links: Links) -> dict[str, Any]:
+        return render_result(job, job.id, links).model_dump(mode="json")
+
+    def refusal(self, refused: RequestRefused, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        """A reused Idempotency-Key is a 422 naming the header, as a field's error is."""
+        if isinstance(refused, IdempotencyConflict):
+            item = {"loc": ["header", "Idempotency-Key"], "msg": str(refused), "type": "idempotency_conflict"}
+            return JSONResponse({"detail": [item]}, status_code=refused.status_code, headers=headers)
+        return super().refusal(refused, headers)
+
+    def invalid_input(self, refused: InvalidInput, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        """A field's error, as FastAPI's validation renders one (422)."""
+        item = {"loc": ["body", refused.field], "msg": str(refused), "type": "value_error"}
+        return JSONResponse({"detail": [item]}, status_code=self.invalid_status, headers=headers)
+
+    def words(self, refused: RequestRefused) -> str:
+        if isinstance(refused, KeyRefused):
+            if refused.missing:
+                return "Not authenticated - x-key header is missing; send your API key in it"
+            return "Not authenticated - Invalid Authentication: x-key is not a valid API key"
+        if isinstance(refused, QuotaExceeded):
+            balance = "unknown" if refused.balance is None else format_credits(refused.balance)
+            price = price_of(refused, unit=" credits")
+            return f"Insufficient credits: {refused.model} costs {price} and this key has {balance}"
+        if isinstance(refused, TooManyActiveJobs):
+            return "Too many active tasks for this key; wait for some to finish, then retry"
+        return busy(refused) or str(refused)
+
+
+VENDOR = VendorSurface()

@@ -33,7 +33,7 @@ from sqlalchemy import Engine
 from fluxserve.core.job import Job
 from fluxserve.db import outbox
 from fluxserve.db.connection import utcnow
-from fluxserve.errors import AddressRefused, FetchError
+from fluxserve.errors import AddressRefused, FetchError, UndeliverableWebhook
 from fluxserve.jobs.store import JobReads
 from fluxserve.safety.fetch import NetworkPolicy, send
 from fluxserve.webhooks.signing import signed_headers, task_headers
@@ -76,10 +76,6 @@ async def _first(*events: asyncio.Event, timeout: float) -> None:
     finally:
         for wait in waits:
             wait.cancel()
-
-
-class _JobGone(FetchError):
-    """The delivery's job no longer exists: nothing to send, ever."""
 
 
 class WebhookDispatcher:
@@ -203,7 +199,7 @@ class WebhookDispatcher:
         try:
             job = await asyncio.to_thread(self._jobs.get, delivery["job_id"])
             if job is None:
-                raise _JobGone("job no longer exists")
+                raise UndeliverableWebhook("job no longer exists")
             payload = self._payload_for(job)
             body = json.dumps(payload.body, separators=(",", ":"))
             headers = {
@@ -225,9 +221,9 @@ class WebhookDispatcher:
                 error = f"HTTP {status_code}"
         except TimeoutError:
             error = f"timed out after {self._timeout:g} s"
-        except FetchError as exc:
+        except (FetchError, UndeliverableWebhook) as exc:
             error = str(exc)
-            final = isinstance(exc, AddressRefused | _JobGone)  # a retry cannot change these
+            final = isinstance(exc, AddressRefused | UndeliverableWebhook)  # a retry cannot change these
         except Exception as exc:
             log.exception("webhook attempt crashed")
             error = type(exc).__name__

@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.errors import ApiError
+from fluxserve.errors import Refused
 from fluxserve.jobs.reports import recent_jobs
 
 HERE = Path(__file__).parent
@@ -64,5 +64,5 @@ def jobs(
 @router.get("/playground/{name}", include_in_schema=False)
 def page(name: str = "index.html") -> FileResponse:
     if name not in FILES:
-        raise ApiError(404, f"/playground/{name}: no such file")
+        raise Refused(404, f"/playground/{name}: no such file")
     return FileResponse(HERE / name, media_type=FILES[name], headers={"Cache-Control": "no-cache"})

@@ -56,7 +56,7 @@ from fluxserve.engines.relay.vendor_api import (
     default_key_hosts,
     key_host_problem,
 )
-from fluxserve.errors import EngineError, InputError, JobCanceled, Moderated, UpstreamError
+from fluxserve.errors import EngineError, InvalidInput, JobCanceled, Moderated, UpstreamError
 from fluxserve.safety.images import decode_image_bytes
 
 log = logging.getLogger("fluxserve.engines.relay")
@@ -267,7 +267,7 @@ class RelayEngine:
             raise JobCanceled() from None
         try:
             image = decode_image_bytes(data, "result", self.options.max_result_pixels)
-        except InputError as exc:
+        except InvalidInput as exc:
             raise EngineError(f"relay: the result of upstream task {task.id} is unusable: {exc}") from None
         prompt, seed = result.get("prompt"), result.get("seed")
         prompt = prompt if isinstance(prompt, str) else request.prompt
