@@ -25,6 +25,7 @@ from fluxserve.api.deps import Services
 from fluxserve.app import create_app
 from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.params import GenerationParams
+from fluxserve.jobs.store import Claims
 from fluxserve.settings import Settings
 from tests.conftest import http_server, png_base64
 
@@ -57,19 +58,24 @@ class Receiver(BaseHTTPRequestHandler):
         pass
 
 
+AppClient = tuple[TestClient, Services, Claims]
+
+
 @pytest.fixture(scope="module")
-def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Services]]:
+def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppClient]:
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("flux2"), workers=0, allowed_private_networks="127.0.0.0/8"
     )
     app = create_app(settings)
     with TestClient(app) as client:
-        yield client, app.state.services
+        yield client, app.state.services, app.state.runtime.stores.claims
 
 
 class Client:
-    def __init__(self, client: TestClient, services: Services, credits: str | None = "1000") -> None:
-        self.client, self.services = client, services
+    def __init__(
+        self, client: TestClient, services: Services, claims: Claims, credits: str | None = "1000"
+    ) -> None:
+        self.client, self.services, self.claims = client, services, claims
         record = services.keys.create(
             f"flux2-{services.keys.count()}", None if credits is None else Decimal(credits)
         )
@@ -98,7 +104,7 @@ class Client:
 
 
 @pytest.fixture
-def api(app_client: tuple[TestClient, Services]) -> Client:
+def api(app_client: AppClient) -> Client:
     return Client(*app_client)
 
 
@@ -220,7 +226,7 @@ def test_megapixel_pricing_is_held_and_settled(api: Client) -> None:
 
 
 def finish(api: Client, job_id: str, status: JobStatus) -> None:
-    store = api.services.jobs
+    store = api.claims
     while (claimed := store.claim("test-worker")) is not None and claimed.id != job_id:
         store.finish(claimed.id, "test-worker", JobStatus.FAILED, error="cleared by the test")
     assert claimed is not None, "the job was not queued"
@@ -239,7 +245,7 @@ def test_settlement_keeps_a_success_and_refunds_a_failure(api: Client) -> None:
     assert api.balance() == start - 10
 
 
-def test_not_enough_credits_states_the_megapixel_price(app_client: tuple[TestClient, Services]) -> None:
+def test_not_enough_credits_states_the_megapixel_price(app_client: AppClient) -> None:
     poor = Client(*app_client, credits="3.4")
     assert poor.vendor("flux-2-pro", {"prompt": "x", "width": 1024, "height": 1024}).status_code == 200
     response = poor.vendor("flux-2-pro", {"prompt": "x", "width": 1024, "height": 1024})

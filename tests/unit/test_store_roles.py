@@ -115,11 +115,11 @@ def test_a_fetching_jobs_lease_survives_the_migration(database_url: str) -> None
     config.set_main_option("script_location", str(MIGRATIONS))
     with database.begin() as conn:
         config.attributes["connection"] = conn
-        command.downgrade(config, "0012")
+        command.downgrade(config, "0013")
     key = KeyStore(database).create("old", Decimal(10)).record
     renewed = utcnow() - timedelta(seconds=5)
     old = [("fetching", OWNER, renewed), ("running", "w-1", renewed), ("queued", None, None)]
-    with database.begin() as conn:  # the columns 0012 had (no default fills a lease column)
+    with database.begin() as conn:  # the columns 0013 had (no default fills a lease column)
         conn.execute(
             insert(jobs),
             [

@@ -171,8 +171,7 @@ def test_a_job_is_stored_with_its_surface_and_its_webhook_is_that_surfaces_rende
     job_id = _submit(world, name)
     job = world.services.jobs.get(job_id)
     assert job is not None and job.surface is name
-    payload = world.runtime.webhook_payload(job_id)
-    assert payload is not None
+    payload = world.runtime.webhook_payload(job)
     assert payload.body == named(name).render_job(job, world.services)
     if name is SurfaceName.VENDOR:
         assert payload.body["id"] == job_id and payload.body["status"] == "Pending"

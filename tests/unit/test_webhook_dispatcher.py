@@ -175,14 +175,22 @@ def test_private_target_is_refused_without_the_switch(database: Engine) -> None:
         receiver.close()
 
 
+class Forgetful(SqlJobReads):
+    """The real reads, except that every job has gone (retention removed it since its delivery was queued)."""
+
+    def get(self, job_id: str, key_id: str | None = None) -> None:
+        return None
+
+
 def test_a_delivery_whose_job_is_gone_fails_at_once_and_sends_nothing(database: Engine) -> None:
     """An UndeliverableWebhook is final: no retry on the backoff schedule, no request."""
     receiver = Receiver()
     try:
         job_id = add_delivery(database, receiver.url)
         orphaned = WebhookDispatcher(
-            database, lambda _: None, policy=LOOPBACK, backoff=(0.05, 0.05), poll_seconds=0.05
-        )
+            database, Forgetful(database), lambda job: Payload({"jobId": job.id}), policy=LOOPBACK,
+            backoff=(0.05, 0.05), poll_seconds=0.05,
+        )  # fmt: skip
 
         async def scenario() -> dict[str, tuple[str, int]]:
             async with running(orphaned) as task:
