@@ -6,7 +6,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from fluxserve.core.fields import REFERENCE_FIELDS
 from fluxserve.core.models import ModelSpec, spec_of
@@ -57,8 +57,12 @@ class EngineRequest:
 
     def repaint_mask(self) -> Image.Image:
         """Fill: where to repaint, as an ``L`` image the size of ``source`` (255 repaint, 0 keep): the mask
-        sent (any mode, thresholded at half), else where the image is transparent; EngineError when the
-        request says neither, or the mask's size differs from the image's."""
+        sent (any mode, thresholded at half), else where the image is transparent, grown by
+        ``dilate_pixels`` (erase); EngineError when the request says neither, or the mask's size differs
+        from the image's."""
+        return dilate(self._repaint_mask(), self.params.dilate_pixels)
+
+    def _repaint_mask(self) -> Image.Image:
         source = self.source
         if source is None:
             raise EngineError("image: is required")
@@ -80,6 +84,17 @@ class EngineRequest:
     def margins(self) -> tuple[int, int, int, int]:
         """Expand's (left, top, right, bottom) pixels added around ``source``."""
         return (self.params.left, self.params.top, self.params.right, self.params.bottom)
+
+
+def dilate(mask: Image.Image, pixels: int) -> Image.Image:
+    """``mask`` (``L``, 255 marked) grown by ``pixels`` in every direction (a square of side 2p + 1 around
+    each marked pixel): erase paints over an object's edges too. Two one-dimensional box blurs, each
+    thresholded, so the cost does not grow with ``pixels``."""
+    if pixels <= 0:
+        return mask
+    for radius in ((pixels, 0), (0, pixels)):
+        mask = mask.filter(ImageFilter.BoxBlur(radius)).point(lambda value: 255 if value > 0 else 0)
+    return mask
 
 
 @dataclass

@@ -42,7 +42,7 @@ from fluxserve.worker.upsample import PromptEnhancer
 
 log = logging.getLogger("fluxserve.worker")
 
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 ENGINE_STATE = "engine_state"  # the job's details key for what an engine checkpointed
 T = TypeVar("T")
 
@@ -51,6 +51,8 @@ def encode_image(image: Image.Image, output_format: str) -> bytes:
     buffer = io.BytesIO()
     if output_format == "jpeg":
         image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    elif output_format == "webp":
+        image.convert("RGB").save(buffer, format="WEBP", quality=90)
     else:
         image.save(buffer, format="PNG")
     return buffer.getvalue()
