@@ -53,8 +53,8 @@ from fluxserve.client.vendor import (
     key_host_problem,
 )
 from fluxserve.core.catalog import ModelEntry
-from fluxserve.core.fields import MAX_FLUX2_SAFETY
-from fluxserve.core.models import Family, spec_of
+from fluxserve.core.fields import MAX_FLUX2_SAFETY, Variant
+from fluxserve.core.models import Dialect, Family, ModelSpec, spec_of
 from fluxserve.core.sizes import SizeRule
 from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult
 from fluxserve.errors import EngineError, InputError, JobCanceled, Moderated
@@ -151,6 +151,12 @@ def image_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def takes_webp(spec: ModelSpec) -> bool:
+    """Whether the vendor's endpoint for ``spec`` lists webp among its output formats."""
+    default = spec.fields[Dialect.VENDOR].get("output_format") if Dialect.VENDOR in spec.fields else None
+    return isinstance(default, Variant) and default.kind == "webp_format"
+
+
 def upstream_payload(request: EngineRequest) -> dict[str, Any]:
     """The vendor's request body: every field the vendor's endpoint for the model has (the model table's
     vendor-dialect fields) that the job set, each input image under the field it came in.
@@ -171,6 +177,8 @@ def upstream_payload(request: EngineRequest) -> dict[str, Any]:
         values["aspect_ratio"] = aspect_ratio_of(request.width, request.height)
     if spec.family in (Family.FLUX2, Family.FLUX2_KLEIN):  # the reseller's FLUX.2 routes allow up to 6
         values["safety_tolerance"] = min(values["safety_tolerance"], MAX_FLUX2_SAFETY)
+    if values["output_format"] == "webp" and not takes_webp(spec):
+        values["output_format"] = "png"  # a reseller job's webp: fetched lossless, encoded here
     values["image_prompt"] = None if request.image_prompt is None else image_base64(request.image_prompt)
     values.update({named.field: image_base64(named.image) for named in request.images})
     return {name: values[name] for name in spec.vendor_fields() if values.get(name) is not None}
