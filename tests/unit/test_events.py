@@ -189,7 +189,7 @@ def test_vendor_stream_ends_with_get_result_and_a_requeued_job_keeps_ids_growing
     ]  # fmt: skip
     assert events[-1]["data"] == {
         "id": job_id, "status": "Error", "result": None, "progress": None,
-        "details": {"error": "engine broke"},
+        "details": {"error": "engine broke"}, "preview": None,
     }  # fmt: skip
     ids = [EventId.parse(event["id"]) for event in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)

@@ -471,10 +471,8 @@ def test_erase_is_forwarded_with_its_image_mask_and_dilation(vendor: FakeVendor)
 
 
 def test_an_erase_the_vendor_refuses_fails_with_its_reason(vendor: FakeVendor) -> None:
-    erase = request(
-        "flux-tools/erase-v1", prompt="", width=32, height=32, dilate_pixels=40,
-        images=[NamedImage("image", Image.new("RGB", (32, 32))), NamedImage("mask", Image.new("L", (32, 32)))],
-    )  # fmt: skip
+    images = [NamedImage("image", Image.new("RGB", (32, 32))), NamedImage("mask", Image.new("L", (32, 32)))]
+    erase = request("flux-tools/erase-v1", prompt="", width=32, height=32, dilate_pixels=40, images=images)
     with pytest.raises(EngineError, match="dilate_pixels"):
         engine_for(vendor, "flux-tools/erase-v1").generate(erase, EngineHooks())
 

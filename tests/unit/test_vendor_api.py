@@ -75,7 +75,7 @@ def test_submit_answers_id_absolute_polling_url_and_cost(vendor: Vendor) -> None
     polled = vendor.client.get(path, headers=vendor.headers).json()
     # queued jobs created before it: an added field in the vendor's free-form details
     assert polled.pop("details") == {"queue_position": vendor.services.jobs.queue_position(body["id"])}
-    assert polled == {"id": body["id"], "status": "Pending", "result": None, "progress": 0.0}
+    assert polled == {"id": body["id"], "status": "Pending", "result": None, "progress": 0.0, "preview": None}
 
 
 VENDOR_DEFAULTS = [
@@ -292,6 +292,7 @@ def test_unknown_or_foreign_task_is_task_not_found(app_client: tuple[TestClient,
         "result": None,
         "progress": None,
         "details": None,
+        "preview": None,
     }
     assert owner.result("no-such-task")["status"] == "Task not found"
     missing = owner.client.get("/v1/get_result", headers=owner.headers)

@@ -111,14 +111,22 @@ class EngineHooks:
 
     ``checkpoint`` saves engine state on the job (the relay's upstream task), so that an attempt after a
     crash gets it back as ``EngineRequest.resume`` and carries on instead of starting over.
+
+    ``preview`` is offered, with the progress it goes with, a function that draws the image as it stands
+    (a live preview); the worker calls it only when it wants one, so an engine offers it every step and
+    decoding costs nothing while previews are off.
     """
 
     progress: Callable[[float], None] = lambda fraction: None
     canceled: Callable[[], bool] = lambda: False
     checkpoint: Callable[[dict[str, Any]], None] = lambda state: None
+    preview: Callable[[float, Callable[[], Image.Image]], None] = lambda fraction, draw: None
 
-    def step(self, fraction: float) -> None:
-        """Report progress and stop the engine if the job was canceled meanwhile."""
+    def step(self, fraction: float, draw: Callable[[], Image.Image] | None = None) -> None:
+        """Report progress (and offer the preview ``draw`` makes), and stop the engine if the job was
+        canceled meanwhile."""
+        if draw is not None:
+            self.preview(fraction, draw)
         self.progress(fraction)
         if self.canceled():
             raise JobCanceled()
