@@ -398,3 +398,21 @@ def test_a_webhook_is_its_jobs_dialect_rendering_from_one_read_of_the_row(
         assert runtime.webhook_payload("no-such-job") is None
     finally:
         event.remove(runtime.database, "before_cursor_execute", record)
+
+
+def test_openapi_describes_erase_webp_previews_and_schnell(app_client: tuple[TestClient, Services]) -> None:
+    doc = app_client[0].get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    erase = schemas["FluxToolsEraseV1Inputs"]
+    assert "/v1/flux-tools/erase-v1" in doc["paths"] and set(erase["required"]) == {"image", "mask"}
+    dilate = erase["properties"]["dilate_pixels"]
+    assert (dilate["minimum"], dilate["maximum"], dilate["default"]) == (0, 25, 10)
+    assert "prompt" not in erase["properties"]
+    klein = schemas["Flux2Klein9bPreviewInputs"]["properties"]["output_format"]
+    assert klein["enum"] == ["jpeg", "png", "webp"]
+    assert schemas["FluxDevInputs"]["properties"]["output_format"]["enum"] == ["jpeg", "png"]
+    assert schemas["FluxDevRequest"]["properties"]["output_format"]["enum"] == ["jpeg", "png", "webp"]
+    assert "preview" in schemas["ResultResponse"]["properties"]
+    assert "previewUrl" in schemas["JobData"]["properties"]
+    assert "flux1-schnell" in schemas["GenerateRequest"]["properties"]["mode"]["enum"]
+    assert not {"/bfl/v1/flux-schnell", "/v1/flux-schnell"} & set(doc["paths"])
