@@ -658,6 +658,11 @@ def _fields(model: str, given: dict[str, Any], extra: list[str]) -> tuple[Dialec
     spec = MODELS.get(model)
     if spec is None:
         raise typer.BadParameter(f"unknown model {model!r}: one of {', '.join(MODELS)}", param_hint="--model")
+    if not spec.own_routes:  # flux-schnell: the reseller serves it through its own format only
+        raise typer.BadParameter(
+            f"{model} has no route of its own; POST /flux/generate with its mode (flux1-schnell) asks for it",
+            param_hint="--model",
+        )
     dialect = Dialect.RESELLER if Dialect.RESELLER in spec.fields else Dialect.VENDOR
     fields = {name: value for name, value in given.items() if value is not None}
     for item in extra:

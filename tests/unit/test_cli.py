@@ -306,3 +306,9 @@ def test_inline_previews_are_the_protocols_escapes_of_the_image() -> None:
     png = base64.b64decode("".join(chunk.split(";", 1)[1] for chunk in chunks))
     assert Image.open(io.BytesIO(png)).size == (200, 100)
     assert inline_image(uri, "kitty", first=False).startswith("\x1b_Ga=t,")  # replaces the image shown
+
+
+def test_generate_refuses_flux_schnell_naming_the_route_that_takes_it() -> None:
+    result = CliRunner().invoke(app, ["generate", "a fox", "--model", "flux-schnell", "--key", "k"])
+    assert result.exit_code == 2 and "no route of its own" in result.output
+    assert "flux1-schnell" in result.output
