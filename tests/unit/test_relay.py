@@ -485,3 +485,14 @@ def test_webp_is_forwarded_where_the_vendor_lists_it_and_fetched_as_png_elsewher
     assert preview["output_format"] == "webp"
     assert dev["output_format"] == "png"  # flux-dev's endpoint refuses webp: the server encodes it
     assert vendor.seen.downloads[0][0].endswith(".webp")
+
+
+def test_a_model_the_vendor_does_not_serve_is_relayed_only_to_an_endpoint_the_operator_names(
+    vendor: FakeVendor,
+) -> None:
+    with pytest.raises(EngineError, match="no endpoint for flux-schnell"):
+        engine_for(vendor, "flux-schnell")
+    engine = engine_for(vendor, "flux-schnell", upstream_model="flux-dev")
+    engine.generate(request("flux-schnell", prompt="p", width=256, height=256), EngineHooks())
+    model, payload, _ = vendor.seen.submits[-1]
+    assert model == "flux-dev" and payload["prompt"] == "p" and "steps" not in payload

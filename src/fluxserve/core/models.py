@@ -69,8 +69,10 @@ class ModelSpec:
             object.__setattr__(self, "upstream", self.name)
 
     def vendor_fields(self) -> tuple[str, ...]:
-        """The fields the vendor's endpoint takes for a generation (what a relay may forward)."""
-        return tuple(name for name in self.fields[Dialect.VENDOR] if name not in _DELIVERY)
+        """The fields the vendor's endpoint takes for a generation (what a relay may forward); a model the
+        vendor does not serve (flux-schnell) forwards its own fields to the endpoint an operator names."""
+        fields = self.fields.get(Dialect.VENDOR) or next(iter(self.fields.values()))
+        return tuple(name for name in fields if name not in _DELIVERY)
 
 
 _DELIVERY = ("webhook_url", "webhook_secret")

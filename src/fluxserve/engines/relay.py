@@ -218,6 +218,8 @@ class RelayEngine:
             spec = spec_of(model)
         except KeyError as exc:
             raise EngineError(f"relay: {exc.args[0]}") from None
+        if Dialect.VENDOR not in spec.fields and not self.options.upstream_model:
+            raise EngineError(f"relay: the vendor has no endpoint for {model} (name one as upstream_model)")
         self.upstream_model = self.options.upstream_model or spec.upstream
         self.retry_policy = RetryPolicy(
             retries=self.options.retries,
