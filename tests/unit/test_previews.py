@@ -162,3 +162,17 @@ def test_a_fill_preview_shows_the_whole_canvas(tiny: Path) -> None:
     offered: list[Image.Image] = []
     engine.generate(fill, EngineHooks(preview=lambda fraction, draw: offered.append(draw())))
     assert len(offered) == 2 and offered[0].size == (64, 64)
+
+
+@pytest.mark.parametrize("route", ["kontext", "img2img"])
+def test_kontext_and_img2img_previews_show_the_generation_not_the_reference(tiny: Path, route: str) -> None:
+    engine = DiffusersFluxEngine(tiny, ModelEntry(weights=str(tiny)))
+    reference = Image.new("RGB", (64, 32), (0, 0, 255))
+    if route == "kontext":
+        edit = request("flux-kontext-pro", width=128, height=64, steps=2, images=[reference])
+    else:
+        edit = request("flux-dev", width=128, height=64, steps=4, image_prompt=reference)
+    offered: list[Image.Image] = []
+    result = engine.generate(edit, EngineHooks(preview=lambda fraction, draw: offered.append(draw())))
+    assert result.details["pipeline"] == route
+    assert offered and all(image.size == (128, 64) for image in offered)
