@@ -24,7 +24,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from fluxserve.app import create_app
 from fluxserve.settings import Settings
-from tests.conftest import Api, ServerProcess
+from tests.conftest import Api, ServerProcess, catalog_env
 
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = [
@@ -203,3 +203,41 @@ def test_words_the_bundled_model_does_not_know_are_noted_in_both_dialects(
         assert time.monotonic() < deadline, result
         time.sleep(0.1)
     assert result["status"] == "Ready" and result["details"]["unknown_words"] == ["giraffe"]
+
+
+@pytest.fixture(scope="module")
+def previewing(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> Iterator[tuple[ServerProcess, str]]:
+    """The tiny pipeline with live previews after every step; flux-dev at 512x512 runs for seconds."""
+    data_dir = tmp_path_factory.mktemp("playground-previews")
+    catalog = data_dir.parent / f"{data_dir.name}-catalog.toml"
+    catalog.write_text('[models."flux-dev"]\nmax_pixels = 262144\n')
+    env = {**catalog_env(catalog), "FLUXSERVE_PREVIEWS": "true", "FLUXSERVE_PREVIEWS_INTERVAL_SECONDS": "0"}
+    server = ServerProcess(data_dir, models_dir, env)
+    server.start()
+    yield server, server.create_key("watcher", credits="100")["key"]
+    server.stop()
+
+
+@needs_browser
+def test_the_live_preview_shows_while_the_job_runs_then_gives_way_to_the_result(
+    previewing: tuple[ServerProcess, str], browser: Browser
+) -> None:
+    server, key = previewing
+    page = _open(browser, server.base_url)
+    page.fill("#api-key", key)
+    page.press("#api-key", "Tab")
+    page.select_option("#model", "flux-dev")
+    page.fill("#field-prompt", "a cat")
+    page.fill("#field-steps", "50")
+    page.fill("#field-width", "512")
+    page.fill("#field-height", "512")
+    page.press("#field-height", "Enter")
+    page.wait_for_selector("#preview:not([hidden])", timeout=90_000)
+    src = page.get_attribute("#preview-image", "src")
+    assert src is not None and src.startswith("data:image/jpeg;base64,")
+    page.screenshot(path=ARTIFACTS / "playground-preview.png", full_page=True)
+    page.wait_for_selector("#result:not([hidden])", timeout=90_000)
+    assert page.is_hidden("#preview")  # the result takes its place
+    page.close()
