@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,20 @@ def test_previews_are_written_at_most_every_interval_and_not_at_all_when_off(wor
     assert len(drawn) == 1  # the first step's, then none within the hour
     world.submit(world.key("10"))
     run_one(world, world.worker(painting(draw=draw)))  # previews off (the default)
+    assert len(drawn) == 1
+
+
+def test_a_slow_preview_waits_twenty_times_its_drawing_before_the_next(world: World) -> None:
+    """Where decoding is slow (full-size FLUX on a CPU), previews keep to about 1/20 of the job's time."""
+    drawn: list[float] = []
+
+    def slow() -> Image.Image:
+        drawn.append(time.monotonic())
+        time.sleep(0.05)  # the next is due a second later: the 4 steps are done by then
+        return Image.new("RGB", (8, 8))
+
+    world.submit(world.key("10"))
+    run_one(world, world.worker(painting(draw=slow), previews_every=0.0))
     assert len(drawn) == 1
 
 

@@ -46,6 +46,7 @@ log = logging.getLogger("fluxserve.worker")
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PREVIEW_QUALITY = 75  # JPEG quality of live previews: a 256 px preview is a few kilobytes
+PREVIEW_SHARE = 20  # a job's next preview waits at least this many times as long as its last one took
 ENGINE_STATE = "engine_state"  # the job's details key for what an engine checkpointed
 T = TypeVar("T")
 
@@ -166,7 +167,7 @@ class Worker:
         self._max_attempts = max_attempts
         self._poll = poll_seconds
         self._previews_every = previews_every
-        self._previewed: dict[str, float] = {}  # job id -> when its last preview was written (monotonic)
+        self._previewed: dict[str, float] = {}  # job id -> when its next preview is due (monotonic)
         self._next_reap = 0.0
         self._stop = threading.Event()  # run's: once set, a draining worker claims nothing more
 
@@ -293,18 +294,25 @@ class Worker:
         return while_away(write, self._stale_after)
 
     def _preview(self, job: Job, fraction: float, draw: Callable[[], Image.Image]) -> None:
-        """Write the job's live preview when previews are on and its last one is ``previews_every`` old:
-        a small JPEG, as a data URI in its details, with the progress it goes with, in one statement (the
-        progress change is what the change feed announces to the event streams). A preview that fails is
+        """Write the job's live preview when previews are on and it is due: a small JPEG, as a data URI in
+        its details, with the progress it goes with, in one statement (the progress change is what the
+        change feed announces to the event streams). The next is due ``previews_every`` later, and no
+        sooner than :data:`PREVIEW_SHARE` times the drawing took, so that previews take at most about
+        1/PREVIEW_SHARE of a job's time even where decoding is slow (a CPU). A preview that fails is
         logged and skipped: it must never fail the job."""
         every = self._previews_every
-        last = self._previewed.get(job.id)
-        if every is None or (last is not None and time.monotonic() - last < every):
+        due = self._previewed.get(job.id)
+        if every is None or (due is not None and time.monotonic() < due):
             return
-        self._previewed[job.id] = time.monotonic()
+        started = time.monotonic()
+        self._previewed[job.id] = started + every
         try:
+            drawn = draw()
+            self._previewed[job.id] = max(
+                started + every, started + PREVIEW_SHARE * (time.monotonic() - started)
+            )
             buffer = io.BytesIO()
-            draw().convert("RGB").save(buffer, format="JPEG", quality=PREVIEW_QUALITY)
+            drawn.convert("RGB").save(buffer, format="JPEG", quality=PREVIEW_QUALITY)
             image = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
             progress = round(min(max(fraction, 0.0), 1.0), 4)
             details = {**job.details, PREVIEW: {"image": image, "progress": progress}}
