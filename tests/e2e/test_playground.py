@@ -24,7 +24,8 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from fluxserve.app import create_app
 from fluxserve.settings import Settings
-from tests.conftest import Api, ServerProcess, catalog_env
+from tests.conftest import Api, ServerProcess
+from tests.e2e import test_extras_e2e
 
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = [
@@ -37,6 +38,7 @@ BROWSER_ARGS = [
     "--no-first-run",
 ]
 ARTIFACTS = Path(__file__).parents[1] / "artifacts"
+preview_server = test_extras_e2e.preview_server  # previews after every step, on the tiny pipeline
 needs_browser = pytest.mark.skipif(
     not shutil.which(CHROMIUM) and not os.environ.get("FLUXSERVE_REQUIRE_BROWSER"),
     reason="no chromium (apt-get install chromium); FLUXSERVE_REQUIRE_BROWSER=1 makes this a failure",
@@ -205,26 +207,11 @@ def test_words_the_bundled_model_does_not_know_are_noted_in_both_dialects(
     assert result["status"] == "Ready" and result["details"]["unknown_words"] == ["giraffe"]
 
 
-@pytest.fixture(scope="module")
-def previewing(
-    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
-) -> Iterator[tuple[ServerProcess, str]]:
-    """The tiny pipeline with live previews after every step; flux-dev at 512x512 runs for seconds."""
-    data_dir = tmp_path_factory.mktemp("playground-previews")
-    catalog = data_dir.parent / f"{data_dir.name}-catalog.toml"
-    catalog.write_text('[models."flux-dev"]\nmax_pixels = 262144\n')
-    env = {**catalog_env(catalog), "FLUXSERVE_PREVIEWS": "true", "FLUXSERVE_PREVIEWS_INTERVAL_SECONDS": "0"}
-    server = ServerProcess(data_dir, models_dir, env)
-    server.start()
-    yield server, server.create_key("watcher", credits="100")["key"]
-    server.stop()
-
-
 @needs_browser
 def test_the_live_preview_shows_while_the_job_runs_then_gives_way_to_the_result(
-    previewing: tuple[ServerProcess, str], browser: Browser
+    preview_server: ServerProcess, browser: Browser
 ) -> None:
-    server, key = previewing
+    server, key = preview_server, str(preview_server.create_key("watcher", credits="100")["key"])
     page = _open(browser, server.base_url)
     page.fill("#api-key", key)
     page.press("#api-key", "Tab")
