@@ -10,7 +10,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -670,6 +670,11 @@ def _fields(model: str, given: dict[str, Any], extra: list[str]) -> tuple[Surfac
     spec = MODELS.get(model)
     if spec is None:
         raise typer.BadParameter(f"unknown model {model!r}: one of {', '.join(MODELS)}", param_hint="--model")
+    if not spec.own_routes:  # flux-schnell: the reseller serves it through its own format only
+        raise typer.BadParameter(
+            f"{model} has no route of its own; POST /flux/generate with its mode (flux1-schnell) asks for it",
+            param_hint="--model",
+        )
     surface = SurfaceName.RESELLER if SurfaceName.RESELLER in spec.fields else SurfaceName.VENDOR
     fields = {name: value for name, value in given.items() if value is not None}
     for item in extra:
@@ -688,6 +693,43 @@ def _fields(model: str, given: dict[str, Any], extra: list[str]) -> tuple[Surfac
                 param_hint="--" + name.replace("_", "-") if name in given else "--field",
             )
     return surface, fields
+
+
+def inline_image_protocol(environ: Mapping[str, str], is_terminal: bool) -> str | None:
+    """The inline-image protocol of the terminal the environment names (``kitty``, or ``iterm2`` for
+    iTerm2 and WezTerm, which speak its escape), None when it shows none or the output is no terminal."""
+    if not is_terminal:
+        return None
+    if environ.get("TERM") == "xterm-kitty" or environ.get("KITTY_WINDOW_ID"):
+        return "kitty"
+    if environ.get("TERM_PROGRAM") in ("iTerm.app", "WezTerm") or environ.get("LC_TERMINAL") == "iTerm2":
+        return "iterm2"
+    return None
+
+
+def inline_image(data_uri: str, protocol: str, first: bool = True) -> str:
+    """The escape sequence that shows a preview (a JPEG data URI) in the terminal. kitty takes PNG, in
+    chunks of 4096 base64 characters, under one image id: later previews replace the first one in place
+    (transmitted, not placed again). iTerm2 takes the file as it is, below the previous one."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    data = base64.b64decode(data_uri.partition(",")[2])
+    if protocol == "iterm2":
+        return f"\x1b]1337;File=inline=1;size={len(data)}:{base64.b64encode(data).decode()}\a"
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    chunks = [encoded[start : start + 4096] for start in range(0, len(encoded), 4096)]
+    action = "T" if first else "t"
+    parts = []
+    for index, chunk in enumerate(chunks):
+        more = int(index < len(chunks) - 1)
+        keys = f"a={action},f=100,i=1,q=2,m={more}" if index == 0 else f"m={more}"
+        parts.append(f"\x1b_G{keys};{chunk}\x1b\\")
+    return "".join(parts)
 
 
 @app.command()
@@ -742,11 +784,19 @@ def generate(
     with Progress(*columns, TimeElapsedColumn(), console=errors, transient=True) as progress:
         task = progress.add_task("submitting", total=1.0)
 
+        protocol = inline_image_protocol(os.environ, errors.is_terminal)
+        shown: list[int] = []
+
         def show(event: Event) -> None:
             if event.kind == "queued":
                 progress.update(task, description=f"queued, {event.position or 0} ahead")
             elif event.kind == "running":
                 progress.update(task, description="running", completed=event.progress or 0.0)
+            elif event.kind == "preview":
+                if protocol is not None and event.preview:
+                    errors.file.write(inline_image(event.preview, protocol, first=not shown) + "\n")
+                    errors.file.flush()
+                    shown.append(1)
             else:
                 progress.update(task, description="done", completed=1.0)
 

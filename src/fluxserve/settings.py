@@ -83,6 +83,20 @@ class Settings(BaseSettings):
         description="Most model weights (MiB) a worker process keeps loaded; beyond it the least recently "
         "used model is evicted before another loads. None: no cap.",
     )
+    previews: bool = Field(
+        default=False,
+        description="Live previews: while a job runs, its worker decodes the image as it stands into a small "
+        "JPEG (at most 256 px) that fetch, get_result, the event streams and the playground show. Off by "
+        "default: on a CPU a preview costs about as much as a step of the bundled model, and 8% of the "
+        "final decode of a full-size FLUX.1 image (BENCHMARKS.md).",
+    )
+    previews_interval_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="With previews on, at most one preview per job this often (0: after every step); the "
+        "first comes after the first step, and the next waits at least 20 times as long as the last one "
+        "took to draw, so previews never take more than about 5% of a job's time.",
+    )
     engine_stall_seconds: float = Field(
         default=600.0,
         gt=0,

@@ -25,6 +25,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from fluxserve.app import create_app
 from fluxserve.settings import Settings
 from tests.conftest import Api, ServerProcess
+from tests.e2e import test_extras_e2e
 
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = [
@@ -37,6 +38,7 @@ BROWSER_ARGS = [
     "--no-first-run",
 ]
 ARTIFACTS = Path(__file__).parents[1] / "artifacts"
+preview_server = test_extras_e2e.preview_server  # previews after every step, on the tiny pipeline
 needs_browser = pytest.mark.skipif(
     not shutil.which(CHROMIUM) and not os.environ.get("FLUXSERVE_REQUIRE_BROWSER"),
     reason="no chromium (apt-get install chromium); FLUXSERVE_REQUIRE_BROWSER=1 makes this a failure",
@@ -203,3 +205,26 @@ def test_words_the_bundled_model_does_not_know_are_noted_in_both_dialects(
         assert time.monotonic() < deadline, result
         time.sleep(0.1)
     assert result["status"] == "Ready" and result["details"]["unknown_words"] == ["giraffe"]
+
+
+@needs_browser
+def test_the_live_preview_shows_while_the_job_runs_then_gives_way_to_the_result(
+    preview_server: ServerProcess, browser: Browser
+) -> None:
+    server, key = preview_server, str(preview_server.create_key("watcher", credits="100")["key"])
+    page = _open(browser, server.base_url)
+    page.fill("#api-key", key)
+    page.press("#api-key", "Tab")
+    page.select_option("#model", "flux-dev")
+    page.fill("#field-prompt", "a cat")
+    page.fill("#field-steps", "50")
+    page.fill("#field-width", "512")
+    page.fill("#field-height", "512")
+    page.press("#field-height", "Enter")
+    page.wait_for_selector("#preview:not([hidden])", timeout=90_000)
+    src = page.get_attribute("#preview-image", "src")
+    assert src is not None and src.startswith("data:image/jpeg;base64,")
+    page.screenshot(path=ARTIFACTS / "playground-preview.png", full_page=True)
+    page.wait_for_selector("#result:not([hidden])", timeout=90_000)
+    assert page.is_hidden("#preview")  # the result takes its place
+    page.close()

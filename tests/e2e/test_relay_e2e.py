@@ -20,12 +20,16 @@ from tests.support.fake_vendor import FAKE_KEY, FakeVendor, _color
 KEY_ENV = "FLUXSERVE_TEST_UPSTREAM_KEY"
 
 
+RELAYED = ("flux-kontext-max", "flux-tools/erase-v1", "flux-2-klein-9b-preview")
+
+
 def catalog(base_url: str) -> str:
-    return f"""
-[models."flux-kontext-max"]
+    return "".join(
+        f"""
+[models."{model}"]
 engine = "relay"
 
-[models."flux-kontext-max".options]
+[models."{model}".options]
 base_url = "{base_url}"
 api_key_env = "{KEY_ENV}"
 poll_interval = 0.05
@@ -33,6 +37,8 @@ poll_max_interval = 0.2
 retry_wait = 0.05
 not_found_grace = 0.5
 """
+        for model in RELAYED
+    )
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +234,25 @@ def test_cancel_stops_polling_upstream(relay_server: ServerProcess, key: str, ve
         assert task.polls == polls  # nor did one come while the worker ran a whole job after it
     finally:
         vendor.pending_polls = 2
+
+
+def test_erase_and_webp_are_relayed_and_the_vendors_statuses_come_back(
+    relay_server: ServerProcess, key: str, vendor: FakeVendor
+) -> None:
+    client = Vendor(relay_server.base_url, key)
+    image, mask = png_base64((48, 32)), png_base64((48, 32), (255, 255, 255))
+    erased = client.wait(
+        client.submit("flux-tools/erase-v1", {"image": image, "mask": mask, "dilate_pixels": 3})
+    )
+    assert erased["status"] == "Ready", erased
+    model, payload, _ = vendor.seen.submits[-1]
+    assert model == "flux-tools/erase-v1" and payload["dilate_pixels"] == 3 and "prompt" not in payload
+    assert image_at(erased["result"]["sample"]).size == (48, 32)
+    webp = client.wait(
+        client.submit("flux-2-klein-9b-preview", {"prompt": "a boat", "output_format": "webp"})
+    )
+    assert webp["status"] == "Ready", webp
+    assert vendor.seen.submits[-1][1]["output_format"] == "webp"
+    assert image_at(webp["result"]["sample"]).format == "WEBP"
+    moderated = client.wait(client.submit("flux-2-klein-9b-preview", {"prompt": "[request-moderated] x"}))
+    assert moderated["status"] == "Request Moderated"  # the vendor's statuses come back as they are

@@ -2,7 +2,9 @@
 
 - ``POST /v1/<model>`` with ``x-key`` -> ``{"id", "polling_url", "cost"}``; 403 for a wrong key, 402 when
   the account's credits do not cover the price, 429 while ``rate_limited`` submits remain, 422 for a
-  kontext or FLUX.2 task without a prompt or a fill/expand task without an image. FLUX.2 routes are
+  kontext or FLUX.2 task without a prompt, a fill/expand task without an image, an erase task without
+  its image and mask or with ``dilate_pixels`` outside 0..25, and ``webp`` asked of a route that does
+  not list it (:data:`WEBP_ROUTES`). FLUX.2 routes are
   priced by the megapixel (:data:`MEGAPIXEL_PRICES`) and also answer ``input_mp`` and ``output_mp``.
 - ``GET <polling_url>`` -> ``{"id", "status", "result", "progress", "details"}``. The polling URL is a
   "regional" one (``/regional/v1/get_result``), as the vendor's global endpoint hands out, so a test can
@@ -51,7 +53,11 @@ PRICES: dict[str, Decimal] = {
     "flux-dev": Decimal("2.5"),
     "flux-pro-1.0-fill": Decimal("5"),
     "flux-pro-1.0-expand": Decimal("5"),
+    "flux-tools/erase-v1": Decimal("3"),
 }
+# The routes whose output_format takes webp besides jpeg and png (the others answer 422 for it).
+WEBP_ROUTES = {"flux-2-klein-9b-preview"}
+MAX_DILATE = 25  # erase's dilate_pixels: 0..25
 # FLUX.2: (first megapixel, each further megapixel), counting output and input images, in whole megapixels
 # (nearest, at least one), per the vendor's pricing page; submits answer cost, input_mp and output_mp.
 MEGAPIXEL_PRICES: dict[str, tuple[Decimal, Decimal]] = {
@@ -169,7 +175,7 @@ def _size(model: str, payload: dict[str, Any]) -> tuple[int, int]:
     keeps its image's size and expand adds its margins."""
     if model in MEGAPIXEL_PRICES:
         return _flux2_size(payload)
-    if model == "flux-pro-1.0-fill":
+    if model in ("flux-pro-1.0-fill", "flux-tools/erase-v1"):
         return _image_size(payload["image"])
     if model == "flux-pro-1.0-expand":
         width, height = _image_size(payload["image"])
@@ -189,11 +195,33 @@ def _size(model: str, payload: dict[str, Any]) -> tuple[int, int]:
     return (int(payload.get("width", 1024)), int(payload.get("height", 768)))
 
 
+def _invalid(model: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The vendor's 422 detail item for a payload its route refuses, else None."""
+    if model == "flux-tools/erase-v1":
+        required = ["image", "mask"]
+    elif model.startswith("flux-pro-1.0-"):
+        required = ["image"]
+    elif model.startswith(("flux-kontext", "flux-2-")):
+        required = ["prompt"]
+    else:
+        required = []
+    for name in required:
+        if not payload.get(name):
+            return {"loc": ["body", name], "msg": "Field required", "type": "missing"}
+    dilate = payload.get("dilate_pixels", 0)
+    if not isinstance(dilate, int) or not 0 <= dilate <= MAX_DILATE:
+        return {"loc": ["body", "dilate_pixels"], "msg": "Input should be between 0 and 25", "type": "range"}
+    formats = ("jpeg", "png", "webp") if model in WEBP_ROUTES else ("jpeg", "png")
+    if payload.get("output_format", "jpeg") not in formats:
+        return {"loc": ["body", "output_format"], "msg": "Input should be 'jpeg' or 'png'", "type": "enum"}
+    return None
+
+
 def render(seed: int, size: tuple[int, int], output_format: str) -> bytes:
     """A solid image whose colour is a function of the seed: what the fake vendor "generates"."""
     buffer = io.BytesIO()
     image = Image.new("RGB", size, _color(seed))
-    image.save(buffer, format="JPEG" if output_format == "jpeg" else "PNG")
+    image.save(buffer, format={"jpeg": "JPEG", "webp": "WEBP"}.get(output_format, "PNG"))
     return buffer.getvalue()
 
 
@@ -298,11 +326,9 @@ class FakeVendor:
                     if not isinstance(payload, dict):
                         self._send(422, {"detail": [{"loc": ["body"], "msg": "bad json", "type": "json"}]})
                         return
-                    required = "image" if model.startswith("flux-pro-1.0-") else "prompt"
-                    needs = model.startswith(("flux-kontext", "flux-2-", "flux-pro-1.0-"))
-                    if needs and not payload.get(required):
-                        detail = [{"loc": ["body", required], "msg": "Field required", "type": "missing"}]
-                        self._send(422, {"detail": detail})
+                    problem = _invalid(model, payload)
+                    if problem is not None:
+                        self._send(422, {"detail": [problem]})
                         return
                     if vendor.rate_limited > 0:
                         vendor.rate_limited -= 1

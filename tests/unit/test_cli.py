@@ -5,6 +5,8 @@ In-process (typer's runner) on real SQLite databases: the commands are thin, a s
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import uuid
@@ -15,12 +17,13 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
+from PIL import Image
 from sqlalchemy import insert, select
 from typer.testing import CliRunner, Result
 
 from fluxserve import __version__
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.cli import app
+from fluxserve.cli import app, inline_image, inline_image_protocol
 from fluxserve.db.connection import MIGRATIONS, migrate, open_database, utcnow
 from fluxserve.db.tables import api_keys, jobs
 
@@ -280,3 +283,33 @@ def test_jobs_status_takes_the_words_of_either_dialect(cli: Cli) -> None:
     assert ids("Content Moderated") == ids("content_moderated") == of("content_moderated")
     refused = cli("jobs", "--status", "done", code=2).stderr
     assert "--status" in refused and "SUCCESS" in refused and "Ready" in refused
+
+
+def test_inline_previews_follow_the_terminal_the_environment_names() -> None:
+    assert inline_image_protocol({"TERM": "xterm-kitty"}, True) == "kitty"
+    assert inline_image_protocol({"TERM_PROGRAM": "iTerm.app"}, True) == "iterm2"
+    assert inline_image_protocol({"TERM_PROGRAM": "WezTerm"}, True) == "iterm2"
+    assert inline_image_protocol({"TERM": "xterm-256color"}, True) is None  # shows no images: nothing
+    assert inline_image_protocol({"TERM": "xterm-kitty"}, False) is None  # piped: nothing
+
+
+def test_inline_previews_are_the_protocols_escapes_of_the_image() -> None:
+    buffer = io.BytesIO()
+    Image.effect_noise((200, 100), 64).convert("RGB").save(buffer, format="JPEG")  # > 4096 base64 as PNG
+    uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    iterm = inline_image(uri, "iterm2")
+    assert iterm.startswith("\x1b]1337;File=inline=1;size=") and iterm.endswith("\a")
+    assert base64.b64decode(iterm.split(":", 1)[1][:-1]) == buffer.getvalue()
+    kitty = inline_image(uri, "kitty")
+    chunks = kitty.split("\x1b\\")[:-1]
+    assert len(chunks) > 1 and chunks[0].startswith("\x1b_Ga=T,f=100,i=1,q=2,m=1;")
+    assert chunks[-1].startswith("\x1b_Gm=0;")
+    png = base64.b64decode("".join(chunk.split(";", 1)[1] for chunk in chunks))
+    assert Image.open(io.BytesIO(png)).size == (200, 100)
+    assert inline_image(uri, "kitty", first=False).startswith("\x1b_Ga=t,")  # replaces the image shown
+
+
+def test_generate_refuses_flux_schnell_naming_the_route_that_takes_it() -> None:
+    result = CliRunner().invoke(app, ["generate", "a fox", "--model", "flux-schnell", "--key", "k"])
+    assert result.exit_code == 2 and "no route of its own" in result.output
+    assert "flux1-schnell" in result.output

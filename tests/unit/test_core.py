@@ -83,12 +83,14 @@ def test_prices_and_their_format() -> None:
         "flux-2-klein-9b-preview": "1.5 + 0.2",
         "flux-pro-1.0-fill": "5",
         "flux-pro-1.0-expand": "5",
+        "flux-tools/erase-v1": "3 + 0.4",
         "flux-kontext-max": "8",
         "flux-kontext-pro": "4",
         "flux-pro-1.1-ultra": "6",
         "flux-pro-1.1": "4",
         "flux-pro": "5",
         "flux-dev": "2.5",
+        "flux-schnell": "1",
     }
     assert format_credits(Decimal("40.00")) == "40"
 

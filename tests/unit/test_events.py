@@ -195,7 +195,7 @@ def test_vendor_stream_ends_with_get_result_and_a_requeued_job_keeps_ids_growing
     ]  # fmt: skip
     assert events[-1]["data"] == {
         "id": job_id, "status": "Error", "result": None, "progress": None,
-        "details": {"error": "engine broke"},
+        "details": {"error": "engine broke"}, "preview": None,
     }  # fmt: skip
     ids = [EventId.parse(event["id"]) for event in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
@@ -393,3 +393,76 @@ def test_a_change_in_the_listeners_gap_still_reaches_the_stream(postgres_url: st
         assert not runtime.feed._ready.is_set(), "the feed listened again before the change: no gap"
         thread.join(30)
     assert [event["event"] for event in parse(bodies[0])] == ["running", "result"]
+
+
+PREVIEW_IMAGE = "data:image/jpeg;base64,/9j/4AAQ"
+
+
+def test_a_live_preview_is_one_preview_event_in_both_streams_and_shows_in_fetch_while_running(
+    app_client: tuple[TestClient, Services],
+) -> None:
+    client, services = app_client
+    key = services.keys.create("previews", Decimal(100)).key
+    drain(services)
+    job_id = submit(client, key)
+    preview = {"image": PREVIEW_IMAGE, "progress": 0.3}
+    seen: dict[str, Any] = {}
+
+    def write_preview() -> None:
+        services.jobs.update_running(job_id, WORKER, details={"preview": preview}, progress=0.3)
+        seen["fetch"] = client.get("/flux/fetch", params={"jobId": job_id}, headers={"TT-API-KEY": key})
+        seen["result"] = client.get("/v1/get_result", params={"id": job_id}, headers={"x-key": key})
+
+    def finish() -> None:
+        services.jobs.finish(job_id, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png", details={})
+
+    _, body = follow(
+        client,
+        "/flux/events",
+        {"jobId": job_id},
+        {"TT-API-KEY": key},
+        lambda: services.jobs.claim(WORKER),
+        write_preview,
+        lambda: None,
+        lambda: services.jobs.heartbeat(job_id, WORKER, 0.6),
+        finish,
+    )
+    events = [(event["event"], event["data"]) for event in parse(body)]
+    assert events[1:5] == [
+        ("running", {"progress": 0.0}),
+        ("running", {"progress": 0.3}),
+        ("preview", preview),
+        ("running", {"progress": 0.6}),  # progress moved on without a new preview: not sent again
+    ]
+    assert events[-1][0] == "result" and "previewUrl" not in events[-1][1]["data"]
+    assert seen["fetch"].json()["data"]["previewUrl"] == PREVIEW_IMAGE
+    assert seen["result"].json()["preview"] == {"sample": PREVIEW_IMAGE, "progress": 0.3}
+    vendor = client.get("/v1/events", params={"id": job_id}, headers={"x-key": key})
+    assert [event["event"] for event in parse(vendor.text)] == ["result"]  # ended: no preview
+    assert (
+        client.get("/v1/get_result", params={"id": job_id}, headers={"x-key": key}).json()["preview"] is None
+    )
+
+
+def test_the_vendor_stream_sends_the_preview_of_a_running_task(
+    app_client: tuple[TestClient, Services],
+) -> None:
+    client, services = app_client
+    key = services.keys.create("vendor-previews", Decimal(100)).key
+    drain(services)
+    job_id = submit(client, key)
+    services.jobs.claim(WORKER)
+    preview = {"image": PREVIEW_IMAGE, "progress": 0.5}
+    services.jobs.update_running(job_id, WORKER, details={"preview": preview}, progress=0.5)
+    _, body = follow(
+        client,
+        "/v1/events",
+        {"id": job_id},
+        {"x-key": key},
+        lambda: None,
+        lambda: services.jobs.finish(job_id, WORKER, JobStatus.FAILED, error="stopped"),
+    )
+    assert [(event["event"], event["data"]) for event in parse(body)][:2] == [
+        ("running", {"progress": 0.5}),
+        ("preview", preview),
+    ]

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from fluxserve.core.catalog import ModelEntry
-from fluxserve.engines.base import EngineHooks, EngineRequest
+from fluxserve.engines.base import EngineHooks, EngineRequest, NamedImage
 from fluxserve.engines.relay.engine import RelayEngine, aspect_ratio_of, upstream_payload
 from fluxserve.engines.relay.vendor_api import RetryPolicy, VendorClient, key_allowed
 from fluxserve.errors import EngineError, JobCanceled, Moderated, UpstreamError
@@ -448,3 +448,51 @@ def test_the_key_goes_to_the_vendors_hosts_only(key_hosts: list[str] | None, eu_
         with pytest.raises(UpstreamError, match="over 4 bytes"):
             client.download("https://cdn.example/x.jpg", task_id="t", max_bytes=4)
     assert seen == {"api.vendor.example": FAKE_KEY, "eu.vendor.example": eu_key, "cdn.example": None}
+
+
+def test_erase_is_forwarded_with_its_image_mask_and_dilation(vendor: FakeVendor) -> None:
+    image = Image.new("RGB", (96, 64), (10, 200, 30))
+    mask = Image.new("L", (96, 64), 0)
+    erase = request(
+        "flux-tools/erase-v1",
+        prompt="",
+        width=96,
+        height=64,
+        seed=5,
+        dilate_pixels=7,
+        images=[NamedImage("image", image), NamedImage("mask", mask)],
+    )
+    result = engine_for(vendor, "flux-tools/erase-v1").generate(erase, EngineHooks())
+    model, payload, _ = vendor.seen.submits[0]
+    assert model == "flux-tools/erase-v1"
+    assert set(payload) == {"image", "mask", "dilate_pixels", "seed", "safety_tolerance", "output_format"}
+    assert payload["dilate_pixels"] == 7 and decode(payload["mask"]).size == (96, 64)
+    assert result.image.size == (96, 64)
+
+
+def test_an_erase_the_vendor_refuses_fails_with_its_reason(vendor: FakeVendor) -> None:
+    images = [NamedImage("image", Image.new("RGB", (32, 32))), NamedImage("mask", Image.new("L", (32, 32)))]
+    erase = request("flux-tools/erase-v1", prompt="", width=32, height=32, dilate_pixels=40, images=images)
+    with pytest.raises(EngineError, match="dilate_pixels"):
+        engine_for(vendor, "flux-tools/erase-v1").generate(erase, EngineHooks())
+
+
+def test_webp_is_forwarded_where_the_vendor_lists_it_and_fetched_as_png_elsewhere(vendor: FakeVendor) -> None:
+    klein = request("flux-2-klein-9b-preview", prompt="p", width=64, height=64, output_format="webp")
+    engine_for(vendor, "flux-2-klein-9b-preview").generate(klein, EngineHooks())
+    engine_for(vendor).generate(dev_request(output_format="webp"), EngineHooks())
+    (_, preview, _), (_, dev, _) = vendor.seen.submits
+    assert preview["output_format"] == "webp"
+    assert dev["output_format"] == "png"  # flux-dev's endpoint refuses webp: the server encodes it
+    assert vendor.seen.downloads[0][0].endswith(".webp")
+
+
+def test_a_model_the_vendor_does_not_serve_is_relayed_only_to_an_endpoint_the_operator_names(
+    vendor: FakeVendor,
+) -> None:
+    with pytest.raises(EngineError, match="no endpoint for flux-schnell"):
+        engine_for(vendor, "flux-schnell")
+    engine = engine_for(vendor, "flux-schnell", upstream_model="flux-dev")
+    engine.generate(request("flux-schnell", prompt="p", width=256, height=256), EngineHooks())
+    model, payload, _ = vendor.seen.submits[-1]
+    assert model == "flux-dev" and payload["prompt"] == "p" and "steps" not in payload

@@ -81,9 +81,10 @@ def test_generate_resolves_mode_and_size_through_the_table(
     assert fetched["data"]["mode"] == model and fetched["status"] == "PENDING_QUEUE"
 
 
-def test_every_flux2_mode_of_the_reseller_is_served() -> None:
-    """The modes the reseller documents that the table has (flux1-schnell is not in it)."""
-    documented = ["flux1-dev", "flux1-pro", "flux-kontext-pro", "flux-kontext-max", "flux-2-pro"]
+def test_every_mode_of_the_reseller_is_served() -> None:
+    """Every mode the reseller documents for /flux/generate and /flux/edits (flux1-schnell included)."""
+    documented = ["flux1-dev", "flux1-schnell", "flux1-pro", "flux-kontext-pro", "flux-kontext-max"]
+    documented += ["flux-2-pro"]
     documented += ["flux-2-flex", "flux-2-max", "flux-2-klein-4b", "flux-2-klein-9b"]
     assert set(documented) <= set(MODES)
 
@@ -100,8 +101,8 @@ def test_generate_hook_url_becomes_the_webhook(native: Native) -> None:
     ("body", "expected"),
     [
         (
-            {"prompt": "a cat", "mode": "flux1-schnell"},
-            "mode: 'flux1-schnell' is not a model this server has",
+            {"prompt": "a cat", "mode": "flux1-turbo"},
+            "mode: 'flux1-turbo' is not a model this server has",
         ),
         ({"prompt": "a cat"}, "mode: is required"),
         ({"mode": "flux1-dev"}, "prompt: is required"),

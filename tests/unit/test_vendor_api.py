@@ -75,7 +75,7 @@ def test_submit_answers_id_absolute_polling_url_and_cost(vendor: Vendor) -> None
     polled = vendor.client.get(path, headers=vendor.headers).json()
     # queued jobs created before it: an added field in the vendor's free-form details
     assert polled.pop("details") == {"queue_position": vendor.services.jobs.queue_position(body["id"])}
-    assert polled == {"id": body["id"], "status": "Pending", "result": None, "progress": 0.0}
+    assert polled == {"id": body["id"], "status": "Pending", "result": None, "progress": 0.0, "preview": None}
 
 
 VENDOR_DEFAULTS = [
@@ -152,7 +152,15 @@ INVALID = [
     ("flux-dev", {}, "prompt", "prompt: is required"),
     ("flux-dev", {"prompt": "   "}, "prompt", "prompt: is required"),
     ("flux-kontext-pro", {"input_image": png_base64()}, "prompt", "prompt: is required"),
-    ("flux-dev", {"prompt": "x", "output_format": "webp"}, "output_format", "does not produce webp"),
+    ("flux-dev", {"prompt": "x", "output_format": "webp"}, "output_format", "webp only on the routes"),
+    ("flux-2-klein-9b-preview", {"prompt": "x", "output_format": "gif"}, "output_format", "or 'webp'"),
+    ("flux-tools/erase-v1", {"image": png_base64()}, "mask", "mask: is required"),
+    (
+        "flux-tools/erase-v1",
+        {"image": png_base64(), "mask": png_base64(), "dilate_pixels": 26},
+        "dilate_pixels",
+        "dilate_pixels: must be an integer between 0 and 25",
+    ),
     ("flux-dev", {"prompt": "x", "safety_tolerance": 7}, "safety_tolerance", "between 0 and 6"),
     ("flux-dev", {"prompt": "x", "seed": -1}, "seed", "seed: must be an integer"),
     ("flux-pro-1.1-ultra", {"prompt": "x", "aspect_ratio": "5:1"}, "aspect_ratio", "between 21:9 and 9:21"),
@@ -284,6 +292,7 @@ def test_unknown_or_foreign_task_is_task_not_found(app_client: tuple[TestClient,
         "result": None,
         "progress": None,
         "details": None,
+        "preview": None,
     }
     assert owner.result("no-such-task")["status"] == "Task not found"
     missing = owner.client.get("/v1/get_result", headers=owner.headers)
@@ -391,3 +400,21 @@ def test_a_webhook_is_its_jobs_dialect_rendering_from_one_read_of_the_row(
         assert sent.body["status"] == "SUCCESS" and sent.body == fetch
     finally:
         event.remove(runtime.database, "before_cursor_execute", record)
+
+
+def test_openapi_describes_erase_webp_previews_and_schnell(app_client: tuple[TestClient, Services]) -> None:
+    doc = app_client[0].get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    erase = schemas["FluxToolsEraseV1Inputs"]
+    assert "/v1/flux-tools/erase-v1" in doc["paths"] and set(erase["required"]) == {"image", "mask"}
+    dilate = erase["properties"]["dilate_pixels"]
+    assert (dilate["minimum"], dilate["maximum"], dilate["default"]) == (0, 25, 10)
+    assert "prompt" not in erase["properties"]
+    klein = schemas["Flux2Klein9bPreviewInputs"]["properties"]["output_format"]
+    assert klein["enum"] == ["jpeg", "png", "webp"]
+    assert schemas["FluxDevInputs"]["properties"]["output_format"]["enum"] == ["jpeg", "png"]
+    assert schemas["FluxDevRequest"]["properties"]["output_format"]["enum"] == ["jpeg", "png", "webp"]
+    assert "preview" in schemas["ResultResponse"]["properties"]
+    assert "previewUrl" in schemas["JobData"]["properties"]
+    assert "flux1-schnell" in schemas["GenerateRequest"]["properties"]["mode"]["enum"]
+    assert not {"/bfl/v1/flux-schnell", "/v1/flux-schnell"} & set(doc["paths"])

@@ -2,7 +2,9 @@
 
 - ``GET /flux/events?jobId=`` with ``TT-API-KEY`` (reseller), ``GET /v1/events?id=`` with ``x-key`` (vendor).
 - Events: ``queued`` ``{"position": n}`` (queued jobs created before it), ``running`` ``{"progress": 0..1}``,
-  and ``result``, the surface's fetch JSON (``/flux/fetch`` or ``/v1/get_result``); then the stream ends.
+  with live previews on (``FLUXSERVE_PREVIEWS``) a ``preview`` ``{"progress": p, "image": <JPEG data URI>}``
+  after the ``running`` event of each new preview, and ``result``, the surface's fetch JSON
+  (``/flux/fetch`` or ``/v1/get_result``); then the stream ends.
 
 The stream follows the job's row, not this process's memory, so any API replica serves any job: the
 process's change feed (``jobs/feed.py``) says when the row changed, one watcher per process
@@ -37,6 +39,7 @@ from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key, vendor_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.notes import preview_of
 from fluxserve.core.numbers import ascii_int
 from fluxserve.errors import Refused
 from fluxserve.jobs.feed import JobChange
@@ -80,6 +83,7 @@ class Snapshot:
     id: EventId
     event: str
     data: dict[str, Any]
+    preview: dict[str, Any] | None = None  # a running job's live preview: a ``preview`` event when new
 
     @property
     def final(self) -> bool:
@@ -101,7 +105,8 @@ def snapshot(job: Job, position: int | None, render: Render, services: Services)
         return Snapshot(final_id(job), "result", render(job, services))
     if job.status is JobStatus.RUNNING:
         value = round(job.progress * PROGRESS_SCALE)
-        return Snapshot(EventId(job.attempts, RUNNING, value), "running", {"progress": job.progress})
+        running = {"progress": job.progress}
+        return Snapshot(EventId(job.attempts, RUNNING, value), "running", running, preview_of(job.details))
     if position is None:
         return None
     ahead = min(position, MAX_POSITION)
@@ -339,6 +344,7 @@ async def _events(
     stream = streams.watch(job_id, render)
     try:
         quiet_since = time.monotonic()
+        shown: dict[str, Any] | None = None  # the last preview sent: each is sent once
         while True:
             stream.ready.clear()
             if stream.gone:  # jobs are not deleted, but a stream must not outlive its row
@@ -350,6 +356,9 @@ async def _events(
                 yield ServerSentEvent(json.dumps(now.data), event=now.event, id=str(now.id))
                 if now.final:
                     return
+                if now.preview is not None and now.preview != shown:
+                    shown = now.preview
+                    yield ServerSentEvent(json.dumps(now.preview), event="preview", id=str(now.id))
                 continue
             idle_left = streams.idle_seconds - (time.monotonic() - quiet_since)
             if idle_left <= 0:

@@ -48,7 +48,8 @@ class SubmitRequest(BaseModel):
         images = [
             ImageRef(field=name, ref=ref) for name in self.spec.image_fields if (ref := data.pop(name, None))
         ]
-        return GenerationParams(model=self.spec.name, input_images=images, **data)
+        # A route without a prompt (erase) paints with the empty prompt.
+        return GenerationParams(model=self.spec.name, input_images=images, **{"prompt": "", **data})
 
     @property
     def seed_value(self) -> int | None:
@@ -97,7 +98,7 @@ def _field(name: str, default: Any) -> tuple[Any, Any]:
 
 
 def _schema(spec: ModelSpec, surface: SurfaceName) -> type[SubmitRequest]:
-    title = "".join(part.capitalize() for part in spec.name.replace(".", "").split("-"))
+    title = "".join(part.capitalize() for part in re.split(r"[-/]", spec.name.replace(".", "")))
     suffix = "Request" if surface is SurfaceName.RESELLER else "Inputs"
     # Any, not tuple[Any, Any]: mypy matches ``**fields`` against create_model's ``__config__`` & co too.
     fields: dict[str, Any] = {name: _field(name, default) for name, default in spec.fields[surface].items()}
@@ -143,7 +144,7 @@ def add_submit_routes(
     the key from ``key_dependency`` (an ``Annotated[ApiKey, Depends(...)]``), the optional
     ``Idempotency-Key`` header, and answered by ``submit``."""
     for spec in MODELS.values():
-        if surface not in spec.fields:
+        if surface not in spec.fields or not spec.own_routes:
             continue
         router.add_api_route(
             f"{prefix}{spec.name}",

@@ -34,6 +34,11 @@ class JobData(BaseModel):
     imageUrl: str | None = Field(json_schema_extra={"format": "uri"}, description="Signed result URL.")
     hookUrl: str | None = Field(json_schema_extra={"format": "uri"})
     progress: float | None = Field(default=None, ge=0, le=1, description="While the job is not done.")
+    previewUrl: str | None = Field(
+        default=None,
+        description="While the job runs, with live previews on (FLUXSERVE_PREVIEWS): the image as it forms, "
+        "a small JPEG as a data: URI.",
+    )
 
 
 class JobEnvelope(BaseModel):

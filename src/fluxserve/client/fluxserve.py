@@ -126,14 +126,16 @@ class Job:
 
 @dataclass(frozen=True)
 class Event:
-    """One event of a job's stream: ``queued`` (``position``), ``running`` (``progress``) or ``result``
-    (``job``, final). ``id`` resumes the stream after it (``Last-Event-ID``)."""
+    """One event of a job's stream: ``queued`` (``position``), ``running`` (``progress``), ``preview``
+    (``preview``: a live preview's JPEG data URI, when the server has them on) or ``result`` (``job``,
+    final). ``id`` resumes the stream after it (``Last-Event-ID``)."""
 
     kind: str
     id: str | None = None
     position: int | None = None
     progress: float | None = None
     job: Job | None = None
+    preview: str | None = None
 
 
 @dataclass(frozen=True)
@@ -303,7 +305,14 @@ def _event(sse: httpx_sse.ServerSentEvent, wire: _Wire) -> Event:
     data = sse.json()
     if sse.event == "result":
         return Event("result", sse.id or None, job=wire.job(data))
-    return Event(sse.event, sse.id or None, position=data.get("position"), progress=data.get("progress"))
+    preview = data.get("image") if sse.event == "preview" else None
+    return Event(
+        sse.event,
+        sse.id or None,
+        position=data.get("position"),
+        progress=data.get("progress"),
+        preview=preview,
+    )
 
 
 def _polled(job: Job) -> Event:

@@ -31,6 +31,7 @@ MAX_PROMPT_CHARS = 20_000
 IMAGE_RULE = "must be a base64-encoded image or an http(s) URL"
 MAX_EXPAND = 2048  # pixels an expand route may add on one side
 MAX_WEBHOOK_SECRET = 256
+MAX_DILATE = 25  # the vendor's erase tool grows its mask by at most this many pixels
 
 RULES: dict[str, str] = {
     "prompt": f"must be a non-empty string of at most {MAX_PROMPT_CHARS} characters",
@@ -42,6 +43,7 @@ RULES: dict[str, str] = {
     "safety_tolerance": "must be an integer between 0 and 6",
     "image_prompt_strength": "must be a number between 0 and 1",
     "output_format": "must be 'jpeg' or 'png'",
+    "dilate_pixels": f"must be an integer between 0 and {MAX_DILATE}",
     "aspect_ratio": "must be 'W:H' (e.g. '16:9') between 21:9 and 9:21",
     "webhook_url": "must be an http(s) URL of 1 to 2083 characters",
     "seed": f"must be an integer between 0 and {MAX_SEED}",
@@ -65,10 +67,10 @@ RULES: dict[str, str] = {
     "webhook_secret": f"must be 1 to {MAX_WEBHOOK_SECRET} visible ASCII characters (it travels in a header)",
 }
 
-# The vendor also offers webp; our encoder writes jpeg and png only, so say so instead of "invalid".
+# The vendor offers webp on some routes only (VARIANT_TYPES["webp_format"]): say so instead of "invalid".
 VENDOR_RULES: dict[str, str] = {
     **RULES,
-    "output_format": "must be 'jpeg' or 'png' (this server does not produce webp)",
+    "output_format": "must be 'jpeg' or 'png' (webp only on the routes that list it)",
     "prompt": f"must be a string of at most {MAX_PROMPT_CHARS} characters, non-empty unless "
     "image_prompt is given",
 }
@@ -180,6 +182,7 @@ Flag = Annotated[bool, Optional]
 AspectRatio = Annotated[str, Optional, AfterValidator(_aspect_ratio)]
 OptionalAspectRatio = AspectRatio | None
 OutputFormat = Annotated[Literal["jpeg", "png"], Optional]
+Dilate = Annotated[int, Field(ge=0, le=MAX_DILATE), Optional, Number]
 WebhookUrl = (
     Annotated[
         str,
@@ -227,6 +230,7 @@ FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "bottom": (Margin, f"Pixels to add below the image, 0..{MAX_EXPAND}."),
     "left": (Margin, f"Pixels to add left of the image, 0..{MAX_EXPAND}."),
     "right": (Margin, f"Pixels to add right of the image, 0..{MAX_EXPAND}."),
+    "dilate_pixels": (Dilate, f"Pixels to grow the mask by before erasing (covers edges), 0..{MAX_DILATE}."),
     "aspect_ratio": (AspectRatio, "Between 21:9 and 9:21."),
     "image_prompt": (ImageInput, "Optional image to remix (base64 or URL)."),
     "image_prompt_strength": (Strength, "Blend of prompt (0) and image (1)."),
@@ -279,6 +283,11 @@ VARIANT_TYPES: dict[str, tuple[Any, str, str]] = {
         Annotated[int, Field(ge=15, le=50), Optional, Number],
         "must be an integer between 15 and 50",
         "Denoising steps, 15..50.",
+    ),
+    "webp_format": _variant(
+        Annotated[Literal["jpeg", "png", "webp"], Optional],
+        "must be 'jpeg', 'png' or 'webp'",
+        "Output format: 'jpeg', 'png' or 'webp'.",
     ),
     "tool_guidance": _variant(
         Annotated[float, Field(ge=1.5, le=100), Optional, Number],

@@ -38,7 +38,7 @@ class Family(StrEnum):
     KONTEXT = "kontext"  # FLUX.1 Kontext: edits of its input images, text to image without one
     FLUX2 = "flux2"  # FLUX.2 [pro]/[max]/[flex] (Flux2Pipeline): text to image, up to 8 references
     FLUX2_KLEIN = "flux2_klein"  # FLUX.2 [klein] (Flux2KleinPipeline): up to 4 references
-    FILL = "fill"  # FLUX.1 Fill: repaint the masked part of ``image``, keep the rest
+    FILL = "fill"  # FLUX.1 Fill: repaint the masked part of ``image``, keep the rest (erase: no prompt)
     EXPAND = "expand"  # FLUX.1 Fill outpainting: grow ``image`` by its margins and paint the new area
 
 
@@ -63,6 +63,9 @@ class ModelSpec:
     further_mp_price: Decimal | None = None  # credits per further megapixel (FLUX.2); None: flat per image
     max_active: int | None = None  # its own limit of active jobs per key; None: the key's general limit
     upstream: str = ""  # the vendor endpoint (``/v1/<upstream>``) a relay sends it to; default: name
+    # False: no ``/bfl/v1/<name>`` or ``/v1/<name>`` route; only the routes that name the model in the body
+    # (``/flux/generate``, ``/flux/edits``, ``/v1/images/*``) take it, as the reseller lists flux1-schnell
+    own_routes: bool = True
     image_fields: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -72,8 +75,10 @@ class ModelSpec:
             object.__setattr__(self, "upstream", self.name)
 
     def vendor_fields(self) -> tuple[str, ...]:
-        """The fields the vendor's endpoint takes for a generation (what a relay may forward)."""
-        return tuple(name for name in self.fields[SurfaceName.VENDOR] if name not in _DELIVERY)
+        """The fields the vendor's endpoint takes for a generation (what a relay may forward); a model the
+        vendor does not serve (flux-schnell) forwards its own fields to the endpoint an operator names."""
+        fields = self.fields.get(SurfaceName.VENDOR) or next(iter(self.fields.values()))
+        return tuple(name for name in fields if name not in _DELIVERY)
 
 
 _DELIVERY = ("webhook_url", "webhook_secret")
@@ -87,10 +92,11 @@ def _fields(*groups: Mapping[str, Any], **more: Any) -> dict[str, Any]:
     return merged
 
 
+# The reseller's CDN serves WebP: its routes take webp beside jpeg and png.
 _RESELLER = {
     "prompt": REQUIRED,
     "seed": None,
-    "output_format": "png",
+    "output_format": Variant("webp_format", "png"),
     "prompt_upsampling": False,
     "safety_tolerance": 2,
     "webhook_url": None,
@@ -136,6 +142,16 @@ _TOOL = {
     "guidance": Variant("tool_guidance", 60.0),
 }
 _ULTRA = {"image_prompt": None, "image_prompt_strength": 0.1, "raw": False}
+# The vendor's erase tool (its Flux2EraseInputs): no prompt (an erase instruction of its own), the mask
+# required and grown by dilate_pixels (default 10, at most 25) before the area is painted over.
+_ERASE = {
+    **{name: value for name, value in _VENDOR.items() if name not in ("prompt", "prompt_upsampling")},
+    "image": REQUIRED,
+    "mask": REQUIRED,
+    "dilate_pixels": 10,
+    "safety_tolerance": Variant("flux2_safety", 2),
+    "output_format": "png",
+}
 
 
 def _kontext(name: str, title: str, price: str, max_active: int | None = None) -> ModelSpec:
@@ -220,7 +236,7 @@ _ENTRIES = (
         "FLUX.2 [klein] 9B preview",
         "1.5",
         "0.2",
-        _KLEIN_VENDOR,
+        {**_KLEIN_VENDOR, "output_format": Variant("webp_format", "jpeg")},  # the one that lists webp
         Family.FLUX2_KLEIN,
     ),
     ModelSpec(
@@ -230,6 +246,15 @@ _ENTRIES = (
         price=Decimal("5"),
         size_rule=SizeRule.FILL,
         fields={SurfaceName.VENDOR: _fields(_TOOL, mask=None)},
+    ),
+    ModelSpec(
+        name="flux-tools/erase-v1",
+        title="Erase the masked object from an image (the fill pipeline, no prompt)",
+        family=Family.FILL,
+        price=Decimal("3"),
+        further_mp_price=Decimal("0.4"),
+        size_rule=SizeRule.FILL,
+        fields={SurfaceName.VENDOR: _ERASE},
     ),
     ModelSpec(
         name="flux-pro-1.0-expand",
@@ -273,6 +298,15 @@ _ENTRIES = (
             SurfaceName.RESELLER: _fields(_RESELLER, _SIZED, steps=40, guidance=2.5, interval=2),
             SurfaceName.VENDOR: _fields(_VENDOR, _SIZED, steps=40, guidance=2.5, interval=2),
         },
+    ),
+    ModelSpec(
+        name="flux-schnell",
+        title="FLUX.1 [schnell]: open weights, 4 steps, no guidance",
+        family=Family.FLUX1,
+        price=Decimal("1"),
+        size_rule=SizeRule.WIDTH_HEIGHT,
+        fields={SurfaceName.RESELLER: _fields(_RESELLER, _SIZED)},
+        own_routes=False,
     ),
     ModelSpec(
         name="flux-dev",

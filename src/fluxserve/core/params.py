@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from fluxserve.core.fields import input_image_field
 
-OutputFormat = Literal["jpeg", "png"]
+OutputFormat = Literal["jpeg", "png", "webp"]
 
 
 class ImageRef(BaseModel):
@@ -46,6 +46,7 @@ class GenerationParams(BaseModel):
     bottom: int = 0
     left: int = 0
     right: int = 0
+    dilate_pixels: int = 0  # erase: pixels the mask grows by before the area is painted over
 
     @field_validator("input_images", mode="before")
     @classmethod

@@ -6,7 +6,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from fluxserve.core.fields import REFERENCE_FIELDS
 from fluxserve.core.models import ModelSpec, spec_of
@@ -57,8 +57,12 @@ class EngineRequest:
 
     def repaint_mask(self) -> Image.Image:
         """Fill: where to repaint, as an ``L`` image the size of ``source`` (255 repaint, 0 keep): the mask
-        sent (any mode, thresholded at half), else where the image is transparent; EngineError when the
-        request says neither, or the mask's size differs from the image's."""
+        sent (any mode, thresholded at half), else where the image is transparent, grown by
+        ``dilate_pixels`` (erase); EngineError when the request says neither, or the mask's size differs
+        from the image's."""
+        return dilate(self._repaint_mask(), self.params.dilate_pixels)
+
+    def _repaint_mask(self) -> Image.Image:
         source = self.source
         if source is None:
             raise EngineError("image: is required")
@@ -82,6 +86,17 @@ class EngineRequest:
         return (self.params.left, self.params.top, self.params.right, self.params.bottom)
 
 
+def dilate(mask: Image.Image, pixels: int) -> Image.Image:
+    """``mask`` (``L``, 255 marked) grown by ``pixels`` in every direction (a square of side 2p + 1 around
+    each marked pixel): erase paints over an object's edges too. Two one-dimensional box blurs, each
+    thresholded, so the cost does not grow with ``pixels``."""
+    if pixels <= 0:
+        return mask
+    for radius in ((pixels, 0), (0, pixels)):
+        mask = mask.filter(ImageFilter.BoxBlur(radius)).point(lambda value: 255 if value > 0 else 0)
+    return mask
+
+
 @dataclass
 class EngineResult:
     image: Image.Image
@@ -96,14 +111,22 @@ class EngineHooks:
 
     ``checkpoint`` saves engine state on the job (the relay's upstream task), so that an attempt after a
     crash gets it back as ``EngineRequest.resume`` and carries on instead of starting over.
+
+    ``preview`` is offered, with the progress it goes with, a function that draws the image as it stands
+    (a live preview); the worker calls it only when it wants one, so an engine offers it every step and
+    decoding costs nothing while previews are off.
     """
 
     progress: Callable[[float], None] = lambda fraction: None
     canceled: Callable[[], bool] = lambda: False
     checkpoint: Callable[[dict[str, Any]], None] = lambda state: None
+    preview: Callable[[float, Callable[[], Image.Image]], None] = lambda fraction, draw: None
 
-    def step(self, fraction: float) -> None:
-        """Report progress and stop the engine if the job was canceled meanwhile."""
+    def step(self, fraction: float, draw: Callable[[], Image.Image] | None = None) -> None:
+        """Report progress (and offer the preview ``draw`` makes), and stop the engine if the job was
+        canceled meanwhile."""
+        if draw is not None:
+            self.preview(fraction, draw)
         self.progress(fraction)
         if self.canceled():
             raise JobCanceled()

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from fluxserve.core.fields import error_messages
 from fluxserve.core.job import QUEUE_POSITION_CAP, Job, JobStatus
 from fluxserve.core.models import MODELS, SurfaceName
-from fluxserve.core.notes import public_details
+from fluxserve.core.notes import preview_of, public_details
 from fluxserve.core.pricing import format_credits
 from fluxserve.errors import KeyRefused, QuotaExceeded, RequestRefused, TooManyActiveJobs
 from fluxserve.surfaces.base import Links, Surface, busy, price_of
@@ -57,6 +57,9 @@ def render_job(job: Job, links: Links) -> dict[str, Any]:
     }
     if not job.status.is_terminal:
         data["progress"] = job.progress
+    preview = preview_of(job.details) if job.status is JobStatus.RUNNING else None
+    if preview is not None:  # an added field, beside imageUrl: the live preview, a JPEG data URI
+        data["previewUrl"] = preview["image"]
     if job.status is JobStatus.QUEUED:  # added fields: queued jobs the claim order puts before this one
         data["queuePosition"] = position = links.queue_position(job.id)
         if position is not None and position >= QUEUE_POSITION_CAP:

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 
 from fluxserve.core.job import QUEUE_POSITION_CAP, Job, JobStatus
 from fluxserve.core.models import MODELS, SurfaceName
-from fluxserve.core.notes import public_details
+from fluxserve.core.notes import preview_of, public_details
 from fluxserve.core.pricing import format_credits
 from fluxserve.errors import (
     IdempotencyConflict,
@@ -39,6 +39,9 @@ class ResultResponse(BaseModel):
     result: dict[str, Any] | None = None
     progress: float | None = None
     details: dict[str, Any] | None = None
+    # The vendor's schema has it, free-form: here, while a task runs with live previews on,
+    # {"sample": "data:image/jpeg;base64,...", "progress": p} (the image as it stands at progress p).
+    preview: dict[str, Any] | None = None
 
 
 def _reason(job: Job) -> str:
@@ -79,7 +82,9 @@ def render_result(job: Job | None, job_id: str, links: Links) -> ResultResponse:
             details["queue_position_at_least"] = True  # counted no further
         return ResultResponse(id=job.id, status=word, progress=job.progress, details=details)
     if not status.is_terminal:
-        return ResultResponse(id=job.id, status=word, progress=job.progress)
+        preview = preview_of(job.details) if status is JobStatus.RUNNING else None
+        shown = None if preview is None else {"sample": preview["image"], "progress": preview.get("progress")}
+        return ResultResponse(id=job.id, status=word, progress=job.progress, preview=shown)
     if status is JobStatus.SUCCEEDED:
         start, end = _timestamp(job, "started_at"), _timestamp(job, "finished_at")
         expired = job.result_expired

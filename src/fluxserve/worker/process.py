@@ -69,6 +69,7 @@ def build_workers(
             engine_stall_seconds=settings.engine_stall_seconds,
             max_attempts=settings.max_attempts,
             poll_seconds=settings.poll_seconds,
+            previews_every=settings.previews_interval_seconds if settings.previews else None,
             liveness=liveness,
             models=models,
             holding=registry.resident,

@@ -8,6 +8,7 @@ the cancel flag in.
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import math
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.notes import PREVIEW
 from fluxserve.core.params import GenerationParams
 from fluxserve.engines.base import (
     BatchingEngine,
@@ -44,7 +46,9 @@ from fluxserve.worker.upsample import PromptEnhancer
 
 log = logging.getLogger("fluxserve.worker")
 
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+PREVIEW_QUALITY = 75  # JPEG quality of live previews: a 256 px preview is a few kilobytes
+PREVIEW_SHARE = 20  # a job's next preview waits at least this many times as long as its last one took
 ENGINE_STATE = "engine_state"  # the job's details key for what an engine checkpointed
 T = TypeVar("T")
 
@@ -53,6 +57,8 @@ def encode_image(image: Image.Image, output_format: str) -> bytes:
     buffer = io.BytesIO()
     if output_format == "jpeg":
         image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    elif output_format == "webp":
+        image.convert("RGB").save(buffer, format="WEBP", quality=90)
     else:
         image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -139,6 +145,7 @@ class Worker:
         engine_stall_seconds: float,
         max_attempts: int,
         poll_seconds: float,
+        previews_every: float | None = None,
         liveness: Liveness | None = None,
         models: Collection[str] | None = None,
         holding: Callable[[], Collection[str]] = tuple,
@@ -147,7 +154,8 @@ class Worker:
         """``models`` (None: any) are the models this worker serves; ``holding`` says which of them have
         their weights in memory now, whose jobs it prefers (see :meth:`Claims.claim`). ``moderator``
         (None: moderation off) checks prompts, inputs and outputs of the engines that do not moderate
-        themselves."""
+        themselves. ``previews_every`` (None: no previews) is how often, in seconds, a running job's live
+        preview is decoded and written to its row."""
         self.worker_id = worker_id
         self._models = models
         self._holding = holding
@@ -163,6 +171,8 @@ class Worker:
         self.liveness = liveness or Liveness()
         self._max_attempts = max_attempts
         self._poll = poll_seconds
+        self._previews_every = previews_every
+        self._previewed: dict[str, float] = {}  # job id -> when its next preview is due (monotonic)
         self._next_reap = 0.0
         self._stop = threading.Event()  # run's: once set, a draining worker claims nothing more
 
@@ -252,6 +262,7 @@ class Worker:
                 progress=beats[job.id].progress,
                 canceled=beats[job.id].canceled,
                 checkpoint=partial(self._checkpoint, job),
+                preview=partial(self._preview, job),
             )
             for job, _ in group
         ]
@@ -282,7 +293,7 @@ class Worker:
             except Exception as exc:
                 self._finish(job, started, *_failure(job, exc))
                 continue
-            details = {**job.details, **outcome.details, "batch_size": len(group)}
+            details = {**_without_preview(job.details), **outcome.details, "batch_size": len(group)}
             # What the engine reports wins: a relayed job's final prompt and seed are the vendor's.
             drawn = Drawn(outcome.prompt, outcome.seed, outcome.image.width, outcome.image.height)
             self._finish(job, started, JobStatus.SUCCEEDED, None, result_key, details, drawn)
@@ -292,6 +303,33 @@ class Worker:
         the stale limit, while the job's heartbeat keeps it ours: given up, the job would fail for nothing,
         or be run again once it went stale."""
         return while_away(write, self._stale_after)
+
+    def _preview(self, job: Job, fraction: float, draw: Callable[[], Image.Image]) -> None:
+        """Write the job's live preview when previews are on and it is due: a small JPEG, as a data URI in
+        its details, with the progress it goes with, in one statement (the progress change is what the
+        change feed announces to the event streams). The next is due ``previews_every`` later, and no
+        sooner than :data:`PREVIEW_SHARE` times the drawing took, so that previews take at most about
+        1/PREVIEW_SHARE of a job's time even where decoding is slow (a CPU). A preview that fails is
+        logged and skipped: it must never fail the job."""
+        every = self._previews_every
+        due = self._previewed.get(job.id)
+        if every is None or (due is not None and time.monotonic() < due):
+            return
+        started = time.monotonic()
+        self._previewed[job.id] = started + every
+        try:
+            drawn = draw()
+            self._previewed[job.id] = max(
+                started + every, started + PREVIEW_SHARE * (time.monotonic() - started)
+            )
+            buffer = io.BytesIO()
+            drawn.convert("RGB").save(buffer, format="JPEG", quality=PREVIEW_QUALITY)
+            image = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+            progress = round(min(max(fraction, 0.0), 1.0), 4)
+            details = {**job.details, PREVIEW: {"image": image, "progress": progress}}
+            self._store.update_running(job.id, self.worker_id, details=details, progress=progress)
+        except Exception:
+            log.exception("live preview failed; the job goes on", extra={"job_id": job.id})
 
     def _checkpoint(self, job: Job, state: dict[str, Any]) -> None:
         job.details[ENGINE_STATE] = state
@@ -307,6 +345,8 @@ class Worker:
         details: dict[str, Any] | None = None,
         drawn: Drawn | None = None,
     ) -> None:
+        if self._previewed.pop(job.id, None) is not None and details is None:
+            details = _without_preview(job.details)  # a failed job's row keeps no preview
         # The store refuses the write when the job was meanwhile requeued to another worker.
         finish = partial(
             self._store.finish,
@@ -372,6 +412,12 @@ class Worker:
             image_prompt=image_prompt,
             resume=job.details.get(ENGINE_STATE),
         )
+
+
+def _without_preview(details: dict[str, Any]) -> dict[str, Any]:
+    """A job's details less a live preview (an earlier attempt's, on a job run again): an ended job has
+    its result instead."""
+    return {name: value for name, value in details.items() if name != PREVIEW}
 
 
 def _failure(job: Job, exc: BaseException) -> tuple[JobStatus, str]:

@@ -264,6 +264,7 @@ async function follow(jobId) {
   $("#job").hidden = false;
   $("#result").hidden = true;
   $("#job").dataset.jobId = jobId;
+  $("#preview").hidden = true;
   showProgress("submitted", 0);
   const final = (await streamEvents(jobId)) || (await poll(jobId));
   showResult(final);
@@ -319,6 +320,10 @@ function onUpdate(name, payload) {
   } else if (name === "running") {
     const fraction = payload.progress ?? 0;
     showProgress(`running, ${Math.round(fraction * 100)}%`, fraction);
+  } else if (name === "preview" && payload.image) {
+    // A live preview (the server's FLUXSERVE_PREVIEWS): the image as it forms, a small JPEG data URI.
+    $("#preview-image").src = payload.image;
+    $("#preview").hidden = false;
   }
 }
 
@@ -329,12 +334,16 @@ async function poll(jobId) {
     const body = await response.json();
     if (body.status === "SUCCESS" || body.status === "FAILED") return body;
     if (body.status === "PENDING_QUEUE") onUpdate("queued", { position: body.data?.queuePosition });
-    else onUpdate("running", { progress: body.data?.progress });
+    else {
+      onUpdate("running", { progress: body.data?.progress });
+      if (body.data?.previewUrl) onUpdate("preview", { image: body.data.previewUrl });
+    }
     await new Promise((done) => setTimeout(done, 400));
   }
 }
 
 function showResult(body) {
+  $("#preview").hidden = true;
   if (body.status !== "SUCCESS" || !body.data?.imageUrl) {
     showProgress("failed", 0);
     showError(body.message || "The job failed.");

@@ -27,6 +27,7 @@ from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult, Nam
 from fluxserve.engines.flux.loading import FluxModel, short_reason
 from fluxserve.engines.flux.options import FluxOptions
 from fluxserve.engines.flux.planning import Plan, Planner
+from fluxserve.engines.flux.preview import drawing
 from fluxserve.errors import EngineError, JobCanceled
 
 log = logging.getLogger("fluxserve.engines")
@@ -107,7 +108,8 @@ class DiffusersFluxEngine:
             for position, hook in enumerate(hooks):
                 if not canceled[position]:
                     try:
-                        hook.step((index + 1) / pipeline.num_timesteps)
+                        draw = drawing(pipeline, tensors, position, plan.width, plan.height)
+                        hook.step((index + 1) / pipeline.num_timesteps, draw)
                     except JobCanceled:
                         canceled[position] = True
             if all(canceled):

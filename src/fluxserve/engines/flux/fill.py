@@ -102,7 +102,7 @@ class FillEngine:
             "guidance_scale": guidance,
             "max_sequence_length": self.options.max_sequence_length or self.model.max_sequence_length,
         }
-        painted = result(run_call(self.model, request, hooks, arguments), request, {})
+        painted = result(run_call(self.model, request, hooks, arguments, previews=True), request, {})
         details: dict[str, Any] = {
             "pipeline": "expand" if request.spec.family is Family.EXPAND else "fill",
             "steps": steps,

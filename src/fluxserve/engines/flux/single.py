@@ -18,6 +18,7 @@ from PIL import Image
 from fluxserve.core.params import GenerationParams
 from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult, NamedImage
 from fluxserve.engines.flux.loading import LoadedPipeline, short_reason
+from fluxserve.engines.flux.preview import drawing
 from fluxserve.errors import EngineError, JobCanceled
 
 log = logging.getLogger("fluxserve.engines")
@@ -37,14 +38,22 @@ def refuse_oversized(request: EngineRequest, limit: int) -> None:
 
 
 def run_call(
-    model: LoadedPipeline, request: EngineRequest, hooks: EngineHooks, arguments: dict[str, Any]
+    model: LoadedPipeline,
+    request: EngineRequest,
+    hooks: EngineHooks,
+    arguments: dict[str, Any],
+    previews: bool = False,
 ) -> Image.Image:
-    """One pipeline call for ``request``: its prompt and seed, progress after each step, JobCanceled at the
-    next step once the job is canceled; a failing pipeline is an EngineError with the library's reason."""
+    """One pipeline call for ``request``: its prompt and seed, progress after each step (with a preview to
+    offer where ``previews``: FLUX.1's packing of latents), JobCanceled at the next step once the job is
+    canceled; a failing pipeline is an EngineError with the library's reason."""
 
     def on_step(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        hooks.step((index + 1) / pipeline.num_timesteps)
+        draw = drawing(pipeline, tensors, 0, *size) if previews else None
+        hooks.step((index + 1) / pipeline.num_timesteps, draw)
         return {}
+
+    size = (arguments.get("width") or request.width, arguments.get("height") or request.height)
 
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with model.lock:

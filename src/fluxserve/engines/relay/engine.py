@@ -44,8 +44,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fluxserve.core.catalog import ModelEntry
-from fluxserve.core.fields import MAX_FLUX2_SAFETY
-from fluxserve.core.models import Family, spec_of
+from fluxserve.core.fields import MAX_FLUX2_SAFETY, Variant
+from fluxserve.core.models import Family, ModelSpec, SurfaceName, spec_of
 from fluxserve.core.sizes import SizeRule
 from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult
 from fluxserve.engines.relay.vendor_api import (
@@ -150,6 +150,14 @@ def image_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def takes_webp(spec: ModelSpec) -> bool:
+    """Whether the vendor's endpoint for ``spec`` lists webp among its output formats."""
+    default = (
+        spec.fields[SurfaceName.VENDOR].get("output_format") if SurfaceName.VENDOR in spec.fields else None
+    )
+    return isinstance(default, Variant) and default.kind == "webp_format"
+
+
 def upstream_payload(request: EngineRequest) -> dict[str, Any]:
     """The vendor's request body: every field the vendor's endpoint for the model has (the model table's
     vendor-dialect fields) that the job set, each input image under the field it came in.
@@ -170,6 +178,8 @@ def upstream_payload(request: EngineRequest) -> dict[str, Any]:
         values["aspect_ratio"] = aspect_ratio_of(request.width, request.height)
     if spec.family in (Family.FLUX2, Family.FLUX2_KLEIN):  # the reseller's FLUX.2 routes allow up to 6
         values["safety_tolerance"] = min(values["safety_tolerance"], MAX_FLUX2_SAFETY)
+    if values["output_format"] == "webp" and not takes_webp(spec):
+        values["output_format"] = "png"  # a reseller job's webp: fetched lossless, encoded here
     values["image_prompt"] = None if request.image_prompt is None else image_base64(request.image_prompt)
     values.update({named.field: image_base64(named.image) for named in request.images})
     return {name: values[name] for name in spec.vendor_fields() if values.get(name) is not None}
@@ -211,6 +221,8 @@ class RelayEngine:
             spec = spec_of(model)
         except KeyError as exc:
             raise EngineError(f"relay: {exc.args[0]}") from None
+        if SurfaceName.VENDOR not in spec.fields and not self.options.upstream_model:
+            raise EngineError(f"relay: the vendor has no endpoint for {model} (name one as upstream_model)")
         self.upstream_model = self.options.upstream_model or spec.upstream
         self.retry_policy = RetryPolicy(
             retries=self.options.retries,
