@@ -403,28 +403,28 @@ def test_a_live_preview_is_one_preview_event_in_both_streams_and_shows_in_fetch_
 ) -> None:
     client, services = app_client
     key = services.keys.create("previews", Decimal(100)).key
-    drain(services)
+    drain(client)
     job_id = submit(client, key)
     preview = {"image": PREVIEW_IMAGE, "progress": 0.3}
     seen: dict[str, Any] = {}
 
     def write_preview() -> None:
-        services.jobs.update_running(job_id, WORKER, details={"preview": preview}, progress=0.3)
+        claims(client).update_running(job_id, WORKER, details={"preview": preview}, progress=0.3)
         seen["fetch"] = client.get("/flux/fetch", params={"jobId": job_id}, headers={"TT-API-KEY": key})
         seen["result"] = client.get("/v1/get_result", params={"id": job_id}, headers={"x-key": key})
 
     def finish() -> None:
-        services.jobs.finish(job_id, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png", details={})
+        claims(client).finish(job_id, WORKER, JobStatus.SUCCEEDED, result_key="results/x.png", details={})
 
     _, body = follow(
         client,
         "/flux/events",
         {"jobId": job_id},
         {"TT-API-KEY": key},
-        lambda: services.jobs.claim(WORKER),
+        lambda: claims(client).claim(WORKER),
         write_preview,
         lambda: None,
-        lambda: services.jobs.heartbeat(job_id, WORKER, 0.6),
+        lambda: claims(client).heartbeat(job_id, WORKER, 0.6),
         finish,
     )
     events = [(event["event"], event["data"]) for event in parse(body)]
@@ -449,18 +449,18 @@ def test_the_vendor_stream_sends_the_preview_of_a_running_task(
 ) -> None:
     client, services = app_client
     key = services.keys.create("vendor-previews", Decimal(100)).key
-    drain(services)
+    drain(client)
     job_id = submit(client, key)
-    services.jobs.claim(WORKER)
+    claims(client).claim(WORKER)
     preview = {"image": PREVIEW_IMAGE, "progress": 0.5}
-    services.jobs.update_running(job_id, WORKER, details={"preview": preview}, progress=0.5)
+    claims(client).update_running(job_id, WORKER, details={"preview": preview}, progress=0.5)
     _, body = follow(
         client,
         "/v1/events",
         {"id": job_id},
         {"x-key": key},
         lambda: None,
-        lambda: services.jobs.finish(job_id, WORKER, JobStatus.FAILED, error="stopped"),
+        lambda: claims(client).finish(job_id, WORKER, JobStatus.FAILED, error="stopped"),
     )
     assert [(event["event"], event["data"]) for event in parse(body)][:2] == [
         ("running", {"progress": 0.5}),

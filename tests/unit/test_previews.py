@@ -102,7 +102,7 @@ def test_the_worker_writes_a_preview_to_the_running_job_and_drops_it_at_the_end(
     seen: dict[str, Any] = {}
 
     def look() -> None:
-        running = world.store.get(job.id)
+        running = world.stores.submissions.get(job.id)
         assert running is not None
         seen["job"] = running
 
