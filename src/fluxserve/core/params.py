@@ -46,6 +46,11 @@ class GenerationParams(BaseModel):
     bottom: int = 0
     left: int = 0
     right: int = 0
+    # finetuned routes: the adapter by name and weight as sent, and where its file is (set at submit,
+    # ``blob:<key>`` or ``builtin:<name>``; see fluxserve.finetunes), so that a worker needs no lookup
+    finetune_id: str | None = None
+    finetune_strength: float | None = None
+    finetune_file: str | None = None
 
     @field_validator("input_images", mode="before")
     @classmethod

@@ -33,6 +33,7 @@ from diffusers import (
 )
 from transformers import AutoTokenizer
 
+from fluxserve.engines.flux.adapters import AdapterSlots
 from fluxserve.engines.flux.options import LoadOptions
 from fluxserve.errors import EngineError
 
@@ -208,8 +209,9 @@ def batch_invariant(pipe: FluxPipeline) -> None:
     and the VAE decodes sample by sample (``enable_slicing``). A lone request runs the stock code.
     """
     for module in pipe.transformer.modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) and not getattr(module, "_rowwise", False):
             module.forward = _rowwise(module.forward)  # type: ignore[method-assign, assignment]
+            module._rowwise = True  # called again after a LoRA adapter adds layers: wrap those only
     pipe.vae.enable_slicing()
 
 
@@ -254,6 +256,10 @@ class FluxModel:
         for pipe in self.pipelines:
             pipe.set_progress_bar_config(disable=True)
         self._apply_options()
+        # LoRA layers an adapter adds run row by row too, so batching stays invisible with finetunes.
+        self.adapters = AdapterSlots(
+            text2image, self.options.max_adapters, lambda: batch_invariant(text2image)
+        )
         self.lock = threading.Lock()
         self.max_sequence_length = text_length(text2image.tokenizer_2)
         self.multiple = text2image.vae_scale_factor * 2
@@ -329,6 +335,7 @@ class LoadedPipeline:
         self.pipe.set_progress_bar_config(disable=True)
         tune([self.pipe], self.options, self.device, [getattr(self.pipe, name) for name in self.QUANTIZED])
         compile_transformer(self.pipe.transformer, self.options)
+        self.adapters = AdapterSlots(self.pipe, self.options.max_adapters)
         self.lock = threading.Lock()
         self.multiple: int = self.pipe.vae_scale_factor * 2
 
