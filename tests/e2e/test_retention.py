@@ -28,6 +28,7 @@ from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.db.tables import jobs
 from fluxserve.errors import EngineError, JobCanceled
+from fluxserve.finetunes.store import FinetuneStore
 from fluxserve.jobs.retention import Retention
 from fluxserve.settings import Settings
 from fluxserve.storage.base import BlobStore
@@ -79,6 +80,7 @@ def services(world: World) -> Services:
         blobs=world.blobs,
         signer=UrlSigner("secret", 3600),
         base_url="http://testserver",
+        finetunes=FinetuneStore(world.keys.engine, world.blobs),
     )
 
 

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from fluxserve.core.models import MODELS
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
+# Where the bundled model's weights (``builtin:bundled``, made by training/) and its shipped finetunes are.
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+BUNDLED_WEIGHTS = WEIGHTS / "bundled"
 
 
 class ModelEntry(BaseModel):

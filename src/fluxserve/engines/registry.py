@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fluxserve.core.catalog import Catalog, ModelEntry
+from fluxserve.core.catalog import BUNDLED_WEIGHTS, Catalog, ModelEntry
 from fluxserve.core.models import Family, spec_of
 from fluxserve.engines.base import Engine
 from fluxserve.engines.flux.engine import DiffusersFluxEngine
@@ -37,8 +37,7 @@ from fluxserve.engines.standin import StandInEngine
 from fluxserve.engines.tiny import build_tiny_flux, build_tiny_redux
 from fluxserve.errors import EngineError
 
-# Where the bundled model's weights ship inside the package (made by training/, see issue "bundled").
-BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "bundled"
+__all__ = ["BUNDLED_WEIGHTS", "EngineRegistry"]
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf"}
 
 log = logging.getLogger("fluxserve.engines")

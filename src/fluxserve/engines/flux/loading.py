@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -209,10 +210,13 @@ def batch_invariant(pipe: FluxPipeline) -> None:
     and the VAE decodes sample by sample (``enable_slicing``). A lone request runs the stock code.
     """
     for module in pipe.transformer.modules():
-        if isinstance(module, torch.nn.Linear) and not getattr(module, "_rowwise", False):
+        if isinstance(module, torch.nn.Linear) and module not in _ROWWISE:
             module.forward = _rowwise(module.forward)  # type: ignore[method-assign, assignment]
-            module._rowwise = True  # called again after a LoRA adapter adds layers: wrap those only
+            _ROWWISE.add(module)  # called again once a LoRA adapter adds layers: wraps only those
     pipe.vae.enable_slicing()
+
+
+_ROWWISE: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # linears batch_invariant has wrapped
 
 
 def _rowwise(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
