@@ -1,4 +1,4 @@
-"""Finetunes on the diffusers engine: LoRA adapters made in the test, loaded into a real tiny FLUX pipeline."""
+"""Finetunes on the diffusers engine: LoRA adapters made in the test, in a real tiny FLUX pipeline."""
 
 from __future__ import annotations
 
