@@ -157,15 +157,14 @@ def polling_url(job: Job, services: Services) -> str:
 def _finetuned(
     spec: ModelSpec, params: GenerationParams, key: ApiKey, services: Services
 ) -> GenerationParams:
-    """On a finetuned route, the params with the finetune's file; 404 for a finetune the key cannot use
-    (another key's reads as unknown), 422 for one added for another model."""
+    """On a finetuned route, the params with the finetune's file; FinetuneNotFound for a finetune the key
+    cannot use (another key's reads as unknown), 422 for one added for another model."""
     if not spec.finetunes_of or params.finetune_id is None:
         return params
     finetune = services.finetunes.find(params.finetune_id, key.id)
     if finetune is None:
-        raise HTTPException(
-            404,
-            f"Finetune not found: {params.finetune_id!r} (GET /v1/my_finetunes lists this key's finetunes)",
+        raise FinetuneNotFound(
+            f"Finetune not found: {params.finetune_id!r} (GET /v1/my_finetunes lists this key's finetunes)"
         )
     if finetune.model != spec.finetunes_of:
         item = {
@@ -177,10 +176,21 @@ def _finetuned(
     return params.model_copy(update={"finetune_file": finetune.file})
 
 
+class FinetuneNotFound(LookupError):
+    """A finetune_id the key may not use. Answered as a 404 here rather than raised as an HTTPException,
+    which under ``POST /v1/<name>`` the app's handler reads as an unknown model route."""
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"detail": str(self)}, status_code=404)
+
+
 def _submit(
     spec: ModelSpec, body: SubmitRequest, key: ApiKey, services: Services, extras: SubmitExtras
-) -> SubmitResponse:
-    params = _finetuned(spec, body.to_params(), key, services)
+) -> SubmitResponse | JSONResponse:
+    try:
+        params = _finetuned(spec, body.to_params(), key, services)
+    except FinetuneNotFound as missing:
+        return missing.response()
     try:
         job = services.submitter.submit(
             key, params, body.seed_value, body.webhook, Dialect.VENDOR,
@@ -302,12 +312,14 @@ def finetune_details(
         **responses(VendorError, {403: "A finetune every key shares"}),
     },
 )
-def delete_finetune(key: Key, services: Deps, body: DeleteFinetuneInputs) -> DeleteFinetuneResponse:
+def delete_finetune(
+    key: Key, services: Deps, body: DeleteFinetuneInputs
+) -> DeleteFinetuneResponse | JSONResponse:
     """A key deletes its own finetunes; the ones every key shares are the operator's to remove
     (``fluxserve finetunes remove``)."""
     finetune = services.finetunes.find(body.finetune_id, key.id)
     if finetune is None:
-        raise HTTPException(404, f"Finetune not found: {body.finetune_id!r}")
+        return FinetuneNotFound(f"Finetune not found: {body.finetune_id!r}").response()
     if finetune.key_id is None:
         raise HTTPException(
             403,
