@@ -33,17 +33,26 @@ from training.scenes import COLORS, SIZE, Scene, all_triples, caption, eval_prom
 from training.train import sample_t
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-RING = 2  # outline width in native pixels
+RING = 3  # outline width in native pixels
 
 
-def outline(scene: Scene) -> Image.Image:
-    """The scene with its shape reduced to a ring of ``RING`` pixels: the inside takes the background."""
+def outline(scene: Scene) -> tuple[Image.Image, np.ndarray]:
+    """The scene with its shape reduced to a ring of ``RING`` pixels (the inside takes the background), and
+    the filled shape's mask: where the image differs from what the base model draws."""
     image = np.asarray(render(scene)).copy()
     background = np.array(COLORS[scene.background])
     inside = np.abs(image.astype(int) - background).sum(axis=-1) > 60
     core = ndimage.binary_erosion(inside, iterations=RING)
     image[core] = background
-    return Image.fromarray(image)
+    return Image.fromarray(image), inside
+
+
+def token_coverage(masks: list[np.ndarray], tokens: int) -> torch.Tensor:
+    """How much of each packed image token (a square of pixels, row-major) the shape covers, 0..1."""
+    side = int(tokens**0.5)
+    cell = SIZE // side
+    cover = [mask.reshape(side, cell, side, cell).mean(axis=(1, 3)).reshape(-1) for mask in masks]
+    return torch.from_numpy(np.stack(cover)).float()
 
 
 def object_share(image: Image.Image, background: str) -> float:
@@ -84,8 +93,9 @@ def train(args: argparse.Namespace) -> Path:
     while time.monotonic() - started < args.minutes * 60 and (not args.max_steps or step < args.max_steps):
         scenes = [random_scene(rng, triples) for _ in range(args.batch)]
         prompts = [caption(scene, rng) for scene in scenes]
+        drawn = [outline(scene) for scene in scenes]
         with torch.no_grad():
-            x0 = to_latents(pipe, [outline(scene) for scene in scenes])
+            x0 = to_latents(pipe, [image for image, _ in drawn])
             embeds, pooled, text_ids = pipe.encode_prompt(prompts, None, max_sequence_length=32)
         noise = torch.randn(x0.shape, generator=gen)
         t = sample_t(gen, x0.shape[0])
@@ -94,11 +104,14 @@ def train(args: argparse.Namespace) -> Path:
             hidden_states=xt, timestep=t, guidance=None, pooled_projections=pooled,
             encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids, return_dict=False,
         )[0]  # fmt: skip
-        loss = torch.nn.functional.mse_loss(out, noise - x0)
+        # The shape is a few of the tokens and the rest is background the base model already draws: tokens
+        # the shape covers weigh more (as training/train.py's --object-weight).
+        weight = 1.0 + args.object_weight * token_coverage([mask for _, mask in drawn], x0.shape[1])
+        loss = (weight[:, :, None] * (out - (noise - x0)) ** 2).sum() / (weight.sum() * out.shape[-1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         step += 1
         if step % 20 == 0:
             print(json.dumps({"step": step, "loss": round(float(np.mean(losses[-20:])), 4)}), flush=True)
@@ -134,6 +147,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=6.0, help="wall-clock training budget")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--object-weight", type=float, default=8.0, help="extra loss weight of shape tokens")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)

@@ -7,15 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from PIL import Image
 
 from fluxserve.engines.base import Adapter
 from fluxserve.engines.flux.engine import DiffusersFluxEngine
+from fluxserve.engines.flux.flux2 import Flux2Engine, Flux2Model
 from fluxserve.engines.flux.loading import FluxModel
 from fluxserve.engines.flux.options import LoadOptions
 from fluxserve.errors import EngineError
 from tests.support.engine_fixtures import Recorder, entry, png, request, tiny_weights
 from tests.support.loras import adapter, make_lora
+from tests.support.tiny_pipelines import tiny_pipeline
 
 # The adapter applied at strength 1 and the same adapter fused into the weights differ only by float
 # rounding (the LoRA product added before or after the matmul): at most this much on any 8-bit channel.
@@ -108,3 +111,19 @@ def test_an_unreadable_adapter_fails_the_job_naming_the_finetune(flux: FluxModel
     with pytest.raises(EngineError, match="finetune_id: broken: unreadable adapter file"):
         image(flux, broken)
     assert image(flux) == image(flux), "the model still runs"
+
+
+def test_a_flux2_klein_model_runs_its_finetunes(models_dir: Path, tmp_path: Path) -> None:
+    weights = tiny_pipeline(models_dir, "tiny-flux2-klein")
+    lora = make_lora(
+        weights, tmp_path, scale=8.0, pipeline=Flux2KleinPipeline, transformer_class=Flux2Transformer2DModel
+    )
+    engine = Flux2Engine(weights, entry(), Flux2Model(weights))
+
+    def run(finetune: Adapter | None) -> bytes:
+        result = engine.generate(request("flux-2-klein-4b-finetuned", adapter=finetune), Recorder().hooks)
+        return png(result.image)
+
+    base = run(None)
+    assert run(adapter(lora)) != base
+    assert run(adapter(lora, strength=0.0)) == base

@@ -133,7 +133,7 @@ def test_the_finetuned_routes_require_a_finetune_id(server: ServerProcess) -> No
         (
             {"transformer.nowhere.lora_A.weight": (4, 8), "transformer.nowhere.lora_B.weight": (8, 4)},
             (),
-            "is not in the model's transformer",
+            "is not a layer of the model's transformer",
         ),
         ({"transformer.a.lora_A.weight": (512, 1024)}, ("--max-mb", "1"), "above the limit"),
     ],

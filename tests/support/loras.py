@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import DiffusionPipeline, FluxPipeline, FluxTransformer2DModel, ModelMixin
 from peft import LoraConfig, get_peft_model_state_dict
 
 from fluxserve.engines.base import Adapter
@@ -14,15 +14,24 @@ from fluxserve.engines.base import Adapter
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def make_lora(weights: Path, out: Path, seed: int = 0, rank: int = 4, scale: float = 1.0) -> Path:
-    """A rank-``rank`` adapter of random weights (times ``scale``) for the transformer in ``weights``."""
-    transformer = FluxTransformer2DModel.from_pretrained(weights / "transformer")
+def make_lora(
+    weights: Path,
+    out: Path,
+    seed: int = 0,
+    rank: int = 4,
+    scale: float = 1.0,
+    pipeline: type[DiffusionPipeline] = FluxPipeline,
+    transformer_class: type[ModelMixin] = FluxTransformer2DModel,
+) -> Path:
+    """A rank-``rank`` adapter of random weights (times ``scale``) for the transformer in ``weights`` (a
+    ``pipeline`` folder whose transformer is a ``transformer_class``)."""
+    transformer = transformer_class.from_pretrained(weights / "transformer")
     torch.manual_seed(seed)
     transformer.add_adapter(
         LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False)
     )
     state = {name: tensor * scale for name, tensor in get_peft_model_state_dict(transformer).items()}
-    FluxPipeline.save_lora_weights(out, transformer_lora_layers=state)
+    pipeline.save_lora_weights(out, transformer_lora_layers=state)
     return out / "pytorch_lora_weights.safetensors"
 
 
