@@ -7,8 +7,9 @@ LoRA on the attention projections of the bundled transformer, with peft); the bu
 shipped. The data is the bundled model's own procedural scenes (training/scenes.py) with outlines drawn
 from their masks, encoded with the bundled VAE; the loss is the same flow-matching loss as training/train.py.
 
-    nice -n 10 python -m training.lora --out training/runs/outlines --minutes 6
-    cp training/runs/outlines/pytorch_lora_weights.safetensors src/fluxserve/weights/finetunes/outlines.safetensors
+    nice -n 10 python -m training.lora --out training/runs/outlines --minutes 20
+    cp training/runs/outlines/pytorch_lora_weights.safetensors \
+       src/fluxserve/weights/finetunes/outlines.safetensors
 
 It ends by measuring what it changed: the share of object pixels (neither background nor near it) in images
 of held-out prompts with the adapter at strength 0 and 1.
@@ -134,8 +135,9 @@ def measure(pipe: FluxPipeline, adapter: Path, n: int) -> dict[str, float]:
         for label, weight in (("base", 0.0), ("outlines", 1.0)):
             pipe.set_adapters(["outlines"], adapter_weights=[weight])
             image = pipe(
-                prompt, negative_prompt="", true_cfg_scale=4.0, width=SIZE, height=SIZE, num_inference_steps=20,
-                generator=torch.Generator().manual_seed(index), max_sequence_length=32,
+                prompt, negative_prompt="", true_cfg_scale=4.0, width=SIZE, height=SIZE,
+                num_inference_steps=20, generator=torch.Generator().manual_seed(index),
+                max_sequence_length=32,
             ).images[0]  # fmt: skip
             shares[label].append(object_share(image, scene.background))
     return {f"object_share_{label}": round(float(np.mean(values)), 4) for label, values in shares.items()}
