@@ -230,6 +230,7 @@ _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
         {
             400: "A malformed Idempotency-Key header",
             402: "Not enough credits for this model",
+            404: "The finetune_id is not one this key may use (finetuned routes)",
             413: "The body is larger than this server accepts",
             429: "Too many active tasks for this key",
         },
@@ -309,7 +310,7 @@ def finetune_details(
     responses={
         **_AUTH_RESPONSES,
         **_NOT_FOUND,
-        **responses(VendorError, {403: "A finetune every key shares"}),
+        **responses(VendorError, {400: "A body that cannot be read", 403: "A finetune every key shares"}),
     },
 )
 def delete_finetune(
