@@ -1,5 +1,5 @@
 """The finetune that ships with the bundled model: offered on a fresh install, and it does what it says
-(each shape drawn as its outline: far fewer pixels of the shape's colour than the filled shape)."""
+(trained toward outlines: far fewer pixels of the shape's colour than the filled shape)."""
 
 from __future__ import annotations
 

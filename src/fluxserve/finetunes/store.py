@@ -32,7 +32,7 @@ log = logging.getLogger("fluxserve.finetunes")
 # Shipped adapters for the bundled model: name -> (model name, what it does). Files in BUILTIN_DIR.
 BUILTIN_DIR = WEIGHTS / "finetunes"
 BUILTIN: dict[str, tuple[str, str]] = {
-    "outlines": ("flux-pro", "the bundled model draws each shape as an outline instead of filled"),
+    "outlines": ("flux-pro", "trained toward outlines: shapes drawn thinner (training/RESULTS.md)"),
 }
 BLOB = "blob:"
 BUILTIN_PREFIX = "builtin:"
