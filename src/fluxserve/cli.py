@@ -27,11 +27,12 @@ from sqlalchemy.engine import make_url
 
 from fluxserve import __version__
 from fluxserve.accounts.keys import ApiKey, KeyStore, NewKey
-from fluxserve.core.catalog import load_catalog
+from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import MODELS, SurfaceName
 from fluxserve.db.connection import migrate, open_database
 from fluxserve.errors import KeyProblem
+from fluxserve.finetunes.store import FinetuneStore
 from fluxserve.logs import configure_logging
 from fluxserve.settings import Settings
 from fluxserve.worker.beacon import Beacon, Liveness
@@ -46,6 +47,11 @@ credits_app = typer.Typer(
 )
 app.add_typer(keys_app, name="keys")
 app.add_typer(credits_app, name="credits")
+finetunes_app = typer.Typer(
+    help="Finetunes: LoRA adapters keys use by name (finetune_id) on the finetuned routes.",
+    no_args_is_help=True,
+)
+app.add_typer(finetunes_app, name="finetunes")
 console = Console()
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (FLUXSERVE_DATA_DIR).")]
@@ -820,3 +826,92 @@ def generate(
     note = (job.raw.get("details") or {}).get("note")
     if note:
         errors.print(f"note: {note}", markup=False, highlight=False)
+
+
+@contextmanager
+def _finetunes(data_dir: Path | None) -> Iterator[tuple[FinetuneStore, Settings, Catalog]]:
+    """The finetunes of the data dir (with its shipped ones); a problem ends the command with its message."""
+    from fluxserve.core.catalog import load_catalog
+    from fluxserve.errors import EngineError
+    from fluxserve.finetunes.check import AdapterProblem
+    from fluxserve.finetunes.store import FinetuneProblem, FinetuneStore, builtin_finetunes
+    from fluxserve.wiring import make_blob_store
+
+    settings = _settings(data_dir)
+    try:
+        catalog = load_catalog(settings.catalog_files)
+        blobs = make_blob_store(settings.storage)
+        yield FinetuneStore(_database(settings), blobs, builtin_finetunes(catalog)), settings, catalog
+    except (FinetuneProblem, AdapterProblem, KeyProblem, EngineError, ValueError) as problem:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(1) from problem
+
+
+@finetunes_app.command("add")
+def finetunes_add(
+    name: Annotated[str, typer.Argument(help="Its finetune_id: lowercase letters, digits, '-' and '_'.")],
+    file: Annotated[Path, typer.Argument(help="A LoRA in diffusers' format (.safetensors).")],
+    model: Annotated[
+        str, typer.Option(help="The model it was trained for: flux-pro (FLUX.1), flux-2-klein-4b or -9b.")
+    ],
+    key: Annotated[
+        str | None, typer.Option(help="The key (name or id) that alone may use it; default: every key.")
+    ] = None,
+    comment: Annotated[str | None, typer.Option(help="A note shown in its details.")] = None,
+    max_mb: Annotated[int, typer.Option(min=1, help="The largest file accepted, in MiB.")] = 1024,
+    data_dir: DataDir = None,
+    as_json: AsJson = False,
+) -> None:
+    """Check a LoRA file against the model's transformer (layer names and shapes, from the headers) and
+    store it where every worker reads it."""
+    from fluxserve.core.models import finetune_target
+    from fluxserve.finetunes.check import check_fits, inspect
+
+    with _finetunes(data_dir) as (store, settings, catalog):
+        target = finetune_target(model)
+        if not file.is_file():
+            raise ValueError(f"{file}: no such file")
+        info = inspect(file, max_mb * 1024 * 1024)
+        entry = catalog.entry(target)
+        if entry.engine == "diffusers":  # a relayed model's finetunes are the vendor's to check
+            from fluxserve.engines.registry import EngineRegistry  # torch: only to find built-in weights
+
+            check_fits(info, EngineRegistry(catalog, settings.models).resolve_weights(target, entry), name)
+        key_id = None if key is None else KeyStore(store.engine).resolve(key).id
+        added = store.add(name, file.read_bytes(), target, info.rank, key_id, comment)
+    if as_json:
+        typer.echo(json.dumps(added.details()))
+    else:
+        typer.echo(f"added {added.name} for {added.model} (rank {added.rank}, {added.size_bytes} bytes)")
+
+
+@finetunes_app.command("list")
+def finetunes_list(data_dir: DataDir = None, as_json: AsJson = False) -> None:
+    """Every finetune, the shipped ones first, with who may use it."""
+    with _finetunes(data_dir) as (store, _, _):
+        found = store.visible(None)
+        names = {key.id: key.name for key in KeyStore(store.engine).list()}
+    if as_json:
+        for finetune in found:
+            typer.echo(json.dumps({**finetune.details(), "key": names.get(finetune.key_id or "")}))
+        return
+    table = Table("finetune_id", "model", "key", "rank", "bytes", "comment")
+    for finetune in found:
+        owner = "(every key)" if finetune.key_id is None else names.get(finetune.key_id, finetune.key_id)
+        table.add_row(
+            finetune.name,
+            finetune.model,
+            owner,
+            str(finetune.rank),
+            str(finetune.size_bytes),
+            finetune.comment,
+        )
+    console.print(table)
+
+
+@finetunes_app.command("remove")
+def finetunes_remove(name: str, data_dir: DataDir = None) -> None:
+    """Forget a finetune and delete its file; queued jobs that use it fail saying so."""
+    with _finetunes(data_dir) as (store, _, _):
+        store.remove(name)
+    console.print(f"removed {name}")

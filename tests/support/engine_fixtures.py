@@ -24,7 +24,7 @@ def entry(**fields: Any) -> ModelEntry:
     return ModelEntry.model_validate({"weights": "builtin:tiny", "steps": 2, **fields})
 
 
-REQUEST_FIELDS = {"width", "height", "seed", "images", "image_prompt", "resume"}
+REQUEST_FIELDS = {"width", "height", "seed", "images", "image_prompt", "resume", "adapter"}
 
 
 def request(model: str = "flux-dev", **fields: Any) -> EngineRequest:

@@ -91,6 +91,11 @@ def test_prices_and_their_format() -> None:
         "flux-pro": "5",
         "flux-dev": "2.5",
         "flux-schnell": "1",
+        # finetuned: FLUX.1 as the vendor prices them; its FLUX.2 LoRA beta has no price apart: the base's
+        "flux-pro-finetuned": "6",
+        "flux-pro-1.1-ultra-finetuned": "7",
+        "flux-2-klein-4b-finetuned": "1.4 + 0.1",
+        "flux-2-klein-9b-finetuned": "1.5 + 0.2",
     }
     assert format_credits(Decimal("40.00")) == "40"
 

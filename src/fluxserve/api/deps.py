@@ -8,6 +8,7 @@ from typing import cast
 from fastapi import Request
 
 from fluxserve.accounts.keys import KeyStore
+from fluxserve.finetunes.store import FinetuneStore
 from fluxserve.jobs.store import Submissions
 from fluxserve.jobs.submit import Submitter
 from fluxserve.storage.base import BlobStore
@@ -22,6 +23,7 @@ class Services:
     blobs: BlobStore
     signer: UrlSigner
     base_url: str
+    finetunes: FinetuneStore
 
     def result_url(self, key: str | None) -> str | None:
         """The store's own URL when it gives one (an S3 presigned URL), else fluxserve's signed /files."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -31,11 +32,19 @@ from fluxserve.api.auth import vendor_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import VendorErrorBody, readable_errors, responses
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
-from fluxserve.api.vendor_schemas import CreditsResponse, SubmitResponse
+from fluxserve.api.vendor_schemas import (
+    CreditsResponse,
+    DeleteFinetuneInputs,
+    DeleteFinetuneResponse,
+    FinetuneDetailResponse,
+    MyFinetunesResponse,
+    SubmitResponse,
+)
 from fluxserve.core.fields import MAX_ERROR_MESSAGES, VENDOR_RULES
 from fluxserve.core.job import Job
 from fluxserve.core.models import ModelSpec, SurfaceName
-from fluxserve.errors import QuotaExceeded
+from fluxserve.core.params import GenerationParams
+from fluxserve.errors import InvalidInput, QuotaExceeded, Refused
 from fluxserve.surfaces.vendor import ResultResponse, render_result
 
 # /v1/credits for a key without a limit: the vendor's schema requires a number, and JSON has no
@@ -123,12 +132,31 @@ def polling_url(job: Job, services: Services) -> str:
     return f"{services.base_url}/v1/get_result?id={job.id}"
 
 
+def _finetuned(
+    spec: ModelSpec, params: GenerationParams, key: ApiKey, services: Services
+) -> GenerationParams:
+    """On a finetuned route, the params with the finetune's file: 404 for a finetune the key cannot use
+    (another key's reads as unknown), 422 naming ``finetune_id`` for one added for another model."""
+    if not spec.finetunes_of or params.finetune_id is None:
+        return params
+    finetune = services.finetunes.find(params.finetune_id, key.id)
+    if finetune is None:
+        raise Refused(
+            404,
+            f"Finetune not found: {params.finetune_id!r} (GET /v1/my_finetunes lists this key's finetunes)",
+        )
+    if finetune.model != spec.finetunes_of:
+        raise InvalidInput("finetune_id", f"{finetune.name} is for {finetune.model}, not {spec.finetunes_of}")
+    return params.model_copy(update={"finetune_file": finetune.file})
+
+
 def _submit(
     spec: ModelSpec, body: SubmitRequest, key: ApiKey, services: Services, extras: SubmitExtras
-) -> SubmitResponse:
+) -> SubmitResponse | JSONResponse:
+    params = _finetuned(spec, body.to_params(), key, services)
     try:
         job = services.submitter.submit(
-            key, body.to_params(), body.seed_value, body.webhook, SurfaceName.VENDOR,
+            key, params, body.seed_value, body.webhook, SurfaceName.VENDOR,
             extras.idempotency_key, getattr(body, "webhook_secret", None),
         )  # fmt: skip
     except QuotaExceeded as error:  # the vendor's words name the balance: read now, not the cached key's
@@ -152,6 +180,7 @@ _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
         {
             400: "A malformed Idempotency-Key header",
             402: "Not enough credits for this model",
+            404: "The finetune_id is not one this key may use (finetuned routes)",
             413: "The body is larger than this server accepts",
             429: "Too many active tasks for this key",
         },
@@ -191,3 +220,64 @@ def credits(key: Key, services: Deps) -> CreditsResponse:
     if balance.credits is None:
         return CreditsResponse(credits=UNLIMITED_CREDITS, unlimited=True)
     return CreditsResponse(credits=_number(balance.credits))
+
+
+@router.get(
+    "/my_finetunes",
+    summary="The finetunes this key may use",
+    response_model=MyFinetunesResponse,
+    responses=_AUTH_RESPONSES,
+)
+def my_finetunes(key: Key, services: Deps) -> MyFinetunesResponse:
+    """The names (``finetune_id``) of the key's own finetunes and of those every key may use."""
+    return MyFinetunesResponse(finetunes=[finetune.name for finetune in services.finetunes.visible(key.id)])
+
+
+_NOT_FOUND = responses(VendorErrorBody, {404: "No finetune of that name for this key"})
+
+
+@router.get(
+    "/finetune_details",
+    summary="One finetune's details",
+    response_model=FinetuneDetailResponse,
+    responses={**_AUTH_RESPONSES, **_NOT_FOUND},
+)
+def finetune_details(
+    key: Key,
+    services: Deps,
+    finetune_id: Annotated[str, Query(min_length=1, max_length=200, description="The finetune's name.")],
+) -> FinetuneDetailResponse:
+    finetune = services.finetunes.find(finetune_id.strip(), key.id)
+    if finetune is None:
+        raise Refused(404, f"Finetune not found: {finetune_id!r}")
+    return FinetuneDetailResponse(finetune_details=finetune.details())
+
+
+@router.post(
+    "/delete_finetune",
+    summary="Delete one of this key's finetunes",
+    response_model=DeleteFinetuneResponse,
+    responses={
+        **_AUTH_RESPONSES,
+        **_NOT_FOUND,
+        **responses(VendorErrorBody, {400: "A body that cannot be read", 403: "A finetune every key shares"}),
+    },
+)
+def delete_finetune(key: Key, services: Deps, body: DeleteFinetuneInputs) -> DeleteFinetuneResponse:
+    """A key deletes its own finetunes; the ones every key shares are the operator's to remove
+    (``fluxserve finetunes remove``)."""
+    finetune = services.finetunes.find(body.finetune_id, key.id)
+    if finetune is None:
+        raise Refused(404, f"Finetune not found: {body.finetune_id!r}")
+    if finetune.key_id is None:
+        raise Refused(
+            403,
+            f"{finetune.name} is shared by every key; the operator removes it (fluxserve finetunes remove)",
+        )
+    services.finetunes.remove(finetune.name)
+    return DeleteFinetuneResponse(
+        status="success",
+        message=f"Finetune {finetune.name} deleted",
+        deleted_finetune_id=finetune.name,
+        timestamp=datetime.now(UTC).isoformat(),
+    )

@@ -3,7 +3,9 @@ table (``api/requests.py``), the result's from its renderer (``surfaces/vendor.p
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class SubmitResponse(BaseModel):
@@ -27,3 +29,26 @@ class CreditsResponse(BaseModel):
         description="The key's balance in credits; a large sentinel for unlimited keys."
     )
     unlimited: bool = Field(default=False, description="True for keys without a credit limit.")
+
+
+class MyFinetunesResponse(BaseModel):
+    finetunes: list[str] = Field(description="The finetune_id of each finetune this key may use.")
+
+
+class FinetuneDetailResponse(BaseModel):
+    finetune_details: dict[str, Any] = Field(
+        description="The finetune's model, scope (this key or all keys), LoRA rank, size and checksum."
+    )
+
+
+class DeleteFinetuneInputs(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    finetune_id: str = Field(min_length=1, max_length=200, description="Name of the finetune to delete.")
+
+
+class DeleteFinetuneResponse(BaseModel):
+    status: str
+    message: str
+    deleted_finetune_id: str
+    timestamp: str = Field(description="When it was deleted (ISO 8601, UTC).")

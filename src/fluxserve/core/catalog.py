@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from fluxserve.core.models import MODELS
 
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
+# Where the bundled model's weights (``builtin:bundled``, made by training/) and its shipped finetunes are.
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+BUNDLED_WEIGHTS = WEIGHTS / "bundled"
 
 
 class ModelEntry(BaseModel):
@@ -82,7 +85,8 @@ def _override_entry(base: Any, entry: Any) -> Any:
 
 
 def load_catalog(overrides: Sequence[Path] = ()) -> Catalog:
-    """Read the shipped catalog and apply the operator's files in order."""
+    """Read the shipped catalog and apply the operator's files in order; a finetuned route without an entry
+    takes its base model's."""
     data = _read(DEFAULT_CATALOG)
     for path in overrides:
         layer = _read(path)
@@ -90,6 +94,12 @@ def load_catalog(overrides: Sequence[Path] = ()) -> Catalog:
         for name, entry in layer.pop("models", {}).items():
             models[name] = _override_entry(models.get(name), entry)
         data = {**_merge(data, layer), "models": models}
+    # A finetuned route without its own entry runs on its base model's (same weights, steps, options), so
+    # the adapters of both share one loaded model.
+    models = data.get("models", {})
+    for name, spec in MODELS.items():
+        if spec.base and name not in models and spec.base in models:
+            models[name] = models[spec.base]
     catalog = Catalog.model_validate(data)
     missing = [name for name in MODELS if name not in catalog.models]
     if missing:

@@ -32,6 +32,8 @@ IMAGE_RULE = "must be a base64-encoded image or an http(s) URL"
 MAX_EXPAND = 2048  # pixels an expand route may add on one side
 MAX_WEBHOOK_SECRET = 256
 MAX_DILATE = 25  # the vendor's erase tool grows its mask by at most this many pixels
+MAX_FINETUNE_STRENGTH = 2  # the vendor's range for finetune_strength: 0 (no effect) to 2
+MAX_FINETUNE_ID = 200
 
 RULES: dict[str, str] = {
     "prompt": f"must be a non-empty string of at most {MAX_PROMPT_CHARS} characters",
@@ -65,6 +67,8 @@ RULES: dict[str, str] = {
     "left": f"must be an integer between 0 and {MAX_EXPAND}",
     "right": f"must be an integer between 0 and {MAX_EXPAND}",
     "webhook_secret": f"must be 1 to {MAX_WEBHOOK_SECRET} visible ASCII characters (it travels in a header)",
+    "finetune_id": "must be the name of a finetune this key may use (GET /v1/my_finetunes lists them)",
+    "finetune_strength": f"must be a number between 0 and {MAX_FINETUNE_STRENGTH}",
 }
 
 # The vendor offers webp on some routes only (VARIANT_TYPES["webp_format"]): say so instead of "invalid".
@@ -194,6 +198,8 @@ WebhookUrl = (
 WebhookSecret = Annotated[str, Field(min_length=1, max_length=MAX_WEBHOOK_SECRET, pattern=r"^[!-~]+$")] | None
 Margin = Annotated[int, Field(ge=0, le=MAX_EXPAND), Optional, Number]
 ImageInput = Annotated[str, Field(min_length=1)] | None
+FinetuneId = Annotated[str, Field(min_length=1, max_length=MAX_FINETUNE_ID), AfterValidator(_non_blank)]
+FinetuneStrength = Annotated[float, Field(ge=0, le=MAX_FINETUNE_STRENGTH), Optional, Number]
 
 MAX_REFERENCES = 8
 REFERENCE_FIELDS = tuple(
@@ -240,6 +246,14 @@ FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "steps": (Steps, "Denoising steps, 1..50."),
     "guidance": (Guidance, "Guidance scale, 1.5..5."),
     "interval": (Interval, "Guidance interval, 1..4."),
+    "finetune_id": (
+        FinetuneId,
+        "The finetune (LoRA adapter) to apply: its name, as GET /v1/my_finetunes lists.",
+    ),
+    "finetune_strength": (
+        FinetuneStrength,
+        f"The finetune's weight: 0 (no effect) to {MAX_FINETUNE_STRENGTH}; 1 applies it as trained.",
+    ),
 }
 MIN_FLUX2_SIDE = 64
 MAX_FLUX2_SAFETY = 5

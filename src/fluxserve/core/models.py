@@ -66,6 +66,10 @@ class ModelSpec:
     # False: no ``/bfl/v1/<name>`` or ``/v1/<name>`` route; only the routes that name the model in the body
     # (``/flux/generate``, ``/flux/edits``, ``/v1/images/*``) take it, as the reseller lists flux1-schnell
     own_routes: bool = True
+    # finetuned routes: the model whose catalog entry (weights, steps...) serves them unless the catalog
+    # gives them their own, and the model name their finetunes are added for (``finetunes add --model``)
+    base: str = ""
+    finetunes_of: str = ""
     image_fields: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -152,6 +156,10 @@ _ERASE = {
     "safety_tolerance": Variant("flux2_safety", 2),
     "output_format": "png",
 }
+
+# The vendor's finetuned routes (its API reference): the base route's fields plus the finetune and its
+# strength, whose default differs per route (pro 1.1, ultra 1.2; the FLUX.2 LoRA routes as pro).
+_FINETUNE = {"finetune_id": REQUIRED}
 
 
 def _kontext(name: str, title: str, price: str, max_active: int | None = None) -> ModelSpec:
@@ -321,7 +329,78 @@ _ENTRIES = (
     ),
 )
 
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _ENTRIES}
+_BASES = {spec.name: spec for spec in _ENTRIES}
+
+
+def _finetuned(
+    name: str, title: str, base: str, finetunes_of: str, vendor: Mapping[str, Any], price: str | None = None
+) -> ModelSpec:
+    """A vendor finetuned route: its base model's family, size rule and prices (unless the vendor prices
+    it apart), and the base route's fields plus ``finetune_id`` and ``finetune_strength``."""
+    spec = _BASES[base]
+    return ModelSpec(
+        name=name,
+        title=title,
+        family=spec.family,
+        price=Decimal(price) if price else spec.price,
+        further_mp_price=spec.further_mp_price,
+        size_rule=spec.size_rule,
+        fields={SurfaceName.VENDOR: vendor},
+        base=base,
+        finetunes_of=finetunes_of,
+    )
+
+
+_ULTRA_FINETUNED = {name: value for name, value in _fields(_VENDOR, _ULTRA).items() if name != "raw"}
+_KLEIN_FINETUNED = {**_KLEIN_VENDOR, **_FINETUNE, "finetune_strength": 1.1}
+_FINETUNED = (
+    _finetuned(
+        "flux-pro-finetuned",
+        "FLUX.1 [pro] with a finetune (LoRA adapter)",
+        "flux-pro",
+        "flux-pro",
+        _fields(_VENDOR, _FINETUNE, _SIZED, finetune_strength=1.1, steps=40, guidance=2.5),
+        price="6",
+    ),
+    _finetuned(
+        "flux-pro-1.1-ultra-finetuned",
+        "FLUX 1.1 [pro] ultra with a finetune (LoRA adapter)",
+        "flux-pro-1.1-ultra",
+        "flux-pro",
+        _fields(_ULTRA_FINETUNED, _FINETUNE, finetune_strength=1.2, aspect_ratio="16:9"),
+        price="7",
+    ),
+    _finetuned(
+        "flux-2-klein-4b-finetuned",
+        "FLUX.2 [klein] 4B with a finetune (LoRA adapter)",
+        "flux-2-klein-4b",
+        "flux-2-klein-4b",
+        _KLEIN_FINETUNED,
+    ),
+    _finetuned(
+        "flux-2-klein-9b-finetuned",
+        "FLUX.2 [klein] 9B with a finetune (LoRA adapter)",
+        "flux-2-klein-9b",
+        "flux-2-klein-9b",
+        _KLEIN_FINETUNED,
+    ),
+)
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (*_ENTRIES, *_FINETUNED)}
+# The model names finetunes are added for, with every name that selects them (``finetunes add --model``
+# takes a finetuned route or its base too): flux-pro's serve both FLUX.1 finetuned routes, as the vendor's.
+FINETUNE_TARGETS: dict[str, str] = {
+    name: spec.finetunes_of for spec in _FINETUNED for name in (spec.name, spec.base, spec.finetunes_of)
+}
+
+
+def finetune_target(model: str) -> str:
+    """The model name finetunes for ``model`` are added under; ValueError names the accepted ones."""
+    try:
+        return FINETUNE_TARGETS[model]
+    except KeyError:
+        known = ", ".join(sorted(set(FINETUNE_TARGETS.values())))
+        raise ValueError(f"--model: {model!r} has no finetuned route (finetunes are for {known})") from None
 
 
 def spec_of(model: str) -> ModelSpec:

@@ -47,6 +47,11 @@ class GenerationParams(BaseModel):
     left: int = 0
     right: int = 0
     dilate_pixels: int = 0  # erase: pixels the mask grows by before the area is painted over
+    # finetuned routes: the adapter by name and weight as sent, and where its file is (set at submit,
+    # ``blob:<key>`` or ``builtin:<name>``; see fluxserve.finetunes), so that a worker needs no lookup
+    finetune_id: str | None = None
+    finetune_strength: float | None = None
+    finetune_file: str | None = None
 
     @field_validator("input_images", mode="before")
     @classmethod

@@ -193,3 +193,22 @@ credit_ledger = Table(
     Index("ix_credit_ledger_key_time", "key_id", "created_at"),
     Index("ix_credit_ledger_job", "job_id"),
 )
+
+# Finetunes: LoRA adapters an operator added (``fluxserve finetunes add``), by name, which is the
+# ``finetune_id`` clients send. ``key_id`` NULL: every key may use it; else only that key. ``model`` is the
+# model name it was added for (core.models.FINETUNE_TARGETS), ``blob_key`` where its file is in the blob
+# store (``finetunes/<sha256>.safetensors``). Migration 0016.
+finetunes = Table(
+    "finetunes",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("key_id", String(36), ForeignKey("api_keys.id"), nullable=True),
+    Column("model", String(64), nullable=False),
+    Column("blob_key", String(255), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("comment", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_finetunes_key", "key_id"),
+)

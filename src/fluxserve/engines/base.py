@@ -22,6 +22,17 @@ class NamedImage:
     image: Image.Image
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """A finetune (LoRA adapter) as a request uses it (engines/flux/adapters.py loads it); equal adapters
+    (same file and strength) may share a batch."""
+
+    name: str  # the finetune_id, for messages and details
+    file: str  # where its weights are (``blob:<key>``, ``builtin:<name>``): the loaded adapters' identity
+    strength: float
+    read: Callable[[], bytes] = field(compare=False, hash=False, repr=False)
+
+
 @dataclass
 class EngineRequest:
     """Everything an engine needs, already resolved: the validated parameters as the client sent them,
@@ -35,6 +46,7 @@ class EngineRequest:
     images: list[NamedImage] = field(default_factory=list)
     image_prompt: Image.Image | None = None
     resume: dict[str, Any] | None = None  # what an earlier attempt saved with ``hooks.checkpoint``
+    adapter: Adapter | None = None  # the finetune (LoRA) to run with, on finetuned routes
 
     @property
     def spec(self) -> ModelSpec:

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fluxserve.core.catalog import Catalog, ModelEntry
+from fluxserve.core.catalog import BUNDLED_WEIGHTS, Catalog, ModelEntry
 from fluxserve.core.models import Family, spec_of
 from fluxserve.engines.base import Engine
 from fluxserve.engines.flux.options import FluxOptions, LoadOptions
@@ -40,8 +40,7 @@ if TYPE_CHECKING:
     from fluxserve.engines.flux.flux2 import Flux2Engine
     from fluxserve.engines.flux.loading import FluxModel, LoadedPipeline
 
-# Where the bundled model's weights ship inside the package (made by training/, see issue "bundled").
-BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "bundled"
+__all__ = ["BUNDLED_WEIGHTS", "EngineRegistry"]
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf"}
 
 log = logging.getLogger("fluxserve.engines")

@@ -26,6 +26,7 @@ from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.notes import PREVIEW
 from fluxserve.core.params import GenerationParams
 from fluxserve.engines.base import (
+    Adapter,
     BatchingEngine,
     Engine,
     EngineHooks,
@@ -35,6 +36,7 @@ from fluxserve.engines.base import (
     NamedImage,
 )
 from fluxserve.errors import EngineError, JobCanceled, JobFailure, Moderated
+from fluxserve.finetunes.store import read_adapter
 from fluxserve.jobs.outage import while_away
 from fluxserve.jobs.retention import drop_inputs
 from fluxserve.jobs.store import Claims, Drawn
@@ -411,7 +413,16 @@ class Worker:
             images=images,
             image_prompt=image_prompt,
             resume=job.details.get(ENGINE_STATE),
+            adapter=self._adapter(params),
         )
+
+    def _adapter(self, params: GenerationParams) -> Adapter | None:
+        """The finetune a job runs with (its file was found at submit); read when a worker first loads it."""
+        if params.finetune_id is None or params.finetune_file is None:
+            return None
+        strength = 1.0 if params.finetune_strength is None else params.finetune_strength
+        name, file = params.finetune_id, params.finetune_file
+        return Adapter(name, file, strength, partial(read_adapter, file, self._blobs, name))
 
 
 def _without_preview(details: dict[str, Any]) -> dict[str, Any]:

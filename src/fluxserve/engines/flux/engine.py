@@ -81,12 +81,13 @@ class DiffusersFluxEngine:
     def batch_key(self, plan: Plan) -> Hashable | None:
         """Plans with equal keys can share one pipeline call; None: this one runs alone.
 
-        Text-to-image plans batch when their generation size, steps and guidance (schedule) agree; plans
-        with images do not.
+        Text-to-image plans batch when their generation size, steps, guidance (schedule) and finetune (the
+        same adapter at the same strength) agree; plans with images do not.
         """
         if plan.pipe is not self.model.text2image or plan.kwargs or plan.prepare:
             return None
-        return (plan.width, plan.height, plan.steps, plan.guidance, plan.request.params.interval)
+        params = plan.request.params
+        return (plan.width, plan.height, plan.steps, plan.guidance, params.interval, plan.request.adapter)
 
     def generate_batch(
         self, plans: Sequence[Plan], hooks: Sequence[EngineHooks]
@@ -134,11 +135,14 @@ class DiffusersFluxEngine:
             }
         with self.model.lock, self.model.guidance_schedule(plan.schedule) as used:
             try:
+                finetune = self.model.adapters.use(plan.request.adapter)
                 if plan.prepare is not None:
                     arguments.update(plan.prepare())
                 output = plan.pipe(**arguments)
             except JobCanceled:
                 return [JobCanceled() for _ in requests]
+            except EngineError:
+                raise
             except Exception as exc:
                 log.exception("pipeline failed", extra={"model": requests[0].params.model})
                 raise EngineError(
@@ -149,7 +153,7 @@ class DiffusersFluxEngine:
             if stopped:
                 results.append(JobCanceled())
                 continue
-            details = dict(planned.details)
+            details = {**planned.details, **finetune}
             if plan.schedule is not None:
                 details["guidance_per_step"] = list(used)
             if len(requests) > 1:

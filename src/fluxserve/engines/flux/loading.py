@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,7 @@ from diffusers import (
 )
 from transformers import AutoTokenizer
 
+from fluxserve.engines.flux.adapters import AdapterSlots
 from fluxserve.engines.flux.options import LoadOptions
 from fluxserve.errors import EngineError
 
@@ -208,9 +210,13 @@ def batch_invariant(pipe: FluxPipeline) -> None:
     and the VAE decodes sample by sample (``enable_slicing``). A lone request runs the stock code.
     """
     for module in pipe.transformer.modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) and module not in _ROWWISE:
             module.forward = _rowwise(module.forward)  # type: ignore[method-assign, assignment]
+            _ROWWISE.add(module)  # called again once a LoRA adapter adds layers: wraps only those
     pipe.vae.enable_slicing()
+
+
+_ROWWISE: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # linears batch_invariant has wrapped
 
 
 def _rowwise(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -254,6 +260,10 @@ class FluxModel:
         for pipe in self.pipelines:
             pipe.set_progress_bar_config(disable=True)
         self._apply_options()
+        # LoRA layers an adapter adds run row by row too, so batching stays invisible with finetunes.
+        self.adapters = AdapterSlots(
+            text2image, self.options.max_adapters, lambda: batch_invariant(text2image)
+        )
         self.lock = threading.Lock()
         self.max_sequence_length = text_length(text2image.tokenizer_2)
         self.multiple = text2image.vae_scale_factor * 2
@@ -329,6 +339,7 @@ class LoadedPipeline:
         self.pipe.set_progress_bar_config(disable=True)
         tune([self.pipe], self.options, self.device, [getattr(self.pipe, name) for name in self.QUANTIZED])
         compile_transformer(self.pipe.transformer, self.options)
+        self.adapters = AdapterSlots(self.pipe, self.options.max_adapters)
         self.lock = threading.Lock()
         self.multiple: int = self.pipe.vae_scale_factor * 2
 

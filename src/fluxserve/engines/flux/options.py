@@ -45,6 +45,12 @@ class LoadOptions(BaseModel):
         description="Folder of a FLUX Redux prior (FluxPriorReduxPipeline) for image_prompt; "
         "builtin:tiny-redux for the tiny one. None: image_prompt runs img2img.",
     )
+    max_adapters: int = Field(
+        default=4,
+        ge=1,
+        description="Finetunes (LoRA adapters) kept loaded in the transformer at once; the least recently "
+        "used one's slot is reused (hot-swapped where diffusers can) for the next.",
+    )
     compile: bool = Field(default=False, description="torch.compile the transformer's forward.")
     compile_backend: str = Field(default="inductor", description="torch.compile backend.")
     compile_mode: str | None = Field(default=None, description="torch.compile mode, e.g. max-autotune.")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from fluxserve.core.params import GenerationParams
 from fluxserve.engines.base import EngineHooks, EngineRequest, EngineResult, NamedImage
+from fluxserve.engines.flux.adapters import noted
 from fluxserve.engines.flux.loading import LoadedPipeline, short_reason
 from fluxserve.engines.flux.preview import drawing
 from fluxserve.errors import EngineError, JobCanceled
@@ -58,6 +59,7 @@ def run_call(
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with model.lock:
         try:
+            model.adapters.use(request.adapter)
             output = model.pipe(
                 prompt=request.prompt, generator=generator, callback_on_step_end=on_step, **arguments
             )
@@ -71,7 +73,10 @@ def run_call(
 
 
 def result(image: Image.Image, request: EngineRequest, details: dict[str, Any]) -> EngineResult:
-    """The engine's result at the requested size (LANCZOS when the pipeline ran at another size)."""
+    """The engine's result at the requested size (LANCZOS when the pipeline ran at another size), its
+    details noting the finetune it ran with."""
+    if request.adapter is not None:
+        details.update(noted(request.adapter))
     if image.size != (request.width, request.height):
         details["generated_size"] = f"{image.width}x{image.height}"
         image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
