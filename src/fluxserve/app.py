@@ -20,15 +20,17 @@ from sqlalchemy import Engine
 
 from fluxserve import __version__
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.api import events, files, openai_images, ops, reseller, reseller_native, vendor
+from fluxserve.api import events, files, openai_images, ops, replicate, reseller, reseller_native, vendor
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.headers import ResponseHeaders
 from fluxserve.api.limits import AccessLog, HeldRequests, KeyRate, RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
+from fluxserve.core.models import Dialect
 from fluxserve.jobs.feed import ChangeFeed, to_fetch, wake_on, webhook_due
 from fluxserve.jobs.fetching import InputFetcher
+from fluxserve.jobs.predictions import PredictionStore
 from fluxserve.jobs.retention import Retention
 from fluxserve.jobs.stats import JobStats
 from fluxserve.jobs.submit import Limits, Submitter
@@ -37,6 +39,8 @@ from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner
 from fluxserve.surfaces import render
+from fluxserve.surfaces.replicate import render as render_prediction
+from fluxserve.surfaces.replicate_inputs import SERVED
 from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
 from fluxserve.wiring import make_blob_store, make_feed, make_job_store, open_database, open_ops_database
 from fluxserve.worker.supervisor import Supervisor
@@ -55,6 +59,7 @@ class Runtime:
     policy: NetworkPolicy
     fetcher: InputFetcher
     streams: events.EventStreams
+    predictions: PredictionStore
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -96,7 +101,8 @@ class Runtime:
             idle_seconds=settings.events_idle_seconds,
             position_seconds=settings.events_position_seconds,
         )
-        runtime = cls(settings, database, feed, services, policy, fetcher, streams)
+        predictions = PredictionStore(database, store)
+        runtime = cls(settings, database, feed, services, policy, fetcher, streams, predictions)
         # What waits on the feed: streams and synchronous waits, the fetch stage (a job entered
         # ``fetching``), the webhook dispatcher (a job with a webhook ended: its delivery is due).
         feed.subscribe(streams.on_changes)
@@ -113,6 +119,12 @@ class Runtime:
         job = self.services.jobs.get(job_id)
         if job is None:
             return None
+        if job.dialect is Dialect.REPLICATE:  # the whole prediction, as it stands now
+            prediction = self.predictions.of_job(job_id)
+            if prediction is None:
+                return None
+            spec = next(spec for spec in SERVED.values() if spec.name == prediction.model)
+            return Payload(render_prediction(prediction, spec, self.services, self.services.base_url))
         return Payload(render(job, self.services), job.webhook_secret)
 
     @asynccontextmanager
@@ -200,7 +212,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="fluxserve",
         version=__version__,
         description="A self-hosted FLUX image API: the reseller dialect under /bfl/v1, /flux/generate, "
-        "/flux/edits and /flux/fetch; the vendor's own under /v1; the OpenAI images API under /v1/images.",
+        "/flux/edits and /flux/fetch; the vendor's own under /v1; the OpenAI images API under /v1/images; "
+        "Replicate's predictions under /v1/predictions and /v1/models.",
         lifespan=lifespan,
     )
     app.state.services = runtime.services
@@ -226,6 +239,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.openai_model,
         settings.openai_edit_model,
         HeldRequests(settings.max_held_requests),
+    )
+    app.include_router(replicate.router, max_body_size=max_body_size(settings))  # before vendor's /v1/<model>
+    app.state.replicate = replicate.ReplicateOptions(
+        runtime.predictions, HeldRequests(settings.max_held_requests)
     )
     app.include_router(vendor.router, max_body_size=max_body_size(settings))
     app.include_router(files.router)

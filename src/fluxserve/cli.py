@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 import uvicorn
@@ -739,7 +739,8 @@ def generate(
                 progress.update(task, description="done", completed=1.0)
 
         try:
-            with Client(base_url, key, dialect=dialect.value) as client, Client(base_url, key) as reseller:
+            wire: Literal["reseller", "vendor"] = "reseller" if dialect is Dialect.RESELLER else "vendor"
+            with Client(base_url, key, dialect=wire) as client, Client(base_url, key) as reseller:
                 made = client.generate(model, prompt, images=images or (), on_event=show, **fields)
                 # The reseller's fetch JSON says what the job cost, whichever dialect made it.
                 job = made.job if dialect is Dialect.RESELLER else reseller.fetch(made.job.id)

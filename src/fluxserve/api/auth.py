@@ -66,6 +66,14 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() or None
 
 
+def replicate_token(authorization: str | None) -> str | None:
+    """The token of ``Authorization: Bearer <token>`` or ``Token <token>`` (Replicate takes both)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() not in ("bearer", "token"):
+        return None
+    return token.strip() or None
+
+
 async def bearer_key(
     request: Request,
     services: Annotated[Services, Depends(get_services)],

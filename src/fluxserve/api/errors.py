@@ -3,6 +3,8 @@
 - Reseller (``/bfl/v1/``, ``/flux/``): ``{"status":"FAILED","message":"<what and why>","data":null}``.
 - Vendor (``/v1/`` but not ``/v1/images/``): FastAPI's ``{"detail": ...}`` shape and 422s.
 - OpenAI images (``/v1/images/``): ``{"error": {"message", "type", "param", "code"}}``.
+- Replicate (``/v1/predictions``, ``/v1/models/``, ``/v1/files``, ``/v1/webhooks/``): ``{"title", "detail",
+  "status"}`` (``api/replicate_errors.py`` adds ``invalid_fields``).
 
 :func:`error_response` is the one renderer, by path; the app's handlers and the request guard use it.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -31,6 +34,7 @@ log = logging.getLogger("fluxserve.api")
 VENDOR_PREFIX = "/v1/"
 RESELLER_MODEL_PREFIX = "/bfl/v1/"
 OPENAI_PREFIX = "/v1/images/"
+REPLICATE_PREFIXES = ("/v1/predictions", "/v1/models/", "/v1/files", "/v1/webhooks/")  # api/replicate.py
 # The openai SDKs retry 408, 409, 429 and 5xx unless told not to; a retried submit would be a second job.
 NO_RETRY = {"x-should-retry": "false"}
 # What a client is told while the database is away: a restart or failover takes seconds.
@@ -124,6 +128,9 @@ def error_response(
     """An error in the dialect that ``path`` belongs to."""
     if path.startswith(OPENAI_PREFIX):
         return openai_error(status_code, message, headers=headers)
+    if path.startswith(REPLICATE_PREFIXES):  # Replicate's problem details
+        body = {"title": HTTPStatus(status_code).phrase, "detail": message, "status": status_code}
+        return JSONResponse(body, status_code=status_code, headers=headers)
     if path.startswith(VENDOR_PREFIX):
         return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
     return failed(status_code, message, headers)

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.api.auth import BAD_BEARER, NO_BEARER, bearer_token, verify
+from fluxserve.api.auth import BAD_BEARER, NO_BEARER, bearer_token, replicate_token, verify
 from fluxserve.api.errors import (
     OPENAI_PREFIX,
     VENDOR_PREFIX,
@@ -46,6 +46,9 @@ NATIVE_SUBMIT = frozenset({"/flux/generate", "/flux/edits"})  # the reseller's o
 RESELLER_SUBMIT = frozenset(f"/bfl/v1/{name}" for name in MODELS) | NATIVE_SUBMIT
 OPENAI_SUBMIT = frozenset({"/v1/images/generations", "/v1/images/edits"})
 VENDOR_SUBMIT = frozenset(f"/v1/{name}" for name in MODELS) | OPENAI_SUBMIT
+REPLICATE_SUBMIT = frozenset(
+    f"/v1/models/black-forest-labs/{spec.replicate}/predictions" for spec in MODELS.values() if spec.replicate
+) | {"/v1/predictions", "/v1/files"}
 
 
 CLOSE = {"connection": "close"}
@@ -129,7 +132,9 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        submit = scope["method"] == "POST" and (path in RESELLER_SUBMIT or path in VENDOR_SUBMIT)
+        submit = scope["method"] == "POST" and (
+            path in RESELLER_SUBMIT or path in VENDOR_SUBMIT or path in REPLICATE_SUBMIT
+        )
         limit = self.submit_max_bytes if submit else self.other_max_bytes
         headers = Headers(scope=scope)
         declared = ascii_int(headers.get("content-length", ""), 19)  # the body counted below decides
@@ -221,11 +226,14 @@ class RequestGuard:
         """The submit's key refused from its headers alone: missing or unknown (401; the vendor's 403),
         or, for an upload, a balance below the cheapest price on the route (402), before any body is read."""
         openai, vendor = path.startswith(OPENAI_PREFIX), path.startswith(VENDOR_PREFIX)
-        if openai:
-            raw = bearer_token(headers.get("authorization"))
+        replicate = path in REPLICATE_SUBMIT  # Bearer or Token (api/replicate.py)
+        if openai or replicate:
+            raw = (replicate_token if replicate else bearer_token)(headers.get("authorization"))
         else:
             raw = headers.get("x-key" if vendor else "tt-api-key")
         key = await verify(scope, self.keys, raw) if raw else None
+        if key is None and replicate:
+            return refusal(path, 401, "You did not pass a valid authentication token (Bearer or Token)")
         if key is None and openai:
             message = BAD_BEARER if raw else NO_BEARER
             return openai_error(401, message, code="invalid_api_key", headers=CLOSE)

@@ -25,6 +25,7 @@ from fluxserve.core.sizes import SizeRule
 class Dialect(StrEnum):
     RESELLER = "reseller"  # /bfl/v1/<model>, TT-API-KEY, the {"status","message","data"} envelope
     VENDOR = "vendor"  # /v1/<model>, x-key, the vendor's own shapes
+    REPLICATE = "replicate"  # /v1/models/black-forest-labs/<replicate>/predictions (api/replicate.py)
 
 
 class Family(StrEnum):
@@ -57,6 +58,7 @@ class ModelSpec:
     further_mp_price: Decimal | None = None  # credits per further megapixel (FLUX.2); None: flat per image
     max_active: int | None = None  # its own limit of active jobs per key; None: the key's general limit
     upstream: str = ""  # the vendor endpoint (``/v1/<upstream>``) a relay sends it to; default: name
+    replicate: str = ""  # its name on Replicate (``black-forest-labs/<replicate>``); "": not served there
     image_fields: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -140,6 +142,7 @@ def _kontext(name: str, title: str, price: str, max_active: int | None = None) -
         price=Decimal(price),
         size_rule=SizeRule.KONTEXT,
         max_active=max_active,
+        replicate=name,
         fields={
             Dialect.RESELLER: _fields(_RESELLER, _KONTEXT),
             Dialect.VENDOR: _fields(_VENDOR, _KONTEXT, prompt=REQUIRED, output_format="png"),
@@ -149,7 +152,7 @@ def _kontext(name: str, title: str, price: str, max_active: int | None = None) -
 
 def _flux2(
     name: str, title: str, price: str, further: str, vendor: Mapping[str, Any], family: Family = Family.FLUX2,
-    reseller: Mapping[str, Any] | None = None,
+    reseller: Mapping[str, Any] | None = None, replicate: str = "",
 ) -> ModelSpec:  # fmt: skip
     fields = (
         {Dialect.VENDOR: vendor} if reseller is None else {Dialect.VENDOR: vendor, Dialect.RESELLER: reseller}
@@ -162,6 +165,7 @@ def _flux2(
         further_mp_price=Decimal(further),
         size_rule=SizeRule.FLUX2,
         fields=fields,
+        replicate=replicate,
     )
 
 
@@ -173,6 +177,7 @@ _ENTRIES = (
         "1.5",
         _FLUX2_VENDOR,
         reseller=_FLUX2_RESELLER,
+        replicate="flux-2-pro",
     ),
     _flux2(
         "flux-2-max",
@@ -181,6 +186,7 @@ _ENTRIES = (
         "3",
         _FLUX2_VENDOR,
         reseller=_FLUX2_RESELLER,
+        replicate="flux-2-max",
     ),
     _flux2(
         "flux-2-flex",
@@ -189,6 +195,7 @@ _ENTRIES = (
         "5",
         _FLEX_VENDOR,
         reseller=_fields(_FLUX2_RESELLER, steps=50, guidance=Variant("flex_guidance", 5.0)),
+        replicate="flux-2-flex",
     ),
     _flux2("flux-2-pro-preview", "FLUX.2 [pro] preview", "3", "1.5", _FLUX2_VENDOR),
     _flux2(
@@ -239,6 +246,7 @@ _ENTRIES = (
         family=Family.FLUX1,
         price=Decimal("6"),
         size_rule=SizeRule.ULTRA,
+        replicate="flux-1.1-pro-ultra",
         fields={
             Dialect.RESELLER: _fields(_RESELLER, _ULTRA, aspect_ratio="1:1"),
             Dialect.VENDOR: _fields(_VENDOR, _ULTRA, aspect_ratio="16:9"),
@@ -250,6 +258,7 @@ _ENTRIES = (
         family=Family.FLUX1,
         price=Decimal("4"),
         size_rule=SizeRule.WIDTH_HEIGHT,
+        replicate="flux-1.1-pro",
         fields={Dialect.RESELLER: _fields(_RESELLER, _SIZED), Dialect.VENDOR: _fields(_VENDOR, _SIZED)},
     ),
     ModelSpec(
@@ -269,6 +278,7 @@ _ENTRIES = (
         family=Family.FLUX1,
         price=Decimal("2.5"),
         size_rule=SizeRule.WIDTH_HEIGHT,
+        replicate="flux-dev",
         fields={
             Dialect.RESELLER: _fields(_RESELLER, _SIZED, steps=40, guidance=2.5),
             Dialect.VENDOR: _fields(_VENDOR, _SIZED, steps=28, guidance=3.0),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -27,7 +27,7 @@ from sqlalchemy.sql.elements import BindParameter
 from fluxserve.core.job import ACTIVE_STATUSES, QUEUE_POSITION_CAP, Job, JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.pricing import Quote
-from fluxserve.db import ledger, outbox
+from fluxserve.db import ledger, outbox, predictions
 from fluxserve.db.connection import as_utc, reconnecting, utcnow
 from fluxserve.db.tables import api_keys, idempotency_keys, job_counts, jobs
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
@@ -92,6 +92,7 @@ def _job(row: RowMapping) -> Job:
         heartbeat_at=as_utc(row["heartbeat_at"]),
         result_expired_at=as_utc(row["result_expired_at"]),
         result_pruned=bool(row["result_pruned"]),
+        prediction_id=row["prediction_id"],
     )
 
 
@@ -235,21 +236,40 @@ class SqlJobStore:
         with self._engine.begin() as conn:
             # The hold comes first: it serialises this key's submits, so the limits cannot race, and
             # the Idempotency-Key read below sees every earlier submit of this key.
-            if not ledger.hold(conn, job.key_id, job.cost, job_id=job.id, model=job.model):
-                raise QuotaExceeded()
+            self._hold(conn, job)
             if idempotency is not None:
                 existing = self._replay(conn, job.key_id, idempotency)
                 if existing is not None:
                     raise _Replayed(existing)  # rolls the hold back
-            probe = conn.execute(_PROBE, {"key_id": job.key_id, "model": job.model}).one()
-            if _over(probe, max_active, max_active_model):
-                conn.rollback()
-                raise TooManyActiveJobs()
-            job.created_at = utcnow()
-            conn.execute(_INSERT_JOB, {**self._values(job), "turn": _turn(probe)})
+            self._insert(conn, job, max_active, max_active_model)
             if idempotency is not None:
                 self._remember(conn, job, idempotency)
         return job
+
+    @reconnecting
+    def submit_group(
+        self, group: Sequence[Job], max_active: int, max_active_model: int | None = None
+    ) -> list[Job]:
+        with self._engine.begin() as conn:
+            for job in group:
+                self._hold(conn, job)
+                self._insert(conn, job, max_active, max_active_model)
+        return list(group)
+
+    @staticmethod
+    def _hold(conn: Connection, job: Job) -> None:
+        if not ledger.hold(conn, job.key_id, job.cost, job_id=job.id, model=job.model):
+            raise QuotaExceeded()
+
+    def _insert(self, conn: Connection, job: Job, max_active: int, max_active_model: int | None) -> None:
+        """Write the job after its hold, unless the key (its earlier jobs of this transaction counted) is at
+        its limits."""
+        probe = conn.execute(_PROBE, {"key_id": job.key_id, "model": job.model}).one()
+        if _over(probe, max_active, max_active_model):
+            conn.rollback()
+            raise TooManyActiveJobs()
+        job.created_at = utcnow()
+        conn.execute(_INSERT_JOB, {**self._values(job), "turn": _turn(probe)})
 
     @reconnecting
     def replay(self, key_id: str, idempotency: Idempotency) -> Job | None:
@@ -314,6 +334,7 @@ class SqlJobStore:
             "attempts": 0,
             "cancel_requested": False,
             "created_at": job.created_at,
+            "prediction_id": job.prediction_id,
         }
 
     @reconnecting
@@ -406,6 +427,9 @@ class SqlJobStore:
                 .mappings()
                 .all()
             )
+            predictions.started(
+                conn, {row["prediction_id"]: row["id"] for row in rows if row["prediction_id"]}
+            )
         return sorted((_job(row) for row in rows), key=lambda job: job.created_at or now)
 
     def wait_for_work(self, stop: threading.Event, timeout: float) -> None:
@@ -481,13 +505,17 @@ class SqlJobStore:
             update(jobs)
             .where(*guard)
             .values(values)
-            .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.webhook_url, jobs.c.model)
+            .returning(
+                jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.webhook_url, jobs.c.model, jobs.c.prediction_id
+            )
         ).first()
         if row is None:
             return False
         held = ledger.from_hundredths(row.cost_hundredths)
         ledger.settle(conn, row.key_id, held, status.is_charged, job_id=job_id, model=row.model)
-        if row.webhook_url:
+        if row.prediction_id:  # the prediction's webhooks, not one per job
+            predictions.ended(conn, row.prediction_id, job_id, status is JobStatus.SUCCEEDED)
+        elif row.webhook_url:
             outbox.enqueue(conn, job_id, row.key_id, row.webhook_url)
         return True
 

@@ -1,0 +1,90 @@
+"""Refusals of the Replicate surface (``api/replicate.py``) as Replicate words them: RFC 7807 problem details,
+``{"title", "detail", "status"}``, and for invalid input a 422 with ``invalid_fields``:
+``[{"type", "field", "description"}]``, each naming the input by its Replicate name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from fluxserve.api.errors import readable_errors
+from fluxserve.core.fields import error_messages
+
+
+class ReplicateError(Exception):
+    """A refusal as Replicate words it (RFC 7807 problem details)."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        invalid_fields: list[dict[str, str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.invalid_fields = invalid_fields
+        self.headers = dict(headers or {})
+
+    def response(self) -> JSONResponse:
+        body: dict[str, Any] = {"title": self.title, "detail": self.detail, "status": self.status}
+        if self.invalid_fields is not None:
+            body["invalid_fields"] = self.invalid_fields
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def problem(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """A refusal made outside this router (a 404 path, a 413 body, the server busy) in Replicate's shape."""
+    return ReplicateError(status, TITLES.get(status, "Error"), detail, headers=headers).response()
+
+
+TITLES = {
+    401: "Unauthenticated",
+    402: "Insufficient credit",
+    404: "Not found",
+    413: "Request too large",
+    422: "Input validation failed",
+    429: "Too many requests",
+    503: "Service unavailable",
+}
+
+
+def invalid(fields: list[tuple[str, str, str]]) -> ReplicateError:
+    """422 naming each (field, kind, description)."""
+    items = [{"type": kind, "field": field, "description": text} for field, kind, text in fields]
+    detail = "".join(f"- {field}: {text}\n" for field, _, text in fields)
+    return ReplicateError(422, TITLES[422], detail, items)
+
+
+def _body_errors(errors: list[dict[str, Any]]) -> ReplicateError:
+    """The request body's own errors (``input``, ``version``, ``webhook``...), by field."""
+    found = []
+    for message, error in zip(error_messages(errors), errors, strict=True):
+        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+        found.append((".".join(loc) or "body", str(error.get("type", "invalid")), message))
+    return invalid(found)
+
+
+class ReplicateRoute(APIRoute):
+    """Request validation errors as Replicate's 422."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return _body_errors(readable_errors(exc)).response()
+            except ReplicateError as error:
+                return error.response()
+
+        return route
