@@ -20,7 +20,17 @@ from sqlalchemy import Engine
 
 from fluxserve import __version__
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.api import events, files, openai_images, ops, replicate, reseller, reseller_native, vendor
+from fluxserve.api import (
+    events,
+    files,
+    openai_images,
+    ops,
+    replicate,
+    replicate_files,
+    reseller,
+    reseller_native,
+    vendor,
+)
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.headers import ResponseHeaders
@@ -241,6 +251,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         HeldRequests(settings.max_held_requests),
     )
     app.include_router(replicate.router, max_body_size=max_body_size(settings))  # before vendor's /v1/<model>
+    app.include_router(replicate_files.router, max_body_size=max_body_size(settings))
     app.state.replicate = replicate.ReplicateOptions(
         runtime.predictions, HeldRequests(settings.max_held_requests)
     )

@@ -20,6 +20,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import ApiError, OpenAIError
+from fluxserve.api.replicate_errors import TITLES, ReplicateError
 
 TT_API_KEY = APIKeyHeader(
     name="TT-API-KEY", scheme_name="TT-API-KEY", description="Your API key.", auto_error=False
@@ -85,4 +86,17 @@ async def bearer_key(
     key = await verify(request.scope, services.keys, credentials.credentials)
     if key is None:
         raise OpenAIError(401, BAD_BEARER, code="invalid_api_key")
+    return key
+
+
+async def replicate_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> ApiKey:
+    """``Authorization: Bearer <key>`` or ``Token <key>``; 401 for a missing or wrong one, as Replicate."""
+    token = replicate_token(request.headers.get("authorization"))
+    if token is None:
+        raise ReplicateError(
+            401, TITLES[401], "You did not pass an authentication token (Authorization: Bearer <key>)"
+        )
+    key = await verify(request.scope, services.keys, token)
+    if key is None:
+        raise ReplicateError(401, TITLES[401], "You did not pass a valid authentication token")
     return key

@@ -26,7 +26,6 @@ import asyncio
 import base64
 import secrets
 import time
-from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -38,14 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from fluxserve.accounts.keys import ApiKey
-from fluxserve.api.auth import replicate_token, verify
+from fluxserve.api.auth import replicate_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.events import EventStreams, get_streams
 from fluxserve.api.limits import HeldRequests
-from fluxserve.api.replicate_errors import TITLES, ReplicateError, ReplicateRoute, invalid
-from fluxserve.api.replicate_files import add_file_routes, own_file
+from fluxserve.api.replicate_errors import TITLES, ReplicateError, ReplicateRoute, invalid, invalid_fields
+from fluxserve.api.replicate_files import own_file
 from fluxserve.api.requests import SCHEMAS, SubmitRequest, size_fields
-from fluxserve.core.fields import error_messages
 from fluxserve.core.models import Dialect, ModelSpec
 from fluxserve.core.params import GenerationParams
 from fluxserve.core.prediction import Prediction
@@ -76,19 +74,6 @@ class ReplicateOptions:
 
 def _options(request: Request) -> ReplicateOptions:
     return cast(ReplicateOptions, request.app.state.replicate)
-
-
-async def replicate_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> ApiKey:
-    """``Authorization: Bearer <key>`` or ``Token <key>``; 401 for a missing or wrong one, as Replicate."""
-    token = replicate_token(request.headers.get("authorization"))
-    if token is None:
-        raise ReplicateError(
-            401, TITLES[401], "You did not pass an authentication token (Authorization: Bearer <key>)"
-        )
-    key = await verify(request.scope, services.keys, token)
-    if key is None:
-        raise ReplicateError(401, TITLES[401], "You did not pass a valid authentication token")
-    return key
 
 
 Key = Annotated[ApiKey, Depends(replicate_key)]
@@ -145,19 +130,7 @@ def _inputs(spec: ModelSpec, values: dict[str, Any]) -> ReplicateInput:
     try:
         return INPUTS[spec.name].model_validate(values)
     except ValidationError as error:
-        raise _invalid_inputs(error, {}) from None
-
-
-def _invalid_inputs(error: ValidationError, renamed: Mapping[str, str]) -> ReplicateError:
-    """A 422 naming each input at fault: this server's field names ``renamed`` to Replicate's."""
-    errors = [dict(item) for item in error.errors()]
-    found = []
-    for message, item in zip(error_messages(errors), errors, strict=True):
-        loc = item.get("loc")
-        ours = str(loc[0]) if isinstance(loc, tuple) and loc else "input"
-        kind = "required" if item.get("type") == "missing" else str(item.get("type", "invalid"))
-        found.append((renamed.get(ours, ours), kind, message.removeprefix(f"{ours}: ")))
-    return invalid(found)
+        raise invalid_fields([dict(item) for item in error.errors()]) from None
 
 
 def _image(value: str, key: ApiKey, services: Services, field: str) -> str:
@@ -183,7 +156,7 @@ def _request(spec: ModelSpec, inputs: ReplicateInput, key: ApiKey, services: Ser
     try:
         request = schema.model_validate({**fields, **images, "prompt": inputs.prompt, "seed": inputs.seed})
     except ValidationError as error:
-        raise _invalid_inputs(error, inputs.renamed) from None
+        raise invalid_fields([dict(item) for item in error.errors()], inputs.renamed) from None
     extra = {
         name: value
         for name, value in fields.items()
@@ -390,6 +363,3 @@ def version(owner: str, name: str, version: str, key: Key, services: Deps) -> JS
 @router.get("/webhooks/default/secret", summary="The key's webhook signing secret (Replicate)")
 def webhook_secret(key: Key) -> dict[str, str]:
     return {"key": key.webhook_secret}
-
-
-add_file_routes(router, Depends(replicate_key))

@@ -64,12 +64,16 @@ def invalid(fields: list[tuple[str, str, str]]) -> ReplicateError:
     return ReplicateError(422, TITLES[422], detail, items)
 
 
-def _body_errors(errors: list[dict[str, Any]]) -> ReplicateError:
-    """The request body's own errors (``input``, ``version``, ``webhook``...), by field."""
+def invalid_fields(errors: list[dict[str, Any]], renamed: Mapping[str, str] | None = None) -> ReplicateError:
+    """Pydantic's errors as one 422, each naming its field (``renamed``: this server's name -> the one
+    the client sent) with the rule it broke."""
     found = []
-    for message, error in zip(error_messages(errors), errors, strict=True):
+    for error in errors:
         loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-        found.append((".".join(loc) or "body", str(error.get("type", "invalid")), message))
+        ours = loc[0] if loc else "body"
+        kind = "required" if error.get("type") == "missing" else str(error.get("type", "invalid"))
+        message = error_messages([error])[0].removeprefix(f"{ours}: ")
+        found.append(((renamed or {}).get(ours, ours), kind, message))
     return invalid(found)
 
 
@@ -83,7 +87,7 @@ class ReplicateRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
-                return _body_errors(readable_errors(exc)).response()
+                return invalid_fields(readable_errors(exc)).response()
             except ReplicateError as error:
                 return error.response()
 

@@ -17,10 +17,14 @@ from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from fluxserve.accounts.keys import ApiKey
+from fluxserve.api.auth import replicate_key
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.replicate_errors import ReplicateError, invalid
+from fluxserve.api.replicate_errors import ReplicateError, ReplicateRoute, invalid
 from fluxserve.errors import BlobNotFound
 
+router = APIRouter(prefix="/v1", tags=["replicate"], route_class=ReplicateRoute)
+Key = Annotated[ApiKey, Depends(replicate_key)]
+Deps = Annotated[Services, Depends(get_services)]
 FILES = "replicate-files/"  # a key's files are stored under replicate-files/<key id>/<file id>
 ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -59,64 +63,62 @@ def _shown(record: dict[str, Any], services: Services) -> dict[str, Any]:
     return {**record, "urls": {"get": url}}
 
 
-def add_file_routes(router: APIRouter, key_dependency: Any) -> None:
-    """The files routes on the surface's router, authenticated as its other routes are."""
-    Key = Annotated[ApiKey, key_dependency]
-    Deps = Annotated[Services, Depends(get_services)]
+@router.post("/files", summary="Upload a file to use as a prediction input (Replicate)", status_code=201)
+async def upload(
+    key: Key,
+    services: Deps,
+    content: Annotated[UploadFile, File(description="The file.")],
+    metadata: Annotated[str | None, Form(max_length=10_000, description="JSON object.")] = None,
+) -> JSONResponse:
+    limit = services.submitter.max_input_bytes
+    if content.size is not None and content.size > limit:
+        raise invalid([("content", "too_large", f"{content.size} bytes; at most {limit} are accepted")])
+    data = await content.read()
+    try:
+        extra = json.loads(metadata) if metadata else {}
+    except json.JSONDecodeError:
+        extra = None
+    if not isinstance(extra, dict):
+        raise invalid([("metadata", "invalid", "must be a JSON object")])
+    file_id = "".join(secrets.choice(ID_CHARS) for _ in range(24))
+    digest = hashlib.sha256(data).hexdigest()
+    record = {
+        "id": file_id,
+        "name": content.filename or "file",
+        "content_type": content.content_type or "application/octet-stream",
+        "size": len(data),
+        "etag": digest[:32],
+        "checksums": {"sha256": digest},
+        "metadata": extra,
+        "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "expires_at": None,
+    }
+    blob = f"{_prefix(key.id)}{file_id}"
+    services.blobs.put(blob, data, str(record["content_type"]))
+    services.blobs.put(f"{blob}.json", json.dumps(record).encode(), "application/json")
+    return JSONResponse(_shown(record, services), status_code=201)
 
-    @router.post("/files", summary="Upload a file to use as a prediction input (Replicate)", status_code=201)
-    async def upload(
-        key: Key,
-        services: Deps,
-        content: Annotated[UploadFile, File(description="The file.")],
-        metadata: Annotated[str | None, Form(max_length=10_000, description="JSON object.")] = None,
-    ) -> JSONResponse:
-        limit = services.submitter.max_input_bytes
-        if content.size is not None and content.size > limit:
-            raise invalid([("content", "too_large", f"{content.size} bytes; at most {limit} are accepted")])
-        data = await content.read()
-        try:
-            extra = json.loads(metadata) if metadata else {}
-        except json.JSONDecodeError:
-            extra = None
-        if not isinstance(extra, dict):
-            raise invalid([("metadata", "invalid", "must be a JSON object")])
-        file_id = "".join(secrets.choice(ID_CHARS) for _ in range(24))
-        digest = hashlib.sha256(data).hexdigest()
-        record = {
-            "id": file_id,
-            "name": content.filename or "file",
-            "content_type": content.content_type or "application/octet-stream",
-            "size": len(data),
-            "etag": digest[:32],
-            "checksums": {"sha256": digest},
-            "metadata": extra,
-            "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "expires_at": None,
-        }
-        blob = f"{_prefix(key.id)}{file_id}"
-        services.blobs.put(blob, data, str(record["content_type"]))
-        services.blobs.put(f"{blob}.json", json.dumps(record).encode(), "application/json")
-        return JSONResponse(_shown(record, services), status_code=201)
 
-    @router.get("/files", summary="The key's files (Replicate)")
-    def listing(key: Key, services: Deps) -> dict[str, Any]:
-        names = [info.key for info in services.blobs.list(_prefix(key.id)) if info.key.endswith(".json")]
-        records = [json.loads(services.blobs.get(name)) for name in names]
-        records.sort(key=lambda record: record["created_at"], reverse=True)
-        return {"previous": None, "next": None, "results": [_shown(record, services) for record in records]}
+@router.get("/files", summary="The key's files (Replicate)")
+def listing(key: Key, services: Deps) -> dict[str, Any]:
+    names = [info.key for info in services.blobs.list(_prefix(key.id)) if info.key.endswith(".json")]
+    records = [json.loads(services.blobs.get(name)) for name in names]
+    records.sort(key=lambda record: record["created_at"], reverse=True)
+    return {"previous": None, "next": None, "results": [_shown(record, services) for record in records]}
 
-    @router.get("/files/{file_id}", summary="A file's record (Replicate)")
-    def get(file_id: str, key: Key, services: Deps) -> JSONResponse:
-        record = _record(services, key, file_id)
-        if record is None:
-            raise ReplicateError(404, "Not found", f"File {file_id[:100]} not found for this key")
-        return JSONResponse(_shown(record, services))
 
-    @router.delete("/files/{file_id}", summary="Delete a file (Replicate)", status_code=204)
-    def delete(file_id: str, key: Key, services: Deps) -> Response:
-        if _record(services, key, file_id) is None:
-            raise ReplicateError(404, "Not found", f"File {file_id[:100]} not found for this key")
-        services.blobs.delete(f"{_prefix(key.id)}{file_id}")
-        services.blobs.delete(f"{_prefix(key.id)}{file_id}.json")
-        return Response(status_code=204)
+@router.get("/files/{file_id}", summary="A file's record (Replicate)")
+def get(file_id: str, key: Key, services: Deps) -> JSONResponse:
+    record = _record(services, key, file_id)
+    if record is None:
+        raise ReplicateError(404, "Not found", f"File {file_id[:100]} not found for this key")
+    return JSONResponse(_shown(record, services))
+
+
+@router.delete("/files/{file_id}", summary="Delete a file (Replicate)", status_code=204)
+def delete(file_id: str, key: Key, services: Deps) -> Response:
+    if _record(services, key, file_id) is None:
+        raise ReplicateError(404, "Not found", f"File {file_id[:100]} not found for this key")
+    services.blobs.delete(f"{_prefix(key.id)}{file_id}")
+    services.blobs.delete(f"{_prefix(key.id)}{file_id}.json")
+    return Response(status_code=204)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
@@ -22,6 +22,7 @@ from fluxserve.surfaces.base import Links
 from fluxserve.surfaces.replicate_inputs import INPUTS, OWNER
 
 COG_VERSION = "fluxserve"  # a version's cog_version: no Cog runs here
+SERVING_SINCE = datetime.now(UTC)  # a version's created_at: when this process began serving it
 
 
 def _time(value: datetime | None) -> str | None:
@@ -84,7 +85,7 @@ def render_model(spec: ModelSpec, base_url: str) -> dict[str, Any]:
 def render_version(spec: ModelSpec) -> dict[str, Any]:
     return {
         "id": version_id(spec),
-        "created_at": None,
+        "created_at": _time(SERVING_SINCE),
         "cog_version": COG_VERSION,
         "openapi_schema": openapi_schema(spec),
     }
