@@ -5,8 +5,11 @@ refusal in Replicate's own shape."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
@@ -294,3 +297,43 @@ def test_data_uri_input_and_token_auth(server: ServerProcess, key: dict[str, Any
     assert response.status_code == 201 and body["status"] == "succeeded", body
     assert "not kept" in body["input"]["input_image"]
     assert Image.open(io.BytesIO(httpx.get(body["output"], timeout=30).content)).size == (880, 1184)
+
+
+def test_stream_sends_each_output_then_done(client: replicate.Client, key: dict[str, Any]) -> None:
+    prediction = client.models.predictions.create(
+        model=DEV, input={"prompt": "streamed", "num_outputs": 2, "num_inference_steps": 1}
+    )
+    assert prediction.urls is not None
+    events: list[tuple[str, str]] = []
+    headers = {"Authorization": f"Bearer {key['key']}"}
+    with httpx.stream("GET", prediction.urls["stream"], headers=headers, timeout=120) as response:
+        assert response.status_code == 200
+        event = ""
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line.removeprefix("event:").strip()
+            elif line.startswith("data:"):
+                events.append((event, line.removeprefix("data:").strip()))
+    assert [name for name, _ in events] == ["output", "output", "done"]
+    assert all(httpx.get(url, timeout=30).status_code == 200 for name, url in events if name == "output")
+
+
+JS = Path(__file__).parent / "js"
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None or not (JS / "node_modules").is_dir(),
+    reason="needs node and `npm ci` in tests/e2e/js (Replicate's JavaScript client and the AI SDK provider)",
+)
+def test_the_javascript_client_and_the_ai_sdk_provider(server: ServerProcess) -> None:
+    key = server.create_key(credits="100")["key"]
+    done = subprocess.run(
+        ["node", str(JS / "replicate_clients.mjs"), server.base_url, key],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    sizes = [Image.open(io.BytesIO(httpx.get(url, timeout=30).content)).size for url in result["output"]]
+    assert sizes == [(512, 512), (512, 512)]
+    (image,) = result["images"]
+    assert Image.open(io.BytesIO(base64.b64decode(image))).size == (1344, 768)  # 16:9, about 1 MP, steps of 32

@@ -24,22 +24,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import secrets
 import time
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal, cast
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import replicate_key
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.events import EventStreams, get_streams
+from fluxserve.api.events import PING_SECONDS, EventStreams, get_streams
 from fluxserve.api.limits import HeldRequests
 from fluxserve.api.replicate_errors import TITLES, ReplicateError, ReplicateRoute, invalid, invalid_fields
 from fluxserve.api.replicate_files import own_file
@@ -245,26 +248,37 @@ def _wait_seconds(prefer: str | None) -> float | None:
     return None
 
 
-async def _held(
+async def _watch(
     prediction: Prediction, seconds: float, options: ReplicateOptions, streams: EventStreams
-) -> tuple[Prediction, bool]:
-    """The prediction once all its jobs ended, or as it stands after ``seconds``; and whether it ended."""
+) -> AsyncIterator[Prediction]:
+    """The prediction now, then again each time the change feed says one of its jobs changed, until all of
+    them ended or ``seconds`` passed."""
     deadline = time.monotonic() + seconds
-    ids = {job.id for job in prediction.jobs}
-    with streams.waiting(ids) as changed:
+    with streams.waiting({job.id for job in prediction.jobs}) as changed:
         while True:
             changed.clear()
             now = await run_in_threadpool(options.predictions.get, prediction.id)
             if now is None:
-                return prediction, False
-            prediction = now
-            if all(job.status.is_terminal for job in prediction.jobs):
-                return prediction, True
+                return
+            yield now
             left = deadline - time.monotonic()
-            if left <= 0:
-                return prediction, False
+            if _ended(now) or left <= 0:
+                return
             with suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(left, SAFETY_SECONDS))
+
+
+def _ended(prediction: Prediction) -> bool:
+    return all(job.status.is_terminal for job in prediction.jobs)
+
+
+async def _held(
+    prediction: Prediction, seconds: float, options: ReplicateOptions, streams: EventStreams
+) -> Prediction:
+    """The prediction once all its jobs ended, or as it stands after ``seconds``."""
+    async for now in _watch(prediction, seconds, options, streams):
+        prediction = now
+    return prediction
 
 
 def _shown(prediction: Prediction, services: Services) -> dict[str, Any]:
@@ -288,9 +302,9 @@ async def _answer(
         prediction = await run_in_threadpool(_create, spec, body, key, services, options)
         shown = None
         if seconds is not None:
-            prediction, ended = await _held(prediction, seconds, options, streams)
+            prediction = await _held(prediction, seconds, options, streams)
             shown = _shown(prediction, services)
-            if not ended:
+            if not _ended(prediction):
                 shown["status"] = "starting"  # Replicate's clients poll a prediction a wait left unfinished
         return JSONResponse(shown or _shown(prediction, services), status_code=201)
     finally:
@@ -335,6 +349,41 @@ def cancel(prediction_id: str, key: Key, services: Deps, options: Options) -> JS
         if ended is not None and ended.status.is_terminal:
             drop_inputs(services.blobs, job.id)
     return JSONResponse(_shown(_mine(prediction_id, key, options), services))
+
+
+@router.get("/predictions/{prediction_id}/stream", summary="A prediction's outputs as Server-Sent Events")
+async def stream(
+    prediction_id: str, key: Key, services: Deps, options: Options, streams: Streams
+) -> Response:
+    """Replicate's stream events: ``output`` (each image's URL as it is made), ``error``, then ``done``.
+    Counted against the key's event streams; it ends after the streams' idle time (reconnect to go on)."""
+    prediction = await run_in_threadpool(_mine, prediction_id, key, options)
+    refused = streams.acquire(key.id)
+    if refused is not None:
+        raise ReplicateError(429, TITLES[429], refused)
+    return EventSourceResponse(_events(prediction, key, services, options, streams), ping=PING_SECONDS)
+
+
+async def _events(
+    prediction: Prediction, key: ApiKey, services: Services, options: ReplicateOptions, streams: EventStreams
+) -> AsyncIterator[ServerSentEvent]:
+    try:
+        sent = 0
+        async for now in _watch(prediction, streams.idle_seconds, options, streams):
+            shown = _shown(now, services)
+            outputs = shown["output"] if isinstance(shown["output"], list) else [shown["output"]]
+            for url in [url for url in outputs if url][sent:]:
+                sent += 1
+                yield ServerSentEvent(url, event="output")
+            status = shown["status"]
+            if status == "failed":
+                yield ServerSentEvent(json.dumps({"detail": shown["error"]}), event="error")
+            if status in ("succeeded", "failed", "canceled"):
+                yield ServerSentEvent(
+                    json.dumps({} if status == "succeeded" else {"reason": status}), event="done"
+                )
+    finally:
+        streams.release(key.id)
 
 
 @router.get("/predictions", summary="List the key's predictions, newest first (Replicate)")
