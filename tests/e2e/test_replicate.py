@@ -336,4 +336,4 @@ def test_the_javascript_client_and_the_ai_sdk_provider(server: ServerProcess) ->
     sizes = [Image.open(io.BytesIO(httpx.get(url, timeout=30).content)).size for url in result["output"]]
     assert sizes == [(512, 512), (512, 512)]
     (image,) = result["images"]
-    assert Image.open(io.BytesIO(base64.b64decode(image))).size == (1344, 768)  # 16:9, about 1 MP, steps of 32
+    assert Image.open(io.BytesIO(base64.b64decode(image))).size == (1344, 768)  # 16:9 near 1 MP, by 32s
