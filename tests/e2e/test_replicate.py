@@ -76,7 +76,7 @@ def test_run_flux_dev_returns_num_outputs_images_of_the_aspect_and_megapixels(
     )  # fmt: skip
     assert isinstance(output, list) and len(output) == 2
     images = [Image.open(io.BytesIO(_bytes(item))) for item in output]
-    assert [image.size for image in images] == [(672, 384), (672, 384)]  # 16:9 at 0.25 MP, steps of 16
+    assert [image.size for image in images] == [(672, 384), (672, 384)]  # 16:9 at 0.25 MP, steps of 32
     assert {image.format for image in images} == {"PNG"}  # webp, the default, is written as PNG
     assert before - _credits(server, key["key"]) == 5.0  # two flux-dev images of 2.5
 
