@@ -26,6 +26,7 @@ from fluxserve.api import (
     openai_images,
     ops,
     replicate,
+    replicate_errors,
     replicate_files,
     reseller,
     reseller_native,
@@ -229,6 +230,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = runtime.services
     app.state.runtime = runtime
     install_error_handlers(app)
+    app.add_exception_handler(replicate_errors.ReplicateError, replicate_errors.render)
     # Before any route: per-route body caps (submit routes take images, the rest a small JSON), a submit
     # route's key checked before its body is read, and a submit body's JSON size bounded before parsing.
     app.add_middleware(

@@ -47,6 +47,7 @@ from fluxserve.api.limits import HeldRequests
 from fluxserve.api.replicate_errors import TITLES, ReplicateError, ReplicateRoute, invalid, invalid_fields
 from fluxserve.api.replicate_files import own_file
 from fluxserve.api.requests import SCHEMAS, SubmitRequest, size_fields
+from fluxserve.core.fields import WebhookUrl
 from fluxserve.core.models import Dialect, ModelSpec
 from fluxserve.core.params import GenerationParams
 from fluxserve.core.prediction import Prediction
@@ -92,8 +93,8 @@ class CreateBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     input: dict[str, Any]
-    webhook: Annotated[str | None, Field(max_length=2083)] = None
-    webhook_completed: Annotated[str | None, Field(max_length=2083)] = None  # the older form of the same
+    webhook: WebhookUrl = None
+    webhook_completed: WebhookUrl = None  # the older form of the same
     webhook_events_filter: Annotated[list[Event] | None, Field(max_length=4)] = None
     stream: bool | None = None  # accepted; image models do not stream
 
@@ -294,21 +295,17 @@ async def _answer(
 ) -> JSONResponse:  # fmt: skip
     seconds = _wait_seconds(prefer)
     if seconds is not None and not options.held.acquire():
-        seconds = None  # too many held already: answer at once, the client polls
-        held = False
-    else:
-        held = seconds is not None
+        seconds = None  # too many requests held already: answer at once, and the client polls
     try:
         prediction = await run_in_threadpool(_create, spec, body, key, services, options)
-        shown = None
         if seconds is not None:
             prediction = await _held(prediction, seconds, options, streams)
-            shown = _shown(prediction, services)
-            if not _ended(prediction):
-                shown["status"] = "starting"  # Replicate's clients poll a prediction a wait left unfinished
-        return JSONResponse(shown or _shown(prediction, services), status_code=201)
+        shown = _shown(prediction, services)
+        if seconds is not None and not _ended(prediction):
+            shown["status"] = "starting"  # what Replicate's clients read as "poll it"
+        return JSONResponse(shown, status_code=201)
     finally:
-        if held:
+        if seconds is not None:
             options.held.release()
 
 

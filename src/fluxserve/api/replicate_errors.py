@@ -4,15 +4,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from fastapi import Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 
-from fluxserve.api.errors import readable_errors
+from fluxserve.api.requests import refusing_routes
 from fluxserve.core.fields import error_messages
 
 
@@ -77,18 +75,10 @@ def invalid_fields(errors: list[dict[str, Any]], renamed: Mapping[str, str] | No
     return invalid(found)
 
 
-class ReplicateRoute(APIRoute):
-    """Request validation errors as Replicate's 422."""
+async def render(_: Request, exc: Exception) -> JSONResponse:
+    """The app's handler of :class:`ReplicateError` (``app.py`` installs it)."""
+    assert isinstance(exc, ReplicateError)
+    return exc.response()
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
 
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                return invalid_fields(readable_errors(exc)).response()
-            except ReplicateError as error:
-                return error.response()
-
-        return route
+ReplicateRoute = refusing_routes(invalid_fields)  # request validation errors as Replicate's 422

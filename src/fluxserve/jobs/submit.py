@@ -276,9 +276,12 @@ def request_hash(
 ) -> str:
     """SHA-256 of the request as validated (so ``"steps": "40"`` and ``"steps": 40`` are the same request,
     and fields the vendor dialect ignores do not count), with its dialect and model."""
+    dumped = params.model_dump(mode="json")
+    if not params.relaxed_moderation:  # absent, the hash stays what it was before the field existed
+        del dumped["relaxed_moderation"]
     canonical = {
         "dialect": dialect.value,
-        "params": params.model_dump(mode="json"),
+        "params": dumped,
         "seed": seed,
         "webhook_url": webhook_url,
     }
