@@ -44,7 +44,14 @@ from fluxserve.api.auth import replicate_key
 from fluxserve.api.deps import Services, get_services
 from fluxserve.api.events import PING_SECONDS, EventStreams, get_streams
 from fluxserve.api.limits import HeldRequests
-from fluxserve.api.replicate_errors import TITLES, ReplicateError, ReplicateRoute, invalid, invalid_fields
+from fluxserve.api.replicate_errors import (
+    TITLES,
+    ReplicateError,
+    ReplicateRoute,
+    documented,
+    invalid,
+    invalid_fields,
+)
 from fluxserve.api.replicate_files import own_file
 from fluxserve.api.requests import SCHEMAS, SubmitRequest, size_fields
 from fluxserve.core.fields import WebhookUrl
@@ -309,7 +316,16 @@ async def _answer(
             options.held.release()
 
 
-@router.post("/models/{owner}/{name}/predictions", summary="Create a prediction (Replicate)", status_code=201)
+CREATED = {201: {"description": "The prediction"}, **documented(400, 402, 404, 413, 429, 503)}
+FOUND = documented(404)
+
+
+@router.post(
+    "/models/{owner}/{name}/predictions",
+    summary="Create a prediction (Replicate)",
+    status_code=201,
+    responses=CREATED,
+)
 async def create_for_model(
     owner: str, name: str, body: CreateBody, key: Key, services: Deps, options: Options, streams: Streams,
     prefer: Prefer = None,
@@ -317,7 +333,9 @@ async def create_for_model(
     return await _answer(_model(owner, name), body, key, services, options, streams, prefer)
 
 
-@router.post("/predictions", summary="Create a prediction of a version (Replicate)", status_code=201)
+@router.post(
+    "/predictions", summary="Create a prediction of a version (Replicate)", status_code=201, responses=CREATED
+)
 async def create(
     body: VersionedBody, key: Key, services: Deps, options: Options, streams: Streams, prefer: Prefer = None
 ) -> JSONResponse:
@@ -331,12 +349,12 @@ def _mine(prediction_id: str, key: ApiKey, options: ReplicateOptions) -> Predict
     return prediction
 
 
-@router.get("/predictions/{prediction_id}", summary="Get a prediction (Replicate)")
+@router.get("/predictions/{prediction_id}", summary="Get a prediction (Replicate)", responses=FOUND)
 def get(prediction_id: str, key: Key, services: Deps, options: Options) -> JSONResponse:
     return JSONResponse(_shown(_mine(prediction_id, key, options), services))
 
 
-@router.post("/predictions/{prediction_id}/cancel", summary="Cancel a prediction (Replicate)")
+@router.post("/predictions/{prediction_id}/cancel", summary="Cancel a prediction", responses=FOUND)
 def cancel(prediction_id: str, key: Key, services: Deps, options: Options) -> JSONResponse:
     """Its queued jobs end at once (refunded); its running ones are asked to stop."""
     for job in _mine(prediction_id, key, options).jobs:
@@ -348,7 +366,12 @@ def cancel(prediction_id: str, key: Key, services: Deps, options: Options) -> JS
     return JSONResponse(_shown(_mine(prediction_id, key, options), services))
 
 
-@router.get("/predictions/{prediction_id}/stream", summary="A prediction's outputs as Server-Sent Events")
+@router.get(
+    "/predictions/{prediction_id}/stream",
+    summary="A prediction's outputs as Server-Sent Events",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **documented(404, 429)},
+)
 async def stream(
     prediction_id: str, key: Key, services: Deps, options: Options, streams: Streams
 ) -> Response:
@@ -383,7 +406,9 @@ async def _events(
         streams.release(key.id)
 
 
-@router.get("/predictions", summary="List the key's predictions, newest first (Replicate)")
+@router.get(
+    "/predictions", summary="List the key's predictions, newest first (Replicate)", responses=documented()
+)
 def listing(
     key: Key, services: Deps, options: Options,
     cursor: Annotated[str | None, Query(max_length=100, description="From a page's next.")] = None,
@@ -395,17 +420,23 @@ def listing(
     )
 
 
-@router.get("/models/{owner}/{name}", summary="A model and its latest version's schema (Replicate)")
+@router.get(
+    "/models/{owner}/{name}", summary="A model and its latest version's schema (Replicate)", responses=FOUND
+)
 def model(owner: str, name: str, key: Key, services: Deps) -> JSONResponse:
     return JSONResponse(render_model(_model(owner, name), services.base_url))
 
 
-@router.get("/models/{owner}/{name}/versions/{version}", summary="A model's version (Replicate)")
+@router.get(
+    "/models/{owner}/{name}/versions/{version}", summary="A model's version (Replicate)", responses=FOUND
+)
 def version(owner: str, name: str, version: str, key: Key, services: Deps) -> JSONResponse:
     spec = _version(f"{owner}/{name}:{version}")
     return JSONResponse(render_model(spec, services.base_url)["latest_version"])
 
 
-@router.get("/webhooks/default/secret", summary="The key's webhook signing secret (Replicate)")
+@router.get(
+    "/webhooks/default/secret", summary="The key's webhook signing secret (Replicate)", responses=documented()
+)
 def webhook_secret(key: Key) -> dict[str, str]:
     return {"key": key.webhook_secret}

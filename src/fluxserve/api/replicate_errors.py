@@ -9,7 +9,9 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
+from fluxserve.api.errors import responses
 from fluxserve.api.requests import refusing_routes
 from fluxserve.core.fields import error_messages
 
@@ -45,6 +47,7 @@ def problem(status: int, detail: str, headers: Mapping[str, str] | None = None) 
 
 
 TITLES = {
+    400: "Bad request",
     401: "Unauthenticated",
     402: "Insufficient credit",
     404: "Not found",
@@ -82,3 +85,26 @@ async def render(_: Request, exc: Exception) -> JSONResponse:
 
 
 ReplicateRoute = refusing_routes(invalid_fields)  # request validation errors as Replicate's 422
+
+
+class InvalidField(BaseModel):
+    type: str
+    field: str
+    description: str
+
+
+class Problem(BaseModel):
+    """Replicate's error shape (RFC 7807 problem details)."""
+
+    title: str
+    detail: str
+    status: int
+    invalid_fields: list[InvalidField] | None = None
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's refusals for ``/openapi.json``: each of ``statuses`` (and 401, 422) as a :class:`Problem`."""
+    described: dict[int | str, str] = {
+        status: TITLES.get(status, "Error") for status in sorted({401, 422, *statuses})
+    }
+    return responses(Problem, described)

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import replicate_key
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.replicate_errors import ReplicateError, ReplicateRoute, invalid
+from fluxserve.api.replicate_errors import ReplicateError, ReplicateRoute, documented, invalid
 from fluxserve.errors import BlobNotFound
 
 router = APIRouter(prefix="/v1", tags=["replicate"], route_class=ReplicateRoute)
@@ -63,7 +63,12 @@ def _shown(record: dict[str, Any], services: Services) -> dict[str, Any]:
     return {**record, "urls": {"get": url}}
 
 
-@router.post("/files", summary="Upload a file to use as a prediction input (Replicate)", status_code=201)
+@router.post(
+    "/files",
+    summary="Upload a file to use as a prediction input (Replicate)",
+    status_code=201,
+    responses=documented(402, 413),
+)
 async def upload(
     key: Key,
     services: Deps,
@@ -99,7 +104,7 @@ async def upload(
     return JSONResponse(_shown(record, services), status_code=201)
 
 
-@router.get("/files", summary="The key's files (Replicate)")
+@router.get("/files", summary="The key's files (Replicate)", responses=documented())
 def listing(key: Key, services: Deps) -> dict[str, Any]:
     names = [info.key for info in services.blobs.list(_prefix(key.id)) if info.key.endswith(".json")]
     records = [json.loads(services.blobs.get(name)) for name in names]
@@ -107,7 +112,7 @@ def listing(key: Key, services: Deps) -> dict[str, Any]:
     return {"previous": None, "next": None, "results": [_shown(record, services) for record in records]}
 
 
-@router.get("/files/{file_id}", summary="A file's record (Replicate)")
+@router.get("/files/{file_id}", summary="A file's record (Replicate)", responses=documented(404))
 def get(file_id: str, key: Key, services: Deps) -> JSONResponse:
     record = _record(services, key, file_id)
     if record is None:
@@ -115,7 +120,9 @@ def get(file_id: str, key: Key, services: Deps) -> JSONResponse:
     return JSONResponse(_shown(record, services))
 
 
-@router.delete("/files/{file_id}", summary="Delete a file (Replicate)", status_code=204)
+@router.delete(
+    "/files/{file_id}", summary="Delete a file (Replicate)", status_code=204, responses=documented(404)
+)
 def delete(file_id: str, key: Key, services: Deps) -> Response:
     if _record(services, key, file_id) is None:
         raise ReplicateError(404, "Not found", f"File {file_id[:100]} not found for this key")
