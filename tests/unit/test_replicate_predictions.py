@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, func, insert, select
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.api.replicate import _wait_seconds
@@ -22,7 +24,7 @@ from fluxserve.core.job import Job, JobStatus
 from fluxserve.core.models import Dialect
 from fluxserve.core.params import GenerationParams
 from fluxserve.core.prediction import Prediction
-from fluxserve.db.connection import make_engine, migrate
+from fluxserve.db.connection import MIGRATIONS, make_engine, migrate, utcnow
 from fluxserve.db.tables import credit_ledger, jobs, webhook_deliveries
 from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.predictions import PredictionStore
@@ -239,3 +241,39 @@ def test_each_served_model_has_its_inputs_and_a_stable_version() -> None:
     versions = [version_id(spec) for spec in SERVED.values()]
     assert len(set(versions)) == len(SERVED)  # pro and max share their inputs, not their version
     assert versions == [version_id(spec) for spec in SERVED.values()]
+
+
+def _alembic(engine: Engine, verb: str, revision: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        getattr(command, verb)(config, revision)
+
+
+def test_migration_0015_keeps_every_job_where_it_was_both_ways(database_url: str) -> None:
+    engine = make_engine(database_url)
+    _alembic(engine, "upgrade", "0012")
+    key = KeyStore(engine).create("before").record
+    row = {
+        "key_id": key.id, "model": "flux-dev", "dialect": "reseller", "params": {}, "seed": 1,
+        "output_format": "png", "prompt": "p", "cost_hundredths": 250, "progress": 0.0, "details": {},
+        "attempts": 0, "cancel_requested": False, "created_at": utcnow(), "turn": 0,
+    }  # fmt: skip
+    statuses = {"q": "queued", "r": "running", "s": "succeeded"}
+    with engine.begin() as conn:
+        conn.execute(
+            insert(jobs), [{**row, "id": job_id, "status": status} for job_id, status in statuses.items()]
+        )
+
+    def kept() -> dict[str, str]:
+        with engine.connect() as conn:
+            return {job_id: status for job_id, status in conn.execute(select(jobs.c.id, jobs.c.status))}
+
+    migrate(engine)
+    assert kept() == statuses
+    store = SqlJobStore(engine)
+    assert all(store.get(job_id).prediction_id is None for job_id in statuses)  # type: ignore[union-attr]
+    assert store.finish("r", None, JobStatus.SUCCEEDED, result_key="x.png")  # a job of no prediction ends
+    _alembic(engine, "downgrade", "0012")
+    assert kept() == {**statuses, "r": "succeeded"}
