@@ -51,7 +51,6 @@ from fluxserve.settings import Settings
 from fluxserve.storage.signing import UrlSigner
 from fluxserve.surfaces import render
 from fluxserve.surfaces.replicate import render as render_prediction
-from fluxserve.surfaces.replicate_inputs import SERVED
 from fluxserve.webhooks.delivery import Payload, WebhookDispatcher
 from fluxserve.wiring import make_blob_store, make_feed, make_job_store, open_database, open_ops_database
 from fluxserve.worker.supervisor import Supervisor
@@ -134,8 +133,7 @@ class Runtime:
             prediction = self.predictions.of_job(job_id)
             if prediction is None:
                 return None
-            spec = next(spec for spec in SERVED.values() if spec.name == prediction.model)
-            return Payload(render_prediction(prediction, spec, self.services, self.services.base_url))
+            return Payload(render_prediction(prediction, self.services, self.services.base_url))
         return Payload(render(job, self.services), job.webhook_secret)
 
     @asynccontextmanager
@@ -246,17 +244,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(reseller.router, max_body_size=max_body_size(settings))
     app.include_router(reseller_native.router, max_body_size=max_body_size(settings))
     app.include_router(openai_images.router, max_body_size=max_body_size(settings))
+    held = HeldRequests(settings.max_held_requests)  # the OpenAI waits and Replicate's Prefer: wait, together
     app.state.openai_images = openai_images.ImagesOptions(
-        settings.openai_wait_seconds,
-        settings.openai_model,
-        settings.openai_edit_model,
-        HeldRequests(settings.max_held_requests),
+        settings.openai_wait_seconds, settings.openai_model, settings.openai_edit_model, held
     )
     app.include_router(replicate.router, max_body_size=max_body_size(settings))  # before vendor's /v1/<model>
     app.include_router(replicate_files.router, max_body_size=max_body_size(settings))
-    app.state.replicate = replicate.ReplicateOptions(
-        runtime.predictions, HeldRequests(settings.max_held_requests)
-    )
+    app.state.replicate = replicate.ReplicateOptions(runtime.predictions, held)
     app.include_router(vendor.router, max_body_size=max_body_size(settings))
     app.include_router(files.router)
     app.include_router(playground_router)  # the web playground: /playground/ (and / points there)

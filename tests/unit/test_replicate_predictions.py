@@ -135,7 +135,7 @@ def test_canceling_queued_jobs_completes_the_prediction(database_url: str, tmp_p
 def _shown(world: World, prediction_id: str, key: ApiKey) -> dict[str, Any]:
     prediction = world.predictions.get(prediction_id, key.id)
     assert prediction is not None
-    return render(prediction, SERVED["flux-dev"], _Links(), "http://here")
+    return render(prediction, _Links(), "http://here")
 
 
 class _Links:
@@ -190,7 +190,7 @@ def test_a_predictions_status_is_read_from_its_jobs(
         created_at=datetime.now(UTC), started_at=datetime.now(UTC) if started else None,
         jobs=[_job(status, "r.png" if status is JobStatus.SUCCEEDED else None) for status in statuses],
     )  # fmt: skip
-    shown = render(prediction, SERVED["flux-dev"], _Links(), "http://here")
+    shown = render(prediction, _Links(), "http://here")
     assert shown["status"] == expected
     assert (shown["error"] is not None) == (expected == "failed")
     succeeded = statuses.count(JobStatus.SUCCEEDED)
@@ -202,7 +202,7 @@ def test_a_single_output_model_answers_one_url() -> None:
         id="p", key_id="k", model="flux-pro-1.1", input={}, outputs=1, created_at=datetime.now(UTC),
         jobs=[_job(JobStatus.SUCCEEDED, "r.png")],
     )  # fmt: skip
-    assert render(prediction, SERVED["flux-1.1-pro"], _Links(), "h")["output"] == "http://here/files/r.png"
+    assert render(prediction, _Links(), "h")["output"] == "http://here/files/r.png"
 
 
 @pytest.mark.parametrize(

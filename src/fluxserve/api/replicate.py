@@ -290,10 +290,7 @@ async def _held(
 
 
 def _shown(prediction: Prediction, services: Services) -> dict[str, Any]:
-    return render(prediction, SERVED_BY_NAME[prediction.model], services, services.base_url)
-
-
-SERVED_BY_NAME = {spec.name: spec for spec in SERVED.values()}
+    return render(prediction, services, services.base_url)
 
 
 async def _answer(

@@ -139,8 +139,9 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return None if start is None or end is None else round((end - start).total_seconds(), 3)
 
 
-def render(prediction: Prediction, spec: ModelSpec, links: Links, base_url: str) -> dict[str, Any]:
+def render(prediction: Prediction, links: Links, base_url: str) -> dict[str, Any]:
     """The prediction object as Replicate documents it."""
+    spec = MODELS[prediction.model]
     status = _status(prediction)
     jobs = prediction.jobs
     outputs = _outputs(jobs, links)
