@@ -277,7 +277,7 @@ def test_not_enough_credits_for_all_outputs_writes_none(server: ServerProcess) -
     refused = _problem(
         lambda: client.models.predictions.create(model=DEV, input={"prompt": "x", "num_outputs": 2})
     )
-    assert refused.status == 402 and "2 x flux-dev" in (refused.detail or "")
+    assert refused.status == 402 and "2 x flux-dev costs 5" in (refused.detail or "")
     assert client.predictions.list().results == [] and _credits(server, key["key"]) == 3
 
 

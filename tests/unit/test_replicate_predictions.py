@@ -76,7 +76,7 @@ def test_a_group_the_key_cannot_pay_for_whole_writes_nothing(database_url: str, 
     entries = world.count(credit_ledger)
     with pytest.raises(QuotaExceeded) as refused:
         world.submitter.submit_group(key, DEV, [None, None], Dialect.REPLICATE)
-    assert refused.value.price == Decimal("5")  # the price of both, which the key is short of
+    assert refused.value.price == Decimal("2.5")  # one job's quote (the 402 says "2 x")
     assert world.count(jobs) == 0 and world.count(credit_ledger) == entries
     assert world.keys.get(key.id).credits == Decimal("4")  # type: ignore[union-attr]
     assert len(world.submitter.submit_group(key, DEV, [None], Dialect.REPLICATE)) == 1

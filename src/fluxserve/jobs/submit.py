@@ -122,7 +122,7 @@ class Submitter:
     ) -> list[Job]:
         """One job per seed, of one request (a Replicate prediction's ``num_outputs``): admitted together,
         all of their prices held and the key's limits checked in one transaction, so that the key gets all
-        of them or none (QuotaExceeded names the price of all)."""
+        of them or none (QuotaExceeded names one job's quote)."""
         uploads = any(not is_url(ref) for ref in _input_refs(params))
         spec, model_limit = self._admit(key, params, webhook_url, uploads, len(seeds))
         group: list[Job] = []
@@ -135,8 +135,8 @@ class Submitter:
         except Exception as error:
             for job in group:
                 self._blobs.delete_prefix(inputs_prefix(job.id))
-            if isinstance(error, QuotaExceeded) and group:
-                raise QuotaExceeded(sum((job.cost for job in group), Decimal(0))) from error
+            if isinstance(error, QuotaExceeded) and group:  # one job's quote: they are the same request
+                raise QuotaExceeded(group[0].cost) from error
             raise
 
     def _admit(
