@@ -42,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import replicate_key
 from fluxserve.api.deps import Services, get_services
-from fluxserve.api.events import PING_SECONDS, EventStreams, get_streams
+from fluxserve.api.events import CountedStream, EventStreams, get_streams
 from fluxserve.api.limits import HeldRequests
 from fluxserve.api.replicate_errors import (
     TITLES,
@@ -378,29 +378,25 @@ async def stream(
     refused = streams.acquire(key.id)
     if refused is not None:
         raise ReplicateError(429, TITLES[429], refused)
-    return EventSourceResponse(_events(prediction, key, services, options, streams), ping=PING_SECONDS)
+    return CountedStream(_events(prediction, services, options, streams), lambda: streams.release(key.id))
 
 
 async def _events(
-    prediction: Prediction, key: ApiKey, services: Services, options: ReplicateOptions, streams: EventStreams
+    prediction: Prediction, services: Services, options: ReplicateOptions, streams: EventStreams
 ) -> AsyncIterator[ServerSentEvent]:
-    try:
-        sent = 0
-        async for now in _watch(prediction, streams.idle_seconds, options, streams):
-            shown = _shown(now, services)
-            outputs = shown["output"] if isinstance(shown["output"], list) else [shown["output"]]
-            for url in [url for url in outputs if url][sent:]:
-                sent += 1
-                yield ServerSentEvent(url, event="output")
-            status = shown["status"]
-            if status == "failed":
-                yield ServerSentEvent(json.dumps({"detail": shown["error"]}), event="error")
-            if status in ("succeeded", "failed", "canceled"):
-                yield ServerSentEvent(
-                    json.dumps({} if status == "succeeded" else {"reason": status}), event="done"
-                )
-    finally:
-        streams.release(key.id)
+    sent = 0
+    async for now in _watch(prediction, streams.idle_seconds, options, streams):
+        shown = _shown(now, services)
+        outputs = shown["output"] if isinstance(shown["output"], list) else [shown["output"]]
+        for url in [url for url in outputs if url][sent:]:
+            sent += 1
+            yield ServerSentEvent(url, event="output")
+        status = shown["status"]
+        if status == "failed":
+            yield ServerSentEvent(json.dumps({"detail": shown["error"]}), event="error")
+        if status in ("succeeded", "failed", "canceled"):
+            done = {} if status == "succeeded" else {"reason": status}
+            yield ServerSentEvent(json.dumps(done), event="done")
 
 
 @router.get(
