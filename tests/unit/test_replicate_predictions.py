@@ -277,3 +277,26 @@ def test_migration_0015_keeps_every_job_where_it_was_both_ways(database_url: str
     assert store.finish("r", None, JobStatus.SUCCEEDED, result_key="x.png")  # a job of no prediction ends
     _alembic(engine, "downgrade", "0012")
     assert kept() == {**statuses, "r": "succeeded"}
+
+
+def test_disable_safety_checker_reaches_the_jobs_params_and_renamed_errors_name_replicates_inputs() -> None:
+    from typing import cast
+
+    from fluxserve.api.deps import Services
+    from fluxserve.api.replicate import _request
+    from fluxserve.api.replicate_errors import ReplicateError
+
+    key = ApiKey("k", "k", "p", "whsec_x", None, True)
+    no_images = cast(Services, None)  # only an uploaded file's input reads the services
+    dev = INPUTS["flux-dev"]
+    asked = dev.model_validate({"prompt": "x", "disable_safety_checker": True})
+    relaxed = _request(SERVED["flux-dev"], asked, key, no_images)
+    assert relaxed.relaxed_moderation and (relaxed.steps, relaxed.guidance) == (28, 3)
+    assert not _request(
+        SERVED["flux-dev"], dev.model_validate({"prompt": "x"}), key, no_images
+    ).relaxed_moderation
+    with pytest.raises(ReplicateError) as refused:  # this server's guidance is 1.5..5; steps are named too
+        _request(SERVED["flux-dev"], dev.model_validate({"prompt": "x", "guidance": 9}), key, no_images)
+    assert refused.value.status == 422 and [item["field"] for item in refused.value.invalid_fields or []] == [
+        "guidance"
+    ]
