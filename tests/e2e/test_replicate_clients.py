@@ -337,3 +337,12 @@ def test_the_javascript_client_and_the_ai_sdk_provider(server: ServerProcess) ->
     assert sizes == [(512, 512), (512, 512)]
     (image,) = result["images"]
     assert Image.open(io.BytesIO(base64.b64decode(image))).size == (1344, 768)  # 16:9 near 1 MP, by 32s
+
+
+def test_run_by_owner_name_and_version_reads_the_version(client: replicate.Client) -> None:
+    version = client.models.get(DEV).latest_version
+    assert version is not None
+    output = client.run(f"{DEV}:{version.id}", input={"prompt": "pinned", "num_inference_steps": 1})
+    assert isinstance(output, list) and len(output) == 1
+    stale = _problem(lambda: client.run(f"{DEV}:{'0' * 64}", input={"prompt": "x"}))
+    assert stale.status == 404
