@@ -28,6 +28,7 @@ from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.db.tables import jobs
 from fluxserve.errors import EngineError, JobCanceled
+from fluxserve.jobs.predictions import PredictionStore
 from fluxserve.jobs.retention import Retention
 from fluxserve.jobs.store import Reaped
 from fluxserve.settings import Settings
@@ -80,6 +81,7 @@ def services(world: World) -> Services:
         blobs=world.blobs,
         signer=UrlSigner("secret", 3600),
         base_url="http://testserver",
+        predictions=PredictionStore(world.database, world.stores.reads),
     )
 
 

@@ -8,6 +8,9 @@ from typing import cast
 from fastapi import Request
 
 from fluxserve.accounts.keys import KeyStore
+from fluxserve.core.job import Job
+from fluxserve.core.prediction import Prediction
+from fluxserve.jobs.predictions import PredictionStore
 from fluxserve.jobs.store import Submissions
 from fluxserve.jobs.submit import Submitter
 from fluxserve.storage.base import BlobStore
@@ -22,6 +25,7 @@ class Services:
     blobs: BlobStore
     signer: UrlSigner
     base_url: str
+    predictions: PredictionStore  # Replicate's predictions (api/replicate.py)
 
     def result_url(self, key: str | None) -> str | None:
         """The store's own URL when it gives one (an S3 presigned URL), else fluxserve's signed /files."""
@@ -32,6 +36,10 @@ class Services:
     def queue_position(self, job_id: str) -> int | None:
         """The jobs ahead of a queued one; with ``result_url``, what ``surfaces.Links`` asks for."""
         return self.jobs.queue_position(job_id)
+
+    def prediction_of(self, job: Job) -> Prediction | None:
+        """The Replicate prediction the job makes an output of, with its jobs; None for a job of none."""
+        return None if job.prediction_id is None else self.predictions.get(job.prediction_id)
 
 
 async def get_services(request: Request) -> Services:

@@ -31,6 +31,7 @@ class SurfaceName(StrEnum):
     RESELLER_NATIVE = "reseller-native"  # the reseller's own format: /flux/generate, /flux/edits
     VENDOR = "vendor"  # /v1/<model>, x-key, the vendor's own shapes
     OPENAI = "openai"  # /v1/images/*, Authorization: Bearer, the OpenAI images API
+    REPLICATE = "replicate"  # /v1/models/black-forest-labs/<replicate>/predictions (api/replicate.py)
 
 
 class Family(StrEnum):
@@ -66,6 +67,7 @@ class ModelSpec:
     # False: no ``/bfl/v1/<name>`` or ``/v1/<name>`` route; only the routes that name the model in the body
     # (``/flux/generate``, ``/flux/edits``, ``/v1/images/*``) take it, as the reseller lists flux1-schnell
     own_routes: bool = True
+    replicate: str = ""  # its name on Replicate (``black-forest-labs/<replicate>``); "": not served there
     image_fields: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -162,6 +164,7 @@ def _kontext(name: str, title: str, price: str, max_active: int | None = None) -
         price=Decimal(price),
         size_rule=SizeRule.KONTEXT,
         max_active=max_active,
+        replicate=name,
         fields={
             SurfaceName.RESELLER: _fields(_RESELLER, _KONTEXT),
             SurfaceName.VENDOR: _fields(_VENDOR, _KONTEXT, prompt=REQUIRED, output_format="png"),
@@ -171,7 +174,7 @@ def _kontext(name: str, title: str, price: str, max_active: int | None = None) -
 
 def _flux2(
     name: str, title: str, price: str, further: str, vendor: Mapping[str, Any], family: Family = Family.FLUX2,
-    reseller: Mapping[str, Any] | None = None,
+    reseller: Mapping[str, Any] | None = None, replicate: str = "",
 ) -> ModelSpec:  # fmt: skip
     fields = (
         {SurfaceName.VENDOR: vendor}
@@ -186,6 +189,7 @@ def _flux2(
         further_mp_price=Decimal(further),
         size_rule=SizeRule.FLUX2,
         fields=fields,
+        replicate=replicate,
     )
 
 
@@ -197,6 +201,7 @@ _ENTRIES = (
         "1.5",
         _FLUX2_VENDOR,
         reseller=_FLUX2_RESELLER,
+        replicate="flux-2-pro",
     ),
     _flux2(
         "flux-2-max",
@@ -205,6 +210,7 @@ _ENTRIES = (
         "3",
         _FLUX2_VENDOR,
         reseller=_FLUX2_RESELLER,
+        replicate="flux-2-max",
     ),
     _flux2(
         "flux-2-flex",
@@ -213,6 +219,7 @@ _ENTRIES = (
         "5",
         _FLEX_VENDOR,
         reseller=_fields(_FLUX2_RESELLER, steps=50, guidance=Variant("flex_guidance", 5.0)),
+        replicate="flux-2-flex",
     ),
     _flux2("flux-2-pro-preview", "FLUX.2 [pro] preview", "3", "1.5", _FLUX2_VENDOR),
     _flux2(
@@ -272,6 +279,7 @@ _ENTRIES = (
         family=Family.FLUX1,
         price=Decimal("6"),
         size_rule=SizeRule.ULTRA,
+        replicate="flux-1.1-pro-ultra",
         fields={
             SurfaceName.RESELLER: _fields(_RESELLER, _ULTRA, aspect_ratio="1:1"),
             SurfaceName.VENDOR: _fields(_VENDOR, _ULTRA, aspect_ratio="16:9"),
@@ -283,6 +291,7 @@ _ENTRIES = (
         family=Family.FLUX1,
         price=Decimal("4"),
         size_rule=SizeRule.WIDTH_HEIGHT,
+        replicate="flux-1.1-pro",
         fields={
             SurfaceName.RESELLER: _fields(_RESELLER, _SIZED),
             SurfaceName.VENDOR: _fields(_VENDOR, _SIZED),
@@ -314,6 +323,7 @@ _ENTRIES = (
         family=Family.FLUX1,
         price=Decimal("2.5"),
         size_rule=SizeRule.WIDTH_HEIGHT,
+        replicate="flux-dev",
         fields={
             SurfaceName.RESELLER: _fields(_RESELLER, _SIZED, steps=40, guidance=2.5),
             SurfaceName.VENDOR: _fields(_VENDOR, _SIZED, steps=28, guidance=3.0),
