@@ -21,19 +21,19 @@ from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.api.replicate import _wait_seconds
 from fluxserve.api.requests import SCHEMAS, size_fields
 from fluxserve.core.job import Job, JobStatus
-from fluxserve.core.models import Dialect
+from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.core.prediction import Prediction
-from fluxserve.db.connection import MIGRATIONS, make_engine, migrate, utcnow
+from fluxserve.db.connection import MIGRATIONS, migrate, open_database, utcnow
 from fluxserve.db.tables import credit_ledger, jobs, webhook_deliveries
-from fluxserve.errors import QuotaExceeded, TooManyActiveJobs
+from fluxserve.errors import InvalidFields, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.predictions import PredictionStore
-from fluxserve.jobs.store_sql import SqlJobStore
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.surfaces.replicate import render
 from fluxserve.surfaces.replicate_inputs import INPUTS, SERVED
+from fluxserve.wiring import make_stores
 
 HOOK = "http://127.0.0.1:9/hook"
 DEV = GenerationParams(model="flux-dev", prompt="p", width=512, height=512)
@@ -41,21 +41,25 @@ DEV = GenerationParams(model="flux-dev", prompt="p", width=512, height=512)
 
 class World:
     def __init__(self, url: str, tmp_path: Path, max_active: int = 8) -> None:
-        self.database: Engine = make_engine(url)
+        self.database: Engine = open_database(url)
         migrate(self.database)
-        self.store = SqlJobStore(self.database)
+        self.stores = make_stores(self.database)
         limits = Limits(max_active, {}, 2**20, 2**22)
         policy = NetworkPolicy(parse_networks("127.0.0.0/8"))  # the webhook's loopback target
-        self.submitter = Submitter(self.store, LocalBlobStore(tmp_path / "files"), limits, policy)
+        self.submitter = Submitter(
+            self.stores.submissions, LocalBlobStore(tmp_path / "files"), limits, policy
+        )
         self.keys = KeyStore(self.database)
-        self.predictions = PredictionStore(self.database, self.store)
+        self.predictions = PredictionStore(self.database, self.stores.reads)
 
     def prediction(self, key: ApiKey, outputs: int, events: str | None = None) -> Prediction:
         made = self.predictions.create(
             Prediction(id=uuid.uuid4().hex[:26], key_id=key.id, model="flux-dev", input={},
                        outputs=outputs, webhook=HOOK, webhook_events=events)
         )  # fmt: skip
-        made.jobs = self.submitter.submit_group(key, DEV, [None] * outputs, Dialect.REPLICATE, HOOK, made.id)
+        made.jobs = self.submitter.submit_group(
+            key, DEV, [None] * outputs, SurfaceName.REPLICATE, HOOK, made.id
+        )
         return made
 
     def deliveries(self, job_id: str | None = None) -> int:
@@ -75,18 +79,18 @@ def test_a_group_the_key_cannot_pay_for_whole_writes_nothing(database_url: str, 
     key = world.keys.create("short", Decimal("4")).record
     entries = world.count(credit_ledger)
     with pytest.raises(QuotaExceeded) as refused:
-        world.submitter.submit_group(key, DEV, [None, None], Dialect.REPLICATE)
+        world.submitter.submit_group(key, DEV, [None, None], SurfaceName.REPLICATE)
     assert refused.value.price == Decimal("2.5")  # one job's quote (the 402 says "2 x")
     assert world.count(jobs) == 0 and world.count(credit_ledger) == entries
     assert world.keys.get(key.id).credits == Decimal("4")  # type: ignore[union-attr]
-    assert len(world.submitter.submit_group(key, DEV, [None], Dialect.REPLICATE)) == 1
+    assert len(world.submitter.submit_group(key, DEV, [None], SurfaceName.REPLICATE)) == 1
 
 
 def test_a_group_over_the_keys_limit_writes_nothing(database_url: str, tmp_path: Path) -> None:
     world = World(database_url, tmp_path, max_active=2)
     key = world.keys.create("busy", Decimal("100")).record
     with pytest.raises(TooManyActiveJobs):
-        world.submitter.submit_group(key, DEV, [1, 2, 3], Dialect.REPLICATE)
+        world.submitter.submit_group(key, DEV, [1, 2, 3], SurfaceName.REPLICATE)
     assert world.count(jobs) == 0 and world.keys.get(key.id).credits == Decimal("100")  # type: ignore[union-attr]
 
 
@@ -94,13 +98,13 @@ def test_start_once_then_completed_once_with_that_filter(database_url: str, tmp_
     world = World(database_url, tmp_path)
     key = world.keys.create("hooks", Decimal("100")).record
     made = world.prediction(key, 2, "start,completed")
-    first = world.store.claim("w1")
+    first = world.stores.claims.claim("w1")
     assert first is not None and world.deliveries() == 1 and world.deliveries(first.id) == 1
-    second = world.store.claim("w2")
+    second = world.stores.claims.claim("w2")
     assert second is not None and world.deliveries() == 1  # the prediction started once
-    assert world.store.finish(first.id, "w1", JobStatus.SUCCEEDED, result_key="a.png")
+    assert world.stores.claims.finish(first.id, "w1", JobStatus.SUCCEEDED, result_key="a.png")
     assert world.deliveries() == 1  # an output, which this filter leaves out
-    assert world.store.finish(second.id, "w2", JobStatus.SUCCEEDED, result_key="b.png")
+    assert world.stores.claims.finish(second.id, "w2", JobStatus.SUCCEEDED, result_key="b.png")
     assert world.deliveries() == 2 and world.deliveries(second.id) == 1  # completed, by the last job
     assert world.predictions.get(made.id, key.id) is not None
 
@@ -111,13 +115,13 @@ def test_default_filter_sends_each_output_and_a_failure_only_when_it_ends_the_pr
     world = World(database_url, tmp_path)
     key = world.keys.create("defaults", Decimal("100")).record
     world.prediction(key, 3)
-    claimed = [world.store.claim(f"w{index}") for index in range(3)]
+    claimed = [world.stores.claims.claim(f"w{index}") for index in range(3)]
     assert all(job is not None for job in claimed) and world.deliveries() == 0  # no start by default
     first, second, third = (job.id for job in claimed if job is not None)
-    world.store.finish(first, "w0", JobStatus.SUCCEEDED, result_key="a.png")
-    world.store.finish(second, "w1", JobStatus.FAILED, error="boom")
+    world.stores.claims.finish(first, "w0", JobStatus.SUCCEEDED, result_key="a.png")
+    world.stores.claims.finish(second, "w1", JobStatus.FAILED, error="boom")
     assert (world.deliveries(first), world.deliveries(second)) == (1, 0)  # an output; a failure is none
-    world.store.finish(third, "w2", JobStatus.FAILED, error="boom")
+    world.stores.claims.finish(third, "w2", JobStatus.FAILED, error="boom")
     assert world.deliveries(third) == 1  # the last: completed, whatever its end
 
 
@@ -126,7 +130,7 @@ def test_canceling_queued_jobs_completes_the_prediction(database_url: str, tmp_p
     key = world.keys.create("cancel", Decimal("10")).record
     made = world.prediction(key, 2, "completed")
     for job in made.jobs:
-        world.store.cancel(job.id, key.id)
+        world.stores.submissions.cancel(job.id, key.id)
     assert world.deliveries() == 1 and world.keys.get(key.id).credits == Decimal("10")  # type: ignore[union-attr]
     shown = _shown(world, made.id, key)
     assert shown["status"] == "canceled" and shown["output"] is None and shown["completed_at"] is not None
@@ -215,7 +219,7 @@ def test_prefer_wait(header: str | None, seconds: float | None) -> None:
 
 
 def _fields(model: str, values: dict[str, Any]) -> dict[str, Any]:
-    schema = SCHEMAS[Dialect.VENDOR][model]
+    schema = SCHEMAS[SurfaceName.VENDOR][model]
     return INPUTS[model].model_validate(values).fields(partial(size_fields, schema))
 
 
@@ -252,13 +256,13 @@ def _alembic(engine: Engine, verb: str, revision: str) -> None:
 
 
 def test_migration_0015_keeps_every_job_where_it_was_both_ways(database_url: str) -> None:
-    engine = make_engine(database_url)
-    _alembic(engine, "upgrade", "0012")
+    engine = open_database(database_url)
+    _alembic(engine, "upgrade", "0014")
     key = KeyStore(engine).create("before").record
     row = {
-        "key_id": key.id, "model": "flux-dev", "dialect": "reseller", "params": {}, "seed": 1,
+        "key_id": key.id, "model": "flux-dev", "surface": "reseller", "params": {}, "seed": 1,
         "output_format": "png", "prompt": "p", "cost_hundredths": 250, "progress": 0.0, "details": {},
-        "attempts": 0, "cancel_requested": False, "created_at": utcnow(), "turn": 0,
+        "attempts": 0, "cancel_requested": False, "created_at": utcnow(), "turn": 0, "worker_id": "w",
     }  # fmt: skip
     statuses = {"q": "queued", "r": "running", "s": "succeeded"}
     with engine.begin() as conn:
@@ -272,10 +276,10 @@ def test_migration_0015_keeps_every_job_where_it_was_both_ways(database_url: str
 
     migrate(engine)
     assert kept() == statuses
-    store = SqlJobStore(engine)
-    assert all(store.get(job_id).prediction_id is None for job_id in statuses)  # type: ignore[union-attr]
-    assert store.finish("r", None, JobStatus.SUCCEEDED, result_key="x.png")  # a job of no prediction ends
-    _alembic(engine, "downgrade", "0012")
+    stores = make_stores(engine)
+    assert all(stores.reads.get(job_id).prediction_id is None for job_id in statuses)  # type: ignore[union-attr]
+    assert stores.claims.finish("r", "w", JobStatus.SUCCEEDED, result_key="x.png")  # of no prediction: ends
+    _alembic(engine, "downgrade", "0014")
     assert kept() == {**statuses, "r": "succeeded"}
 
 
@@ -284,7 +288,6 @@ def test_disable_safety_checker_reaches_the_jobs_params_and_renamed_errors_name_
 
     from fluxserve.api.deps import Services
     from fluxserve.api.replicate import _request
-    from fluxserve.api.replicate_errors import ReplicateError
 
     key = ApiKey("k", "k", "p", "whsec_x", None, True)
     no_images = cast(Services, None)  # only an uploaded file's input reads the services
@@ -295,8 +298,8 @@ def test_disable_safety_checker_reaches_the_jobs_params_and_renamed_errors_name_
     assert not _request(
         SERVED["flux-dev"], dev.model_validate({"prompt": "x"}), key, no_images
     ).relaxed_moderation
-    with pytest.raises(ReplicateError) as refused:  # this server's guidance is 1.5..5; steps are named too
+    with pytest.raises(InvalidFields) as refused:  # this server's guidance is 1.5..5; steps are named too
         _request(SERVED["flux-dev"], dev.model_validate({"prompt": "x", "guidance": 9}), key, no_images)
-    assert refused.value.status == 422 and [item["field"] for item in refused.value.invalid_fields or []] == [
+    assert refused.value.status_code == 422 and [field for field, _, _ in refused.value.fields] == [
         "guidance"
     ]
