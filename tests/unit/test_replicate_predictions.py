@@ -31,7 +31,7 @@ from fluxserve.jobs.predictions import PredictionStore
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
 from fluxserve.storage.local import LocalBlobStore
-from fluxserve.surfaces.replicate import render
+from fluxserve.surfaces.replicate import REPLICATE, render
 from fluxserve.surfaces.replicate_inputs import INPUTS, SERVED
 from fluxserve.wiring import make_stores
 
@@ -143,11 +143,35 @@ def _shown(world: World, prediction_id: str, key: ApiKey) -> dict[str, Any]:
 
 
 class _Links:
+    base_url = "http://here"
+
+    def __init__(self, prediction: Prediction | None = None) -> None:
+        self.prediction = prediction
+
     def result_url(self, key: str | None) -> str | None:
         return None if key is None else f"http://here/files/{key}"
 
     def queue_position(self, job_id: str) -> int | None:
         return 0
+
+    def prediction_of(self, job: Job) -> Prediction | None:
+        return self.prediction
+
+
+def test_a_jobs_rendering_is_its_whole_prediction_or_alone_when_the_row_is_gone(
+    database_url: str, tmp_path: Path
+) -> None:
+    world = World(database_url, tmp_path)
+    key = world.keys.create("render", Decimal("100")).record
+    made = world.prediction(key, 2)
+    prediction = world.predictions.get(made.id, key.id)
+    assert prediction is not None
+    first = made.jobs[0]
+    whole = REPLICATE.render_job(first, _Links(prediction))
+    assert whole == render(prediction, _Links(), "http://here") and len(whole["logs"].splitlines()) == 2
+    alone = REPLICATE.render_job(first, _Links(None))
+    assert alone["id"] == made.id and alone["status"] == "starting" and alone["logs"].count("\n") == 0
+    assert alone["urls"]["get"] == f"http://here/v1/predictions/{made.id}"
 
 
 def test_the_list_is_the_keys_own_newest_first_page_by_page(database_url: str, tmp_path: Path) -> None:

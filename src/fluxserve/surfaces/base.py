@@ -116,10 +116,11 @@ class Surface(ABC):
         return self.error(refused.status_code, str(refused), headers=headers, param=refused.field)
 
 
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header value, else None."""
+def bearer_token(authorization: str | None, schemes: tuple[str, ...] = ("bearer",)) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value (or another of ``schemes``, in lower
+    case), else None."""
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer":
+    if scheme.lower() not in schemes:
         return None
     return token.strip() or None
 

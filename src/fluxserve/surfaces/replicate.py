@@ -36,7 +36,7 @@ from fluxserve.errors import (
     RequestRefused,
     TooManyActiveJobs,
 )
-from fluxserve.surfaces.base import Links, Surface, busy, price_of
+from fluxserve.surfaces.base import Links, Surface, bearer_token, busy, price_of
 from fluxserve.surfaces.replicate_inputs import INPUTS, OWNER, SERVED
 
 COG_VERSION = "fluxserve"  # a version's cog_version: no Cog runs here
@@ -281,10 +281,7 @@ class ReplicateSurface(Surface):
 
     def read_key(self, headers: Mapping[str, str]) -> str | None:
         """``Bearer <key>`` or ``Token <key>``: Replicate takes both."""
-        scheme, _, token = (headers.get("authorization") or "").partition(" ")
-        if scheme.lower() not in ("bearer", "token"):
-            return None
-        return token.strip() or None
+        return bearer_token(headers.get("authorization"), ("bearer", "token"))
 
     def words(self, refused: RequestRefused) -> str:
         if isinstance(refused, KeyRefused):
