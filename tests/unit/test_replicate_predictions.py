@@ -30,6 +30,7 @@ from fluxserve.errors import InvalidFields, QuotaExceeded, TooManyActiveJobs
 from fluxserve.jobs.predictions import PredictionStore
 from fluxserve.jobs.submit import Limits, Submitter
 from fluxserve.safety.fetch import NetworkPolicy, parse_networks
+from fluxserve.safety.moderation import effective_tolerance
 from fluxserve.storage.local import LocalBlobStore
 from fluxserve.surfaces.replicate import REPLICATE, render
 from fluxserve.surfaces.replicate_inputs import INPUTS, SERVED
@@ -318,10 +319,10 @@ def test_disable_safety_checker_reaches_the_jobs_params_and_renamed_errors_name_
     dev = INPUTS["flux-dev"]
     asked = dev.model_validate({"prompt": "x", "disable_safety_checker": True})
     relaxed = _request(SERVED["flux-dev"], asked, key, no_images)
-    assert relaxed.relaxed_moderation and (relaxed.steps, relaxed.guidance) == (28, 3)
-    assert not _request(
-        SERVED["flux-dev"], dev.model_validate({"prompt": "x"}), key, no_images
-    ).relaxed_moderation
+    assert relaxed.safety_tolerance == 6 and (relaxed.steps, relaxed.guidance) == (28, 3)
+    assert effective_tolerance(relaxed.safety_tolerance, 2) == 2  # the worker's cap: the operator's floor
+    plain = _request(SERVED["flux-dev"], dev.model_validate({"prompt": "x"}), key, no_images)
+    assert plain.safety_tolerance == 2
     with pytest.raises(InvalidFields) as refused:  # this server's guidance is 1.5..5; steps are named too
         _request(SERVED["flux-dev"], dev.model_validate({"prompt": "x", "guidance": 9}), key, no_images)
     assert refused.value.status_code == 422 and [field for field, _, _ in refused.value.fields] == [

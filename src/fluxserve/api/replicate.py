@@ -165,7 +165,7 @@ def _request(spec: ModelSpec, inputs: ReplicateInput, key: ApiKey, services: Ser
         for name, value in fields.items()
         if name in GenerationParams.model_fields and name not in schema.model_fields
     }
-    return request.to_params().model_copy(update={**extra, "relaxed_moderation": inputs.relaxed_moderation})
+    return request.to_params().model_copy(update=extra)
 
 
 def _echo(values: Any) -> Any:

@@ -38,9 +38,6 @@ class GenerationParams(BaseModel):
     raw: bool = False
     prompt_upsampling: bool = False
     safety_tolerance: int = 2
-    # The client asked for the most permissive moderation the operator allows (Replicate's
-    # ``disable_safety_checker``): moderation reads it as the highest tolerance above the operator's floor.
-    relaxed_moderation: bool = False
     input_images: list[ImageRef] = Field(default_factory=list)
     image_prompt: str | None = None
     image_prompt_strength: float | None = None

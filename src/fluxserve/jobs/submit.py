@@ -277,12 +277,9 @@ def request_hash(
     """SHA-256 of the request as validated (so ``"steps": "40"`` and ``"steps": 40`` are the same request,
     and fields the vendor's routes ignore do not count), with its surface and model. The surface is stored
     under ``"dialect"``, its name before 0013, so that hashes made before the rename still match."""
-    dumped = params.model_dump(mode="json")
-    if not params.relaxed_moderation:  # absent, the hash stays what it was before the field existed
-        del dumped["relaxed_moderation"]
     canonical = {
         "dialect": surface.value,
-        "params": dumped,
+        "params": params.model_dump(mode="json"),
         "seed": seed,
         "webhook_url": webhook_url,
     }

@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fluxserve.core.fields import MAX_SEED, Prompt, input_image_field
+from fluxserve.core.fields import MAX_SAFETY, MAX_SEED, Prompt, input_image_field
 from fluxserve.core.models import MODELS, ModelSpec
 
 OWNER = "black-forest-labs"
@@ -49,10 +49,6 @@ class ReplicateInput(BaseModel):
     @property
     def outputs(self) -> int:
         return 1
-
-    @property
-    def relaxed_moderation(self) -> bool:
-        return False
 
     def images(self) -> dict[str, str]:
         """The image inputs, by this server's field name."""
@@ -101,10 +97,6 @@ class FluxDevInput(ReplicateInput):
     def outputs(self) -> int:
         return self.num_outputs
 
-    @property
-    def relaxed_moderation(self) -> bool:
-        return self.disable_safety_checker
-
     def images(self) -> dict[str, str]:
         return {} if self.image is None else {"image_prompt": self.image}
 
@@ -116,6 +108,9 @@ class FluxDevInput(ReplicateInput):
             "output_format": _format(self.output_format),
             # Replicate's strength is the share of the image destroyed; this server's, the share kept
             "image_prompt_strength": 1 - self.prompt_strength,
+            # The most lenient tolerance asked for; the worker caps every tolerance at the operator's floor
+            # (``FLUXSERVE_MODERATION``), so this never goes past it.
+            **({"safety_tolerance": MAX_SAFETY} if self.disable_safety_checker else {}),
         }
 
 
