@@ -231,6 +231,7 @@ def invalid_fields(errors: list[dict[str, Any]], renamed: Mapping[str, str] | No
 
 
 def refused_inputs(error: ValidationError, renamed: Mapping[str, str] | None = None) -> InvalidFields:
+    """A model's inputs (or its own schema, ``renamed``) refused by pydantic: one 422 naming each."""
     return invalid_fields([dict(item) for item in error.errors()], renamed)
 
 
@@ -290,7 +291,7 @@ class ReplicateSurface(Surface):
             return "You did not pass a valid authentication token"
         if isinstance(refused, QuotaExceeded):
             spec = MODELS.get(refused.model or "")
-            name = spec.replicate or spec.name if spec is not None else refused.model
+            name = (spec.replicate or spec.name) if spec is not None else refused.model
             return f"Not enough credits: {refused.count} x {name} costs {price_of(refused)}"
         if isinstance(refused, TooManyActiveJobs):
             return "Too many active predictions for this key; wait for some to finish"
