@@ -20,7 +20,17 @@ from sqlalchemy import Engine
 
 from fluxserve import __version__
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.api import events, files, openai_images, ops, reseller, reseller_native, vendor
+from fluxserve.api import (
+    events,
+    files,
+    openai_images,
+    ops,
+    replicate,
+    replicate_files,
+    reseller,
+    reseller_native,
+    vendor,
+)
 from fluxserve.api.deps import Services
 from fluxserve.api.errors import install_error_handlers
 from fluxserve.api.headers import ResponseHeaders
@@ -31,6 +41,7 @@ from fluxserve.core.job import Job
 from fluxserve.finetunes.store import FinetuneStore, builtin_finetunes
 from fluxserve.jobs.feed import ChangeFeed, to_fetch, wake_on, webhook_due
 from fluxserve.jobs.fetching import InputFetcher
+from fluxserve.jobs.predictions import PredictionStore
 from fluxserve.jobs.retention import Retention
 from fluxserve.jobs.stats import JobStats
 from fluxserve.jobs.store import Stores
@@ -93,6 +104,7 @@ class Runtime:
             signer=UrlSigner(settings.secret(), settings.url_ttl_seconds),
             base_url=settings.base_url,
             finetunes=FinetuneStore(database, blobs, builtin_finetunes(catalog)),
+            predictions=PredictionStore(database, stores.reads),
         )
         streams = events.EventStreams(
             services,
@@ -202,7 +214,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="fluxserve",
         version=__version__,
         description="A self-hosted FLUX image API: the reseller dialect under /bfl/v1, /flux/generate, "
-        "/flux/edits and /flux/fetch; the vendor's own under /v1; the OpenAI images API under /v1/images.",
+        "/flux/edits and /flux/fetch; the vendor's own under /v1; the OpenAI images API under /v1/images; "
+        "Replicate's predictions under /v1/predictions and /v1/models.",
         lifespan=lifespan,
     )
     app.state.services = runtime.services
@@ -223,12 +236,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(reseller.router, max_body_size=max_body_size(settings))
     app.include_router(reseller_native.router, max_body_size=max_body_size(settings))
     app.include_router(openai_images.router, max_body_size=max_body_size(settings))
+    held = HeldRequests(settings.max_held_requests)  # the OpenAI waits and Replicate's Prefer: wait, together
     app.state.openai_images = openai_images.ImagesOptions(
-        settings.openai_wait_seconds,
-        settings.openai_model,
-        settings.openai_edit_model,
-        HeldRequests(settings.max_held_requests),
+        settings.openai_wait_seconds, settings.openai_model, settings.openai_edit_model, held
     )
+    app.include_router(replicate.router, max_body_size=max_body_size(settings))  # before vendor's /v1/<model>
+    app.include_router(replicate_files.router, max_body_size=max_body_size(settings))
+    app.state.replicate = replicate.ReplicateOptions(runtime.services.predictions, held)
     app.include_router(vendor.router, max_body_size=max_body_size(settings))
     app.include_router(files.router)
     app.include_router(playground_router)  # the web playground: /playground/ (and / points there)

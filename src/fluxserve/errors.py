@@ -8,7 +8,8 @@ so no name here repeats one of its names.
   (``status_code``); the API answers with that status in the shape of the request's surface
   (``surfaces/``: the surface renders it, once, for every router): 400 :class:`Refused` (a router's own
   refusal, worded there) and :class:`InvalidInput`, 401/403 :class:`KeyRefused`, 402 :class:`QuotaExceeded`,
-  422 :class:`IdempotencyConflict`, 429 :class:`TooManyActiveJobs`, 503 :class:`ServerBusy`.
+  422 :class:`IdempotencyConflict` and :class:`InvalidFields` (Replicate's inputs), 429
+  :class:`TooManyActiveJobs`, 503 :class:`ServerBusy`.
 - :class:`JobFailure`: ends an accepted job; the worker maps each kind to the job's outcome:
   :class:`Moderated` ends it moderated, :class:`JobCanceled` canceled, the rest failed with the message.
   An exception outside this tree is a bug: the job fails with "Internal error" and the log has the trace.
@@ -21,7 +22,7 @@ so no name here repeats one of its names.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 
 
@@ -70,6 +71,17 @@ class InvalidInput(RequestRefused, JobFailure, ValueError):
         super().__init__(f"{field}: {rule}")
         self.field = field
         self.rule = rule
+
+
+class InvalidFields(RequestRefused):
+    """Several inputs at fault at once, each ``(field, kind, description)`` by the name the client sent:
+    Replicate's 422 lists them all (``invalid_fields``); the other surfaces read the joined message."""
+
+    status_code = 422
+
+    def __init__(self, fields: Sequence[tuple[str, str, str]]) -> None:
+        super().__init__("; ".join(f"{field}: {text}" for field, _, text in fields))
+        self.fields = list(fields)
 
 
 class KeyRefused(RequestRefused):

@@ -256,8 +256,8 @@ class Settings(BaseSettings):
     max_held_requests: int = Field(
         default=256,
         ge=1,
-        description="Requests an API process holds open while their jobs run (the OpenAI images routes), "
-        "across keys; 503 beyond.",
+        description="Requests an API process holds open while their jobs run (the OpenAI images routes, "
+        "Replicate's Prefer: wait), across keys; beyond, 503 (OpenAI) or an answer at once (Replicate).",
     )
     openai_wait_seconds: float = Field(
         default=300.0,

@@ -29,6 +29,7 @@ from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.db.tables import jobs
 from fluxserve.errors import EngineError, JobCanceled
 from fluxserve.finetunes.store import FinetuneStore
+from fluxserve.jobs.predictions import PredictionStore
 from fluxserve.jobs.retention import Retention
 from fluxserve.jobs.store import Reaped
 from fluxserve.settings import Settings
@@ -81,7 +82,8 @@ def services(world: World) -> Services:
         blobs=world.blobs,
         signer=UrlSigner("secret", 3600),
         base_url="http://testserver",
-        finetunes=FinetuneStore(world.keys.engine, world.blobs),
+        finetunes=FinetuneStore(world.database, world.blobs),
+        predictions=PredictionStore(world.database, world.stores.reads),
     )
 
 

@@ -24,6 +24,7 @@ from fluxserve.core.models import SurfaceName
 from fluxserve.db.connection import MIGRATIONS, migrate, open_database, utcnow
 from fluxserve.errors import (
     IdempotencyConflict,
+    InvalidFields,
     InvalidInput,
     KeyRefused,
     QuotaExceeded,
@@ -40,6 +41,7 @@ SHAPE = {  # where each surface's error message is
     SurfaceName.RESELLER_NATIVE: lambda body: body["message"] if body["status"] == "FAILED" else None,
     SurfaceName.VENDOR: lambda body: body["detail"],
     SurfaceName.OPENAI: lambda body: body["error"]["message"],
+    SurfaceName.REPLICATE: lambda body: body["detail"] if body["title"] and body["status"] else None,
 }
 
 
@@ -56,6 +58,12 @@ SHAPE = {  # where each surface's error message is
         ("/v1/no-such-route", SurfaceName.VENDOR),  # every /v1/ path that is not OpenAI's
         ("/v1/images/generations", SurfaceName.OPENAI),  # the longer prefix wins over /v1/
         ("/v1/images/edits", SurfaceName.OPENAI),
+        ("/v1/predictions", SurfaceName.REPLICATE),  # Replicate's prefixes are longer than /v1/ too
+        ("/v1/predictions/abc/cancel", SurfaceName.REPLICATE),
+        ("/v1/models/black-forest-labs/flux-dev/predictions", SurfaceName.REPLICATE),
+        ("/v1/models/nobody/nothing", SurfaceName.REPLICATE),
+        ("/v1/files/abc", SurfaceName.REPLICATE),
+        ("/v1/webhooks/default/secret", SurfaceName.REPLICATE),
     ],
 )
 def test_the_longest_prefix_owns_a_path(path: str, name: SurfaceName) -> None:
@@ -129,6 +137,49 @@ def test_openai_refusals_carry_their_param_and_code() -> None:
     assert busy["type"] == "server_error"
 
 
+def test_replicate_refusals_are_problem_details_and_inputs_at_fault_are_listed() -> None:
+    replicate = named(SurfaceName.REPLICATE)
+    fields = [("num_outputs", "less_than_equal", "must be at most 4"), ("prompt", "required", "is required")]
+    answer = replicate.refusal(InvalidFields(fields))
+    body = json.loads(answer.body)
+    assert answer.status_code == 422 and body["title"] == "Input validation failed" and body["status"] == 422
+    assert body["invalid_fields"] == [
+        {"type": "less_than_equal", "field": "num_outputs", "description": "must be at most 4"},
+        {"type": "required", "field": "prompt", "description": "is required"},
+    ]
+    single = json.loads(replicate.refusal(InvalidInput("image", "not a decodable image")).body)
+    assert single["invalid_fields"] == [
+        {"type": "invalid", "field": "image", "description": "not a decodable image"}
+    ]
+    # A request that failed its schema: the same 422, each field named.
+    failed = json.loads(
+        replicate.validation_error([{"loc": ("body", "input"), "type": "missing", "msg": "x"}]).body
+    )
+    assert [item["field"] for item in failed["invalid_fields"]] == ["input"]
+    # The quota's words name the model as Replicate spells it.
+    quota = json.loads(replicate.refusal(QuotaExceeded(Decimal(4), "flux-pro-1.1", count=2)).body)
+    assert quota == {
+        "title": "Insufficient credit",
+        "detail": "Not enough credits: 2 x flux-1.1-pro costs 8",
+        "status": 402,
+    }
+    assert json.loads(replicate.error(418, "short and stout").body)["title"] == "I'm a Teapot"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "key"),
+    [
+        ("Bearer fs_a", "fs_a"),
+        ("Token fs_a", "fs_a"),
+        ("token  fs_a ", "fs_a"),
+        ("Basic fs_a", None),
+        ("", None),
+    ],
+)
+def test_replicate_takes_a_bearer_or_a_token(authorization: str, key: str | None) -> None:
+    assert named(SurfaceName.REPLICATE).read_key({"authorization": authorization}) == key
+
+
 class World:
     def __init__(self, client: TestClient, services: Services, runtime: Runtime) -> None:
         self.client = client
@@ -157,6 +208,16 @@ def _submit(world: World, name: SurfaceName) -> str:
         return str(answer.json()["data"]["jobId"])
     if name is SurfaceName.VENDOR:
         return str(world.client.post("/v1/flux-dev", json=prompt, headers={"x-key": world.key}).json()["id"])
+    if name is SurfaceName.REPLICATE:  # a prediction of one output: its one job
+        path = "/v1/models/black-forest-labs/flux-dev/predictions"
+        answer = world.client.post(
+            path, json={"input": prompt}, headers={"Authorization": f"Token {world.key}"}
+        )
+        assert answer.status_code == 201, answer.text
+        prediction = world.services.predictions.get(answer.json()["id"])
+        assert prediction is not None
+        (job,) = prediction.jobs
+        return job.id
     # No worker: the synchronous request gives up after its wait (504) naming the job it made.
     bearer = {"Authorization": f"Bearer {world.key}"}
     answer = world.client.post("/v1/images/generations", json={**prompt, "model": "flux-dev"}, headers=bearer)
@@ -175,6 +236,12 @@ def test_a_job_is_stored_with_its_surface_and_its_webhook_is_that_surfaces_rende
     assert payload.body == named(name).render_job(job, world.services)
     if name is SurfaceName.VENDOR:
         assert payload.body["id"] == job_id and payload.body["status"] == "Pending"
+    elif name is SurfaceName.REPLICATE:  # the job's whole prediction, as its GET shows it
+        assert payload.body["id"] == job.prediction_id and payload.body["status"] == "starting"
+        fetched = world.client.get(
+            f"/v1/predictions/{job.prediction_id}", headers={"Authorization": f"Bearer {world.key}"}
+        )
+        assert fetched.json() == payload.body
     else:  # the reseller, its own format and OpenAI's (which has no job object): the fetch JSON
         assert payload.body["jobId"] == job_id and payload.body["status"] == "PENDING_QUEUE"
         fetched = world.client.get("/flux/fetch", params={"jobId": job_id}, headers={"TT-API-KEY": world.key})
@@ -188,6 +255,10 @@ def test_a_job_is_stored_with_its_surface_and_its_webhook_is_that_surfaces_rende
         ("/flux/nope", lambda body: body["message"] == "Not Found"),
         ("/v1/nope", lambda body: body == {"detail": "Not Found"}),
         ("/v1/images/nope", lambda body: body["error"]["message"] == "Not Found"),
+        (
+            "/v1/models/a/b/c/d",
+            lambda body: body == {"title": "Not found", "detail": "Not Found", "status": 404},
+        ),
     ],
 )
 def test_an_unknown_path_is_a_404_in_its_owners_shape(world: World, path: str, message: Any) -> None:
@@ -202,6 +273,7 @@ def test_an_unknown_path_is_a_404_in_its_owners_shape(world: World, path: str, m
         ("/flux/generate", 401, lambda body: body["message"]),
         ("/v1/flux-dev", 403, lambda body: body["detail"]),
         ("/v1/images/generations", 401, lambda body: body["error"]["message"]),
+        ("/v1/models/black-forest-labs/flux-dev/predictions", 401, lambda body: body["detail"]),
     ],
 )
 def test_the_guard_and_the_route_refuse_a_wrong_key_alike(
@@ -257,6 +329,7 @@ def test_migration_0013_keeps_each_jobs_surface(tmp_path: Path) -> None:
         ("/flux/generate", lambda body: body["message"]),
         ("/v1/get_result", lambda body: body["detail"]),
         ("/v1/images/generations", lambda body: body["error"]["message"]),
+        ("/v1/predictions", lambda body: body["detail"]),
         ("/healthz", lambda body: body["message"]),  # no surface owns it: the reseller's envelope
     ],
 )

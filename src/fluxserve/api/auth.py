@@ -1,6 +1,7 @@
 """Key authentication for every surface: ``TT-API-KEY`` (reseller), ``x-key`` (vendor) and
-``Authorization: Bearer`` (OpenAI images); one key works in each, with one balance. A missing or unknown
-key raises ``errors.KeyRefused``, which the request's surface words (``surfaces/``).
+``Authorization: Bearer`` (OpenAI images; Replicate's takes ``Token`` too); one key works in each, with one
+balance. A missing or unknown key raises ``errors.KeyRefused``, which the request's surface words
+(``surfaces/``).
 
 Each header is a security scheme, so ``/openapi.json`` says how every route is authenticated.
 
@@ -23,6 +24,7 @@ from fluxserve.api.deps import Services, get_services
 from fluxserve.errors import KeyRefused
 from fluxserve.surfaces.base import Surface
 from fluxserve.surfaces.openai import OPENAI
+from fluxserve.surfaces.replicate import REPLICATE
 from fluxserve.surfaces.reseller import RESELLER
 from fluxserve.surfaces.vendor import VENDOR
 
@@ -81,3 +83,8 @@ async def bearer_key(
     """The OpenAI API answers 401 ``invalid_api_key`` for a missing or wrong key; so do we."""
     token = credentials.credentials if credentials is not None else None
     return await authenticated(request, services.keys, OPENAI, token)
+
+
+async def replicate_key(request: Request, services: Annotated[Services, Depends(get_services)]) -> ApiKey:
+    """``Authorization: Bearer <key>`` or ``Token <key>``, as Replicate takes them; 401 otherwise."""
+    return await authenticated(request, services.keys, REPLICATE, REPLICATE.read_key(request.headers))

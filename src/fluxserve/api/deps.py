@@ -8,7 +8,10 @@ from typing import cast
 from fastapi import Request
 
 from fluxserve.accounts.keys import KeyStore
+from fluxserve.core.job import Job
+from fluxserve.core.prediction import Prediction
 from fluxserve.finetunes.store import FinetuneStore
+from fluxserve.jobs.predictions import PredictionStore
 from fluxserve.jobs.store import Submissions
 from fluxserve.jobs.submit import Submitter
 from fluxserve.storage.base import BlobStore
@@ -24,6 +27,7 @@ class Services:
     signer: UrlSigner
     base_url: str
     finetunes: FinetuneStore
+    predictions: PredictionStore  # Replicate's predictions (api/replicate.py)
 
     def result_url(self, key: str | None) -> str | None:
         """The store's own URL when it gives one (an S3 presigned URL), else fluxserve's signed /files."""
@@ -34,6 +38,10 @@ class Services:
     def queue_position(self, job_id: str) -> int | None:
         """The jobs ahead of a queued one; with ``result_url``, what ``surfaces.Links`` asks for."""
         return self.jobs.queue_position(job_id)
+
+    def prediction_of(self, job: Job) -> Prediction | None:
+        """The Replicate prediction the job makes an output of, with its jobs; None for a job of none."""
+        return None if job.prediction_id is None else self.predictions.get(job.prediction_id)
 
 
 async def get_services(request: Request) -> Services:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fluxserve.errors import RequestRefused
 from fluxserve.jobs.outage import database_away
 from fluxserve.surfaces import for_path
+from fluxserve.surfaces.replicate import title
 
 log = logging.getLogger("fluxserve.api")
 
@@ -62,9 +63,29 @@ class OpenAIErrorBody(BaseModel):
     error: OpenAIErrorDetail
 
 
+class InvalidField(BaseModel):
+    type: str
+    field: str
+    description: str
+
+
+class ReplicateErrorBody(BaseModel):
+    """Replicate's error shape (RFC 7807 problem details); a 422 lists the inputs at fault."""
+
+    title: str
+    detail: str
+    status: int
+    invalid_fields: list[InvalidField] | None = None
+
+
 def responses(model: type[BaseModel], described: Mapping[int | str, str]) -> dict[int | str, dict[str, Any]]:
     """A route's ``responses`` for ``/openapi.json``: each status code it returns, with its body model."""
     return {status: {"model": model, "description": text} for status, text in described.items()}
+
+
+def replicate_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A Replicate route's refusals for ``/openapi.json``: ``statuses`` (and 401, 422) as problem details."""
+    return responses(ReplicateErrorBody, {status: title(status) for status in sorted({401, 422, *statuses})})
 
 
 def invalid_json(error: json.JSONDecodeError) -> str:

@@ -324,7 +324,7 @@ def get_streams(request: Request) -> EventStreams:
     return cast(EventStreams, request.app.state.event_streams)
 
 
-class _CountedStream(EventSourceResponse):
+class CountedStream(EventSourceResponse):
     """An event stream that gives its key's slot back however it ends (done, idle, client gone)."""
 
     def __init__(self, content: AsyncIterator[ServerSentEvent], release: Callable[[], None]) -> None:
@@ -378,7 +378,7 @@ def _stream(
     refused = streams.acquire(key.id)
     if refused is not None:
         raise Refused(429, refused)
-    return _CountedStream(_events(job.id, last, render, streams), lambda: streams.release(key.id))
+    return CountedStream(_events(job.id, last, render, streams), lambda: streams.release(key.id))
 
 
 Deps = Annotated[Services, Depends(get_services)]

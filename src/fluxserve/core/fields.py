@@ -179,7 +179,8 @@ Dimension = Annotated[int, Field(ge=256, le=1440, multiple_of=32), Optional, Num
 Steps = Annotated[int, Field(ge=1, le=50), Optional, Number]
 Guidance = Annotated[float, Field(ge=1.5, le=5), Optional, Number]
 Interval = Annotated[float, Field(ge=1, le=4), Optional, Number]
-SafetyTolerance = Annotated[int, Field(ge=0, le=6), Optional, Number]
+MAX_SAFETY = 6  # the most lenient safety_tolerance (FLUX.2's scale stops at MAX_FLUX2_SAFETY)
+SafetyTolerance = Annotated[int, Field(ge=0, le=MAX_SAFETY), Optional, Number]
 Strength = Annotated[float, Field(ge=0, le=1), Optional, Number]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED), Number] | None
 Flag = Annotated[bool, Optional]

@@ -65,6 +65,7 @@ class Job:
     heartbeat_at: datetime | None = None
     result_expired_at: datetime | None = None  # when retention deleted the result file; the row stays
     result_pruned: bool = False  # it was `fluxserve prune` that deleted it
+    prediction_id: str | None = None  # the Replicate prediction it makes one output of
 
     @property
     def result_expired(self) -> str | None:

@@ -31,6 +31,7 @@ class SurfaceName(StrEnum):
     RESELLER_NATIVE = "reseller-native"  # the reseller's own format: /flux/generate, /flux/edits
     VENDOR = "vendor"  # /v1/<model>, x-key, the vendor's own shapes
     OPENAI = "openai"  # /v1/images/*, Authorization: Bearer, the OpenAI images API
+    REPLICATE = "replicate"  # /v1/models/black-forest-labs/<replicate>/predictions (api/replicate.py)
 
 
 class Family(StrEnum):
@@ -70,6 +71,7 @@ class ModelSpec:
     # gives them their own, and the model name their finetunes are added for (``finetunes add --model``)
     base: str = ""
     finetunes_of: str = ""
+    replicate: str = ""  # its name on Replicate (``black-forest-labs/<replicate>``); "": not served there
     image_fields: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -170,6 +172,7 @@ def _kontext(name: str, title: str, price: str, max_active: int | None = None) -
         price=Decimal(price),
         size_rule=SizeRule.KONTEXT,
         max_active=max_active,
+        replicate=name,
         fields={
             SurfaceName.RESELLER: _fields(_RESELLER, _KONTEXT),
             SurfaceName.VENDOR: _fields(_VENDOR, _KONTEXT, prompt=REQUIRED, output_format="png"),
@@ -179,7 +182,7 @@ def _kontext(name: str, title: str, price: str, max_active: int | None = None) -
 
 def _flux2(
     name: str, title: str, price: str, further: str, vendor: Mapping[str, Any], family: Family = Family.FLUX2,
-    reseller: Mapping[str, Any] | None = None,
+    reseller: Mapping[str, Any] | None = None, replicate: str = "",
 ) -> ModelSpec:  # fmt: skip
     fields = (
         {SurfaceName.VENDOR: vendor}
@@ -194,6 +197,7 @@ def _flux2(
         further_mp_price=Decimal(further),
         size_rule=SizeRule.FLUX2,
         fields=fields,
+        replicate=replicate,
     )
 
 
@@ -205,6 +209,7 @@ _ENTRIES = (
         "1.5",
         _FLUX2_VENDOR,
         reseller=_FLUX2_RESELLER,
+        replicate="flux-2-pro",
     ),
     _flux2(
         "flux-2-max",
@@ -213,6 +218,7 @@ _ENTRIES = (
         "3",
         _FLUX2_VENDOR,
         reseller=_FLUX2_RESELLER,
+        replicate="flux-2-max",
     ),
     _flux2(
         "flux-2-flex",
@@ -221,6 +227,7 @@ _ENTRIES = (
         "5",
         _FLEX_VENDOR,
         reseller=_fields(_FLUX2_RESELLER, steps=50, guidance=Variant("flex_guidance", 5.0)),
+        replicate="flux-2-flex",
     ),
     _flux2("flux-2-pro-preview", "FLUX.2 [pro] preview", "3", "1.5", _FLUX2_VENDOR),
     _flux2(
@@ -280,6 +287,7 @@ _ENTRIES = (
         family=Family.FLUX1,
         price=Decimal("6"),
         size_rule=SizeRule.ULTRA,
+        replicate="flux-1.1-pro-ultra",
         fields={
             SurfaceName.RESELLER: _fields(_RESELLER, _ULTRA, aspect_ratio="1:1"),
             SurfaceName.VENDOR: _fields(_VENDOR, _ULTRA, aspect_ratio="16:9"),
@@ -291,6 +299,7 @@ _ENTRIES = (
         family=Family.FLUX1,
         price=Decimal("4"),
         size_rule=SizeRule.WIDTH_HEIGHT,
+        replicate="flux-1.1-pro",
         fields={
             SurfaceName.RESELLER: _fields(_RESELLER, _SIZED),
             SurfaceName.VENDOR: _fields(_VENDOR, _SIZED),
@@ -322,6 +331,7 @@ _ENTRIES = (
         family=Family.FLUX1,
         price=Decimal("2.5"),
         size_rule=SizeRule.WIDTH_HEIGHT,
+        replicate="flux-dev",
         fields={
             SurfaceName.RESELLER: _fields(_RESELLER, _SIZED, steps=40, guidance=2.5),
             SurfaceName.VENDOR: _fields(_VENDOR, _SIZED, steps=28, guidance=3.0),

@@ -94,6 +94,29 @@ jobs = Table(
     Index("ix_jobs_key_status", "key_id", "status"),
     Index("ix_jobs_result_expiry", "result_expired_at", "finished_at"),
     Index("ix_jobs_queue", "status", "turn", "created_at"),  # the claim's order, one index probe
+    # The Replicate prediction the job makes one output of (db/predictions.py); migration 0015
+    Column("prediction_id", String(36), nullable=True),
+    Index("ix_jobs_prediction", "prediction_id"),
+)
+
+# A Replicate prediction (api/replicate.py): ``outputs`` jobs (its ``num_outputs``) made by one request, with
+# the webhook the prediction (not each job) was given. ``ended`` counts its jobs that ended, so that the
+# finish of the last one writes the ``completed`` webhook; ``started_at`` is set by the first claim of one,
+# which writes the ``start`` webhook. Migration 0015.
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("key_id", String(36), ForeignKey("api_keys.id"), nullable=False),
+    Column("model", String(64), nullable=False),  # the model table's name
+    Column("input", JSON, nullable=False),  # as the client sent it (images replaced by their references)
+    Column("outputs", Integer, nullable=False),
+    Column("ended", Integer, nullable=False, default=0),
+    Column("webhook", Text, nullable=True),
+    Column("webhook_events", String(64), nullable=True),  # comma-separated start,output,logs,completed
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Index("ix_predictions_key_created", "key_id", "created_at"),
 )
 
 webhook_deliveries = Table(

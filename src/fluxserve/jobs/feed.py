@@ -59,8 +59,9 @@ def to_fetch(change: JobChange) -> bool:
 
 
 def webhook_due(change: JobChange) -> bool:
-    """The job ended with a webhook: its delivery (written in the same transaction) is due."""
-    return change.webhook and change.status.is_terminal
+    """The job ended with a webhook, or (a Replicate prediction's ``start``) was claimed: a delivery written
+    in the same transaction may be due."""
+    return change.webhook and (change.status.is_terminal or change.status is JobStatus.RUNNING)
 
 
 def wake_on(wanted: Callable[[JobChange], bool], wake: Callable[[], None]) -> JobListener:

@@ -15,7 +15,7 @@ lease (``fetch_owner``, ``fetch_renewed_at``: fetching jobs only; migration 0014
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -85,6 +85,14 @@ class Submissions(JobReads, Protocol):
         concurrent repeats one writes a job and the others get it back: a live entry (under 24 hours) for
         the same request returns its job instead, without a charge; one for another request raises
         IdempotencyConflict; an expired one is replaced."""
+        ...
+
+    def submit_group(
+        self, group: Sequence[Job], max_active: int, max_active_model: int | None = None
+    ) -> list[Job]:
+        """Write several jobs of one request (a Replicate prediction's outputs) in one transaction, as
+        ``submit`` writes one: every price held and the limits checked with the earlier ones counted, or
+        nothing written (QuotaExceeded, TooManyActiveJobs)."""
         ...
 
     def admit(

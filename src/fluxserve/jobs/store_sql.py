@@ -7,7 +7,7 @@ private to this module."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -31,7 +31,7 @@ from sqlalchemy.sql.elements import BindParameter
 from fluxserve.core.job import ACTIVE_STATUSES, QUEUE_POSITION_CAP, Job, JobStatus
 from fluxserve.core.models import SurfaceName
 from fluxserve.core.pricing import Quote
-from fluxserve.db import ledger, outbox
+from fluxserve.db import ledger, outbox, predictions
 from fluxserve.db.connection import as_utc, reconnecting, utcnow
 from fluxserve.db.tables import api_keys, idempotency_keys, job_counts, jobs
 from fluxserve.errors import IdempotencyConflict, QuotaExceeded, TooManyActiveJobs
@@ -98,6 +98,7 @@ def _job(row: RowMapping) -> Job:
         heartbeat_at=as_utc(row["heartbeat_at"]),
         result_expired_at=as_utc(row["result_expired_at"]),
         result_pruned=bool(row["result_pruned"]),
+        prediction_id=row["prediction_id"],
     )
 
 
@@ -201,7 +202,8 @@ def _end(
     drawn: Drawn | None = None,
 ) -> bool:
     """End an active job (``guard``: and only if it is still the caller's), settle its hold (refunded
-    unless it succeeded) and queue its webhook, on the caller's transaction; False when nothing matched."""
+    unless it succeeded) and queue its webhook (a prediction's job: the prediction's, ``db.predictions``),
+    on the caller's transaction; False when nothing matched."""
     values: dict[str, Any] = {
         "status": status.value,
         "error": error,
@@ -218,13 +220,17 @@ def _end(
         update(jobs)
         .where(jobs.c.id == job_id, jobs.c.status.in_(_ACTIVE), *guard)
         .values(values)
-        .returning(jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.webhook_url, jobs.c.model)
+        .returning(
+            jobs.c.key_id, jobs.c.cost_hundredths, jobs.c.webhook_url, jobs.c.model, jobs.c.prediction_id
+        )
     ).first()
     if row is None:
         return False
     held = ledger.from_hundredths(row.cost_hundredths)
     ledger.settle(conn, row.key_id, held, status.is_charged, job_id=job_id, model=row.model)
-    if row.webhook_url:
+    if row.prediction_id:  # the prediction's webhooks, not one per job
+        predictions.ended(conn, row.prediction_id, job_id, status is JobStatus.SUCCEEDED)
+    elif row.webhook_url:
         outbox.enqueue(conn, job_id, row.key_id, row.webhook_url)
     return True
 
@@ -305,21 +311,40 @@ class SqlSubmissions(SqlJobReads):
         with self._database.begin() as conn:
             # The hold comes first: it serialises this key's submits, so the limits cannot race, and
             # the Idempotency-Key read below sees every earlier submit of this key.
-            if not ledger.hold(conn, job.key_id, job.cost, job_id=job.id, model=job.model):
-                raise QuotaExceeded()
+            self._hold(conn, job)
             if idempotency is not None:
                 existing = self._replay(conn, job.key_id, idempotency)
                 if existing is not None:
                     raise _Replayed(existing)  # rolls the hold back
-            probe = conn.execute(_PROBE, {"key_id": job.key_id, "model": job.model}).one()
-            if _over(probe, max_active, max_active_model):
-                conn.rollback()
-                raise TooManyActiveJobs()
-            job.created_at = utcnow()
-            conn.execute(_INSERT_JOB, {**self._values(job), "turn": _turn(probe)})
+            self._insert(conn, job, max_active, max_active_model)
             if idempotency is not None:
                 self._remember(conn, job, idempotency)
         return job
+
+    @reconnecting
+    def submit_group(
+        self, group: Sequence[Job], max_active: int, max_active_model: int | None = None
+    ) -> list[Job]:
+        with self._database.begin() as conn:
+            for job in group:
+                self._hold(conn, job)
+                self._insert(conn, job, max_active, max_active_model)
+        return list(group)
+
+    @staticmethod
+    def _hold(conn: Connection, job: Job) -> None:
+        if not ledger.hold(conn, job.key_id, job.cost, job_id=job.id, model=job.model):
+            raise QuotaExceeded()
+
+    def _insert(self, conn: Connection, job: Job, max_active: int, max_active_model: int | None) -> None:
+        """Write the job after its hold, unless the key (its earlier jobs of this transaction counted) is at
+        its limits."""
+        probe = conn.execute(_PROBE, {"key_id": job.key_id, "model": job.model}).one()
+        if _over(probe, max_active, max_active_model):
+            conn.rollback()
+            raise TooManyActiveJobs()
+        job.created_at = utcnow()
+        conn.execute(_INSERT_JOB, {**self._values(job), "turn": _turn(probe)})
 
     @reconnecting
     def replay(self, key_id: str, idempotency: Idempotency) -> Job | None:
@@ -384,6 +409,7 @@ class SqlSubmissions(SqlJobReads):
             "attempts": 0,
             "cancel_requested": False,
             "created_at": job.created_at,
+            "prediction_id": job.prediction_id,
         }
 
     def cancel(self, job_id: str, key_id: str) -> Job | None:
@@ -489,6 +515,9 @@ class SqlClaims(_Sql):
                 )
                 .mappings()
                 .all()
+            )
+            predictions.started(
+                conn, {row["prediction_id"]: row["id"] for row in rows if row["prediction_id"]}
             )
         return sorted((_job(row) for row in rows), key=lambda job: job.created_at or now)
 

@@ -8,6 +8,7 @@ import io
 import json
 import secrets
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
@@ -94,18 +95,7 @@ class Submitter:
             replayed = self._store.replay(key.id, idempotency) if uploads else None
             if replayed is not None:  # a repeat stores nothing
                 return replayed
-        if webhook_url is not None:
-            check_webhook_url(webhook_url, self._policy)
-        spec = spec_of(params.model)
-        model_limit = self._limits.max_active_per_model.get(spec.name, spec.max_active)
-        if self._limits.max_waiting is not None and self._store.waiting() >= self._limits.max_waiting:
-            raise ServerBusy(f"the queue is full ({self._limits.max_waiting} jobs wait); retry shortly")
-        if uploads:
-            # Admission before work: a key that cannot have this job costs no decoding and leaves no file.
-            try:
-                self._store.admit(key.id, spec.name, spec.price, self._limits.max_active, model_limit)
-            except QuotaExceeded as error:  # refused before a quote: the surface names the lowest price
-                raise QuotaExceeded(None, spec.name) from error
+        spec, model_limit = self._admit(key, params, webhook_url, uploads, 1)
         job_id = str(uuid.uuid4())
         quoted: Decimal | None = None
         try:
@@ -120,6 +110,53 @@ class Submitter:
         if job.id != job_id:  # a concurrent repeat of this idempotent submit won: its job stands
             self._blobs.delete_prefix(inputs_prefix(job_id))
         return job
+
+    def submit_group(
+        self,
+        key: ApiKey,
+        params: GenerationParams,
+        seeds: Sequence[int | None],
+        surface: SurfaceName,
+        webhook_url: str | None = None,
+        prediction_id: str | None = None,
+    ) -> list[Job]:
+        """One job per seed, of one request (a Replicate prediction's ``num_outputs``): admitted together,
+        all of their prices held and the key's limits checked in one transaction, so that the key gets all
+        of them or none (QuotaExceeded names one job's quote)."""
+        uploads = any(not is_url(ref) for ref in _input_refs(params))
+        spec, model_limit = self._admit(key, params, webhook_url, uploads, len(seeds))
+        group: list[Job] = []
+        try:
+            for seed in seeds:
+                job = self._new_job(key, spec, params, seed, webhook_url, surface, str(uuid.uuid4()))
+                job.prediction_id = prediction_id
+                group.append(job)
+            return self._store.submit_group(group, self._limits.max_active, model_limit)
+        except Exception as error:
+            for job in group:
+                self._blobs.delete_prefix(inputs_prefix(job.id))
+            if isinstance(error, QuotaExceeded) and group:  # one job's quote: they are the same request
+                raise QuotaExceeded(group[0].cost, spec.name, count=len(group)) from error
+            raise
+
+    def _admit(
+        self, key: ApiKey, params: GenerationParams, webhook_url: str | None, uploads: bool, count: int
+    ) -> tuple[ModelSpec, int | None]:
+        """The checks before any work: the webhook's address, a full queue, and (for a submit with uploads
+        to decode and store) whether the key can have ``count`` jobs now. The model and its limit."""
+        if webhook_url is not None:
+            check_webhook_url(webhook_url, self._policy)
+        spec = spec_of(params.model)
+        model_limit = self._limits.max_active_per_model.get(spec.name, spec.max_active)
+        if self._limits.max_waiting is not None and self._store.waiting() >= self._limits.max_waiting:
+            raise ServerBusy(f"the queue is full ({self._limits.max_waiting} jobs wait); retry shortly")
+        if uploads:
+            # Admission before work: a key that cannot have this job costs no decoding and leaves no file.
+            try:
+                self._store.admit(key.id, spec.name, spec.price * count, self._limits.max_active, model_limit)
+            except QuotaExceeded as error:  # refused before a quote: the surface names the lowest price
+                raise QuotaExceeded(None, spec.name, count=count) from error
+        return spec, model_limit
 
     def _new_job(
         self,

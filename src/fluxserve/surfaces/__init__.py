@@ -1,14 +1,16 @@
 """The server's HTTP surfaces, one module each, and the one rule for which surface owns a request path.
 
 A surface is one API this server speaks (``base.Surface``): the reseller's (``/bfl/v1``, ``/flux/*``), the
-reseller's own format (``/flux/generate``, ``/flux/edits``), the vendor's (``/v1/<model>``, ``get_result``)
-and OpenAI's images API (``/v1/images/*``). The routers (``api/``), the request guard, the error handlers,
+reseller's own format (``/flux/generate``, ``/flux/edits``), the vendor's (``/v1/<model>``, ``get_result``),
+OpenAI's images API (``/v1/images/*``) and Replicate's predictions API (``/v1/predictions``, ``/v1/models/``,
+``/v1/files``, ``/v1/webhooks/``). The routers (``api/``), the request guard, the error handlers,
 the event streams and the webhook dispatcher all answer through the surface, never through a URL test of
 their own.
 
 **Which surface owns a path: the longest prefix wins.** Each surface lists its prefixes; ``/v1/images/``
-(OpenAI's) is longer than ``/v1/`` (the vendor's), so ``/v1/images/edits`` is OpenAI's while ``/v1/flux-dev``,
-``/v1/get_result`` and every other ``/v1/`` path, routed or not, are the vendor's; ``/flux/generate`` is the
+(OpenAI's) is longer than ``/v1/`` (the vendor's), so ``/v1/images/edits`` is OpenAI's, ``/v1/predictions/x``
+and ``/v1/models/black-forest-labs/flux-dev`` are Replicate's, while ``/v1/flux-dev``, ``/v1/get_result`` and
+every other ``/v1/`` path, routed or not, are the vendor's; ``/flux/generate`` is the
 reseller's own format and the rest of ``/flux/`` the reseller's. **A path no surface owns** (``/files/``,
 ``/healthz``, ``/playground/``, an unknown path) is answered in the reseller's envelope
 (``{"status":"FAILED","message":...,"data":null}``), which such paths have always had.
@@ -26,6 +28,7 @@ from fluxserve.core.job import Job
 from fluxserve.core.models import SurfaceName
 from fluxserve.surfaces.base import Links, Surface
 from fluxserve.surfaces.openai import OPENAI
+from fluxserve.surfaces.replicate import REPLICATE
 from fluxserve.surfaces.reseller import RESELLER
 from fluxserve.surfaces.reseller_native import RESELLER_NATIVE
 from fluxserve.surfaces.vendor import VENDOR
@@ -37,6 +40,7 @@ SURFACES: tuple[Surface, ...] = (
     RESELLER_NATIVE,
     VENDOR,
     OPENAI,
+    REPLICATE,
 )
 UNOWNED = RESELLER  # answers the paths no surface owns
 

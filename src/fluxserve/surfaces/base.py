@@ -3,7 +3,8 @@
 A :class:`Surface` renders, in its own shape: any refusal (:class:`~fluxserve.errors.RequestRefused`, with
 the exception's own ``status_code``), a request that failed validation, any other error status (404, 405,
 413, 500, 503), and a job (its fetch, the last event of its streams, its webhook). What a job's rendering
-needs besides its row (a signed result URL, the queue position) is passed in as :class:`Links`, so that
+needs besides its row (a signed result URL, the queue position, a Replicate job's prediction) is passed in
+as :class:`Links`, so that
 nothing here imports a router or a store.
 """
 
@@ -17,6 +18,7 @@ from starlette.responses import JSONResponse
 
 from fluxserve.core.job import Job
 from fluxserve.core.models import MODELS, SurfaceName
+from fluxserve.core.prediction import Prediction
 from fluxserve.core.pricing import format_credits, refused_price
 from fluxserve.errors import (
     InvalidInput,
@@ -30,12 +32,18 @@ from fluxserve.errors import (
 
 
 class Links(Protocol):
+    base_url: str  # the server's public URL (Replicate's ``urls`` are absolute)
+
     def result_url(self, key: str | None) -> str | None:
         """A URL the client can download the result at (signed, or the blob store's own), None for none."""
         ...
 
     def queue_position(self, job_id: str) -> int | None:
         """How many queued jobs are ahead of this one, None when it is not queued."""
+        ...
+
+    def prediction_of(self, job: Job) -> Prediction | None:
+        """The Replicate prediction the job makes an output of, with its jobs; None for a job of none."""
         ...
 
 
@@ -108,10 +116,11 @@ class Surface(ABC):
         return self.error(refused.status_code, str(refused), headers=headers, param=refused.field)
 
 
-def bearer_token(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header value, else None."""
+def bearer_token(authorization: str | None, schemes: tuple[str, ...] = ("bearer",)) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value (or another of ``schemes``, in lower
+    case), else None."""
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer":
+    if scheme.lower() not in schemes:
         return None
     return token.strip() or None
 
