@@ -37,7 +37,7 @@ from fluxserve.api.headers import ResponseHeaders
 from fluxserve.api.limits import AccessLog, HeldRequests, KeyRate, RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
-from fluxserve.core.job import Job
+from fluxserve.core.job import JobRecord
 from fluxserve.finetunes.store import FinetuneStore, builtin_finetunes
 from fluxserve.jobs.feed import ChangeFeed, to_fetch, wake_on, webhook_due
 from fluxserve.jobs.fetching import InputFetcher
@@ -124,7 +124,7 @@ class Runtime:
         feed.subscribe_keys(services.keys.forget)
         return runtime
 
-    def webhook_payload(self, job: Job) -> Payload:
+    def webhook_payload(self, job: JobRecord) -> Payload:
         """A finished job as the surface it came in renders it, with the vendor task's own secret."""
         return Payload(render(job, self.services), job.webhook_secret)
 

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import utcnow
 from fluxserve.db.tables import jobs
@@ -98,7 +98,7 @@ def fetcher(
     )
 
 
-def kontext(world: World, key_credits: str, url: str) -> Job:
+def kontext(world: World, key_credits: str, url: str) -> JobRecord:
     key = world.key(key_credits)
     image = {"field": "input_image", "ref": url}
     return world.submit(
@@ -106,7 +106,7 @@ def kontext(world: World, key_credits: str, url: str) -> Job:
     )
 
 
-def fetch_all(world: World, stage: InputFetcher) -> list[Job]:
+def fetch_all(world: World, stage: InputFetcher) -> list[JobRecord]:
     """Lease what is waiting and run each fetch to its end; the jobs as they are after."""
 
     async def run() -> list[str]:
@@ -218,7 +218,7 @@ def leased_by(world: World, key_id: str) -> int:
         )
 
 
-def status(world: World, job: Job) -> JobStatus:
+def status(world: World, job: JobRecord) -> JobStatus:
     current = world.stores.reads.get(job.id)
     assert current is not None
     return current.status

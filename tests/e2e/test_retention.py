@@ -23,7 +23,7 @@ from sqlalchemy import update
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api import reseller
 from fluxserve.api.deps import Services
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.db.tables import jobs
@@ -62,7 +62,7 @@ def stored(blobs: BlobStore) -> list[str]:
     return [info.key for info in blobs.list("")]
 
 
-def submit_with_image(world: World, key: ApiKey) -> Job:
+def submit_with_image(world: World, key: ApiKey) -> JobRecord:
     """A kontext job with an uploaded image, stored under inputs/<job_id>/ at submit."""
     params = GenerationParams(
         model="flux-kontext-pro",
@@ -298,7 +298,7 @@ def test_disk_use_stays_bounded_to_the_recent_results(world: World) -> None:
     key = world.key("1000")
     worker = world.worker(Scripted(paint))
     retention = Retention(world.stores.expiry, world.blobs, ttl_seconds=60)
-    recent: list[Job] = []
+    recent: list[JobRecord] = []
     for round_ in range(3):  # three rounds of work, a sweep after each as the server's loop does
         recent = []
         for _ in range(4):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import migrate, open_database
 from fluxserve.engines.base import EngineRequest
@@ -113,9 +113,9 @@ class Inputs:
         return solid("red")
 
 
-def job(index: int, **fields: Any) -> Job:
+def job(index: int, **fields: Any) -> JobRecord:
     params = GenerationParams(model="flux-dev", prompt=PROMPTS[index], width=96, height=64, **fields)
-    return Job(
+    return JobRecord(
         id=f"job-{index}",
         key_id="key",
         model="flux-dev",

@@ -23,7 +23,7 @@ from standardwebhooks import Webhook
 
 from fluxserve.api.deps import Services
 from fluxserve.app import create_app
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.params import GenerationParams
 from fluxserve.jobs.store import Claims
 from fluxserve.settings import Settings
@@ -87,7 +87,7 @@ class Client:
     def reseller(self, model: str, body: dict[str, Any]) -> Any:
         return self.client.post(f"/bfl/v1/{model}", json=body, headers={"TT-API-KEY": self.key})
 
-    def job(self, response: Any) -> Job:
+    def job(self, response: Any) -> JobRecord:
         assert response.status_code == 200, response.text
         answer = response.json()
         job = self.services.jobs.get(answer.get("id") or answer["data"]["jobId"])
@@ -99,7 +99,7 @@ class Client:
         assert key is not None
         return key.credits
 
-    def params(self, job: Job) -> GenerationParams:
+    def params(self, job: JobRecord) -> GenerationParams:
         return GenerationParams.model_validate(job.params)
 
 

@@ -26,7 +26,7 @@ from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.api import ops
 from fluxserve.api.deps import Services
 from fluxserve.app import create_app
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.db.connection import migrate, open_database
@@ -49,7 +49,9 @@ __all__ = ["s3_bucket", "s3_credentials"]  # fixtures
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
-def submit(submitter: Submitter, key: ApiKey, model: str = "flux-dev", webhook_url: str | None = None) -> Job:
+def submit(
+    submitter: Submitter, key: ApiKey, model: str = "flux-dev", webhook_url: str | None = None
+) -> JobRecord:
     params = GenerationParams.model_validate({"model": model, "prompt": "p", "width": 256, "height": 256})
     return submitter.submit(key, params, 7, webhook_url, SurfaceName.RESELLER)
 

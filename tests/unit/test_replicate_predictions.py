@@ -20,7 +20,7 @@ from sqlalchemy import Engine, func, insert, select
 from fluxserve.accounts.keys import ApiKey, KeyStore
 from fluxserve.api.replicate import _wait_seconds
 from fluxserve.api.requests import SCHEMAS, size_fields
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.core.prediction import Prediction
@@ -155,7 +155,7 @@ class _Links:
     def queue_position(self, job_id: str) -> int | None:
         return 0
 
-    def prediction_of(self, job: Job) -> Prediction | None:
+    def prediction_of(self, job: JobRecord) -> Prediction | None:
         return self.prediction
 
 
@@ -188,10 +188,10 @@ def test_the_list_is_the_keys_own_newest_first_page_by_page(database_url: str, t
     assert world.predictions.page(key.id, "unknown", 2) == ([], False)
 
 
-def _job(status: JobStatus, result_key: str | None = None) -> Job:
+def _job(status: JobStatus, result_key: str | None = None) -> JobRecord:
     now = datetime.now(UTC)
     ended = status.is_terminal
-    return Job(
+    return JobRecord(
         id=f"j{status.value}", key_id="k", model="flux-dev", params={}, seed=1, output_format="png",
         prompt="p", cost=Decimal(1), status=status, result_key=result_key,
         error="boom" if status is JobStatus.FAILED else None,

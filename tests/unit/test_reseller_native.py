@@ -16,7 +16,7 @@ from PIL import Image
 from fluxserve.api.deps import Services
 from fluxserve.api.reseller_native import MODES
 from fluxserve.app import create_app
-from fluxserve.core.job import Job
+from fluxserve.core.job import JobRecord
 from fluxserve.settings import Settings
 from tests.conftest import png_base64
 
@@ -38,7 +38,7 @@ class Native:
         files = [("image", (f"{index}.png", data, "image/png")) for index, data in enumerate(images)]
         return self.client.post("/flux/edits", data=fields, files=files, headers=self.headers)
 
-    def job(self, response: Any) -> Job:
+    def job(self, response: Any) -> JobRecord:
         assert response.status_code == 200, response.text
         data = response.json()["data"]
         assert data["jobId"] == data["job_id"]

@@ -14,7 +14,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, insert, select, update
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.db.connection import MIGRATIONS, migrate, open_database, utcnow
 from fluxserve.db.tables import jobs
 from fluxserve.jobs.store import FetchOutcome, Reaped, Stores
@@ -33,9 +33,9 @@ def key(database: Engine) -> ApiKey:
     return KeyStore(database).create("k", Decimal(100)).record
 
 
-def add(stores: Stores, key: ApiKey, status: JobStatus = JobStatus.QUEUED) -> Job:
+def add(stores: Stores, key: ApiKey, status: JobStatus = JobStatus.QUEUED) -> JobRecord:
     """A job as a submit writes it (its hold taken), ``fetching`` when it waits for URL inputs."""
-    job = Job(
+    job = JobRecord(
         id=str(uuid.uuid4()),
         key_id=key.id,
         model="flux-dev",

@@ -16,7 +16,7 @@ from sqlalchemy import event
 from fluxserve.api.deps import Services
 from fluxserve.api.vendor import UNLIMITED_CREDITS
 from fluxserve.app import create_app
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.settings import Settings
 from fluxserve.surfaces.vendor import render_result
 from tests.conftest import png_base64
@@ -37,7 +37,7 @@ class Vendor:
     def submit(self, model: str, body: Any) -> Any:
         return self.client.post(f"/v1/{model}", json=body, headers=self.headers)
 
-    def job(self, model: str, body: dict[str, Any]) -> Job:
+    def job(self, model: str, body: dict[str, Any]) -> JobRecord:
         response = self.submit(model, body)
         assert response.status_code == 200, response.text
         job = self.services.jobs.get(response.json()["id"])
@@ -310,7 +310,7 @@ def test_jobs_are_shared_between_the_dialects(vendor: Vendor) -> None:
     assert vendor.result(job_id)["status"] == "Pending"
 
 
-def _job(status: JobStatus, **fields: Any) -> Job:
+def _job(status: JobStatus, **fields: Any) -> JobRecord:
     now = datetime.now(UTC)
     values: dict[str, Any] = {
         "id": "j1",
@@ -325,7 +325,7 @@ def _job(status: JobStatus, **fields: Any) -> Job:
         "started_at": now - timedelta(seconds=3),
         "finished_at": now,
     }
-    return Job(**{**values, **fields})
+    return JobRecord(**{**values, **fields})
 
 
 def test_every_status_renders_in_the_vendors_words(app_client: tuple[TestClient, Services]) -> None:

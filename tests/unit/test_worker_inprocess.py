@@ -26,7 +26,7 @@ from sqlalchemy import Connection, event, select
 from sqlalchemy import Engine as SqlEngine
 
 from fluxserve.accounts.keys import ApiKey, KeyStore
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.models import SurfaceName
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.db.connection import migrate, open_database
@@ -92,7 +92,7 @@ class World:
     def key(self, credits: str = "10") -> ApiKey:
         return self.keys.create(f"k-{uuid.uuid4().hex[:8]}", Decimal(credits)).record
 
-    def submit(self, key: ApiKey, webhook_url: str | None = None, **fields: object) -> Job:
+    def submit(self, key: ApiKey, webhook_url: str | None = None, **fields: object) -> JobRecord:
         params = GenerationParams.model_validate(
             {"model": "flux-dev", "prompt": "p", "width": 256, "height": 256, "steps": 4, **fields}
         )
@@ -113,7 +113,7 @@ class World:
             moderator=moderator,
         )
 
-    def end(self, job: Job, status: JobStatus, **fields: Any) -> bool:
+    def end(self, job: JobRecord, status: JobStatus, **fields: Any) -> bool:
         """Claim ``job`` (it must be next in the queue) and end it, as a worker does."""
         claimed = self.stores.claims.claim("ender")
         assert claimed is not None and claimed.id == job.id
@@ -143,7 +143,7 @@ def world(tmp_path: Path, database_url: str, blobs: BlobStore) -> World:
     return World(database, stores, KeyStore(database), blobs, submitter, inputs, url)
 
 
-def run_one(world: World, worker: Worker) -> Job:
+def run_one(world: World, worker: Worker) -> JobRecord:
     claimed = world.stores.claims.claim(worker.worker_id)
     assert claimed is not None
     worker.process(claimed)

@@ -8,7 +8,7 @@ from typing import cast
 from fastapi import Request
 
 from fluxserve.accounts.keys import KeyStore
-from fluxserve.core.job import Job
+from fluxserve.core.job import JobRecord
 from fluxserve.core.prediction import Prediction
 from fluxserve.finetunes.store import FinetuneStore
 from fluxserve.jobs.predictions import PredictionStore
@@ -39,7 +39,7 @@ class Services:
         """The jobs ahead of a queued one; with ``result_url``, what ``surfaces.Links`` asks for."""
         return self.jobs.queue_position(job_id)
 
-    def prediction_of(self, job: Job) -> Prediction | None:
+    def prediction_of(self, job: JobRecord) -> Prediction | None:
         """The Replicate prediction the job makes an output of, with its jobs; None for a job of none."""
         return None if job.prediction_id is None else self.predictions.get(job.prediction_id)
 

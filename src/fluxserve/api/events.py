@@ -38,7 +38,7 @@ from starlette.types import Receive, Scope, Send
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.api.auth import reseller_key, vendor_key
 from fluxserve.api.deps import Services, get_services
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.notes import preview_of
 from fluxserve.core.numbers import ascii_int
 from fluxserve.errors import Refused
@@ -90,15 +90,15 @@ class Snapshot:
         return self.id.stage == RESULT
 
 
-Render = Callable[[Job, Services], dict[str, Any]]
+Render = Callable[[JobRecord, Services], dict[str, Any]]
 
 
-def final_id(job: Job) -> EventId:
+def final_id(job: JobRecord) -> EventId:
     """The id of a job's ``result`` event: after every event of every round before it."""
     return EventId(job.attempts + 1, RESULT, 0)
 
 
-def snapshot(job: Job, position: int | None, render: Render, services: Services) -> Snapshot | None:
+def snapshot(job: JobRecord, position: int | None, render: Render, services: Services) -> Snapshot | None:
     """The job's event now. None while it waits without a place in the queue: still fetching its URL
     inputs, or claimed between the two reads (``position`` is None but for a queued job)."""
     if job.status.is_terminal:
@@ -293,16 +293,16 @@ class EventStreams:
                 except Exception:  # a job that cannot be rendered holds up no other job's streams
                     log.exception("event streams: rendering a job failed", extra={"job_id": job_id})
 
-    def _look(self, job_ids: list[str]) -> dict[str, tuple[Job | None, int | None]]:
+    def _look(self, job_ids: list[str]) -> dict[str, tuple[JobRecord | None, int | None]]:
         """Each job, and its queue position when queued (in a thread)."""
-        looks: dict[str, tuple[Job | None, int | None]] = {}
+        looks: dict[str, tuple[JobRecord | None, int | None]] = {}
         for job_id in job_ids:
             job = self.services.jobs.get(job_id)
             queued = job is not None and job.status is JobStatus.QUEUED
             looks[job_id] = (job, self.services.jobs.queue_position(job_id) if queued else None)
         return looks
 
-    def _deliver(self, job_id: str, job: Job | None, position: int | None) -> None:
+    def _deliver(self, job_id: str, job: JobRecord | None, position: int | None) -> None:
         """The job's event, rendered once per surface, to each of its streams."""
         streams = self._watched.get(job_id, set())
         if job is not None and job.status is JobStatus.QUEUED:
@@ -370,7 +370,7 @@ async def _events(
 
 
 def _stream(
-    job: Job, key: ApiKey, last_event_id: str | None, render: Render, streams: EventStreams
+    job: JobRecord, key: ApiKey, last_event_id: str | None, render: Render, streams: EventStreams
 ) -> Response:
     last = EventId.parse(last_event_id)
     if job.status.is_terminal and last is not None and last >= final_id(job):

@@ -41,7 +41,7 @@ from fluxserve.api.requests import (
     upload_name,
 )
 from fluxserve.core.fields import Prompt, Trimmed, error_messages
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.models import MODELS, ModelSpec, SurfaceName
 from fluxserve.errors import InvalidInput, QuotaExceeded, Refused
 from fluxserve.jobs.retention import drop_inputs
@@ -187,9 +187,11 @@ def _request(spec: ModelSpec, prompt: str, size: str | None, images: dict[str, s
         raise _refusal([dict(item) for item in error.errors()]) from None
 
 
-def _submit(spec: ModelSpec, request: SubmitRequest, key: ApiKey, services: Services, n: int) -> list[Job]:
+def _submit(
+    spec: ModelSpec, request: SubmitRequest, key: ApiKey, services: Services, n: int
+) -> list[JobRecord]:
     """``n`` jobs; when one is refused, those already made are canceled (and so refunded)."""
-    jobs: list[Job] = []
+    jobs: list[JobRecord] = []
     try:
         for _ in range(n):
             jobs.append(services.submitter.submit(key, request.to_params(), None, None, SurfaceName.OPENAI))
@@ -234,7 +236,7 @@ async def _wait_for_images(
     response.headers[JOB_IDS_HEADER] = ",".join(job.id for job in jobs)
     deadline = time.monotonic() + options.wait_seconds
     pending = {job.id for job in jobs}
-    done: dict[str, Job] = {}
+    done: dict[str, JobRecord] = {}
     with streams.waiting(pending) as changed:  # woken by the change feed when one of them changes
         while pending:
             changed.clear()
@@ -269,7 +271,7 @@ async def _wait_for_images(
     return ImagesResponse(created=int(time.time()), data=data)
 
 
-def _image(job: Job, response_format: str | None, services: Services) -> ImageData:
+def _image(job: JobRecord, response_format: str | None, services: Services) -> ImageData:
     if job.status is not JobStatus.SUCCEEDED or job.result_key is None:
         raise Refused(500, f"The job {job.id} failed: {job.error or job.status.value}")
     if response_format == "b64_json":

@@ -20,7 +20,7 @@ from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import invalid_json
 from fluxserve.api.requests import SubmitExtras, SubmitRequest, add_submit_routes
 from fluxserve.api.reseller_schemas import JOB_REF_BODY, JOB_RESPONSES, SUBMIT_RESPONSES
-from fluxserve.core.job import Job
+from fluxserve.core.job import JobRecord
 from fluxserve.core.models import ModelSpec, SurfaceName
 from fluxserve.errors import Refused
 from fluxserve.jobs.retention import drop_inputs
@@ -32,7 +32,7 @@ Key = Annotated[ApiKey, Depends(reseller_key)]
 Deps = Annotated[Services, Depends(get_services)]
 
 
-def _accepted(job: Job) -> dict[str, Any]:
+def _accepted(job: JobRecord) -> dict[str, Any]:
     """``jobId`` as the spec writes it, ``job_id`` as the newer docs do: a client of either works."""
     return {"status": "SUCCESS", "message": "", "data": {"jobId": job.id, "job_id": job.id}}
 
@@ -67,7 +67,7 @@ class JobRef(BaseModel):
     job_id: str = Field(validation_alias=AliasChoices("jobId", "job_id"), min_length=1, max_length=100)
 
 
-def _find(job_id: str, key: ApiKey, services: Services) -> Job:
+def _find(job_id: str, key: ApiKey, services: Services) -> JobRecord:
     job = services.jobs.get(job_id.strip(), key_id=key.id)
     if job is None:
         raise Refused(404, f"jobId: no job {job_id!r} for this key")

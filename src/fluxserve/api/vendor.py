@@ -41,7 +41,7 @@ from fluxserve.api.vendor_schemas import (
     SubmitResponse,
 )
 from fluxserve.core.fields import MAX_ERROR_MESSAGES, VENDOR_RULES
-from fluxserve.core.job import Job
+from fluxserve.core.job import JobRecord
 from fluxserve.core.models import ModelSpec, SurfaceName
 from fluxserve.core.params import GenerationParams
 from fluxserve.errors import InvalidInput, QuotaExceeded, Refused
@@ -128,7 +128,7 @@ def _number(value: Decimal) -> float | int:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
-def polling_url(job: Job, services: Services) -> str:
+def polling_url(job: JobRecord, services: Services) -> str:
     return f"{services.base_url}/v1/get_result?id={job.id}"
 
 

@@ -36,7 +36,10 @@ QUEUE_POSITION_CAP = 1000  # a queue position is counted this far; beyond, it re
 
 
 @dataclass
-class Job:
+class JobRecord:
+    """A job's row as the store reads and writes it. Named apart from ``fluxserve.client.Job``, which is
+    what a client of the HTTP API receives."""
+
     id: str
     key_id: str
     model: str

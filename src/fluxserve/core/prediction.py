@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from fluxserve.core.job import Job
+from fluxserve.core.job import JobRecord
 
 
 @dataclass
@@ -20,4 +20,4 @@ class Prediction:
     started_at: datetime | None = None
     webhook: str | None = None
     webhook_events: str | None = None  # comma-separated; None: Replicate's default (output, completed)
-    jobs: list[Job] = field(default_factory=list)  # oldest first
+    jobs: list[JobRecord] = field(default_factory=list)  # oldest first

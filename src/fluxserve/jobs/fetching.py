@@ -28,7 +28,7 @@ from datetime import timedelta
 from PIL import Image
 
 from fluxserve.core.fields import REFERENCE_FIELDS
-from fluxserve.core.job import Job
+from fluxserve.core.job import JobRecord
 from fluxserve.core.models import spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import Quote, requote
@@ -116,7 +116,7 @@ class InputFetcher:
         self._tasks.discard(task)
         self.wake()  # a slot is free: a job that waited for it may go now
 
-    async def fetch(self, job: Job) -> None:
+    async def fetch(self, job: JobRecord) -> None:
         """Download, store and queue one leased job, or end it as failed naming the field."""
         try:
             await self._fetch(job)
@@ -128,7 +128,7 @@ class InputFetcher:
             log.exception("fetch stage: a job's inputs could not be stored", extra={"job_id": job.id})
             await self._fail(job, f"the inputs could not be stored ({type(error).__name__}); submit again")
 
-    async def _fetch(self, job: Job) -> None:
+    async def _fetch(self, job: JobRecord) -> None:
         params = GenerationParams.model_validate(job.params)
         images: list[ImageRef] = []
         sizes: list[tuple[int, int] | None] = []
@@ -160,7 +160,7 @@ class InputFetcher:
             if outcome is FetchOutcome.ENDED:
                 await asyncio.to_thread(drop_inputs, self._blobs, job.id)
 
-    async def _resolve(self, job: Job, field: str, ref: str) -> tuple[str, tuple[int, int] | None]:
+    async def _resolve(self, job: JobRecord, field: str, ref: str) -> tuple[str, tuple[int, int] | None]:
         """A URL downloaded, decoded and stored (its stored reference and size); anything else as it is."""
         if not is_url(ref):
             return ref, None
@@ -178,7 +178,7 @@ class InputFetcher:
         with Image.open(io.BytesIO(self._blobs.get(ref.removeprefix(BLOB_PREFIX)))) as image:
             return image.size
 
-    async def _fail(self, job: Job, message: str) -> None:
+    async def _fail(self, job: JobRecord, message: str) -> None:
         ended = await asyncio.to_thread(self._leases.fail, job.id, self.owner, message)
         if ended:
             await asyncio.to_thread(drop_inputs, self._blobs, job.id)

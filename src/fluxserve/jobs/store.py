@@ -22,7 +22,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Protocol
 
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.pricing import Quote
 
 # A worker's preference for the models it holds (see Claims.claim): how far down the fair order it
@@ -56,7 +56,7 @@ class Drawn:
 class JobReads(Protocol):
     """What readers of a job need: the fetch routes, the event streams' watcher, the webhook dispatcher."""
 
-    def get(self, job_id: str, key_id: str | None = None) -> Job | None:
+    def get(self, job_id: str, key_id: str | None = None) -> JobRecord | None:
         """The job (only if it is ``key_id``'s, when given), or None: one statement."""
         ...
 
@@ -72,11 +72,11 @@ class Submissions(JobReads, Protocol):
 
     def submit(
         self,
-        job: Job,
+        job: JobRecord,
         max_active: int,
         max_active_model: int | None = None,
         idempotency: Idempotency | None = None,
-    ) -> Job:
+    ) -> JobRecord:
         """Hold the job's price, check the key's active-job limits (all its jobs, and its jobs of this
         model when the model has a limit of its own), and write the row, all in one transaction; raises
         QuotaExceeded or TooManyActiveJobs and then writes nothing.
@@ -88,8 +88,8 @@ class Submissions(JobReads, Protocol):
         ...
 
     def submit_group(
-        self, group: Sequence[Job], max_active: int, max_active_model: int | None = None
-    ) -> list[Job]:
+        self, group: Sequence[JobRecord], max_active: int, max_active_model: int | None = None
+    ) -> list[JobRecord]:
         """Write several jobs of one request (a Replicate prediction's outputs) in one transaction, as
         ``submit`` writes one: every price held and the limits checked with the earlier ones counted, or
         nothing written (QuotaExceeded, TooManyActiveJobs)."""
@@ -102,12 +102,12 @@ class Submissions(JobReads, Protocol):
         input is decoded or stored (``submit`` checks again, in its transaction)."""
         ...
 
-    def replay(self, key_id: str, idempotency: Idempotency) -> Job | None:
+    def replay(self, key_id: str, idempotency: Idempotency) -> JobRecord | None:
         """The job a live entry with this Idempotency-Key made for the same request, None when there is
         none (or it expired); IdempotencyConflict when it was made for another request. Reads only."""
         ...
 
-    def cancel(self, job_id: str, key_id: str) -> Job | None:
+    def cancel(self, job_id: str, key_id: str) -> JobRecord | None:
         """Cancel a queued or fetching job at once, or flag a running one for its worker to stop."""
         ...
 
@@ -135,7 +135,7 @@ class Claims(Protocol):
         prefer: Collection[str] = (),
         window: int = PREFER_WINDOW,
         max_wait: timedelta = PREFER_MAX_WAIT,
-    ) -> Job | None:
+    ) -> JobRecord | None:
         """Take the next queued job for this worker, or None: keys with queued jobs take turns, and a
         key's own jobs go oldest first. Never the same job to two workers.
 
@@ -146,7 +146,9 @@ class Claims(Protocol):
         so no model's jobs starve behind a stream of the preferred one's."""
         ...
 
-    def claim_similar(self, worker_id: str, model: str, width: int, height: int, limit: int) -> list[Job]:
+    def claim_similar(
+        self, worker_id: str, model: str, width: int, height: int, limit: int
+    ) -> list[JobRecord]:
         """Take up to ``limit`` more queued jobs of this model and size, to run as one batch (in the same
         order as ``claim``)."""
         ...
@@ -203,7 +205,7 @@ class FetchLeases(Protocol):
     """The fetch stage's leases on jobs waiting for their URL inputs: an API process (``owner``) renews
     its lease after each image; one not renewed is freed for another process."""
 
-    def lease(self, owner: str, limit: int, per_key: int) -> list[Job]:
+    def lease(self, owner: str, limit: int, per_key: int) -> list[JobRecord]:
         """Up to ``limit`` unleased jobs waiting for their URL inputs, oldest first, leased to ``owner``;
         a key with ``per_key`` leased already gets no more (so one key's slow URLs hold its own slots)."""
         ...

@@ -1,8 +1,8 @@
 """The job store's roles on SQLAlchemy Core: SQLite for one machine, PostgreSQL (SKIP LOCKED) for many.
 
 One class per role of ``jobs/store.py``, all over the ``jobs`` table; what they share (the row's mapping to
-a :class:`Job`, the statements built once, :func:`_end`, which ends a job with its credits and webhook) is
-private to this module."""
+a :class:`JobRecord`, the statements built once, :func:`_end`, which ends a job with its credits and
+webhook) is private to this module."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import BindParameter
 
-from fluxserve.core.job import ACTIVE_STATUSES, QUEUE_POSITION_CAP, Job, JobStatus
+from fluxserve.core.job import ACTIVE_STATUSES, QUEUE_POSITION_CAP, JobRecord, JobStatus
 from fluxserve.core.models import SurfaceName
 from fluxserve.core.pricing import Quote
 from fluxserve.db import ledger, outbox, predictions
@@ -59,7 +59,7 @@ class _Replayed(Exception):
     """A live entry for the same request: its job is the answer, and this transaction (the hold) rolls
     back."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: JobRecord) -> None:
         super().__init__(job.id)
         self.job = job
 
@@ -68,8 +68,8 @@ def _mp(value: float | None) -> Decimal | None:
     return None if value is None else Decimal(str(value))
 
 
-def _job(row: RowMapping) -> Job:
-    return Job(
+def _job(row: RowMapping) -> JobRecord:
+    return JobRecord(
         id=row["id"],
         key_id=row["key_id"],
         model=row["model"],
@@ -250,7 +250,7 @@ class SqlJobReads(_Sql):
     """:class:`~fluxserve.jobs.store.JobReads`: one statement per read, outside a transaction."""
 
     @reconnecting
-    def get(self, job_id: str, key_id: str | None = None) -> Job | None:
+    def get(self, job_id: str, key_id: str | None = None) -> JobRecord | None:
         query, values = (
             (_JOB_ROW, {"job_id": job_id})
             if key_id is None
@@ -273,11 +273,11 @@ class SqlSubmissions(SqlJobReads):
 
     def submit(
         self,
-        job: Job,
+        job: JobRecord,
         max_active: int,
         max_active_model: int | None = None,
         idempotency: Idempotency | None = None,
-    ) -> Job:
+    ) -> JobRecord:
         try:
             return self._submit(job, max_active, max_active_model, idempotency)
         except _Replayed as replayed:
@@ -306,8 +306,8 @@ class SqlSubmissions(SqlJobReads):
 
     @reconnecting
     def _submit(
-        self, job: Job, max_active: int, max_active_model: int | None, idempotency: Idempotency | None
-    ) -> Job:
+        self, job: JobRecord, max_active: int, max_active_model: int | None, idempotency: Idempotency | None
+    ) -> JobRecord:
         with self._database.begin() as conn:
             # The hold comes first: it serialises this key's submits, so the limits cannot race, and
             # the Idempotency-Key read below sees every earlier submit of this key.
@@ -323,8 +323,8 @@ class SqlSubmissions(SqlJobReads):
 
     @reconnecting
     def submit_group(
-        self, group: Sequence[Job], max_active: int, max_active_model: int | None = None
-    ) -> list[Job]:
+        self, group: Sequence[JobRecord], max_active: int, max_active_model: int | None = None
+    ) -> list[JobRecord]:
         with self._database.begin() as conn:
             for job in group:
                 self._hold(conn, job)
@@ -332,11 +332,13 @@ class SqlSubmissions(SqlJobReads):
         return list(group)
 
     @staticmethod
-    def _hold(conn: Connection, job: Job) -> None:
+    def _hold(conn: Connection, job: JobRecord) -> None:
         if not ledger.hold(conn, job.key_id, job.cost, job_id=job.id, model=job.model):
             raise QuotaExceeded()
 
-    def _insert(self, conn: Connection, job: Job, max_active: int, max_active_model: int | None) -> None:
+    def _insert(
+        self, conn: Connection, job: JobRecord, max_active: int, max_active_model: int | None
+    ) -> None:
         """Write the job after its hold, unless the key (its earlier jobs of this transaction counted) is at
         its limits."""
         probe = conn.execute(_PROBE, {"key_id": job.key_id, "model": job.model}).one()
@@ -347,12 +349,12 @@ class SqlSubmissions(SqlJobReads):
         conn.execute(_INSERT_JOB, {**self._values(job), "turn": _turn(probe)})
 
     @reconnecting
-    def replay(self, key_id: str, idempotency: Idempotency) -> Job | None:
+    def replay(self, key_id: str, idempotency: Idempotency) -> JobRecord | None:
         with self._reads.connect() as conn:
             return self._replay(conn, key_id, idempotency)
 
     @staticmethod
-    def _replay(conn: Connection, key_id: str, idempotency: Idempotency) -> Job | None:
+    def _replay(conn: Connection, key_id: str, idempotency: Idempotency) -> JobRecord | None:
         row = (
             conn.execute(
                 select(_I.request_hash.label("idempotency_hash"), _I.created_at.label("idempotency_at"), jobs)
@@ -369,7 +371,7 @@ class SqlSubmissions(SqlJobReads):
         return _job(row)
 
     @staticmethod
-    def _remember(conn: Connection, job: Job, idempotency: Idempotency) -> None:
+    def _remember(conn: Connection, job: JobRecord, idempotency: Idempotency) -> None:
         """Write the entry beside the job; the primary key (key, Idempotency-Key) refuses a second one
         (IntegrityError), and an expired entry is taken over only if it is still expired."""
         values = {"request_hash": idempotency.request_hash, "job_id": job.id, "created_at": job.created_at}
@@ -386,7 +388,7 @@ class SqlSubmissions(SqlJobReads):
             raise _Raced()
 
     @staticmethod
-    def _values(job: Job) -> dict[str, Any]:
+    def _values(job: JobRecord) -> dict[str, Any]:
         return {
             "id": job.id,
             "key_id": job.key_id,
@@ -412,7 +414,7 @@ class SqlSubmissions(SqlJobReads):
             "prediction_id": job.prediction_id,
         }
 
-    def cancel(self, job_id: str, key_id: str) -> Job | None:
+    def cancel(self, job_id: str, key_id: str) -> JobRecord | None:
         with self._database.begin() as conn:
             row = conn.execute(
                 select(jobs.c.status).where(jobs.c.id == job_id, jobs.c.key_id == key_id)
@@ -451,13 +453,15 @@ class SqlClaims(_Sql):
         prefer: Collection[str] = (),
         window: int = PREFER_WINDOW,
         max_wait: timedelta = PREFER_MAX_WAIT,
-    ) -> Job | None:
+    ) -> JobRecord | None:
         served = () if models is None else (jobs.c.model.in_(models),)
         window_or_none = window if prefer else None  # nothing preferred: the plain fair order
         claimed = self._claim(worker_id, 1, *served, window=window_or_none, prefer=prefer, max_wait=max_wait)
         return claimed[0] if claimed else None
 
-    def claim_similar(self, worker_id: str, model: str, width: int, height: int, limit: int) -> list[Job]:
+    def claim_similar(
+        self, worker_id: str, model: str, width: int, height: int, limit: int
+    ) -> list[JobRecord]:
         return self._claim(
             worker_id, limit, jobs.c.model == model, jobs.c.width == width, jobs.c.height == height
         )
@@ -470,7 +474,7 @@ class SqlClaims(_Sql):
         window: int | None = None,
         prefer: Collection[str] = (),
         max_wait: timedelta = PREFER_MAX_WAIT,
-    ) -> list[Job]:
+    ) -> list[JobRecord]:
         """The lowest turns first (see :func:`_turn`), oldest first among equal turns: one index probe on
         (status, turn, created). SKIP LOCKED on PostgreSQL (a job another claim holds is passed over, not
         waited for), the write lock on SQLite.
@@ -611,7 +615,7 @@ class SqlFetchLeases(_Sql):
     """:class:`~fluxserve.jobs.store.FetchLeases`: the lease is ``fetch_owner`` and ``fetch_renewed_at``,
     both only ever set on a fetching job."""
 
-    def lease(self, owner: str, limit: int, per_key: int) -> list[Job]:
+    def lease(self, owner: str, limit: int, per_key: int) -> list[JobRecord]:
         leased = (
             select(jobs.c.key_id)
             .where(_FETCHING, _LEASED)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from fluxserve.accounts.keys import ApiKey
 from fluxserve.core.fields import REFERENCE_FIELDS
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.models import Family, ModelSpec, SurfaceName, spec_of
 from fluxserve.core.params import GenerationParams, ImageRef
 from fluxserve.core.pricing import quote
@@ -77,7 +77,7 @@ class Submitter:
         surface: SurfaceName,
         idempotency_key: str | None = None,
         webhook_secret: str | None = None,
-    ) -> Job:
+    ) -> JobRecord:
         """Write the job (raising QuotaExceeded / TooManyActiveJobs / InvalidInput) and return it.
 
         With ``idempotency_key``, a repeat of the same request (same surface, model and parameters) by the
@@ -119,13 +119,13 @@ class Submitter:
         surface: SurfaceName,
         webhook_url: str | None = None,
         prediction_id: str | None = None,
-    ) -> list[Job]:
+    ) -> list[JobRecord]:
         """One job per seed, of one request (a Replicate prediction's ``num_outputs``): admitted together,
         all of their prices held and the key's limits checked in one transaction, so that the key gets all
         of them or none (QuotaExceeded names one job's quote)."""
         uploads = any(not is_url(ref) for ref in _input_refs(params))
         spec, model_limit = self._admit(key, params, webhook_url, uploads, len(seeds))
-        group: list[Job] = []
+        group: list[JobRecord] = []
         try:
             for seed in seeds:
                 job = self._new_job(key, spec, params, seed, webhook_url, surface, str(uuid.uuid4()))
@@ -167,7 +167,7 @@ class Submitter:
         webhook_url: str | None,
         surface: SurfaceName,
         job_id: str,
-    ) -> Job:
+    ) -> JobRecord:
         """The job row to write: its images decoded and stored, its size resolved when it can be."""
         if spec.family in (Family.FLUX2, Family.FLUX2_KLEIN) and params.image_prompt is not None:
             params = as_reference(params)
@@ -195,7 +195,7 @@ class Submitter:
         ]
         price = quote(spec, size, references)
         waits = any(is_url(ref) for ref in _input_refs(params))
-        job = Job(
+        job = JobRecord(
             id=job_id,
             status=JobStatus.FETCHING if waits else JobStatus.QUEUED,
             key_id=key.id,

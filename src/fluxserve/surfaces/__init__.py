@@ -15,16 +15,16 @@ reseller's own format and the rest of ``/flux/`` the reseller's. **A path no sur
 ``/healthz``, ``/playground/``, an unknown path) is answered in the reseller's envelope
 (``{"status":"FAILED","message":...,"data":null}``), which such paths have always had.
 
-A job remembers the surface it came in (``Job.surface``), and :func:`of` gives that surface back: it renders
-the job's webhook. Adding a surface is a module beside these, its name in ``core.models.SurfaceName``, and
-one line in :data:`SURFACES`.
+A job remembers the surface it came in (``JobRecord.surface``), and :func:`of` gives that surface back: it
+renders the job's webhook. Adding a surface is a module beside these, its name in
+``core.models.SurfaceName``, and one line in :data:`SURFACES`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fluxserve.core.job import Job
+from fluxserve.core.job import JobRecord
 from fluxserve.core.models import SurfaceName
 from fluxserve.surfaces.base import Links, Surface
 from fluxserve.surfaces.openai import OPENAI
@@ -65,11 +65,11 @@ def named(name: SurfaceName) -> Surface:
     return _BY_NAME[name]
 
 
-def of(job: Job) -> Surface:
+def of(job: JobRecord) -> Surface:
     """The surface the job came in."""
     return named(job.surface)
 
 
-def render(job: Job, links: Links) -> dict[str, Any]:
+def render(job: JobRecord, links: Links) -> dict[str, Any]:
     """The job as the surface it came in renders it (a webhook's body)."""
     return of(job).render_job(job, links)

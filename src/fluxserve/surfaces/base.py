@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 from starlette.responses import JSONResponse
 
-from fluxserve.core.job import Job
+from fluxserve.core.job import JobRecord
 from fluxserve.core.models import MODELS, SurfaceName
 from fluxserve.core.prediction import Prediction
 from fluxserve.core.pricing import format_credits, refused_price
@@ -42,7 +42,7 @@ class Links(Protocol):
         """How many queued jobs are ahead of this one, None when it is not queued."""
         ...
 
-    def prediction_of(self, job: Job) -> Prediction | None:
+    def prediction_of(self, job: JobRecord) -> Prediction | None:
         """The Replicate prediction the job makes an output of, with its jobs; None for a job of none."""
         ...
 
@@ -84,7 +84,7 @@ class Surface(ABC):
         """A request that failed its schema: pydantic's ``errors`` (``api.errors.readable_errors``)."""
 
     @abstractmethod
-    def render_job(self, job: Job, links: Links) -> dict[str, Any]:
+    def render_job(self, job: JobRecord, links: Links) -> dict[str, Any]:
         """A job as this surface shows it: its fetch JSON, its streams' last event, its webhook's body."""
 
     @abstractmethod

@@ -10,7 +10,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from fluxserve.core.fields import error_messages
-from fluxserve.core.job import Job
+from fluxserve.core.job import JobRecord
 from fluxserve.core.models import SurfaceName
 from fluxserve.errors import KeyRefused, QuotaExceeded, RequestRefused, TooManyActiveJobs
 from fluxserve.surfaces.base import Links, Surface, bearer_token, busy, price_of
@@ -35,7 +35,7 @@ class OpenAISurface(Surface):
     def validation_error(self, errors: list[dict[str, Any]]) -> JSONResponse:
         return self.error(400, "; ".join(error_messages(errors)))
 
-    def render_job(self, job: Job, links: Links) -> dict[str, Any]:
+    def render_job(self, job: JobRecord, links: Links) -> dict[str, Any]:
         return render_job(job, links)
 
     def read_key(self, headers: Mapping[str, str]) -> str | None:

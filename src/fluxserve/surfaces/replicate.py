@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 from fluxserve.core.fields import error_messages
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.models import MODELS, ModelSpec, SurfaceName
 from fluxserve.core.prediction import Prediction
 from fluxserve.errors import (
@@ -131,7 +131,7 @@ def _error(prediction: Prediction, status: str) -> str | None:
     return (failed[0].error or failed[0].status.value) if failed else "The prediction's jobs were not written"
 
 
-def _outputs(jobs: list[Job], links: Links) -> list[str]:
+def _outputs(jobs: list[JobRecord], links: Links) -> list[str]:
     return [
         url
         for job in jobs
@@ -140,7 +140,7 @@ def _outputs(jobs: list[Job], links: Links) -> list[str]:
     ]
 
 
-def _logs(jobs: list[Job]) -> str:
+def _logs(jobs: list[JobRecord]) -> str:
     """One line per output: where its job stands (Replicate's logs are free text)."""
     lines = []
     for number, job in enumerate(jobs, 1):
@@ -235,7 +235,7 @@ def refused_inputs(error: ValidationError, renamed: Mapping[str, str] | None = N
     return invalid_fields([dict(item) for item in error.errors()], renamed)
 
 
-def one_output(job: Job) -> Prediction:
+def one_output(job: JobRecord) -> Prediction:
     """A job whose prediction row is not there (gone, or never written) as a prediction of its own."""
     return Prediction(
         id=job.prediction_id or job.id, key_id=job.key_id, model=job.model, input={"prompt": job.prompt},
@@ -276,7 +276,7 @@ class ReplicateSurface(Surface):
         name the client sent)."""
         return self.refusal(InvalidFields([(refused.field, "invalid", refused.rule)]), headers)
 
-    def render_job(self, job: Job, links: Links) -> dict[str, Any]:
+    def render_job(self, job: JobRecord, links: Links) -> dict[str, Any]:
         """The job's whole prediction as it stands (its webhooks' body)."""
         return render(links.prediction_of(job) or one_output(job), links, links.base_url)
 

@@ -10,7 +10,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from fluxserve.core.fields import error_messages
-from fluxserve.core.job import QUEUE_POSITION_CAP, Job, JobStatus
+from fluxserve.core.job import QUEUE_POSITION_CAP, JobRecord, JobStatus
 from fluxserve.core.models import MODELS, SurfaceName
 from fluxserve.core.notes import preview_of, public_details
 from fluxserve.core.pricing import format_credits
@@ -31,7 +31,7 @@ STATUS = {
 }
 
 
-def render_job(job: Job, links: Links) -> dict[str, Any]:
+def render_job(job: JobRecord, links: Links) -> dict[str, Any]:
     """The fetch JSON, which is also the webhook body."""
     expired = job.result_expired if job.status is JobStatus.SUCCEEDED else None
     if expired is not None:  # still a success (it was delivered and charged); only the file is gone
@@ -86,7 +86,7 @@ class ResellerSurface(Surface):
     def validation_error(self, errors: list[dict[str, Any]]) -> JSONResponse:
         return self.error(400, "; ".join(error_messages(errors)))
 
-    def render_job(self, job: Job, links: Links) -> dict[str, Any]:
+    def render_job(self, job: JobRecord, links: Links) -> dict[str, Any]:
         return render_job(job, links)
 
     def words(self, refused: RequestRefused) -> str:

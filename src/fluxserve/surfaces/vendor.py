@@ -12,7 +12,7 @@ from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
-from fluxserve.core.job import QUEUE_POSITION_CAP, Job, JobStatus
+from fluxserve.core.job import QUEUE_POSITION_CAP, JobRecord, JobStatus
 from fluxserve.core.models import MODELS, SurfaceName
 from fluxserve.core.notes import preview_of, public_details
 from fluxserve.core.pricing import format_credits
@@ -44,7 +44,7 @@ class ResultResponse(BaseModel):
     preview: dict[str, Any] | None = None
 
 
-def _reason(job: Job) -> str:
+def _reason(job: JobRecord) -> str:
     """``"Request Moderated: nudity"`` -> ``"nudity"``: the vendor lists reasons without the label."""
     text = job.error or ""
     label, _, reason = text.partition(": ")
@@ -64,12 +64,12 @@ STATUS: dict[JobStatus, VendorStatus] = {
 }
 
 
-def _timestamp(job: Job, name: str) -> float | None:
+def _timestamp(job: JobRecord, name: str) -> float | None:
     value = getattr(job, name)
     return None if value is None else value.timestamp()
 
 
-def render_result(job: Job | None, job_id: str, links: Links) -> ResultResponse:
+def render_result(job: JobRecord | None, job_id: str, links: Links) -> ResultResponse:
     """A job in the vendor's result shape. Canceled jobs (the vendor has no cancel) read as Error."""
     if job is None:
         return ResultResponse(id=job_id, status="Task not found")
@@ -122,7 +122,7 @@ class VendorSurface(Surface):
     def validation_error(self, errors: list[dict[str, Any]]) -> JSONResponse:
         return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
-    def render_job(self, job: Job, links: Links) -> dict[str, Any]:
+    def render_job(self, job: JobRecord, links: Links) -> dict[str, Any]:
         return render_result(job, job.id, links).model_dump(mode="json")
 
     def refusal(self, refused: RequestRefused, headers: Mapping[str, str] | None = None) -> JSONResponse:

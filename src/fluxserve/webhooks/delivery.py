@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import httpx
 from sqlalchemy import Engine
 
-from fluxserve.core.job import Job
+from fluxserve.core.job import JobRecord
 from fluxserve.db import outbox
 from fluxserve.db.connection import utcnow
 from fluxserve.errors import AddressRefused, FetchError, UndeliverableWebhook
@@ -83,7 +83,7 @@ class WebhookDispatcher:
         self,
         database: Engine,
         jobs: JobReads,
-        payload_for: Callable[[Job], Payload],
+        payload_for: Callable[[JobRecord], Payload],
         *,
         policy: NetworkPolicy,
         backoff: Sequence[float] = DEFAULT_BACKOFF,

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from fluxserve.core.job import Job, JobStatus
+from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.notes import PREVIEW
 from fluxserve.core.params import GenerationParams
 from fluxserve.engines.base import (
@@ -72,7 +72,7 @@ class _Heartbeat:
     is hung, and its job stops beating so that a live worker takes it back."""
 
     def __init__(
-        self, store: Claims, job: Job, worker_id: str, interval: float, stall_seconds: float
+        self, store: Claims, job: JobRecord, worker_id: str, interval: float, stall_seconds: float
     ) -> None:
         self._store = store
         self._job = job
@@ -210,7 +210,7 @@ class Worker:
         for job_id in reaped.failed:  # crash loops, failed now: their inputs are needed no more
             drop_inputs(self._blobs, job_id)
 
-    def process(self, first: Job) -> None:
+    def process(self, first: JobRecord) -> None:
         """Run a claimed job, together with compatible queued jobs when the engine batches."""
         try:
             # Loading a model can take minutes on a cold worker: the job is vouched for meanwhile, without
@@ -235,7 +235,7 @@ class Worker:
                 for job in jobs
             }
             stack.enter_context(self.liveness.watch(beats.values()))
-            prepared: list[tuple[Job, EngineRequest]] = []
+            prepared: list[tuple[JobRecord, EngineRequest]] = []
             # An engine that upsamples itself (the relay: the vendor does it) gets the prompt as sent; one
             # that moderates itself (the relay again) gets the tolerance and no local checks.
             upsample = not getattr(engine, "handles_prompt_upsampling", False)
@@ -252,7 +252,7 @@ class Worker:
     def _generate(
         self,
         engine: Engine,
-        group: list[tuple[Job, object]],
+        group: list[tuple[JobRecord, object]],
         beats: dict[str, _Heartbeat],
         started: float,
         checks: Moderator | None,
@@ -306,7 +306,7 @@ class Worker:
         or be run again once it went stale."""
         return while_away(write, self._stale_after)
 
-    def _preview(self, job: Job, fraction: float, draw: Callable[[], Image.Image]) -> None:
+    def _preview(self, job: JobRecord, fraction: float, draw: Callable[[], Image.Image]) -> None:
         """Write the job's live preview when previews are on and it is due: a small JPEG, as a data URI in
         its details, with the progress it goes with, in one statement (the progress change is what the
         change feed announces to the event streams). The next is due ``previews_every`` later, and no
@@ -333,13 +333,13 @@ class Worker:
         except Exception:
             log.exception("live preview failed; the job goes on", extra={"job_id": job.id})
 
-    def _checkpoint(self, job: Job, state: dict[str, Any]) -> None:
+    def _checkpoint(self, job: JobRecord, state: dict[str, Any]) -> None:
         job.details[ENGINE_STATE] = state
         self._patiently(partial(self._store.update_running, job.id, self.worker_id, details=job.details))
 
     def _finish(
         self,
-        job: Job,
+        job: JobRecord,
         started: float,
         status: JobStatus,
         error: str | None,
@@ -374,7 +374,7 @@ class Worker:
             },
         )
 
-    def _request(self, job: Job, upsample: bool, checks: Moderator | None) -> EngineRequest:
+    def _request(self, job: JobRecord, upsample: bool, checks: Moderator | None) -> EngineRequest:
         """Decode the stored inputs, check the prompt and inputs (:class:`Moderated` before any work), and
         settle the final prompt (the size was settled before the queue).
 
@@ -431,7 +431,7 @@ def _without_preview(details: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in details.items() if name != PREVIEW}
 
 
-def _failure(job: Job, exc: BaseException) -> tuple[JobStatus, str]:
+def _failure(job: JobRecord, exc: BaseException) -> tuple[JobStatus, str]:
     """The status and message a job ends with when ``exc`` stopped it."""
     if isinstance(exc, Moderated):
         status = JobStatus.REQUEST_MODERATED if exc.kind == "request" else JobStatus.CONTENT_MODERATED
@@ -444,7 +444,9 @@ def _failure(job: Job, exc: BaseException) -> tuple[JobStatus, str]:
     return JobStatus.FAILED, f"Internal error while generating: {type(exc).__name__}"
 
 
-def _groups(engine: Engine, prepared: list[tuple[Job, EngineRequest]]) -> list[list[tuple[Job, object]]]:
+def _groups(
+    engine: Engine, prepared: list[tuple[JobRecord, EngineRequest]]
+) -> list[list[tuple[JobRecord, object]]]:
     """Each job with what the engine runs for it, in groups: jobs whose plans share a batch key run
     together; the rest run alone, in claim order.
 
@@ -454,8 +456,8 @@ def _groups(engine: Engine, prepared: list[tuple[Job, EngineRequest]]) -> list[l
     """
     if not isinstance(engine, BatchingEngine):
         return [[(job, request)] for job, request in prepared]
-    groups: dict[Any, list[tuple[Job, object]]] = {}
-    alone: list[list[tuple[Job, object]]] = []
+    groups: dict[Any, list[tuple[JobRecord, object]]] = {}
+    alone: list[list[tuple[JobRecord, object]]] = []
     for job, request in prepared:
         try:
             plan = engine.plan(request)
