@@ -4,7 +4,8 @@ By default the run's `best/` folder (a complete diffusers folder written at the 
 is copied. `--from-ckpt DIR` first writes the EMA weights and current VAE of `<run>/ckpt.pt` as a diffusers
 folder into DIR and exports that (for a run stopped between evaluations). `--vae DIR` swaps in another VAE
 (e.g. one whose decoder was fine-tuned afterwards with `training.vae --decoder-only`). The result must load
-with both FLUX pipelines and stay under the package size budget.
+with both FLUX pipelines and stay under the package size budget; its ``vocabulary.txt`` (the words the
+server does not report as unknown, engines/vocabulary.py) is written from the tokenizers' word list.
 """
 
 from __future__ import annotations
@@ -15,12 +16,27 @@ import shutil
 from pathlib import Path
 
 from fluxserve.engines.registry import BUNDLED_WEIGHTS
+from fluxserve.engines.vocabulary import VOCABULARY_FILE
 
 LIMIT_BYTES = 40 * 2**20
 
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+VOCABULARY_HEADER = """\
+# Words the bundled model knows: the words of its training captions and instructions, and the synonyms its
+# encoders read as one of them (training/scenes.py). A job whose prompt has other words gets a note saying
+# which (engines/vocabulary.py). Written by training.export; one word a line.
+"""
+
+
+def write_vocabulary(folder: Path) -> None:
+    from training.scenes import SYNONYMS, vocabulary
+
+    words = [w for w in vocabulary() if w.isalpha()] + [w for w in SYNONYMS if w not in vocabulary()]
+    (folder / VOCABULARY_FILE).write_text(VOCABULARY_HEADER + "".join(f"{w}\n" for w in sorted(words)))
 
 
 def pipeline_from_ckpt(run: Path, out: Path) -> None:
@@ -56,6 +72,7 @@ def main() -> None:
     if args.vae:
         shutil.rmtree(src / "vae")
         shutil.copytree(args.vae, src / "vae", ignore=shutil.ignore_patterns("stats.json"))
+    write_vocabulary(src)
     size = folder_bytes(src)
     if size > LIMIT_BYTES:
         raise SystemExit(f"{src} is {size / 2**20:.1f} MiB, over the {LIMIT_BYTES / 2**20:.0f} MiB budget")
