@@ -3,9 +3,12 @@
 By default the run's `best/` folder (a complete diffusers folder written at the best held-out evaluation)
 is copied. `--from-ckpt DIR` first writes the EMA weights and current VAE of `<run>/ckpt.pt` as a diffusers
 folder into DIR and exports that (for a run stopped between evaluations). `--vae DIR` swaps in another VAE
-(e.g. one whose decoder was fine-tuned afterwards with `training.vae --decoder-only`). The result must load
-with both FLUX pipelines and stay under the package size budget; its ``vocabulary.txt`` (the words the
-server does not report as unknown, engines/vocabulary.py) is written from the tokenizers' word list.
+(e.g. one whose decoder was fine-tuned afterwards with `training.vae --decoder-only`). `--retokenize DIR`
+exports a pipeline folder's weights unchanged under the current tokenizers, with no training: each token
+embedding row follows its word, and new synonyms get their word's row (training.model.tie_words).
+The result must load with both FLUX pipelines and stay under the package size budget; its
+``vocabulary.txt`` (the words the server does not report as unknown, engines/vocabulary.py) is written
+from the tokenizers' word list.
 """
 
 from __future__ import annotations
@@ -58,14 +61,46 @@ def pipeline_from_ckpt(run: Path, out: Path) -> None:
     )
 
 
+def retokenized(folder: Path, out: Path) -> None:
+    """``folder``'s weights, saved into ``out`` with the current tokenizers (same words, same encodings)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from training.model import build_modules, build_tokenizers, load_pipeline_weights, save_pipeline
+
+    clip_tok, t5_tok = build_tokenizers()
+    config = FluxTransformer2DModel.load_config(str(folder / "transformer"))
+    heads = config["num_attention_heads"]
+    modules = build_modules(
+        clip_tok,
+        t5_tok,
+        heads * config["attention_head_dim"],
+        heads,
+        config["num_layers"],
+        config["num_single_layers"],
+    )
+    load_pipeline_weights(modules, folder, clip_tok, t5_tok)
+    save_pipeline(out, modules, AutoencoderKL.from_pretrained(str(folder / "vae")), clip_tok, t5_tok)
+    if (folder / "training_state.json").exists():
+        shutil.copy(folder / "training_state.json", out / "training_state.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="a training output folder with best/")
+    ap.add_argument(
+        "--run",
+        type=Path,
+        required=True,
+        help="a training output folder with best/ (--retokenize: the new folder)",
+    )
     ap.add_argument("--to", type=Path, default=BUNDLED_WEIGHTS)
     ap.add_argument("--from-ckpt", type=Path, help="write the checkpoint's EMA pipeline here and export it")
     ap.add_argument("--vae", type=Path, help="replace the pipeline's vae/ with this folder")
+    ap.add_argument("--retokenize", type=Path, help="a pipeline folder to re-export under the current words")
     args = ap.parse_args()
     src = args.run / "best"
+    if args.retokenize:
+        retokenized(args.retokenize, args.run)
+        src = args.run
     if args.from_ckpt:
         pipeline_from_ckpt(args.run, args.from_ckpt)
         src = args.from_ckpt
