@@ -56,7 +56,7 @@ TARGETS = {
     "edit_recolor_pos": 0.95,
     "edges_clean": 1.0,
 }
-EDGE_SIZES = [(1024, 768), (768, 1024), (1344, 768), (1184, 880), (1440, 256), (256, 256)]
+EDGE_SIZES = [(1024, 768), (768, 1024), (1344, 768), (1184, 864), (1440, 256), (256, 256)]
 EDGE_CLEAN = 25.0  # edge_excess: clean renders score 0, a square from the model about 6, v1's streaks 19-280
 
 # Sampler settings the engine should use for the bundled model (see training/RESULTS.md).

@@ -53,7 +53,10 @@ def pipeline_from_ckpt(run: Path, out: Path) -> None:
     clip_tok, t5_tok = build_tokenizers()
     modules = build_modules(clip_tok, t5_tok, *(int(a[k]) for k in ("width", "heads", "double", "single")))
     modules.load_state_dict(state["ema"])
-    vae = AutoencoderKL.from_pretrained(a["vae"])
+    # A run started with --init took its VAE from that folder, not from --vae.
+    vae = AutoencoderKL.from_pretrained(
+        str(Path(a["init"]) / "vae") if a.get("init") not in (None, "None") else a["vae"]
+    )
     vae.load_state_dict(state["vae"])
     save_pipeline(out, modules, vae, clip_tok, t5_tok)
     (out / "training_state.json").write_text(
