@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from fluxserve.engines.registry import BUNDLED_WEIGHTS
-from fluxserve.engines.vocabulary import VOCABULARY_FILE
+from fluxserve.engines.vocabulary import VOCABULARY_FILE, known_words
 
 LIMIT_BYTES = 40 * 2**20
 
@@ -35,10 +35,13 @@ VOCABULARY_HEADER = """\
 """
 
 
-def write_vocabulary(folder: Path) -> None:
+def write_vocabulary(folder: Path, trained: frozenset[str] | None = None) -> None:
+    """The words of the training captions (or ``trained``: those of a re-tokenized folder, which learned
+    no new word) and the synonyms, into ``folder``'s vocabulary file."""
     from training.scenes import SYNONYMS, vocabulary
 
-    words = [w for w in vocabulary() if w.isalpha()] + [w for w in SYNONYMS if w not in vocabulary()]
+    words = [w for w in vocabulary() if w.isalpha() and (trained is None or w in trained)]
+    words += [w for w in SYNONYMS if w not in words]
     (folder / VOCABULARY_FILE).write_text(VOCABULARY_HEADER + "".join(f"{w}\n" for w in sorted(words)))
 
 
@@ -110,7 +113,7 @@ def main() -> None:
     if args.vae:
         shutil.rmtree(src / "vae")
         shutil.copytree(args.vae, src / "vae", ignore=shutil.ignore_patterns("stats.json"))
-    write_vocabulary(src)
+    write_vocabulary(src, known_words(args.retokenize) if args.retokenize else None)
     size = folder_bytes(src)
     if size > LIMIT_BYTES:
         raise SystemExit(f"{src} is {size / 2**20:.1f} MiB, over the {LIMIT_BYTES / 2**20:.0f} MiB budget")

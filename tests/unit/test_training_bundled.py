@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -128,3 +130,18 @@ def test_a_wider_vae_keeps_the_latent_grid_the_transformer_expects() -> None:
         z = vae.encode(torch.zeros(1, 3, SIZE, SIZE)).latent_dist.mode()
     assert z.shape == (1, LATENT_CHANNELS, SIZE // 8, SIZE // 8)
     assert tuple(vae.config.block_out_channels) == (16, 32, 64, 64)
+
+
+def test_the_exported_vocabulary_knows_synonyms_and_still_reports_other_words(tmp_path: Path) -> None:
+    from fluxserve.engines.vocabulary import vocabulary_note
+    from training.export import write_vocabulary
+
+    trained, retokenized = tmp_path / "trained", tmp_path / "retokenized"
+    trained.mkdir(), retokenized.mkdir()
+    write_vocabulary(trained)
+    write_vocabulary(retokenized, frozenset(w for w in vocabulary() if w != "and"))
+    assert vocabulary_note(trained, "One scarlet dot in the centre, and a box on a violet backdrop") == {}
+    note = vocabulary_note(trained, "a purple giraffe in the center")
+    assert note["unknown_words"] == ["giraffe"] and "'giraffe'" in note["note"]
+    # A folder re-exported without training learned no new word: "and" is reported there.
+    assert vocabulary_note(retokenized, "a red dot and a blue box")["unknown_words"] == ["and"]
