@@ -4,6 +4,9 @@ Rectified flow on VAE latents of the procedural scenes, text-to-image and Kontex
 one FluxTransformer2DModel, with the tiny CLIP and T5 encoders trained jointly. Position is the hard part,
 so: 64 image tokens (128 px, 8x VAE, 2x2 packing), timesteps drawn logit-normal and shifted towards high
 noise (where layout is decided), text encoders that give tokens positions, and an EMA of the weights.
+Options for v2 (issue 22): `--default-frac` captions that name no background (the scene is on the default
+one), `--bucket-frac` text-to-image steps at another aspect (BUCKETS) and `--pair-frac` two-object scenes;
+those steps are rendered and encoded as they come (`rendered_batch`), the rest read the latent table.
 
 Deterministic: the data and noise of step k depend only on (seed, k), so a resumed run replays the same
 stream. Every few minutes it checkpoints; every `--eval-every` minutes it samples held-out prompts with the
@@ -60,7 +63,6 @@ from training.scenes import (
 from training.vae import batch as pixel_batch
 from training.vae import to_tensor, weighted_loss
 
-LATENT = SIZE // 8
 # Aspect buckets: every size the catalog's pixel budget (SIZE * SIZE) turns a request of 256..1440 pixels a
 # side into (engines/flux/planning.generation_size), so the model sees each latent grid it is run at.
 BUCKETS = sorted(
