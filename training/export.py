@@ -102,6 +102,9 @@ def main() -> None:
     ap.add_argument("--from-ckpt", type=Path, help="write the checkpoint's EMA pipeline here and export it")
     ap.add_argument("--vae", type=Path, help="replace the pipeline's vae/ with this folder")
     ap.add_argument("--retokenize", type=Path, help="a pipeline folder to re-export under the current words")
+    ap.add_argument(
+        "--untrained", nargs="*", default=[], help="caption words the run never trained (left unknown)"
+    )
     args = ap.parse_args()
     src = args.run / "best"
     if args.retokenize:
@@ -113,7 +116,12 @@ def main() -> None:
     if args.vae:
         shutil.rmtree(src / "vae")
         shutil.copytree(args.vae, src / "vae", ignore=shutil.ignore_patterns("stats.json"))
-    write_vocabulary(src, known_words(args.retokenize) if args.retokenize else None)
+    trained = known_words(args.retokenize) if args.retokenize else None
+    if args.untrained:
+        from training.scenes import vocabulary
+
+        trained = frozenset(w for w in trained or vocabulary() if w not in args.untrained)
+    write_vocabulary(src, trained)
     size = folder_bytes(src)
     if size > LIMIT_BYTES:
         raise SystemExit(f"{src} is {size / 2**20:.1f} MiB, over the {LIMIT_BYTES / 2**20:.0f} MiB budget")
