@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from fluxserve.engines.tiny import clip_text_encoder, t5_text_encoder
-from training.scenes import vocabulary
+from training.scenes import SYNONYMS, vocabulary
 
 LATENT_CHANNELS = 16
 MAX_TOKENS = 32  # T5 max_sequence_length and CLIP context length
@@ -125,15 +125,24 @@ def build_t5_tokenizer(words: list[str]) -> T5TokenizerFast:
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=MAX_TOKENS)
 
 
-def tie_case_variants(t5: T5EncoderModel, tok: T5TokenizerFast) -> None:
-    """Give "▁Red" and "▁RED" the embedding of "▁red".
+def tie_words(
+    clip: CLIPTextModel, t5: T5EncoderModel, clip_tok: CLIPTokenizer, t5_tok: T5TokenizerFast
+) -> None:
+    """Give a word's variants its own embedding: "▁Red" and "▁RED" read as "▁red" (T5), and every synonym
+    (``SYNONYMS``: "centre", "violet", "dot", ...) as its trained word in both encoders.
 
     A T5TokenizerFast reloaded from disk drops any custom normaliser, so case is handled by the vocabulary:
-    training only uses lower-case captions and the variants share its rows.
+    training only uses lower-case captions and the variants share its rows. Synonyms never appear in
+    training captions; their rows are copies, so a prompt that uses them encodes exactly as the trained one.
     """
     emb = t5.get_input_embeddings().weight
-    vocab = tok.get_vocab()
+    vocab = t5_tok.get_vocab()
+    clip_emb = clip.get_input_embeddings().weight
+    clip_vocab = clip_tok.get_vocab()
     with torch.no_grad():
+        for synonym, word in SYNONYMS.items():
+            clip_emb[clip_vocab[f"{synonym}</w>"]] = clip_emb[clip_vocab[f"{word}</w>"]]
+            emb[vocab[f"▁{synonym}"]] = emb[vocab[f"▁{word}"]]
         for piece, idx in vocab.items():
             if piece.startswith("▁") and piece[1:] != piece[1:].lower() and f"▁{piece[1:].lower()}" in vocab:
                 emb[idx] = emb[vocab[f"▁{piece[1:].lower()}"]]
@@ -197,7 +206,7 @@ def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def build_tokenizers() -> tuple[CLIPTokenizer, T5TokenizerFast]:
-    words = vocabulary()
+    words = vocabulary() + [w for w in SYNONYMS if w not in vocabulary()]
     return build_clip_tokenizer(words), build_t5_tokenizer(words)
 
 
@@ -222,15 +231,41 @@ def true_cfg(scale: float, negative: str | list[str]) -> dict[str, Any]:
     return {"negative_prompt": negative, "true_cfg_scale": scale} if scale > 1 else {}
 
 
-def load_pipeline_weights(modules: torch.nn.ModuleDict, folder: Path) -> None:
-    """Load an exported pipeline's transformer and text encoders into modules built by `build_modules`."""
+def load_pipeline_weights(
+    modules: torch.nn.ModuleDict, folder: Path, clip_tok: CLIPTokenizer, t5_tok: T5TokenizerFast
+) -> None:
+    """Load an exported pipeline's transformer and text encoders into modules built by `build_modules`.
+
+    The folder's tokenizers may have fewer words (an older vocabulary): each token embedding row is copied
+    by its token's text, and rows of words the folder does not have keep their fresh initialisation.
+    """
     parts = {
         "transformer": FluxTransformer2DModel.from_pretrained(str(folder / "transformer")),
         "clip": CLIPTextModel.from_pretrained(str(folder / "text_encoder")),
         "t5": T5EncoderModel.from_pretrained(str(folder / "text_encoder_2")),
     }
+    old_toks = {
+        "clip": (CLIPTokenizer.from_pretrained(str(folder / "tokenizer")), clip_tok),
+        "t5": (T5TokenizerFast.from_pretrained(str(folder / "tokenizer_2")), t5_tok),
+    }
     for key, model in parts.items():
-        modules[key].load_state_dict(model.state_dict())
+        state = model.state_dict()
+        if key in old_toks:
+            old, new = old_toks[key]
+            name = next(
+                n
+                for n, p in modules[key].named_parameters()
+                if p is modules[key].get_input_embeddings().weight
+            )
+            rows = modules[key].get_input_embeddings().weight.detach().clone()
+            old_vocab = old.get_vocab()
+            for token, idx in new.get_vocab().items():
+                if token in old_vocab:
+                    rows[idx] = state[name][old_vocab[token]]
+            state[name] = rows
+            if key == "t5":  # T5 keeps a second reference to the shared table
+                state = {k: (rows if k.endswith("embed_tokens.weight") else v) for k, v in state.items()}
+        modules[key].load_state_dict(state)
 
 
 def save_pipeline(
@@ -242,9 +277,9 @@ def save_pipeline(
 ) -> None:
     """Write the folder FluxPipeline and FluxKontextPipeline both load with `from_pretrained`.
 
-    T5's case variants are tied first, so the saved encoder reads "Red" and "RED" as "red".
+    Case variants and synonyms are tied first, so the saved encoders read "RED" and "scarlet" as "red".
     """
-    tie_case_variants(modules["t5"], t5_tok)
+    tie_words(modules["clip"], modules["t5"], clip_tok, t5_tok)
     pipe = FluxPipeline(
         scheduler=build_scheduler(),
         vae=vae,

@@ -4,6 +4,9 @@ Rectified flow on VAE latents of the procedural scenes, text-to-image and Kontex
 one FluxTransformer2DModel, with the tiny CLIP and T5 encoders trained jointly. Position is the hard part,
 so: 64 image tokens (128 px, 8x VAE, 2x2 packing), timesteps drawn logit-normal and shifted towards high
 noise (where layout is decided), text encoders that give tokens positions, and an EMA of the weights.
+Options for v2 (issue 22): `--default-frac` captions that name no background (the scene is on the default
+one), `--bucket-frac` text-to-image steps at another aspect (BUCKETS) and `--pair-frac` two-object scenes;
+those steps are rendered and encoded as they come (`rendered_batch`), the rest read the latent table.
 
 Deterministic: the data and noise of step k depend only on (seed, k), so a resumed run replays the same
 stream. Every few minutes it checkpoints; every `--eval-every` minutes it samples held-out prompts with the
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, FluxKontextPipeline, FluxPipeline
 
+from fluxserve.engines.flux.planning import generation_size
 from training.model import (
     MAX_TOKENS,
     SAMPLING_SHIFT,
@@ -34,7 +38,7 @@ from training.model import (
     build_tokenizers,
     load_pipeline_weights,
     save_pipeline,
-    tie_case_variants,
+    tie_words,
     tokenize,
     true_cfg,
 )
@@ -44,16 +48,27 @@ from training.scenes import (
     all_scenes,
     caption,
     eval_edits,
+    eval_pairs,
     eval_prompts,
     heldout_triples,
     make_edit,
+    pair_caption,
+    random_pair,
     render,
+    render_objects,
     score,
+    score_pair,
+    with_defaults,
 )
 from training.vae import batch as pixel_batch
 from training.vae import to_tensor, weighted_loss
 
-LATENT = SIZE // 8
+# Aspect buckets: every size the catalog's pixel budget (SIZE * SIZE) turns a request of 256..1440 pixels a
+# side into (engines/flux/planning.generation_size), so the model sees each latent grid it is run at.
+BUCKETS = sorted(
+    {generation_size(w, h, SIZE * SIZE) for w in range(256, 1441, 32) for h in range(256, 1441, 32)}
+    - {(SIZE, SIZE)}
+)
 EDIT_KINDS = ["recolor", "background", "move"]
 EDIT_WEIGHTS = [0.5, 0.3, 0.2]
 
@@ -62,7 +77,7 @@ def object_coverage(x: torch.Tensor) -> torch.Tensor:
     """Per image token (16x16 pixels, in packing order), the fraction of its pixels that show the object."""
     bg = x[:, :, :2, :2].flatten(2).median(dim=2).values  # the corners are always background
     obj = ((x - bg[:, :, None, None]).abs().sum(1, keepdim=True) > 0.05).float()
-    return torch.nn.functional.avg_pool2d(obj, SIZE // (LATENT // 2)).flatten(1)
+    return torch.nn.functional.avg_pool2d(obj, 16).flatten(1)
 
 
 class LatentTable:
@@ -107,9 +122,9 @@ def pack(z: torch.Tensor) -> torch.Tensor:
     return FluxPipeline._pack_latents(z, b, c, h, w)
 
 
-def image_ids(first: int) -> torch.Tensor:
+def image_ids(first: int, width: int = SIZE, height: int = SIZE) -> torch.Tensor:
     ids = FluxPipeline._prepare_latent_image_ids(
-        1, LATENT // 2, LATENT // 2, torch.device("cpu"), torch.float32
+        1, height // 16, width // 16, torch.device("cpu"), torch.float32
     )
     ids[..., 0] = first
     return ids
@@ -121,12 +136,20 @@ def sample_t(gen: torch.Generator, n: int, shift: float = SAMPLING_SHIFT) -> tor
     return shift * t / (1 + (shift - 1) * t)
 
 
-def make_batch(table: LatentTable, rng: np.random.Generator, n: int, edit: bool, dropout: float):
+def make_batch(
+    table: LatentTable,
+    rng: np.random.Generator,
+    n: int,
+    edit: bool,
+    dropout: float,
+    default_share: float = 0.0,
+):
     """(prompts, target latents, reference latents or None, object coverage per token) for one step."""
     prompts, targets, refs = [], [], []
     while len(prompts) < n:
         src = table.scenes[table.train_ids[rng.integers(len(table.train_ids))]]
         if not edit:
+            src = with_defaults(src, rng, default_share)
             prompts.append("" if rng.random() < dropout else caption(src, rng))
             targets.append(src)
             continue
@@ -138,6 +161,39 @@ def make_batch(table: LatentTable, rng: np.random.Generator, n: int, edit: bool,
         refs.append(src)
     cover = table.cover(targets) if not edit else torch.maximum(table.cover(targets), table.cover(refs))
     return prompts, table.get(targets), (table.get(refs) if edit else None), cover
+
+
+def rendered_batch(
+    table: LatentTable,
+    vae: AutoencoderKL,
+    rng: np.random.Generator,
+    n: int,
+    size: tuple[int, int],
+    pairs: float,
+    dropout: float,
+    default_share: float,
+):
+    """Like :func:`make_batch` for text-to-image, rendered and encoded now: at ``size`` (an aspect
+    bucket) and with a ``pairs`` share of two-object scenes, which no table could hold."""
+    train = [table.scenes[i].triple for i in table.train_ids]
+    prompts, images = [], []
+    for _ in range(n):
+        if rng.random() < pairs:
+            pair = random_pair(rng, train, default_share)
+            prompts.append(pair_caption(pair, rng))
+            images.append(render_objects(list(pair), *size))
+        else:
+            scene = with_defaults(
+                table.scenes[table.train_ids[rng.integers(len(table.train_ids))]], rng, default_share
+            )
+            prompts.append(caption(scene, rng))
+            images.append(render_objects([scene], *size))
+        if rng.random() < dropout:
+            prompts[-1] = ""
+    x = to_tensor(images)
+    with torch.no_grad():
+        z = LatentTable._encode(vae, x)
+    return prompts, z, None, object_coverage(x)
 
 
 class Trainer:
@@ -152,7 +208,7 @@ class Trainer:
         vae_dir = args.vae
         if args.init:
             # Continue from an exported pipeline (e.g. the shipped weights): its VAE defines the latent space.
-            load_pipeline_weights(self.modules, args.init)
+            load_pipeline_weights(self.modules, args.init, self.clip_tok, self.t5_tok)
             vae_dir = args.init / "vae"
         self.vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
         # The encoder (the latent space) is fixed; the decoder may keep learning alongside the transformer.
@@ -167,7 +223,6 @@ class Trainer:
         self.train_seconds = 0.0
         self.best = -1.0
         self.txt_ids = torch.zeros(MAX_TOKENS, 3)
-        self.ids_t2i = image_ids(0)
         self.ids_edit = torch.cat([image_ids(0), image_ids(1)])
 
     # ------------------------------------------------------------------ checkpoints
@@ -205,7 +260,17 @@ class Trainer:
         rng = np.random.default_rng([a.seed, self.step])
         gen = torch.Generator().manual_seed(a.seed * 1_000_003 + self.step)
         edit = rng.random() < a.edit_frac
-        prompts, z0, zref, cover = make_batch(self.table, rng, a.batch, edit, a.caption_dropout)
+        size = (SIZE, SIZE)
+        if not edit and rng.random() < a.bucket_frac:
+            size = BUCKETS[rng.integers(len(BUCKETS))]
+        if not edit and (size != (SIZE, SIZE) or rng.random() < a.pair_frac):
+            prompts, z0, zref, cover = rendered_batch(
+                self.table, self.vae, rng, a.batch, size, a.pair_frac, a.caption_dropout, a.default_frac
+            )
+        else:
+            prompts, z0, zref, cover = make_batch(
+                self.table, rng, a.batch, edit, a.caption_dropout, a.default_frac
+            )
         clip_ids, t5_ids = tokenize(self.clip_tok, self.t5_tok, prompts)
         pooled = self.clip(clip_ids).pooler_output
         seq = self.t5(t5_ids)[0]
@@ -221,7 +286,7 @@ class Trainer:
             pooled_projections=pooled,
             encoder_hidden_states=seq,
             txt_ids=self.txt_ids,
-            img_ids=self.ids_t2i if zref is None else self.ids_edit,
+            img_ids=image_ids(0, *size) if zref is None else self.ids_edit,
             return_dict=False,
         )[0][:, : x0.shape[1]]
         # Tokens the object covers weigh more: the object is a few of 64 tokens, and its outline (the shape)
@@ -257,7 +322,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def pipelines(self) -> tuple[FluxPipeline, FluxKontextPipeline]:
-        tie_case_variants(self.ema["t5"], self.t5_tok)
+        tie_words(self.ema["clip"], self.ema["t5"], self.clip_tok, self.t5_tok)
         parts = {
             "scheduler": build_scheduler(),
             "vae": self.vae,
@@ -305,13 +370,31 @@ class Trainer:
             ).images[0]
             r = score(im, e.target)
             edits.append(r["color"] and r["position"])
+        pairs = []
+        for i, (pair, prompt) in enumerate(eval_pairs(self.args.eval_pairs)):
+            im = pipe(
+                prompt=prompt,
+                **true_cfg(self.args.eval_cfg, ""),
+                height=SIZE,
+                width=SIZE,
+                num_inference_steps=self.args.eval_steps,
+                max_sequence_length=MAX_TOKENS,
+                generator=torch.Generator().manual_seed(i),
+            ).images[0]
+            pairs.append(score_pair(im, pair)["both"])
         out = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
         out["edit_recolor_pos"] = float(np.mean(edits)) if edits else 0.0
+        out["pairs"] = float(np.mean(pairs)) if pairs else 0.0
         return out
 
     def export_best(self, metrics: dict[str, float]) -> None:
         s = float(
-            np.mean([metrics[k] for k in ("background", "color", "position", "shape", "edit_recolor_pos")])
+            np.mean(
+                [
+                    metrics[k]
+                    for k in ("background", "color", "position", "shape", "edit_recolor_pos", "pairs")
+                ]
+            )
         )
         if s <= self.best:
             return
@@ -359,6 +442,14 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=64)
     ap.add_argument("--eval-edits", type=int, default=24)
     ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--eval-pairs", type=int, default=16, help="held-out two-object prompts per evaluation")
+    ap.add_argument(
+        "--bucket-frac", type=float, default=0.0, help="share of text-to-image steps at aspect buckets"
+    )
+    ap.add_argument(
+        "--pair-frac", type=float, default=0.0, help="share of two-object scenes in rendered steps"
+    )
+    ap.add_argument("--default-frac", type=float, default=0.0, help="share of captions naming no background")
     ap.add_argument("--decoder-every", type=int, default=3, help="a VAE decoder step every N steps (0: off)")
     ap.add_argument("--decoder-lr", type=float, default=1e-3)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")

@@ -13,7 +13,8 @@ import pytest
 
 from fluxserve.engines.registry import BUNDLED_WEIGHTS
 from tests.conftest import Api, ServerProcess
-from training.scenes import POSITION_PHRASES, Scene, analyse, render
+from training.evaluate import EDGE_CLEAN
+from training.scenes import POSITION_PHRASES, Scene, analyse, edge_excess, render
 
 pytestmark = pytest.mark.skipif(
     not (BUNDLED_WEIGHTS / "model_index.json").exists(), reason="no bundled weights"
@@ -47,6 +48,23 @@ def test_text_to_image_draws_the_asked_colours_and_place(shipped: Api) -> None:
         assert (image.format, image.size) == ("PNG", (256, 256))
         found = analyse(image)
         assert (found.background, found.color, found.position) == (background, color, place), prompt
+
+
+@pytest.mark.parametrize("size", [(1024, 768), (768, 1024), (1344, 768), (1184, 864), (1440, 256)])
+def test_non_square_images_have_clean_edges(shipped: Api, size: tuple[int, int]) -> None:
+    """Issue 22: v1 run at latent grids it never saw drew magenta and green lines along the right edge and
+    specks along the bottom (edge_excess 19 to 280); the object sits in the center cell, so the image's
+    outer fifth must be plain background, as it is on a square (about 6)."""
+    prompt = "a large purple star in the center on a white background"
+    body = shipped.wait(
+        shipped.job("flux-dev", {"prompt": prompt, "width": size[0], "height": size[1], "seed": 1})
+    )
+    assert body["status"] == "SUCCESS", body
+    image = shipped.image(body)
+    assert image.size == size
+    assert edge_excess(image) < EDGE_CLEAN
+    found = analyse(image)
+    assert (found.background, found.color, found.position) == ("white", "purple", "center")
 
 
 def test_kontext_edits_the_reference(shipped: Api) -> None:

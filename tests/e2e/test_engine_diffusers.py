@@ -70,6 +70,13 @@ def test_generation_size_keeps_aspect_within_the_budget() -> None:
     assert width * height > 0.8 * 65536
 
 
+def test_native_size_generates_at_its_square_whatever_the_request() -> None:
+    """The bundled model knows 128x128 only (catalog option native_size); the budget then does not matter."""
+    for width, height in ((1024, 768), (1440, 256), (256, 1440), (256, 256)):
+        assert generation_size(width, height, 16384, 16, 128) == (128, 128)
+        assert generation_size(width, height, None, 16, 128) == (128, 128)
+
+
 def test_same_seed_same_bytes_across_loads_and_other_seeds_differ(flux: FluxModel, weights: Path) -> None:
     engine = engine_for(flux)
     first = png(run(engine, seed=11).image)

@@ -1,4 +1,5 @@
-"""`training.train` is deterministic and resumable: a resumed run ends where an unbroken one does."""
+"""`training.train` is deterministic and resumable: a resumed run ends where an unbroken one does, with
+steps rendered on the fly too (aspect buckets, two-object scenes) and captions that name no background."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def train(out: Path, max_steps: int, *extra: str) -> None:
             "--vae", str(BUNDLED_WEIGHTS / "vae"), "--jitters", "1", "--batch", "4",
             "--width", "32", "--heads", "2", "--double", "1", "--single", "1",
             "--decoder-every", "2", "--object-weight", "4", "--t-shift", "1",
-            "--eval-n", "2", "--eval-edits", "1", "--eval-steps", "1", "--eval-every", "1000",
+            "--eval-n", "2", "--eval-edits", "1", "--eval-pairs", "1", "--eval-steps", "1",
+            "--eval-every", "1000",
+            "--bucket-frac", "0.5", "--pair-frac", "0.5", "--default-frac", "0.3",
             "--max-steps", str(max_steps), *extra,
         ],
         check=True, capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"},

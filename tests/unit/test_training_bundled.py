@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from fluxserve.engines.registry import BUNDLED_WEIGHTS
-from training.model import MAX_TOKENS, build_tokenizers
-from training.scenes import SIZE, Scene, render, vocabulary
+from training.model import MAX_TOKENS, build_modules, build_tokenizers, encode_text, tie_words
+from training.scenes import SIZE, SYNONYMS, Scene, render, vocabulary
 
 
 def test_tokenizers_keep_every_word_whole_and_ignore_case() -> None:
     clip_tok, t5_tok = build_tokenizers()
-    for word in vocabulary():
+    for word in vocabulary() + list(SYNONYMS):
         assert len(clip_tok(word, add_special_tokens=False).input_ids) == 1, word
         assert len(t5_tok(word, add_special_tokens=False).input_ids) == 1, word
     lower = "a small red star in the top left corner, on a light blue background"
     assert clip_tok(lower.upper()).input_ids == clip_tok(lower).input_ids
     assert "<unk>" not in t5_tok.convert_ids_to_tokens(t5_tok(lower.capitalize()).input_ids)
     assert len(t5_tok(lower).input_ids) < MAX_TOKENS
+
+
+def test_synonyms_encode_exactly_as_the_words_they_stand_for() -> None:
+    """Both encoders read "one scarlet dot in the centre" as "a red circle in the center", nothing else."""
+    clip_tok, t5_tok = build_tokenizers()
+    modules = build_modules(clip_tok, t5_tok, width=32, heads=2, double=1, single=1)
+    tie_words(modules["clip"], modules["t5"], clip_tok, t5_tok)
+    prompts = [
+        "a red circle in the center on a white background",
+        "One Scarlet dot in the centre on a white backdrop",
+        "a blue circle in the center on a white background",
+    ]
+    seq, pooled = encode_text(modules["clip"], modules["t5"], clip_tok, t5_tok, prompts)
+    assert torch.equal(seq[0], seq[1]) and torch.equal(pooled[0], pooled[1])
+    assert not torch.equal(seq[0], seq[2]) and not torch.equal(pooled[0], pooled[2])
+    for synonym, word in SYNONYMS.items():
+        assert word in vocabulary() and synonym != word
 
 
 needs_weights = pytest.mark.skipif(
@@ -81,14 +100,26 @@ def test_object_coverage_marks_the_tokens_the_object_covers() -> None:
 @needs_weights
 def test_training_can_start_from_the_exported_weights() -> None:
     from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel, T5TokenizerFast
 
     from training.model import build_modules, load_pipeline_weights
 
-    modules = build_modules(*build_tokenizers())
-    load_pipeline_weights(modules, BUNDLED_WEIGHTS)
+    clip_tok, t5_tok = build_tokenizers()
+    modules = build_modules(clip_tok, t5_tok)
+    load_pipeline_weights(modules, BUNDLED_WEIGHTS, clip_tok, t5_tok)
     shipped = FluxTransformer2DModel.from_pretrained(str(BUNDLED_WEIGHTS / "transformer")).state_dict()
     for name, tensor in modules["transformer"].state_dict().items():
         assert torch.equal(tensor, shipped[name]), name
+    # Token embeddings follow their token's text, whatever id it has in either vocabulary.
+    old_tok = T5TokenizerFast.from_pretrained(str(BUNDLED_WEIGHTS / "tokenizer_2"))
+    old = (
+        T5EncoderModel.from_pretrained(str(BUNDLED_WEIGHTS / "text_encoder_2")).get_input_embeddings().weight
+    )
+    new = modules["t5"].get_input_embeddings().weight
+    for piece in ("▁red", "▁circle", "▁background"):
+        assert torch.equal(
+            new[t5_tok.convert_tokens_to_ids(piece)], old[old_tok.convert_tokens_to_ids(piece)]
+        )
 
 
 def test_a_wider_vae_keeps_the_latent_grid_the_transformer_expects() -> None:
@@ -99,3 +130,18 @@ def test_a_wider_vae_keeps_the_latent_grid_the_transformer_expects() -> None:
         z = vae.encode(torch.zeros(1, 3, SIZE, SIZE)).latent_dist.mode()
     assert z.shape == (1, LATENT_CHANNELS, SIZE // 8, SIZE // 8)
     assert tuple(vae.config.block_out_channels) == (16, 32, 64, 64)
+
+
+def test_the_exported_vocabulary_knows_synonyms_and_still_reports_other_words(tmp_path: Path) -> None:
+    from fluxserve.engines.vocabulary import vocabulary_note
+    from training.export import write_vocabulary
+
+    trained, retokenized = tmp_path / "trained", tmp_path / "retokenized"
+    trained.mkdir(), retokenized.mkdir()
+    write_vocabulary(trained)
+    write_vocabulary(retokenized, frozenset(w for w in vocabulary() if w != "and"))
+    assert vocabulary_note(trained, "One scarlet dot in the centre, and a box on a violet backdrop") == {}
+    note = vocabulary_note(trained, "a purple giraffe in the center")
+    assert note["unknown_words"] == ["giraffe"] and "'giraffe'" in note["note"]
+    # A folder re-exported without training learned no new word: "and" is reported there.
+    assert vocabulary_note(retokenized, "a red dot and a blue box")["unknown_words"] == ["and"]

@@ -9,7 +9,11 @@ import pytest
 from PIL import Image
 
 from training.scenes import (
+    CAPTION_TEMPLATES,
     COLOR_NAMES,
+    EVAL_CAPTION_TEMPLATES,
+    EVAL_PAIR_TEMPLATES,
+    PAIR_TEMPLATES,
     POSITIONS,
     SHAPES,
     Scene,
@@ -17,13 +21,21 @@ from training.scenes import (
     all_triples,
     analyse,
     caption,
+    default_background,
+    edge_excess,
     eval_edits,
+    eval_pairs,
     eval_prompts,
     heldout_triples,
     make_edit,
+    pair_caption,
+    random_pair,
     render,
+    render_objects,
     score,
+    score_pair,
     vocabulary,
+    with_defaults,
 )
 
 
@@ -113,3 +125,85 @@ def test_heldout_split_is_fixed_and_evaluation_uses_only_heldout_triples() -> No
     assert all(e.source.background != e.target.background != e.target.color for e in backgrounds)
     with pytest.raises(ValueError, match="kind"):
         eval_edits(5, kind="add")
+
+
+def words(text: str) -> list[str]:
+    return text.replace(",", " , ").replace(";", " ; ").replace(":", " : ").split()
+
+
+def test_a_caption_leaves_out_only_what_is_the_default() -> None:
+    rng = np.random.default_rng(4)
+    named = Scene("heart", "orange", "top left", "small", "blue")
+    on_default = Scene("heart", "orange", "center", "small", default_background("orange"))
+    for _ in range(60):
+        assert "blue" in caption(named, rng) and "left" in caption(named, rng)
+    texts = {caption(on_default, rng) for _ in range(200)}
+    assert "a orange heart" in texts  # no background, no place: white, in the center ("an": a synonym)
+    assert any("white" in t for t in texts)
+    assert default_background("white") == "black" and default_background("red") == "white"
+    shifted = [with_defaults(named, rng, 0.5) for _ in range(100)]
+    assert {s.background for s in shifted} == {"blue", "white"}
+    assert all(s.position == named.position for s in shifted)
+
+
+def test_evaluation_phrasings_are_never_trained_and_use_known_words() -> None:
+    assert not set(EVAL_CAPTION_TEMPLATES) & set(CAPTION_TEMPLATES)
+    assert not set(EVAL_PAIR_TEMPLATES) & set(PAIR_TEMPLATES)
+    vocab = set(vocabulary())
+    prompts = eval_prompts(200)
+    assert any(s.background == default_background(s.color) for s, _ in prompts)
+    for _, text in prompts + [(None, t) for _, t in eval_pairs(100)]:
+        assert all(w in vocab for w in words(text)), text
+
+
+def test_two_object_scenes_are_drawn_and_read_back() -> None:
+    rng = np.random.default_rng(5)
+    held = heldout_triples()
+    pairs = eval_pairs(60)
+    assert all(a.triple in held and b.triple in held for (a, b), _ in pairs)
+    for (a, b), text in pairs:
+        assert a.position != b.position and a.color != b.color and a.background == b.background
+        assert a.color in text and b.color in text
+        assert score_pair(render_objects([a, b]), (a, b)) == {
+            "background": True,
+            "both": True,
+            "shapes": True,
+        }
+        # one object missing, or the two swapped, is wrong
+        assert not score_pair(render(a), (a, b))["both"]
+        swapped = (replace(a, position=b.position), replace(b, position=a.position))
+        assert not score_pair(render_objects(list(swapped)), (a, b))["both"]
+    pair = random_pair(rng, sorted(set(all_triples()) - held))
+    assert pair_caption(pair, rng).count(" and ") == 1 or "and" in pair_caption(pair, rng)
+
+
+@pytest.mark.parametrize("size", [(144, 112), (112, 144), (160, 96), (272, 48)])
+def test_non_square_renders_keep_the_grid_and_fit_objects_in_their_cells(size: tuple[int, int]) -> None:
+    for scene in (
+        Scene("square", "red", "top right", "large", "white"),
+        Scene("circle", "blue", "left", "small", "black"),
+    ):
+        image = render_objects([scene], *size)
+        assert image.size == size
+        found = analyse(image)
+        assert (found.color, found.position, found.background) == (
+            scene.color,
+            scene.position,
+            scene.background,
+        )
+
+
+def test_edge_check_tells_clean_images_from_streaked_ones() -> None:
+    from PIL import ImageDraw
+
+    clean = render_objects([Scene("star", "yellow", "center", "large", "blue")], 144, 112)
+    assert edge_excess(clean.resize((1024, 768), Image.Resampling.LANCZOS)) < 10
+    streaked = clean.copy()
+    draw = ImageDraw.Draw(streaked)
+    draw.line([(130, 5), (130, 100)], fill=(240, 0, 240))  # v1's line where its 8x8 token grid ended
+    draw.point([(40, 108), (70, 109)], fill=(0, 200, 0))
+    assert edge_excess(streaked.resize((1024, 768), Image.Resampling.LANCZOS)) > 100
+    specks = clean.copy()
+    for x in range(10, 130, 24):  # specks along the bottom
+        ImageDraw.Draw(specks).rectangle([(x, 107), (x + 3, 110)], fill=(0, 200, 0))
+    assert edge_excess(specks) > 100

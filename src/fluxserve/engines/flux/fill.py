@@ -90,7 +90,11 @@ class FillEngine:
         steps = request.params.steps or self.entry.steps or FILL_STEPS
         guidance = request.params.guidance or self.entry.guidance or FILL_GUIDANCE
         width, height = generation_size(
-            request.width, request.height, self.entry.max_pixels, self.model.multiple
+            request.width,
+            request.height,
+            self.entry.max_pixels,
+            self.model.multiple,
+            self.options.native_size,
         )
         size = (width, height)
         arguments = {

@@ -106,7 +106,11 @@ class Flux2Engine:
         steps = request.params.steps or self.entry.steps or default_steps
         guidance = request.params.guidance or self.entry.guidance or default_guidance
         width, height = generation_size(
-            request.width, request.height, self.entry.max_pixels, self.model.multiple
+            request.width,
+            request.height,
+            self.entry.max_pixels,
+            self.model.multiple,
+            self.options.native_size,
         )
         references = [fit_reference(each, width * height) for each in named]
         details: dict[str, Any] = {

@@ -84,6 +84,13 @@ class FluxOptions(LoadOptions):
         description="Prompt tokens (T5's on FLUX.1 and Fill, the Mistral or Qwen encoder's on FLUX.2); "
         "default the tokenizer's length, at most 512.",
     )
+    native_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="For a model trained at one square size only (the bundled one: 128): each image is "
+        "generated at that size and resized to the requested one, whatever its aspect (at a latent grid it "
+        "never saw, such a model draws streaks along the edges). None: the requested aspect, in max_pixels.",
+    )
     max_batch: int = Field(
         default=1, ge=1, description="Most text-to-image jobs of one size and steps run as one batch."
     )

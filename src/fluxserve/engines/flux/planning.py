@@ -37,7 +37,8 @@ distilled guidance gives the less saturated, more natural look that raw mode sta
 Redux, for models trained with caption dropout, such as the bundled one (recorded in ``details``).
 
 Sizes: when the catalog's ``max_pixels`` is below the requested area, the image is generated at the
-largest same-aspect size within it (multiples of 16) and resized to the requested size with LANCZOS.
+largest same-aspect size within it (multiples of 16) and resized to the requested size with LANCZOS. The
+option ``native_size`` (a model trained at one square size) generates every image at that square instead.
 """
 
 from __future__ import annotations
@@ -74,8 +75,11 @@ def interval_schedule(guidance: float, interval: float) -> Callable[[float], flo
     return at
 
 
-def generation_size(width: int, height: int, max_pixels: int | None, multiple: int = 16) -> tuple[int, int]:
-    """The size to denoise at: the request's, or the largest same-aspect size within ``max_pixels``.
+def generation_size(
+    width: int, height: int, max_pixels: int | None, multiple: int = 16, native: int | None = None
+) -> tuple[int, int]:
+    """The size to denoise at: the request's, or the largest same-aspect size within ``max_pixels``, or
+    the ``native`` square of a model that knows no other size.
 
     Both sides are multiples of ``multiple`` (the VAE's 8x times FLUX's 2x2 packing). Under a budget, the
     short side steps through the multiples and the long side takes the multiple nearest the requested
@@ -86,6 +90,8 @@ def generation_size(width: int, height: int, max_pixels: int | None, multiple: i
     def snap(value: float) -> int:
         return max(multiple, round(value / multiple) * multiple)
 
+    if native:
+        return native, native
     if not max_pixels or max_pixels <= 0 or width * height <= max_pixels:
         return snap(width), snap(height)
     ratio = max(width, height) / min(width, height)
@@ -153,7 +159,11 @@ class Planner:
         steps = request.params.steps or self.entry.steps or DEFAULT_STEPS
         guidance = request.params.guidance or self.entry.guidance or DEFAULT_GUIDANCE
         width, height = generation_size(
-            request.width, request.height, self.entry.max_pixels, self.model.multiple
+            request.width,
+            request.height,
+            self.entry.max_pixels,
+            self.model.multiple,
+            self.options.native_size,
         )
         details: dict[str, Any] = {"steps": steps, **vocabulary_note(self.model.weights, request.prompt)}
         if request.params.raw:
