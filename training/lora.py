@@ -2,7 +2,8 @@
 
 It trains the bundled model toward drawing each shape as its outline (a ring of the shape's colour, the
 inside left the background's) instead of filled, for every prompt, so that a new user sees a finetune change
-the output offline; what the shipped recipe reaches (thinner, smaller shapes) is in training/RESULTS.md (``finetune_id: outlines`` on the FLUX.1 finetuned routes). Only the adapter trains (rank-4
+the output offline (``finetune_id: outlines`` on the FLUX.1 finetuned routes); what the shipped recipe
+reaches (thinner, smaller shapes) is in training/RESULTS.md. Only the adapter trains (rank-4
 LoRA on the attention projections of the bundled transformer, with peft); the bundled weights stay as
 shipped. The data is the bundled model's own procedural scenes (training/scenes.py) with outlines drawn
 from their masks, encoded with the bundled VAE; the loss is the same flow-matching loss as training/train.py.
