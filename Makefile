@@ -37,7 +37,7 @@ serve: install-runtime
 # Two test processes (pytest-xdist), a file each at a time: most end-to-end tests wait on their servers.
 # The long scenarios (kill -9 recoveries, five test hosts, the bundled model's evaluation) take minutes
 # more: `make test-long` (CI runs both).
-test: install .venv-blackforest/bin/python
+test: install .venv-blackforest/bin/python tests/e2e/js/node_modules
 	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests/unit tests/e2e
 
 # The several-hosts test needs root, iproute2 and PostgreSQL.
@@ -54,6 +54,11 @@ test-fast:
 	rm -rf .venv-blackforest
 	$(PYTHON) -m venv .venv-blackforest && .venv-blackforest/bin/pip install --quiet blackforest==0.1.3 \
 		|| { rm -rf .venv-blackforest; exit 1; }
+
+# Replicate's JavaScript client and the Vercel AI SDK provider, for tests/e2e/test_replicate_clients.py (its
+# test is skipped without node, unless FLUXSERVE_REQUIRE_NODE=1). Pinned by tests/e2e/js/package-lock.json.
+tests/e2e/js/node_modules: tests/e2e/js/package-lock.json
+	if command -v npm >/dev/null; then cd tests/e2e/js && npm ci --silent --no-audit --no-fund && touch node_modules; fi
 
 lint:
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
