@@ -38,7 +38,7 @@ from fluxserve.api.limits import AccessLog, HeldRequests, KeyRate, RequestGuard
 from fluxserve.api.playground import router as playground_router
 from fluxserve.core.catalog import load_catalog
 from fluxserve.core.job import JobRecord
-from fluxserve.finetunes.store import FinetuneStore, builtin_finetunes
+from fluxserve.finetunes.store import FinetuneStore, builtin_finetunes, relayed_finetuned
 from fluxserve.jobs.feed import ChangeFeed, to_fetch, wake_on, webhook_due
 from fluxserve.jobs.fetching import InputFetcher
 from fluxserve.jobs.predictions import PredictionStore
@@ -103,7 +103,7 @@ class Runtime:
             blobs=blobs,
             signer=UrlSigner(settings.secret(), settings.url_ttl_seconds),
             base_url=settings.base_url,
-            finetunes=FinetuneStore(database, blobs, builtin_finetunes(catalog)),
+            finetunes=FinetuneStore(database, blobs, builtin_finetunes(catalog), relayed_finetuned(catalog)),
             predictions=PredictionStore(database, stores.reads),
         )
         streams = events.EventStreams(

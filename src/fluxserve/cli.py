@@ -877,7 +877,7 @@ def finetunes_add(
             from fluxserve.engines.registry import EngineRegistry  # torch: only to find built-in weights
 
             check_fits(info, EngineRegistry(catalog, settings.models).resolve_weights(target, entry), name)
-        key_id = None if key is None else KeyStore(store.engine).resolve(key).id
+        key_id = None if key is None else KeyStore(store.database).resolve(key).id
         added = store.add(name, file.read_bytes(), target, info.rank, key_id, comment)
     if as_json:
         typer.echo(json.dumps(added.details()))
@@ -890,7 +890,7 @@ def finetunes_list(data_dir: DataDir = None, as_json: AsJson = False) -> None:
     """Every finetune, the shipped ones first, with who may use it."""
     with _finetunes(data_dir) as (store, _, _):
         found = store.visible(None)
-        names = {key.id: key.name for key in KeyStore(store.engine).list()}
+        names = {key.id: key.name for key in KeyStore(store.database).list()}
     if as_json:
         for finetune in found:
             typer.echo(json.dumps({**finetune.details(), "key": names.get(finetune.key_id or "")}))

@@ -20,7 +20,7 @@ from tests.support.fake_vendor import FAKE_KEY, FakeVendor, _color
 KEY_ENV = "FLUXSERVE_TEST_UPSTREAM_KEY"
 
 
-RELAYED = ("flux-kontext-max", "flux-tools/erase-v1", "flux-2-klein-9b-preview")
+RELAYED = ("flux-kontext-max", "flux-tools/erase-v1", "flux-2-klein-9b-preview", "flux-pro-finetuned")
 
 
 def catalog(base_url: str) -> str:
@@ -256,3 +256,23 @@ def test_erase_and_webp_are_relayed_and_the_vendors_statuses_come_back(
     assert image_at(webp["result"]["sample"]).format == "WEBP"
     moderated = client.wait(client.submit("flux-2-klein-9b-preview", {"prompt": "[request-moderated] x"}))
     assert moderated["status"] == "Request Moderated"  # the vendor's statuses come back as they are
+
+
+def test_a_relayed_finetuned_route_leaves_the_finetune_to_the_vendor(
+    relay_server: ServerProcess, key: str, vendor: FakeVendor
+) -> None:
+    """The vendor's finetunes live on the vendor: a relayed finetuned route forwards ``finetune_id`` and
+    ``finetune_strength`` (its default, 1.1) without looking the id up here."""
+    client = Vendor(relay_server.base_url, key)
+    done = client.wait(
+        client.submit("flux-pro-finetuned", {"prompt": "a lighthouse", "finetune_id": "ft-on-vendor"})
+    )
+    assert done["status"] == "Ready", done
+    model, payload, _ = vendor.seen.submits[-1]
+    assert (model, payload["finetune_id"], payload["finetune_strength"]) == (
+        "flux-pro-finetuned",
+        "ft-on-vendor",
+        1.1,
+    )
+    missing = client.http.post("/v1/flux-pro-finetuned", json={"prompt": "a lighthouse"})
+    assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["body", "finetune_id"]

@@ -54,6 +54,8 @@ PRICES: dict[str, Decimal] = {
     "flux-pro-1.0-fill": Decimal("5"),
     "flux-pro-1.0-expand": Decimal("5"),
     "flux-tools/erase-v1": Decimal("3"),
+    "flux-pro-finetuned": Decimal("6"),
+    "flux-pro-1.1-ultra-finetuned": Decimal("7"),
 }
 # The routes whose output_format takes webp besides jpeg and png (the others answer 422 for it).
 WEBP_ROUTES = {"flux-2-klein-9b-preview"}
@@ -203,6 +205,8 @@ def _invalid(model: str, payload: dict[str, Any]) -> dict[str, Any] | None:
         required = ["image"]
     elif model.startswith(("flux-kontext", "flux-2-")):
         required = ["prompt"]
+    elif model.endswith("-finetuned"):  # the vendor's own finetunes, by their id
+        required = ["finetune_id"]
     else:
         required = []
     for name in required:

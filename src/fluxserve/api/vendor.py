@@ -137,8 +137,8 @@ def _finetuned(
 ) -> GenerationParams:
     """On a finetuned route, the params with the finetune's file: 404 for a finetune the key cannot use
     (another key's reads as unknown), 422 naming ``finetune_id`` for one added for another model."""
-    if not spec.finetunes_of or params.finetune_id is None:
-        return params
+    if not spec.finetunes_of or params.finetune_id is None or services.finetunes.upstream(spec.name):
+        return params  # a relayed route's finetune is the vendor's: it resolves the id
     finetune = services.finetunes.find(params.finetune_id, key.id)
     if finetune is None:
         raise Refused(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,6 +21,7 @@ from sqlalchemy import Engine, delete, func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from fluxserve.core.catalog import BUNDLED_WEIGHTS, WEIGHTS, Catalog
+from fluxserve.core.models import MODELS
 from fluxserve.db.connection import utcnow
 from fluxserve.db.tables import finetunes
 from fluxserve.errors import BlobNotFound, EngineError
@@ -108,6 +109,15 @@ def builtin_finetunes(catalog: Catalog) -> list[Finetune]:
     return found
 
 
+def relayed_finetuned(catalog: Catalog) -> list[str]:
+    """The finetuned routes the catalog relays to the vendor (their own entry, or their base model's)."""
+    return [
+        name
+        for name, entry in catalog.models.items()
+        if entry.engine == "relay" and name in MODELS and MODELS[name].finetunes_of
+    ]
+
+
 def read_adapter(file: str, blobs: BlobStore, name: str) -> bytes:
     """The bytes of a finetune's file; EngineError when it is gone (removed after the job was submitted)."""
     try:
@@ -128,10 +138,23 @@ def _record(row: Any) -> Finetune:
 class FinetuneStore:
     """The operator's finetunes (database and blob store) and the shipped ones (``builtins``)."""
 
-    def __init__(self, engine: Engine, blobs: BlobStore, builtins: Iterable[Finetune] = ()) -> None:
-        self.engine = engine
+    def __init__(
+        self,
+        database: Engine,
+        blobs: BlobStore,
+        builtins: Iterable[Finetune] = (),
+        relayed: Collection[str] = (),
+    ) -> None:
+        """``relayed``: the finetuned routes this installation relays to the vendor, whose finetunes live
+        there (a ``finetune_id`` on them is the vendor's to resolve, never looked up here)."""
+        self.database = database
         self._blobs = blobs
         self._builtins = {finetune.name: finetune for finetune in builtins}
+        self._relayed = frozenset(relayed)
+
+    def upstream(self, model: str) -> bool:
+        """Whether the vendor resolves ``model``'s finetunes: the route is relayed."""
+        return model in self._relayed
 
     def add(
         self, name: str, data: bytes, model: str, rank: int, key_id: str | None, comment: str | None
@@ -152,7 +175,7 @@ class FinetuneStore:
             "size_bytes": len(data), "rank": rank, "comment": comment, "created_at": utcnow(),
         }  # fmt: skip
         try:
-            with self.engine.begin() as conn:
+            with self.database.begin() as conn:
                 conn.execute(insert(finetunes).values(**values))
         except IntegrityError:
             raise FinetuneProblem(f"name: a finetune named {name!r} exists (remove it first)") from None
@@ -164,7 +187,7 @@ class FinetuneStore:
         """Any finetune by name, whoever may use it."""
         if name in self._builtins:
             return self._builtins[name]
-        with self.engine.connect() as conn:
+        with self.database.connect() as conn:
             row = conn.execute(select(finetunes).where(finetunes.c.name == name)).first()
         return None if row is None else _record(row)
 
@@ -178,7 +201,7 @@ class FinetuneStore:
         query = select(finetunes).order_by(finetunes.c.name)
         if key_id is not None:
             query = query.where(or_(finetunes.c.key_id.is_(None), finetunes.c.key_id == key_id))
-        with self.engine.connect() as conn:
+        with self.database.connect() as conn:
             rows = conn.execute(query).all()
         return [*self._builtins.values(), *(_record(row) for row in rows)]
 
@@ -191,7 +214,7 @@ class FinetuneStore:
         if found.builtin:
             raise FinetuneProblem(f"{name!r} ships with fluxserve and cannot be removed")
         blob_key = found.file.removeprefix(BLOB)
-        with self.engine.begin() as conn:
+        with self.database.begin() as conn:
             conn.execute(delete(finetunes).where(finetunes.c.name == name))
             others = conn.execute(
                 select(func.count()).select_from(finetunes).where(finetunes.c.blob_key == blob_key)
