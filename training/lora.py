@@ -31,7 +31,17 @@ from PIL import Image
 from scipy import ndimage
 
 from fluxserve.core.catalog import BUNDLED_WEIGHTS
-from training.scenes import COLORS, SIZE, Scene, all_triples, caption, eval_prompts, random_scene, render
+from training.scenes import (
+    CAPTION_TEMPLATES,
+    COLORS,
+    SIZE,
+    Scene,
+    all_triples,
+    caption,
+    eval_prompts,
+    random_scene,
+    render,
+)
 from training.train import sample_t
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -128,12 +138,21 @@ def train(args: argparse.Namespace) -> Path:
     return args.out
 
 
+def measured_prompts(n: int) -> list[tuple[Scene, str]]:
+    """Held-out scenes in the phrasings the bundled model was trained on, each naming its background (what
+    the object share is measured against), so that the measure reads the adapter, not the base model's
+    misses on phrasings it never saw."""
+    rng = np.random.default_rng(0)
+    named = [template for template in CAPTION_TEMPLATES if "{bg}" in template and "{where}" in template]
+    return [(scene, caption(scene, rng, named)) for scene, _ in eval_prompts(n)]
+
+
 def measure(pipe: FluxPipeline, adapter: Path, n: int) -> dict[str, float]:
     """Mean object share of held-out prompts' images at strength 0 and 1 (20 steps, true CFG 4 as the
     shipped catalog samples the bundled model)."""
     pipe.load_lora_weights(str(adapter), adapter_name="outlines")
     shares: dict[str, list[float]] = {"base": [], "outlines": []}
-    for index, (scene, prompt) in enumerate(eval_prompts(n)):
+    for index, (scene, prompt) in enumerate(measured_prompts(n)):
         for label, weight in (("base", 0.0), ("outlines", 1.0)):
             pipe.set_adapters(["outlines"], adapter_weights=[weight])
             image = pipe(

@@ -14,8 +14,7 @@ from fluxserve.engines.flux.loading import FluxModel
 from fluxserve.finetunes.store import builtin_finetunes, read_adapter
 from fluxserve.storage.local import LocalBlobStore
 from tests.support.engine_fixtures import Recorder, request
-from training.lora import object_share
-from training.scenes import eval_prompts
+from training.lora import measured_prompts, object_share
 
 pytestmark = pytest.mark.skipif(
     not (BUNDLED_WEIGHTS / "model_index.json").is_file(), reason="no bundled weights installed"
@@ -35,7 +34,7 @@ def test_outlines_is_offered_on_a_fresh_install_and_draws_fewer_filled_pixels(tm
         BUNDLED_WEIGHTS, catalog.entry("flux-pro-finetuned"), FluxModel(BUNDLED_WEIGHTS)
     )
     shares: dict[float, list[float]] = {0.0: [], 1.0: []}
-    for seed, (scene, prompt) in enumerate(eval_prompts(PROMPTS)):
+    for seed, (scene, prompt) in enumerate(measured_prompts(PROMPTS)):
         for strength in shares:
             finetune = Adapter(
                 "outlines", outlines.file, strength, lambda: read_adapter(outlines.file, blobs, "outlines")
