@@ -105,7 +105,7 @@ def test_fill_submit_watch_progress_get_the_image_and_find_it_in_the_gallery(
     # the form comes from the model's schema, limits shown
     assert "256..1440" in page.inner_text("#field-width-help")
     page.fill("#field-prompt", "a large red circle in the center on a light blue background")
-    page.fill("#field-steps", "8")
+    page.fill("#field-steps", "28")  # long enough that the stream shows a step between
     page.fill("#field-width", "256")
     page.fill("#field-height", "256")
     page.fill("#field-seed", "7")
