@@ -44,6 +44,10 @@ def effective_tolerance(requested: int, floor: int) -> int:
     return min(requested, floor)
 
 
+# What the two classifiers import (the ``local`` extra installs them), as import names.
+CLASSIFIER_MODULES = ("profanity_check", "onnxruntime", "numpy")
+
+
 def parse_setting(value: str) -> int | None:
     """``FLUXSERVE_MODERATION``: ``off`` (None) or the operator's floor, 0..6."""
     text = value.strip().lower()
@@ -157,7 +161,7 @@ def make_moderator(setting: str) -> Moderator | None:
         return None
     from importlib.util import find_spec
 
-    missing = [name for name in ("profanity_check", "onnxruntime", "numpy") if find_spec(name) is None]
+    missing = [name for name in CLASSIFIER_MODULES if find_spec(name) is None]
     if missing:
         raise RuntimeError(
             f"FLUXSERVE_MODERATION={setting} needs {', '.join(missing)}: pip install 'fluxserve[local]', "

@@ -12,20 +12,19 @@ import importlib.util
 from collections.abc import Collection
 
 from fluxserve.core.catalog import Catalog
-from fluxserve.safety.moderation import parse_setting
+from fluxserve.safety.moderation import CLASSIFIER_MODULES, parse_setting
 from fluxserve.settings import Settings
 
 # The top-level modules of the ``local`` extra's packages (pyproject.toml), as they are imported; the
-# moderation classifiers (safety/moderation.py) only where the operator has not turned moderation off.
+# moderation classifiers' (safety.moderation.CLASSIFIER_MODULES) unless moderation is off.
 LOCAL_MODULES = ("torch", "diffusers", "transformers", "accelerate", "sentencepiece", "tokenizers")
-MODERATION_MODULES = ("onnxruntime", "profanity_check", "numpy")
 INSTALL_LOCAL = "pip install 'fluxserve[local]'"
 
 
 def missing_local_modules(moderation: bool = True) -> list[str]:
     """The modules of the ``local`` extra that cannot be imported here; found without importing them."""
     missing = []
-    for name in LOCAL_MODULES + (MODERATION_MODULES if moderation else ()):
+    for name in LOCAL_MODULES + (CLASSIFIER_MODULES if moderation else ()):
         try:
             found = importlib.util.find_spec(name) is not None
         except ImportError:  # an import hook that refuses the name
