@@ -152,7 +152,7 @@ def _finetuned(
 
 def _submit(
     spec: ModelSpec, body: SubmitRequest, key: ApiKey, services: Services, extras: SubmitExtras
-) -> SubmitResponse | JSONResponse:
+) -> SubmitResponse:
     params = _finetuned(spec, body.to_params(), key, services)
     try:
         job = services.submitter.submit(
