@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -279,12 +279,142 @@ def fits(template: str, scene: Scene) -> bool:
     return "{where}" in template or scene.position == DEFAULT_POSITION
 
 
+# The caption grammar (training): a description is its parts (the object, its place, the background) in any
+# order, each in one of several forms, joined the ways people type them. Templates are drawn with their
+# slots open and filled afterwards; a draw whose template is one of the held-out phrasings (EVAL_*) is drawn
+# again, so the evaluation's word orders stay unseen.
+ARTICLES = ["a", "a", "a", "the", "one", ""]
+OBJECT_FORMS = [
+    "{size} {color} {shape}",
+    "{size} {color} {shape}",
+    "{color} {shape}",
+    "{color} {shape}",
+    "{size} {shape} in {color}",
+    "{shape} in {color}",
+    "{color} {size} {shape}",
+]
+OPENERS = ["there is", "a picture of", "draw", "showing"]
+BACKGROUND_FIRST = [
+    "on a {bg} background,",
+    "{bg} background with",
+    "a {bg} background with",
+    "{bg} background:",
+    "the background is {bg};",
+    "over a {bg} background,",
+]
+BACKGROUND_LATER = [
+    "on a {bg} background",
+    "against a {bg} background",
+    "on {bg}",
+    "on a plain {bg} background",
+    "with a {bg} background",
+    "over a {bg} background",
+    "{bg} background",
+    "the background is {bg}",
+]
+JOINERS = [" ", " ", ", ", "; "]
+GROUP_JOINERS = [" and ", ", ", ", and ", "; ", " with "]
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _object_template(rng: np.random.Generator, slot: str = "") -> str:
+    """An article and one object form, its slots suffixed with ``slot`` ({color1}, ...) in a group."""
+    art = _pick(rng, ARTICLES)
+    form = _pick(rng, OBJECT_FORMS).replace("}", slot + "}")
+    return f"{art} {form}" if art else form
+
+
+def _background_part(rng: np.random.Generator, first: bool) -> str:
+    return _pick(rng, BACKGROUND_FIRST if first else BACKGROUND_LATER)
+
+
+def held_out(template: str) -> bool:
+    """Whether a template is one of the evaluation's phrasings (compared as the tokenizers read them)."""
+    return normalize_prompt(template) in {
+        normalize_prompt(t) for t in EVAL_CAPTION_TEMPLATES + EVAL_PAIR_TEMPLATES
+    }
+
+
+def single_template(rng: np.random.Generator, place: bool, background: bool) -> str:
+    """One object's caption template: object, place (when said) and background (when said) in any order."""
+    while True:
+        parts = ["object"] + (["place"] if place else []) + (["background"] if background else [])
+        order = [parts[i] for i in rng.permutation(len(parts))]
+        text = ""
+        for i, part in enumerate(order):
+            if part == "object":
+                piece = _object_template(rng)
+                if i == 0 and rng.random() < 0.2:
+                    piece = f"{_pick(rng, OPENERS)} {piece}"
+            elif part == "place":
+                piece = "{where}"
+            else:
+                piece = _background_part(rng, first=i == 0)
+                while i == 0 and order[1] == "place" and piece.endswith("with"):
+                    piece = _background_part(rng, first=True)  # "... with" is followed by the object
+            if i == 0:
+                text = piece
+            elif text.endswith((",", ":", ";")) or (order[i - 1] == "background" and text.endswith("with")):
+                text = f"{text} {piece}"
+            else:
+                text += _pick(rng, JOINERS + ([": "] if order[i - 1] == "place" else [])) + piece
+        if not held_out(text):
+            return text
+
+
+def group_template(rng: np.random.Generator, n: int, background: bool) -> str:
+    """Several objects, each with its place ({o1} {w1}, ...), joined, and the background when said."""
+    while True:
+        items = []
+        for k in range(1, n + 1):
+            art = _pick(rng, ARTICLES[:-1])
+            items.append(f"{art} {{o{k}}} {{w{k}}}" if rng.random() < 0.7 else f"{{w{k}}} {art} {{o{k}}}")
+        text = items[0]
+        for k, item in enumerate(items[1:], start=2):
+            text += (_pick(rng, GROUP_JOINERS) if k == n else ", ") + item
+        if background:
+            if rng.random() < 0.5:
+                text = f"{_background_part(rng, first=True)} {text}"
+            else:
+                text += _pick(rng, [" ", ", ", "; "]) + _background_part(rng, first=False)
+        if not held_out(text):
+            return text
+
+
+def grammar_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption from the grammar; the place is left unsaid only in the center, the background only when it
+    is the default one."""
+    place = scene.position != DEFAULT_POSITION or rng.random() < 0.5
+    background = scene.background != default_background(scene.color) or rng.random() < 0.4
+    return _fill(single_template(rng, place, background), scene, rng)
+
+
+def group_caption(scenes: Sequence[Scene], rng: np.random.Generator) -> str:
+    """A caption of several objects in the order given, each named with its place, on their background."""
+    background = scenes[0].background != default_background_group(scenes) or rng.random() < 0.4
+    template = group_template(rng, len(scenes), background)
+    values: dict[str, str] = {"bg": scenes[0].background}
+    for k, scene in enumerate(scenes, start=1):
+        form = _pick(rng, OBJECT_FORMS[:6])
+        values[f"o{k}"] = form.format(
+            size=_pick(rng, SIZE_WORDS[scene.size]), color=scene.color, shape=scene.shape
+        )
+        values[f"w{k}"] = _pick(rng, POSITION_PHRASES[scene.position])
+    return template.format(**values)
+
+
 def caption(scene: Scene, rng: np.random.Generator, templates: list[str] | None = None) -> str:
     """A varied English description; the same scene gets different wordings under different draws.
 
-    Only templates that fit the scene are drawn (a background or place left unsaid is the default one).
+    Without ``templates`` the wording comes from the caption grammar (:func:`grammar_caption`); with them,
+    from those that fit the scene (a background or place left unsaid is the default one).
     """
-    usable = [t for t in templates or CAPTION_TEMPLATES if fits(t, scene)]
+    if templates is None:
+        return grammar_caption(scene, rng)
+    usable = [t for t in templates if fits(t, scene)]
     return _fill(usable[rng.integers(len(usable))], scene, rng)
 
 
@@ -298,12 +428,11 @@ def with_defaults(scene: Scene, rng: np.random.Generator, share: float) -> Scene
 def pair_caption(
     pair: tuple[Scene, Scene], rng: np.random.Generator, templates: list[str] | None = None
 ) -> str:
-    """Two objects with their places, in the order given, on the first scene's background."""
-    usable = [
-        t
-        for t in templates or PAIR_TEMPLATES
-        if "{bg}" in t or pair[0].background == default_background_pair(pair)
-    ]
+    """Two objects with their places, in the order given, on the first scene's background; from the caption
+    grammar (:func:`group_caption`) unless ``templates`` are given."""
+    if templates is None:
+        return group_caption(list(pair), rng)
+    usable = [t for t in templates if "{bg}" in t or pair[0].background == default_background_group(pair)]
     template = usable[rng.integers(len(usable))]
 
     def obj(scene: Scene) -> str:
@@ -322,28 +451,38 @@ def pair_caption(
     return template.format(o1=obj(a), w1=where(a), o2=obj(b), w2=where(b), bg=a.background)
 
 
-def default_background_pair(pair: tuple[Scene, Scene]) -> str:
+def default_background_group(scenes: Sequence[Scene]) -> str:
     """White unless an object is white (then black)."""
-    return "black" if DEFAULT_BACKGROUND in (pair[0].color, pair[1].color) else DEFAULT_BACKGROUND
+    return "black" if any(s.color == DEFAULT_BACKGROUND for s in scenes) else DEFAULT_BACKGROUND
 
 
 def random_pair(
     rng: np.random.Generator, triples: list[tuple[str, str, str]], default_share: float = 0.3
 ) -> tuple[Scene, Scene]:
     """Two objects of different colours at different places, drawn from ``triples``, on one background."""
-    while True:
-        (s1, c1, p1), (s2, c2, p2) = (triples[i] for i in rng.integers(len(triples), size=2))
-        if p1 != p2 and c1 != c2:
-            break
-    bgs = [c for c in COLOR_NAMES if c not in (c1, c2)]
-    sizes = [SIZES[i] for i in rng.integers(2, size=2)]
-    bg = bgs[rng.integers(len(bgs))]
-    a = Scene(s1, c1, p1, sizes[0], bg, int(rng.integers(2)))
-    b = Scene(s2, c2, p2, sizes[1], bg, int(rng.integers(2)))
-    if rng.random() < default_share:
-        bg = default_background_pair((a, b))
-        a, b = replace(a, background=bg), replace(b, background=bg)
+    a, b = random_group(rng, triples, 2, default_share)
     return a, b
+
+
+def random_group(
+    rng: np.random.Generator, triples: list[tuple[str, str, str]], n: int, default_share: float = 0.3
+) -> list[Scene]:
+    """``n`` objects of different colours at different places, drawn from ``triples``, on one background
+    that is none of their colours (the default one, white or black, for ``default_share`` of groups, unless
+    both are among them)."""
+    while True:
+        picked = [triples[i] for i in rng.integers(len(triples), size=n)]
+        if len({p for _, _, p in picked}) == n and len({c for _, c, _ in picked}) == n:
+            break
+    colors = {c for _, c, _ in picked}
+    bgs = [c for c in COLOR_NAMES if c not in colors]
+    sizes = [SIZES[i] for i in rng.integers(2, size=n)]
+    bg = bgs[rng.integers(len(bgs))]
+    group = [Scene(s, c, p, z, bg, int(rng.integers(2))) for (s, c, p), z in zip(picked, sizes, strict=True)]
+    if rng.random() < default_share and default_background_group(group) not in colors:
+        bg = default_background_group(group)
+        group = [replace(scene, background=bg) for scene in group]
+    return group
 
 
 @dataclass(frozen=True)
@@ -384,6 +523,7 @@ def vocabulary() -> list[str]:
     """Every word any caption or instruction can contain, in a stable order."""
     texts: list[str] = []
     texts += CAPTION_TEMPLATES + PAIR_TEMPLATES + RECOLOR_TEMPLATES + BACKGROUND_TEMPLATES + MOVE_TEMPLATES
+    texts += ARTICLES + OBJECT_FORMS + OPENERS + BACKGROUND_FIRST + BACKGROUND_LATER + GROUP_JOINERS
     texts += COLOR_NAMES + SHAPES + [w for ws in SIZE_WORDS.values() for w in ws]
     texts += [p for ps in POSITION_PHRASES.values() for p in ps]
     words: list[str] = []

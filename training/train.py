@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FluxKontextPipeline, FluxPipeline
+from PIL import Image
 
 from fluxserve.engines.flux.planning import generation_size
 from training.model import (
@@ -50,9 +51,11 @@ from training.scenes import (
     eval_edits,
     eval_pairs,
     eval_prompts,
+    group_caption,
     heldout_triples,
     make_edit,
     pair_caption,
+    random_group,
     random_pair,
     render,
     render_objects,
@@ -80,6 +83,21 @@ def object_coverage(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(obj, 16).flatten(1)
 
 
+def encode_cached(
+    path: Path,
+    images: Callable[[int, int], list[Image.Image]],
+    count: int,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``fn`` of every image (``images(start, stop)`` renders a slice), computed once, cached at ``path``."""
+    if path.exists():
+        return torch.load(path)
+    with torch.no_grad():
+        out = torch.cat([fn(to_tensor(images(i, min(i + 64, count)))) for i in range(0, count, 64)])
+    torch.save(out, path)
+    return out
+
+
 class LatentTable:
     """VAE latents of every scene (all jitter variants), normalised the way the pipelines normalise them,
     and how much of each image token the object covers; both cached in the run's folder."""
@@ -87,34 +105,46 @@ class LatentTable:
     def __init__(self, vae: AutoencoderKL, jitters: int, cache: Path) -> None:
         self.scenes = list(all_scenes(jitters))
         self.index = {s: i for i, s in enumerate(self.scenes)}
-        self.latents = self._cached(cache / "latents.pt", lambda x: self._encode(vae, x))
-        self.coverage = self._cached(cache / "coverage.pt", object_coverage)
+
+        def images(start: int, stop: int) -> list[Image.Image]:
+            return [render(s) for s in self.scenes[start:stop]]
+
+        n = len(self.scenes)
+        self.latents = encode_cached(cache / "latents.pt", images, n, lambda x: self.encode(vae, x))
+        self.coverage = encode_cached(cache / "coverage.pt", images, n, object_coverage)
         held = heldout_triples()
         self.train_ids = [i for i, s in enumerate(self.scenes) if s.triple not in held]
         self.train_set = set(self.train_ids)
 
     @staticmethod
-    def _encode(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    def encode(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
         z = vae.encode(x).latent_dist.mode()
         return (z - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def _cached(self, path: Path, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        if path.exists():
-            return torch.load(path)
-        with torch.no_grad():
-            chunks = [
-                fn(to_tensor([render(s) for s in self.scenes[i : i + 64]]))
-                for i in range(0, len(self.scenes), 64)
-            ]
-        out = torch.cat(chunks)
-        torch.save(out, path)
-        return out
 
     def get(self, scenes: list[Scene]) -> torch.Tensor:
         return self.latents[[self.index[s] for s in scenes]]
 
     def cover(self, scenes: list[Scene]) -> torch.Tensor:
         return self.coverage[[self.index[s] for s in scenes]]
+
+
+class GroupTable:
+    """Latents of a fixed draw of scenes with two objects (three for a quarter of them) of training triples,
+    with their object coverage; too many combinations for a table of all, so a seeded sample, cached."""
+
+    def __init__(
+        self, vae: AutoencoderKL, triples: list[tuple[str, str, str]], count: int, cache: Path
+    ) -> None:
+        rng = np.random.default_rng(77)
+        self.groups = [random_group(rng, triples, 3 if rng.random() < 0.25 else 2) for _ in range(count)]
+
+        def images(start: int, stop: int) -> list[Image.Image]:
+            return [render_objects(g) for g in self.groups[start:stop]]
+
+        self.latents = encode_cached(
+            cache / f"groups{count}.pt", images, count, lambda x: LatentTable.encode(vae, x)
+        )
+        self.coverage = encode_cached(cache / f"groups{count}_coverage.pt", images, count, object_coverage)
 
 
 def pack(z: torch.Tensor) -> torch.Tensor:
@@ -143,24 +173,35 @@ def make_batch(
     edit: bool,
     dropout: float,
     default_share: float = 0.0,
+    groups: GroupTable | None = None,
+    group_share: float = 0.0,
 ):
-    """(prompts, target latents, reference latents or None, object coverage per token) for one step."""
-    prompts, targets, refs = [], [], []
+    """(prompts, target latents, reference latents or None, object coverage per token) for one step.
+
+    A text-to-image batch mixes one-object scenes with a ``group_share`` of several-object ones."""
+    prompts, latents, covers, refs = [], [], [], []
     while len(prompts) < n:
+        if not edit and groups is not None and rng.random() < group_share:
+            k = int(rng.integers(len(groups.groups)))
+            prompts.append("" if rng.random() < dropout else group_caption(groups.groups[k], rng))
+            latents.append(groups.latents[k])
+            covers.append(groups.coverage[k])
+            continue
         src = table.scenes[table.train_ids[rng.integers(len(table.train_ids))]]
         if not edit:
             src = with_defaults(src, rng, default_share)
             prompts.append("" if rng.random() < dropout else caption(src, rng))
-            targets.append(src)
+            latents.append(table.get([src])[0])
+            covers.append(table.cover([src])[0])
             continue
         e = make_edit(src, EDIT_KINDS[rng.choice(3, p=EDIT_WEIGHTS)], rng)
         if e.target not in table.index or table.index[e.target] not in table.train_set:
             continue
         prompts.append(e.instruction)
-        targets.append(e.target)
+        latents.append(table.get([e.target])[0])
+        covers.append(torch.maximum(table.cover([e.target])[0], table.cover([src])[0]))
         refs.append(src)
-    cover = table.cover(targets) if not edit else torch.maximum(table.cover(targets), table.cover(refs))
-    return prompts, table.get(targets), (table.get(refs) if edit else None), cover
+    return prompts, torch.stack(latents), (table.get(refs) if edit else None), torch.stack(covers)
 
 
 def rendered_batch(
@@ -192,7 +233,7 @@ def rendered_batch(
             prompts[-1] = ""
     x = to_tensor(images)
     with torch.no_grad():
-        z = LatentTable._encode(vae, x)
+        z = LatentTable.encode(vae, x)
     return prompts, z, None, object_coverage(x)
 
 
@@ -215,6 +256,8 @@ class Trainer:
         self.vae.decoder.requires_grad_(args.decoder_every > 0)
         self.vae_opt = torch.optim.AdamW(self.vae.decoder.parameters(), lr=args.decoder_lr, weight_decay=0.0)
         self.table = LatentTable(self.vae, args.jitters, args.out)
+        train_triples = sorted({self.table.scenes[i].triple for i in self.table.train_ids})
+        self.groups = GroupTable(self.vae, train_triples, args.groups, args.out) if args.group_frac else None
         self.ema = copy.deepcopy(self.modules).requires_grad_(False)
         self.opt = torch.optim.AdamW(
             self.modules.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99)
@@ -269,7 +312,7 @@ class Trainer:
             )
         else:
             prompts, z0, zref, cover = make_batch(
-                self.table, rng, a.batch, edit, a.caption_dropout, a.default_frac
+                self.table, rng, a.batch, edit, a.caption_dropout, a.default_frac, self.groups, a.group_frac
             )
         clip_ids, t5_ids = tokenize(self.clip_tok, self.t5_tok, prompts)
         pooled = self.clip(clip_ids).pooler_output
@@ -449,6 +492,10 @@ def main() -> None:
     ap.add_argument(
         "--pair-frac", type=float, default=0.0, help="share of two-object scenes in rendered steps"
     )
+    ap.add_argument(
+        "--group-frac", type=float, default=0.0, help="share of several-object scenes in text-to-image steps"
+    )
+    ap.add_argument("--groups", type=int, default=12000, help="size of the several-object latent table")
     ap.add_argument("--default-frac", type=float, default=0.0, help="share of captions naming no background")
     ap.add_argument("--decoder-every", type=int, default=3, help="a VAE decoder step every N steps (0: off)")
     ap.add_argument("--decoder-lr", type=float, default=1e-3)

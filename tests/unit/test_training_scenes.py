@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -26,9 +27,13 @@ from training.scenes import (
     eval_edits,
     eval_pairs,
     eval_prompts,
+    grammar_caption,
+    group_caption,
+    held_out,
     heldout_triples,
     make_edit,
     pair_caption,
+    random_group,
     random_pair,
     render,
     render_objects,
@@ -149,6 +154,8 @@ def test_a_caption_leaves_out_only_what_is_the_default() -> None:
 def test_evaluation_phrasings_are_never_trained_and_use_known_words() -> None:
     assert not set(EVAL_CAPTION_TEMPLATES) & set(CAPTION_TEMPLATES)
     assert not set(EVAL_PAIR_TEMPLATES) & set(PAIR_TEMPLATES)
+    assert all(held_out(t) for t in EVAL_CAPTION_TEMPLATES + EVAL_PAIR_TEMPLATES)
+    assert held_out("{size} {color} {shape}  {where}") and not held_out("a {size} {color} {shape} {where}")
     vocab = set(vocabulary())
     prompts = eval_prompts(200)
     assert any(s.background == default_background(s.color) for s, _ in prompts)
@@ -207,3 +214,47 @@ def test_edge_check_tells_clean_images_from_streaked_ones() -> None:
     for x in range(10, 130, 24):  # specks along the bottom
         ImageDraw.Draw(specks).rectangle([(x, 107), (x + 3, 110)], fill=(0, 200, 0))
     assert edge_excess(specks) > 100
+
+
+def test_the_grammar_words_a_scene_many_ways_and_never_as_the_evaluation_does() -> None:
+    """Training captions come from the grammar: any order of the parts, every attribute said (the place and
+    background only when they are not the default), and never one of the held-out phrasings."""
+    from training.scenes import group_template, single_template
+
+    rng = np.random.default_rng(6)
+    scene = Scene("star", "pink", "bottom right", "large", "green")
+    texts = [grammar_caption(scene, rng) for _ in range(300)]
+    assert len(set(texts)) > 150
+    for text in texts:
+        assert "pink" in text and "star" in text and "green" in text and "right" in text, text
+    firsts = {t.split()[0] for t in texts}
+    assert {"a", "the", "pink", "green"} <= firsts  # object first, with or without an article, or background
+    assert any(t.startswith(("in the", "at the", "on the")) for t in texts)  # place first
+    for place in (True, False):
+        for background in (True, False):
+            for _ in range(300):
+                assert not held_out(single_template(rng, place, background))
+    for n in (2, 3):
+        for background in (True, False):
+            for _ in range(300):
+                assert not held_out(group_template(rng, n, background))
+
+
+def test_group_captions_name_each_object_with_its_place() -> None:
+    rng = np.random.default_rng(7)
+    train = sorted(set(all_triples()) - heldout_triples())
+    vocab = set(vocabulary())
+    for n in (2, 3):
+        for _ in range(100):
+            group = random_group(rng, train, n)
+            assert len({s.position for s in group}) == n and len({s.color for s in group}) == n
+            assert len({s.background for s in group}) == 1 and group[0].background not in {
+                s.color for s in group
+            }
+            text = group_caption(group, rng)
+            assert all(w in vocab for w in words(text)), text
+            # named in the order given ("blue" not as part of "light blue")
+            spots = [re.search(rf"(?<!light )\b{s.color}\b", text) for s in group]
+            assert None not in spots, text
+            starts = [m.start() for m in spots if m]
+            assert starts == sorted(starts), text
