@@ -13,7 +13,7 @@ import httpx
 
 from tests.conftest import Api, ServerProcess
 from tests.e2e.test_lifecycle import slow_env, wait_for
-from tests.e2e.test_worker_process import start_worker
+from tests.long.test_worker_process import start_worker
 from tests.long.test_recovery import MEDIUM_JOB
 
 # A stale job is requeued only after 10 minutes here: what goes back to the queue, went back by hand-back.

@@ -1,5 +1,6 @@
 """`training.train` is deterministic and resumable: a resumed run ends where an unbroken one does, with
-steps rendered on the fly too (aspect buckets, two-object scenes) and captions that name no background."""
+steps rendered on the fly too (aspect buckets, two-object scenes), several-object scenes from their table,
+and captions that name no background."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def train(out: Path, max_steps: int, *extra: str) -> None:
             "--eval-n", "2", "--eval-edits", "1", "--eval-pairs", "1", "--eval-steps", "1",
             "--eval-every", "1000",
             "--bucket-frac", "0.5", "--pair-frac", "0.5", "--default-frac", "0.3",
+            "--group-frac", "0.5", "--groups", "16",
             "--max-steps", str(max_steps), *extra,
         ],
         check=True, capture_output=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"},
