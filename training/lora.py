@@ -84,7 +84,7 @@ def to_latents(pipe: FluxPipeline, images: list[Image.Image]) -> torch.Tensor:
 def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    pipe = FluxPipeline.from_pretrained(BUNDLED_WEIGHTS)
+    pipe = FluxPipeline.from_pretrained(args.base)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
@@ -167,6 +167,9 @@ def measure(pipe: FluxPipeline, adapter: Path, n: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--base", type=Path, default=BUNDLED_WEIGHTS, help="the weights it adapts (default: the shipped ones)"
+    )
     ap.add_argument("--minutes", type=float, default=7.0, help="wall-clock training budget")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     ap.add_argument("--rank", type=int, default=4)

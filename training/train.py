@@ -296,7 +296,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def lr_at(self, step: int) -> float:
-        return self.args.lr * min(1.0, (step + 1) / self.args.warmup)
+        """Warm-up, then constant; with ``--cooldown N`` and ``--max-steps``, a linear decay to a tenth over
+        the last N steps (a finishing phase)."""
+        a = self.args
+        scale = min(1.0, (step + 1) / a.warmup)
+        if a.cooldown and a.max_steps:
+            scale = min(scale, 0.1 + 0.9 * max(0.0, (a.max_steps - step) / a.cooldown))
+        return a.lr * scale
 
     def train_step(self) -> float:
         a = self.args
@@ -500,6 +506,7 @@ def main() -> None:
     ap.add_argument("--decoder-every", type=int, default=3, help="a VAE decoder step every N steps (0: off)")
     ap.add_argument("--decoder-lr", type=float, default=1e-3)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    ap.add_argument("--cooldown", type=int, default=0, help="decay the learning rate over the last N steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
