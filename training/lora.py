@@ -105,7 +105,10 @@ def train(args: argparse.Namespace) -> Path:
         scenes = [random_scene(rng, triples) for _ in range(args.batch)]
         # Some empty prompts: the shipped catalog samples with true CFG against the empty prompt, whose branch
         # must draw outlines too, or the guidance amplifies the difference between the two.
-        prompts = ["" if rng.random() < args.caption_dropout else caption(scene, rng) for scene in scenes]
+        prompts = [
+            "" if rng.random() < args.caption_dropout else caption(scene, rng, CAPTION_TEMPLATES)
+            for scene in scenes
+        ]  # the phrasings the shipped adapter was trained on (v1's templates, not the grammar)
         drawn = [outline(scene, args.ring) for scene in scenes]
         with torch.no_grad():
             x0 = to_latents(pipe, [image for image, _ in drawn])
