@@ -13,8 +13,8 @@ import httpx
 
 from tests.conftest import Api, ServerProcess
 from tests.e2e.test_lifecycle import slow_env, wait_for
-from tests.long.test_worker_process import start_worker
 from tests.long.test_recovery import MEDIUM_JOB
+from tests.long.test_worker_process import start_worker
 
 # A stale job is requeued only after 10 minutes here: what goes back to the queue, went back by hand-back.
 DRAIN_ENV = {"FLUXSERVE_STALE_AFTER_SECONDS": "600"}
