@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -320,10 +321,10 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _object_template(rng: np.random.Generator, slot: str = "") -> str:
-    """An article and one object form, its slots suffixed with ``slot`` ({color1}, ...) in a group."""
+def _object_template(rng: np.random.Generator) -> str:
+    """An article (or none) and one object form."""
     art = _pick(rng, ARTICLES)
-    form = _pick(rng, OBJECT_FORMS).replace("}", slot + "}")
+    form = _pick(rng, OBJECT_FORMS)
     return f"{art} {form}" if art else form
 
 
@@ -331,11 +332,14 @@ def _background_part(rng: np.random.Generator, first: bool) -> str:
     return _pick(rng, BACKGROUND_FIRST if first else BACKGROUND_LATER)
 
 
+@cache
+def _held_out_forms() -> frozenset[str]:
+    return frozenset(normalize_prompt(t) for t in EVAL_CAPTION_TEMPLATES + EVAL_PAIR_TEMPLATES)
+
+
 def held_out(template: str) -> bool:
     """Whether a template is one of the evaluation's phrasings (compared as the tokenizers read them)."""
-    return normalize_prompt(template) in {
-        normalize_prompt(t) for t in EVAL_CAPTION_TEMPLATES + EVAL_PAIR_TEMPLATES
-    }
+    return normalize_prompt(template) in _held_out_forms()
 
 
 def single_template(rng: np.random.Generator, place: bool, background: bool) -> str:

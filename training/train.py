@@ -84,17 +84,21 @@ def object_coverage(x: torch.Tensor) -> torch.Tensor:
 
 
 def encode_cached(
-    path: Path,
-    images: Callable[[int, int], list[Image.Image]],
-    count: int,
-    fn: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """``fn`` of every image (``images(start, stop)`` renders a slice), computed once, cached at ``path``."""
-    if path.exists():
-        return torch.load(path)
+    paths: tuple[Path, Path], vae: AutoencoderKL, images: Callable[[int, int], list[Image.Image]], count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE latents and the object coverage of every image (``images(start, stop)`` renders a slice),
+    both from one rendering, computed once and cached at ``paths``."""
+    if all(path.exists() for path in paths):
+        return torch.load(paths[0]), torch.load(paths[1])
+    latents, coverage = [], []
     with torch.no_grad():
-        out = torch.cat([fn(to_tensor(images(i, min(i + 64, count)))) for i in range(0, count, 64)])
-    torch.save(out, path)
+        for start in range(0, count, 64):
+            x = to_tensor(images(start, min(start + 64, count)))
+            latents.append(LatentTable.encode(vae, x))
+            coverage.append(object_coverage(x))
+    out = torch.cat(latents), torch.cat(coverage)
+    for path, tensor in zip(paths, out, strict=True):
+        torch.save(tensor, path)
     return out
 
 
@@ -109,9 +113,9 @@ class LatentTable:
         def images(start: int, stop: int) -> list[Image.Image]:
             return [render(s) for s in self.scenes[start:stop]]
 
-        n = len(self.scenes)
-        self.latents = encode_cached(cache / "latents.pt", images, n, lambda x: self.encode(vae, x))
-        self.coverage = encode_cached(cache / "coverage.pt", images, n, object_coverage)
+        self.latents, self.coverage = encode_cached(
+            (cache / "latents.pt", cache / "coverage.pt"), vae, images, len(self.scenes)
+        )
         held = heldout_triples()
         self.train_ids = [i for i, s in enumerate(self.scenes) if s.triple not in held]
         self.train_set = set(self.train_ids)
@@ -141,10 +145,9 @@ class GroupTable:
         def images(start: int, stop: int) -> list[Image.Image]:
             return [render_objects(g) for g in self.groups[start:stop]]
 
-        self.latents = encode_cached(
-            cache / f"groups{count}.pt", images, count, lambda x: LatentTable.encode(vae, x)
+        self.latents, self.coverage = encode_cached(
+            (cache / f"groups{count}.pt", cache / f"groups{count}_coverage.pt"), vae, images, count
         )
-        self.coverage = encode_cached(cache / f"groups{count}_coverage.pt", images, count, object_coverage)
 
 
 def pack(z: torch.Tensor) -> torch.Tensor:
