@@ -8,7 +8,8 @@ exports a pipeline folder's weights unchanged under the current tokenizers, with
 embedding row follows its word, and new synonyms get their word's row (training.model.tie_words).
 The result must load with both FLUX pipelines and stay under the package size budget; its
 ``vocabulary.txt`` (the words the server does not report as unknown, engines/vocabulary.py) is written
-from the tokenizers' word list.
+from the tokenizers' word list, and its ``phrasing.json`` (the phrasing the server rewrites prompts into,
+engines/phrasing.py) from the caption tables. `--tables-only` writes just those two files into `--to`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
+from fluxserve.engines.phrasing import PHRASING_FILE, Phrasing
 from fluxserve.engines.registry import BUNDLED_WEIGHTS
 from fluxserve.engines.vocabulary import VOCABULARY_FILE, known_words
 
@@ -43,6 +45,35 @@ def write_vocabulary(folder: Path, trained: frozenset[str] | None = None) -> Non
     words = [w for w in vocabulary() if w.isalpha() and (trained is None or w in trained)]
     words += [w for w in SYNONYMS if w not in words]
     (folder / VOCABULARY_FILE).write_text(VOCABULARY_HEADER + "".join(f"{w}\n" for w in sorted(words)))
+
+
+def write_phrasing(folder: Path) -> None:
+    """The scene world and the phrasing the server rewrites prompts into (engines/phrasing.py), into
+    ``folder``: the tables the training captions come from, so that reader and model agree."""
+    from training.scenes import (
+        CANONICAL_TEMPLATES,
+        COLOR_NAMES,
+        DEFAULT_BACKGROUND,
+        DEFAULT_POSITION,
+        POSITION_PHRASES,
+        SHAPES,
+        SIZE_WORDS,
+        SYNONYMS,
+        default_background,
+    )
+
+    phrasing = Phrasing(
+        colors=tuple(COLOR_NAMES),
+        shapes=tuple(SHAPES),
+        sizes={word: size for size, words in SIZE_WORDS.items() for word in words},
+        synonyms=SYNONYMS,
+        places={place: phrases[0] for place, phrases in POSITION_PHRASES.items()},
+        default_place=DEFAULT_POSITION,
+        default_background=DEFAULT_BACKGROUND,
+        background_behind_default=default_background(DEFAULT_BACKGROUND),
+        **CANONICAL_TEMPLATES,
+    )
+    (folder / PHRASING_FILE).write_text(phrasing.model_dump_json(indent=2) + "\n")
 
 
 def pipeline_from_ckpt(run: Path, out: Path) -> None:
@@ -95,7 +126,6 @@ def main() -> None:
     ap.add_argument(
         "--run",
         type=Path,
-        required=True,
         help="a training output folder with best/ (--retokenize: the new folder)",
     )
     ap.add_argument("--to", type=Path, default=BUNDLED_WEIGHTS)
@@ -103,9 +133,20 @@ def main() -> None:
     ap.add_argument("--vae", type=Path, help="replace the pipeline's vae/ with this folder")
     ap.add_argument("--retokenize", type=Path, help="a pipeline folder to re-export under the current words")
     ap.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="only write vocabulary.txt and phrasing.json into --to (its weights stay as they are)",
+    )
+    ap.add_argument(
         "--untrained", nargs="*", default=[], help="caption words the run never trained (left unknown)"
     )
     args = ap.parse_args()
+    if args.tables_only:
+        write_vocabulary(args.to, known_words(args.to))
+        write_phrasing(args.to)
+        return
+    if args.run is None:
+        ap.error("--run is required (unless --tables-only)")
     src = args.run / "best"
     if args.retokenize:
         retokenized(args.retokenize, args.run)
@@ -122,6 +163,7 @@ def main() -> None:
 
         trained = frozenset(w for w in trained or vocabulary() if w not in args.untrained)
     write_vocabulary(src, trained)
+    write_phrasing(src)
     size = folder_bytes(src)
     if size > LIMIT_BYTES:
         raise SystemExit(f"{src} is {size / 2**20:.1f} MiB, over the {LIMIT_BYTES / 2**20:.0f} MiB budget")

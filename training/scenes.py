@@ -182,6 +182,10 @@ CAPTION_TEMPLATES = [
     "a {color} {shape} on a {bg} background",
     "a {color} {shape}",
 ]
+# The phrasing the server's reader writes every prompt it understands in (exported as phrasing.json, read by
+# fluxserve.engines.phrasing): v1's first template, or its unsized form when the prompt names no size; each
+# place in its first phrase, the background always said.
+CANONICAL_TEMPLATES = {"sized": CAPTION_TEMPLATES[0], "unsized": CAPTION_TEMPLATES[7]}
 # Phrasings kept out of training, for the held-out evaluation: new word orders of the same words.
 EVAL_CAPTION_TEMPLATES = [
     "on a {bg} background, a {size} {color} {shape} {where}",
@@ -269,6 +273,18 @@ def _fill(template: str, scene: Scene, rng: np.random.Generator) -> str:
         color=scene.color,
         shape=scene.shape,
         where=phrases[rng.integers(len(phrases))],
+        bg=scene.background,
+    )
+
+
+def canonical_caption(scene: Scene, sized: bool = True) -> str:
+    """The scene as the server's reader phrases it (CANONICAL_TEMPLATES)."""
+    template = CANONICAL_TEMPLATES["sized" if sized else "unsized"]
+    return template.format(
+        size=scene.size,
+        color=scene.color,
+        shape=scene.shape,
+        where=POSITION_PHRASES[scene.position][0],
         bg=scene.background,
     )
 

@@ -44,9 +44,11 @@ from training.model import (
     true_cfg,
 )
 from training.scenes import (
+    CAPTION_TEMPLATES,
     SIZE,
     Scene,
     all_scenes,
+    canonical_caption,
     caption,
     eval_edits,
     eval_pairs,
@@ -169,6 +171,22 @@ def sample_t(gen: torch.Generator, n: int, shift: float = SAMPLING_SHIFT) -> tor
     return shift * t / (1 + (shift - 1) * t)
 
 
+Describe = Callable[[Scene, np.random.Generator], str]
+
+
+def captioner(style: str, canonical_share: float) -> Describe:
+    """How one-object scenes are captioned: the grammar or v1's templates (``style``), and a
+    ``canonical_share`` of them in the phrasing the server's reader writes (a model tuned for the reader)."""
+    templates = CAPTION_TEMPLATES if style == "templates" else None
+
+    def describe(scene: Scene, rng: np.random.Generator) -> str:
+        if canonical_share and rng.random() < canonical_share:
+            return canonical_caption(scene, sized=rng.random() < 0.5)
+        return caption(scene, rng, templates)
+
+    return describe
+
+
 def make_batch(
     table: LatentTable,
     rng: np.random.Generator,
@@ -178,6 +196,7 @@ def make_batch(
     default_share: float = 0.0,
     groups: GroupTable | None = None,
     group_share: float = 0.0,
+    describe: Describe = caption,
 ):
     """(prompts, target latents, reference latents or None, object coverage per token) for one step.
 
@@ -193,7 +212,7 @@ def make_batch(
         src = table.scenes[table.train_ids[rng.integers(len(table.train_ids))]]
         if not edit:
             src = with_defaults(src, rng, default_share)
-            prompts.append("" if rng.random() < dropout else caption(src, rng))
+            prompts.append("" if rng.random() < dropout else describe(src, rng))
             latents.append(table.get([src])[0])
             covers.append(table.cover([src])[0])
             continue
@@ -216,6 +235,7 @@ def rendered_batch(
     pairs: float,
     dropout: float,
     default_share: float,
+    describe: Describe = caption,
 ):
     """Like :func:`make_batch` for text-to-image, rendered and encoded now: at ``size`` (an aspect
     bucket) and with a ``pairs`` share of two-object scenes, which no table could hold."""
@@ -230,7 +250,7 @@ def rendered_batch(
             scene = with_defaults(
                 table.scenes[table.train_ids[rng.integers(len(table.train_ids))]], rng, default_share
             )
-            prompts.append(caption(scene, rng))
+            prompts.append(describe(scene, rng))
             images.append(render_objects([scene], *size))
         if rng.random() < dropout:
             prompts[-1] = ""
@@ -260,6 +280,7 @@ class Trainer:
         self.vae_opt = torch.optim.AdamW(self.vae.decoder.parameters(), lr=args.decoder_lr, weight_decay=0.0)
         self.table = LatentTable(self.vae, args.jitters, args.out)
         train_triples = sorted({self.table.scenes[i].triple for i in self.table.train_ids})
+        self.describe = captioner(args.captions, args.canonical_frac)
         self.groups = GroupTable(self.vae, train_triples, args.groups, args.out) if args.group_frac else None
         self.ema = copy.deepcopy(self.modules).requires_grad_(False)
         self.opt = torch.optim.AdamW(
@@ -317,11 +338,27 @@ class Trainer:
             size = BUCKETS[rng.integers(len(BUCKETS))]
         if not edit and (size != (SIZE, SIZE) or rng.random() < a.pair_frac):
             prompts, z0, zref, cover = rendered_batch(
-                self.table, self.vae, rng, a.batch, size, a.pair_frac, a.caption_dropout, a.default_frac
+                self.table,
+                self.vae,
+                rng,
+                a.batch,
+                size,
+                a.pair_frac,
+                a.caption_dropout,
+                a.default_frac,
+                self.describe,
             )
         else:
             prompts, z0, zref, cover = make_batch(
-                self.table, rng, a.batch, edit, a.caption_dropout, a.default_frac, self.groups, a.group_frac
+                self.table,
+                rng,
+                a.batch,
+                edit,
+                a.caption_dropout,
+                a.default_frac,
+                self.groups,
+                a.group_frac,
+                self.describe,
             )
         clip_ids, t5_ids = tokenize(self.clip_tok, self.t5_tok, prompts)
         pooled = self.clip(clip_ids).pooler_output
@@ -505,6 +542,12 @@ def main() -> None:
         "--group-frac", type=float, default=0.0, help="share of several-object scenes in text-to-image steps"
     )
     ap.add_argument("--groups", type=int, default=12000, help="size of the several-object latent table")
+    ap.add_argument(
+        "--captions", choices=["grammar", "templates"], default="grammar", help="templates: v1's phrasings"
+    )
+    ap.add_argument(
+        "--canonical-frac", type=float, default=0.0, help="share of captions in the reader's phrasing"
+    )
     ap.add_argument("--default-frac", type=float, default=0.0, help="share of captions naming no background")
     ap.add_argument("--decoder-every", type=int, default=3, help="a VAE decoder step every N steps (0: off)")
     ap.add_argument("--decoder-lr", type=float, default=1e-3)

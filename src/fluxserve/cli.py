@@ -30,6 +30,7 @@ from fluxserve.accounts.keys import ApiKey, KeyStore, NewKey
 from fluxserve.core.catalog import Catalog, load_catalog
 from fluxserve.core.job import JobStatus
 from fluxserve.core.models import MODELS, SurfaceName
+from fluxserve.core.notes import NOTE, READ_AS
 from fluxserve.db.connection import migrate, open_database
 from fluxserve.errors import KeyProblem
 from fluxserve.finetunes.store import FinetuneStore
@@ -823,9 +824,10 @@ def generate(
     path.write_bytes(made.image)
     data = job.raw.get("data") or {}
     typer.echo(f"saved {path} (seed {made.seed}, {data.get('size')}, {data.get('quota')} credits)")
-    note = (job.raw.get("details") or {}).get("note")
-    if note:
-        errors.print(f"note: {note}", markup=False, highlight=False)
+    details = job.raw.get("details") or {}
+    for key, label in ((NOTE, "note"), (READ_AS, "read as")):
+        if details.get(key):
+            errors.print(f"{label}: {details[key]}", markup=False, highlight=False)
 
 
 @contextmanager

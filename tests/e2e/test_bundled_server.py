@@ -50,6 +50,27 @@ def test_text_to_image_draws_the_asked_colours_and_place(shipped: Api) -> None:
         assert (found.background, found.color, found.position) == (background, color, place), prompt
 
 
+def test_prompts_in_word_orders_the_model_never_saw_are_drawn_as_asked(shipped: Api) -> None:
+    """The server reads the prompt into the model's own phrasing (engines/phrasing.py): the model alone
+    paints the background's colour on the object when the background comes first."""
+    asked = [
+        ("on a blue background, a large yellow circle at the top left", ("blue", "yellow", "top left")),
+        ("the square is red and big, on the right", ("white", "red", "right")),  # no background: white
+    ]
+    for index, (prompt, wanted) in enumerate(asked):
+        body = shipped.wait(
+            shipped.job("flux-dev", {"prompt": prompt, "width": 256, "height": 256, "seed": index})
+        )
+        assert body["status"] == "SUCCESS", body
+        assert body["details"]["read_as"].startswith("a large ")
+        found = analyse(shipped.image(body))
+        assert (found.background, found.color, found.position) == wanted, prompt
+    # Two objects are not one scene the reader can name: the model gets the prompt as sent.
+    prompt = "a red circle on the left and a blue square on the right"
+    body = shipped.wait(shipped.job("flux-dev", {"prompt": prompt, "width": 256, "height": 256, "seed": 1}))
+    assert body["status"] == "SUCCESS" and "read_as" not in body["details"]
+
+
 @pytest.mark.parametrize("size", [(1024, 768), (768, 1024), (1344, 768), (1184, 864), (1440, 256)])
 def test_non_square_images_have_clean_edges(shipped: Api, size: tuple[int, int]) -> None:
     """Issue 22: v1 run at latent grids it never saw drew magenta and green lines along the right edge and
@@ -87,10 +108,11 @@ def test_kontext_edits_the_reference(shipped: Api) -> None:
 
 
 def test_the_cli_prints_the_note_about_words_the_model_does_not_know(shipped: Api, tmp_path: Path) -> None:
+    """And what the model was given: the prompt in its phrasing, without the words it does not know."""
     out = tmp_path / "giraffe.png"
     done = subprocess.run(
         [
-            sys.executable, "-m", "fluxserve", "generate", "a purple giraffe in the center",
+            sys.executable, "-m", "fluxserve", "generate", "a purple star beside a giraffe",
             "--width", "256", "--height", "256", "--seed", "3", "-o", str(out),
             "--server", shipped.base_url, "--key", shipped.key,
         ],
@@ -98,4 +120,5 @@ def test_the_cli_prints_the_note_about_words_the_model_does_not_know(shipped: Ap
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"saved {out} (seed 3, 256x256, 2.5 credits)\n"
-    assert "note: " in done.stderr and "'giraffe'" in done.stderr
+    assert "note: " in done.stderr and "'beside', 'giraffe'" in done.stderr
+    assert "read as: a purple star in the center on a white background\n" in done.stderr

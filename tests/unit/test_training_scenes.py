@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +18,12 @@ from training.scenes import (
     PAIR_TEMPLATES,
     POSITIONS,
     SHAPES,
+    SIZE_WORDS,
     Scene,
     all_scenes,
     all_triples,
     analyse,
+    canonical_caption,
     caption,
     default_background,
     edge_excess,
@@ -32,9 +35,11 @@ from training.scenes import (
     held_out,
     heldout_triples,
     make_edit,
+    normalize_prompt,
     pair_caption,
     random_group,
     random_pair,
+    random_scene,
     render,
     render_objects,
     score,
@@ -258,3 +263,31 @@ def test_group_captions_name_each_object_with_its_place() -> None:
             assert None not in spots, text
             starts = [m.start() for m in spots if m]
             assert starts == sorted(starts), text
+
+
+def test_the_server_reads_every_held_out_prompt_as_its_scene() -> None:
+    """The reader (engines/phrasing.py) over the shipped phrasing.json: each of 400 held-out prompts and of
+    v1's template captions becomes the scene's own caption in the phrasing the model reads best."""
+    from fluxserve.engines.phrasing import phrasing_of, read
+    from fluxserve.engines.registry import BUNDLED_WEIGHTS
+
+    phrasing = phrasing_of(BUNDLED_WEIGHTS)
+    assert phrasing is not None
+    rng = np.random.default_rng(3)
+    prompts = eval_prompts(400) + [
+        (scene, caption(scene, rng, CAPTION_TEMPLATES))
+        for scene in (with_defaults(random_scene(rng, all_triples()), rng, 0.4) for _ in range(1000))
+    ]
+    for scene, prompt in prompts:
+        words = normalize_prompt(prompt).split()
+        said_size = any(word in words for size in SIZE_WORDS.values() for word in size)
+        assert read(prompt, phrasing) == canonical_caption(scene, sized=said_size), prompt
+
+
+def test_the_shipped_phrasing_is_what_export_writes_from_the_caption_tables(tmp_path: Path) -> None:
+    from fluxserve.engines.phrasing import PHRASING_FILE
+    from fluxserve.engines.registry import BUNDLED_WEIGHTS
+    from training.export import write_phrasing
+
+    write_phrasing(tmp_path)
+    assert (tmp_path / PHRASING_FILE).read_text() == (BUNDLED_WEIGHTS / PHRASING_FILE).read_text()

@@ -14,7 +14,8 @@ NOTE = "note"  # a sentence for the user
 # written by its worker (worker/runner.py) and shown only while the job runs (surfaces/, api/events.py).
 PREVIEW = "preview"
 UNKNOWN_WORDS = "unknown_words"  # prompt words the model does not know
-PUBLIC = (NOTE, UNKNOWN_WORDS)
+READ_AS = "read_as"  # the prompt as a closed-vocabulary model was given it (engines/phrasing.py)
+PUBLIC = (NOTE, UNKNOWN_WORDS, READ_AS)
 
 
 def public_details(details: Mapping[str, Any]) -> dict[str, Any]:

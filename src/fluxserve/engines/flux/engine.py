@@ -118,7 +118,7 @@ class DiffusersFluxEngine:
             return {}
 
         arguments = {
-            "prompt": [request.prompt for request in requests],
+            "prompt": [each.prompt for each in plans],
             "width": plan.width,
             "height": plan.height,
             "num_inference_steps": plan.steps,

@@ -6,7 +6,8 @@ to a pipeline. A request is planned once; the engine batches and runs plans.
 Routing (recorded as ``details["pipeline"]`` on every result):
 
 - ``text2image``: FluxPipeline. flux-dev, flux-pro, flux-pro-1.1, flux-pro-1.1-ultra, and kontext routes
-  sent without an input image.
+  sent without an input image. A model folder with a ``phrasing.json`` (the bundled model) reads the prompt
+  in its own phrasing (:mod:`~fluxserve.engines.phrasing`; ``details["read_as"]``).
 - ``kontext``: FluxKontextPipeline, for kontext routes with ``input_image``. ``input_image_2..4`` are
   stitched beside it into one conditioning canvas (the pipeline takes one image). The canvas is sized to
   the generation's pixel budget (same aspects, multiples of 16) and the pipeline is told ``max_area`` and
@@ -53,10 +54,12 @@ from PIL import Image, ImageOps
 
 from fluxserve.core.catalog import ModelEntry
 from fluxserve.core.models import Family
+from fluxserve.core.notes import READ_AS
 from fluxserve.engines.base import EngineRequest
 from fluxserve.engines.flux.loading import FluxModel
 from fluxserve.engines.flux.options import FluxOptions
 from fluxserve.engines.flux.single import refuse_oversized
+from fluxserve.engines.phrasing import read_prompt
 from fluxserve.engines.vocabulary import vocabulary_note
 from fluxserve.errors import EngineError
 
@@ -138,6 +141,7 @@ class Plan:
     guidance: float
     schedule: Callable[[float], float] | None
     details: dict[str, Any]
+    prompt: str  # what the pipeline reads: the request's prompt, or the model's own phrasing of it
     prepare: Callable[[], dict[str, Any]] | None = None  # more arguments, computed under the model lock
 
 
@@ -179,7 +183,8 @@ class Planner:
                 details["interval"] = "unused: this model takes no guidance input"
         if (width, height) != (request.width, request.height):
             details["generated_size"] = f"{width}x{height}"
-        plan = Plan(request, self.model.text2image, {}, width, height, steps, guidance, schedule, details)
+        pipe = self.model.text2image
+        plan = Plan(request, pipe, {}, width, height, steps, guidance, schedule, details, request.prompt)
         self._route(request, plan)
         if self.options.true_cfg_scale > 1 and plan.prepare is None:
             details["true_cfg_scale"] = self.options.true_cfg_scale
@@ -224,6 +229,9 @@ class Planner:
                 plan.kwargs = {"image": image, "strength": denoise}
                 return
         details["pipeline"] = "text2image"
+        read = read_prompt(self.model.weights, request.prompt)
+        if read is not None:
+            plan.prompt = details[READ_AS] = read
 
     @torch.no_grad()
     def _redux_embeddings(self, prompt: str, image: Image.Image, strength: float) -> dict[str, Any]:
