@@ -93,9 +93,11 @@ def pipeline_from_ckpt(run: Path, out: Path) -> None:
     )
     vae.load_state_dict(state["vae"])
     save_pipeline(out, modules, vae, clip_tok, t5_tok)
-    (out / "training_state.json").write_text(
-        json.dumps({"step": state["step"], "train_minutes": state["train_seconds"] / 60, "source": "ckpt"})
-    )
+    record = {"step": state["step"], "train_minutes": state["train_seconds"] / 60, "source": "ckpt"}
+    if a.get("init") not in (None, "None"):  # the training it continued, so the lineage stays readable
+        start = Path(a["init"]) / "training_state.json"
+        record["init"] = json.loads(start.read_text()) if start.is_file() else str(a["init"])
+    (out / "training_state.json").write_text(json.dumps(record))
 
 
 def retokenized(folder: Path, out: Path) -> None:
