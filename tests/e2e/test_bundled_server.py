@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fluxserve.engines.registry import BUNDLED_WEIGHTS
@@ -65,6 +66,16 @@ def test_prompts_in_word_orders_the_model_never_saw_are_drawn_as_asked(shipped: 
         assert body["details"]["read_as"].startswith("a large ")
         found = analyse(shipped.image(body))
         assert (found.background, found.color, found.position) == wanted, prompt
+    # The OpenAI dialect's revised_prompt is the prompt the model drew.
+    answer = httpx.post(
+        f"{shipped.base_url}/v1/images/generations",
+        headers={"Authorization": f"Bearer {shipped.key}"},
+        json={"model": "flux-pro-1.1", "prompt": "the heart is green, top left", "size": "256x256"},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text
+    wanted = "a green heart in the top left corner on a white background"
+    assert answer.json()["data"][0]["revised_prompt"] == wanted
     # Two objects are not one scene the reader can name: the model gets the prompt as sent.
     prompt = "a red circle on the left and a blue square on the right"
     body = shipped.wait(shipped.job("flux-dev", {"prompt": prompt, "width": 256, "height": 256, "seed": 1}))

@@ -43,6 +43,7 @@ from fluxserve.api.requests import (
 from fluxserve.core.fields import Prompt, Trimmed, error_messages
 from fluxserve.core.job import JobRecord, JobStatus
 from fluxserve.core.models import MODELS, ModelSpec, SurfaceName
+from fluxserve.core.notes import READ_AS
 from fluxserve.errors import InvalidInput, QuotaExceeded, Refused
 from fluxserve.jobs.retention import drop_inputs
 
@@ -274,10 +275,12 @@ async def _wait_for_images(
 def _image(job: JobRecord, response_format: str | None, services: Services) -> ImageData:
     if job.status is not JobStatus.SUCCEEDED or job.result_key is None:
         raise Refused(500, f"The job {job.id} failed: {job.error or job.status.value}")
+    # The prompt the model drew: a closed-vocabulary model's reading (engines/phrasing.py), or the job's.
+    revised = str(job.details.get(READ_AS) or job.prompt)
     if response_format == "b64_json":
         encoded = base64.b64encode(services.blobs.get(job.result_key)).decode()
-        return ImageData(b64_json=encoded, revised_prompt=job.prompt)
-    return ImageData(url=services.result_url(job.result_key), revised_prompt=job.prompt)
+        return ImageData(b64_json=encoded, revised_prompt=revised)
+    return ImageData(url=services.result_url(job.result_key), revised_prompt=revised)
 
 
 @router.post("/generations", summary="Create images from a prompt (OpenAI images API)", responses=RESPONSES)
