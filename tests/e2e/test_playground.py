@@ -195,8 +195,12 @@ def test_words_the_bundled_model_does_not_know_are_noted_in_both_dialects(
     fetched = reseller.wait(reseller.job("flux-dev", body))
     assert fetched["status"] == "SUCCESS" and fetched["details"]["unknown_words"] == ["giraffe"]
     assert "'giraffe'" in fetched["details"]["note"]
-    known = reseller.wait(reseller.job("flux-dev", {**body, "prompt": "a purple star in the center"}))
+    # Words it knows, in its own phrasing: nothing to note. In another order: what the model was given.
+    own = "a purple star in the center on a white background"
+    known = reseller.wait(reseller.job("flux-dev", {**body, "prompt": own}))
     assert "details" not in known
+    reordered = reseller.wait(reseller.job("flux-dev", {**body, "prompt": "a purple star in the center"}))
+    assert reordered["details"] == {"read_as": own}
 
     vendor = httpx.Client(base_url=server.base_url, headers={"x-key": key}, timeout=30)
     task = vendor.post("/v1/flux-dev", json=body).json()["id"]

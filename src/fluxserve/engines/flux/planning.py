@@ -230,7 +230,7 @@ class Planner:
                 return
         details["pipeline"] = "text2image"
         read = read_prompt(self.model.weights, request.prompt)
-        if read is not None:
+        if read is not None and read != request.prompt:  # noted only when it says something new
             plan.prompt = details[READ_AS] = read
 
     @torch.no_grad()
