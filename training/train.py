@@ -7,6 +7,8 @@ noise (where layout is decided), text encoders that give tokens positions, and a
 Options for v2 (issue 22): `--default-frac` captions that name no background (the scene is on the default
 one), `--bucket-frac` text-to-image steps at another aspect (BUCKETS) and `--pair-frac` two-object scenes;
 those steps are rendered and encoded as they come (`rendered_batch`), the rest read the latent table.
+Captions come from the grammar, or from v1's templates (`--captions templates`), with `--canonical-frac`
+of them in the phrasing the server's reader gives the model (v4: a model tuned for the reader).
 
 Deterministic: the data and noise of step k depend only on (seed, k), so a resumed run replays the same
 stream. Every few minutes it checkpoints; every `--eval-every` minutes it samples held-out prompts with the

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +147,18 @@ def test_the_exported_vocabulary_knows_synonyms_and_still_reports_other_words(tm
     assert note["unknown_words"] == ["giraffe"] and "'giraffe'" in note["note"]
     # A folder re-exported without training learned no new word: "and" is reported there.
     assert vocabulary_note(retokenized, "a red dot and a blue box")["unknown_words"] == ["and"]
+
+
+def test_captions_follow_the_chosen_style_and_the_readers_share() -> None:
+    from training.scenes import CAPTION_TEMPLATES, POSITIONS, Scene, canonical_caption
+    from training.train import captioner
+
+    def v1_template(text: str) -> bool:
+        return any(re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(t)), text) for t in CAPTION_TEMPLATES)
+
+    scenes = [Scene("star", "red", place, "small", "blue") for place in POSITIONS] * 20
+    rng = np.random.default_rng(0)
+    reader = captioner("templates", 1.0)
+    assert all(reader(s, rng) in (canonical_caption(s), canonical_caption(s, sized=False)) for s in scenes)
+    assert all(v1_template(captioner("templates", 0.0)(s, rng)) for s in scenes)
+    assert not all(v1_template(captioner("grammar", 0.0)(s, rng)) for s in scenes)
