@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from fluxserve.engines.phrasing import PHRASING_FILE, Phrasing
+from fluxserve.engines.phrasing import PHRASING_FILE
 from fluxserve.engines.registry import BUNDLED_WEIGHTS
 from fluxserve.engines.vocabulary import VOCABULARY_FILE, known_words
 
@@ -50,30 +50,9 @@ def write_vocabulary(folder: Path, trained: frozenset[str] | None = None) -> Non
 def write_phrasing(folder: Path) -> None:
     """The scene world and the phrasing the server rewrites prompts into (engines/phrasing.py), into
     ``folder``: the tables the training captions come from, so that reader and model agree."""
-    from training.scenes import (
-        CANONICAL_TEMPLATES,
-        COLOR_NAMES,
-        DEFAULT_BACKGROUND,
-        DEFAULT_POSITION,
-        POSITION_PHRASES,
-        SHAPES,
-        SIZE_WORDS,
-        SYNONYMS,
-        default_background,
-    )
+    from training.scenes import canonical_phrasing
 
-    phrasing = Phrasing(
-        colors=tuple(COLOR_NAMES),
-        shapes=tuple(SHAPES),
-        sizes={word: size for size, words in SIZE_WORDS.items() for word in words},
-        synonyms=SYNONYMS,
-        places={place: phrases[0] for place, phrases in POSITION_PHRASES.items()},
-        default_place=DEFAULT_POSITION,
-        default_background=DEFAULT_BACKGROUND,
-        background_behind_default=default_background(DEFAULT_BACKGROUND),
-        **CANONICAL_TEMPLATES,
-    )
-    (folder / PHRASING_FILE).write_text(phrasing.model_dump_json(indent=2) + "\n")
+    (folder / PHRASING_FILE).write_text(canonical_phrasing().model_dump_json(indent=2) + "\n")
 
 
 def pipeline_from_ckpt(run: Path, out: Path) -> None:

@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from fluxserve.engines.phrasing import Phrasing
+
 SIZE = 128  # native resolution of the bundled model
 SUPERSAMPLE = 4
 
@@ -277,16 +279,27 @@ def _fill(template: str, scene: Scene, rng: np.random.Generator) -> str:
     )
 
 
-def canonical_caption(scene: Scene, sized: bool = True) -> str:
-    """The scene as the server's reader phrases it (CANONICAL_TEMPLATES)."""
-    template = CANONICAL_TEMPLATES["sized" if sized else "unsized"]
-    return template.format(
-        size=scene.size,
-        color=scene.color,
-        shape=scene.shape,
-        where=POSITION_PHRASES[scene.position][0],
-        bg=scene.background,
+@cache
+def canonical_phrasing() -> Phrasing:
+    """The scene world and the phrasing the server's reader writes (the folder's phrasing.json): these
+    tables, each place in its first phrase, CANONICAL_TEMPLATES."""
+    return Phrasing(
+        colors=tuple(COLOR_NAMES),
+        shapes=tuple(SHAPES),
+        sizes={word: size for size, words in SIZE_WORDS.items() for word in words},
+        synonyms=SYNONYMS,
+        places={place: phrases[0] for place, phrases in POSITION_PHRASES.items()},
+        default_place=DEFAULT_POSITION,
+        default_background=DEFAULT_BACKGROUND,
+        background_behind_default=default_background(DEFAULT_BACKGROUND),
+        **CANONICAL_TEMPLATES,
     )
+
+
+def canonical_caption(scene: Scene, sized: bool = True) -> str:
+    """The scene as the server's reader phrases it."""
+    size = scene.size if sized else None
+    return canonical_phrasing().write(scene.shape, scene.color, scene.position, scene.background, size)
 
 
 def fits(template: str, scene: Scene) -> bool:

@@ -56,6 +56,11 @@ class Phrasing(BaseModel, frozen=True):
             raise ValueError(f"places lacks {missing}")
         return self
 
+    def write(self, shape: str, color: str, place: str, background: str, size: str | None = None) -> str:
+        """A scene in this phrasing (the sized template when a size is given)."""
+        values = {"color": color, "shape": shape, "where": self.places[place], "bg": background}
+        return self.sized.format(size=size, **values) if size else self.unsized.format(**values)
+
     def grid(self) -> list[str]:
         """Every place the reader can name: a row and a column, either alone, or the default place."""
         rows, columns = sorted(set(ROWS.values())), sorted(set(COLUMNS.values()))
@@ -125,10 +130,7 @@ def read(prompt: str, phrasing: Phrasing) -> str | None:
     if background == color:
         return None
     place = " ".join([*rows, *columns]) or phrasing.default_place
-    values = {"color": color, "shape": shape, "where": phrasing.places[place], "bg": background}
-    if sizes:
-        return phrasing.sized.format(size=sizes.pop(), **values)
-    return phrasing.unsized.format(**values)
+    return phrasing.write(shape, color, place, background, sizes.pop() if sizes else None)
 
 
 def read_prompt(weights: Path, prompt: str) -> str | None:
