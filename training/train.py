@@ -199,10 +199,12 @@ def make_batch(
     groups: GroupTable | None = None,
     group_share: float = 0.0,
     describe: Describe = caption,
+    weights: np.ndarray | None = None,
 ):
     """(prompts, target latents, reference latents or None, object coverage per token) for one step.
 
-    A text-to-image batch mixes one-object scenes with a ``group_share`` of several-object ones."""
+    A text-to-image batch mixes one-object scenes with a ``group_share`` of several-object ones; one-object
+    scenes are drawn uniformly from the training scenes, or by ``weights`` (see :func:`shape_weights`)."""
     prompts, latents, covers, refs = [], [], [], []
     while len(prompts) < n:
         if not edit and groups is not None and rng.random() < group_share:
@@ -211,7 +213,8 @@ def make_batch(
             latents.append(groups.latents[k])
             covers.append(groups.coverage[k])
             continue
-        src = table.scenes[table.train_ids[rng.integers(len(table.train_ids))]]
+        pick = rng.integers(len(table.train_ids)) if weights is None else rng.choice(len(weights), p=weights)
+        src = table.scenes[table.train_ids[pick]]
         if not edit:
             src = with_defaults(src, rng, default_share)
             prompts.append("" if rng.random() < dropout else describe(src, rng))
@@ -226,6 +229,15 @@ def make_batch(
         covers.append(torch.maximum(table.cover([e.target])[0], table.cover([src])[0]))
         refs.append(src)
     return prompts, torch.stack(latents), (table.get(refs) if edit else None), torch.stack(covers)
+
+
+def shape_weights(table: LatentTable, boosts: dict[str, float]) -> np.ndarray | None:
+    """Sampling probabilities of the training scenes with each shape in ``boosts`` drawn that many times as
+    often (``--oversample star=3``: a model's weakest shape seen more); None when nothing is boosted."""
+    if not boosts:
+        return None
+    w = np.array([boosts.get(table.scenes[i].shape, 1.0) for i in table.train_ids], dtype=np.float64)
+    return w / w.sum()
 
 
 def rendered_batch(
@@ -283,6 +295,8 @@ class Trainer:
         self.table = LatentTable(self.vae, args.jitters, args.out)
         train_triples = sorted({self.table.scenes[i].triple for i in self.table.train_ids})
         self.describe = captioner(args.captions, args.canonical_frac)
+        boosts = dict(each.split("=") for each in args.oversample)
+        self.weights = shape_weights(self.table, {shape: float(k) for shape, k in boosts.items()})
         self.groups = GroupTable(self.vae, train_triples, args.groups, args.out) if args.group_frac else None
         self.ema = copy.deepcopy(self.modules).requires_grad_(False)
         self.opt = torch.optim.AdamW(
@@ -361,6 +375,7 @@ class Trainer:
                 self.groups,
                 a.group_frac,
                 self.describe,
+                self.weights,
             )
         clip_ids, t5_ids = tokenize(self.clip_tok, self.t5_tok, prompts)
         pooled = self.clip(clip_ids).pooler_output
@@ -549,6 +564,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--canonical-frac", type=float, default=0.0, help="share of captions in the reader's phrasing"
+    )
+    ap.add_argument(
+        "--oversample", nargs="*", default=[], metavar="SHAPE=K", help="draw SHAPE's scenes K times as often"
     )
     ap.add_argument("--default-frac", type=float, default=0.0, help="share of captions naming no background")
     ap.add_argument("--decoder-every", type=int, default=3, help="a VAE decoder step every N steps (0: off)")

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fluxserve.engines.phrasing import PHRASING_FILE, Phrasing, phrasing_of, read, read_prompt
+from fluxserve.engines.phrasing import (
+    PHRASING_FILE,
+    Phrasing,
+    phrasing_of,
+    read,
+    read_prompt,
+    read_scene,
+)
 from fluxserve.engines.registry import BUNDLED_WEIGHTS
 
 pytestmark = pytest.mark.skipif(not (BUNDLED_WEIGHTS / PHRASING_FILE).exists(), reason="no bundled weights")
@@ -65,7 +72,6 @@ def test_prompts_in_other_word_orders_read_as_the_models_phrasing(
 @pytest.mark.parametrize(
     "prompt",
     [
-        "a red circle on the left and a blue square on the right",  # two objects: not one the reader names
         "a star on a blue background",  # no colour for the object
         "a red and green star",  # two colours for one object
         "a small large red star",
@@ -80,6 +86,73 @@ def test_what_the_reader_cannot_be_sure_of_is_left_as_sent(shipped: Phrasing, pr
     assert read(prompt, shipped) is None
 
 
+@pytest.mark.parametrize(
+    ("prompt", "read_as"),
+    [
+        (
+            "a red circle on the left and a blue square on the right",
+            "a red circle on the left on a white background; a blue square on the right on a white background",
+        ),
+        # places before their objects, the background in a clause of its own
+        (
+            "at the top left a tiny green star, on the right a pink heart, on a black background",
+            "a small green star in the top left corner on a black background; "
+            "a pink heart on the right on a black background",
+        ),
+        (
+            "blue background with a big yellow circle at the bottom and a red square at the top",
+            "a large yellow circle at the bottom on a blue background; a red square at the top on a blue background",
+        ),
+        # a place said apart from its object: to the object before it, else the one after
+        (
+            "on the left, a red circle, and on the right, a blue square",
+            "a red circle on the left on a white background; a blue square on the right on a white background",
+        ),
+        # no places named: spread along the middle row; a white object puts the scene on black
+        (
+            "a red circle, a white square and a blue triangle",
+            "a red circle on the left on a black background; a white square in the center on a black background; "
+            "a blue triangle on the right on a black background",
+        ),
+        # one place named: the other takes the default place
+        (
+            "a red star at the top and a green heart",
+            "a red star at the top on a white background; a green heart in the center on a white background",
+        ),
+    ],
+)
+def test_scenes_of_several_objects_read_as_one_prompt_per_object(
+    shipped: Phrasing, prompt: str, read_as: str
+) -> None:
+    assert read(prompt, shipped) == read_as
+
+
+def test_each_object_of_a_scene_keeps_the_centre_of_its_place(shipped: Phrasing) -> None:
+    parts = read_scene("a red circle in the top left corner and a blue square at the bottom", shipped)
+    assert parts is not None
+    assert [part.centre for part in parts] == [(1 / 6, 1 / 6), (0.5, 5 / 6)]
+    one = read_scene("a red circle", shipped)
+    assert one is not None and [part.centre for part in one] == [(0.5, 0.5)]
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a red circle and a blue square on the left and a green star on the right and a pink heart",  # four
+        "a red circle next to a blue square",  # two shapes in one clause: whose words are whose
+        "a red circle on the left and a blue square on the left",  # one place for two objects
+        "a red circle at the top and a square at the bottom",  # an object with no colour
+        "a red circle, and a blue square, on a green background, on a pink background",  # two backgrounds
+        "a red circle, a blue square, on a red background",  # an object the colour of the background
+        "a white circle and a black square",  # no default background is free
+        "a red circle at the top left at the bottom, and a blue square",  # two rows for one object
+        "a red circle and a blue square, purple",  # a colour with no object
+    ],
+)
+def test_scenes_the_reader_cannot_be_sure_of_are_left_as_sent(shipped: Phrasing, prompt: str) -> None:
+    assert read(prompt, shipped) is None
+
+
 def test_words_the_model_does_not_know_are_left_out(shipped: Phrasing) -> None:
     assert read("a cinematic photo of a red star, 4k, trending", shipped) == (
         "a red star in the center on a white background"
@@ -90,6 +163,9 @@ def test_a_long_hostile_prompt_is_read_in_one_pass(shipped: Phrasing) -> None:
     """Every colour of a long prompt looks around itself; that look stops at the nearest words."""
     padded = "red " + "a " * 20_000 + "on " * 20_000 + "star"
     assert read(padded, shipped) == "a red star in the center on a white background"
+    assert read("red circle " + ", and " * 20_000 + "blue star", shipped) == (
+        "a red circle on the left on a white background; a blue star on the right on a white background"
+    )
     assert read("blue " * 5_000 + "star", shipped) == "a blue star in the center on a white background"
 
 

@@ -34,10 +34,11 @@ def unknown_words(prompt: str, known: frozenset[str]) -> list[str]:
     return list(dict.fromkeys(word for word in _WORD.findall(prompt.lower()) if word not in known))
 
 
-def vocabulary_note(weights: Path, prompt: str) -> dict[str, Any]:
-    """Details for a job whose prompt has words the model does not know; empty otherwise."""
+def vocabulary_note(weights: Path, prompt: str, understood: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Details for a job whose prompt has words the model does not know, other than those ``understood``
+    before it (by the reader, engines/phrasing.py); empty otherwise."""
     known = known_words(weights)
-    unknown = [] if known is None else unknown_words(prompt, known)
+    unknown = [] if known is None else unknown_words(prompt, known | understood)
     if not unknown:
         return {}
     listed = ", ".join(repr(word) for word in unknown)

@@ -28,6 +28,7 @@ from fluxserve.engines.flux.loading import FluxModel, short_reason
 from fluxserve.engines.flux.options import FluxOptions
 from fluxserve.engines.flux.planning import Plan, Planner
 from fluxserve.engines.flux.preview import drawing
+from fluxserve.engines.flux.regions import join
 from fluxserve.errors import EngineError, JobCanceled
 
 log = logging.getLogger("fluxserve.engines")
@@ -82,9 +83,10 @@ class DiffusersFluxEngine:
         """Plans with equal keys can share one pipeline call; None: this one runs alone.
 
         Text-to-image plans batch when their generation size, steps, guidance (schedule) and finetune (the
-        same adapter at the same strength) agree; plans with images do not.
+        same adapter at the same strength) agree; plans with images, or with several objects (one batch
+        row each), do not.
         """
-        if plan.pipe is not self.model.text2image or plan.kwargs or plan.prepare:
+        if plan.pipe is not self.model.text2image or plan.kwargs or plan.prepare or len(plan.parts) > 1:
             return None
         params = plan.request.params
         return (plan.width, plan.height, plan.steps, plan.guidance, params.interval, plan.request.adapter)
@@ -96,7 +98,8 @@ class DiffusersFluxEngine:
         and gets the image it would get alone. A plan is not changed by running it.
 
         A canceled request gets JobCanceled in its place while the others go on; when every request is
-        canceled the call stops at the next step.
+        canceled the call stops at the next step. A plan of several objects is one call of one row per
+        object, from the request's seed each, joined after the last step (engines/flux/regions.py).
         """
         requests = [each.request for each in plans]
         keys = {self.batch_key(each) for each in plans}
@@ -104,8 +107,17 @@ class DiffusersFluxEngine:
             raise ValueError("generate_batch: these requests cannot share a pipeline call (see batch_key)")
         plan = plans[0]
         canceled = [False] * len(plans)
+        joined = len(plan.parts) > 1
+        rows = (
+            [(part.prompt, plan.request.seed) for part in plan.parts]
+            if joined
+            else [(each.prompt, each.request.seed) for each in plans]
+        )
 
         def on_step(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if joined:  # previews show the joined scene; the pipeline decodes it after the last step
+                centres = [part.centre for part in plan.parts]
+                tensors = {"latents": join(tensors["latents"], centres, plan.width, plan.height)}
             for position, hook in enumerate(hooks):
                 if not canceled[position]:
                     try:
@@ -115,15 +127,15 @@ class DiffusersFluxEngine:
                         canceled[position] = True
             if all(canceled):
                 raise JobCanceled()
-            return {}
+            return tensors if joined and index + 1 == pipeline.num_timesteps else {}
 
         arguments = {
-            "prompt": [each.prompt for each in plans],
+            "prompt": [prompt for prompt, _ in rows],
             "width": plan.width,
             "height": plan.height,
             "num_inference_steps": plan.steps,
             "guidance_scale": plan.guidance,
-            "generator": [torch.Generator("cpu").manual_seed(request.seed) for request in requests],
+            "generator": [torch.Generator("cpu").manual_seed(seed) for _, seed in rows],
             "max_sequence_length": self.max_sequence_length,
             "callback_on_step_end": on_step,
             **plan.kwargs,
@@ -131,7 +143,7 @@ class DiffusersFluxEngine:
         if "true_cfg_scale" in plan.details:
             arguments |= {
                 "true_cfg_scale": plan.details["true_cfg_scale"],
-                "negative_prompt": [""] * len(requests),
+                "negative_prompt": [""] * len(rows),
             }
         with self.model.lock, self.model.guidance_schedule(plan.schedule) as used:
             try:
@@ -149,7 +161,8 @@ class DiffusersFluxEngine:
                     f"{requests[0].params.model}: generation failed: {short_reason(exc)}"
                 ) from exc
         results: list[EngineResult | JobCanceled] = []
-        for request, planned, image, stopped in zip(requests, plans, output.images, canceled, strict=True):
+        images = output.images[: len(requests)]  # a joined scene is on every row
+        for request, planned, image, stopped in zip(requests, plans, images, canceled, strict=True):
             if stopped:
                 results.append(JobCanceled())
                 continue

@@ -7,7 +7,8 @@ Routing (recorded as ``details["pipeline"]`` on every result):
 
 - ``text2image``: FluxPipeline. flux-dev, flux-pro, flux-pro-1.1, flux-pro-1.1-ultra, and kontext routes
   sent without an input image. A model folder with a ``phrasing.json`` (the bundled model) reads the prompt
-  in its own phrasing (:mod:`~fluxserve.engines.phrasing`; ``details["read_as"]``).
+  in its own phrasing (:mod:`~fluxserve.engines.phrasing`; ``details["read_as"]``); a scene of several
+  objects is drawn one object at a time and joined (:mod:`~fluxserve.engines.flux.regions`).
 - ``kontext``: FluxKontextPipeline, for kontext routes with ``input_image``. ``input_image_2..4`` are
   stitched beside it into one conditioning canvas (the pipeline takes one image). The canvas is sized to
   the generation's pixel budget (same aspects, multiples of 16) and the pipeline is told ``max_area`` and
@@ -59,7 +60,7 @@ from fluxserve.engines.base import EngineRequest
 from fluxserve.engines.flux.loading import FluxModel
 from fluxserve.engines.flux.options import FluxOptions
 from fluxserve.engines.flux.single import refuse_oversized
-from fluxserve.engines.phrasing import read_prompt
+from fluxserve.engines.phrasing import JOINS, Part, read_prompt, said
 from fluxserve.engines.vocabulary import vocabulary_note
 from fluxserve.errors import EngineError
 
@@ -143,6 +144,7 @@ class Plan:
     details: dict[str, Any]
     prompt: str  # what the pipeline reads: the request's prompt, or the model's own phrasing of it
     prepare: Callable[[], dict[str, Any]] | None = None  # more arguments, computed under the model lock
+    parts: tuple[Part, ...] = ()  # the reader's objects; several are drawn apart and joined (regions.py)
 
 
 class Planner:
@@ -169,7 +171,7 @@ class Planner:
             self.model.multiple,
             self.options.native_size,
         )
-        details: dict[str, Any] = {"steps": steps, **vocabulary_note(self.model.weights, request.prompt)}
+        details: dict[str, Any] = {"steps": steps}
         if request.params.raw:
             guidance = min(guidance, self.options.raw_guidance)
             details["raw"] = True
@@ -186,6 +188,9 @@ class Planner:
         pipe = self.model.text2image
         plan = Plan(request, pipe, {}, width, height, steps, guidance, schedule, details, request.prompt)
         self._route(request, plan)
+        # the words that join a scene's objects were understood by the reader, whatever the model knows
+        understood = JOINS if plan.parts else frozenset()
+        details.update(vocabulary_note(self.model.weights, request.prompt, understood))
         if self.options.true_cfg_scale > 1 and plan.prepare is None:
             details["true_cfg_scale"] = self.options.true_cfg_scale
         return plan
@@ -229,8 +234,14 @@ class Planner:
                 plan.kwargs = {"image": image, "strength": denoise}
                 return
         details["pipeline"] = "text2image"
-        read = read_prompt(self.model.weights, request.prompt)
-        if read is not None and read != request.prompt:  # noted only when it says something new
+        parts = read_prompt(self.model.weights, request.prompt)
+        if parts is None:
+            return
+        plan.parts = parts
+        if len(parts) > 1:
+            details["objects"] = len(parts)
+        read = said(parts)
+        if read != request.prompt:  # noted only when it says something new
             plan.prompt = details[READ_AS] = read
 
     @torch.no_grad()
