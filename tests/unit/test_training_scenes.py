@@ -18,6 +18,7 @@ from training.scenes import (
     PAIR_TEMPLATES,
     POSITIONS,
     SHAPES,
+    SIZE,
     SIZE_WORDS,
     Scene,
     all_scenes,
@@ -25,6 +26,7 @@ from training.scenes import (
     analyse,
     canonical_caption,
     caption,
+    cell_center,
     default_background,
     edge_excess,
     eval_edits,
@@ -282,6 +284,24 @@ def test_the_server_reads_every_held_out_prompt_as_its_scene() -> None:
         words = normalize_prompt(prompt).split()
         said_size = any(word in words for size in SIZE_WORDS.values() for word in size)
         assert read(prompt, phrasing) == canonical_caption(scene, sized=said_size), prompt
+
+
+def test_the_server_reads_every_held_out_pair_as_its_two_objects() -> None:
+    """Each held-out two-object prompt becomes one prompt per object, in order, with its place's centre and
+    the pair's background (the engine draws them apart and joins them)."""
+    from fluxserve.engines.phrasing import phrasing_of, read_scene
+    from fluxserve.engines.registry import BUNDLED_WEIGHTS
+
+    phrasing = phrasing_of(BUNDLED_WEIGHTS)
+    assert phrasing is not None
+    for pair, prompt in eval_pairs(200):
+        parts = read_scene(prompt, phrasing)
+        assert parts is not None and len(parts) == 2, prompt
+        for part, scene in zip(parts, pair, strict=True):
+            x, y = cell_center(scene.position)
+            assert part.centre == pytest.approx((x / SIZE, y / SIZE)), prompt
+            assert f"{scene.color} {scene.shape} {phrasing.places[scene.position]}" in part.prompt, prompt
+            assert part.prompt.endswith(f" on a {pair[0].background} background"), prompt
 
 
 def test_the_shipped_phrasing_is_what_export_writes_from_the_caption_tables(tmp_path: Path) -> None:
