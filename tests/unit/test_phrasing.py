@@ -91,7 +91,8 @@ def test_what_the_reader_cannot_be_sure_of_is_left_as_sent(shipped: Phrasing, pr
     [
         (
             "a red circle on the left and a blue square on the right",
-            "a red circle on the left on a white background; a blue square on the right on a white background",
+            "a red circle on the left on a white background; "
+            "a blue square on the right on a white background",
         ),
         # places before their objects, the background in a clause of its own
         (
@@ -101,17 +102,20 @@ def test_what_the_reader_cannot_be_sure_of_is_left_as_sent(shipped: Phrasing, pr
         ),
         (
             "blue background with a big yellow circle at the bottom and a red square at the top",
-            "a large yellow circle at the bottom on a blue background; a red square at the top on a blue background",
+            "a large yellow circle at the bottom on a blue background; "
+            "a red square at the top on a blue background",
         ),
         # a place said apart from its object: to the object before it, else the one after
         (
             "on the left, a red circle, and on the right, a blue square",
-            "a red circle on the left on a white background; a blue square on the right on a white background",
+            "a red circle on the left on a white background; "
+            "a blue square on the right on a white background",
         ),
         # no places named: spread along the middle row; a white object puts the scene on black
         (
             "a red circle, a white square and a blue triangle",
-            "a red circle on the left on a black background; a white square in the center on a black background; "
+            "a red circle on the left on a black background; "
+            "a white square in the center on a black background; "
             "a blue triangle on the right on a black background",
         ),
         # one place named: the other takes the default place
