@@ -86,11 +86,6 @@ def test_prompts_in_word_orders_the_model_never_saw_are_drawn_as_asked(shipped: 
     ("prompt", "size", "wanted"),
     [
         (
-            "a red circle on the left and a blue square on the right",
-            (256, 256),
-            ("white", {("red", "left"), ("blue", "right")}),
-        ),
-        (
             "on a pink background, at the top a black heart, and a yellow circle in the bottom left corner",
             (1024, 768),
             ("pink", {("black", "top"), ("yellow", "bottom left")}),
