@@ -202,7 +202,7 @@ def _objects(tokens: list[str], phrasing: Phrasing) -> tuple[list[_Clause], set[
         before = next((c for c in reversed(clauses[:i]) if c.shapes and c.takes(clause)), None)
         after = next((c for c in clauses[i + 1 :] if c.shapes), None)
         target = before or after
-        if target is None or clause.colors:
+        if target is None:
             raise _Unsure
         target.merge(clause)
     if any(c.colors for c in clauses if not c.shapes):  # a colour with no object and not the background
