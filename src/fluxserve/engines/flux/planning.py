@@ -142,7 +142,7 @@ class Plan:
     guidance: float
     schedule: Callable[[float], float] | None
     details: dict[str, Any]
-    prompt: str  # what the pipeline reads: the request's prompt, or the model's own phrasing of it
+    prompt: str  # what the pipeline reads: the request's prompt, or the model's own phrasing (of each part)
     prepare: Callable[[], dict[str, Any]] | None = None  # more arguments, computed under the model lock
     parts: tuple[Part, ...] = ()  # the reader's objects; several are drawn apart and joined (regions.py)
 
