@@ -118,6 +118,22 @@ def test_what_the_reader_cannot_be_sure_of_is_left_as_sent(shipped: Phrasing, pr
             "a white square in the center on a black background; "
             "a blue triangle on the right on a black background",
         ),
+        # side by side: "next to", "beside", "to the left of" / "to the right of"
+        (
+            "a red circle next to a blue square",
+            "a red circle on the left on a white background; "
+            "a blue square on the right on a white background",
+        ),
+        (
+            "a small yellow star beside a pink heart, on a black background",
+            "a small yellow star on the left on a black background; "
+            "a pink heart on the right on a black background",
+        ),
+        (
+            "a green triangle to the right of an orange circle",
+            "a green triangle on the right on a white background; "
+            "a orange circle on the left on a white background",
+        ),
         # one place named: the other takes the default place
         (
             "a red star at the top and a green heart",
@@ -143,7 +159,8 @@ def test_each_object_of_a_scene_keeps_the_centre_of_its_place(shipped: Phrasing)
     "prompt",
     [
         "a red circle and a blue square on the left and a green star on the right and a pink heart",  # four
-        "a red circle next to a blue square",  # two shapes in one clause: whose words are whose
+        "a red circle above a blue square",  # two shapes in one clause: whose words are whose
+        "a red circle to the left of a blue square on the left",  # the square: left, and right of the circle
         "a red circle on the left and a blue square on the left",  # one place for two objects
         "a red circle at the top and a square at the bottom",  # an object with no colour
         "a red circle, and a blue square, on a green background, on a pink background",  # two backgrounds

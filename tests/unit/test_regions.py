@@ -106,6 +106,10 @@ def test_the_joining_words_are_not_reported_unknown(engine: DiffusersFluxEngine)
             request("flux-dev", prompt="a red circle on the left and a blue square, cinematic")
         )
         assert read.details["unknown_words"] == ["cinematic"]
+        beside = engine.plan(
+            request("flux-dev", prompt="a red circle next to a blue square beside a red square")
+        )
+        assert beside.details["objects"] == 3 and "unknown_words" not in beside.details
         unread = engine.plan(
             request("flux-dev", prompt="a red circle and a blue square and a red circle and a blue square")
         )

@@ -9,7 +9,8 @@ phrasing in ``phrasing.json`` (written by ``training/export.py`` from the tables
 folders without one (real FLUX weights) get prompts exactly as sent.
 
 A scene of two or three objects ("a red circle on the left and a blue square on the right") is cut into
-one clause per object at commas, semicolons, "and" and "with"; each object becomes its own prompt, on the
+one clause per object at commas, semicolons, "and", "with", "beside" and "next to" ("to the left of" puts
+the next object on the right); each object becomes its own prompt, on the
 scene's one background, with the place it was given (or a free one), and the engine draws them one object
 at a time (:mod:`fluxserve.engines.flux.regions`), as the model was trained: one object per image.
 
@@ -38,7 +39,10 @@ BACKGROUND = "background"
 BACKGROUND_VERBS = frozenset({"is", "of", "in", "to", ":"})  # "the background is blue", "background: blue"
 GROUND_PREPOSITIONS = frozenset({"on", "against", "over"})  # "on blue", "against a plain blue"
 FILLERS = frozenset({"a", "the", "plain"})
-JOINS = frozenset({",", ";", ".", "and", "with"})  # where a scene of several objects is cut into clauses
+JOINS = frozenset({",", ";", ".", "and", "with", "beside"})  # where a scene of several objects is cut
+NEXT_TO = ["next", "to"]  # a join too
+OPPOSITE = {"left": "right", "right": "left"}  # "X to the left of Y": Y is on the right
+READER_WORDS = JOINS | {"next", "to", "of"}  # words the reader understands, known to the model or not
 MAX_OBJECTS = 3
 GRID = 3  # rows and columns of the places
 ROW_INDEX = {"top": 0, "bottom": GRID - 1}  # any other place is in the middle row or column
@@ -171,13 +175,24 @@ def _clause(tokens: list[str], phrasing: Phrasing) -> _Clause:
 
 
 def _clauses(tokens: list[str]) -> list[list[str]]:
-    """The prompt cut at its joining words and punctuation, empty stretches dropped."""
+    """The prompt cut at its joining words and punctuation, empty stretches dropped. "next to" joins too,
+    and "left of" / "right of" puts the opposite column on the object after it."""
     out: list[list[str]] = [[]]
-    for token in tokens:
-        if token in JOINS:
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if tokens[i : i + 2] == NEXT_TO:
+            out.append([])
+            i += 1
+        elif token in OPPOSITE and tokens[i + 1 : i + 2] == ["of"]:
+            out[-1].append(token)
+            out.append([OPPOSITE[token]])
+            i += 1
+        elif token in JOINS:
             out.append([])
         else:
             out[-1].append(token)
+        i += 1
     return [each for each in out if each]
 
 

@@ -60,7 +60,7 @@ from fluxserve.engines.base import EngineRequest
 from fluxserve.engines.flux.loading import FluxModel
 from fluxserve.engines.flux.options import FluxOptions
 from fluxserve.engines.flux.single import refuse_oversized
-from fluxserve.engines.phrasing import JOINS, Part, read_prompt, said
+from fluxserve.engines.phrasing import READER_WORDS, Part, read_prompt, said
 from fluxserve.engines.vocabulary import vocabulary_note
 from fluxserve.errors import EngineError
 
@@ -189,7 +189,7 @@ class Planner:
         plan = Plan(request, pipe, {}, width, height, steps, guidance, schedule, details, request.prompt)
         self._route(request, plan)
         # the words that join a scene's objects were understood by the reader, whatever the model knows
-        understood = JOINS if plan.parts else frozenset()
+        understood = READER_WORDS if plan.parts else frozenset()
         details.update(vocabulary_note(self.model.weights, request.prompt, understood))
         if self.options.true_cfg_scale > 1 and plan.prepare is None:
             details["true_cfg_scale"] = self.options.true_cfg_scale
