@@ -188,8 +188,8 @@ class Planner:
         pipe = self.model.text2image
         plan = Plan(request, pipe, {}, width, height, steps, guidance, schedule, details, request.prompt)
         self._route(request, plan)
-        # the words that join a scene's objects were understood by the reader, whatever the model knows
-        understood = READER_WORDS if plan.parts else frozenset()
+        # the words that joined a scene's objects were understood by the reader, whatever the model knows
+        understood = READER_WORDS if len(plan.parts) > 1 else frozenset()
         details.update(vocabulary_note(self.model.weights, request.prompt, understood))
         if self.options.true_cfg_scale > 1 and plan.prepare is None:
             details["true_cfg_scale"] = self.options.true_cfg_scale
