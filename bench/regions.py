@@ -4,8 +4,9 @@
 
 1. Held-out two-object prompts (``training.scenes.eval_pairs``), read into one prompt per object
    (``engines/phrasing.py``) and drawn as the rows of one batch from the same noise, scored from their
-   pixels (both objects in their colour and place): rows joined by nearest place after the last step only
-   (``engines/flux/regions.py``, what the engine does) against joined after every step (MultiDiffusion).
+   pixels (both objects in their colour and place): the engine's images, whose rows are joined by nearest
+   place after the last step only (``engines/flux/regions.py``), against the same rows joined after every
+   step (MultiDiffusion).
 2. Through the shipped flux-dev engine (its catalog entry: 128x128, true CFG 4): the median seconds of
    a one-object image and of a two-object scene, the ratio measured in the same run.
 
@@ -35,14 +36,13 @@ from fluxserve.engines.registry import EngineRegistry
 from training.scenes import eval_pairs, score_pair
 
 
-def draw(engine: DiffusersFluxEngine, plan: Plan, every_step: bool) -> Image.Image:
-    """The plan's objects as rows of one batch from its seed, joined after every step or after the last."""
+def joined_every_step(engine: DiffusersFluxEngine, plan: Plan) -> Image.Image:
+    """The plan's objects as rows of one batch from its seed, as the engine draws them, but joined after
+    every step (the engine joins after the last only)."""
     centres = [part.centre for part in plan.parts]
 
     def joining(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        if every_step or index + 1 == pipeline.num_timesteps:
-            return {"latents": join(tensors["latents"], centres, plan.width, plan.height)}
-        return {}
+        return {"latents": join(tensors["latents"], centres, plan.width, plan.height)}
 
     image: Image.Image = engine.model.text2image(
         prompt=[part.prompt for part in plan.parts],
@@ -51,20 +51,26 @@ def draw(engine: DiffusersFluxEngine, plan: Plan, every_step: bool) -> Image.Ima
         width=plan.width,
         height=plan.height,
         num_inference_steps=plan.steps,
+        guidance_scale=plan.guidance,
         max_sequence_length=engine.max_sequence_length,
         generator=[torch.Generator().manual_seed(plan.request.seed) for _ in plan.parts],
         callback_on_step_end=joining,
     ).images[0]
-    return image.resize((256, 256), Image.Resampling.LANCZOS)
+    return image.resize((plan.request.width, plan.request.height), Image.Resampling.LANCZOS)
 
 
 def both_right(engine: DiffusersFluxEngine, pairs: int, every_step: bool) -> float:
-    """The share of held-out pairs with both objects right, joined after every step or after the last."""
+    """The share of held-out pairs with both objects right: the engine's image, or joined after every step."""
     right = []
     for seed, (pair, prompt) in enumerate(eval_pairs(pairs)):
         plan = engine.plan(request(prompt, seed))  # the engine's reading, steps and size
         assert len(plan.parts) == 2, prompt
-        right.append(score_pair(draw(engine, plan, every_step), pair)["both"])
+        image = (
+            joined_every_step(engine, plan)
+            if every_step
+            else engine.generate(plan.request, EngineHooks()).image
+        )
+        right.append(score_pair(image, pair)["both"])
     return float(np.mean(right))
 
 

@@ -295,8 +295,8 @@ class Trainer:
         self.table = LatentTable(self.vae, args.jitters, args.out)
         train_triples = sorted({self.table.scenes[i].triple for i in self.table.train_ids})
         self.describe = captioner(args.captions, args.canonical_frac)
-        boosts = dict(each.split("=") for each in args.oversample)
-        self.weights = shape_weights(self.table, {shape: float(k) for shape, k in boosts.items()})
+        boosts = {shape: float(k) for shape, k in (each.split("=") for each in args.oversample)}
+        self.weights = shape_weights(self.table, boosts)
         self.groups = GroupTable(self.vae, train_triples, args.groups, args.out) if args.group_frac else None
         self.ema = copy.deepcopy(self.modules).requires_grad_(False)
         self.opt = torch.optim.AdamW(

@@ -97,7 +97,8 @@ def test_a_canceled_scene_stops(engine: DiffusersFluxEngine) -> None:
 
 
 def test_the_joining_words_are_not_reported_unknown(engine: DiffusersFluxEngine) -> None:
-    """ "and" joined two objects the reader understood; in a prompt it could not read, nobody did."""
+    """ "and", "next to" and "beside" joined objects the reader understood; in a prompt it could not read,
+    nobody did."""
     vocabulary = engine.model.weights / "vocabulary.txt"
     vocabulary.write_text("a\nred\nblue\ncircle\nsquare\non\nthe\nleft\nright\n")
     known_words.cache_clear()

@@ -114,9 +114,10 @@ class DiffusersFluxEngine:
             else [(each.prompt, each.request.seed) for each in plans]
         )
 
+        centres = [part.centre for part in plan.parts]
+
         def on_step(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if joined:  # previews show the joined scene; the pipeline decodes it after the last step
-                centres = [part.centre for part in plan.parts]
                 tensors = {"latents": join(tensors["latents"], centres, plan.width, plan.height)}
             for position, hook in enumerate(hooks):
                 if not canceled[position]:

@@ -6,7 +6,7 @@ runs the prompts as one batch from the same starting noise, so each row draws on
 same background. After the last step the rows are joined: each latent patch is taken from the object whose
 place's centre is nearest, and the joined latents are decoded once. Joining the rows at every step instead
 (MultiDiffusion) let one object's half-formed shape pull the other drawing off course: on 30 held-out pairs,
-both objects right 83% of the time against 100% when joined at the end (BENCHMARKS.md).
+both objects right 80% of the time against 100% when joined at the end (BENCHMARKS.md).
 """
 
 from __future__ import annotations
