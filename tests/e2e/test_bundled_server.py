@@ -77,7 +77,7 @@ def test_prompts_in_word_orders_the_model_never_saw_are_drawn_as_asked(shipped: 
     wanted = "a green heart in the top left corner on a white background"
     assert answer.json()["data"][0]["revised_prompt"] == wanted
     # A scene the reader cannot be sure of goes to the model as sent.
-    prompt = "a red circle above a blue square"
+    prompt = "a red circle inside a blue square"
     body = shipped.wait(shipped.job("flux-dev", {"prompt": prompt, "width": 256, "height": 256, "seed": 1}))
     assert body["status"] == "SUCCESS" and "read_as" not in body.get("details", {})
 
@@ -95,14 +95,19 @@ def test_prompts_in_word_orders_the_model_never_saw_are_drawn_as_asked(shipped: 
             (256, 256),
             ("white", {("green", "left"), ("orange", "center"), ("purple", "right")}),
         ),
+        (
+            "a small red circle below a small blue heart",
+            (256, 256),
+            ("white", {("red", "bottom"), ("blue", "top")}),
+        ),
     ],
 )
 def test_scenes_of_several_objects_have_each_object_in_its_place(
     shipped: Api, prompt: str, size: tuple[int, int], wanted: tuple[str, set[tuple[str, str]]]
 ) -> None:
     """Each object is drawn alone and the drawings joined (engines/flux/regions.py): every object of the
-    prompt comes out in its colour and place, on the one background; the joining "and" is not reported as
-    a word the model does not know."""
+    prompt comes out in its colour and place, on the one background; the joining words ("and", "below") are
+    not reported as words the model does not know."""
     width, height = size
     body = shipped.wait(
         shipped.job("flux-dev", {"prompt": prompt, "width": width, "height": height, "seed": 2})

@@ -134,6 +134,22 @@ def test_what_the_reader_cannot_be_sure_of_is_left_as_sent(shipped: Phrasing, pr
             "a green triangle on the right on a white background; "
             "a orange circle on the left on a white background",
         ),
+        # one above the other: the top and bottom rows ("above" is read before it becomes the model's "at")
+        (
+            "a red circle above a blue square",
+            "a red circle at the top on a white background; "
+            "a blue square at the bottom on a white background",
+        ),
+        (
+            "a green star on top of a purple heart, on a black background",
+            "a green star at the top on a black background; "
+            "a purple heart at the bottom on a black background",
+        ),
+        (
+            "a yellow heart underneath a small pink circle on the right",
+            "a yellow heart at the bottom on a white background; "
+            "a small pink circle in the top right corner on a white background",
+        ),
         # one place named: the other takes the default place
         (
             "a red star at the top and a green heart",
@@ -159,7 +175,9 @@ def test_each_object_of_a_scene_keeps_the_centre_of_its_place(shipped: Phrasing)
     "prompt",
     [
         "a red circle and a blue square on the left and a green star on the right and a pink heart",  # four
-        "a red circle above a blue square",  # two shapes in one clause: whose words are whose
+        "a red circle inside a blue square",  # two shapes in one clause: whose words are whose
+        "a red circle at the bottom above a blue square",  # above, yet at the bottom
+        "a red circle above a blue square above a green star",  # the square in two rows
         "a red circle to the left of a blue square on the left",  # the square: left, and right of the circle
         "a red circle on the left and a blue square on the left",  # one place for two objects
         "a red circle at the top and a square at the bottom",  # an object with no colour

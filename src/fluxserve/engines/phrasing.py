@@ -10,9 +10,10 @@ folders without one (real FLUX weights) get prompts exactly as sent.
 
 A scene of two or three objects ("a red circle on the left and a blue square on the right") is cut into
 one clause per object at commas, semicolons, "and", "with", "beside" and "next to" ("to the left of" puts
-the next object on the right); each object becomes its own prompt, on the
-scene's one background, with the place it was given (or a free one), and the engine draws them one object
-at a time (:mod:`fluxserve.engines.flux.regions`), as the model was trained: one object per image.
+the next object on the right), and at "above", "on top of", "below", "under", "beneath" and "underneath"
+(the two objects in the top and bottom rows); each object becomes its own prompt, on the scene's one
+background, with the place it was given (or a free one), and the engine draws them one object at a time
+(:mod:`fluxserve.engines.flux.regions`), as the model was trained: one object per image.
 
 A prompt the reader cannot take apart with certainty is left as sent: no shape or more than three, no colour
 or several for an object, two sizes, two rows or two columns for one object, two objects in one place, a
@@ -41,8 +42,11 @@ GROUND_PREPOSITIONS = frozenset({"on", "against", "over"})  # "on blue", "agains
 FILLERS = frozenset({"a", "the", "plain"})
 JOINS = frozenset({",", ";", ".", "and", "with", "beside"})  # where a scene of several objects is cut
 NEXT_TO = ["next", "to"]  # a join too
-OPPOSITE = {"left": "right", "right": "left"}  # "X to the left of Y": Y is on the right
-READER_WORDS = JOINS | {"next", "to", "of"}  # words the reader understands, known to the model or not
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}  # "X left of Y": Y right
+# "X above Y": X in the top row, Y in the bottom one. Read before synonyms (the model reads "above" as "at").
+VERTICAL = {"above": "top", "below": "bottom", "under": "bottom", "beneath": "bottom", "underneath": "bottom"}
+ON_TOP_OF = ["on", "top", "of"]
+READER_WORDS = JOINS | VERTICAL.keys() | {"next", "to", "of"}  # the reader's words, known to the model or not
 MAX_OBJECTS = 3
 GRID = 3  # rows and columns of the places
 ROW_INDEX = {"top": 0, "bottom": GRID - 1}  # any other place is in the middle row or column
@@ -94,7 +98,7 @@ def phrasing_of(weights: Path) -> Phrasing | None:
 
 def words_of(prompt: str, phrasing: Phrasing) -> list[str]:
     """The prompt's words and punctuation, lower case, synonyms replaced, several-word colours joined."""
-    tokens = [phrasing.synonyms.get(t, t) for t in _TOKEN.findall(prompt.lower())]
+    tokens = [t if t in VERTICAL else phrasing.synonyms.get(t, t) for t in _TOKEN.findall(prompt.lower())]
     for color in (c for c in phrasing.colors if " " in c):
         parts = color.split()
         i = 0
@@ -175,8 +179,9 @@ def _clause(tokens: list[str], phrasing: Phrasing) -> _Clause:
 
 
 def _clauses(tokens: list[str]) -> list[list[str]]:
-    """The prompt cut at its joining words and punctuation, empty stretches dropped. "next to" joins too,
-    and "left of" / "right of" puts the opposite column on the object after it."""
+    """The prompt cut at its joining words and punctuation, empty stretches dropped. "next to" joins too;
+    "left of" / "right of" puts the opposite column on the object after it, and "above" / "on top of" /
+    "below" the opposite row."""
     out: list[list[str]] = [[]]
     i = 0
     while i < len(tokens):
@@ -184,6 +189,11 @@ def _clauses(tokens: list[str]) -> list[list[str]]:
         if tokens[i : i + 2] == NEXT_TO:
             out.append([])
             i += 1
+        elif tokens[i : i + 3] == ON_TOP_OF or token in VERTICAL:
+            row, said = (VERTICAL[token], 1) if token in VERTICAL else ("top", len(ON_TOP_OF))
+            out[-1].append(row)
+            out.append([OPPOSITE[row]])
+            i += said - 1
         elif token in OPPOSITE and tokens[i + 1 : i + 2] == ["of"]:
             out[-1].append(token)
             out.append([OPPOSITE[token]])
