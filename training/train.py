@@ -47,6 +47,7 @@ from training.model import (
 )
 from training.scenes import (
     CAPTION_TEMPLATES,
+    COLORS,
     SIZE,
     Scene,
     all_scenes,
@@ -68,7 +69,7 @@ from training.scenes import (
     with_defaults,
 )
 from training.vae import batch as pixel_batch
-from training.vae import to_tensor, weighted_loss
+from training.vae import contrast_factor, to_tensor, weighted_loss
 
 # Aspect buckets: every size the catalog's pixel budget (SIZE * SIZE) turns a request of 256..1440 pixels a
 # side into (engines/flux/planning.generation_size), so the model sees each latent grid it is run at.
@@ -240,6 +241,15 @@ def shape_weights(table: LatentTable, boosts: dict[str, float]) -> np.ndarray | 
     return w / w.sum()
 
 
+def scene_contrast_factors(scenes: list[Scene], ref: float) -> torch.Tensor:
+    """Each scene's object weight (``--contrast-ref``): :func:`training.vae.contrast_factor` of its colours'
+    contrast, so a pale star on a pale background is learnt as closely as a vivid one."""
+    contrast = torch.tensor(
+        [sum(abs(a - b) for a, b in zip(COLORS[s.color], COLORS[s.background], strict=True)) for s in scenes]
+    )
+    return contrast_factor(contrast / 127.5, ref)
+
+
 def rendered_batch(
     table: LatentTable,
     vae: AutoencoderKL,
@@ -297,6 +307,9 @@ class Trainer:
         self.describe = captioner(args.captions, args.canonical_frac)
         boosts = {shape: float(k) for shape, k in (each.split("=") for each in args.oversample)}
         self.weights = shape_weights(self.table, boosts)
+        if args.contrast_ref:
+            factors = scene_contrast_factors(self.table.scenes, args.contrast_ref)
+            self.table.coverage = self.table.coverage * factors[:, None]
         self.groups = GroupTable(self.vae, train_triples, args.groups, args.out) if args.group_frac else None
         self.ema = copy.deepcopy(self.modules).requires_grad_(False)
         self.opt = torch.optim.AdamW(
@@ -564,6 +577,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--canonical-frac", type=float, default=0.0, help="share of captions in the reader's phrasing"
+    )
+    ap.add_argument(
+        "--contrast-ref",
+        type=float,
+        default=0.0,
+        help="scale one-object scenes' object weight by this over their colours' contrast (0: off)",
     )
     ap.add_argument(
         "--oversample", nargs="*", default=[], metavar="SHAPE=K", help="draw SHAPE's scenes K times as often"

@@ -162,3 +162,38 @@ def test_captions_follow_the_chosen_style_and_the_readers_share() -> None:
     assert all(reader(s, rng) in (canonical_caption(s), canonical_caption(s, sized=False)) for s in scenes)
     assert all(v1_template(captioner("templates", 0.0)(s, rng)) for s in scenes)
     assert not all(v1_template(captioner("grammar", 0.0)(s, rng)) for s in scenes)
+
+
+def test_pale_objects_weigh_more_than_vivid_ones_in_both_losses() -> None:
+    """``--contrast-ref``: a light blue star on white (the pair the decoder blurred most) is learnt as
+    closely as a black one: the same error on its pixels costs more, in the decoder's and the
+    transformer's loss alike."""
+    from training.train import scene_contrast_factors
+    from training.vae import to_tensor, weighted_loss
+
+    pale, vivid = (
+        Scene("star", "light blue", "center", "large", "white"),
+        Scene("star", "black", "center", "large", "white"),
+    )
+    factors = scene_contrast_factors([pale, vivid], 3.0)
+    assert factors[0] > 2 > 1 > factors[1]  # the pale pair weighs more than the reference, black less
+    costs = []
+    for scene in (pale, vivid):
+        x = to_tensor([render(scene)])
+        off = x.clone()
+        off[:, :, 60:68, 60:68] += 0.2  # the same error, in the middle of the object
+        costs.append(weighted_loss(off, x, contrast_ref=3.0).item() / weighted_loss(off, x).item())
+    assert costs[0] > 2 * costs[1]
+
+
+def test_hard_colour_pairs_are_drawn_by_their_weight_for_half_a_batch() -> None:
+    import numpy as np
+
+    from training.vae import PAIRS, draw_scenes
+
+    weights = np.zeros(len(PAIRS))
+    weights[PAIRS.index(("light blue", "white"))] = 1.0
+    scenes, pairs = draw_scenes(np.random.default_rng(0), 40, pair_weights=weights)
+    assert [PAIRS[p] for p in pairs] == [(s.color, s.background) for s in scenes]
+    assert all((s.color, s.background) == ("light blue", "white") for s in scenes[::2])
+    assert sum((s.color, s.background) == ("light blue", "white") for s in scenes[1::2]) < 5
