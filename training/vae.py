@@ -2,6 +2,9 @@
 
 Full 128x128 frames, with the loss on object pixels weighted up: objects are a few percent of the pixels,
 and an unweighted loss is satisfied by the background alone (tried: colours of objects came out wrong).
+A decoder pass on the fixed latent space (``--decoder-only``) can weigh pale objects up (``--contrast-ref``)
+and draw the colour pairs it reconstructs worst more often (``--hard-pairs``): what made the shipped
+decoder keep the points of a light blue star on white.
 Afterwards the latent mean/std set `shift_factor`/`scaling_factor`, as FLUX's VAE does, so latents are
 ~unit scale for the transformer.
 """
@@ -34,9 +37,8 @@ def to_images(x: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
-PAIRS: list[tuple[str, str]] = [
-    (c, b) for c in COLOR_NAMES for b in COLOR_NAMES if c != b
-]  # (object, ground)
+# Every (object colour, background colour) pair a scene can have.
+PAIRS: list[tuple[str, str]] = [(c, b) for c in COLOR_NAMES for b in COLOR_NAMES if c != b]
 
 
 def draw_scenes(
