@@ -150,6 +150,12 @@ def test_what_the_reader_cannot_be_sure_of_is_left_as_sent(shipped: Phrasing, pr
             "a yellow heart at the bottom on a white background; "
             "a small pink circle in the top right corner on a white background",
         ),
+        # "the top of" is a place, not a join
+        (
+            "a red circle at the top of the picture and a blue square",
+            "a red circle at the top on a white background; "
+            "a blue square in the center on a white background",
+        ),
         # one place named: the other takes the default place
         (
             "a red star at the top and a green heart",

@@ -42,10 +42,11 @@ GROUND_PREPOSITIONS = frozenset({"on", "against", "over"})  # "on blue", "agains
 FILLERS = frozenset({"a", "the", "plain"})
 JOINS = frozenset({",", ";", ".", "and", "with", "beside"})  # where a scene of several objects is cut
 NEXT_TO = ["next", "to"]  # a join too
-OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}  # "X left of Y": Y right
+OPPOSITE = {"left": "right", "right": "left"}  # "X to the left of Y": Y is on the right
 # "X above Y": X in the top row, Y in the bottom one. Read before synonyms (the model reads "above" as "at").
-VERTICAL = {"above": "top", "below": "bottom", "under": "bottom", "beneath": "bottom", "underneath": "bottom"}
-ON_TOP_OF = ["on", "top", "of"]
+ABOVE, BELOW = ("top", "bottom"), ("bottom", "top")
+VERTICAL = {"above": ABOVE, "below": BELOW, "under": BELOW, "beneath": BELOW, "underneath": BELOW}
+ON_TOP_OF = ["on", "top", "of"]  # "above"; "the top of the picture" is a place
 READER_WORDS = JOINS | VERTICAL.keys() | {"next", "to", "of"}  # the reader's words, known to the model or not
 MAX_OBJECTS = 3
 GRID = 3  # rows and columns of the places
@@ -190,9 +191,9 @@ def _clauses(tokens: list[str]) -> list[list[str]]:
             out.append([])
             i += 1
         elif tokens[i : i + 3] == ON_TOP_OF or token in VERTICAL:
-            row, said = (VERTICAL[token], 1) if token in VERTICAL else ("top", len(ON_TOP_OF))
+            (row, other), said = (VERTICAL[token], 1) if token in VERTICAL else (ABOVE, len(ON_TOP_OF))
             out[-1].append(row)
-            out.append([OPPOSITE[row]])
+            out.append([other])
             i += said - 1
         elif token in OPPOSITE and tokens[i + 1 : i + 2] == ["of"]:
             out[-1].append(token)
