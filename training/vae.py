@@ -43,26 +43,25 @@ PAIRS: list[tuple[str, str]] = [(c, b) for c in COLOR_NAMES for b in COLOR_NAMES
 
 def draw_scenes(
     rng: np.random.Generator, n: int, star_share: float = 0.0, pair_weights: np.ndarray | None = None
-) -> tuple[list[Scene], list[int]]:
-    """Random scenes of every triple (the VAE learns pixels, not captions) and the index of each one's
-    colour pair in PAIRS: ``star_share`` of them stars, the shape whose thin points a small decoder loses
-    first; with ``pair_weights`` (a share of the batch, see ``--hard-pairs``) the colours drawn by weight."""
+) -> list[Scene]:
+    """Random scenes of every triple (the VAE learns pixels, not captions): ``star_share`` of them stars,
+    the shape whose thin points a small decoder loses first; with ``pair_weights`` (over PAIRS) half of
+    them take their colours by weight (``--hard-pairs``)."""
     triples = all_triples()
     stars = [t for t in triples if t[0] == "star"]
-    scenes, pairs = [], []
+    scenes = []
     for i in range(n):
         scene = random_scene(rng, stars if rng.random() < star_share else triples, jitters=64)
         if pair_weights is not None and i % 2 == 0:
             color, ground = PAIRS[rng.choice(len(PAIRS), p=pair_weights)]
             scene = replace(scene, color=color, background=ground)
         scenes.append(scene)
-        pairs.append(PAIRS.index((scene.color, scene.background)))
-    return scenes, pairs
+    return scenes
 
 
 def batch(rng: np.random.Generator, n: int, crop: int | None, star_share: float = 0.0) -> torch.Tensor:
     """Frames of :func:`draw_scenes`, whole or at random ``crop`` squares."""
-    x = to_tensor([render(s) for s in draw_scenes(rng, n, star_share)[0]])
+    x = to_tensor([render(s) for s in draw_scenes(rng, n, star_share)])
     if crop is None:
         return x
     out = torch.empty(n, 3, crop, crop)
@@ -160,7 +159,7 @@ def main() -> None:
     step = 0
     pair_error = np.full(len(PAIRS), 0.1)  # a running mean of each colour pair's object error
     while time.time() - start < args.minutes * 60 and not (args.max_steps and step >= args.max_steps):
-        scenes, pairs = draw_scenes(
+        scenes = draw_scenes(
             rng, args.batch, args.star_share, pair_error / pair_error.sum() if args.hard_pairs else None
         )
         x = to_tensor([render(s) for s in scenes])
@@ -174,8 +173,10 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        for pair, error in zip(pairs, object_error(rec.detach(), x).tolist(), strict=True):
-            pair_error[pair] += 0.1 * (error - pair_error[pair])
+        if args.hard_pairs:
+            for scene, error in zip(scenes, object_error(rec.detach(), x).tolist(), strict=True):
+                pair = PAIRS.index((scene.color, scene.background))
+                pair_error[pair] += 0.1 * (error - pair_error[pair])
         if step % 50 == 0:
             print(
                 f"step {step} t={time.time() - start:.0f}s l1={l1.item():.4f} kl={kl.item():.3f}", flush=True

@@ -193,7 +193,6 @@ def test_hard_colour_pairs_are_drawn_by_their_weight_for_half_a_batch() -> None:
 
     weights = np.zeros(len(PAIRS))
     weights[PAIRS.index(("light blue", "white"))] = 1.0
-    scenes, pairs = draw_scenes(np.random.default_rng(0), 40, pair_weights=weights)
-    assert [PAIRS[p] for p in pairs] == [(s.color, s.background) for s in scenes]
+    scenes = draw_scenes(np.random.default_rng(0), 40, pair_weights=weights)
     assert all((s.color, s.background) == ("light blue", "white") for s in scenes[::2])
     assert sum((s.color, s.background) == ("light blue", "white") for s in scenes[1::2]) < 5
