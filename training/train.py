@@ -47,7 +47,9 @@ from training.model import (
 )
 from training.scenes import (
     CAPTION_TEMPLATES,
+    COLOR_NAMES,
     COLORS,
+    SHAPES,
     SIZE,
     Scene,
     all_scenes,
@@ -205,7 +207,7 @@ def make_batch(
     """(prompts, target latents, reference latents or None, object coverage per token) for one step.
 
     A text-to-image batch mixes one-object scenes with a ``group_share`` of several-object ones; one-object
-    scenes are drawn uniformly from the training scenes, or by ``weights`` (see :func:`shape_weights`)."""
+    scenes are drawn uniformly from the training scenes, or by ``weights`` (see :func:`scene_weights`)."""
     prompts, latents, covers, refs = [], [], [], []
     while len(prompts) < n:
         if not edit and groups is not None and rng.random() < group_share:
@@ -232,12 +234,16 @@ def make_batch(
     return prompts, torch.stack(latents), (table.get(refs) if edit else None), torch.stack(covers)
 
 
-def shape_weights(table: LatentTable, boosts: dict[str, float]) -> np.ndarray | None:
-    """Sampling probabilities of the training scenes with each shape in ``boosts`` drawn that many times as
-    often (``--oversample star=3``: a model's weakest shape seen more); None when nothing is boosted."""
+def scene_weights(scenes: list[Scene], boosts: dict[str, float]) -> np.ndarray | None:
+    """Sampling probabilities of the training ``scenes``, each boosted one drawn that many times as often; a
+    key is a shape (``--oversample star=3``: a model's weakest shape seen more) or a colour on a background
+    (``"light blue/white=4"``: a pair it draws badly). Boosts multiply; None when nothing is boosted."""
     if not boosts:
         return None
-    w = np.array([boosts.get(table.scenes[i].shape, 1.0) for i in table.train_ids], dtype=np.float64)
+    known = set(SHAPES) | {f"{c}/{b}" for c in COLOR_NAMES for b in COLOR_NAMES if c != b}
+    if unknown := sorted(set(boosts) - known):
+        raise ValueError(f"--oversample: {unknown} is neither a shape nor COLOUR/BACKGROUND")
+    w = np.array([boosts.get(s.shape, 1.0) * boosts.get(f"{s.color}/{s.background}", 1.0) for s in scenes])
     return w / w.sum()
 
 
@@ -305,8 +311,8 @@ class Trainer:
         self.table = LatentTable(self.vae, args.jitters, args.out)
         train_triples = sorted({self.table.scenes[i].triple for i in self.table.train_ids})
         self.describe = captioner(args.captions, args.canonical_frac)
-        boosts = {shape: float(k) for shape, k in (each.split("=") for each in args.oversample)}
-        self.weights = shape_weights(self.table, boosts)
+        boosts = {key: float(k) for key, k in (each.rsplit("=", 1) for each in args.oversample)}
+        self.weights = scene_weights([self.table.scenes[i] for i in self.table.train_ids], boosts)
         if args.contrast_ref:
             factors = scene_contrast_factors(self.table.scenes, args.contrast_ref)
             self.table.coverage = self.table.coverage * factors[:, None]
@@ -585,7 +591,11 @@ def main() -> None:
         help="scale one-object scenes' object weight by this over their colours' contrast (0: off)",
     )
     ap.add_argument(
-        "--oversample", nargs="*", default=[], metavar="SHAPE=K", help="draw SHAPE's scenes K times as often"
+        "--oversample",
+        nargs="*",
+        default=[],
+        metavar="KEY=K",
+        help="draw the scenes of KEY (a shape, or COLOUR/BACKGROUND) K times as often",
     )
     ap.add_argument("--default-frac", type=float, default=0.0, help="share of captions naming no background")
     ap.add_argument("--decoder-every", type=int, default=3, help="a VAE decoder step every N steps (0: off)")

@@ -196,3 +196,24 @@ def test_hard_colour_pairs_are_drawn_by_their_weight_for_half_a_batch() -> None:
     scenes = draw_scenes(np.random.default_rng(0), 40, pair_weights=weights)
     assert all((s.color, s.background) == ("light blue", "white") for s in scenes[::2])
     assert sum((s.color, s.background) == ("light blue", "white") for s in scenes[1::2]) < 5
+
+
+def test_oversampling_boosts_shapes_and_colour_pairs_and_names_a_wrong_key() -> None:
+    """``--oversample star=3 "light blue/white=5"``: the boosts multiply, other scenes keep weight 1, and a
+    key that is neither a shape nor a colour on a background is refused by name."""
+    from training.train import scene_weights
+
+    scenes = [
+        Scene("star", "light blue", "left", "large", "white"),
+        Scene("star", "white", "left", "large", "light blue"),
+        Scene("circle", "light blue", "left", "large", "white"),
+        Scene("circle", "red", "left", "large", "white"),
+    ]
+    w = scene_weights(scenes, {"star": 3.0, "light blue/white": 5.0})
+    assert w is not None
+    assert np.allclose(w / w[3], [15, 3, 5, 1])
+    assert scene_weights(scenes, {}) is None
+    with pytest.raises(ValueError, match="'stars'"):
+        scene_weights(scenes, {"stars": 2.0})
+    with pytest.raises(ValueError, match="'red/red'"):
+        scene_weights(scenes, {"red/red": 2.0})
