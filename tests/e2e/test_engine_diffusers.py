@@ -96,6 +96,15 @@ def test_steps_and_guidance_come_from_request_then_catalog_then_defaults(flux: F
     defaults = DiffusersFluxEngine(flux.weights, ModelEntry(weights="builtin:tiny"), flux)
     result = run(defaults, width=16, height=16)
     assert (result.details["steps"], result.details["guidance"]) == (28, 3.5)
+    # A route's documented default (the reseller's flux-dev: 40 steps, guidance 2.5) the request did not name
+    # gives way to the model's own; named, or with no catalog setting, it stands.
+    route_default = {"steps": 4, "guidance": 2.5}
+    result = run(engine_for(flux, steps=3, guidance=2.0), **route_default, defaulted=["steps", "guidance"])
+    assert (result.details["steps"], result.details["guidance"]) == (3, 2.0)
+    result = run(engine_for(flux, steps=3, guidance=2.0), **route_default, defaulted=["guidance"])
+    assert (result.details["steps"], result.details["guidance"]) == (4, 2.0)
+    result = run(defaults, width=16, height=16, **route_default, defaulted=["steps", "guidance"])
+    assert (result.details["steps"], result.details["guidance"]) == (4, 2.5)
 
 
 def test_true_cfg_guides_against_the_empty_prompt_on_every_path(flux: FluxModel) -> None:

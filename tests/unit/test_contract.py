@@ -187,3 +187,29 @@ def test_null_for_a_route_specific_range_is_its_default(
     assert response.status_code == 200, response.text
     job = app[1].jobs.get(response.json()["data"]["jobId"])
     assert job is not None and job.params["guidance"] == 5.0
+
+
+@pytest.mark.parametrize(
+    ("path", "header", "body", "defaulted"),
+    [
+        ("/bfl/v1/flux-dev", "TT-API-KEY", {}, ["steps", "guidance"]),
+        ("/bfl/v1/flux-dev", "TT-API-KEY", {"steps": None, "guidance": 3}, ["steps"]),
+        ("/v1/flux-dev", "x-key", {"steps": "12"}, ["guidance"]),
+        ("/bfl/v1/flux-kontext-pro", "TT-API-KEY", {"steps": 12}, []),  # a route without them
+    ],
+)
+def test_a_job_records_which_settings_it_left_to_the_routes_default(
+    app: tuple[TestClient, Services],
+    key: dict[str, str],
+    path: str,
+    header: str,
+    body: dict[str, Any],
+    defaulted: list[str],
+) -> None:
+    """Absent or null, steps and guidance are left to the route's documented default, which a catalog
+    entry's own setting replaces (the bundled model runs its 20 steps); sent, they are kept."""
+    response = app[0].post(path, json={"prompt": "x", **body}, headers={header: key["TT-API-KEY"]})
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    job = app[1].jobs.get(payload["data"]["jobId"] if "data" in payload else payload["id"])
+    assert job is not None and job.params["defaulted"] == defaulted

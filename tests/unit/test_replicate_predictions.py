@@ -251,7 +251,14 @@ def _fields(model: str, values: dict[str, Any]) -> dict[str, Any]:
 def test_inputs_become_this_servers_fields() -> None:
     dev = _fields("flux-dev", {"prompt": "x", "prompt_strength": 0.8, "output_format": "jpg", "unknown": 1})
     assert dev["image_prompt_strength"] == pytest.approx(0.2) and dev["output_format"] == "jpeg"
-    assert (dev["width"], dev["height"], dev["steps"], dev["guidance"]) == (1024, 1024, 28, 3)
+    assert (dev["width"], dev["height"]) == (1024, 1024)
+    # steps and guidance not given are left to the model's schema: Replicate's defaults (28, 3), and a
+    # catalog entry's own steps and guidance may take their place, as on the other surfaces
+    assert "steps" not in dev and "guidance" not in dev
+    params = SCHEMAS[SurfaceName.VENDOR]["flux-dev"].model_validate({**dev, "prompt": "x"}).to_params()
+    assert (params.steps, params.guidance, params.defaulted) == (28, 3, ["steps", "guidance"])
+    named = _fields("flux-dev", {"prompt": "x", "num_inference_steps": 12, "guidance": 2})
+    assert (named["steps"], named["guidance"]) == (12, 2)
     assert _fields("flux-2-pro", {"prompt": "x", "aspect_ratio": "match_input_image"})["width"] == 1024
     assert "width" not in _fields("flux-2-pro", {"prompt": "x", "aspect_ratio": "match_input_image",
                                                  "input_images": ["http://a/b.png"]})  # fmt: skip

@@ -30,7 +30,7 @@ from fluxserve.api.deps import Services, get_services
 from fluxserve.api.errors import readable_errors
 from fluxserve.core.fields import FIELD_TYPES, OPTIONAL_TYPES, VARIANT_TYPES, Variant, input_image_field
 from fluxserve.core.models import MODELS, REQUIRED, ModelSpec, SurfaceName
-from fluxserve.core.params import GenerationParams, ImageRef
+from fluxserve.core.params import ENTRY_SETTINGS, GenerationParams, ImageRef
 from fluxserve.core.sizes import parse_aspect_ratio
 from fluxserve.errors import InvalidInput, Refused
 from fluxserve.jobs.store import IDEMPOTENCY_HEADER
@@ -43,8 +43,22 @@ class SubmitRequest(BaseModel):
 
     spec: ClassVar[ModelSpec]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_settings_not_named(cls, data: Any) -> Any:
+        """``"steps": null`` is "not given" (``core.fields``): dropped here, so that the setting counts as
+        left to its default (``GenerationParams.defaulted``) as when it is absent."""
+        if isinstance(data, dict) and any(data.get(name, 0) is None for name in ENTRY_SETTINGS):
+            return {
+                name: value for name, value in data.items() if name not in ENTRY_SETTINGS or value is not None
+            }
+        return data
+
     def to_params(self) -> GenerationParams:
         data = self.model_dump(exclude=_NOT_PARAMS)
+        data["defaulted"] = [
+            name for name in ENTRY_SETTINGS if name in data and name not in self.model_fields_set
+        ]
         images = [
             ImageRef(field=name, ref=ref) for name in self.spec.image_fields if (ref := data.pop(name, None))
         ]

@@ -32,8 +32,12 @@ class ModelEntry(BaseModel):
         default=None,
         description="Folder of a diffusers FLUX checkpoint, or 'builtin:<name>' for a model we make or ship.",
     )
-    steps: int | None = Field(default=None, description="Steps when the route has no steps field.")
-    guidance: float | None = Field(default=None, description="Guidance when the route has none.")
+    steps: int | None = Field(
+        default=None, description="The model's steps: used unless the request names its own steps."
+    )
+    guidance: float | None = Field(
+        default=None, description="The model's guidance: used unless the request names its own guidance."
+    )
     max_pixels: int | None = Field(
         default=None,
         description="Generate at most this many pixels (same aspect) and resize to the requested size.",

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, field_validator
 
 from fluxserve.core.fields import input_image_field
 
 OutputFormat = Literal["jpeg", "png", "webp"]
+# The settings a catalog entry may give its model (``steps``, ``guidance``): a request's own value wins, a
+# route's documented default does not.
+ENTRY_SETTINGS = ("steps", "guidance")
+Number = TypeVar("Number", int, float)
 
 
 class ImageRef(BaseModel):
@@ -52,6 +56,17 @@ class GenerationParams(BaseModel):
     finetune_id: str | None = None
     finetune_strength: float | None = None
     finetune_file: str | None = None
+    # which of ENTRY_SETTINGS the request left to its route's default (their values above are that default)
+    defaulted: list[str] = Field(default_factory=list)
+
+    def steps_for(self, entry: int | None, fallback: int) -> int:
+        """The steps to run: the request's, else the catalog entry's (the model's own), else the route's
+        default, else ``fallback`` (the engine's)."""
+        return _setting(self.steps, "steps" in self.defaulted, entry, fallback)
+
+    def guidance_for(self, entry: float | None, fallback: float) -> float:
+        """The guidance to use, chosen as :meth:`steps_for` chooses steps."""
+        return _setting(self.guidance, "guidance" in self.defaulted, entry, fallback)
 
     @field_validator("input_images", mode="before")
     @classmethod
@@ -63,3 +78,8 @@ class GenerationParams(BaseModel):
                 for index, item in enumerate(value)
             ]
         return value
+
+
+def _setting(asked: Number | None, defaulted: bool, entry: Number | None, fallback: Number) -> Number:
+    first, second = (entry, asked) if defaulted else (asked, entry)
+    return first or second or fallback

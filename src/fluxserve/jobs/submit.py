@@ -279,7 +279,8 @@ def request_hash(
     under ``"dialect"``, its name before 0013, so that hashes made before the rename still match."""
     canonical = {
         "dialect": surface.value,
-        "params": params.model_dump(mode="json"),
+        # which settings were left to their default is not hashed: hashes made before it was kept still match
+        "params": params.model_dump(mode="json", exclude={"defaulted"}),
         "seed": seed,
         "webhook_url": webhook_url,
     }

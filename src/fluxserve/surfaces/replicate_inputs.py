@@ -103,8 +103,9 @@ class FluxDevInput(ReplicateInput):
     def fields(self, shape: Shape) -> dict[str, Any]:
         return {
             **shape(_shape(self.aspect_ratio), MEGAPIXELS[self.megapixels]),
-            "steps": self.num_inference_steps,
-            "guidance": self.guidance,
+            # left out when not given, so the model's schema fills them as its default (the same values)
+            **({"steps": self.num_inference_steps} if "num_inference_steps" in self.model_fields_set else {}),
+            **({"guidance": self.guidance} if "guidance" in self.model_fields_set else {}),
             "output_format": _format(self.output_format),
             # Replicate's strength is the share of the image destroyed; this server's, the share kept
             "image_prompt_strength": 1 - self.prompt_strength,

@@ -87,8 +87,8 @@ class FillEngine:
     def generate(self, request: EngineRequest, hooks: EngineHooks) -> EngineResult:
         refuse_oversized(request, self.entry.max_input_pixels)
         canvas, mask = canvas_and_mask(request)
-        steps = request.params.steps or self.entry.steps or FILL_STEPS
-        guidance = request.params.guidance or self.entry.guidance or FILL_GUIDANCE
+        steps = request.params.steps_for(self.entry.steps, FILL_STEPS)
+        guidance = request.params.guidance_for(self.entry.guidance, FILL_GUIDANCE)
         width, height = generation_size(
             request.width,
             request.height,

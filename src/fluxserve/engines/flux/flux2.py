@@ -103,8 +103,8 @@ class Flux2Engine:
         if request.image_prompt is not None:
             named.append(NamedImage("image_prompt", request.image_prompt))
         default_steps, default_guidance = defaults(self.model)
-        steps = request.params.steps or self.entry.steps or default_steps
-        guidance = request.params.guidance or self.entry.guidance or default_guidance
+        steps = request.params.steps_for(self.entry.steps, default_steps)
+        guidance = request.params.guidance_for(self.entry.guidance, default_guidance)
         width, height = generation_size(
             request.width,
             request.height,

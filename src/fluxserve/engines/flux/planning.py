@@ -162,8 +162,8 @@ class Planner:
     def plan(self, request: EngineRequest) -> Plan:
         """Everything about a request that is decided before the pipeline runs; refuses bad inputs."""
         self._check_inputs(request)
-        steps = request.params.steps or self.entry.steps or DEFAULT_STEPS
-        guidance = request.params.guidance or self.entry.guidance or DEFAULT_GUIDANCE
+        steps = request.params.steps_for(self.entry.steps, DEFAULT_STEPS)
+        guidance = request.params.guidance_for(self.entry.guidance, DEFAULT_GUIDANCE)
         width, height = generation_size(
             request.width,
             request.height,
