@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from fluxserve.engines.flux.planning import generation_size
+from fluxserve.engines.phrasing import read_prompt, said
 from training.model import true_cfg
 from training.scenes import (
     COLOR_NAMES,
@@ -111,8 +112,9 @@ def http_generators(base: str, key: str, width: int, timeout: float) -> tuple[Ca
 
 
 def direct_generators(folder: Path, width: int, steps: int, cfg: float) -> tuple[Callable, Callable]:
-    """The same calls the server's diffusers engine makes, in-process: the largest same-aspect size within the
-    native pixel count (the catalog's max_pixels), then LANCZOS resize."""
+    """The same calls the server's diffusers engine makes, in-process: a prompt of one object read into the
+    model's phrasing as the server reads it (a scene of several is not joined: use a server for pairs), the
+    largest same-aspect size within the native pixel count (the catalog's max_pixels), then LANCZOS resize."""
     import torch
     from diffusers import FluxKontextPipeline, FluxPipeline
 
@@ -124,8 +126,9 @@ def direct_generators(folder: Path, width: int, steps: int, cfg: float) -> tuple
 
     def t2i(prompt: str, seed: int, size: tuple[int, int] = (width, width)) -> Image.Image:
         native = generation_size(*size, SIZE * SIZE)
+        parts = read_prompt(folder, prompt)
         im = pipe(
-            prompt=prompt,
+            prompt=said(parts) if parts is not None and len(parts) == 1 else prompt,
             **guided,
             width=native[0],
             height=native[1],
