@@ -47,7 +47,6 @@ from training.model import (
 )
 from training.scenes import (
     CAPTION_TEMPLATES,
-    COLOR_NAMES,
     COLORS,
     SHAPES,
     SIZE,
@@ -70,8 +69,8 @@ from training.scenes import (
     score_pair,
     with_defaults,
 )
+from training.vae import PAIRS, contrast_factor, to_tensor, weighted_loss
 from training.vae import batch as pixel_batch
-from training.vae import contrast_factor, to_tensor, weighted_loss
 
 # Aspect buckets: every size the catalog's pixel budget (SIZE * SIZE) turns a request of 256..1440 pixels a
 # side into (engines/flux/planning.generation_size), so the model sees each latent grid it is run at.
@@ -240,7 +239,7 @@ def scene_weights(scenes: list[Scene], boosts: dict[str, float]) -> np.ndarray |
     (``"light blue/white=4"``: a pair it draws badly). Boosts multiply; None when nothing is boosted."""
     if not boosts:
         return None
-    known = set(SHAPES) | {f"{c}/{b}" for c in COLOR_NAMES for b in COLOR_NAMES if c != b}
+    known = set(SHAPES) | {f"{color}/{ground}" for color, ground in PAIRS}
     if unknown := sorted(set(boosts) - known):
         raise ValueError(f"--oversample: {unknown} is neither a shape nor COLOUR/BACKGROUND")
     w = np.array([boosts.get(s.shape, 1.0) * boosts.get(f"{s.color}/{s.background}", 1.0) for s in scenes])
