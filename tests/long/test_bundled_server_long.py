@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from tests.conftest import Api
-from tests.e2e.test_bundled_server import pytestmark, shipped  # noqa: F401 - fixtures and helpers
+from tests.e2e.test_bundled_server import pytestmark, shipped, shipped_server  # noqa: F401 - fixtures and helpers
 
 
 def test_the_evaluation_scores_through_the_public_api(shipped: Api, tmp_path: Path) -> None:  # noqa: F811
